@@ -1,1 +1,148 @@
-//! Model configuration.
+//! `DitConfig`: every constructor argument of the official `models.DiT` plus the MoE attributes
+//! the official `SparseMoeBlock`/`MoEGate` hard-code, in the fixtures' `config.json` layout.
+use candle_core::{bail, Result};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+fn default_n_shared() -> usize {
+    2
+}
+fn default_alpha() -> f64 {
+    0.01
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DitConfig {
+    /// Latent/image side length (the official `input_size`, square inputs).
+    pub input_size: usize,
+    pub patch_size: usize,
+    pub in_channels: usize,
+    pub hidden_size: usize,
+    pub depth: usize,
+    pub num_heads: usize,
+    /// Routed-expert intermediate size = `mlp_ratio * hidden_size` (official `SparseMoeBlock`).
+    pub mlp_ratio: usize,
+    pub class_dropout_prob: f64,
+    pub num_classes: usize,
+    pub num_experts: usize,
+    pub num_experts_per_tok: usize,
+    /// Only splits the official expert matmuls into slices (same maths); kept for round trips.
+    #[serde(default = "one")]
+    pub pretraining_tp: usize,
+    pub learn_sigma: bool,
+    /// `true`: the `FlashSelfMHAModified` form (XL/G checkpoints), `false`: timm `Attention`.
+    #[serde(default)]
+    pub use_flash_attn: bool,
+    /// Shared-expert width multiplier; 0 = no shared expert (official hard-codes 2).
+    #[serde(default = "default_n_shared")]
+    pub n_shared_experts: usize,
+    #[serde(default = "default_alpha")]
+    pub aux_loss_alpha: f64,
+    #[serde(default)]
+    pub seq_aux: bool,
+    #[serde(default)]
+    pub norm_topk_prob: bool,
+}
+
+fn one() -> usize {
+    1
+}
+
+impl DitConfig {
+    pub fn out_channels(&self) -> usize {
+        if self.learn_sigma {
+            2 * self.in_channels
+        } else {
+            self.in_channels
+        }
+    }
+    /// Tokens per image side.
+    pub fn grid_size(&self) -> usize {
+        self.input_size / self.patch_size
+    }
+    pub fn num_patches(&self) -> usize {
+        self.grid_size() * self.grid_size()
+    }
+    pub fn head_dim(&self) -> usize {
+        self.hidden_size / self.num_heads
+    }
+    /// The label table has a null row (index `num_classes`) when labels can be dropped,
+    /// as official `LabelEmbedder` (`num_classes + use_cfg_embedding`).
+    pub fn label_table_rows(&self) -> usize {
+        self.num_classes + usize::from(self.class_dropout_prob > 0.0)
+    }
+    pub fn null_class(&self) -> usize {
+        self.num_classes
+    }
+
+    /// Checks the invariants the official constructor asserts (or silently relies on).
+    pub fn validate(&self) -> Result<()> {
+        let fail = |field: &str, why: String| -> Result<()> { bail!("config field `{field}`: {why}") };
+        if self.patch_size == 0 || self.input_size % self.patch_size != 0 {
+            return fail("patch_size", format!("{} must divide input_size {}", self.patch_size, self.input_size));
+        }
+        if self.num_heads == 0 || self.hidden_size % self.num_heads != 0 {
+            return fail("num_heads", format!("{} must divide hidden_size {}", self.num_heads, self.hidden_size));
+        }
+        if self.hidden_size % 4 != 0 {
+            return fail("hidden_size", format!("{} must be a multiple of 4 (2-D sin-cos position embedding)", self.hidden_size));
+        }
+        if self.num_experts == 0 {
+            return fail("num_experts", "must be at least 1".into());
+        }
+        if self.num_experts_per_tok == 0 || self.num_experts_per_tok > self.num_experts {
+            return fail(
+                "num_experts_per_tok",
+                format!("{} must be in 1..={}", self.num_experts_per_tok, self.num_experts),
+            );
+        }
+        for (field, v) in [("in_channels", self.in_channels), ("depth", self.depth), ("mlp_ratio", self.mlp_ratio), ("num_classes", self.num_classes)] {
+            if v == 0 {
+                return fail(field, "must be at least 1".into());
+            }
+        }
+        if !(0.0..1.0).contains(&self.class_dropout_prob) {
+            return fail("class_dropout_prob", format!("{} must be in [0, 1)", self.class_dropout_prob));
+        }
+        Ok(())
+    }
+
+    pub fn from_json_str(s: &str, origin: &str) -> Result<Self> {
+        let cfg: Self = serde_json::from_str(s).map_err(|e| candle_core::Error::Msg(format!("{origin}: {e}")))?;
+        cfg.validate().map_err(|e| candle_core::Error::Msg(format!("{origin}: {e}")))?;
+        Ok(cfg)
+    }
+
+    /// Reads a `config.json`; an unknown key fails with the key's name (serde `deny_unknown_fields`).
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let s = std::fs::read_to_string(path)
+            .map_err(|e| candle_core::Error::Msg(format!("{}: {e}", path.display())))?;
+        Self::from_json_str(&s, &path.display().to_string())
+    }
+
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).expect("config serialises")
+    }
+
+    /// Total and activated (per token: shared + k routed experts) parameter counts.
+    pub fn param_counts(&self) -> (usize, usize) {
+        let d = self.hidden_size;
+        let p = self.patch_size;
+        let c = self.in_channels;
+        let embed = self.num_patches() * d // pos_embed (a buffer-like parameter in the official state dict)
+            + d * c * p * p + d // x_embedder
+            + 256 * d + d + d * d + d // t_embedder
+            + self.label_table_rows() * d;
+        let attn = 3 * d * d + 3 * d + d * d + d + if self.use_flash_attn { 4 * self.head_dim() } else { 0 };
+        let expert = 3 * d * self.mlp_ratio * d;
+        let shared = 3 * d * self.n_shared_experts * d;
+        let router = self.num_experts * d;
+        let adaln = d * 6 * d + 6 * d;
+        let block_common = attn + shared + router + adaln;
+        let final_layer = d * 2 * d + 2 * d + d * p * p * self.out_channels() + p * p * self.out_channels();
+        let total = embed + self.depth * (block_common + self.num_experts * expert) + final_layer;
+        let active = embed + self.depth * (block_common + self.num_experts_per_tok * expert) + final_layer;
+        (total, active)
+    }
+}

@@ -1,5 +1,13 @@
 //! ditmoe: DiT-MoE (Fei et al. 2024) mixture-of-experts diffusion transformers on candle.
+pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod diffusion;
 pub mod kernels;
+pub mod model;
+pub mod moe;
+pub mod nn;
+pub mod presets;
+
+pub use config::DitConfig;
+pub use model::{DitMoe, DitOutput, ForwardMode, Trace};

@@ -1,0 +1,115 @@
+//! Loading official checkpoints: safetensors, or PyTorch `.pt`/`.pth` pickles whose state dict
+//! may sit at the top level or under `ema`, `model`, `module` or `state_dict` (the official
+//! `train.py` saves `{"model", "ema", "opt", "args"}`; `sample.py` reads `ema`). DDP `module.`
+//! prefixes are stripped. Every tensor is validated against the config before use.
+use super::error::{and_more, CheckpointError};
+use super::shapes::expected_parameters;
+use crate::config::DitConfig;
+use candle_core::{DType, Device, Result, Tensor};
+use candle_nn::VarBuilder;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// Named tensors read from one file (on the CPU, in the file's dtype).
+#[derive(Debug, Clone)]
+pub struct StateDict {
+    pub file: PathBuf,
+    pub tensors: HashMap<String, Tensor>,
+}
+
+/// Keys under which PyTorch checkpoints keep their state dict, in the order we prefer them
+/// (EMA weights are what the official sampler uses).
+const PTH_KEYS: [Option<&str>; 5] = [Some("ema"), Some("model"), Some("module"), Some("state_dict"), None];
+
+pub fn load_state_dict(path: &Path) -> Result<StateDict> {
+    if !path.exists() {
+        return Err(CheckpointError::Unreadable { file: path.into(), reason: "no such file".into() }.into());
+    }
+    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
+    let tensors = match ext.as_str() {
+        "pt" | "pth" | "bin" | "ckpt" => load_pth(path)?,
+        _ => load_safetensors(path)?,
+    };
+    let tensors = tensors
+        .into_iter()
+        .map(|(k, v)| (k.strip_prefix("module.").map(str::to_string).unwrap_or(k), v))
+        .collect();
+    Ok(StateDict { file: path.into(), tensors })
+}
+
+fn load_safetensors(path: &Path) -> Result<HashMap<String, Tensor>> {
+    let bytes = std::fs::read(path).map_err(|e| CheckpointError::Unreadable { file: path.into(), reason: e.to_string() })?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| CheckpointError::Corrupt { file: path.into(), reason: e.to_string() })?;
+    let mut out = HashMap::new();
+    for (name, view) in st.tensors() {
+        let t = candle_core::safetensors::Load::load(&view, &Device::Cpu)
+            .map_err(|e| CheckpointError::Corrupt { file: path.into(), reason: format!("tensor `{name}`: {e}") })?;
+        out.insert(name, t);
+    }
+    Ok(out)
+}
+
+fn load_pth(path: &Path) -> Result<HashMap<String, Tensor>> {
+    let mut last_err = String::new();
+    for key in PTH_KEYS {
+        match candle_core::pickle::PthTensors::new(path, key) {
+            Ok(pth) if !pth.tensor_infos().is_empty() => {
+                let names: Vec<String> = pth.tensor_infos().keys().cloned().collect();
+                let mut out = HashMap::new();
+                for name in names {
+                    let t = pth
+                        .get(&name)
+                        .map_err(|e| CheckpointError::Corrupt { file: path.into(), reason: format!("tensor `{name}`: {e}") })?
+                        .ok_or_else(|| CheckpointError::Corrupt { file: path.into(), reason: format!("tensor `{name}` vanished") })?;
+                    out.insert(name, t);
+                }
+                return Ok(out);
+            }
+            Ok(_) => last_err = format!("no tensors under key {key:?}"),
+            Err(e) => last_err = e.to_string(),
+        }
+    }
+    Err(CheckpointError::Corrupt { file: path.into(), reason: format!("no state dict found ({last_err})") }.into())
+}
+
+impl StateDict {
+    /// Checks names, shapes and dtypes against the model of `cfg`, reporting the first fault
+    /// of each kind in a fixed order (missing, unexpected, shape, dtype).
+    pub fn validate(&self, cfg: &DitConfig) -> Result<()> {
+        let expected = expected_parameters(cfg)?;
+        let file = self.file.clone();
+        let missing: Vec<_> = expected.iter().filter(|(n, _)| !self.tensors.contains_key(n)).collect();
+        if let Some((tensor, shape)) = missing.first() {
+            return Err(CheckpointError::Missing { file, tensor: tensor.clone(), expected: shape.clone(), more: and_more(missing.len()) }.into());
+        }
+        let known: std::collections::HashSet<&str> = expected.iter().map(|(n, _)| n.as_str()).collect();
+        let mut unexpected: Vec<_> = self.tensors.keys().filter(|n| !known.contains(n.as_str())).collect();
+        unexpected.sort();
+        if let Some(name) = unexpected.first() {
+            let shape = self.tensors[*name].dims().to_vec();
+            return Err(CheckpointError::Unexpected { file, tensor: (*name).clone(), shape, more: and_more(unexpected.len()) }.into());
+        }
+        for (name, shape) in &expected {
+            let t = &self.tensors[name];
+            if t.dims() != shape.as_slice() {
+                return Err(CheckpointError::Shape { file, tensor: name.clone(), expected: shape.clone(), found: t.dims().to_vec() }.into());
+            }
+            if !matches!(t.dtype(), DType::F32 | DType::BF16 | DType::F16) {
+                return Err(CheckpointError::DType { file, tensor: name.clone(), dtype: t.dtype() }.into());
+            }
+        }
+        Ok(())
+    }
+
+    /// Validates, converts to `dtype` and moves to `device`, as a VarBuilder for `DitMoe::new`.
+    pub fn into_var_builder(self, cfg: &DitConfig, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
+        self.validate(cfg)?;
+        let tensors = self
+            .tensors
+            .into_iter()
+            .map(|(n, t)| Ok((n, t.to_dtype(dtype)?.to_device(device)?)))
+            .collect::<Result<HashMap<_, _>>>()?;
+        Ok(VarBuilder::from_tensors(tensors, dtype, device))
+    }
+}

@@ -1,0 +1,146 @@
+//! `DitMoe`: the official `models.DiT` with sparse-MoE blocks.
+use super::{DitBlock, FinalLayer, ForwardMode, LabelEmbedder, PatchEmbed, TimestepEmbedder, Trace};
+use crate::config::DitConfig;
+use candle_core::{DType, Result, Tensor};
+use candle_nn::VarBuilder;
+
+#[derive(Debug, Clone)]
+pub struct DitMoe {
+    cfg: DitConfig,
+    dtype: DType, // the weights' (compute) dtype
+    x_embedder: PatchEmbed,
+    pos_embed: Tensor, // (1, T, D): the fixed sin-cos table, stored in official checkpoints
+    t_embedder: TimestepEmbedder,
+    y_embedder: LabelEmbedder,
+    blocks: Vec<DitBlock>,
+    final_layer: FinalLayer,
+}
+
+/// The model output plus what training and analysis need from the pass.
+#[derive(Debug, Clone)]
+pub struct DitOutput {
+    /// (N, out_channels, H, W).
+    pub out: Tensor,
+    /// One balance loss per MoE layer in training mode, empty in eval mode.
+    pub aux_losses: Vec<Tensor>,
+    /// Tokens routed to each expert, per layer: `[layer][expert]`.
+    pub expert_counts: Vec<Vec<usize>>,
+}
+
+impl DitMoe {
+    pub fn new(cfg: &DitConfig, vb: VarBuilder) -> Result<Self> {
+        cfg.validate()?;
+        // `pos_embed` first: the official state dict lists the module's own parameter first.
+        // Activations (and so the position table) stay f32 whatever the weights' dtype.
+        let dtype = vb.dtype();
+        let pos_embed = vb.get((1, cfg.num_patches(), cfg.hidden_size), "pos_embed")?.to_dtype(DType::F32)?;
+        Ok(Self {
+            cfg: cfg.clone(),
+            dtype,
+            pos_embed,
+            x_embedder: PatchEmbed::new(cfg, vb.pp("x_embedder"))?,
+            t_embedder: TimestepEmbedder::new(cfg, vb.pp("t_embedder"))?,
+            y_embedder: LabelEmbedder::new(cfg, vb.pp("y_embedder"))?,
+            blocks: (0..cfg.depth).map(|i| DitBlock::new(cfg, vb.pp(format!("blocks.{i}")))).collect::<Result<_>>()?,
+            final_layer: FinalLayer::new(cfg, vb.pp("final_layer"))?,
+        })
+    }
+
+    pub fn config(&self) -> &DitConfig {
+        &self.cfg
+    }
+    pub fn blocks(&self) -> &[DitBlock] {
+        &self.blocks
+    }
+    /// The weights' dtype, in which the matmuls run.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// x: (N, C, H, W) in any float dtype, t: (N,) integer steps or float t, y: (N,) labels
+    /// (`num_classes` = null class). Activations and the output are f32; matmuls run in the
+    /// weights' dtype.
+    pub fn forward_full(&self, x: &Tensor, t: &Tensor, y: &Tensor, mode: ForwardMode, trace: &mut Trace) -> Result<DitOutput> {
+        let (n, c, h, w) = x.dims4()?;
+        let cfg = &self.cfg;
+        if c != cfg.in_channels || h != cfg.input_size || w != cfg.input_size {
+            candle_core::bail!(
+                "input x has shape ({n}, {c}, {h}, {w}) but the model expects (N, {}, {s}, {s})",
+                cfg.in_channels,
+                s = cfg.input_size
+            )
+        }
+        if t.dims() != [n] || y.dims() != [n] {
+            candle_core::bail!("t {:?} and y {:?} must both have shape [{n}] to match x", t.dims(), y.dims())
+        }
+        let x = x.to_dtype(DType::F32)?;
+        let patch = self.x_embedder.forward(&x)?;
+        let mut x = patch.broadcast_add(&self.pos_embed)?;
+        let t_freq = TimestepEmbedder::frequencies(t)?;
+        let t_emb = self.t_embedder.forward_freq(&t_freq)?;
+        let y_emb = self.y_embedder.forward(y)?;
+        let c = (&t_emb + &y_emb)?;
+        trace.keep(|| "embed.patch".into(), &patch);
+        trace.keep(|| "embed.x".into(), &x);
+        trace.keep(|| "embed.t_freq".into(), &t_freq);
+        trace.keep(|| "embed.t".into(), &t_emb);
+        trace.keep(|| "embed.y".into(), &y_emb);
+        trace.keep(|| "embed.c".into(), &c);
+
+        let mut aux_losses = Vec::new();
+        let mut expert_counts = Vec::with_capacity(self.blocks.len());
+        for (i, block) in self.blocks.iter().enumerate() {
+            let b = block.forward(&x, &c, mode, i, trace)?;
+            x = b.x;
+            aux_losses.extend(b.aux_loss);
+            expert_counts.push(b.counts);
+        }
+        let out = self.final_layer.forward(&x, &c)?;
+        trace.keep(|| "final.out".into(), &out);
+        Ok(DitOutput { out: self.unpatchify(&out)?, aux_losses, expert_counts })
+    }
+
+    /// Eval-mode forward (official `DiT.forward` with `model.eval()`).
+    pub fn forward(&self, x: &Tensor, t: &Tensor, y: &Tensor) -> Result<Tensor> {
+        Ok(self.forward_full(x, t, y, ForwardMode::Eval, &mut Trace::default())?.out)
+    }
+
+    /// Official `forward_with_cfg`: runs `cat[x[:N/2], x[:N/2]]` (the caller puts conditional
+    /// labels in the first half of y and the null class in the second), then guides the first
+    /// `guided_channels` output channels (official: 3; `in_channels` for the usual "all
+    /// channels" form) and writes the guided values to both halves.
+    pub fn forward_with_cfg(&self, x: &Tensor, t: &Tensor, y: &Tensor, cfg_scale: f64, guided_channels: usize, trace: &mut Trace) -> Result<Tensor> {
+        let n = x.dim(0)?;
+        if n % 2 != 0 {
+            candle_core::bail!("forward_with_cfg needs an even batch (conditional half + null half), got {n}")
+        }
+        let half = x.narrow(0, 0, n / 2)?;
+        let combined = Tensor::cat(&[&half, &half], 0)?;
+        let out = self.forward_full(&combined, t, y, ForwardMode::Eval, trace)?.out;
+        apply_cfg(&out, cfg_scale, guided_channels)
+    }
+
+    /// (N, T, p*p*C) -> (N, C, H, W), official `unpatchify` (einsum nhwpqc->nchpwq).
+    pub fn unpatchify(&self, x: &Tensor) -> Result<Tensor> {
+        let (n, _, _) = x.dims3()?;
+        let (g, p, c) = (self.cfg.grid_size(), self.cfg.patch_size, self.cfg.out_channels());
+        x.reshape((n, g, g, p, p, c))?.permute((0, 5, 1, 3, 2, 4))?.reshape((n, c, g * p, g * p))
+    }
+}
+
+/// Guidance on a doubled batch (first half conditional, second half unconditional):
+/// `uncond + s (cond - uncond)` on the first `guided_channels` channels, written to both
+/// halves; the remaining channels keep each half's own values (official `forward_with_cfg`).
+pub fn apply_cfg(out: &Tensor, cfg_scale: f64, guided_channels: usize) -> Result<Tensor> {
+    let (n, c, _, _) = out.dims4()?;
+    let g = guided_channels.min(c);
+    let eps = out.narrow(1, 0, g)?;
+    let cond = eps.narrow(0, 0, n / 2)?;
+    let uncond = eps.narrow(0, n / 2, n / 2)?;
+    let guided = (&uncond + ((&cond - &uncond)? * cfg_scale)?)?;
+    let eps = Tensor::cat(&[&guided, &guided], 0)?;
+    if g == c {
+        return Ok(eps);
+    }
+    Tensor::cat(&[&eps, &out.narrow(1, g, c - g)?], 1)
+}

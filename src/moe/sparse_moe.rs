@@ -1,0 +1,76 @@
+//! `SharedExpertMoe`: the official `SparseMoeBlock`: top-k routed SwiGLU experts plus an
+//! always-on shared SwiGLU expert (`moe_out = routed + shared`), parameter names
+//! `gate.weight`, `experts.<i>.{gate,up,down}_proj.weight`, `shared_experts.*`.
+use super::{balance_loss, ExpertDispatch, Routing, SwigluExpert, TopKRouter};
+use crate::config::DitConfig;
+use candle_core::{Module, Result, Tensor};
+use candle_nn::VarBuilder;
+
+#[derive(Debug, Clone)]
+pub struct SharedExpertMoe {
+    gate: TopKRouter,
+    experts: Vec<SwigluExpert>,
+    shared: Option<SwigluExpert>,
+    alpha: f64,
+    seq_aux: bool,
+}
+
+/// Everything one MoE call produces; the block decides what to keep.
+#[derive(Debug, Clone)]
+pub struct MoeOutput {
+    /// routed + shared, (N, T, D).
+    pub out: Tensor,
+    /// The weighted routed sum alone, (N, T, D).
+    pub routed: Tensor,
+    /// The shared expert's output, (N, T, D), when there is one.
+    pub shared: Option<Tensor>,
+    pub routing: Routing,
+    /// Tokens per expert this call.
+    pub counts: Vec<usize>,
+}
+
+impl SharedExpertMoe {
+    pub fn new(cfg: &DitConfig, vb: VarBuilder) -> Result<Self> {
+        let d = cfg.hidden_size;
+        // Official state-dict order: experts, gate, shared_experts.
+        let experts = (0..cfg.num_experts)
+            .map(|i| SwigluExpert::new(d, cfg.mlp_ratio * d, vb.pp(format!("experts.{i}"))))
+            .collect::<Result<Vec<_>>>()?;
+        let gate = TopKRouter::new(d, cfg.num_experts, cfg.num_experts_per_tok, cfg.norm_topk_prob, vb.pp("gate"))?;
+        let shared = match cfg.n_shared_experts {
+            0 => None,
+            n => Some(SwigluExpert::new(d, n * d, vb.pp("shared_experts"))?),
+        };
+        Ok(Self { gate, experts, shared, alpha: cfg.aux_loss_alpha, seq_aux: cfg.seq_aux })
+    }
+
+    pub fn router(&self) -> &TopKRouter {
+        &self.gate
+    }
+    pub fn experts(&self) -> &[SwigluExpert] {
+        &self.experts
+    }
+    pub fn shared_expert(&self) -> Option<&SwigluExpert> {
+        self.shared.as_ref()
+    }
+
+    /// x: (N, T, D).
+    pub fn forward(&self, x: &Tensor) -> Result<MoeOutput> {
+        let (n, t, d) = x.dims3()?;
+        let flat = x.reshape((n * t, d))?;
+        let routing = self.gate.forward(&flat)?;
+        let dispatch = ExpertDispatch::new(&routing.experts, self.experts.len())?;
+        let routed = dispatch.run(&flat, &routing.weights, &self.experts)?.reshape((n, t, d))?;
+        let shared = self.shared.as_ref().map(|s| s.forward(x)).transpose()?;
+        let out = match &shared {
+            Some(s) => (&routed + s)?,
+            None => routed.clone(),
+        };
+        Ok(MoeOutput { out, routed, shared, routing, counts: dispatch.counts() })
+    }
+
+    /// The balance loss of one call's routing (training mode), with this layer's alpha/seq_aux.
+    pub fn balance_loss(&self, routing: &Routing, n_images: usize) -> Result<Tensor> {
+        balance_loss(routing, n_images, self.alpha, self.seq_aux)
+    }
+}

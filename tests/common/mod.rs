@@ -1,0 +1,51 @@
+//! Shared helpers for the parity tests: fixture loading and error measures.
+#![allow(dead_code)] // each test binary uses a different subset of these helpers
+
+use candle_core::{DType, Device, Tensor};
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+pub fn fixture_path(rel: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(rel)
+}
+
+/// All tensors of a fixture safetensors file, on the CPU.
+pub fn load_fixture(rel: &str) -> HashMap<String, Tensor> {
+    let path = fixture_path(rel);
+    candle_core::safetensors::load(&path, &Device::Cpu).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// max |a - b| / max |b| (max-norm relative error), computed in f64.
+pub fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.dims(), b.dims(), "shape mismatch");
+    let a = a.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+    let b = b.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+    let diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
+    let scale = b.iter().map(|y| y.abs()).fold(0.0, f64::max).max(1e-30);
+    diff / scale
+}
+
+/// ||a - b||_2 / ||b||_2, computed in f64.
+pub fn rel_l2(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.dims(), b.dims(), "shape mismatch");
+    let a = a.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+    let b = b.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+    let num: f64 = a.iter().zip(&b).map(|(x, y)| (x - y).powi(2)).sum();
+    let den: f64 = b.iter().map(|y| y * y).sum();
+    (num / den.max(1e-300)).sqrt()
+}
+
+/// Asserts `rel_err(a, b) <= tol` and returns the error, naming the tensor on failure.
+pub fn assert_close(name: &str, a: &Tensor, b: &Tensor, tol: f64) -> f64 {
+    let e = rel_err(a, b);
+    assert!(e <= tol, "{name}: relative error {e:.3e} > {tol:.0e}");
+    e
+}
+
+/// A scratch folder unique to this test process and tag, emptied first.
+pub fn scratch_dir(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("ditmoe-test-{}-{tag}", std::process::id()));
+    std::fs::remove_dir_all(&dir).ok();
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
