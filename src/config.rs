@@ -79,13 +79,13 @@ impl DitConfig {
     /// Checks the invariants the official constructor asserts (or silently relies on).
     pub fn validate(&self) -> Result<()> {
         let fail = |field: &str, why: String| -> Result<()> { bail!("config field `{field}`: {why}") };
-        if self.patch_size == 0 || self.input_size % self.patch_size != 0 {
+        if self.patch_size == 0 || !self.input_size.is_multiple_of(self.patch_size) {
             return fail("patch_size", format!("{} must divide input_size {}", self.patch_size, self.input_size));
         }
-        if self.num_heads == 0 || self.hidden_size % self.num_heads != 0 {
+        if self.num_heads == 0 || !self.hidden_size.is_multiple_of(self.num_heads) {
             return fail("num_heads", format!("{} must divide hidden_size {}", self.num_heads, self.hidden_size));
         }
-        if self.hidden_size % 4 != 0 {
+        if !self.hidden_size.is_multiple_of(4) {
             return fail("hidden_size", format!("{} must be a multiple of 4 (2-D sin-cos position embedding)", self.hidden_size));
         }
         if self.num_experts == 0 {

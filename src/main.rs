@@ -1,1 +1,36 @@
-fn main(){}
+//! `ditmoe`: generate images, train, inspect and convert DiT-MoE models.
+mod cli;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "ditmoe", version, about = "DiT-MoE mixture-of-experts diffusion transformers on candle")]
+struct Args {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run one forward pass of a model folder on an inputs file (parity with the official code).
+    Forward(cli::forward::ForwardArgs),
+    /// List the official sizes with their total and activated parameter counts.
+    Presets,
+    /// Convert an official checkpoint (.pt/.pth/.safetensors) into a model folder.
+    Convert(cli::convert::ConvertArgs),
+    /// Train a model on class folders or latent shards (exact resume with --resume).
+    Train(cli::train::TrainArgs),
+}
+
+fn main() {
+    let args = Args::parse();
+    let result = match args.command {
+        Command::Forward(a) => cli::forward::run(a),
+        Command::Presets => cli::presets::run(),
+        Command::Convert(a) => cli::convert::run(a),
+        Command::Train(a) => cli::train::run(a),
+    };
+    if let Err(e) = result {
+        cli::exit_with(e);
+    }
+}

@@ -4,7 +4,8 @@ use crate::config::DitConfig;
 use candle_core::{bail, Result};
 
 /// (name, depth, hidden, heads, patches, flash-attention form of the released checkpoints)
-const SIZES: &[(&str, usize, usize, usize, &[usize], bool)] = &[
+type Size = (&'static str, usize, usize, usize, &'static [usize], bool);
+const SIZES: &[Size] = &[
     ("S", 12, 384, 6, &[2, 4, 8], false),
     ("B", 12, 768, 12, &[2, 4, 8], false),
     ("L", 24, 1024, 16, &[2, 4, 8], false),

@@ -8,13 +8,16 @@ use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 use std::sync::{Arc, Mutex};
 
+/// A parameter's name and shape.
+pub type ParamShape = (String, Vec<usize>);
+
 #[derive(Clone, Default)]
 pub struct ShapeRecorder {
-    seen: Arc<Mutex<Vec<(String, Vec<usize>)>>>,
+    seen: Arc<Mutex<Vec<ParamShape>>>,
 }
 
 impl ShapeRecorder {
-    pub fn recorded(&self) -> Vec<(String, Vec<usize>)> {
+    pub fn recorded(&self) -> Vec<ParamShape> {
         self.seen.lock().expect("recorder lock").clone()
     }
 }
@@ -33,7 +36,7 @@ impl SimpleBackend for ShapeRecorder {
 }
 
 /// Every parameter (official state-dict name and shape) the model of `cfg` has, in build order.
-pub fn expected_parameters(cfg: &DitConfig) -> Result<Vec<(String, Vec<usize>)>> {
+pub fn expected_parameters(cfg: &DitConfig) -> Result<Vec<ParamShape>> {
     let rec = ShapeRecorder::default();
     let vb = VarBuilder::from_backend(Box::new(rec.clone()), DType::F32, Device::Cpu);
     DitMoe::new(cfg, vb)?;

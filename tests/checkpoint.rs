@@ -1,0 +1,185 @@
+//! Loading, validation and conversion: official parameter names for every preset, PyTorch
+//! pickles, and bad input that must fail with an error naming the file, tensor or field.
+mod common;
+
+use candle_core::{DType, Device, Tensor};
+use common::{assert_close, fixture_path, load_fixture, scratch_dir};
+use ditmoe::checkpoint::{expected_parameters, load_state_dict, write_safetensors_atomic, ModelDir};
+use ditmoe::{presets, DitConfig};
+use std::path::Path;
+
+/// Parses a `param_names_*.txt` fixture: header counts and (name, shape) lines.
+fn read_param_list(path: &Path) -> (Vec<(String, Vec<usize>)>, usize, usize) {
+    let text = std::fs::read_to_string(path).unwrap();
+    let header_value = |key: &str| -> usize {
+        let line = text.lines().find(|l| l.starts_with("# depth=")).unwrap();
+        let field = line.split_whitespace().find(|w| w.starts_with(&format!("{key}="))).unwrap();
+        field[key.len() + 1..].parse().unwrap()
+    };
+    let params = text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|l| {
+            let (name, shape) = l.split_once('\t').unwrap();
+            (name.to_string(), shape.split(',').map(|d| d.parse().unwrap()).collect())
+        })
+        .collect();
+    (params, header_value("params"), header_value("activated_params"))
+}
+
+#[test]
+fn every_preset_matches_official_parameter_names() {
+    let dir = fixture_path("param_names");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let stem = path.file_stem().unwrap().to_str().unwrap().trim_start_matches("param_names_").to_string();
+        let (size, timm) = match stem.strip_suffix("-timm-attn") {
+            Some(s) => (s.to_string(), true),
+            None => (stem.clone(), false),
+        };
+        let mut cfg = presets::get(&size).unwrap().config;
+        if timm {
+            cfg.use_flash_attn = false;
+        }
+        let (want, total, active) = read_param_list(&path);
+        let got = expected_parameters(&cfg).unwrap();
+        assert_eq!(got.len(), want.len(), "{stem}: tensor count");
+        for (g, w) in got.iter().zip(&want) {
+            assert_eq!(g, w, "{stem}: parameter (in official state-dict order)");
+        }
+        assert_eq!(cfg.param_counts(), (total, active), "{stem}: total/activated parameter counts");
+        checked += 1;
+    }
+    assert_eq!(checked, 10, "all parameter lists checked");
+}
+
+#[test]
+fn preset_names_resolve() {
+    assert_eq!(presets::get("DiT-MoE-XL/2-8E2A").unwrap().config.hidden_size, 1152);
+    assert_eq!(presets::get("s-2-16e2a").unwrap().config.num_experts, 16);
+    assert!(presets::all().iter().any(|p| p.name == "DiT-MoE-G/2-16E2A"));
+    let err = presets::get("DiT-MoE-Q/2").unwrap_err().to_string();
+    assert!(err.contains("DiT-MoE-Q/2") && err.contains("DiT-MoE-S/2-8E2A"), "{err}");
+}
+
+fn tiny_config() -> DitConfig {
+    DitConfig::from_file(&fixture_path("models/tiny/config.json")).unwrap()
+}
+
+/// The tiny model's output from a state dict file, compared with the official output.
+fn check_tiny_output(weights: &Path) {
+    let vb = load_state_dict(weights).unwrap().into_var_builder(&tiny_config(), DType::F32, &Device::Cpu).unwrap();
+    let model = ditmoe::DitMoe::new(&tiny_config(), vb).unwrap();
+    let io = load_fixture("models/tiny/io.safetensors");
+    let out = model.forward(&io["x"], &io["t"], &io["y"]).unwrap();
+    assert_close("tiny out", &out, &io["out"], 1e-4);
+}
+
+#[test]
+fn loads_pytorch_checkpoints_top_level_and_under_ema() {
+    check_tiny_output(&fixture_path("pt/tiny-plain.pt"));
+    check_tiny_output(&fixture_path("pt/tiny-ema.pt"));
+}
+
+#[test]
+fn convert_writes_a_model_folder_that_reproduces_the_output() {
+    let dir = scratch_dir("convert");
+    let out = dir.join("model");
+    let names: Vec<String> = (0..10).map(|i| format!("class {i}")).collect();
+    ModelDir::write(&out, &tiny_config(), &fixture_path("pt/tiny-ema.pt"), DType::F32, Some(&names)).unwrap();
+    let md = ModelDir::open(&out).unwrap();
+    assert_eq!(md.class_name(3), "class 3");
+    check_tiny_output(&md.weights);
+    // bf16 storage halves the file and stays within bf16 tolerance.
+    let out16 = dir.join("model16");
+    ModelDir::write(&out16, &tiny_config(), &fixture_path("pt/tiny-ema.pt"), DType::BF16, None).unwrap();
+    let model = ModelDir::open(&out16).unwrap().load(DType::BF16, &Device::Cpu).unwrap();
+    let io = load_fixture("models/tiny/io.safetensors");
+    let e = common::rel_l2(&model.forward(&io["x"], &io["t"], &io["y"]).unwrap(), &io["out"]);
+    assert!(e < 1e-2, "bf16 converted model: {e}");
+}
+
+#[test]
+fn config_round_trip_and_unknown_keys() {
+    let cfg = tiny_config();
+    let back = DitConfig::from_json_str(&cfg.to_json(), "round trip").unwrap();
+    assert_eq!(cfg, back);
+    let mut v: serde_json::Value = serde_json::from_str(&cfg.to_json()).unwrap();
+    v["num_expertz"] = 3.into();
+    let err = DitConfig::from_json_str(&v.to_string(), "cfg.json").unwrap_err().to_string();
+    assert!(err.contains("num_expertz") && err.contains("cfg.json"), "{err}");
+    let mut bad = cfg.clone();
+    bad.num_experts_per_tok = 9;
+    let err = DitConfig::from_json_str(&serde_json::to_string(&bad).unwrap(), "cfg.json").unwrap_err().to_string();
+    assert!(err.contains("num_experts_per_tok"), "{err}");
+}
+
+/// Writes the tiny weights after `edit`, then loads; returns the error message.
+fn load_error(tag: &str, edit: impl FnOnce(&mut Vec<(String, Tensor)>)) -> (String, String) {
+    let dir = scratch_dir(tag);
+    let path = dir.join("model.safetensors");
+    let mut tensors: Vec<(String, Tensor)> = load_fixture("models/tiny/model.safetensors").into_iter().collect();
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    edit(&mut tensors);
+    write_safetensors_atomic(&path, &tensors).unwrap();
+    let err = load_state_dict(&path).and_then(|sd| sd.validate(&tiny_config())).unwrap_err().to_string();
+    (err, path.display().to_string())
+}
+
+#[test]
+fn bad_checkpoints_name_the_file_and_tensor() {
+    let (err, file) = load_error("missing", |t| t.retain(|(n, _)| n != "blocks.1.moe.gate.weight"));
+    assert!(err.contains(&file) && err.contains("missing tensor `blocks.1.moe.gate.weight`"), "{err}");
+
+    let (err, file) = load_error("unexpected", |t| t.push(("blocks.9.extra".into(), Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap())));
+    assert!(err.contains(&file) && err.contains("unexpected tensor `blocks.9.extra`"), "{err}");
+
+    let (err, _) = load_error("shape", |t| {
+        let i = t.iter().position(|(n, _)| n == "final_layer.linear.bias").unwrap();
+        t[i].1 = Tensor::zeros(5, DType::F32, &Device::Cpu).unwrap();
+    });
+    assert!(err.contains("`final_layer.linear.bias` has shape [5]"), "{err}");
+
+    let (err, _) = load_error("dtype", |t| {
+        let i = t.iter().position(|(n, _)| n == "y_embedder.embedding_table.weight").unwrap();
+        t[i].1 = t[i].1.to_dtype(DType::I64).unwrap();
+    });
+    assert!(err.contains("`y_embedder.embedding_table.weight` has dtype I64"), "{err}");
+}
+
+#[test]
+fn truncated_and_corrupt_files_are_named() {
+    let dir = scratch_dir("truncated");
+    let bytes = std::fs::read(fixture_path("models/tiny/model.safetensors")).unwrap();
+    let truncated = dir.join("truncated.safetensors");
+    std::fs::write(&truncated, &bytes[..bytes.len() - 1000]).unwrap();
+    let err = load_state_dict(&truncated).unwrap_err().to_string();
+    assert!(err.contains("truncated.safetensors") && err.contains("corrupt or truncated"), "{err}");
+
+    let corrupt = dir.join("header.safetensors");
+    let mut b = bytes.clone();
+    b[8..40].copy_from_slice(&[b'!'; 32]);
+    std::fs::write(&corrupt, &b).unwrap();
+    let err = load_state_dict(&corrupt).unwrap_err().to_string();
+    assert!(err.contains("header.safetensors") && err.contains("corrupt"), "{err}");
+
+    let pt = std::fs::read(fixture_path("pt/tiny-ema.pt")).unwrap();
+    let bad_pt = dir.join("cut.pt");
+    std::fs::write(&bad_pt, &pt[..pt.len() / 2]).unwrap();
+    let err = load_state_dict(&bad_pt).unwrap_err().to_string();
+    assert!(err.contains("cut.pt"), "{err}");
+
+    let err = load_state_dict(&dir.join("absent.safetensors")).unwrap_err().to_string();
+    assert!(err.contains("absent.safetensors") && err.contains("no such file"), "{err}");
+}
+
+#[test]
+fn forward_rejects_wrong_shapes() {
+    let model = ModelDir::open(&fixture_path("models/tiny")).unwrap().load(DType::F32, &Device::Cpu).unwrap();
+    let x = Tensor::zeros((2, 3, 8, 8), DType::F32, &Device::Cpu).unwrap();
+    let t = Tensor::zeros(2, DType::F32, &Device::Cpu).unwrap();
+    let y = Tensor::zeros(2, DType::I64, &Device::Cpu).unwrap();
+    let err = model.forward(&x, &t, &y).unwrap_err().to_string();
+    assert!(err.contains("(2, 3, 8, 8)") && err.contains("(N, 4, 8, 8)"), "{err}");
+}
