@@ -18,8 +18,6 @@ enum Command {
     Presets,
     /// Convert an official checkpoint (.pt/.pth/.safetensors) into a model folder.
     Convert(cli::convert::ConvertArgs),
-    /// Train a model on class folders or latent shards (exact resume with --resume).
-    Train(cli::train::TrainArgs),
 }
 
 fn main() {
@@ -28,7 +26,6 @@ fn main() {
         Command::Forward(a) => cli::forward::run(a),
         Command::Presets => cli::presets::run(),
         Command::Convert(a) => cli::convert::run(a),
-        Command::Train(a) => cli::train::run(a),
     };
     if let Err(e) = result {
         cli::exit_with(e);

@@ -2,7 +2,6 @@
 pub mod convert;
 pub mod forward;
 pub mod presets;
-pub mod train;
 
 use candle_core::Device;
 
