@@ -18,6 +18,8 @@ enum Command {
     Presets,
     /// Convert an official checkpoint (.pt/.pth/.safetensors) into a model folder.
     Convert(cli::convert::ConvertArgs),
+    /// Convert a downloaded dataset into class folders (`data fashion-mnist`).
+    Data(cli::data::DataArgs),
 }
 
 fn main() {
@@ -26,6 +28,7 @@ fn main() {
         Command::Forward(a) => cli::forward::run(a),
         Command::Presets => cli::presets::run(),
         Command::Convert(a) => cli::convert::run(a),
+        Command::Data(a) => cli::data::run(a),
     };
     if let Err(e) = result {
         cli::exit_with(e);

@@ -1,5 +1,6 @@
 //! Subcommands of the `ditmoe` binary; each file owns one.
 pub mod convert;
+pub mod data;
 pub mod forward;
 pub mod presets;
 
