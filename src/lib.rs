@@ -8,6 +8,7 @@ pub mod model;
 pub mod moe;
 pub mod nn;
 pub mod presets;
+pub mod sampling;
 
 pub use config::DitConfig;
 pub use model::{DitMoe, DitOutput, ForwardMode, Trace};

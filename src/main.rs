@@ -12,6 +12,8 @@ struct Args {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Sample class-conditional images (DDPM, DDIM or rectified flow) into a PNG grid or files.
+    Generate(cli::generate::GenerateArgs),
     /// Run one forward pass of a model folder on an inputs file (parity with the official code).
     Forward(cli::forward::ForwardArgs),
     /// List the official sizes with their total and activated parameter counts.
@@ -25,6 +27,7 @@ enum Command {
 fn main() {
     let args = Args::parse();
     let result = match args.command {
+        Command::Generate(a) => cli::generate::run(a),
         Command::Forward(a) => cli::forward::run(a),
         Command::Presets => cli::presets::run(),
         Command::Convert(a) => cli::convert::run(a),

@@ -2,6 +2,7 @@
 pub mod convert;
 pub mod data;
 pub mod forward;
+pub mod generate;
 pub mod presets;
 
 use candle_core::Device;

@@ -1,0 +1,451 @@
+//! `ditmoe generate`: class-conditional images from a model folder (or a preset plus its
+//! checkpoint) with DDPM, DDIM or rectified-flow sampling and classifier-free guidance, decoded
+//! through the SD VAE for latent models, written as a PNG grid (one row per class) or one PNG
+//! per image.
+//!
+//! Every input is checked before the model is loaded: a bad flag or file is a one-line usage
+//! error (exit code 2) naming it, and nothing is written. The output is written atomically
+//! once every image exists.
+use anyhow::Context;
+use clap::Args;
+use ditmoe::checkpoint::{load_state_dict, ModelDir};
+use ditmoe::sampling::{
+    DdimSampler, DdpmSampler, Decoder, Guidance, GuidedModel, ImageNoise, Images, RectifiedFlowSampler, Sampler,
+    VaeSpec, DIFFUSION_STEPS,
+};
+use ditmoe::{presets, DitConfig, DitMoe};
+use indicatif::{ProgressBar, ProgressState, ProgressStyle};
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Optional per-model defaults, `<model dir>/generate.json`, e.g.
+/// `{"sampler": "rf-euler", "steps": 30, "cfg_scale": 3.0}`; flags override them.
+const DEFAULTS_FILE: &str = "generate.json";
+/// Official `sample.py`'s `--cfg-scale` default.
+const DEFAULT_CFG_SCALE: f64 = 4.0;
+
+#[derive(Args)]
+pub struct GenerateArgs {
+    /// Model folder (config.json + model.safetensors, optional class_names.json and
+    /// generate.json), or a preset name (see `ditmoe presets`) with --weights.
+    #[arg(long, default_value = "assets/fashion-mnist")]
+    model: String,
+    /// The checkpoint of a preset --model (.pt/.pth/.safetensors).
+    #[arg(long)]
+    weights: Option<PathBuf>,
+    /// Classes: ids or names from class_names.json (any case), comma-separated, or `all`.
+    #[arg(long, default_value = "all", allow_hyphen_values = true)]
+    class: String,
+    /// Images per class.
+    #[arg(long, default_value_t = 8, allow_hyphen_values = true)]
+    num: i64,
+    /// ddpm, ddim, rf-euler or rf-heun [default: generate.json's, else ddpm].
+    #[arg(long)]
+    sampler: Option<String>,
+    /// Sampling steps [default: generate.json's, else 250 for ddpm/ddim, 50 for rf-*].
+    #[arg(long, allow_hyphen_values = true)]
+    steps: Option<i64>,
+    /// Classifier-free guidance scale; 1 = no guidance [default: generate.json's, else 4.0].
+    #[arg(long, allow_hyphen_values = true)]
+    cfg_scale: Option<f64>,
+    /// DDPM/DDIM: guide every latent channel, not the official first 3.
+    #[arg(long)]
+    guide_all_channels: bool,
+    /// Seed of the noise; the same seed gives the same images on the same device.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Images per model batch (guidance doubles the forward batch).
+    #[arg(long, default_value_t = 16, allow_hyphen_values = true)]
+    batch_size: i64,
+    /// cpu or cuda.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Weights dtype: f32, bf16 or f16 (activations stay f32).
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    /// SD VAE for latent models: a diffusers folder (config.json +
+    /// diffusion_pytorch_model.safetensors) or a safetensors file.
+    #[arg(long)]
+    vae: Option<PathBuf>,
+    /// Output: a .png grid (rows = classes, columns = samples), or with --separate a folder
+    /// [default: samples.png, or samples/ with --separate].
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// One PNG per image (`<class>-<name>-<k>.png`) into the --out folder.
+    #[arg(long)]
+    separate: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SamplerName {
+    Ddpm,
+    Ddim,
+    RfEuler,
+    RfHeun,
+}
+
+impl SamplerName {
+    const ALL: [(&'static str, SamplerName); 4] =
+        [("ddpm", Self::Ddpm), ("ddim", Self::Ddim), ("rf-euler", Self::RfEuler), ("rf-heun", Self::RfHeun)];
+
+    fn parse(s: &str) -> Result<Self, String> {
+        Self::ALL.iter().find(|(n, _)| n.eq_ignore_ascii_case(s)).map(|&(_, v)| v).ok_or_else(|| {
+            format!("unknown sampler `{s}` (one of {})", Self::ALL.map(|(n, _)| n).join(", "))
+        })
+    }
+
+    fn name(self) -> &'static str {
+        Self::ALL.iter().find(|(_, v)| *v == self).map(|(n, _)| *n).unwrap_or("?")
+    }
+
+    fn is_gaussian(self) -> bool {
+        matches!(self, Self::Ddpm | Self::Ddim)
+    }
+
+    fn default_steps(self) -> i64 {
+        if self.is_gaussian() {
+            250
+        } else {
+            50
+        }
+    }
+}
+
+/// `generate.json`: defaults for flags the user did not give.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GenerateDefaults {
+    sampler: Option<String>,
+    steps: Option<i64>,
+    cfg_scale: Option<f64>,
+}
+
+impl GenerateDefaults {
+    fn read(dir: Option<&Path>) -> anyhow::Result<(Self, String)> {
+        let Some(path) = dir.map(|d| d.join(DEFAULTS_FILE)).filter(|p| p.exists()) else {
+            return Ok((Self::default(), String::new()));
+        };
+        let origin = path.display().to_string();
+        let text = std::fs::read_to_string(&path).map_err(|e| super::usage(format!("{origin}: {e}")))?;
+        let parsed = serde_json::from_str(&text).map_err(|e| super::usage(format!("{origin}: {e}")))?;
+        Ok((parsed, origin))
+    }
+}
+
+/// A model folder, or a preset with its checkpoint.
+enum ModelSource {
+    Folder(ModelDir),
+    Preset { config: DitConfig, weights: PathBuf },
+}
+
+impl ModelSource {
+    fn resolve(model: &str, weights: Option<&Path>) -> anyhow::Result<Self> {
+        let path = Path::new(model);
+        if path.is_dir() {
+            if let Some(w) = weights {
+                return Err(super::usage(format!(
+                    "--weights {}: only used with a preset --model; the folder {model} has its own weights",
+                    w.display()
+                )));
+            }
+            return Ok(Self::Folder(ModelDir::open(path).map_err(|e| super::usage(format!("--model: {e}")))?));
+        }
+        let Ok(preset) = presets::get(model) else {
+            return Err(super::usage(format!(
+                "--model {model}: no such model folder, and not a preset name (see `ditmoe presets`)"
+            )));
+        };
+        match weights {
+            None => Err(super::usage(format!("--model {}: a preset needs its checkpoint: give --weights FILE", preset.name))),
+            Some(w) if !w.is_file() => Err(super::usage(format!("--weights {}: no such file", w.display()))),
+            Some(w) => Ok(Self::Preset { config: preset.config, weights: w.to_path_buf() }),
+        }
+    }
+
+    fn config(&self) -> &DitConfig {
+        match self {
+            Self::Folder(dir) => &dir.config,
+            Self::Preset { config, .. } => config,
+        }
+    }
+
+    fn folder(&self) -> Option<&Path> {
+        match self {
+            Self::Folder(dir) => Some(&dir.dir),
+            Self::Preset { .. } => None,
+        }
+    }
+
+    fn class_names(&self) -> Option<&[String]> {
+        match self {
+            Self::Folder(dir) => dir.class_names.as_deref(),
+            Self::Preset { .. } => None,
+        }
+    }
+
+    fn load(&self, dtype: candle_core::DType, device: &candle_core::Device) -> anyhow::Result<DitMoe> {
+        Ok(match self {
+            Self::Folder(dir) => dir.load(dtype, device)?,
+            Self::Preset { config, weights } => {
+                let vb = load_state_dict(weights)?.into_var_builder(config, dtype, device)?;
+                DitMoe::new(config, vb)?
+            }
+        })
+    }
+}
+
+/// `--class`: ids, names (case-insensitive, with class_names.json) or `all`; no repeats.
+fn parse_classes(spec: &str, num_classes: usize, names: Option<&[String]>) -> anyhow::Result<Vec<usize>> {
+    if spec.trim().eq_ignore_ascii_case("all") {
+        return Ok((0..num_classes).collect());
+    }
+    let mut classes = Vec::new();
+    for item in spec.split(',').map(str::trim) {
+        let id = if item.is_empty() {
+            return Err(super::usage(format!("--class: empty entry in `{spec}`")));
+        } else if let Ok(id) = item.parse::<i64>() {
+            if id < 0 || id as usize >= num_classes {
+                return Err(super::usage(format!(
+                    "--class: class {id} is out of range (the model has {num_classes} classes, 0..{})",
+                    num_classes - 1
+                )));
+            }
+            id as usize
+        } else {
+            let Some(names) = names else {
+                return Err(super::usage(format!(
+                    "--class: `{item}` is not a class id, and the model has no class_names.json to look names up in"
+                )));
+            };
+            let Some(id) = names.iter().position(|n| n.eq_ignore_ascii_case(item)) else {
+                let known = if names.len() <= 20 { format!(" (known: {})", names.join(", ")) } else { String::new() };
+                return Err(super::usage(format!("--class: unknown class name `{item}`{known}")));
+            };
+            id
+        };
+        if classes.contains(&id) {
+            return Err(super::usage(format!("--class: class {id} is listed twice")));
+        }
+        classes.push(id);
+    }
+    Ok(classes)
+}
+
+/// A positive count from a flag (or generate.json), named in the error.
+fn positive(value: i64, what: &str) -> anyhow::Result<usize> {
+    if value < 1 {
+        return Err(super::usage(format!("{what}: {value} must be at least 1")));
+    }
+    Ok(value as usize)
+}
+
+/// The sampler the flags (or generate.json) ask for. DDPM/DDIM clamp x_0 to [-1, 1] only for
+/// pixel-space models (see `DdimSampler` on why clamping latents corrupts DDIM samples).
+fn build_sampler(name: SamplerName, steps: usize, steps_from: &str, cfg: &DitConfig, pixel_space: bool) -> anyhow::Result<Sampler> {
+    if name.is_gaussian() && steps > DIFFUSION_STEPS {
+        return Err(super::usage(format!(
+            "{steps_from}: {steps} is more than the {DIFFUSION_STEPS} steps of the diffusion schedule"
+        )));
+    }
+    let bad_steps = |e: candle_core::Error| super::usage(format!("{steps_from}: {e}"));
+    let bad_ddim_steps = |e: candle_core::Error| {
+        super::usage(format!("{steps_from}: {e} (DDIM strides the schedule evenly: 10, 20, 25, 40, 50, 100, 125, 200, 250, 500, 1000, ...)"))
+    };
+    Ok(match name {
+        SamplerName::Ddpm => Sampler::Ddpm(DdpmSampler::with_steps(steps, cfg.learn_sigma, pixel_space).map_err(bad_steps)?),
+        SamplerName::Ddim => Sampler::Ddim(DdimSampler::with_steps(steps, cfg.learn_sigma, 0.0, pixel_space).map_err(bad_ddim_steps)?),
+        SamplerName::RfEuler => Sampler::RectifiedFlow(RectifiedFlowSampler::new(steps, false).map_err(bad_steps)?),
+        SamplerName::RfHeun => Sampler::RectifiedFlow(RectifiedFlowSampler::new(steps, true).map_err(bad_steps)?),
+    })
+}
+
+/// Where the images go.
+enum Output {
+    Grid(PathBuf),
+    Separate(PathBuf),
+}
+
+impl Output {
+    /// Checks that the output can be written (a probe file in its folder) before any sampling.
+    fn check(out: Option<PathBuf>, separate: bool) -> anyhow::Result<Self> {
+        let out = out.unwrap_or_else(|| PathBuf::from(if separate { "samples" } else { "samples.png" }));
+        let shown = out.display().to_string();
+        let parent = match out.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let folder = if separate {
+            if out.exists() && !out.is_dir() {
+                return Err(super::usage(format!("--out {shown}: exists and is not a folder (--separate writes one PNG per image into a folder)")));
+            }
+            if out.is_dir() {
+                out.clone()
+            } else {
+                parent
+            }
+        } else {
+            let is_png = out.extension().and_then(|e| e.to_str()).is_some_and(|e| e.eq_ignore_ascii_case("png"));
+            if !is_png || out.is_dir() {
+                return Err(super::usage(format!("--out {shown}: the grid is a PNG file; give a .png name (or --separate for a folder)")));
+            }
+            parent
+        };
+        if !folder.is_dir() {
+            return Err(super::usage(format!("--out {shown}: folder {} does not exist", folder.display())));
+        }
+        let probe = folder.join(format!(".ditmoe-generate-probe.{}", std::process::id()));
+        std::fs::File::create(&probe)
+            .and_then(|_| std::fs::remove_file(&probe))
+            .map_err(|e| super::usage(format!("--out {shown}: cannot write in {}: {e}", folder.display())))?;
+        Ok(if separate { Self::Separate(out) } else { Self::Grid(out) })
+    }
+
+    fn path(&self) -> &Path {
+        match self {
+            Self::Grid(p) | Self::Separate(p) => p,
+        }
+    }
+}
+
+/// A file-name-safe form of a class name: lowercase, runs of other characters as one `-`.
+fn slug(name: &str) -> String {
+    let mut out = String::new();
+    for ch in name.chars() {
+        if ch.is_ascii_alphanumeric() {
+            out.push(ch.to_ascii_lowercase());
+        } else if !out.ends_with('-') {
+            out.push('-');
+        }
+    }
+    out.trim_matches('-').to_string()
+}
+
+fn progress_bar(total: usize) -> ProgressBar {
+    let bar = ProgressBar::new(total as u64);
+    let style = ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} steps, {rate} it/s, eta {eta}")
+        .expect("valid progress template")
+        .with_key("rate", |s: &ProgressState, w: &mut dyn std::fmt::Write| {
+            let _ = write!(w, "{:.2}", s.per_sec());
+        })
+        .progress_chars("=> ");
+    bar.set_style(style);
+    bar
+}
+
+pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
+    // Everything that can be wrong with the inputs is checked before the model is loaded.
+    let source = ModelSource::resolve(&a.model, a.weights.as_deref())?;
+    let cfg = source.config().clone();
+    let (defaults, defaults_file) = GenerateDefaults::read(source.folder())?;
+    let from_file = |key: &str| format!("{defaults_file}: {key}");
+
+    let (sampler_name, sampler_from) = match (&a.sampler, &defaults.sampler) {
+        (Some(s), _) => (s.clone(), "--sampler".to_string()),
+        (None, Some(s)) => (s.clone(), from_file("sampler")),
+        (None, None) => ("ddpm".to_string(), "--sampler".to_string()),
+    };
+    let sampler_name = SamplerName::parse(&sampler_name).map_err(|e| super::usage(format!("{sampler_from}: {e}")))?;
+    // generate.json's steps belong to its sampler; another sampler takes its own default.
+    let json_steps_apply = defaults.sampler.as_deref().is_none_or(|s| SamplerName::parse(s) == Ok(sampler_name));
+    let (steps, steps_from) = match (a.steps, defaults.steps.filter(|_| json_steps_apply)) {
+        (Some(s), _) => (s, "--steps".to_string()),
+        (None, Some(s)) => (s, from_file("steps")),
+        (None, None) => (sampler_name.default_steps(), "--steps".to_string()),
+    };
+    let steps = positive(steps, &steps_from)?;
+    let (cfg_scale, scale_from) = match (a.cfg_scale, defaults.cfg_scale) {
+        (Some(s), _) => (s, "--cfg-scale".to_string()),
+        (None, Some(s)) => (s, from_file("cfg_scale")),
+        (None, None) => (DEFAULT_CFG_SCALE, "--cfg-scale".to_string()),
+    };
+    if !cfg_scale.is_finite() {
+        return Err(super::usage(format!("{scale_from}: {cfg_scale} is not a finite number")));
+    }
+    if cfg_scale != 1.0 && cfg.label_table_rows() == cfg.num_classes {
+        return Err(super::usage(format!(
+            "{scale_from}: {cfg_scale} needs the null class, but this model has none (class_dropout_prob 0); use --cfg-scale 1"
+        )));
+    }
+    let classes = parse_classes(&a.class, cfg.num_classes, source.class_names())?;
+    let num = positive(a.num, "--num")?;
+    let batch_size = positive(a.batch_size, "--batch-size")?;
+
+    let vae = match &a.vae {
+        Some(path) => {
+            let spec = VaeSpec::open(path).map_err(|e| super::usage(format!("--vae: {e}")))?;
+            if spec.config.latent_channels != cfg.in_channels {
+                return Err(super::usage(format!(
+                    "--vae {}: the VAE has {} latent channels but the model has in_channels {}",
+                    path.display(),
+                    spec.config.latent_channels,
+                    cfg.in_channels
+                )));
+            }
+            Some(spec)
+        }
+        None if matches!(cfg.in_channels, 1 | 3) => None,
+        None => {
+            return Err(super::usage(format!(
+                "--vae: the model samples {}-channel latents; give the VAE that decodes them with --vae DIR_OR_FILE (e.g. sd-vae-ft-ema)",
+                cfg.in_channels
+            )))
+        }
+    };
+    let sampler = build_sampler(sampler_name, steps, &steps_from, &cfg, vae.is_none())?;
+    let output = Output::check(a.out.clone(), a.separate)?;
+    let device = super::device(&a.device)?;
+    let dtype = super::dtype(&a.dtype)?;
+
+    let model = source.load(dtype, &device)?;
+    let decoder = match &vae {
+        Some(spec) => Decoder::Vae(Box::new(spec.load(&device).map_err(|e| super::usage(format!("--vae: {e}")))?)),
+        None => Decoder::PixelSpace,
+    };
+    let guidance = Guidance { scale: cfg_scale, guide_all_channels: a.guide_all_channels };
+
+    // Class-major order: image i is sample i % num of class classes[i / num] (grid row i / num).
+    let labels: Vec<usize> = classes.iter().flat_map(|&c| std::iter::repeat_n(c, num)).collect();
+    let bar = progress_bar(labels.len().div_ceil(batch_size) * sampler.evaluations());
+    let start = Instant::now();
+    let mut images: Option<Images> = None;
+    for (b, batch) in labels.chunks(batch_size).enumerate() {
+        let first = b * batch_size;
+        let guided = GuidedModel::new(&model, batch, guidance, &device)?;
+        let mut noise = ImageNoise::new(a.seed, first..first + batch.len());
+        let samples = sampler.sample_seeded(&guided, &mut noise, &mut |_| bar.inc(1)).context("sampling")?;
+        let decoded = Images::from_tensor(&decoder.decode(&samples).context("decoding")?)?;
+        match &mut images {
+            Some(all) => all.append(decoded)?,
+            None => images = Some(decoded),
+        }
+    }
+    bar.finish_and_clear();
+    let seconds = start.elapsed().as_secs_f64();
+    let images = images.context("no images were sampled")?;
+
+    match &output {
+        Output::Grid(path) => images.grid(num)?.write_png(path)?,
+        Output::Separate(dir) => {
+            std::fs::create_dir_all(dir).with_context(|| format!("--out {}", dir.display()))?;
+            for (i, &class) in labels.iter().enumerate() {
+                let name = match source.class_names() {
+                    Some(names) => format!("{class}-{}-{}.png", slug(&names[class]), i % num),
+                    None => format!("{class}-{}.png", i % num),
+                };
+                images.get(i)?.write_png(&dir.join(name))?;
+            }
+        }
+    }
+    println!(
+        "wrote {}: {} classes x {num} images of {}x{} ({}, {} steps, cfg {cfg_scale}, seed {}) in {seconds:.1} s",
+        output.path().display(),
+        classes.len(),
+        images.width,
+        images.height,
+        sampler_name.name(),
+        sampler.steps(),
+        a.seed
+    );
+    Ok(())
+}

@@ -1,0 +1,173 @@
+//! From samples to images in [-1, 1]: pixel-space models are images already; latent models
+//! decode through the Stable Diffusion VAE (diffusers `AutoencoderKL`, e.g. sd-vae-ft-ema/mse),
+//! as official `sample.py` does with `vae.decode(samples / 0.18215).sample`.
+//!
+//! The VAE is candle-transformers' `AutoEncoderKL` (it reads diffusers safetensors names, old
+//! and new attention layouts), configured from the diffusers `config.json` beside the weights
+//! when there is one, else from the SD defaults. It always runs in f32: decoding is once per
+//! image, and SD VAEs are known to overflow in f16.
+use candle_core::{bail, DType, Device, Result, Tensor};
+use candle_nn::VarBuilder;
+use candle_transformers::models::stable_diffusion::vae::{AutoEncoderKL, AutoEncoderKLConfig};
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+
+/// The latent scale of the SD VAE that DiT-MoE latents are trained with (official
+/// `train.py`: `vae.encode(x).latent_dist.sample().mul_(0.18215)`).
+pub const SD_LATENT_SCALE: f64 = 0.18215;
+
+/// Weight file names looked for in a VAE folder, diffusers' first.
+const VAE_WEIGHT_FILES: [&str; 3] = ["diffusion_pytorch_model.safetensors", "model.safetensors", "vae.safetensors"];
+
+fn msg(path: &Path, e: impl std::fmt::Display) -> candle_core::Error {
+    candle_core::Error::Msg(format!("{}: {e}", path.display()))
+}
+
+/// The fields of a diffusers `AutoencoderKL` `config.json` that shape the model; the others
+/// (`_class_name`, `sample_size`, block types, ...) are ignored. Absent fields take the SD
+/// VAE's values (sd-vae-ft-mse/ema).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct VaeConfig {
+    pub block_out_channels: Vec<usize>,
+    pub layers_per_block: usize,
+    pub latent_channels: usize,
+    pub norm_num_groups: usize,
+    pub in_channels: usize,
+    pub out_channels: usize,
+    pub scaling_factor: f64,
+    pub use_quant_conv: bool,
+    pub use_post_quant_conv: bool,
+}
+
+impl Default for VaeConfig {
+    fn default() -> Self {
+        Self {
+            block_out_channels: vec![128, 256, 512, 512],
+            layers_per_block: 2,
+            latent_channels: 4,
+            norm_num_groups: 32,
+            in_channels: 3,
+            out_channels: 3,
+            scaling_factor: SD_LATENT_SCALE,
+            use_quant_conv: true,
+            use_post_quant_conv: true,
+        }
+    }
+}
+
+impl VaeConfig {
+    pub fn to_candle(&self) -> AutoEncoderKLConfig {
+        AutoEncoderKLConfig {
+            block_out_channels: self.block_out_channels.clone(),
+            layers_per_block: self.layers_per_block,
+            latent_channels: self.latent_channels,
+            norm_num_groups: self.norm_num_groups,
+            use_quant_conv: self.use_quant_conv,
+            use_post_quant_conv: self.use_post_quant_conv,
+        }
+    }
+
+    fn validate(&self, origin: &Path) -> Result<()> {
+        if self.block_out_channels.is_empty() || self.latent_channels == 0 || self.norm_num_groups == 0 {
+            return Err(msg(origin, "block_out_channels, latent_channels and norm_num_groups must be non-empty / non-zero"));
+        }
+        if let Some(c) = self.block_out_channels.iter().find(|&&c| c % self.norm_num_groups != 0) {
+            return Err(msg(origin, format!("block_out_channels {c} is not a multiple of norm_num_groups {}", self.norm_num_groups)));
+        }
+        if !(self.scaling_factor.is_finite() && self.scaling_factor > 0.0) {
+            return Err(msg(origin, format!("scaling_factor {} must be positive", self.scaling_factor)));
+        }
+        Ok(())
+    }
+}
+
+/// A VAE on disk: its weights file and its configuration (read, not yet loaded), so callers
+/// can check it against the model before any heavy work.
+#[derive(Debug, Clone)]
+pub struct VaeSpec {
+    pub weights: PathBuf,
+    pub config: VaeConfig,
+}
+
+impl VaeSpec {
+    /// `path` is a diffusers VAE folder (`config.json` + `diffusion_pytorch_model.safetensors`)
+    /// or a safetensors file (with an optional `config.json` beside it).
+    pub fn open(path: &Path) -> Result<Self> {
+        let weights = if path.is_dir() {
+            VAE_WEIGHT_FILES.iter().map(|f| path.join(f)).find(|p| p.is_file()).ok_or_else(|| {
+                msg(path, format!("no VAE weights in this folder (looked for {})", VAE_WEIGHT_FILES.join(", ")))
+            })?
+        } else if path.is_file() {
+            path.to_path_buf()
+        } else {
+            return Err(msg(path, "no such VAE file or folder"));
+        };
+        if weights.extension().and_then(|e| e.to_str()) != Some("safetensors") {
+            return Err(msg(&weights, "VAE weights must be safetensors (diffusers `diffusion_pytorch_model.safetensors`)"));
+        }
+        let config_path = weights.with_file_name("config.json");
+        let config = if config_path.is_file() {
+            let s = std::fs::read_to_string(&config_path).map_err(|e| msg(&config_path, e))?;
+            let c: VaeConfig = serde_json::from_str(&s).map_err(|e| msg(&config_path, e))?;
+            c.validate(&config_path)?;
+            c
+        } else {
+            VaeConfig::default()
+        };
+        Ok(Self { weights, config })
+    }
+
+    /// Loads the weights (f32) onto `device`; a missing or misshapen tensor names the file.
+    pub fn load(&self, device: &Device) -> Result<SdVae> {
+        let tensors = candle_core::safetensors::load(&self.weights, &Device::Cpu).map_err(|e| msg(&self.weights, e))?;
+        let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
+        let c = &self.config;
+        let vae = AutoEncoderKL::new(vb, c.in_channels, c.out_channels, c.to_candle()).map_err(|e| msg(&self.weights, e))?;
+        Ok(SdVae { vae, config: c.clone() })
+    }
+}
+
+/// A loaded SD VAE.
+pub struct SdVae {
+    vae: AutoEncoderKL,
+    config: VaeConfig,
+}
+
+impl std::fmt::Debug for SdVae {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SdVae").field("config", &self.config).finish_non_exhaustive()
+    }
+}
+
+impl SdVae {
+    /// Scaled latents (N, latent_channels, h, w) -> images (N, out_channels, h*s, w*s) in about
+    /// [-1, 1]: `vae.decode(latents / scaling_factor)`.
+    pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
+        let c = latents.dim(1)?;
+        if c != self.config.latent_channels {
+            bail!("latents have {c} channels, the VAE decodes {}", self.config.latent_channels)
+        }
+        let z = (latents.to_dtype(DType::F32)? / self.config.scaling_factor)?;
+        self.vae.decode(&z)
+    }
+}
+
+/// How a model's samples become images.
+#[derive(Debug)]
+pub enum Decoder {
+    /// The samples are images in [-1, 1] (pixel-space models, 1 or 3 channels).
+    PixelSpace,
+    /// Boxed: the VAE is large next to the unit variant.
+    Vae(Box<SdVae>),
+}
+
+impl Decoder {
+    /// Samples (N, C, H, W) -> images (N, C', H', W') in about [-1, 1], f32.
+    pub fn decode(&self, samples: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::PixelSpace => samples.to_dtype(DType::F32),
+            Self::Vae(vae) => vae.decode(samples),
+        }
+    }
+}

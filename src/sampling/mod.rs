@@ -1,0 +1,25 @@
+//! Sampling images from a DiT-MoE model, as the official `sample.py` does, for every process
+//! the model may have been trained with:
+//!
+//! * [`guidance`]: classifier-free guidance in the official layouts, shared by all samplers.
+//! * [`gaussian`]: DDPM (`p_sample`, learned sigma) and DDIM loops over a respaced diffusion.
+//! * [`flow`]: rectified-flow Euler/Heun sampling.
+//! * [`sampler`]: the [`Sampler`] callers hold, with explicit-noise and seeded entry points.
+//! * [`noise`]: per-image seeded noise streams.
+//! * [`decode`]: samples to images (pixel space, or the SD VAE for latent models).
+//! * [`image_grid`]: images to PNG grids or files, written atomically.
+pub mod decode;
+pub mod flow;
+pub mod gaussian;
+pub mod guidance;
+pub mod image_grid;
+pub mod noise;
+pub mod sampler;
+
+pub use decode::{Decoder, SdVae, VaeConfig, VaeSpec, SD_LATENT_SCALE};
+pub use flow::RectifiedFlowSampler;
+pub use gaussian::{DdimSampler, DdpmSampler, DIFFUSION_STEPS};
+pub use guidance::{Evaluation, Guidance, GuidedModel};
+pub use image_grid::Images;
+pub use noise::ImageNoise;
+pub use sampler::Sampler;

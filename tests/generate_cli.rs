@@ -1,0 +1,236 @@
+//! `ditmoe generate` end to end, running the built binary: the `tiny` fixture model (4-channel
+//! latents) decoded by a small random SD-style VAE the test writes itself (diffusers layout:
+//! config.json + diffusion_pytorch_model.safetensors), and the `pixel` fixture model (3-channel
+//! pixel space, no VAE). Checks the PNG sizes, seeding, generate.json defaults, class names,
+//! and that every bad input is a one-line error naming the flag or file, with exit code 2 and
+//! nothing written.
+mod common;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use candle_transformers::models::stable_diffusion::vae::{AutoEncoderKL, AutoEncoderKLConfig};
+use common::{fixture_path, scratch_dir};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn ditmoe(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_ditmoe"))
+        .arg("generate")
+        .args(args)
+        // Candle errors carry a backtrace when this is set; the one-line check is about messages.
+        .env_remove("RUST_BACKTRACE")
+        .output()
+        .expect("run ditmoe")
+}
+
+fn model(name: &str) -> String {
+    fixture_path(&format!("models/{name}")).display().to_string()
+}
+
+fn s(p: &Path) -> String {
+    p.display().to_string()
+}
+
+fn assert_ok(out: &Output) -> String {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "ditmoe generate failed: {stderr}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn png_size(path: &Path) -> (u32, u32) {
+    image::image_dimensions(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// A 2-block SD-style VAE (one 2x upsampling: 8x8 latents -> 16x16 images) with random
+/// weights, written as a diffusers folder.
+fn write_tiny_vae(dir: &Path, latent_channels: usize) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    let config = AutoEncoderKLConfig {
+        block_out_channels: vec![8, 16],
+        layers_per_block: 1,
+        latent_channels,
+        norm_num_groups: 4,
+        use_quant_conv: true,
+        use_post_quant_conv: true,
+    };
+    AutoEncoderKL::new(vb, 3, 3, config).unwrap();
+    for var in varmap.all_vars() {
+        var.set(&Tensor::randn(0f32, 0.2, var.shape(), &Device::Cpu).unwrap()).unwrap();
+    }
+    let weights = dir.join("diffusion_pytorch_model.safetensors");
+    varmap.save(&weights).unwrap();
+    let config_json = format!(
+        r#"{{"_class_name": "AutoencoderKL", "block_out_channels": [8, 16], "layers_per_block": 1,
+            "latent_channels": {latent_channels}, "norm_num_groups": 4, "in_channels": 3, "out_channels": 3,
+            "scaling_factor": 0.18215, "sample_size": 16}}"#
+    );
+    std::fs::write(dir.join("config.json"), config_json).unwrap();
+    weights
+}
+
+/// The `pixel` fixture model copied into `dir` with class names and optional generate.json.
+fn pixel_model_with_extras(dir: &Path, generate_json: Option<&str>) -> String {
+    std::fs::create_dir_all(dir).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(fixture_path(&format!("models/pixel/{f}")), dir.join(f)).unwrap();
+    }
+    let names = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"];
+    std::fs::write(dir.join("class_names.json"), serde_json::to_string(&names).unwrap()).unwrap();
+    if let Some(json) = generate_json {
+        std::fs::write(dir.join("generate.json"), json).unwrap();
+    }
+    s(dir)
+}
+
+/// Grid size for `rows` x `cols` images of `side` pixels (make_grid padding 2).
+fn grid_size(rows: u32, cols: u32, side: u32) -> (u32, u32) {
+    (cols * (side + 2) + 2, rows * (side + 2) + 2)
+}
+
+#[test]
+fn latent_model_decodes_through_the_vae() {
+    let dir = scratch_dir("gen-latent");
+    let vae = write_tiny_vae(&dir.join("vae"), 4);
+    let out = dir.join("grid.png");
+    let stdout = assert_ok(&ditmoe(&[
+        "--model", &model("tiny"), "--vae", &s(&dir.join("vae")), "--class", "1,3", "--num", "2", "--steps", "3",
+        "--out", &s(&out),
+    ]));
+    assert!(stdout.contains("ddpm, 3 steps, cfg 4"), "{stdout}");
+    assert_eq!(png_size(&out), grid_size(2, 2, 16), "2 classes x 2 samples of 16x16 (8x8 latents, one VAE upsampling)");
+    // The weights file itself (config.json beside it) works too; DDIM, unguided, f16 weights.
+    let out2 = dir.join("ddim.png");
+    assert_ok(&ditmoe(&[
+        "--model", &model("tiny"), "--vae", &s(&vae), "--class", "0", "--num", "3", "--sampler", "ddim", "--steps", "5",
+        "--cfg-scale", "1", "--dtype", "f16", "--batch-size", "2", "--out", &s(&out2),
+    ]));
+    assert_eq!(png_size(&out2), grid_size(1, 3, 16));
+}
+
+#[test]
+fn pixel_model_writes_grids_and_separate_files() {
+    let dir = scratch_dir("gen-pixel");
+    let grid = dir.join("pixel.png");
+    assert_ok(&ditmoe(&["--model", &model("pixel"), "--class", "all", "--num", "2", "--steps", "4", "--out", &s(&grid)]));
+    assert_eq!(png_size(&grid), grid_size(10, 2, 16), "rows = the 10 classes, columns = samples");
+    let sep = dir.join("each");
+    assert_ok(&ditmoe(&[
+        "--model", &model("pixel"), "--class", "2,7", "--num", "2", "--sampler", "rf-heun", "--steps", "3",
+        "--separate", "--out", &s(&sep),
+    ]));
+    let mut files: Vec<String> = std::fs::read_dir(&sep).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    files.sort();
+    assert_eq!(files, ["2-0.png", "2-1.png", "7-0.png", "7-1.png"]);
+    assert_eq!(png_size(&sep.join("7-1.png")), (16, 16));
+}
+
+#[test]
+fn seed_decides_the_images_and_batching_does_not() {
+    let dir = scratch_dir("gen-seed");
+    let run = |name: &str, seed: &str, batch: &str| {
+        let out = dir.join(name);
+        assert_ok(&ditmoe(&[
+            "--model", &model("pixel"), "--class", "1,4", "--num", "3", "--sampler", "ddpm", "--steps", "6", "--seed", seed,
+            "--batch-size", batch, "--out", &s(&out),
+        ]));
+        std::fs::read(out).unwrap()
+    };
+    let a = run("a.png", "5", "16");
+    assert_eq!(a, run("b.png", "5", "16"), "same seed, same image");
+    assert_ne!(a, run("c.png", "6", "16"), "another seed, another image");
+    assert_eq!(a, run("d.png", "5", "4"), "per-image noise streams: batch size does not change the images");
+}
+
+#[test]
+fn generate_json_defaults_class_names_and_overrides() {
+    let dir = scratch_dir("gen-defaults");
+    let m = pixel_model_with_extras(&dir.join("model"), Some(r#"{"sampler": "rf-euler", "steps": 3, "cfg_scale": 2.0}"#));
+    let out = dir.join("named.png");
+    let stdout = assert_ok(&ditmoe(&["--model", &m, "--class", "dress,COAT,t-shirt/top", "--num", "1", "--out", &s(&out)]));
+    assert!(stdout.contains("3 classes x 1 images") && stdout.contains("rf-euler, 3 steps, cfg 2"), "{stdout}");
+    assert_eq!(png_size(&out), grid_size(3, 1, 16));
+    // Flags win; generate.json's steps belong to its own sampler.
+    let stdout = assert_ok(&ditmoe(&["--model", &m, "--class", "0", "--num", "1", "--sampler", "ddim", "--steps", "5", "--out", &s(&out)]));
+    assert!(stdout.contains("ddim, 5 steps, cfg 2"), "{stdout}");
+    let stdout = assert_ok(&ditmoe(&["--model", &m, "--class", "0", "--num", "1", "--sampler", "rf-heun", "--cfg-scale", "1.5", "--out", &s(&out)]));
+    assert!(stdout.contains("rf-heun, 50 steps, cfg 1.5"), "{stdout}");
+    let sep = dir.join("sep");
+    assert_ok(&ditmoe(&["--model", &m, "--class", "Ankle boot", "--num", "1", "--separate", "--out", &s(&sep)]));
+    assert!(sep.join("9-ankle-boot-0.png").is_file());
+}
+
+/// One bad input: exit code 2, one line on stderr naming `names`, and nothing at `out`.
+fn assert_usage_error(args: &[&str], out: &Path, names: &[&str]) {
+    let result = ditmoe(args);
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert_eq!(result.status.code(), Some(2), "{args:?}: exit code (stderr: {stderr})");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "{args:?}: one-line error, got {stderr:?}");
+    assert!(lines[0].starts_with("error: "), "{stderr}");
+    for name in names {
+        assert!(lines[0].contains(name), "{args:?}: the error should name `{name}`: {stderr}");
+    }
+    assert!(!out.exists(), "{args:?}: {} was written", out.display());
+}
+
+#[test]
+fn bad_inputs_are_one_line_usage_errors_and_write_nothing() {
+    let dir = scratch_dir("gen-errors");
+    let out = dir.join("out.png");
+    let o = s(&out);
+    let pixel = model("pixel");
+    let tiny = model("tiny");
+    let named = pixel_model_with_extras(&dir.join("named"), None);
+    let vae3 = s(write_tiny_vae(&dir.join("vae3"), 3).parent().unwrap());
+    let bad_json = pixel_model_with_extras(&dir.join("badjson"), Some(r#"{"sampler": "euler"}"#));
+    let typo_json = pixel_model_with_extras(&dir.join("typojson"), Some(r#"{"stepz": 3}"#));
+    let garbage_vae = dir.join("garbage.safetensors");
+    std::fs::write(&garbage_vae, b"not a safetensors file").unwrap();
+    let garbage_vae = s(&garbage_vae);
+    let (no_vae, no_model) = (s(&dir.join("novae")), s(&dir.join("nomodel")));
+    let (missing_path, not_png_path) = (dir.join("missing/out.png"), dir.join("out.jpg"));
+    let (missing, not_png) = (s(&missing_path), s(&not_png_path));
+
+    let cases: Vec<(Vec<&str>, &Path, Vec<&str>)> = vec![
+        (vec!["--model", &pixel, "--class", "10"], &out, vec!["--class", "10"]),
+        (vec!["--model", &pixel, "--class", "-1"], &out, vec!["--class"]),
+        (vec!["--model", &named, "--class", "dress,jacket"], &out, vec!["--class", "jacket"]),
+        (vec!["--model", &pixel, "--class", "dress"], &out, vec!["--class", "class_names.json"]),
+        (vec!["--model", &pixel, "--class", "1,1"], &out, vec!["--class"]),
+        (vec!["--model", &pixel, "--steps", "0"], &out, vec!["--steps"]),
+        (vec!["--model", &pixel, "--steps", "-5"], &out, vec!["--steps"]),
+        (vec!["--model", &pixel, "--sampler", "ddpm", "--steps", "1001"], &out, vec!["--steps", "1000"]),
+        (vec!["--model", &pixel, "--sampler", "ddim", "--steps", "300"], &out, vec!["--steps"]),
+        (vec!["--model", &pixel, "--sampler", "euler"], &out, vec!["--sampler", "euler"]),
+        (vec!["--model", &pixel, "--num", "0"], &out, vec!["--num"]),
+        (vec!["--model", &pixel, "--batch-size", "0"], &out, vec!["--batch-size"]),
+        (vec!["--model", &tiny], &out, vec!["--vae"]),
+        (vec!["--model", &tiny, "--vae", &vae3], &out, vec!["--vae", "latent channels"]),
+        (vec!["--model", &tiny, "--vae", &garbage_vae], &out, vec!["--vae", "garbage.safetensors"]),
+        (vec!["--model", &tiny, "--vae", &no_vae], &out, vec!["--vae", "novae"]),
+        (vec!["--model", &no_model], &out, vec!["--model", "nomodel"]),
+        (vec!["--model", "DiT-MoE-S/2-8E2A"], &out, vec!["--weights"]),
+        (vec!["--model", &bad_json], &out, vec!["generate.json", "sampler", "euler"]),
+        (vec!["--model", &typo_json], &out, vec!["generate.json", "stepz"]),
+        (vec!["--model", &pixel, "--out", &missing], &missing_path, vec!["--out", "does not exist"]),
+        (vec!["--model", &pixel, "--out", &not_png], &not_png_path, vec!["--out", ".png"]),
+    ];
+    for (mut args, target, names) in cases {
+        if !args.contains(&"--out") {
+            args.extend(["--out", o.as_str()]);
+        }
+        if !args.contains(&"--steps") {
+            args.extend(["--steps", "2"]);
+        }
+        assert_usage_error(&args, target, &names);
+    }
+    // No temporary or probe files left behind either.
+    let leftovers: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    assert!(leftovers.is_empty(), "left behind: {leftovers:?}");
+}
