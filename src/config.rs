@@ -1,5 +1,7 @@
 //! `DitConfig`: every constructor argument of the official `models.DiT` plus the MoE attributes
 //! the official `SparseMoeBlock`/`MoEGate` hard-code, in the fixtures' `config.json` layout.
+//! An optional `promoe` section switches the model to the ProMoE family (`ProMoeConfig`).
+use crate::moe::WeightMode;
 use candle_core::{bail, Result};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -9,6 +11,70 @@ fn default_n_shared() -> usize {
 }
 fn default_alpha() -> f64 {
     0.01
+}
+fn yes() -> bool {
+    true
+}
+fn default_rcl_lam() -> f64 {
+    1.0
+}
+fn default_rcl_tau() -> f64 {
+    0.07
+}
+
+/// The ProMoE family (github:ali-vilab/ProMoE, `models_ProMoE_TC.py`): prototypical routing
+/// with an unconditional expert, GELU experts with bias, MoE in odd blocks only. Field names
+/// are the official `MoE_config` keys; the defaults are the released configs
+/// (`configs/004_ProMoE_*.yaml`). The keys `DitConfig` already has keep their meaning:
+/// `num_experts` = `num_routed_experts`, `num_experts_per_tok` = `top_k`, `seq_aux`; the
+/// DiT-MoE-only keys (`n_shared_experts`, `aux_loss_alpha`, `pretraining_tp`, `norm_topk_prob`,
+/// which the official ProMoE router ignores) have no effect.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProMoeConfig {
+    /// Width of the routed and unconditional experts (released: D/2 * 4 = 2D).
+    pub moe_intermediate_size: usize,
+    /// Width of the shared expert (released: 2D).
+    pub shared_expert_intermediate_size: usize,
+    #[serde(default = "yes")]
+    pub use_shared_expert: bool,
+    /// Tokens of null-label images go to the extra expert `experts.<E>`.
+    #[serde(default = "yes")]
+    pub use_uncond_expert: bool,
+    #[serde(default)]
+    pub router_weight_mode: WeightMode,
+    /// Routing contrastive loss weight (0 = off).
+    #[serde(default = "default_rcl_lam")]
+    pub routing_contrastive_lam: f64,
+    /// Assign a token to all its k picks (true) or its first pick only, in that loss.
+    #[serde(default = "yes")]
+    pub use_top_k_for_routing_contrastive: bool,
+    #[serde(default = "default_rcl_tau")]
+    pub routing_contrastive_temperature: f64,
+    /// The DiT-MoE balance loss on the conditional tokens (released: 0, off).
+    #[serde(default)]
+    pub load_balance_loss_coef: f64,
+    /// MoE only in odd blocks (`i % 2 == 1`), dense GELU `Mlp(D, mlp_ratio D)` in even ones.
+    #[serde(default = "yes")]
+    pub interleave: bool,
+}
+
+impl ProMoeConfig {
+    /// The released `MoE_config` for width `hidden` (all four sizes use these settings).
+    pub fn released(hidden: usize) -> Self {
+        Self {
+            moe_intermediate_size: 2 * hidden,
+            shared_expert_intermediate_size: 2 * hidden,
+            use_shared_expert: true,
+            use_uncond_expert: true,
+            router_weight_mode: WeightMode::Identity,
+            routing_contrastive_lam: default_rcl_lam(),
+            use_top_k_for_routing_contrastive: true,
+            routing_contrastive_temperature: default_rcl_tau(),
+            load_balance_loss_coef: 0.0,
+            interleave: true,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -43,6 +109,9 @@ pub struct DitConfig {
     pub seq_aux: bool,
     #[serde(default)]
     pub norm_topk_prob: bool,
+    /// Present: the ProMoE family (prototypical router); absent: DiT-MoE (top-k router).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub promoe: Option<ProMoeConfig>,
 }
 
 fn one() -> usize {
@@ -75,6 +144,14 @@ impl DitConfig {
     pub fn null_class(&self) -> usize {
         self.num_classes
     }
+    /// Whether block `i` has an MoE layer (official ProMoE `use_moe_flag`: odd blocks when
+    /// `interleave`); the others have a dense MLP. Every DiT-MoE block is MoE.
+    pub fn is_moe_block(&self, i: usize) -> bool {
+        match &self.promoe {
+            Some(p) if p.interleave => i % 2 == 1,
+            _ => true,
+        }
+    }
 
     /// Checks the invariants the official constructor asserts (or silently relies on).
     pub fn validate(&self) -> Result<()> {
@@ -105,6 +182,25 @@ impl DitConfig {
         if !(0.0..1.0).contains(&self.class_dropout_prob) {
             return fail("class_dropout_prob", format!("{} must be in [0, 1)", self.class_dropout_prob));
         }
+        if let Some(p) = &self.promoe {
+            if self.use_flash_attn {
+                return fail("use_flash_attn", "ProMoE uses the timm attention (qkv/proj); must be false".into());
+            }
+            if p.moe_intermediate_size == 0 {
+                return fail("promoe.moe_intermediate_size", "must be at least 1".into());
+            }
+            if p.use_shared_expert && p.shared_expert_intermediate_size == 0 {
+                return fail("promoe.shared_expert_intermediate_size", "must be at least 1 with use_shared_expert".into());
+            }
+            if !(p.routing_contrastive_temperature > 0.0 && p.routing_contrastive_temperature.is_finite()) {
+                return fail("promoe.routing_contrastive_temperature", format!("{} must be positive", p.routing_contrastive_temperature));
+            }
+            for (field, v) in [("promoe.routing_contrastive_lam", p.routing_contrastive_lam), ("promoe.load_balance_loss_coef", p.load_balance_loss_coef)] {
+                if !(v >= 0.0 && v.is_finite()) {
+                    return fail(field, format!("{v} must be finite and >= 0"));
+                }
+            }
+        }
         Ok(())
     }
 
@@ -125,7 +221,8 @@ impl DitConfig {
         serde_json::to_string_pretty(self).expect("config serialises")
     }
 
-    /// Total and activated (per token: shared + k routed experts) parameter counts.
+    /// Total and activated (per token: shared + k routed experts) parameter counts. For ProMoE,
+    /// "activated" counts a conditional token (an unconditional one runs 1 expert, not k).
     pub fn param_counts(&self) -> (usize, usize) {
         let d = self.hidden_size;
         let p = self.patch_size;
@@ -135,12 +232,25 @@ impl DitConfig {
             + 256 * d + d + d * d + d // t_embedder
             + self.label_table_rows() * d;
         let attn = 3 * d * d + 3 * d + d * d + d + if self.use_flash_attn { 4 * self.head_dim() } else { 0 };
+        let adaln = d * 6 * d + 6 * d;
+        let final_layer = d * 2 * d + 2 * d + d * p * p * self.out_channels() + p * p * self.out_channels();
+        if let Some(pm) = &self.promoe {
+            let gelu = |i: usize| 2 * d * i + i + d; // up (with bias) + down (with bias)
+            let expert = gelu(pm.moe_intermediate_size);
+            let shared = if pm.use_shared_expert { gelu(pm.shared_expert_intermediate_size) } else { 0 };
+            let moe_common = attn + adaln + self.num_experts * d + shared;
+            let moe_total = moe_common + (self.num_experts + usize::from(pm.use_uncond_expert)) * expert;
+            let moe_active = moe_common + self.num_experts_per_tok * expert;
+            let dense = attn + adaln + gelu(self.mlp_ratio * d);
+            let n_moe = (0..self.depth).filter(|&i| self.is_moe_block(i)).count();
+            let n_dense = self.depth - n_moe;
+            let base = embed + n_dense * dense + final_layer;
+            return (base + n_moe * moe_total, base + n_moe * moe_active);
+        }
         let expert = 3 * d * self.mlp_ratio * d;
         let shared = 3 * d * self.n_shared_experts * d;
         let router = self.num_experts * d;
-        let adaln = d * 6 * d + 6 * d;
         let block_common = attn + shared + router + adaln;
-        let final_layer = d * 2 * d + 2 * d + d * p * p * self.out_channels() + p * p * self.out_channels();
         let total = embed + self.depth * (block_common + self.num_experts * expert) + final_layer;
         let active = embed + self.depth * (block_common + self.num_experts_per_tok * expert) + final_layer;
         (total, active)

@@ -1,6 +1,8 @@
 //! Named presets for every official size (`models.DiT_models`) and expert setting of the
-//! released checkpoints. Names follow the paper: `DiT-MoE-<size>/<patch>-<E>E<k>A`.
-use crate::config::DitConfig;
+//! released checkpoints. Names follow the paper: `DiT-MoE-<size>/<patch>-<E>E<k>A`. The ProMoE
+//! family adds `ProMoE-<size>/2` (github:ali-vilab/ProMoE `config.py` sizes with the
+//! `configs/004_ProMoE_<size>.yaml` MoE settings).
+use crate::config::{DitConfig, ProMoeConfig};
 use candle_core::{bail, Result};
 
 /// (name, depth, hidden, heads, patches, flash-attention form of the released checkpoints)
@@ -50,15 +52,52 @@ pub fn all() -> Vec<Preset> {
                         aux_loss_alpha: 0.01,
                         seq_aux: false,
                         norm_topk_prob: false,
+                        promoe: None,
                     },
                 });
             }
         }
     }
+    out.extend(PROMOE_SIZES.iter().map(|&(size, depth, hidden, heads)| promoe_preset(size, depth, hidden, heads)));
     out
 }
 
-/// Looks a preset up by name; accepts `DiT-MoE-S/2-8E2A`, `S/2-8E2A` or `S-2-8E2A`, any case.
+/// ProMoE sizes (official `config.py` `DiT_<size>_config`): (name, depth, hidden, heads).
+const PROMOE_SIZES: &[(&str, usize, usize, usize)] = &[("S", 12, 384, 6), ("B", 12, 768, 12), ("L", 24, 1024, 16), ("XL", 28, 1152, 16)];
+
+/// ProMoE-<size>/2 (`ProMoE_TC_<size>`): 12 routed experts + the unconditional one, top-1,
+/// ImageNet 256 px latents, learned sigma (the official `DiT` default; rectified flow ignores
+/// the sigma half).
+fn promoe_preset(size: &str, depth: usize, hidden: usize, heads: usize) -> Preset {
+    Preset {
+        name: format!("ProMoE-{size}/2"),
+        config: DitConfig {
+            input_size: 32,
+            patch_size: 2,
+            in_channels: 4,
+            hidden_size: hidden,
+            depth,
+            num_heads: heads,
+            mlp_ratio: 4,
+            class_dropout_prob: 0.1,
+            num_classes: 1000,
+            num_experts: 12,
+            num_experts_per_tok: 1,
+            pretraining_tp: 1,
+            learn_sigma: true,
+            use_flash_attn: false,
+            // DiT-MoE-only keys: no effect with `promoe` (see `ProMoeConfig`).
+            n_shared_experts: 0,
+            aux_loss_alpha: 0.0,
+            seq_aux: false,
+            norm_topk_prob: false,
+            promoe: Some(ProMoeConfig::released(hidden)),
+        },
+    }
+}
+
+/// Looks a preset up by name; accepts `DiT-MoE-S/2-8E2A`, `S/2-8E2A` or `S-2-8E2A`, any case
+/// (ProMoE: `ProMoE-S/2` or `promoe-s-2`).
 pub fn get(name: &str) -> Result<Preset> {
     let norm = |s: &str| s.to_ascii_lowercase().replace('/', "-").trim_start_matches("dit-moe-").to_string();
     let want = norm(name);

@@ -1,7 +1,8 @@
 //! Loading official checkpoints: safetensors, or PyTorch `.pt`/`.pth` pickles whose state dict
 //! may sit at the top level or under `ema`, `model`, `module` or `state_dict` (the official
-//! `train.py` saves `{"model", "ema", "opt", "args"}`; `sample.py` reads `ema`). DDP `module.`
-//! prefixes are stripped. Every tensor is validated against the config before use.
+//! `train.py` saves `{"model", "ema", "opt", "args"}`; `sample.py` reads `ema`), or, for
+//! ProMoE (`train.py::save_checkpoint`), under `ema_model_state_dict` / `model_state_dict`
+//! (its `sample.py` reads the EMA one). DDP `module.` prefixes are stripped. Every tensor is validated against the config before use.
 use super::error::{and_more, CheckpointError};
 use super::shapes::expected_parameters;
 use crate::config::DitConfig;
@@ -19,7 +20,15 @@ pub struct StateDict {
 
 /// Keys under which PyTorch checkpoints keep their state dict, in the order we prefer them
 /// (EMA weights are what the official sampler uses).
-const PTH_KEYS: [Option<&str>; 5] = [Some("ema"), Some("model"), Some("module"), Some("state_dict"), None];
+const PTH_KEYS: [Option<&str>; 7] = [
+    Some("ema"),
+    Some("ema_model_state_dict"),
+    Some("model"),
+    Some("model_state_dict"),
+    Some("module"),
+    Some("state_dict"),
+    None,
+];
 
 pub fn load_state_dict(path: &Path) -> Result<StateDict> {
     if !path.exists() {

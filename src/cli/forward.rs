@@ -60,7 +60,9 @@ pub fn run(a: ForwardArgs) -> anyhow::Result<()> {
         let guided = model.forward_with_cfg(x, t, y, s, 3, &mut Trace::default())?;
         tensors.push(("out_cfg".into(), guided.to_dtype(DType::F32)?));
     }
-    for (l, r) in trace.routing.iter().enumerate() {
+    for r in &trace.routing {
+        // Named by block index: ProMoE models route only in their odd blocks.
+        let l = r.layer;
         tensors.push((format!("routing.{l}.experts"), r.experts.to_dtype(DType::I64)?));
         tensors.push((format!("routing.{l}.weights"), r.weights.clone()));
     }

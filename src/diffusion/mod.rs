@@ -18,8 +18,8 @@ pub use gaussian::{
     GaussianDiffusion, PMeanVariance, Posterior, SampleOut, TrainingLosses, VarianceType,
 };
 pub use rectified_flow::{
-    euler_step, sample_euler, sample_heun, x_prediction, FlowSample, FlowTimeGrid, RectifiedFlow,
-    RfTrainOut,
+    euler_step, sample_euler, sample_heun, shift_time, x_prediction, FlowSample, FlowTimeGrid,
+    RectifiedFlow, RfTrainOut,
 };
 pub use respace::{respace_betas, space_timesteps};
 pub use schedule::{linear_betas, DiffusionSchedule};

@@ -10,21 +10,38 @@
 //! other model plumbing stay with the caller. The official sampler is
 //! `sample_euler(z, &FlowTimeGrid::uniform(n)?, ..)`; flow-matching samplers with shifted sigmas
 //! and `timestep = sigma * 1000` reuse the same step with `FlowTimeGrid::new(sigmas, 1000.0)`.
+//!
+//! ProMoE (github:ali-vilab/ProMoE `train.py`/`sample.py`) is this flow with two parameters:
+//! the logit-normal time is shifted, `sigma = shift u / (1 + (shift - 1) u)`, and the model is
+//! fed `sigma * 1000` ([`RectifiedFlow::flow_matching`]); it samples with diffusers'
+//! `FlowMatchEulerDiscreteScheduler`, which is [`sample_euler`] on
+//! [`FlowTimeGrid::shifted_sigmas`].
 
 use candle_core::{bail, Result, Tensor};
 
 /// Official `RectifiedFlow` (with its defaults `ln=True`, `stratified=False`): the training
-/// objective; sampling is [`sample_euler`] / [`sample_heun`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// objective; sampling is [`sample_euler`] / [`sample_heun`]. `shift` and `model_time_scale`
+/// are 1 there; ProMoE's flow matching sets them ([`Self::flow_matching`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RectifiedFlow {
     learn_sigma: bool,
+    shift: f64,
+    model_time_scale: f64,
+}
+
+/// The timestep shift of SD3-style flow matching, `shift t / (1 + (shift - 1) t)` (ProMoE
+/// `get_sigmas_timesteps` and `get_sampling_sigmas`; diffusers' scheduler `shift`). It
+/// multiplies the odds `t / (1 - t)` by `shift`, so two shifts compose into their product.
+pub fn shift_time(t: f64, shift: f64) -> f64 {
+    shift * t / (1.0 + (shift - 1.0) * t)
 }
 
 /// Everything `RectifiedFlow.forward` computes (official names), for the caller's loss and
 /// logging (`batchwise_loss` pairs t with `batchwise_mse`).
 #[derive(Debug, Clone)]
 pub struct RfTrainOut {
-    /// `sigmoid(nt)`, shape `[N]`; also what the model was fed.
+    /// `sigmoid(nt)` (shifted when `shift != 1`), shape `[N]`: the interpolation time; the
+    /// model was fed `t * model_time_scale` (t itself for the official rectified flow).
     pub t: Tensor,
     /// `(1 - t) x + t z1`, the model input.
     pub zt: Tensor,
@@ -41,7 +58,18 @@ pub struct RfTrainOut {
 impl RectifiedFlow {
     /// `RectifiedFlow(model)`: only the model's `learn_sigma` matters to the maths.
     pub fn new(learn_sigma: bool) -> Self {
-        Self { learn_sigma }
+        Self { learn_sigma, shift: 1.0, model_time_scale: 1.0 }
+    }
+
+    /// ProMoE's objective (`train.py`): `u = sigmoid(nt)` (logit-normal, `logit_mean` 0,
+    /// `logit_std` 1), `sigma = shift_time(u, shift)` (`cfg.shift`, 1.0 released), the model fed
+    /// `sigma * model_time_scale` (`num_train_timesteps` = 1000); the same interpolation
+    /// `(1 - sigma) x + sigma noise` and target `noise - x`.
+    pub fn flow_matching(learn_sigma: bool, shift: f64, model_time_scale: f64) -> Result<Self> {
+        if !(shift > 0.0 && shift.is_finite() && model_time_scale > 0.0 && model_time_scale.is_finite()) {
+            bail!("RectifiedFlow: shift {shift} and model_time_scale {model_time_scale} must be positive");
+        }
+        Ok(Self { learn_sigma, shift, model_time_scale })
     }
 
     pub fn learn_sigma(&self) -> bool {
@@ -66,8 +94,8 @@ impl RectifiedFlow {
 
     /// `RectifiedFlow.forward(x, cond)` with its two random draws supplied: `nt` (`[N]`, the
     /// `torch.randn((b,))` that gives the logit-normal `t = sigmoid(nt)`) and `z1` (noise shaped
-    /// like `x`). `model(zt, t)` is called once with t as an f32 tensor `[N]` in (0, 1) and must
-    /// return the raw model output (`2C` channels when learn_sigma).
+    /// like `x`). `model(zt, t)` is called once with t as an f32 tensor `[N]` in (0, 1) (times
+    /// `model_time_scale`) and must return the raw model output (`2C` channels when learn_sigma).
     pub fn training_losses<F>(
         &self,
         x: &Tensor,
@@ -92,12 +120,15 @@ impl RectifiedFlow {
                 x.dims()
             );
         }
-        let t = candle_nn::ops::sigmoid(nt)?;
+        let u = candle_nn::ops::sigmoid(nt)?;
+        // `shift_time(u, shift)` elementwise (ProMoE `get_sigmas_timesteps`).
+        let t = if self.shift == 1.0 { u } else { ((&u * self.shift)? / ((&u * (self.shift - 1.0))? + 1.0)?)? };
         let mut texp_shape = vec![1usize; x.rank()];
         texp_shape[0] = b;
         let texp = t.reshape(texp_shape)?;
         let zt = (texp.affine(-1.0, 1.0)?.broadcast_mul(x)? + texp.broadcast_mul(z1)?)?;
-        let vtheta = self.velocity(&model(&zt, &t)?)?;
+        let model_t = if self.model_time_scale == 1.0 { t.clone() } else { (&t * self.model_time_scale)? };
+        let vtheta = self.velocity(&model(&zt, &model_t)?)?;
         if vtheta.dims() != x.dims() {
             bail!(
                 "RectifiedFlow: velocity has shape {:?}, expected {:?}",
@@ -161,6 +192,24 @@ impl FlowTimeGrid {
         }
         let n = steps as f64;
         Self::new((0..=steps).rev().map(|i| i as f64 / n).collect(), 1.0)
+    }
+
+    /// diffusers `FlowMatchEulerDiscreteScheduler` as ProMoE's `sample.py` sets it up:
+    /// `sigmas = shift_time(linspace(1, 0, steps + 1)[:steps], shift)` (`get_sampling_sigmas`;
+    /// pass `sample_shift * cfg.shift`, since the scheduler shifts the given sigmas again by its
+    /// own `shift`, both 1.0 released), rounded to f32 as the scheduler stores them, then the
+    /// terminal 0; the model is fed `sigma * num_train_timesteps` (f32 product, as diffusers).
+    pub fn shifted_sigmas(steps: usize, shift: f64, num_train_timesteps: f64) -> Result<Self> {
+        if steps == 0 {
+            bail!("FlowTimeGrid::shifted_sigmas: steps must be > 0");
+        }
+        if !(shift > 0.0 && shift.is_finite()) {
+            bail!("FlowTimeGrid::shifted_sigmas: shift {shift} must be positive");
+        }
+        let n = steps as f64;
+        let mut times: Vec<f64> = (0..steps).map(|i| shift_time(1.0 - i as f64 / n, shift) as f32 as f64).collect();
+        times.push(0.0);
+        Self::new(times, num_train_timesteps)
     }
 
     pub fn times(&self) -> &[f64] {

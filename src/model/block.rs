@@ -1,44 +1,72 @@
-//! `DitBlock`: the official adaLN-Zero `DiTBlock` with the MoE in place of the MLP:
-//! `x = x + gate_msa * attn(modulate(norm1(x)))`, `x = x + gate_mlp * moe(modulate(norm2(x)))`.
+//! `DitBlock`: the official adaLN-Zero `DiTBlock` with a feed-forward layer that is, per
+//! family and block index: DiT-MoE's sparse MoE (`moe`, every block), ProMoE's MoE (`mlp`, odd
+//! blocks with `interleave`) or ProMoE's dense timm `Mlp` (`mlp.fc1/fc2`, even blocks):
+//! `x = x + gate_msa * attn(modulate(norm1(x)))`, `x = x + gate_mlp * ffn(modulate(norm2(x)))`.
 use super::{layer_norm_no_affine, modulate, Attention, ForwardMode, LayerRouting, Trace};
 use crate::config::DitConfig;
-use crate::moe::SharedExpertMoe;
-use candle_core::{Module, Result, Tensor};
+use crate::moe::{GeluMlp, MoeOutput, ProMoeMoe, SharedExpertMoe};
 use crate::nn::Linear;
+use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
+
+/// The block's feed-forward layer.
+#[derive(Debug, Clone)]
+pub enum Ffn {
+    /// DiT-MoE: top-k router, SwiGLU experts (`blocks.<i>.moe`).
+    TopK(SharedExpertMoe),
+    /// ProMoE: prototypical router, GELU experts (`blocks.<i>.mlp`).
+    ProMoe(ProMoeMoe),
+    /// ProMoE's dense blocks: timm `Mlp(D, mlp_ratio D)`, GELU-tanh (`blocks.<i>.mlp`).
+    Dense(GeluMlp),
+}
 
 #[derive(Debug, Clone)]
 pub struct DitBlock {
     attn: Attention,
-    moe: SharedExpertMoe,
+    ffn: Ffn,
     ada_ln: Linear,
 }
 
 /// What a block hands back besides its output.
 pub struct BlockOutput {
     pub x: Tensor,
-    /// The balance loss in training mode.
+    /// The balance loss in training mode (DiT-MoE always; ProMoE when its coefficient is > 0).
     pub aux_loss: Option<Tensor>,
-    /// Tokens per expert.
+    /// ProMoE's routing contrastive loss in training mode (lambda included).
+    pub contrastive_loss: Option<Tensor>,
+    /// Tokens per expert (ProMoE: the unconditional expert last); empty for a dense block.
     pub counts: Vec<usize>,
 }
 
 impl DitBlock {
-    pub fn new(cfg: &DitConfig, vb: VarBuilder) -> Result<Self> {
+    /// Block `index` of the model (ProMoE alternates dense and MoE blocks).
+    pub fn new(cfg: &DitConfig, index: usize, vb: VarBuilder) -> Result<Self> {
         let d = cfg.hidden_size;
-        Ok(Self {
-            attn: Attention::new(cfg, vb.pp("attn"))?,
-            moe: SharedExpertMoe::new(cfg, vb.pp("moe"))?,
-            ada_ln: crate::nn::linear(d, 6 * d, vb.pp("adaLN_modulation.1"))?,
-        })
+        let attn = Attention::new(cfg, vb.pp("attn"))?;
+        let ffn = match (&cfg.promoe, cfg.is_moe_block(index)) {
+            (None, _) => Ffn::TopK(SharedExpertMoe::new(cfg, vb.pp("moe"))?),
+            (Some(_), true) => Ffn::ProMoe(ProMoeMoe::new(cfg, vb.pp("mlp"))?),
+            (Some(_), false) => Ffn::Dense(GeluMlp::timm(d, cfg.mlp_ratio * d, vb.pp("mlp"))?),
+        };
+        let ada_ln = crate::nn::linear(d, 6 * d, vb.pp("adaLN_modulation.1"))?;
+        Ok(Self { attn, ffn, ada_ln })
     }
 
-    pub fn moe(&self) -> &SharedExpertMoe {
-        &self.moe
+    pub fn ffn(&self) -> &Ffn {
+        &self.ffn
     }
 
-    /// x: (N, T, D), c: (N, D). `layer` names the trace entries (`blocks.<layer>.*`).
-    pub fn forward(&self, x: &Tensor, c: &Tensor, mode: ForwardMode, layer: usize, trace: &mut Trace) -> Result<BlockOutput> {
+    /// The DiT-MoE layer, when this is a DiT-MoE block.
+    pub fn moe(&self) -> Option<&SharedExpertMoe> {
+        match &self.ffn {
+            Ffn::TopK(m) => Some(m),
+            _ => None,
+        }
+    }
+
+    /// x: (N, T, D), c: (N, D), y: (N,) labels after label dropout (ProMoE's router reads
+    /// them). `layer` names the trace entries (`blocks.<layer>.*`).
+    pub fn forward(&self, x: &Tensor, c: &Tensor, y: &Tensor, mode: ForwardMode, layer: usize, trace: &mut Trace) -> Result<BlockOutput> {
         let n = x.dim(0)?;
         let ada = self.ada_ln.forward(&candle_nn::ops::silu(c)?)?;
         // Chunk order of the official code: shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp.
@@ -46,30 +74,53 @@ impl DitBlock {
         let attn_in = modulate(&layer_norm_no_affine(x)?, &m[0], &m[1])?;
         let attn_out = self.attn.forward(&attn_in)?;
         let x_mid = (x + attn_out.broadcast_mul(&m[2].unsqueeze(1)?)?)?;
-        let moe_in = modulate(&layer_norm_no_affine(&x_mid)?, &m[3], &m[4])?;
-        let moe = self.moe.forward(&moe_in)?;
-        let out = (&x_mid + moe.out.broadcast_mul(&m[5].unsqueeze(1)?)?)?;
-
-        let aux_loss = match mode {
-            ForwardMode::Train => Some(self.moe.balance_loss(&moe.routing, n)?),
-            ForwardMode::Eval => None,
+        let ffn_in = modulate(&layer_norm_no_affine(&x_mid)?, &m[3], &m[4])?;
+        let train = mode == ForwardMode::Train;
+        let (ffn_out, moe, aux_loss, contrastive_loss) = match &self.ffn {
+            Ffn::TopK(moe) => {
+                let o = moe.forward(&ffn_in)?;
+                let aux = if train { Some(moe.balance_loss(&o.routing, n)?) } else { None };
+                (o.out.clone(), Some(o), aux, None)
+            }
+            Ffn::ProMoe(moe) => {
+                let o = moe.forward(&ffn_in, y)?;
+                let (aux, rcl) = if train { (moe.balance_loss(&o)?, moe.contrastive_loss(&ffn_in, &o)?) } else { (None, None) };
+                (o.out.clone(), Some(o), aux, rcl)
+            }
+            Ffn::Dense(mlp) => (mlp.forward(&ffn_in)?, None, None, None),
         };
+        let out = (&x_mid + ffn_out.broadcast_mul(&m[5].unsqueeze(1)?)?)?;
+
         let name = |what: &'static str| move || format!("blocks.{layer}.{what}");
         trace.keep(name("adaln"), &ada);
         trace.keep(name("attn_in"), &attn_in);
         trace.keep(name("attn_out"), &attn_out);
         trace.keep(name("x_mid"), &x_mid);
-        trace.keep(name("moe_in"), &moe_in);
-        trace.keep(name("moe_routed"), &moe.routed);
-        if let Some(shared) = &moe.shared {
-            trace.keep(name("moe_shared"), shared);
-        }
-        trace.keep(name("moe_out"), &moe.out);
+        let counts = match moe {
+            Some(moe) => record_moe(moe, &ffn_in, layer, trace),
+            None => {
+                trace.keep(name("mlp_in"), &ffn_in);
+                trace.keep(name("mlp_out"), &ffn_out);
+                Vec::new()
+            }
+        };
         trace.keep(name("out"), &out);
-        if trace.record_routing {
-            let r = moe.routing;
-            trace.routing.push(LayerRouting { experts: r.experts, weights: r.weights, scores: r.scores });
-        }
-        Ok(BlockOutput { x: out, aux_loss, counts: moe.counts })
+        Ok(BlockOutput { x: out, aux_loss, contrastive_loss, counts })
     }
+}
+
+/// The trace entries and routing record of an MoE layer; returns its expert counts.
+fn record_moe(moe: MoeOutput, moe_in: &Tensor, layer: usize, trace: &mut Trace) -> Vec<usize> {
+    let name = |what: &'static str| move || format!("blocks.{layer}.{what}");
+    trace.keep(name("moe_in"), moe_in);
+    trace.keep(name("moe_routed"), &moe.routed);
+    if let Some(shared) = &moe.shared {
+        trace.keep(name("moe_shared"), shared);
+    }
+    trace.keep(name("moe_out"), &moe.out);
+    if trace.record_routing {
+        let r = moe.routing;
+        trace.routing.push(LayerRouting { layer, experts: r.experts, weights: r.weights, scores: r.scores });
+    }
+    moe.counts
 }

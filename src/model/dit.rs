@@ -1,4 +1,7 @@
-//! `DitMoe`: the official `models.DiT` with sparse-MoE blocks.
+//! `DitMoe`: the official `models.DiT` with sparse-MoE blocks, in either family: DiT-MoE
+//! (github:feizc/DiT-MoE `models.py`) or ProMoE (github:ali-vilab/ProMoE
+//! `models_ProMoE_TC.py::DiT`, chosen by `DitConfig::promoe`), which share embeddings,
+//! attention, adaLN and final layer and differ in the blocks' feed-forward layers.
 use super::{DitBlock, FinalLayer, ForwardMode, LabelEmbedder, PatchEmbed, TimestepEmbedder, Trace};
 use crate::config::DitConfig;
 use candle_core::{DType, Result, Tensor};
@@ -21,9 +24,13 @@ pub struct DitMoe {
 pub struct DitOutput {
     /// (N, out_channels, H, W).
     pub out: Tensor,
-    /// One balance loss per MoE layer in training mode, empty in eval mode.
+    /// One balance loss per MoE layer in training mode, empty in eval mode (ProMoE: only when
+    /// `load_balance_loss_coef > 0`, never in the released configs).
     pub aux_losses: Vec<Tensor>,
-    /// Tokens routed to each expert, per layer: `[layer][expert]`.
+    /// ProMoE: one routing contrastive loss per MoE layer in training mode (lambda included),
+    /// to add to the training loss beside `aux_losses` and log apart. Empty for DiT-MoE.
+    pub contrastive_losses: Vec<Tensor>,
+    /// Tokens routed to each expert, per block: `[block][expert]` (empty for dense blocks).
     pub expert_counts: Vec<Vec<usize>>,
 }
 
@@ -41,7 +48,7 @@ impl DitMoe {
             x_embedder: PatchEmbed::new(cfg, vb.pp("x_embedder"))?,
             t_embedder: TimestepEmbedder::new(cfg, vb.pp("t_embedder"))?,
             y_embedder: LabelEmbedder::new(cfg, vb.pp("y_embedder"))?,
-            blocks: (0..cfg.depth).map(|i| DitBlock::new(cfg, vb.pp(format!("blocks.{i}")))).collect::<Result<_>>()?,
+            blocks: (0..cfg.depth).map(|i| DitBlock::new(cfg, i, vb.pp(format!("blocks.{i}")))).collect::<Result<_>>()?,
             final_layer: FinalLayer::new(cfg, vb.pp("final_layer"))?,
         })
     }
@@ -58,8 +65,8 @@ impl DitMoe {
     }
 
     /// x: (N, C, H, W) in any float dtype, t: (N,) integer steps or float t, y: (N,) labels
-    /// (`num_classes` = null class). Activations and the output are f32; matmuls run in the
-    /// weights' dtype.
+    /// (`num_classes` = null class; after label dropout, which ProMoE's routers also read).
+    /// Activations and the output are f32; matmuls run in the weights' dtype.
     pub fn forward_full(&self, x: &Tensor, t: &Tensor, y: &Tensor, mode: ForwardMode, trace: &mut Trace) -> Result<DitOutput> {
         let (n, c, h, w) = x.dims4()?;
         let cfg = &self.cfg;
@@ -88,16 +95,18 @@ impl DitMoe {
         trace.keep(|| "embed.c".into(), &c);
 
         let mut aux_losses = Vec::new();
+        let mut contrastive_losses = Vec::new();
         let mut expert_counts = Vec::with_capacity(self.blocks.len());
         for (i, block) in self.blocks.iter().enumerate() {
-            let b = block.forward(&x, &c, mode, i, trace)?;
+            let b = block.forward(&x, &c, y, mode, i, trace)?;
             x = b.x;
             aux_losses.extend(b.aux_loss);
+            contrastive_losses.extend(b.contrastive_loss);
             expert_counts.push(b.counts);
         }
         let out = self.final_layer.forward(&x, &c)?;
         trace.keep(|| "final.out".into(), &out);
-        Ok(DitOutput { out: self.unpatchify(&out)?, aux_losses, expert_counts })
+        Ok(DitOutput { out: self.unpatchify(&out)?, aux_losses, contrastive_losses, expert_counts })
     }
 
     /// Eval-mode forward (official `DiT.forward` with `model.eval()`).

@@ -1,4 +1,5 @@
-//! The DiT-MoE backbone (official `models.py`), one concept per file.
+//! The DiT-MoE backbone (official `models.py`) and the ProMoE family built from the same parts
+//! (`models_ProMoE_TC.py`, selected by `DitConfig::promoe`), one concept per file.
 pub mod attention;
 pub mod block;
 pub mod dit;
@@ -7,7 +8,7 @@ pub mod final_layer;
 pub mod record;
 
 pub use attention::Attention;
-pub use block::DitBlock;
+pub use block::{BlockOutput, DitBlock, Ffn};
 pub use dit::{DitMoe, DitOutput};
 pub use embed::{get_2d_sincos_pos_embed, LabelEmbedder, PatchEmbed, TimestepEmbedder};
 pub use final_layer::FinalLayer;

@@ -4,7 +4,8 @@
 use candle_core::Tensor;
 
 /// Training mode changes what the official model computes: the gate returns the balance loss
-/// (`MoEGate.forward` with `self.training`). Label dropout is applied by the caller.
+/// (`MoEGate.forward` with `self.training`), ProMoE's layer its routing contrastive loss.
+/// Label dropout is applied by the caller.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ForwardMode {
     #[default]
@@ -15,11 +16,17 @@ pub enum ForwardMode {
 /// One MoE layer's routing decisions, rows = flattened (image n, token t) as n*T + t.
 #[derive(Debug, Clone)]
 pub struct LayerRouting {
-    /// (N*T, k) u32 expert ids, sorted by descending weight.
+    /// The block index (ProMoE has MoE in odd blocks only, so entries need not be 0, 1, ...).
+    pub layer: usize,
+    /// (N*T, k) u32 expert ids, sorted by descending weight. ProMoE: id E (= `scores.dim(1)`)
+    /// is the unconditional expert, filling every slot of a null-label image's tokens.
     pub experts: Tensor,
-    /// (N*T, k) f32 gate weights (softmax scores of the chosen experts).
+    /// (N*T, k) f32 gate weights: softmax scores of the chosen experts (DiT-MoE); the chosen
+    /// cosines / softmax / sigmoid of them (ProMoE), `[1, 0, ...]` for unconditional tokens.
     pub weights: Tensor,
-    /// (N*T, E) f32 full softmax scores, kept so analyses can show near misses.
+    /// (N*T, E) f32 scores over the E routed experts, kept so analyses can show near misses:
+    /// softmax probabilities (DiT-MoE), cosines to the prototypes (ProMoE; unconditional rows
+    /// too, although those tokens are not routed by them).
     pub scores: Tensor,
 }
 

@@ -2,8 +2,9 @@
 //! contiguous rows, scatter-add the weighted outputs back. This is the structure of the
 //! official `SparseMoeBlock.moe_infer` (argsort + bincount + per-expert loop + scatter_reduce);
 //! the official training path (`repeat_interleave` + masked calls) computes the same sums in
-//! another order, so one dispatch serves both modes. The GPU kernels replace its pieces.
-use super::experts::SwigluExpert;
+//! another order, so one dispatch serves both modes. ProMoE's `SparseMoeBlock.forward` loops
+//! over experts the same way (`index_add_` of each expert's weighted rows), so the dispatch is
+//! shared by every router and expert form. The GPU kernels replace its pieces.
 use candle_core::{DType, Device, Module, Result, Tensor};
 
 /// A stable counting sort of token slots by expert.
@@ -45,10 +46,25 @@ impl ExpertDispatch {
         self.offsets.windows(2).map(|w| w[1] - w[0]).collect()
     }
 
+    /// The tokens whose picks include expert `e`, ascending; with `first_pick_only`, those whose
+    /// first (highest-weight) pick is `e`. Each token appears once: a token's k picks are
+    /// distinct experts (top-k), except the unconditional expert, which fills all k slots.
+    pub fn tokens_of(&self, e: usize, first_pick_only: bool) -> Vec<u32> {
+        let k = self.top_k as u32;
+        let mut tokens: Vec<u32> = self.order[self.offsets[e]..self.offsets[e + 1]]
+            .iter()
+            .filter(|&&slot| !first_pick_only || slot % k == 0)
+            .map(|&slot| slot / k)
+            .collect();
+        tokens.dedup(); // slots are ascending, so a token's repeated slots are adjacent
+        tokens
+    }
+
     /// `sum_j w_j * expert_{i_j}(x)` for every token: x (S, D), weights (S, k) -> (S, D).
     /// Experts without tokens are skipped; every step is differentiable (index_select, matmul,
-    /// index_add), so training backpropagates through it.
-    pub fn run(&self, x: &Tensor, weights: &Tensor, experts: &[SwigluExpert]) -> Result<Tensor> {
+    /// index_add), so training backpropagates through it. Any expert form works (SwiGLU,
+    /// GELU MLP): `experts[e]` is expert id e.
+    pub fn run<M: Module>(&self, x: &Tensor, weights: &Tensor, experts: &[M]) -> Result<Tensor> {
         let dev = x.device();
         let flat_w = weights.to_dtype(x.dtype())?.flatten_all()?;
         let mut outs = Vec::with_capacity(experts.len());

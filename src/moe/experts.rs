@@ -1,8 +1,13 @@
-//! `SwigluExpert`: the official `MoeMLP`, `down_proj(silu(gate_proj(x)) * up_proj(x))`, no
-//! bias. Routed experts use intermediate `mlp_ratio * D`, the shared expert `n_shared * D`.
-//! (`pretraining_tp` only slices these matmuls: same maths, another summation order.)
-use candle_core::{Module, Result, Tensor};
+//! The expert MLPs the MoE layers dispatch to. Both are plain [`Module`]s, which is all
+//! [`super::ExpertDispatch::run`] needs, so every router shares one dispatch:
+//! - [`SwigluExpert`]: DiT-MoE's `MoeMLP`, `down_proj(silu(gate_proj(x)) * up_proj(x))`, no
+//!   bias. Routed experts use intermediate `mlp_ratio * D`, the shared expert `n_shared * D`.
+//!   (`pretraining_tp` only slices these matmuls: same maths, another summation order.)
+//! - [`GeluMlp`]: ProMoE's `modules.MoeMLP`, `down_proj(gelu_tanh(up_proj(x)))` with biases,
+//!   for the routed, unconditional and shared experts; the same maths is timm's `Mlp`
+//!   (`fc1`, `fc2`) of ProMoE's dense blocks, so one type serves both under their names.
 use crate::nn::Linear;
+use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 #[derive(Debug, Clone)]
@@ -31,5 +36,43 @@ impl Module for SwigluExpert {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let gate = candle_nn::ops::silu(&self.gate_proj.forward(x)?)?;
         self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)
+    }
+}
+
+/// `Linear(D, I) -> GELU(approximate="tanh") -> Linear(I, D)`, both with bias.
+#[derive(Debug, Clone)]
+pub struct GeluMlp {
+    up: Linear,
+    down: Linear,
+}
+
+impl GeluMlp {
+    /// ProMoE's `MoeMLP` names: `up_proj`, `down_proj`.
+    pub fn new(hidden: usize, intermediate: usize, vb: VarBuilder) -> Result<Self> {
+        Self::named(hidden, intermediate, vb, "up_proj", "down_proj")
+    }
+
+    /// timm `Mlp` names: `fc1`, `fc2` (the dense blocks of ProMoE; dropout is 0 there).
+    pub fn timm(hidden: usize, intermediate: usize, vb: VarBuilder) -> Result<Self> {
+        Self::named(hidden, intermediate, vb, "fc1", "fc2")
+    }
+
+    fn named(hidden: usize, intermediate: usize, vb: VarBuilder, up: &str, down: &str) -> Result<Self> {
+        Ok(Self {
+            up: crate::nn::linear(hidden, intermediate, vb.pp(up))?,
+            down: crate::nn::linear(intermediate, hidden, vb.pp(down))?,
+        })
+    }
+
+    /// The two weights, `[out, in]` (up, down).
+    pub fn weights(&self) -> [&Tensor; 2] {
+        [self.up.weight(), self.down.weight()]
+    }
+}
+
+impl Module for GeluMlp {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        // candle's `gelu` is the tanh approximation (`gelu_erf` is the exact one).
+        self.down.forward(&self.up.forward(x)?.gelu()?)
     }
 }

@@ -1,7 +1,10 @@
-//! `SharedExpertMoe`: the official `SparseMoeBlock`: top-k routed SwiGLU experts plus an
-//! always-on shared SwiGLU expert (`moe_out = routed + shared`), parameter names
+//! The sparse MoE layer, shared by every router and expert form ([`routed_forward`]: route,
+//! dispatch, run the experts, add the shared expert), and DiT-MoE's parameterisation of it.
+//!
+//! `SharedExpertMoe`: the official DiT-MoE `SparseMoeBlock`: top-k routed SwiGLU experts plus
+//! an always-on shared SwiGLU expert (`moe_out = routed + shared`), parameter names
 //! `gate.weight`, `experts.<i>.{gate,up,down}_proj.weight`, `shared_experts.*`.
-use super::{balance_loss, ExpertDispatch, Routing, SwigluExpert, TopKRouter};
+use super::{balance_loss, ExpertDispatch, Router, Routing, SwigluExpert, TopKRouter};
 use crate::config::DitConfig;
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
@@ -27,6 +30,26 @@ pub struct MoeOutput {
     pub routing: Routing,
     /// Tokens per expert this call.
     pub counts: Vec<usize>,
+    /// The expert-sorted token lists (the routing read back once), for losses that need the
+    /// assignment (ProMoE's routing contrastive loss).
+    pub dispatch: ExpertDispatch,
+}
+
+/// One MoE layer call on x (N, T, D): `router` routes the flattened tokens (`labels` (N,) for
+/// conditional routers), the shared dispatch runs `experts[id]` on each token's picks and sums
+/// them with the router weights, and `shared` (if any) is added for every token.
+pub fn routed_forward<R: Router, M: Module>(router: &R, experts: &[M], shared: Option<&M>, x: &Tensor, labels: Option<&Tensor>) -> Result<MoeOutput> {
+    let (n, t, d) = x.dims3()?;
+    let flat = x.reshape((n * t, d))?;
+    let routing = router.route(&flat, labels)?;
+    let dispatch = ExpertDispatch::new(&routing.experts, router.num_experts())?;
+    let routed = dispatch.run(&flat, &routing.weights, experts)?.reshape((n, t, d))?;
+    let shared = shared.map(|s| s.forward(x)).transpose()?;
+    let out = match &shared {
+        Some(s) => (&routed + s)?,
+        None => routed.clone(),
+    };
+    Ok(MoeOutput { out, routed, shared, routing, counts: dispatch.counts(), dispatch })
 }
 
 impl SharedExpertMoe {
@@ -56,17 +79,7 @@ impl SharedExpertMoe {
 
     /// x: (N, T, D).
     pub fn forward(&self, x: &Tensor) -> Result<MoeOutput> {
-        let (n, t, d) = x.dims3()?;
-        let flat = x.reshape((n * t, d))?;
-        let routing = self.gate.forward(&flat)?;
-        let dispatch = ExpertDispatch::new(&routing.experts, self.experts.len())?;
-        let routed = dispatch.run(&flat, &routing.weights, &self.experts)?.reshape((n, t, d))?;
-        let shared = self.shared.as_ref().map(|s| s.forward(x)).transpose()?;
-        let out = match &shared {
-            Some(s) => (&routed + s)?,
-            None => routed.clone(),
-        };
-        Ok(MoeOutput { out, routed, shared, routing, counts: dispatch.counts() })
+        routed_forward(&self.gate, &self.experts, self.shared.as_ref(), x, None)
     }
 
     /// The balance loss of one call's routing (training mode), with this layer's alpha/seq_aux.
