@@ -1,4 +1,5 @@
 //! ditmoe: DiT-MoE (Fei et al. 2024) mixture-of-experts diffusion transformers on candle.
+pub mod analysis;
 pub mod checkpoint;
 pub mod config;
 pub mod data;

@@ -16,6 +16,8 @@ enum Command {
     Generate(cli::generate::GenerateArgs),
     /// Run one forward pass of a model folder on an inputs file (parity with the official code).
     Forward(cli::forward::ForwardArgs),
+    /// Record expert routing along sampling runs: heatmaps by timestep, patch and class.
+    Routes(cli::routes::RoutesArgs),
     /// List the official sizes with their total and activated parameter counts.
     Presets,
     /// Convert an official checkpoint (.pt/.pth/.safetensors) into a model folder.
@@ -29,6 +31,7 @@ fn main() {
     let result = match args.command {
         Command::Generate(a) => cli::generate::run(a),
         Command::Forward(a) => cli::forward::run(a),
+        Command::Routes(a) => cli::routes::run(a),
         Command::Presets => cli::presets::run(),
         Command::Convert(a) => cli::convert::run(a),
         Command::Data(a) => cli::data::run(a),

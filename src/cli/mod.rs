@@ -4,6 +4,7 @@ pub mod data;
 pub mod forward;
 pub mod generate;
 pub mod presets;
+pub mod routes;
 
 use candle_core::Device;
 

@@ -1,0 +1,189 @@
+//! Recording a [`RoutingTrajectory`]: a seeded sampling run with the model's routing record
+//! on, read back after every model evaluation.
+use super::trajectory::{ImageRecord, RoutingTrajectory, TrajectoryMeta};
+use crate::config::DitConfig;
+use crate::model::DitMoe;
+use crate::sampling::{Evaluation, Guidance, GuidedModel, ImageNoise, Sampler};
+use candle_core::{bail, DType, Device, Result, Tensor};
+
+/// Which sampling process to run; the model's training objective decides which are right
+/// (DDPM/DDIM for the Gaussian `train.py`, Euler/Heun for rectified flow).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SamplerKind {
+    Ddpm,
+    Ddim,
+    Euler,
+    Heun,
+}
+
+impl SamplerKind {
+    pub const ALL: [Self; 4] = [Self::Ddpm, Self::Ddim, Self::Euler, Self::Heun];
+
+    /// The names `ditmoe generate --sampler` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Ddpm => "ddpm",
+            Self::Ddim => "ddim",
+            Self::Euler => "rf-euler",
+            Self::Heun => "rf-heun",
+        }
+    }
+
+    pub fn is_gaussian(self) -> bool {
+        matches!(self, Self::Ddpm | Self::Ddim)
+    }
+
+    /// The sampler for `cfg` with `steps` steps. Gaussian samplers clamp the predicted x_0 to
+    /// [-1, 1] for pixel-space (1- or 3-channel, as `ditmoe generate` decides) models only:
+    /// `sample.py` passes `clip_denoised=False` for its latents, whose tails run well past 1.
+    pub fn build(self, steps: usize, cfg: &DitConfig) -> Result<Sampler> {
+        let clip = matches!(cfg.in_channels, 1 | 3);
+        Ok(match self {
+            Self::Ddpm => Sampler::Ddpm(crate::sampling::DdpmSampler::with_steps(steps, cfg.learn_sigma, clip)?),
+            Self::Ddim => Sampler::Ddim(crate::sampling::DdimSampler::with_steps(steps, cfg.learn_sigma, 0.0, clip)?),
+            Self::Euler => Sampler::RectifiedFlow(crate::sampling::RectifiedFlowSampler::new(steps, false)?),
+            Self::Heun => Sampler::RectifiedFlow(crate::sampling::RectifiedFlowSampler::new(steps, true)?),
+        })
+    }
+}
+
+impl std::str::FromStr for SamplerKind {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        Self::ALL
+            .into_iter()
+            .find(|k| k.name().eq_ignore_ascii_case(s))
+            .ok_or_else(|| format!("unknown sampler `{s}` (ddpm, ddim, rf-euler or rf-heun)"))
+    }
+}
+
+impl std::fmt::Display for SamplerKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// One recording run: which images, how they are sampled.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RecordRequest {
+    /// Class of each image (repeat a class for several images of it).
+    pub classes: Vec<usize>,
+    /// Image i draws its noise from the stream (seed, i), whatever the batching.
+    pub seed: u64,
+    pub sampler: SamplerKind,
+    pub steps: usize,
+    /// Classifier-free guidance scale; 1 = unguided.
+    pub guidance: f64,
+    /// Images per forward (memory bound); the record is the same for any value.
+    pub batch_size: usize,
+}
+
+/// Progress of a recording: model evaluations done out of the total, over all batches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Progress {
+    pub done: usize,
+    pub total: usize,
+}
+
+/// Samples `req` with `model` (whose weights live on `device`) and records every routing
+/// decision. `model_label` names the model in the metadata; `progress` is called after every
+/// model evaluation.
+pub fn record_trajectory(
+    model: &DitMoe,
+    model_label: &str,
+    class_names: Option<Vec<String>>,
+    req: &RecordRequest,
+    device: &Device,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<RoutingTrajectory> {
+    if req.classes.is_empty() || req.batch_size == 0 {
+        bail!("a recording needs at least one image and a batch size of at least 1")
+    }
+    let cfg = model.config();
+    let sampler = req.sampler.build(req.steps, cfg)?;
+    let batches: Vec<_> = (0..req.classes.len()).step_by(req.batch_size).map(|s| s..(s + req.batch_size).min(req.classes.len())).collect();
+    let total = sampler.evaluations() * batches.len();
+    let mut done = 0;
+    let mut trajectory: Option<RoutingTrajectory> = None;
+    for range in batches {
+        let classes = &req.classes[range.clone()];
+        let guided =
+            GuidedModel::new(model, classes, Guidance { scale: req.guidance, guide_all_channels: false }, device)?.record_routing();
+        let mut images = vec![ImageRecord::default(); classes.len()];
+        let mut timesteps = Vec::with_capacity(sampler.evaluations());
+        let mut failure = None;
+        let mut noise = ImageNoise::new(req.seed, range);
+        let samples = sampler.sample_seeded(&guided, &mut noise, &mut |ev: &Evaluation| {
+            // The callback cannot return an error: keep the first and stop recording.
+            if failure.is_none() {
+                if let Err(e) = keep_evaluation(ev, &guided.take_routing(), cfg, &mut images, &mut timesteps) {
+                    failure = Some(e);
+                }
+            }
+            done += 1;
+            progress(Progress { done, total });
+        })?;
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        for (img, sample) in images.iter_mut().zip(per_image(&samples)?) {
+            img.sample = sample;
+        }
+        let meta = TrajectoryMeta {
+            model: model_label.to_string(),
+            config: cfg.clone(),
+            class_names: class_names.clone(),
+            classes: classes.to_vec(),
+            seed: req.seed,
+            sampler: req.sampler.name().to_string(),
+            steps: req.steps,
+            guidance: req.guidance,
+            timesteps,
+        };
+        let part = RoutingTrajectory::new(meta, images)?;
+        match &mut trajectory {
+            None => trajectory = Some(part),
+            Some(t) => t.append(part)?,
+        }
+    }
+    Ok(trajectory.expect("at least one batch"))
+}
+
+/// Appends one evaluation to the per-image records: the state, then each layer's rows of
+/// the conditional images (the first N*T rows of every record).
+fn keep_evaluation(
+    ev: &Evaluation,
+    routing: &[crate::model::LayerRouting],
+    cfg: &DitConfig,
+    images: &mut [ImageRecord],
+    timesteps: &mut Vec<f64>,
+) -> Result<()> {
+    if routing.len() != cfg.depth {
+        bail!("routing record of {} layers for a {}-layer model", routing.len(), cfg.depth)
+    }
+    let n = images.len();
+    let t = cfg.num_patches();
+    timesteps.push(ev.t.to_dtype(DType::F64)?.get(0)?.to_scalar::<f64>()?);
+    for (img, state) in images.iter_mut().zip(per_image(ev.x)?) {
+        img.states.extend(state);
+    }
+    for layer in routing {
+        let rows = |x: &Tensor, dtype| x.narrow(0, 0, n * t)?.to_dtype(dtype)?.flatten_all();
+        let experts = rows(&layer.experts, DType::U32)?.to_vec1::<u32>()?;
+        let weights = rows(&layer.weights, DType::F32)?.to_vec1::<f32>()?;
+        let scores = rows(&layer.scores, DType::F32)?.to_vec1::<f32>()?;
+        let (k, e) = (experts.len() / (n * t), scores.len() / (n * t));
+        for (i, img) in images.iter_mut().enumerate() {
+            img.experts.extend_from_slice(&experts[i * t * k..(i + 1) * t * k]);
+            img.weights.extend_from_slice(&weights[i * t * k..(i + 1) * t * k]);
+            img.scores.extend_from_slice(&scores[i * t * e..(i + 1) * t * e]);
+        }
+    }
+    Ok(())
+}
+
+/// (N, ...) -> N flat f32 vectors.
+fn per_image(x: &Tensor) -> Result<Vec<Vec<f32>>> {
+    let n = x.dim(0)?;
+    x.to_dtype(DType::F32)?.reshape((n, ()))?.to_vec2::<f32>()
+}
