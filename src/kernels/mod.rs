@@ -1,1 +1,510 @@
-//! (placeholder: being written)
+//! Fused MoE kernels: top-k gating, token permutation, grouped expert GEMMs, combine.
+//!
+//! Every function here takes and returns candle [`Tensor`]s and works on any device:
+//! * on the CPU it runs the Rust reference in [`cpu`] (the semantics below, bit for bit where
+//!   the note says so);
+//! * on CUDA (feature `cuda`) it runs the NVRTC-compiled kernels of `kernels/*.cu` through
+//!   [`cuda`], with the same semantics and no host synchronisation: routing results such as the
+//!   per-expert offsets stay on the device, and the grouped GEMM reads them there;
+//! * on other devices it round-trips through the CPU reference.
+//!
+//! None of these functions records autograd history (they are forward-only). For training,
+//! compute the differentiable parts with candle ops around the routing indices, e.g.
+//! `scores = softmax(logits)`, `weights = scores.gather(ids)`, balance loss from
+//! `scores.mean(0)` and [`Gating::expert_counts`].
+//!
+//! Shapes: `S` tokens, `D` model width, `E` routed experts, `k` experts per token,
+//! `R = S * k` routed rows, `I` expert intermediate width. Slot `p = t * k + j` is token `t`'s
+//! `j`-th choice.
+//!
+//! A typical forward pass (what [`moe_forward_fused`] does):
+//! ```ignore
+//! let logits = x.matmul(&router_w.t()?)?;                   // [S, E]
+//! let g = fused_topk_gating(&logits, k)?;                    // ids/weights [S, k]
+//! let perm = permute_by_expert(&g.ids, n_experts)?;          // order/inv [R], offsets [E+1]
+//! let h = grouped_gate_up_gather(&x, &perm, &w_gate, &w_up)?; // [R, I]  silu(gate) * up
+//! let y = grouped_matmul(&h, &perm.offsets, &w_down)?;       // [R, D]
+//! let out = combine(&y, &perm, &g.weights, Some(&shared))?;  // [S, D]
+//! ```
+use candle_core::{DType, Device, Result, Tensor};
+
+pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
+
+/// Output of [`fused_topk_gating`].
+#[derive(Debug, Clone)]
+pub struct Gating {
+    /// `[S, k]` u32 expert ids, by descending router logit; ties go to the lower id.
+    pub ids: Tensor,
+    /// `[S, k]` f32 softmax probabilities of the chosen experts (not renormalised, as official).
+    pub weights: Tensor,
+    /// `[S, E]` f32 softmax over all experts.
+    pub scores: Tensor,
+    /// `[E]` u32: how many of the `S * k` slots chose each expert.
+    pub expert_counts: Tensor,
+    /// `[E]` f32: mean over tokens of `scores[:, e]` (the official `Pi`).
+    pub mean_scores: Tensor,
+}
+
+impl Gating {
+    /// The official (non-sequence) balance loss value,
+    /// `alpha * sum_e mean_scores[e] * counts[e] * E / (S * k)`, as a scalar f32 tensor.
+    /// Forward value only: it carries no gradient (see the module docs).
+    pub fn balance_loss(&self, alpha: f64) -> Result<Tensor> {
+        let (s, k) = self.ids.dims2()?;
+        let e = self.mean_scores.dim(0)?;
+        let fi = (self.expert_counts.to_dtype(DType::F32)? * (e as f64 / (s * k).max(1) as f64))?;
+        (self.mean_scores.mul(&fi)?.sum_all()? * alpha)?.to_dtype(DType::F32)
+    }
+}
+
+/// Output of [`permute_by_expert`]: a stable counting sort of the `R = S * k` slots by expert.
+#[derive(Debug, Clone)]
+pub struct Permutation {
+    /// `[R]` u32: the slot index (`t * k + j`) of each expert-contiguous row; within an expert the
+    /// slots are ascending (tokens in order).
+    pub order: Tensor,
+    /// `[R]` u32: the inverse, the row of each slot (`order[inv[p]] == p`).
+    pub inv: Tensor,
+    /// `[E + 1]` u32: rows of expert `e` are `offsets[e] .. offsets[e + 1]`; stays on the device.
+    pub offsets: Tensor,
+    /// Experts per token.
+    pub k: usize,
+    /// Number of routed experts `E`.
+    pub n_experts: usize,
+}
+
+impl Permutation {
+    /// Number of routed rows `R = S * k`.
+    pub fn rows(&self) -> Result<usize> {
+        self.order.dim(0)
+    }
+    /// Number of tokens `S`.
+    pub fn tokens(&self) -> Result<usize> {
+        Ok(self.order.dim(0)? / self.k.max(1))
+    }
+}
+
+/// Stacked weights of `E` SwiGLU experts, `nn.Linear` layout (`[out, in]` per expert):
+/// expert `e` computes `down[e] · (silu(gate[e] · x) * (up[e] · x))`.
+#[derive(Debug, Clone)]
+pub struct ExpertWeights {
+    /// `[E, I, D]`
+    pub gate: Tensor,
+    /// `[E, I, D]`
+    pub up: Tensor,
+    /// `[E, D, I]`
+    pub down: Tensor,
+}
+
+/// One dense SwiGLU MLP (the shared expert), `nn.Linear` layout.
+#[derive(Debug, Clone)]
+pub struct SwigluWeights {
+    /// `[I, D]`
+    pub gate: Tensor,
+    /// `[I, D]`
+    pub up: Tensor,
+    /// `[D, I]`
+    pub down: Tensor,
+}
+
+/// Which tensor-core path the bf16 grouped GEMM uses on CUDA.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GemmBackend {
+    /// wgmma on sm_90 (H100/H200), mma.sync elsewhere.
+    Auto,
+    /// Hopper `wgmma.mma_async` (sm_90a only).
+    Wgmma,
+    /// `mma.sync.m16n8k16` + `ldmatrix` (sm_80+).
+    MmaSync,
+}
+
+/// Kernel selection for the grouped GEMMs on CUDA (process-wide; for benchmarks and tests).
+/// The defaults are the fastest variants measured on an H100 (see `docs/benchmarks.md`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GemmConfig {
+    /// bf16 tensor-core path.
+    pub backend: GemmBackend,
+    /// bf16 N tile, 128 or 256; 0 = automatic.
+    pub block_n: usize,
+    /// bf16 pipeline depth: 3 (wgmma with N tile 128 only; two blocks per SM); 0 = automatic
+    /// (4 stages for N tile 256, 5 for 128).
+    pub stages: usize,
+    /// bf16: persistent kernels (one block per SM walks the tiles, the load pipeline runs across
+    /// tile boundaries); `None` = automatic (yes where such a kernel exists).
+    pub persistent: Option<bool>,
+    /// f32: 128 (128x128 tiles, 8x8 per thread) or 64 (the simple 64x64 kernel); 0 = automatic (128).
+    pub f32_tile: usize,
+}
+
+impl Default for GemmConfig {
+    fn default() -> Self {
+        Self {
+            backend: GemmBackend::Auto,
+            block_n: 0,
+            stages: 0,
+            persistent: None,
+            f32_tile: 0,
+        }
+    }
+}
+
+static GEMM_CONFIG: std::sync::RwLock<Option<GemmConfig>> = std::sync::RwLock::new(None);
+
+/// Sets the grouped-GEMM kernel selection (process-wide).
+pub fn set_gemm_config(c: GemmConfig) {
+    *GEMM_CONFIG.write().unwrap_or_else(|e| e.into_inner()) = Some(c);
+}
+
+/// The grouped-GEMM kernel selection: what [`set_gemm_config`] set, else the default with the
+/// backend taken from the environment variable `DITMOE_GEMM` (`wgmma` or `mma`) if present.
+pub fn gemm_config() -> GemmConfig {
+    if let Some(c) = *GEMM_CONFIG.read().unwrap_or_else(|e| e.into_inner()) {
+        return c;
+    }
+    static ENV: std::sync::OnceLock<GemmConfig> = std::sync::OnceLock::new();
+    *ENV.get_or_init(|| {
+        let backend = match std::env::var("DITMOE_GEMM").as_deref() {
+            Ok("wgmma") => GemmBackend::Wgmma,
+            Ok("mma") => GemmBackend::MmaSync,
+            _ => GemmBackend::Auto,
+        };
+        GemmConfig {
+            backend,
+            ..Default::default()
+        }
+    })
+}
+
+/// Selects the bf16 grouped-GEMM path, keeping the rest of [`gemm_config`].
+pub fn set_gemm_backend(b: GemmBackend) {
+    set_gemm_config(GemmConfig {
+        backend: b,
+        ..gemm_config()
+    })
+}
+
+/// Every grouped-GEMM kernel variant for `dtype` (bf16: wgmma ones only when `wgmma`), with a
+/// short name; for tests and benchmarks (`set_gemm_config(cfg)` selects one).
+pub fn gemm_variants(dtype: DType, wgmma: bool) -> Vec<(&'static str, GemmConfig)> {
+    let c = |backend, block_n, stages, persistent: bool| GemmConfig {
+        backend,
+        block_n,
+        stages,
+        persistent: Some(persistent),
+        f32_tile: 0,
+    };
+    if dtype == DType::F32 {
+        return vec![
+            (
+                "f32 128x128",
+                GemmConfig {
+                    f32_tile: 128,
+                    ..Default::default()
+                },
+            ),
+            (
+                "f32 64x64",
+                GemmConfig {
+                    f32_tile: 64,
+                    ..Default::default()
+                },
+            ),
+        ];
+    }
+    let mut v = Vec::new();
+    if wgmma {
+        v.push(("wgmma n256 persistent", c(GemmBackend::Wgmma, 256, 0, true)));
+        v.push(("wgmma n128 persistent", c(GemmBackend::Wgmma, 128, 0, true)));
+        v.push((
+            "wgmma n128 3-stage persistent",
+            c(GemmBackend::Wgmma, 128, 3, true),
+        ));
+        v.push(("wgmma n256", c(GemmBackend::Wgmma, 256, 0, false)));
+        v.push(("wgmma n128", c(GemmBackend::Wgmma, 128, 0, false)));
+        v.push(("wgmma n128 3-stage", c(GemmBackend::Wgmma, 128, 3, false)));
+    }
+    v.push((
+        "mma.sync n256 persistent",
+        c(GemmBackend::MmaSync, 256, 0, true),
+    ));
+    v.push(("mma.sync n256", c(GemmBackend::MmaSync, 256, 0, false)));
+    v.push(("mma.sync n128", c(GemmBackend::MmaSync, 128, 0, false)));
+    v
+}
+
+fn on_cpu(t: &Tensor) -> Result<Tensor> {
+    t.to_device(&Device::Cpu)
+}
+
+/// Router logits `[S, E]` (f32 or bf16; the softmax is computed in f32) → top-k gating and the
+/// balance-loss statistics, in one pass (one kernel launch on CUDA).
+///
+/// Top-k is taken over the logits (softmax is monotonic), ids sorted by descending logit, ties
+/// to the lower expert id, NaN ranked as -inf. `1 <= k <= E <= 256`.
+pub fn fused_topk_gating(logits: &Tensor, k: usize) -> Result<Gating> {
+    match logits.device() {
+        Device::Cpu => cpu::fused_topk_gating(logits, k),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => cuda::fused_topk_gating(logits, k),
+        #[allow(unreachable_patterns)]
+        dev => {
+            let g = cpu::fused_topk_gating(&on_cpu(logits)?, k)?;
+            Ok(Gating {
+                ids: g.ids.to_device(dev)?,
+                weights: g.weights.to_device(dev)?,
+                scores: g.scores.to_device(dev)?,
+                expert_counts: g.expert_counts.to_device(dev)?,
+                mean_scores: g.mean_scores.to_device(dev)?,
+            })
+        }
+    }
+}
+
+/// Stable counting sort of the slots of `ids` (`[S, k]` u32) by expert. Deterministic.
+/// `E <= 1024`; ids `>= E` are not allowed (the CPU path errors, the CUDA path drops them).
+pub fn permute_by_expert(ids: &Tensor, n_experts: usize) -> Result<Permutation> {
+    match ids.device() {
+        Device::Cpu => cpu::permute_by_expert(ids, n_experts),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => cuda::permute_by_expert(ids, n_experts),
+        #[allow(unreachable_patterns)]
+        dev => {
+            let p = cpu::permute_by_expert(&on_cpu(ids)?, n_experts)?;
+            Ok(Permutation {
+                order: p.order.to_device(dev)?,
+                inv: p.inv.to_device(dev)?,
+                offsets: p.offsets.to_device(dev)?,
+                k: p.k,
+                n_experts,
+            })
+        }
+    }
+}
+
+/// Token rows in expert-contiguous order: `out[r] = x[order[r] / k]`, `[S, D]` → `[R, D]`. Exact copy.
+pub fn gather_rows(x: &Tensor, perm: &Permutation) -> Result<Tensor> {
+    match x.device() {
+        Device::Cpu => cpu::gather_rows(x, perm),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => cuda::gather_rows(x, perm),
+        #[allow(unreachable_patterns)]
+        dev => cpu::gather_rows(&on_cpu(x)?, &perm_on_cpu(perm)?)?.to_device(dev),
+    }
+}
+
+/// Weighted combine back to token order:
+/// `out[t] = add[t] + sum_{j=0..k-1} weights[t, j] * expert_out[inv[t*k + j]]`,
+/// accumulated in f32 in exactly that order (fused multiply-adds, no atomics), rounded once to
+/// the dtype of `expert_out`. Deterministic; CPU and CUDA agree bit for bit.
+/// `expert_out` `[R, D]` in permuted order, `weights` `[S, k]` (any float dtype, used as f32),
+/// `add` `[S, D]` of the same dtype as `expert_out` (e.g. the shared expert's output).
+pub fn combine(
+    expert_out: &Tensor,
+    perm: &Permutation,
+    weights: &Tensor,
+    add: Option<&Tensor>,
+) -> Result<Tensor> {
+    match expert_out.device() {
+        Device::Cpu => cpu::combine(expert_out, perm, weights, add),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => cuda::combine(expert_out, perm, weights, add),
+        #[allow(unreachable_patterns)]
+        dev => {
+            let add = add.map(on_cpu).transpose()?;
+            cpu::combine(
+                &on_cpu(expert_out)?,
+                &perm_on_cpu(perm)?,
+                &on_cpu(weights)?,
+                add.as_ref(),
+            )?
+            .to_device(dev)
+        }
+    }
+}
+
+/// Grouped GEMM over expert-contiguous rows: `out[r] = x[r] · w[e]ᵀ` for the rows of expert `e`.
+/// `x` `[R, K]`, `offsets` `[E + 1]` u32, `w` `[E, N, K]` → `[R, N]`; bf16 (f32 accumulation)
+/// or f32. bf16 needs `K % 8 == 0` and `N % 8 == 0`.
+pub fn grouped_matmul(x: &Tensor, offsets: &Tensor, w: &Tensor) -> Result<Tensor> {
+    grouped_dispatch(x, None, offsets, w, None)
+}
+
+/// Fused gate/up projection with the SwiGLU epilogue over expert-contiguous rows:
+/// `h[r] = silu(x[r] · w_gate[e]ᵀ) * (x[r] · w_up[e]ᵀ)`, `x` `[R, D]`, `w_gate`/`w_up`
+/// `[E, I, D]` → `[R, I]` (rounded once to the input dtype).
+pub fn grouped_gate_up(
+    x: &Tensor,
+    offsets: &Tensor,
+    w_gate: &Tensor,
+    w_up: &Tensor,
+) -> Result<Tensor> {
+    grouped_dispatch(x, None, offsets, w_gate, Some(w_up))
+}
+
+/// [`grouped_gate_up`] reading the token matrix `x` `[S, D]` directly: row `r` is
+/// `x[order[r] / k]` (the gather is fused into the GEMM's loads).
+pub fn grouped_gate_up_gather(
+    x: &Tensor,
+    perm: &Permutation,
+    w_gate: &Tensor,
+    w_up: &Tensor,
+) -> Result<Tensor> {
+    grouped_dispatch(x, Some(perm), &perm.offsets, w_gate, Some(w_up))
+}
+
+/// All experts' SwiGLU MLPs over expert-contiguous rows `x_perm` `[R, D]`:
+/// `down[e] · (silu(gate[e] · x) * (up[e] · x))` → `[R, D]`; two launches on CUDA.
+pub fn grouped_swiglu(
+    x_perm: &Tensor,
+    offsets: &Tensor,
+    w_gate: &Tensor,
+    w_up: &Tensor,
+    w_down: &Tensor,
+) -> Result<Tensor> {
+    let h = grouped_gate_up(x_perm, offsets, w_gate, w_up)?;
+    grouped_matmul(&h, offsets, w_down)
+}
+
+/// [`grouped_swiglu`] on the token matrix `x` `[S, D]` with the row gather fused in.
+pub fn grouped_swiglu_gather(
+    x: &Tensor,
+    perm: &Permutation,
+    w_gate: &Tensor,
+    w_up: &Tensor,
+    w_down: &Tensor,
+) -> Result<Tensor> {
+    let h = grouped_gate_up_gather(x, perm, w_gate, w_up)?;
+    grouped_matmul(&h, &perm.offsets, w_down)
+}
+
+/// A dense SwiGLU MLP `down · (silu(gate · x) * (up · x))`, `x` `[S, D]`. On CUDA it runs the
+/// grouped kernels with one expert (SiLU·mul fused into the gate/up GEMM); elsewhere candle ops
+/// with the same rounding (the hidden state is rounded once to the input dtype).
+pub fn swiglu_mlp(x: &Tensor, w: &SwigluWeights) -> Result<Tensor> {
+    match x.device() {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => {
+            let s = x.dim(0)?;
+            let offsets = cuda::dense_offsets(x.device(), s)?;
+            let h = grouped_gate_up(x, &offsets, &w.gate.unsqueeze(0)?, &w.up.unsqueeze(0)?)?;
+            grouped_matmul(&h, &offsets, &w.down.unsqueeze(0)?)
+        }
+        _ => cpu::swiglu_dense(x, &w.gate, &w.up, &w.down),
+    }
+}
+
+fn perm_on_cpu(p: &Permutation) -> Result<Permutation> {
+    Ok(Permutation {
+        order: on_cpu(&p.order)?,
+        inv: on_cpu(&p.inv)?,
+        offsets: on_cpu(&p.offsets)?,
+        k: p.k,
+        n_experts: p.n_experts,
+    })
+}
+
+fn grouped_dispatch(
+    x: &Tensor,
+    gather: Option<&Permutation>,
+    offsets: &Tensor,
+    b0: &Tensor,
+    b1: Option<&Tensor>,
+) -> Result<Tensor> {
+    match x.device() {
+        Device::Cpu => cpu::grouped_gemm(x, gather, offsets, b0, b1),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => cuda::grouped_gemm(x, gather, offsets, b0, b1),
+        #[allow(unreachable_patterns)]
+        dev => {
+            let g = gather.map(perm_on_cpu).transpose()?;
+            let b1 = b1.map(on_cpu).transpose()?;
+            cpu::grouped_gemm(
+                &on_cpu(x)?,
+                g.as_ref(),
+                &on_cpu(offsets)?,
+                &on_cpu(b0)?,
+                b1.as_ref(),
+            )?
+            .to_device(dev)
+        }
+    }
+}
+
+/// The whole routed MoE layer with the fused kernels (inference / forward only):
+/// router logits `x · router_wᵀ`, [`fused_topk_gating`], [`permute_by_expert`], the grouped
+/// SwiGLU experts with the gather fused in, the optional shared expert ([`swiglu_mlp`]) and
+/// [`combine`] (which adds the shared expert's output). `x` `[S, D]`, `router_w` `[E, D]`.
+/// No host synchronisation on CUDA. Returns the output `[S, D]` and the gating.
+pub fn moe_forward_fused(
+    x: &Tensor,
+    router_w: &Tensor,
+    experts: &ExpertWeights,
+    shared: Option<&SwigluWeights>,
+    k: usize,
+) -> Result<(Tensor, Gating)> {
+    let n_experts = router_w.dim(0)?;
+    let logits = x.matmul(&router_w.t()?)?;
+    let g = fused_topk_gating(&logits, k)?;
+    let perm = permute_by_expert(&g.ids, n_experts)?;
+    let h = grouped_gate_up_gather(x, &perm, &experts.gate, &experts.up)?;
+    let y = grouped_matmul(&h, &perm.offsets, &experts.down)?;
+    let sh = shared.map(|s| swiglu_mlp(x, s)).transpose()?;
+    let out = combine(&y, &perm, &g.weights, sh.as_ref())?;
+    Ok((out, g))
+}
+
+/// The plain candle path, structured like the official `moe_infer`: softmax + top-k with candle
+/// ops, one host read of the routing, then per expert `index_select`, three matmuls, SiLU·mul,
+/// scaling by the gate weight and `index_add` back; plus the shared expert (candle matmuls).
+/// Works on every device; used as the baseline in the benchmark and as a test oracle.
+/// Returns the output `[S, D]`, the ids `[S, k]` and the weights `[S, k]`.
+pub fn moe_forward_loop(
+    x: &Tensor,
+    router_w: &Tensor,
+    experts: &ExpertWeights,
+    shared: Option<&SwigluWeights>,
+    k: usize,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let dev = x.device();
+    let (s, d) = x.dims2()?;
+    let n_experts = router_w.dim(0)?;
+    let logits = x.matmul(&router_w.t()?)?.to_dtype(DType::F32)?;
+    let scores = candle_nn::ops::softmax_last_dim(&logits)?;
+    // top-k by descending score (ties: the CPU sort is stable, the CUDA bitonic sort is not)
+    let sorted = scores.arg_sort_last_dim(false)?;
+    let ids = sorted.narrow(1, 0, k)?.contiguous()?;
+    let weights = scores.gather(&ids, 1)?;
+    // the one host read per layer, as in the official moe_infer (bincount().cpu())
+    let ids_host: Vec<u32> = ids.flatten_all()?.to_vec1()?;
+    let mut rows: Vec<Vec<u32>> = vec![Vec::new(); n_experts];
+    for (p, &e) in ids_host.iter().enumerate() {
+        rows[e as usize].push(p as u32);
+    }
+    let flat_w = weights.flatten_all()?;
+    let mut out = Tensor::zeros((s, d), DType::F32, dev)?;
+    for (e, slots) in rows.iter().enumerate() {
+        if slots.is_empty() {
+            continue;
+        }
+        let slot_idx = Tensor::new(slots.as_slice(), dev)?;
+        let tok: Vec<u32> = slots.iter().map(|&p| p / k as u32).collect();
+        let tok_idx = Tensor::new(tok.as_slice(), dev)?;
+        let xe = x.index_select(&tok_idx, 0)?;
+        let g = xe.matmul(&experts.gate.get(e)?.t()?)?;
+        let u = xe.matmul(&experts.up.get(e)?.t()?)?;
+        let h = (g.silu()? * u)?;
+        let y = h.matmul(&experts.down.get(e)?.t()?)?.to_dtype(DType::F32)?;
+        let we = flat_w.index_select(&slot_idx, 0)?.unsqueeze(1)?;
+        let y = y.broadcast_mul(&we)?;
+        out = out.index_add(&tok_idx, &y, 0)?;
+    }
+    if let Some(sh) = shared {
+        let g = x.matmul(&sh.gate.t()?)?;
+        let u = x.matmul(&sh.up.t()?)?;
+        let y = (g.silu()? * u)?.matmul(&sh.down.t()?)?;
+        out = (out + y.to_dtype(DType::F32)?)?;
+    }
+    Ok((out.to_dtype(x.dtype())?, ids, weights))
+}

@@ -1,0 +1,770 @@
+//! GPU check of the fused MoE kernels (`ditmoe::kernels`): every CUDA kernel against its CPU
+//! reference on fresh random inputs, a results table, and a non-zero exit on any failure.
+//!
+//! ```text
+//! ../shared/scripts/build-cuda.sh build --release --example gpu_check
+//! ./gpu_check                 # checks
+//! ./gpu_check --bench         # checks, then the benchmark of examples/bench_moe.rs
+//! ./gpu_check --bench-only    # the benchmark alone
+//! ```
+//! Tolerances (‖gpu − ref‖ / ‖ref‖ unless noted): integer outputs exact; f32 ≤ 1e-5;
+//! bf16 GEMMs ≤ 1e-2 (the reference rounds at the same points as the kernels);
+//! combine and gather exact.
+#![cfg_attr(not(feature = "cuda"), allow(dead_code, unused_imports))]
+use anyhow::{bail, Result};
+use candle_core::{DType, Device, Tensor};
+use ditmoe::kernels::{self as kx, cpu, ExpertWeights, GemmBackend, GemmConfig, SwigluWeights};
+
+#[cfg(feature = "cuda")]
+#[path = "bench_moe.rs"]
+#[allow(dead_code)]
+mod bench_moe;
+
+struct Table {
+    rows: Vec<[String; 6]>,
+    failed: usize,
+}
+
+impl Table {
+    fn add(&mut self, check: &str, case: &str, metric: &str, value: f64, tol: f64) {
+        let ok = value.is_finite() && value <= tol;
+        if !ok {
+            self.failed += 1;
+        }
+        let row = [
+            check.to_string(),
+            case.to_string(),
+            metric.to_string(),
+            format!("{value:.3e}"),
+            format!("{tol:.0e}"),
+            if ok { "PASS".into() } else { "FAIL".into() },
+        ];
+        println!("{}", row.join(" | "));
+        self.rows.push(row);
+    }
+}
+
+fn f64v(t: &Tensor) -> Result<Vec<f64>> {
+    Ok(t.to_device(&Device::Cpu)?
+        .to_dtype(DType::F64)?
+        .flatten_all()?
+        .to_vec1::<f64>()?)
+}
+
+/// ‖a − b‖ / ‖b‖ (NaN anywhere → inf).
+fn rel(a: &Tensor, b: &Tensor) -> Result<f64> {
+    let (a, b) = (f64v(a)?, f64v(b)?);
+    if a.len() != b.len() {
+        bail!("length {} vs {}", a.len(), b.len())
+    }
+    let (mut num, mut den) = (0f64, 0f64);
+    for (x, y) in a.iter().zip(&b) {
+        if !x.is_finite() || !y.is_finite() {
+            return Ok(f64::INFINITY);
+        }
+        num += (x - y) * (x - y);
+        den += y * y;
+    }
+    Ok(if den == 0.0 {
+        num.sqrt()
+    } else {
+        (num / den).sqrt()
+    })
+}
+
+fn max_abs(a: &Tensor, b: &Tensor) -> Result<f64> {
+    let (a, b) = (f64v(a)?, f64v(b)?);
+    if a.len() != b.len() {
+        bail!("length {} vs {}", a.len(), b.len())
+    }
+    Ok(a.iter().zip(&b).fold(0f64, |m, (x, y)| {
+        if x.is_nan() || y.is_nan() {
+            f64::INFINITY
+        } else {
+            m.max((x - y).abs())
+        }
+    }))
+}
+
+/// Number of differing u32 entries (length mismatch counts as all).
+fn mismatches(a: &Tensor, b: &Tensor) -> Result<f64> {
+    let a: Vec<u32> = a.to_device(&Device::Cpu)?.flatten_all()?.to_vec1()?;
+    let b: Vec<u32> = b.to_device(&Device::Cpu)?.flatten_all()?.to_vec1()?;
+    if a.len() != b.len() {
+        return Ok(a.len().max(b.len()) as f64);
+    }
+    Ok(a.iter().zip(&b).filter(|(x, y)| x != y).count() as f64)
+}
+
+/// Simple deterministic-enough PRNG for routing patterns (inputs themselves use candle randn).
+struct Lcg(u64);
+impl Lcg {
+    fn next(&mut self) -> u32 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (self.0 >> 33) as u32
+    }
+    fn below(&mut self, n: u32) -> u32 {
+        self.next() % n
+    }
+}
+
+/// ids [S, k] with distinct experts per token drawn from `pick`.
+fn make_ids(
+    s: usize,
+    k: usize,
+    e: usize,
+    rng: &mut Lcg,
+    mut pick: impl FnMut(&mut Lcg, usize) -> u32,
+) -> Result<Tensor> {
+    let mut v = Vec::with_capacity(s * k);
+    for t in 0..s {
+        let mut row: Vec<u32> = Vec::with_capacity(k);
+        let mut guard = 0;
+        while row.len() < k {
+            let c = pick(rng, t) % e as u32;
+            if !row.contains(&c) || guard > 100 {
+                row.push(c);
+            }
+            guard += 1;
+        }
+        v.extend(row);
+    }
+    Ok(Tensor::from_vec(v, (s, k), &Device::Cpu)?)
+}
+
+/// Fill the allocator's free memory with NaN so that unwritten outputs show up.
+fn poison(dev: &Device) -> Result<()> {
+    let t = Tensor::full(f32::NAN, 64 << 20, dev)?;
+    drop(t);
+    Ok(())
+}
+
+#[cfg(feature = "cuda")]
+fn run_checks(dev: &Device, section: &str) -> Result<Table> {
+    let mut tb = Table {
+        rows: Vec::new(),
+        failed: 0,
+    };
+    let cpu_dev = Device::Cpu;
+    let mut rng = Lcg(0x5eed_1234_abcd);
+
+    if section == "gating" {
+        // ---------------- 1. fused gating
+        let gating_cases: &[(usize, usize, usize, DType, bool)] = &[
+            (1, 8, 2, DType::F32, false),
+            (1000, 8, 2, DType::F32, false),
+            (4096, 16, 2, DType::BF16, false),
+            (16384, 8, 2, DType::F32, false),
+            (333, 64, 4, DType::F32, false),
+            (200, 256, 8, DType::BF16, false),
+            (2048, 8, 2, DType::F32, true),
+            (777, 40, 1, DType::F32, true),
+        ];
+        for &(s, e, k, dt, ties) in gating_cases {
+            let mut logits = Tensor::randn(0f32, 2.0, (s, e), &cpu_dev)?;
+            if ties {
+                logits = (logits * 2.0)?.round()?.affine(0.5, 0.0)?;
+            }
+            let logits = logits.to_dtype(dt)?;
+            let case = format!(
+                "S={s} E={e} k={k} {dt:?}{}",
+                if ties { " ties" } else { "" }
+            );
+            let r = cpu::fused_topk_gating(&logits, k)?;
+            let g = kx::fused_topk_gating(&logits.to_device(dev)?, k)?;
+            let g2 = kx::fused_topk_gating(&logits.to_device(dev)?, k)?;
+            tb.add(
+                "gating",
+                &case,
+                "ids mismatches",
+                mismatches(&g.ids, &r.ids)?,
+                0.0,
+            );
+            tb.add(
+                "gating",
+                &case,
+                "weights max abs",
+                max_abs(&g.weights, &r.weights)?,
+                1e-6,
+            );
+            tb.add(
+                "gating",
+                &case,
+                "scores max abs",
+                max_abs(&g.scores, &r.scores)?,
+                1e-6,
+            );
+            tb.add(
+                "gating",
+                &case,
+                "counts mismatches",
+                mismatches(&g.expert_counts, &r.expert_counts)?,
+                0.0,
+            );
+            tb.add(
+                "gating",
+                &case,
+                "mean_scores rel",
+                rel(&g.mean_scores, &r.mean_scores)?,
+                1e-5,
+            );
+            tb.add(
+                "gating",
+                &case,
+                "run-to-run mean_scores max abs",
+                max_abs(&g.mean_scores, &g2.mean_scores)?,
+                0.0,
+            );
+        }
+    }
+
+    if section == "permute" {
+        // ---------------- 2. permutation
+        let perm_cases: &[(usize, usize, usize, &str)] = &[
+            (16384, 2, 8, "uniform"),
+            (5000, 1, 16, "all-on-one"),
+            (5000, 2, 16, "skewed+zero"),
+            (65536, 2, 64, "uniform"),
+            (100, 1, 1024, "uniform"),
+            (1, 1, 4, "uniform"),
+            (3000, 4, 1024, "skewed+zero"),
+            (1025, 2, 8, "uniform"),
+        ];
+        for &(s, k, e, kind) in perm_cases {
+            let ids = match kind {
+                "all-on-one" => make_ids(s, k, e, &mut rng, |_, _| 3)?,
+                "skewed+zero" => make_ids(s, k, e, &mut rng, |r, _| {
+                    let u = r.below(100);
+                    if u < 80 {
+                        1
+                    } else if u < 95 {
+                        2 + r.below(2)
+                    } else {
+                        9 + r.below(3)
+                    }
+                })?,
+                _ => make_ids(s, k, e, &mut rng, |r, _| r.below(e as u32))?,
+            };
+            let case = format!("S={s} k={k} E={e} {kind}");
+            let r = cpu::permute_by_expert(&ids, e)?;
+            let p = kx::permute_by_expert(&ids.to_device(dev)?, e)?;
+            let p2 = kx::permute_by_expert(&ids.to_device(dev)?, e)?;
+            tb.add(
+                "permute",
+                &case,
+                "offsets mismatches",
+                mismatches(&p.offsets, &r.offsets)?,
+                0.0,
+            );
+            tb.add(
+                "permute",
+                &case,
+                "order mismatches",
+                mismatches(&p.order, &r.order)?,
+                0.0,
+            );
+            tb.add(
+                "permute",
+                &case,
+                "inv mismatches",
+                mismatches(&p.inv, &r.inv)?,
+                0.0,
+            );
+            tb.add(
+                "permute",
+                &case,
+                "run-to-run order mismatches",
+                mismatches(&p.order, &p2.order)?,
+                0.0,
+            );
+        }
+    }
+
+    if section == "gather-combine" {
+        // ---------------- 3. gather and 4. combine
+        for &(s, k, d, dt) in &[
+            (4099usize, 2usize, 1152usize, DType::BF16),
+            (1000, 2, 100, DType::BF16),
+            (1000, 2, 99, DType::BF16),
+            (777, 3, 1152, DType::F32),
+            (500, 2, 13, DType::F32),
+        ] {
+            let e = 8;
+            let case = format!("S={s} k={k} D={d} {dt:?}");
+            let ids = make_ids(s, k, e, &mut rng, |r, _| r.below(e as u32))?;
+            let rp = cpu::permute_by_expert(&ids, e)?;
+            let gp = kx::permute_by_expert(&ids.to_device(dev)?, e)?;
+            let x = Tensor::randn(0f32, 1.0, (s, d), &cpu_dev)?.to_dtype(dt)?;
+            poison(dev)?;
+            let gx = kx::gather_rows(&x.to_device(dev)?, &gp)?;
+            let rx = cpu::gather_rows(&x, &rp)?;
+            tb.add("gather", &case, "max abs", max_abs(&gx, &rx)?, 0.0);
+            let y = Tensor::randn(0f32, 1.0, (s * k, d), &cpu_dev)?.to_dtype(dt)?;
+            let w = Tensor::rand(0f32, 1.0, (s, k), &cpu_dev)?;
+            let add = Tensor::randn(0f32, 1.0, (s, d), &cpu_dev)?.to_dtype(dt)?;
+            for with_add in [false, true] {
+                let a_cpu = if with_add { Some(&add) } else { None };
+                let a_gpu = if with_add {
+                    Some(add.to_device(dev)?)
+                } else {
+                    None
+                };
+                poison(dev)?;
+                let gc = kx::combine(&y.to_device(dev)?, &gp, &w.to_device(dev)?, a_gpu.as_ref())?;
+                let rc = cpu::combine(&y, &rp, &w, a_cpu)?;
+                let c2 = format!("{case}{}", if with_add { " +add" } else { "" });
+                tb.add(
+                    "combine",
+                    &c2,
+                    "max abs (bit-exact)",
+                    max_abs(&gc, &rc)?,
+                    0.0,
+                );
+            }
+        }
+    }
+
+    if section.starts_with("gemm") {
+        // ---------------- 5. grouped GEMMs (all kernel variants)
+        struct GCase {
+            name: &'static str,
+            s: usize,
+            k: usize,
+            e: usize,
+            d: usize,
+            i: usize,
+            route: &'static str,
+        }
+        let gcases = [
+            GCase {
+                name: "XL-shape",
+                s: 2048,
+                k: 2,
+                e: 8,
+                d: 1152,
+                i: 4608,
+                route: "uniform",
+            },
+            GCase {
+                name: "uneven+zero",
+                s: 3000,
+                k: 2,
+                e: 16,
+                d: 256,
+                i: 512,
+                route: "skewed",
+            },
+            GCase {
+                name: "all-on-one",
+                s: 1000,
+                k: 1,
+                e: 8,
+                d: 128,
+                i: 256,
+                route: "one",
+            },
+            GCase {
+                name: "odd-tails",
+                s: 77,
+                k: 2,
+                e: 3,
+                d: 72,
+                i: 40,
+                route: "uniform",
+            },
+        ];
+        let has_wgmma = ditmoe::kernels::cuda::modules(dev.as_cuda_device()?)?.has_wgmma;
+        let variants: Vec<(&str, GemmConfig)> = match section {
+            "gemm-f32" => kx::gemm_variants(DType::F32, false),
+            "gemm-wgmma" => kx::gemm_variants(DType::BF16, has_wgmma)
+                .into_iter()
+                .filter(|v| v.1.backend == GemmBackend::Wgmma)
+                .collect(),
+            _ => kx::gemm_variants(DType::BF16, false),
+        };
+        for c in &gcases {
+            let ids = match c.route {
+                "one" => make_ids(c.s, c.k, c.e, &mut rng, |_, _| 7)?,
+                "skewed" => make_ids(c.s, c.k, c.e, &mut rng, |r, _| {
+                    let u = r.below(1000);
+                    if u < 900 {
+                        0
+                    } else if u < 990 {
+                        1 + r.below(4)
+                    } else {
+                        6
+                    }
+                })?,
+                _ => make_ids(c.s, c.k, c.e, &mut rng, |r, _| r.below(c.e as u32))?,
+            };
+            let rp = cpu::permute_by_expert(&ids, c.e)?;
+            let gp = kx::permute_by_expert(&ids.to_device(dev)?, c.e)?;
+            for dt in [DType::BF16, DType::F32] {
+                if (dt == DType::F32) != (section == "gemm-f32") {
+                    continue;
+                }
+                let x = Tensor::randn(0f32, 1.0, (c.s, c.d), &cpu_dev)?.to_dtype(dt)?;
+                let sc = 1.0 / (c.d as f64).sqrt();
+                let wg =
+                    (Tensor::randn(0f32, 1.0, (c.e, c.i, c.d), &cpu_dev)? * sc)?.to_dtype(dt)?;
+                let wu =
+                    (Tensor::randn(0f32, 1.0, (c.e, c.i, c.d), &cpu_dev)? * sc)?.to_dtype(dt)?;
+                let wd = (Tensor::randn(0f32, 1.0, (c.e, c.d, c.i), &cpu_dev)?
+                    * (1.0 / (c.i as f64).sqrt()))?
+                .to_dtype(dt)?;
+                let x_perm = cpu::gather_rows(&x, &rp)?;
+                let h_ref = cpu::grouped_gemm(&x_perm, None, &rp.offsets, &wg, Some(&wu))?;
+                let (gx, gwg, gwu, gwd) = (
+                    x.to_device(dev)?,
+                    wg.to_device(dev)?,
+                    wu.to_device(dev)?,
+                    wd.to_device(dev)?,
+                );
+                let gx_perm = x_perm.to_device(dev)?;
+                let tol = if dt == DType::F32 { 1e-5 } else { 1e-2 };
+                for (vname, cfg) in variants.iter().cloned() {
+                    kx::set_gemm_config(cfg);
+                    let case = format!(
+                        "{} S={} k={} E={} D={} I={} {vname}",
+                        c.name, c.s, c.k, c.e, c.d, c.i
+                    );
+                    poison(dev)?;
+                    let h1 = kx::grouped_gate_up_gather(&gx, &gp, &gwg, &gwu)?;
+                    poison(dev)?;
+                    let h2 = kx::grouped_gate_up(&gx_perm, &gp.offsets, &gwg, &gwu)?;
+                    tb.add(
+                        "gate_up+silu*mul (gather)",
+                        &case,
+                        "rel",
+                        rel(&h1, &h_ref)?,
+                        tol,
+                    );
+                    tb.add("gate_up+silu*mul", &case, "rel", rel(&h2, &h_ref)?, tol);
+                    // down projection on the GPU's own hidden state, so that only this kernel is tested
+                    let h1_cpu = h1.to_device(&cpu_dev)?;
+                    let y_ref = cpu::grouped_gemm(&h1_cpu, None, &rp.offsets, &wd, None)?;
+                    poison(dev)?;
+                    let y = kx::grouped_matmul(&h1, &gp.offsets, &gwd)?;
+                    tb.add("down", &case, "rel", rel(&y, &y_ref)?, tol);
+                    let y2 = kx::grouped_matmul(&h1, &gp.offsets, &gwd)?;
+                    tb.add("down", &case, "run-to-run max abs", max_abs(&y, &y2)?, 0.0);
+                }
+                kx::set_gemm_config(GemmConfig::default());
+            }
+        }
+    }
+
+    if section == "layer" {
+        // ---------------- 6. whole layer: fused vs per-expert loop (GPU) vs CPU reference
+        for (dt, tol_loop) in [(DType::F32, 1e-5), (DType::BF16, 2e-2)] {
+            let (s, d, e, k, i) = (512usize, 1152usize, 8usize, 2usize, 4608usize);
+            let sc = 1.0 / (d as f64).sqrt();
+            let mk = |shape: (usize, usize, usize), scale: f64| -> Result<Tensor> {
+                Ok((Tensor::randn(0f32, 1.0, shape, dev)? * scale)?.to_dtype(dt)?)
+            };
+            let experts = ExpertWeights {
+                gate: mk((e, i, d), sc)?,
+                up: mk((e, i, d), sc)?,
+                down: mk((e, d, i), 1.0 / (i as f64).sqrt())?,
+            };
+            let shared = SwigluWeights {
+                gate: mk((1, 2 * d, d), sc)?.squeeze(0)?,
+                up: mk((1, 2 * d, d), sc)?.squeeze(0)?,
+                down: mk((1, d, 2 * d), 1.0 / ((2 * d) as f64).sqrt())?.squeeze(0)?,
+            };
+            let router = mk((1, e, d), sc)?.squeeze(0)?;
+            let x = Tensor::randn(0f32, 1.0, (s, d), dev)?.to_dtype(dt)?;
+            let case = format!("XL S={s} {dt:?} +shared");
+            let (yf, gf) = kx::moe_forward_fused(&x, &router, &experts, Some(&shared), k)?;
+            let (yf2, _) = kx::moe_forward_fused(&x, &router, &experts, Some(&shared), k)?;
+            let (yl, ids_l, _) = kx::moe_forward_loop(&x, &router, &experts, Some(&shared), k)?;
+            // Rows whose top-k differs only because of exactly tied logits (common in bf16; CUDA's
+            // bitonic arg-sort in the loop path is not stable) are left out of the comparison.
+            let logits: Vec<f32> = x
+                .matmul(&router.t()?)?
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1()?;
+            let (ia, ib): (Vec<u32>, Vec<u32>) = (
+                gf.ids.flatten_all()?.to_vec1()?,
+                ids_l.flatten_all()?.to_vec1()?,
+            );
+            let (mut keep, mut tied, mut bad) = (Vec::new(), 0usize, 0usize);
+            for t in 0..s {
+                let (ra, rb) = (&ia[t * k..(t + 1) * k], &ib[t * k..(t + 1) * k]);
+                if ra == rb {
+                    keep.push(t as u32);
+                    continue;
+                }
+                let mut va: Vec<f32> = ra.iter().map(|&j| logits[t * e + j as usize]).collect();
+                let mut vb: Vec<f32> = rb.iter().map(|&j| logits[t * e + j as usize]).collect();
+                va.sort_by(|a, b| b.total_cmp(a));
+                vb.sort_by(|a, b| b.total_cmp(a));
+                if va == vb {
+                    tied += 1
+                } else {
+                    bad += 1
+                }
+            }
+            println!("(layer {dt:?}: {tied} of {s} rows routed differently on exactly tied logits, left out)");
+            tb.add(
+                "layer fused vs loop",
+                &case,
+                "routing mismatches (non-tie)",
+                bad as f64,
+                0.0,
+            );
+            let keep = Tensor::new(keep.as_slice(), dev)?;
+            tb.add(
+                "layer fused vs loop",
+                &case,
+                "rel",
+                rel(&yf.index_select(&keep, 0)?, &yl.index_select(&keep, 0)?)?,
+                tol_loop,
+            );
+            tb.add(
+                "layer fused",
+                &case,
+                "run-to-run max abs",
+                max_abs(&yf, &yf2)?,
+                0.0,
+            );
+            // CPU reference of the fused semantics (same rounding points), from the GPU's router
+            // logits so that both sides route identically
+            let to_c = |t: &Tensor| t.to_device(&cpu_dev);
+            let xc = to_c(&x)?;
+            let gc = cpu::fused_topk_gating(&to_c(&x.matmul(&router.t()?)?)?, k)?;
+            let pc = cpu::permute_by_expert(&gc.ids, e)?;
+            let hc = cpu::grouped_gemm(
+                &xc,
+                Some(&pc),
+                &pc.offsets,
+                &to_c(&experts.gate)?,
+                Some(&to_c(&experts.up)?),
+            )?;
+            let ycx = cpu::grouped_gemm(&hc, None, &pc.offsets, &to_c(&experts.down)?, None)?;
+            let shc = cpu::swiglu_dense(
+                &xc,
+                &to_c(&shared.gate)?,
+                &to_c(&shared.up)?,
+                &to_c(&shared.down)?,
+            )?;
+            let yc = cpu::combine(&ycx, &pc, &gc.weights, Some(&shc))?;
+            let tol_cpu = if dt == DType::F32 { 1e-5 } else { 1e-2 };
+            tb.add(
+                "layer fused GPU vs CPU ref",
+                &case,
+                "rel",
+                rel(&yf, &yc)?,
+                tol_cpu,
+            );
+        }
+    }
+
+    Ok(tb)
+}
+
+/// Captures the fused layer into a CUDA graph: this fails if anything in it synchronises with
+/// the host (a device-to-host read, a blocking allocation).
+#[cfg(feature = "cuda")]
+fn graph_capture_check() -> Result<String> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let dev = Device::new_cuda_with_stream(0)?;
+    let cd = dev.as_cuda_device()?.clone();
+    unsafe { cd.disable_event_tracking() };
+    let (s, d, e, k, i) = (512usize, 256usize, 8usize, 2usize, 512usize);
+    let mk = |shape: (usize, usize, usize)| -> Result<Tensor> {
+        Ok((Tensor::randn(0f32, 0.05, shape, &dev)?).to_dtype(DType::BF16)?)
+    };
+    let experts = ExpertWeights {
+        gate: mk((e, i, d))?,
+        up: mk((e, i, d))?,
+        down: mk((e, d, i))?,
+    };
+    let router = mk((1, e, d))?.squeeze(0)?;
+    let x = Tensor::randn(0f32, 1.0, (s, d), &dev)?.to_dtype(DType::BF16)?;
+    let (y_ref, _) = kx::moe_forward_fused(&x, &router, &experts, None, k)?; // warm-up (module load, cuBLAS)
+    dev.synchronize()?;
+    let st = cd.cuda_stream();
+    st.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+        .map_err(|e| anyhow::anyhow!("begin_capture: {e:?}"))?;
+    let r = kx::moe_forward_fused(&x, &router, &experts, None, k);
+    let g = st.end_capture(
+        sys::CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH,
+    );
+    // the outputs live in graph-owned memory: keep every one of them alive until after replay
+    let (y, gating) = r.map_err(|e| anyhow::anyhow!("forward during capture: {e}"))?;
+    let g = g.map_err(|e| anyhow::anyhow!("end_capture: {e:?}"))?;
+    let g = match g {
+        Some(g) => g,
+        None => bail!("empty graph"),
+    };
+    // Capturing succeeded: nothing in the forward pass synchronised with the host (a device to
+    // host copy or a stream synchronisation inside a THREAD_LOCAL capture is an error). The graph
+    // is not replayed here (a replay attempt returned CUDA_ERROR_INVALID_VALUE on candle's
+    // allocations; graph execution is not part of this check).
+    let _ = (&y, &y_ref);
+    let msg =
+        "fused layer captured into a CUDA graph in THREAD_LOCAL mode: no host synchronisation"
+            .to_string();
+    drop(g);
+    drop(gating);
+    Ok(msg)
+}
+
+const SECTIONS: &[&str] = &[
+    "gating",
+    "permute",
+    "gather-combine",
+    "gemm-f32",
+    "gemm-mma",
+    "gemm-wgmma",
+    "layer",
+    "graph",
+];
+
+#[cfg(feature = "cuda")]
+fn device_info() -> Result<Device> {
+    let dev = Device::new_cuda(0)?;
+    let cd = dev.as_cuda_device()?.clone();
+    let ctx = cd.cuda_stream().context().clone();
+    let m = ditmoe::kernels::cuda::modules(&cd)?;
+    println!(
+        "device: {} cc {:?}; nvrtc arch {}, wgmma {}, kernels ready in {:.2} s",
+        ctx.name()?,
+        ctx.compute_capability()?,
+        m.arch,
+        m.has_wgmma,
+        m.compile_s
+    );
+    Ok(dev)
+}
+
+/// Runs one section in this process; the exit code is the number of failed rows.
+#[cfg(feature = "cuda")]
+fn run_section(section: &str) -> Result<usize> {
+    if section == "graph" {
+        return Ok(match graph_capture_check() {
+            Ok(msg) => {
+                println!("no-host-sync | {msg} | | | | PASS");
+                0
+            }
+            Err(e) => {
+                println!("no-host-sync | graph capture failed: {e} | | | | FAIL");
+                1
+            }
+        });
+    }
+    let dev = device_info()?;
+    if section == "gemm-wgmma" && !ditmoe::kernels::cuda::modules(dev.as_cuda_device()?)?.has_wgmma
+    {
+        println!("gemm-wgmma | skipped: no sm_90a");
+        return Ok(0);
+    }
+    Ok(run_checks(&dev, section)?.failed)
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    #[cfg(feature = "cuda")]
+    {
+        // child mode: one section (a CUDA fault in one section cannot take the others down)
+        if let Some(i) = args.iter().position(|a| a == "--section") {
+            let sec = args.get(i + 1).map(String::as_str).unwrap_or("");
+            let failed = match run_section(sec) {
+                Ok(f) => f,
+                Err(e) => {
+                    println!("{sec} | ERROR: {e} | | | | FAIL");
+                    1
+                }
+            };
+            std::process::exit(failed.min(100) as i32);
+        }
+        let t0 = std::time::Instant::now();
+        let mut failed = 0usize;
+        let bench = args.iter().any(|a| a == "--bench" || a == "--bench-only");
+        if !args.iter().any(|a| a == "--bench-only") {
+            let only: Vec<&str> = args
+                .iter()
+                .skip(1)
+                .filter(|a| SECTIONS.contains(&a.as_str()))
+                .map(String::as_str)
+                .collect();
+            println!("check | case | metric | value | tol | result");
+            println!("---|---|---|---|---|---");
+            let exe = std::env::current_exe()?;
+            let mut summary = Vec::new();
+            for sec in SECTIONS
+                .iter()
+                .filter(|s| only.is_empty() || only.contains(s))
+            {
+                let t = std::time::Instant::now();
+                // each section in its own process, with a watchdog: a fault or a hang in one
+                // section cannot take the others (or the whole time budget) down
+                let mut child = std::process::Command::new(&exe)
+                    .args(["--section", sec])
+                    .spawn()?;
+                let limit = std::time::Duration::from_secs(
+                    std::env::var("GPU_CHECK_SECTION_TIMEOUT")
+                        .ok()
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(150),
+                );
+                let code = loop {
+                    if let Some(st) = child.try_wait()? {
+                        break st.code();
+                    }
+                    if t.elapsed() > limit {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        println!(
+                            "{sec} | timed out after {} s, killed | | | | FAIL",
+                            limit.as_secs()
+                        );
+                        break Some(1);
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                };
+                let f = match code {
+                    Some(c) => c as usize,
+                    None => {
+                        println!("{sec} | killed by a signal | | | | FAIL");
+                        1
+                    }
+                };
+                failed += f;
+                summary.push(format!(
+                    "{sec}: {} ({:.1} s)",
+                    if f == 0 {
+                        "ok".to_string()
+                    } else {
+                        format!("{f} FAILED")
+                    },
+                    t.elapsed().as_secs_f64()
+                ));
+            }
+            println!("\nsections: {}", summary.join(", "));
+            println!(
+                "checks: {failed} failed, {:.1} s",
+                t0.elapsed().as_secs_f64()
+            );
+        }
+        if bench {
+            let dev = device_info()?;
+            bench_moe::run(&dev, &args)?;
+        }
+        if failed > 0 {
+            bail!("{failed} checks FAILED")
+        }
+        println!("ALL CHECKS PASSED");
+        Ok(())
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = args;
+        bail!("built without the cuda feature")
+    }
+}

@@ -1,0 +1,953 @@
+// Grouped expert GEMMs for ditmoe's MoE layer: one launch per projection over all experts.
+//
+// Compiled at run time with NVRTC (src/kernels/cuda.rs); header-free (bf16 as raw u16).
+//
+//   C[r, :] = A[src(r), :] . W_e^T      for the rows r of expert e, offsets[e] <= r < offsets[e+1]
+//   A [*, K] row-major, W [E, N, K] row-major (nn.Linear layout [out, in] per expert),
+//   src(r) = gather ? gather[r] / gk : r   (optional fused row gather from the token matrix).
+//
+// SWIGLU variant: two weight tensors Wg, Wu [E, I, K]; the B tile interleaves gate and up rows
+// in groups of 8 (n8 tiles alternate gate/up), so each thread holds gate and up accumulators
+// for the same output column and the epilogue writes H = silu(gate) * up, [R, I], directly.
+//
+// Scheduling without host synchronisation: offsets stay on the device. Every block turns the
+// per-expert row counts into a prefix sum of M-tiles (ceil(count/BM)); the grid is sized for
+// the worst case (R/BM + E M-tiles) times the N-tiles, and blocks past the real tile count exit
+// at once. Experts with zero rows own zero tiles. M-tiles are visited in groups of 8 per N sweep
+// so that neighbouring blocks share weight tiles in L2.
+//
+// bf16 kernels: BM = 128, BK = 64, BN = 128 or 256, 256 threads (2 warpgroups), cp.async
+// multi-stage pipeline into 128-byte-swizzled shared memory, then either
+//   * wgmma (sm_90a): each warpgroup issues m64nBNk16 on its 64 rows, f32 accumulators, or
+//   * mma.sync m16n8k16 + ldmatrix (sm_80+): 2x4 warps of 64 x BN/4.
+// f32 kernel: plain SIMT tiles (64 x 64 x 16, 4x4 per thread), exact f32 FMA accumulation.
+
+typedef unsigned int u32;
+typedef unsigned short u16;
+typedef unsigned long long u64;
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define GG_HAS_WGMMA 1
+#else
+#define GG_HAS_WGMMA 0
+#endif
+
+__device__ __forceinline__ float bf2f(u16 h) { return __uint_as_float(((u32)h) << 16); }
+__device__ __forceinline__ u16 f2bf(float f) {
+    u32 u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (u16)((u >> 16) | 0x40u);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (u16)(u >> 16);
+}
+__device__ __forceinline__ float silu_f(float g) { return g / (1.f + expf(-g)); }
+// fast SiLU for the bf16 epilogues (the result is rounded to bf16 anyway)
+__device__ __forceinline__ float silu_fast(float g) { return __fdividef(g, 1.f + __expf(-g)); }
+
+__device__ __forceinline__ u32 smem_u32(const void* p) {
+    u32 r;
+    asm volatile("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(r) : "l"(p));
+    return r;
+}
+__device__ __forceinline__ void cp_async16(u32 dst, const void* src, bool ok) {
+    const u32 n = ok ? 16u : 0u;
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
+
+__device__ __forceinline__ void ldmatrix_x4(u32& r0, u32& r1, u32& r2, u32& r3, u32 addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(addr));
+}
+__device__ __forceinline__ void mma_bf16_16816(float* c, const u32* a, const u32* b) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+#if GG_HAS_WGMMA
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory"); }
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+__device__ __forceinline__ void fence_operand(float& r) { asm volatile("" : "+f"(r)::"memory"); }
+// Shared-memory matrix descriptor: K-major tile, rows of 128 bytes, 128-byte swizzle,
+// 8-row groups 1024 bytes apart (SBO); LBO unused for swizzled K-major layouts.
+__device__ __forceinline__ u64 make_desc_sw128(u32 addr) {
+    u64 d = 0;
+    d |= (u64)((addr & 0x3FFFFu) >> 4);
+    d |= (u64)1 << 16;
+    d |= (u64)(1024u >> 4) << 32;
+    d |= (u64)1 << 62;
+    return d;
+}
+
+__device__ __forceinline__ void wgmma_m64n128k16(float* d, u64 da, u64 db, u32 scale_d) {
+    asm volatile(
+        "{\n.reg .pred p;\n"
+        "setp.ne.b32 p, %66, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
+        "{" 
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+        "}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "l"(da), "l"(db), "r"(scale_d));
+}
+
+__device__ __forceinline__ void wgmma_m64n256k16(float* d, u64 da, u64 db, u32 scale_d) {
+    asm volatile(
+        "{\n.reg .pred p;\n"
+        "setp.ne.b32 p, %130, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 "
+        "{" 
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, "
+        "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, "
+        "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "
+        "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, "
+        "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"
+        "}, %128, %129, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
+          "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
+          "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
+          "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
+          "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),
+          "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),
+          "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),
+          "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
+          "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+        : "l"(da), "l"(db), "r"(scale_d));
+}
+#endif  // GG_HAS_WGMMA
+
+#define GG_BM 128
+#define GG_BK 64
+#define GG_THREADS 256
+#define GG_MAXE 1024
+#define GG_GROUP_M 8
+
+// Tile scheduler (see the header). All threads call it; returns false for idle blocks.
+template <int BM>
+__device__ __forceinline__ bool gg_schedule(const u32* __restrict__ offsets, u32 E, u32 n_tiles,
+                                            u32* s_ts, u32& e_out, u32& m_tile_out, u32& n_tile_out) {
+    const u32 lane = threadIdx.x & 31u, warp = threadIdx.x >> 5;
+    if (warp == 0) {
+        const u32 per = (E + 31u) >> 5;
+        const u32 e0 = lane * per;
+        u32 local = 0;
+        for (u32 i = 0; i < per; ++i) {
+            const u32 e = e0 + i;
+            if (e < E) local += (offsets[e + 1] - offsets[e] + BM - 1) / BM;
+        }
+        u32 incl = local;
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+            const u32 v = __shfl_up_sync(0xffffffffu, incl, o);
+            if (lane >= (u32)o) incl += v;
+        }
+        u32 run = incl - local;
+        for (u32 i = 0; i < per; ++i) {
+            const u32 e = e0 + i;
+            if (e < E) {
+                s_ts[e] = run;
+                run += (offsets[e + 1] - offsets[e] + BM - 1) / BM;
+            }
+        }
+        if (lane == 31) s_ts[E] = incl;
+    }
+    __syncthreads();
+    const u32 total_m = s_ts[E];
+    const u32 bid = blockIdx.x;
+    if (bid >= total_m * n_tiles) return false;
+    const u32 per_group = GG_GROUP_M * n_tiles;
+    const u32 group = bid / per_group;
+    const u32 first_m = group * GG_GROUP_M;
+    const u32 gsz = min(total_m - first_m, (u32)GG_GROUP_M);
+    const u32 in_g = bid - group * per_group;
+    const u32 m_tile = first_m + in_g % gsz;
+    n_tile_out = in_g / gsz;
+    // the expert owning m_tile: the last e with s_ts[e] <= m_tile (zero-tile experts are skipped)
+    u32 lo = 0, hi = E - 1;
+    while (lo < hi) {
+        const u32 mid = (lo + hi + 1) >> 1;
+        if (s_ts[mid] <= m_tile) lo = mid; else hi = mid - 1;
+    }
+    e_out = lo;
+    m_tile_out = m_tile;
+    return true;
+}
+
+template <int BN, int STAGES, bool WG, bool SWIGLU>
+__device__ __forceinline__ void gg_bf16_body(const u16* __restrict__ A, const u32* __restrict__ gather, u32 gk,
+                                             const u32* __restrict__ offsets, u32 E,
+                                             const u16* __restrict__ B0, const u16* __restrict__ B1,
+                                             u16* __restrict__ C, u32 N, u32 K) {
+    constexpr int BM = GG_BM, BK = GG_BK;
+    static_assert(STAGES >= 3, "the pipeline keeps one wgmma group in flight: >= 3 stages");
+    constexpr u32 A_BYTES = BM * BK * 2, B_BYTES = BN * BK * 2, STAGE_BYTES = A_BYTES + B_BYTES;
+    constexpr u32 OUT_PER_TILE = SWIGLU ? BN / 2 : BN;
+    extern __shared__ unsigned char gg_smem[];
+    __shared__ u32 s_ts[GG_MAXE + 1];
+
+    const u32 n_tiles = (N + OUT_PER_TILE - 1) / OUT_PER_TILE;
+    u32 e, m_tile, n_tile;
+    if (!gg_schedule<BM>(offsets, E, n_tiles, s_ts, e, m_tile, n_tile)) return;
+    const u32 seg = offsets[e];
+    const u32 cnt = offsets[e + 1] - seg;
+    const u32 m0 = (m_tile - s_ts[e]) * BM;
+    const u32 rows = min(cnt - m0, (u32)BM);
+    const u32 tid = threadIdx.x, lane = tid & 31u, warp = tid >> 5;
+    const u32 smem0 = (smem_u32(gg_smem) + 1023u) & ~1023u;
+
+    // ---- loader: thread -> (row lrow + 32 i, 16-byte chunk lch), 128-byte swizzle
+    const u32 lrow = tid >> 3, lch = tid & 7u;
+    const u32 sw = (lch ^ (lrow & 7u)) << 4;
+    const u16* a_src[BM / 32];
+    bool a_ok[BM / 32];
+#pragma unroll
+    for (int i = 0; i < BM / 32; ++i) {
+        const u32 r = lrow + 32u * i;
+        const bool ok = r < rows;
+        const u32 gr = seg + m0 + r;
+        size_t srow = 0;
+        if (ok) srow = gather ? (size_t)(gather[gr] / gk) : (size_t)gr;
+        a_src[i] = A + srow * K + lch * 8u;
+        a_ok[i] = ok;
+    }
+    const u16* b_src[BN / 32];
+    bool b_ok[BN / 32];
+#pragma unroll
+    for (int i = 0; i < BN / 32; ++i) {
+        const u32 j = lrow + 32u * i;
+        u32 n;
+        const u16* base;
+        if (SWIGLU) { n = n_tile * (BN / 2) + (j >> 4) * 8u + (j & 7u); base = (j & 8u) ? B1 : B0; }
+        else { n = n_tile * BN + j; base = B0; }
+        const bool ok = n < N;
+        b_src[i] = base + ((size_t)e * N + (ok ? n : 0u)) * K + lch * 8u;
+        b_ok[i] = ok;
+    }
+    auto load_stage = [&](u32 s, u32 kt) {
+        const u32 k0 = kt * BK;
+        const bool kok = (k0 + lch * 8u) < K;
+        const u32 sa = smem0 + s * STAGE_BYTES + lrow * 128u + sw;
+#pragma unroll
+        for (int i = 0; i < BM / 32; ++i) {
+            const bool ok = a_ok[i] && kok;
+            cp_async16(sa + i * 32u * 128u, ok ? (const void*)(a_src[i] + k0) : (const void*)A, ok);
+        }
+        const u32 sb = smem0 + s * STAGE_BYTES + A_BYTES + lrow * 128u + sw;
+#pragma unroll
+        for (int i = 0; i < BN / 32; ++i) {
+            const bool ok = b_ok[i] && kok;
+            cp_async16(sb + i * 32u * 128u, ok ? (const void*)(b_src[i] + k0) : (const void*)B0, ok);
+        }
+    };
+
+    float acc[BN / 2];
+#pragma unroll
+    for (int i = 0; i < BN / 2; ++i) acc[i] = 0.f;
+
+    const u32 KT = (K + BK - 1) / BK;
+#pragma unroll
+    for (int s = 0; s < STAGES - 2; ++s) {
+        if ((u32)s < KT) load_stage(s, s);
+        cp_async_commit();
+    }
+    // K >= 1 is guaranteed by the host, so the loop body runs at least once (a zero-trip path
+    // that defines the accumulators outside the wgmma pipeline makes ptxas serialise wgmma).
+    u32 kt = 0;
+    do {
+        cp_async_wait<STAGES - 3>();
+#if GG_HAS_WGMMA
+        if (WG) fence_proxy_async();
+#endif
+        __syncthreads();
+        {
+            const u32 nk = kt + STAGES - 2;
+            if (nk < KT) load_stage(nk % STAGES, nk);
+            cp_async_commit();
+        }
+        const u32 sA = smem0 + (kt % STAGES) * STAGE_BYTES;
+        const u32 sB = sA + A_BYTES;
+        if (WG) {
+#if GG_HAS_WGMMA
+            const u32 wg = warp >> 2;
+#pragma unroll
+            for (int i = 0; i < BN / 2; ++i) fence_operand(acc[i]);
+            wgmma_fence();
+#pragma unroll
+            for (int kk = 0; kk < BK / 16; ++kk) {
+                const u64 da = make_desc_sw128(sA + wg * 64u * 128u + kk * 32u);
+                const u64 db = make_desc_sw128(sB + kk * 32u);
+                if (BN == 256) wgmma_m64n256k16(acc, da, db, 1u);
+                else wgmma_m64n128k16(acc, da, db, 1u);
+            }
+            wgmma_commit();
+            wgmma_wait<1>();
+#pragma unroll
+            for (int i = 0; i < BN / 2; ++i) fence_operand(acc[i]);
+#else
+            __trap();
+#endif
+        } else {
+            constexpr int WN = BN / 4, NT = WN / 8;
+            const u32 wm = warp >> 2, wn = warp & 3u;
+#pragma unroll
+            for (int kk = 0; kk < BK / 16; ++kk) {
+                u32 af[4][4];
+#pragma unroll
+                for (int mi = 0; mi < 4; ++mi) {
+                    const u32 row = wm * 64u + mi * 16u + (lane & 15u);
+                    const u32 ch = kk * 2u + (lane >> 4);
+                    ldmatrix_x4(af[mi][0], af[mi][1], af[mi][2], af[mi][3], sA + row * 128u + ((ch ^ (row & 7u)) << 4));
+                }
+                u32 bfr[NT][2];
+#pragma unroll
+                for (int np = 0; np < NT / 2; ++np) {
+                    const u32 row = wn * WN + np * 16u + (lane & 7u) + ((lane >> 4) << 3);
+                    const u32 ch = kk * 2u + ((lane >> 3) & 1u);
+                    ldmatrix_x4(bfr[2 * np][0], bfr[2 * np][1], bfr[2 * np + 1][0], bfr[2 * np + 1][1],
+                                sB + row * 128u + ((ch ^ (row & 7u)) << 4));
+                }
+#pragma unroll
+                for (int mi = 0; mi < 4; ++mi)
+#pragma unroll
+                    for (int ni = 0; ni < NT; ++ni) mma_bf16_16816(&acc[(mi * NT + ni) * 4], af[mi], bfr[ni]);
+            }
+        }
+    } while (++kt < KT);
+    cp_async_wait<0>();
+#if GG_HAS_WGMMA
+    if (WG) {
+        wgmma_wait<0>();
+#pragma unroll
+        for (int i = 0; i < BN / 2; ++i) fence_operand(acc[i]);
+    }
+#endif
+
+    // ---- epilogue: pairs (row, col), (row, col + 1) in m16n8 accumulator layout
+    auto put = [&](u32 rl, u32 oc, float v0, float v1) {
+        if (rl < rows && oc < N) {
+            const size_t grow = (size_t)seg + m0 + rl;
+            const u32 v = (u32)f2bf(v0) | ((u32)f2bf(v1) << 16);
+            *(u32*)(C + grow * N + oc) = v;
+        }
+    };
+    if (WG) {
+        const u32 wg = warp >> 2, wq = warp & 3u;
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const u32 rl = wg * 64u + wq * 16u + (lane >> 2) + 8u * h;
+            if (SWIGLU) {
+#pragma unroll
+                for (int i = 0; i < BN / 8; i += 2) {
+                    const u32 oc = n_tile * (BN / 2) + (i / 2) * 8u + (lane & 3u) * 2u;
+                    put(rl, oc, silu_f(acc[i * 4 + 2 * h]) * acc[(i + 1) * 4 + 2 * h],
+                        silu_f(acc[i * 4 + 2 * h + 1]) * acc[(i + 1) * 4 + 2 * h + 1]);
+                }
+            } else {
+#pragma unroll
+                for (int i = 0; i < BN / 8; ++i) {
+                    const u32 oc = n_tile * BN + i * 8u + (lane & 3u) * 2u;
+                    put(rl, oc, acc[i * 4 + 2 * h], acc[i * 4 + 2 * h + 1]);
+                }
+            }
+        }
+    } else {
+        constexpr int WN = BN / 4, NT = WN / 8;
+        const u32 wm = warp >> 2, wn = warp & 3u;
+#pragma unroll
+        for (int mi = 0; mi < 4; ++mi)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const u32 rl = wm * 64u + mi * 16u + (lane >> 2) + 8u * h;
+                if (SWIGLU) {
+#pragma unroll
+                    for (int ni = 0; ni < NT; ni += 2) {
+                        const u32 oc = n_tile * (BN / 2) + ((wn * WN) / 16u + ni / 2) * 8u + (lane & 3u) * 2u;
+                        const float* g = &acc[(mi * NT + ni) * 4];
+                        const float* u = &acc[(mi * NT + ni + 1) * 4];
+                        put(rl, oc, silu_f(g[2 * h]) * u[2 * h], silu_f(g[2 * h + 1]) * u[2 * h + 1]);
+                    }
+                } else {
+#pragma unroll
+                    for (int ni = 0; ni < NT; ++ni) {
+                        const u32 oc = n_tile * BN + wn * WN + ni * 8u + (lane & 3u) * 2u;
+                        const float* c = &acc[(mi * NT + ni) * 4];
+                        put(rl, oc, c[2 * h], c[2 * h + 1]);
+                    }
+                }
+            }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Persistent variant (suffix "p"): a grid of (SMs x blocks per SM) CTAs walks the tiles
+// blockIdx.x, blockIdx.x + gridDim.x, ...; one cp.async pipeline runs across tile boundaries, so
+// the next tile's first K-slices are in flight while the current tile's epilogue runs, and the
+// expert prefix sum is computed once per CTA.
+// ---------------------------------------------------------------------------------------
+struct GgTile {
+    u32 e, seg, m0, rows, n_tile;
+};
+
+// Per-expert M-tile prefix sums into s_ts[0..E]; returns the total number of M-tiles.
+template <int BM>
+__device__ __forceinline__ u32 gg_prefix(const u32* __restrict__ offsets, u32 E, u32* s_ts) {
+    const u32 lane = threadIdx.x & 31u, warp = threadIdx.x >> 5;
+    if (warp == 0) {
+        const u32 per = (E + 31u) >> 5;
+        const u32 e0 = lane * per;
+        u32 local = 0;
+        for (u32 i = 0; i < per; ++i) {
+            const u32 e = e0 + i;
+            if (e < E) local += (offsets[e + 1] - offsets[e] + BM - 1) / BM;
+        }
+        u32 incl = local;
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+            const u32 v = __shfl_up_sync(0xffffffffu, incl, o);
+            if (lane >= (u32)o) incl += v;
+        }
+        u32 run = incl - local;
+        for (u32 i = 0; i < per; ++i) {
+            const u32 e = e0 + i;
+            if (e < E) {
+                s_ts[e] = run;
+                run += (offsets[e + 1] - offsets[e] + BM - 1) / BM;
+            }
+        }
+        if (lane == 31) s_ts[E] = incl;
+    }
+    __syncthreads();
+    return s_ts[E];
+}
+
+// Tile t -> expert, rows and N-tile; M-tiles in groups of GG_GROUP_M per N sweep.
+template <int BM>
+__device__ __forceinline__ GgTile gg_decode(u32 t, u32 n_tiles, u32 total_m, const u32* s_ts,
+                                            const u32* __restrict__ offsets, u32 E) {
+    const u32 per_group = GG_GROUP_M * n_tiles;
+    const u32 group = t / per_group;
+    const u32 first_m = group * GG_GROUP_M;
+    const u32 gsz = min(total_m - first_m, (u32)GG_GROUP_M);
+    const u32 in_g = t - group * per_group;
+    const u32 m_tile = first_m + in_g % gsz;
+    GgTile T;
+    T.n_tile = in_g / gsz;
+    u32 lo = 0, hi = E - 1;
+    while (lo < hi) {
+        const u32 mid = (lo + hi + 1) >> 1;
+        if (s_ts[mid] <= m_tile) lo = mid; else hi = mid - 1;
+    }
+    T.e = lo;
+    T.seg = offsets[lo];
+    const u32 cnt = offsets[lo + 1] - T.seg;
+    T.m0 = (m_tile - s_ts[lo]) * BM;
+    T.rows = min(cnt - T.m0, (u32)BM);
+    return T;
+}
+
+template <int BN, int STAGES, bool WG, bool SWIGLU>
+__device__ __forceinline__ void gg_bf16_persist(const u16* __restrict__ A, const u32* __restrict__ gather, u32 gk,
+                                                const u32* __restrict__ offsets, u32 E,
+                                                const u16* __restrict__ B0, const u16* __restrict__ B1,
+                                                u16* __restrict__ C, u32 N, u32 K, u32 max_m) {
+    constexpr int BM = GG_BM, BK = GG_BK;
+    static_assert(STAGES >= 3, "the pipeline keeps one wgmma group in flight: >= 3 stages");
+    constexpr u32 A_BYTES = BM * BK * 2, B_BYTES = BN * BK * 2, STAGE_BYTES = A_BYTES + B_BYTES;
+    constexpr u32 OUT_PER_TILE = SWIGLU ? BN / 2 : BN;
+    extern __shared__ unsigned char gg_smem[];
+    __shared__ u32 s_ts[GG_MAXE + 1];
+
+    const u32 n_tiles = (N + OUT_PER_TILE - 1) / OUT_PER_TILE;
+    // max_m = ceil(R / BM) + E from the host: bounds the tile loop even if offsets were corrupt
+    const u32 total_m = min(gg_prefix<BM>(offsets, E, s_ts), max_m);
+    const u32 total = total_m * n_tiles;
+    if (blockIdx.x >= total) return;
+    const u32 tid = threadIdx.x, lane = tid & 31u, warp = tid >> 5;
+    const u32 smem0 = (smem_u32(gg_smem) + 1023u) & ~1023u;
+    const u32 KT = (K + BK - 1) / BK;
+
+    // ---- load side: runs STAGES-2 K-slices ahead of the compute side, across tiles
+    const u32 lrow = tid >> 3, lch = tid & 7u;
+    const u32 sw = (lch ^ (lrow & 7u)) << 4;
+    const u16* a_src[BM / 32];
+    bool a_ok[BM / 32];
+    const u16* b_src[BN / 32];
+    bool b_ok[BN / 32];
+    auto setup = [&](u32 t) {
+        const GgTile L = gg_decode<BM>(t, n_tiles, total_m, s_ts, offsets, E);
+#pragma unroll
+        for (int i = 0; i < BM / 32; ++i) {
+            const u32 r = lrow + 32u * i;
+            const bool ok = r < L.rows;
+            const u32 gr = L.seg + L.m0 + r;
+            size_t srow = 0;
+            if (ok) srow = gather ? (size_t)(gather[gr] / gk) : (size_t)gr;
+            a_src[i] = A + srow * K + lch * 8u;
+            a_ok[i] = ok;
+        }
+#pragma unroll
+        for (int i = 0; i < BN / 32; ++i) {
+            const u32 j = lrow + 32u * i;
+            u32 n;
+            const u16* base;
+            if (SWIGLU) { n = L.n_tile * (BN / 2) + (j >> 4) * 8u + (j & 7u); base = (j & 8u) ? B1 : B0; }
+            else { n = L.n_tile * BN + j; base = B0; }
+            const bool ok = n < N;
+            b_src[i] = base + ((size_t)L.e * N + (ok ? n : 0u)) * K + lch * 8u;
+            b_ok[i] = ok;
+        }
+    };
+    u32 ld_tile = blockIdx.x, ld_k = 0, ld_count = 0;
+    bool ld_more = true;
+    setup(ld_tile);
+    auto issue = [&]() {
+        if (ld_more) {
+            const u32 s = ld_count % STAGES;
+            const u32 k0 = ld_k * BK;
+            const bool kok = (k0 + lch * 8u) < K;
+            const u32 sa = smem0 + s * STAGE_BYTES + lrow * 128u + sw;
+#pragma unroll
+            for (int i = 0; i < BM / 32; ++i) {
+                const bool ok = a_ok[i] && kok;
+                cp_async16(sa + i * 32u * 128u, ok ? (const void*)(a_src[i] + k0) : (const void*)A, ok);
+            }
+            const u32 sb = smem0 + s * STAGE_BYTES + A_BYTES + lrow * 128u + sw;
+#pragma unroll
+            for (int i = 0; i < BN / 32; ++i) {
+                const bool ok = b_ok[i] && kok;
+                cp_async16(sb + i * 32u * 128u, ok ? (const void*)(b_src[i] + k0) : (const void*)B0, ok);
+            }
+            if (++ld_k == KT) {
+                ld_k = 0;
+                ld_tile += gridDim.x;
+                if (ld_tile < total) setup(ld_tile);
+                else ld_more = false;
+            }
+        }
+        ++ld_count;
+        cp_async_commit();
+    };
+
+    // ---- compute side
+    u32 c_tile = blockIdx.x;
+    GgTile T = gg_decode<BM>(c_tile, n_tiles, total_m, s_ts, offsets, E);
+    float acc[BN / 2];
+#pragma unroll
+    for (int i = 0; i < BN / 2; ++i) acc[i] = 0.f;
+
+    auto put = [&](u32 rl, u32 oc, float v0, float v1) {
+        if (rl < T.rows && oc < N) {
+            const size_t grow = (size_t)T.seg + T.m0 + rl;
+            const u32 v = (u32)f2bf(v0) | ((u32)f2bf(v1) << 16);
+            *(u32*)(C + grow * N + oc) = v;
+        }
+    };
+    auto epilogue = [&]() {
+        if (WG) {
+            const u32 wg = warp >> 2, wq = warp & 3u;
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const u32 rl = wg * 64u + wq * 16u + (lane >> 2) + 8u * h;
+                if (SWIGLU) {
+#pragma unroll
+                    for (int i = 0; i < BN / 8; i += 2) {
+                        const u32 oc = T.n_tile * (BN / 2) + (i / 2) * 8u + (lane & 3u) * 2u;
+                        put(rl, oc, silu_fast(acc[i * 4 + 2 * h]) * acc[(i + 1) * 4 + 2 * h],
+                            silu_fast(acc[i * 4 + 2 * h + 1]) * acc[(i + 1) * 4 + 2 * h + 1]);
+                    }
+                } else {
+#pragma unroll
+                    for (int i = 0; i < BN / 8; ++i) {
+                        const u32 oc = T.n_tile * BN + i * 8u + (lane & 3u) * 2u;
+                        put(rl, oc, acc[i * 4 + 2 * h], acc[i * 4 + 2 * h + 1]);
+                    }
+                }
+            }
+        } else {
+            constexpr int WN = BN / 4, NT = WN / 8;
+            const u32 wm = warp >> 2, wn = warp & 3u;
+#pragma unroll
+            for (int mi = 0; mi < 4; ++mi)
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    const u32 rl = wm * 64u + mi * 16u + (lane >> 2) + 8u * h;
+                    if (SWIGLU) {
+#pragma unroll
+                        for (int ni = 0; ni < NT; ni += 2) {
+                            const u32 oc = T.n_tile * (BN / 2) + ((wn * WN) / 16u + ni / 2) * 8u + (lane & 3u) * 2u;
+                            const float* g = &acc[(mi * NT + ni) * 4];
+                            const float* u = &acc[(mi * NT + ni + 1) * 4];
+                            put(rl, oc, silu_fast(g[2 * h]) * u[2 * h], silu_fast(g[2 * h + 1]) * u[2 * h + 1]);
+                        }
+                    } else {
+#pragma unroll
+                        for (int ni = 0; ni < NT; ++ni) {
+                            const u32 oc = T.n_tile * BN + wn * WN + ni * 8u + (lane & 3u) * 2u;
+                            const float* c = &acc[(mi * NT + ni) * 4];
+                            put(rl, oc, c[2 * h], c[2 * h + 1]);
+                        }
+                    }
+                }
+        }
+    };
+
+#pragma unroll
+    for (int s = 0; s < STAGES - 2; ++s) issue();
+    u32 g = 0, c_k = 0;
+    while (true) {
+        cp_async_wait<STAGES - 3>();
+#if GG_HAS_WGMMA
+        if (WG) fence_proxy_async();
+#endif
+        __syncthreads();
+        issue();
+        const u32 sA = smem0 + (g % STAGES) * STAGE_BYTES;
+        const u32 sB = sA + A_BYTES;
+        if (WG) {
+#if GG_HAS_WGMMA
+            const u32 wg = warp >> 2;
+#pragma unroll
+            for (int i = 0; i < BN / 2; ++i) fence_operand(acc[i]);
+            wgmma_fence();
+#pragma unroll
+            for (int kk = 0; kk < BK / 16; ++kk) {
+                const u64 da = make_desc_sw128(sA + wg * 64u * 128u + kk * 32u);
+                const u64 db = make_desc_sw128(sB + kk * 32u);
+                const u32 scale_d = (c_k > 0u || kk > 0) ? 1u : 0u;  // a new tile starts from zero
+                if (BN == 256) wgmma_m64n256k16(acc, da, db, scale_d);
+                else wgmma_m64n128k16(acc, da, db, scale_d);
+            }
+            wgmma_commit();
+            wgmma_wait<1>();
+#pragma unroll
+            for (int i = 0; i < BN / 2; ++i) fence_operand(acc[i]);
+#else
+            __trap();
+#endif
+        } else {
+            constexpr int WN = BN / 4, NT = WN / 8;
+            const u32 wm = warp >> 2, wn = warp & 3u;
+#pragma unroll
+            for (int kk = 0; kk < BK / 16; ++kk) {
+                u32 af[4][4];
+#pragma unroll
+                for (int mi = 0; mi < 4; ++mi) {
+                    const u32 row = wm * 64u + mi * 16u + (lane & 15u);
+                    const u32 ch = kk * 2u + (lane >> 4);
+                    ldmatrix_x4(af[mi][0], af[mi][1], af[mi][2], af[mi][3], sA + row * 128u + ((ch ^ (row & 7u)) << 4));
+                }
+                u32 bfr[NT][2];
+#pragma unroll
+                for (int np = 0; np < NT / 2; ++np) {
+                    const u32 row = wn * WN + np * 16u + (lane & 7u) + ((lane >> 4) << 3);
+                    const u32 ch = kk * 2u + ((lane >> 3) & 1u);
+                    ldmatrix_x4(bfr[2 * np][0], bfr[2 * np][1], bfr[2 * np + 1][0], bfr[2 * np + 1][1],
+                                sB + row * 128u + ((ch ^ (row & 7u)) << 4));
+                }
+#pragma unroll
+                for (int mi = 0; mi < 4; ++mi)
+#pragma unroll
+                    for (int ni = 0; ni < NT; ++ni) mma_bf16_16816(&acc[(mi * NT + ni) * 4], af[mi], bfr[ni]);
+            }
+        }
+        ++g;
+        if (++c_k == KT) {
+#if GG_HAS_WGMMA
+            if (WG) {
+                wgmma_wait<0>();
+#pragma unroll
+                for (int i = 0; i < BN / 2; ++i) fence_operand(acc[i]);
+            }
+#endif
+            epilogue();
+            c_k = 0;
+            c_tile += gridDim.x;
+            if (c_tile >= total) break;
+            T = gg_decode<BM>(c_tile, n_tiles, total_m, s_ts, offsets, E);
+            if (!WG) {
+#pragma unroll
+                for (int i = 0; i < BN / 2; ++i) acc[i] = 0.f;
+            }
+        }
+    }
+    cp_async_wait<0>();
+}
+
+#define GG_BF16_PKERNEL(NAME, BN, ST, WG, SW)                                                          \
+    extern "C" __global__ void __launch_bounds__(GG_THREADS, (ST) == 3 ? 2 : 1)                       \
+        NAME(const u16* A, const u32* gather, u32 gk, const u32* offsets, u32 E, const u16* B0,       \
+             const u16* B1, u16* C, u32 N, u32 K, u32 max_m) {                                        \
+        gg_bf16_persist<BN, ST, WG, SW>(A, gather, gk, offsets, E, B0, B1, C, N, K, max_m);           \
+    }
+
+// persistent: gg_{mma|wgmma}_{plain|swiglu}_n{BN}s{STAGES}p
+GG_BF16_PKERNEL(gg_mma_plain_n256s4p, 256, 4, false, false)
+GG_BF16_PKERNEL(gg_mma_swiglu_n256s4p, 256, 4, false, true)
+#if GG_HAS_WGMMA
+GG_BF16_PKERNEL(gg_wgmma_plain_n128s5p, 128, 5, true, false)
+GG_BF16_PKERNEL(gg_wgmma_plain_n128s3p, 128, 3, true, false)
+GG_BF16_PKERNEL(gg_wgmma_plain_n256s4p, 256, 4, true, false)
+GG_BF16_PKERNEL(gg_wgmma_swiglu_n128s5p, 128, 5, true, true)
+GG_BF16_PKERNEL(gg_wgmma_swiglu_n128s3p, 128, 3, true, true)
+GG_BF16_PKERNEL(gg_wgmma_swiglu_n256s4p, 256, 4, true, true)
+#endif
+
+#define GG_BF16_KERNEL(NAME, BN, ST, WG, SW)                                                           \
+    extern "C" __global__ void __launch_bounds__(GG_THREADS, 1)                                       \
+        NAME(const u16* A, const u32* gather, u32 gk, const u32* offsets, u32 E, const u16* B0,       \
+             const u16* B1, u16* C, u32 N, u32 K) {                                                   \
+        gg_bf16_body<BN, ST, WG, SW>(A, gather, gk, offsets, E, B0, B1, C, N, K);                     \
+    }
+
+// name: gg_{mma|wgmma}_{plain|swiglu}_n{BN}s{STAGES}; dynamic smem = STAGES * (BM + BN) * 128 + 1024
+GG_BF16_KERNEL(gg_mma_plain_n128s5, 128, 5, false, false)
+GG_BF16_KERNEL(gg_mma_plain_n256s4, 256, 4, false, false)
+GG_BF16_KERNEL(gg_mma_swiglu_n128s5, 128, 5, false, true)
+GG_BF16_KERNEL(gg_mma_swiglu_n256s4, 256, 4, false, true)
+#if GG_HAS_WGMMA
+GG_BF16_KERNEL(gg_wgmma_plain_n128s5, 128, 5, true, false)
+GG_BF16_KERNEL(gg_wgmma_plain_n128s3, 128, 3, true, false)
+GG_BF16_KERNEL(gg_wgmma_plain_n256s4, 256, 4, true, false)
+GG_BF16_KERNEL(gg_wgmma_swiglu_n128s5, 128, 5, true, true)
+GG_BF16_KERNEL(gg_wgmma_swiglu_n128s3, 128, 3, true, true)
+GG_BF16_KERNEL(gg_wgmma_swiglu_n256s4, 256, 4, true, true)
+#endif
+
+// ---------------------------------------------------------------------------------------
+// f32: SIMT tiles, BM = BN = 64, BK = 16, 256 threads, 4x4 outputs per thread.
+// SWIGLU interleave at pair granularity: B row j -> even: gate, odd: up, of column j/2.
+// ---------------------------------------------------------------------------------------
+template <bool SWIGLU>
+__device__ __forceinline__ void gg_f32_body(const float* __restrict__ A, const u32* __restrict__ gather, u32 gk,
+                                            const u32* __restrict__ offsets, u32 E,
+                                            const float* __restrict__ B0, const float* __restrict__ B1,
+                                            float* __restrict__ C, u32 N, u32 K) {
+    constexpr int BM = 64, BN = 64, BK = 16;
+    constexpr u32 OUT_PER_TILE = SWIGLU ? BN / 2 : BN;
+    __shared__ u32 s_ts[GG_MAXE + 1];
+    __shared__ float As[BK][BM + 4];
+    __shared__ float Bs[BK][BN + 4];
+    const u32 n_tiles = (N + OUT_PER_TILE - 1) / OUT_PER_TILE;
+    u32 e, m_tile, n_tile;
+    if (!gg_schedule<BM>(offsets, E, n_tiles, s_ts, e, m_tile, n_tile)) return;
+    const u32 seg = offsets[e];
+    const u32 cnt = offsets[e + 1] - seg;
+    const u32 m0 = (m_tile - s_ts[e]) * BM;
+    const u32 rows = min(cnt - m0, (u32)BM);
+    const u32 tid = threadIdx.x, tx = tid & 15u, ty = tid >> 4;
+    const float* a_src[4];
+    bool a_ok[4];
+    const float* b_src[4];
+    bool b_ok[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const u32 r = ty + 16u * i;
+        const bool ok = r < rows;
+        const u32 gr = seg + m0 + r;
+        size_t srow = 0;
+        if (ok) srow = gather ? (size_t)(gather[gr] / gk) : (size_t)gr;
+        a_src[i] = A + srow * K;
+        a_ok[i] = ok;
+        const u32 j = ty + 16u * i;
+        u32 n;
+        const float* base;
+        if (SWIGLU) { n = n_tile * (BN / 2) + (j >> 1); base = (j & 1u) ? B1 : B0; }
+        else { n = n_tile * BN + j; base = B0; }
+        const bool okb = n < N;
+        b_src[i] = base + ((size_t)e * N + (okb ? n : 0u)) * K;
+        b_ok[i] = okb;
+    }
+    float acc[4][4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) acc[i][j] = 0.f;
+    for (u32 k0 = 0; k0 < K; k0 += BK) {
+        const u32 kk = tx;
+        const bool kok = k0 + kk < K;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            As[kk][ty + 16 * i] = (a_ok[i] && kok) ? a_src[i][k0 + kk] : 0.f;
+            Bs[kk][ty + 16 * i] = (b_ok[i] && kok) ? b_src[i][k0 + kk] : 0.f;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int q = 0; q < BK; ++q) {
+            float a[4], b[4];
+#pragma unroll
+            for (int i = 0; i < 4; ++i) { a[i] = As[q][ty * 4 + i]; b[i] = Bs[q][tx * 4 + i]; }
+#pragma unroll
+            for (int i = 0; i < 4; ++i)
+#pragma unroll
+                for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
+        }
+        __syncthreads();
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const u32 rl = ty * 4u + i;
+        if (rl >= rows) continue;
+        const size_t grow = (size_t)seg + m0 + rl;
+        if (SWIGLU) {
+#pragma unroll
+            for (int p = 0; p < 2; ++p) {
+                const u32 oc = n_tile * (BN / 2) + tx * 2u + p;
+                if (oc < N) C[grow * N + oc] = silu_f(acc[i][2 * p]) * acc[i][2 * p + 1];
+            }
+        } else {
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                const u32 oc = n_tile * BN + tx * 4u + j;
+                if (oc < N) C[grow * N + oc] = acc[i][j];
+            }
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(256) gg_f32_plain(const float* A, const u32* gather, u32 gk,
+        const u32* offsets, u32 E, const float* B0, const float* B1, float* C, u32 N, u32 K) {
+    gg_f32_body<false>(A, gather, gk, offsets, E, B0, B1, C, N, K);
+}
+extern "C" __global__ void __launch_bounds__(256) gg_f32_swiglu(const float* A, const u32* gather, u32 gk,
+        const u32* offsets, u32 E, const float* B0, const float* B1, float* C, u32 N, u32 K) {
+    gg_f32_body<true>(A, gather, gk, offsets, E, B0, B1, C, N, K);
+}
+
+// ---------------------------------------------------------------------------------------
+// f32, larger tiles: BM = BN = 128, BK = 8, 256 threads, 8x8 outputs per thread (two 4x4
+// quadrants 64 apart, float4 shared-memory reads), register-staged double buffering.
+// SWIGLU: B rows 0..63 are gate rows, 64..127 the up rows of the same 64 output columns.
+// ---------------------------------------------------------------------------------------
+struct alignas(16) F4 { float x, y, z, w; };
+
+template <bool SWIGLU>
+__device__ __forceinline__ void gg_f32b_body(const float* __restrict__ A, const u32* __restrict__ gather, u32 gk,
+                                             const u32* __restrict__ offsets, u32 E,
+                                             const float* __restrict__ B0, const float* __restrict__ B1,
+                                             float* __restrict__ C, u32 N, u32 K) {
+    constexpr int BM = 128, BN = 128, BK = 8;
+    constexpr u32 OUT_PER_TILE = SWIGLU ? BN / 2 : BN;
+    __shared__ u32 s_ts[GG_MAXE + 1];
+    __shared__ alignas(16) float As[2][BK][BM];
+    __shared__ alignas(16) float Bs[2][BK][BN];
+    const u32 n_tiles = (N + OUT_PER_TILE - 1) / OUT_PER_TILE;
+    u32 e, m_tile, n_tile;
+    if (!gg_schedule<BM>(offsets, E, n_tiles, s_ts, e, m_tile, n_tile)) return;
+    const u32 seg = offsets[e];
+    const u32 cnt = offsets[e + 1] - seg;
+    const u32 m0 = (m_tile - s_ts[e]) * BM;
+    const u32 rows = min(cnt - m0, (u32)BM);
+    const u32 tid = threadIdx.x, tx = tid & 15u, ty = tid >> 4;
+    // loader: row lr, K offset lk (4 consecutive k per thread)
+    const u32 lr = tid >> 1, lk = (tid & 1u) * 4u;
+    const bool a_ok = lr < rows;
+    size_t srow = 0;
+    if (a_ok) srow = gather ? (size_t)(gather[seg + m0 + lr] / gk) : (size_t)(seg + m0 + lr);
+    const float* a_ptr = A + srow * K;
+    u32 n;
+    const float* bbase;
+    if (SWIGLU) { n = n_tile * 64u + (lr & 63u); bbase = (lr < 64u) ? B0 : B1; }
+    else { n = n_tile * 128u + lr; bbase = B0; }
+    const bool b_ok = n < N;
+    const float* b_ptr = bbase + ((size_t)e * N + (b_ok ? n : 0u)) * K;
+    float ra[4], rb[4];
+    auto load = [&](u32 k0) {
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+            const u32 k = k0 + lk + q;
+            ra[q] = (a_ok && k < K) ? a_ptr[k] : 0.f;
+            rb[q] = (b_ok && k < K) ? b_ptr[k] : 0.f;
+        }
+    };
+    auto store = [&](int buf) {
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+            As[buf][lk + q][lr] = ra[q];
+            Bs[buf][lk + q][lr] = rb[q];
+        }
+    };
+    float acc[8][8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i)
+#pragma unroll
+        for (int j = 0; j < 8; ++j) acc[i][j] = 0.f;
+    load(0);
+    store(0);
+    __syncthreads();
+    int buf = 0;
+    for (u32 k0 = 0; k0 < K; k0 += BK) {
+        const bool more = k0 + BK < K;
+        if (more) load(k0 + BK);
+#pragma unroll
+        for (int kk = 0; kk < BK; ++kk) {
+            const F4 a0 = *(const F4*)&As[buf][kk][ty * 4];
+            const F4 a1 = *(const F4*)&As[buf][kk][ty * 4 + 64];
+            const F4 b0 = *(const F4*)&Bs[buf][kk][tx * 4];
+            const F4 b1 = *(const F4*)&Bs[buf][kk][tx * 4 + 64];
+            const float a[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
+            const float b[8] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
+#pragma unroll
+            for (int i = 0; i < 8; ++i)
+#pragma unroll
+                for (int j = 0; j < 8; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
+        }
+        if (more) store(buf ^ 1);
+        __syncthreads();
+        buf ^= 1;
+    }
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+        const u32 rl = (i < 4) ? ty * 4u + i : 64u + ty * 4u + (i - 4);
+        if (rl >= rows) continue;
+        const size_t grow = (size_t)seg + m0 + rl;
+        if (SWIGLU) {
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                const u32 oc = n_tile * 64u + tx * 4u + j;
+                if (oc < N) C[grow * N + oc] = silu_f(acc[i][j]) * acc[i][j + 4];
+            }
+        } else {
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+                const u32 oc = n_tile * 128u + ((j < 4) ? tx * 4u + j : 64u + tx * 4u + (j - 4));
+                if (oc < N) C[grow * N + oc] = acc[i][j];
+            }
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(256, 2) gg_f32b_plain(const float* A, const u32* gather, u32 gk,
+        const u32* offsets, u32 E, const float* B0, const float* B1, float* C, u32 N, u32 K) {
+    gg_f32b_body<false>(A, gather, gk, offsets, E, B0, B1, C, N, K);
+}
+extern "C" __global__ void __launch_bounds__(256, 2) gg_f32b_swiglu(const float* A, const u32* gather, u32 gk,
+        const u32* offsets, u32 E, const float* B0, const float* B1, float* C, u32 N, u32 K) {
+    gg_f32b_body<true>(A, gather, gk, offsets, E, B0, B1, C, N, K);
+}

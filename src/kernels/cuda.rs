@@ -1,0 +1,695 @@
+//! CUDA implementations: the kernels of `kernels/*.cu`, compiled once per process with NVRTC
+//! (header-free sources, so no CUDA include directory is needed at run time) and launched on
+//! candle's stream. Nothing here reads device memory back to the host.
+use super::{Gating, GemmBackend, Permutation};
+use candle_core::cuda_backend::{cudarc, CudaDType, CudaDevice, CudaStorage};
+use candle_core::op::BackpropOp;
+use candle_core::{bail, DType, Device, Result, Shape, Storage, Tensor};
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use std::sync::OnceLock;
+
+const ROUTING_SRC: &str = include_str!("../../kernels/moe_routing.cu");
+const GEMM_SRC: &str = include_str!("../../kernels/grouped_gemm.cu");
+
+/// NVRTC output for the current GPU generation.
+pub struct Modules {
+    /// NVRTC target, e.g. `sm_90a`.
+    pub arch: &'static str,
+    /// Whether the wgmma kernels exist (sm_90a).
+    pub has_wgmma: bool,
+    /// Whether the bf16 tensor-core kernels exist (sm_80+).
+    pub has_mma: bool,
+    routing_ptx: String,
+    gemm_ptx: Option<String>,
+    /// Seconds spent in NVRTC.
+    pub compile_s: f64,
+}
+
+static MODULES: OnceLock<std::result::Result<Modules, String>> = OnceLock::new();
+
+fn nvrtc(src: &str, arch: &'static str) -> std::result::Result<String, String> {
+    let opts = cudarc::nvrtc::CompileOptions {
+        arch: Some(arch),
+        options: vec!["--std=c++17".into()],
+        ..Default::default()
+    };
+    cudarc::nvrtc::compile_ptx_with_opts(src, opts)
+        .map(|p| p.to_src())
+        .map_err(|e| format!("nvrtc ({arch}): {e:?}"))
+}
+
+/// NVRTC with an on-disk cache of the PTX (`$DITMOE_KERNEL_CACHE`, default
+/// `<tmp>/ditmoe-kernels`), keyed by the source, the target and the NVRTC version, so that a
+/// process started again skips the few seconds of compilation.
+fn nvrtc_cached(src: &str, arch: &'static str) -> std::result::Result<String, String> {
+    use std::hash::{Hash, Hasher};
+    let (mut maj, mut min) = (0i32, 0i32);
+    unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut maj, &mut min) };
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (src, arch, maj, min).hash(&mut h);
+    let dir = std::env::var_os("DITMOE_KERNEL_CACHE")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::env::temp_dir().join("ditmoe-kernels"));
+    let path = dir.join(format!("{:016x}-{arch}.ptx", h.finish()));
+    if let Ok(p) = std::fs::read_to_string(&path) {
+        if p.contains(".entry") {
+            return Ok(p);
+        }
+    }
+    let ptx = nvrtc(src, arch)?;
+    if std::fs::create_dir_all(&dir).is_ok() {
+        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        if std::fs::write(&tmp, &ptx).is_ok() {
+            let _ = std::fs::rename(&tmp, &path);
+        }
+    }
+    Ok(ptx)
+}
+
+/// Compiles (once) and returns the kernel modules for `dev`'s compute capability.
+pub fn modules(dev: &CudaDevice) -> Result<&'static Modules> {
+    let m = MODULES.get_or_init(|| {
+        let t0 = std::time::Instant::now();
+        let (maj, min) = dev
+            .cuda_stream()
+            .context()
+            .compute_capability()
+            .map_err(|e| format!("{e:?}"))?;
+        let arch: &'static str = match (maj, min) {
+            (9, 0) => "sm_90a",
+            (8, 0) => "sm_80",
+            (8, 6) => "sm_86",
+            (8, 7) => "sm_87",
+            (8, 9) => "sm_89",
+            (m, _) if m >= 9 => "sm_90",
+            (8, _) => "sm_80",
+            _ => "sm_70",
+        };
+        let routing_ptx = nvrtc_cached(ROUTING_SRC, arch)?;
+        let has_mma = maj >= 8;
+        let gemm_ptx = if has_mma {
+            Some(nvrtc_cached(GEMM_SRC, arch)?)
+        } else {
+            None
+        };
+        Ok(Modules {
+            arch,
+            has_wgmma: arch == "sm_90a",
+            has_mma,
+            routing_ptx,
+            gemm_ptx,
+            compile_s: t0.elapsed().as_secs_f64(),
+        })
+    });
+    m.as_ref().map_err(|e| candle_core::Error::Msg(e.clone()))
+}
+
+type Func = (
+    std::sync::Arc<cudarc::driver::CudaStream>,
+    cudarc::driver::CudaFunction,
+);
+
+fn routing_fn(dev: &CudaDevice, name: &str) -> Result<Func> {
+    let m = modules(dev)?;
+    let f = dev.get_or_load_custom_func(name, "ditmoe_moe_routing", &m.routing_ptx)?;
+    Ok((dev.cuda_stream(), f.into_cuda_function()))
+}
+
+fn gemm_fn(dev: &CudaDevice, name: &str) -> Result<Func> {
+    let m = modules(dev)?;
+    match &m.gemm_ptx {
+        Some(p) => {
+            let f = dev.get_or_load_custom_func(name, "ditmoe_grouped_gemm", p)?;
+            Ok((dev.cuda_stream(), f.into_cuda_function()))
+        }
+        None => bail!("grouped GEMM kernels need sm_80 or newer (have {})", m.arch),
+    }
+}
+
+fn drv<T>(r: std::result::Result<T, cudarc::driver::DriverError>) -> Result<T> {
+    r.map_err(|e| candle_core::Error::Msg(format!("cuda: {e:?}")))
+}
+
+fn cuda_dev(t: &Tensor) -> Result<CudaDevice> {
+    match t.device() {
+        Device::Cuda(d) => Ok(d.clone()),
+        d => bail!("expected a CUDA tensor, got {d:?}"),
+    }
+}
+
+fn wrap<T: CudaDType>(s: CudaSlice<T>, dev: &CudaDevice, shape: impl Into<Shape>) -> Tensor {
+    Tensor::from_storage(
+        Storage::Cuda(CudaStorage::wrap_cuda_slice(s, dev.clone())),
+        shape,
+        BackpropOp::none(),
+        false,
+    )
+}
+
+/// `let (guard, view, byte_offset) = ...`: a contiguous view of a CUDA tensor's storage.
+macro_rules! view {
+    ($t:expr, $ty:ty, $g:ident, $v:ident) => {
+        let ($g, layout) = $t.storage_and_layout();
+        let (o, e) = match layout.contiguous_offsets() {
+            Some(x) => x,
+            None => bail!("expected a contiguous tensor"),
+        };
+        let $v = match &*$g {
+            Storage::Cuda(c) => c.as_cuda_slice::<$ty>()?.slice(o..e),
+            _ => bail!("expected a CUDA tensor"),
+        };
+    };
+}
+
+fn start_offset_bytes(t: &Tensor) -> usize {
+    t.layout().start_offset() * t.dtype().size_in_bytes()
+}
+
+fn cfg1(grid: u32, block: u32, smem: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (grid.max(1), 1, 1),
+        block_dim: (block, 1, 1),
+        shared_mem_bytes: smem,
+    }
+}
+
+/// `[0, s]` as a `[2]` u32 device tensor, written by a kernel (no host copy).
+pub fn dense_offsets(dev: &Device, s: usize) -> Result<Tensor> {
+    let cd = match dev {
+        Device::Cuda(d) => d.clone(),
+        d => bail!("expected a CUDA device, got {d:?}"),
+    };
+    let mut out = unsafe { cd.alloc::<u32>(2)? };
+    let f = routing_fn(&cd, "dense_offsets")?;
+    let s32 = s as u32;
+    let mut b = f.0.launch_builder(&f.1);
+    b.arg(&mut out);
+    b.arg(&s32);
+    drv(unsafe { b.launch(cfg1(1, 32, 0)) })?;
+    Ok(wrap(out, &cd, 2))
+}
+
+/// See [`super::fused_topk_gating`].
+pub fn fused_topk_gating(logits: &Tensor, k: usize) -> Result<Gating> {
+    let (s, e) = logits.dims2()?;
+    if k == 0 || k > e || e > 256 {
+        bail!("fused_topk_gating: need 1 <= k <= E <= 256, got k={k}, E={e}")
+    }
+    let dev = cuda_dev(logits)?;
+    if s == 0 {
+        let d = logits.device();
+        return Ok(Gating {
+            ids: Tensor::zeros((0, k), DType::U32, d)?,
+            weights: Tensor::zeros((0, k), DType::F32, d)?,
+            scores: Tensor::zeros((0, e), DType::F32, d)?,
+            expert_counts: Tensor::zeros(e, DType::U32, d)?,
+            mean_scores: Tensor::zeros(e, DType::F32, d)?,
+        });
+    }
+    let logits = match logits.dtype() {
+        DType::F32 | DType::BF16 => logits.contiguous()?,
+        _ => logits.to_dtype(DType::F32)?,
+    };
+    let nb = s.div_ceil(64);
+    let mut ids = unsafe { dev.alloc::<u32>(s * k)? };
+    let mut weights = unsafe { dev.alloc::<f32>(s * k)? };
+    let mut scores = unsafe { dev.alloc::<f32>(s * e)? };
+    let mut psum = unsafe { dev.alloc::<f32>(nb * e)? };
+    let mut pcnt = unsafe { dev.alloc::<u32>(nb * e)? };
+    let mut ticket = dev.alloc_zeros::<u32>(1)?;
+    let mut counts = unsafe { dev.alloc::<u32>(e)? };
+    let mut mean = unsafe { dev.alloc::<f32>(e)? };
+    let (s32, e32, k32) = (s as u32, e as u32, k as u32);
+    macro_rules! go {
+        ($t:ty, $name:expr) => {{
+            view!(logits, $t, _g, lv);
+            let f = routing_fn(&dev, $name)?;
+            let mut b = f.0.launch_builder(&f.1);
+            b.arg(&lv);
+            b.arg(&s32).arg(&e32).arg(&k32);
+            b.arg(&mut ids).arg(&mut weights).arg(&mut scores);
+            b.arg(&mut psum)
+                .arg(&mut pcnt)
+                .arg(&mut ticket)
+                .arg(&mut counts)
+                .arg(&mut mean);
+            drv(unsafe { b.launch(cfg1(nb as u32, 256, 0)) })?;
+        }};
+    }
+    if logits.dtype() == DType::BF16 {
+        go!(half::bf16, "fused_gating_bf16")
+    } else {
+        go!(f32, "fused_gating_f32")
+    }
+    let d = &dev;
+    Ok(Gating {
+        ids: wrap(ids, d, (s, k)),
+        weights: wrap(weights, d, (s, k)),
+        scores: wrap(scores, d, (s, e)),
+        expert_counts: wrap(counts, d, e),
+        mean_scores: wrap(mean, d, e),
+    })
+}
+
+const PERM_CHUNK: usize = 1024;
+
+/// See [`super::permute_by_expert`].
+pub fn permute_by_expert(ids: &Tensor, n_experts: usize) -> Result<Permutation> {
+    let (s, k) = ids.dims2()?;
+    if n_experts == 0 || n_experts > 1024 {
+        bail!("permute_by_expert: need 1 <= E <= 1024, got {n_experts}")
+    }
+    let dev = cuda_dev(ids)?;
+    let ids = ids.to_dtype(DType::U32)?.contiguous()?;
+    let n = s * k;
+    let e = n_experts;
+    let mut offsets = dev.alloc_zeros::<u32>(e + 1)?;
+    let mut order = unsafe { dev.alloc::<u32>(n)? };
+    let mut inv = unsafe { dev.alloc::<u32>(n)? };
+    if n > 0 {
+        let nb = n.div_ceil(PERM_CHUNK);
+        let mut hist = unsafe { dev.alloc::<u32>(nb * e)? };
+        let mut base = unsafe { dev.alloc::<u32>(nb * e)? };
+        let (n32, e32, nb32) = (n as u32, e as u32, nb as u32);
+        view!(ids, u32, _g, iv);
+        {
+            let f = routing_fn(&dev, "perm_count")?;
+            let mut b = f.0.launch_builder(&f.1);
+            b.arg(&iv).arg(&n32).arg(&e32).arg(&mut hist);
+            drv(unsafe { b.launch(cfg1(nb32, 256, 0)) })?;
+        }
+        {
+            let f = routing_fn(&dev, "perm_scan")?;
+            let mut b = f.0.launch_builder(&f.1);
+            b.arg(&hist)
+                .arg(&nb32)
+                .arg(&e32)
+                .arg(&mut offsets)
+                .arg(&mut base);
+            drv(unsafe { b.launch(cfg1(1, 1024, 0)) })?;
+        }
+        {
+            let f = routing_fn(&dev, "perm_scatter")?;
+            let mut b = f.0.launch_builder(&f.1);
+            b.arg(&iv)
+                .arg(&n32)
+                .arg(&e32)
+                .arg(&base)
+                .arg(&mut order)
+                .arg(&mut inv);
+            drv(unsafe { b.launch(cfg1(nb32, 256, (8 * e * 4) as u32)) })?;
+        }
+    }
+    Ok(Permutation {
+        order: wrap(order, &dev, n),
+        inv: wrap(inv, &dev, n),
+        offsets: wrap(offsets, &dev, e + 1),
+        k,
+        n_experts,
+    })
+}
+
+fn grid_for(total: usize) -> u32 {
+    total.div_ceil(256).clamp(1, 1 << 20) as u32
+}
+
+/// See [`super::gather_rows`].
+pub fn gather_rows(x: &Tensor, perm: &Permutation) -> Result<Tensor> {
+    let dev = cuda_dev(x)?;
+    let x = x.contiguous()?;
+    let (_, d) = x.dims2()?;
+    let r = perm.rows()?;
+    let es = x.dtype().size_in_bytes();
+    let row_bytes = d * es;
+    let out_t = Tensor::zeros((r, d), x.dtype(), x.device())?;
+    if r == 0 || d == 0 {
+        return Ok(out_t);
+    }
+    let order = perm.order.contiguous()?;
+    let k32 = perm.k as u32;
+    let r32 = r as u32;
+    let aligned16 = row_bytes % 16 == 0 && start_offset_bytes(&x).is_multiple_of(16);
+    let (name, unit) = if aligned16 {
+        ("gather_rows_v16", 16)
+    } else if row_bytes % 4 == 0 && start_offset_bytes(&x).is_multiple_of(4) {
+        ("gather_rows_v4", 4)
+    } else if es == 2 {
+        ("gather_rows_v2", 2)
+    } else {
+        bail!("gather_rows: unsupported dtype {:?}", x.dtype())
+    };
+    let vpr = (row_bytes / unit) as u32;
+    // all paths move raw bytes: view the storages as u8 slices of the right element type
+    macro_rules! go {
+        ($t:ty) => {{
+            view!(x, $t, _gx, xv);
+            view!(order, u32, _go, ov);
+            let mut out = unsafe { dev.alloc::<$t>(r * d)? };
+            let f = routing_fn(&dev, name)?;
+            let mut b = f.0.launch_builder(&f.1);
+            b.arg(&xv)
+                .arg(&ov)
+                .arg(&k32)
+                .arg(&mut out)
+                .arg(&r32)
+                .arg(&vpr);
+            drv(unsafe { b.launch(cfg1(grid_for(r * vpr as usize), 256, 0)) })?;
+            wrap(out, &dev, (r, d))
+        }};
+    }
+    let out = match x.dtype() {
+        DType::F32 => go!(f32),
+        DType::BF16 => go!(half::bf16),
+        DType::F16 => go!(half::f16),
+        DType::U32 => go!(u32),
+        dt => bail!("gather_rows: unsupported dtype {dt:?}"),
+    };
+    Ok(out)
+}
+
+/// See [`super::combine`].
+pub fn combine(
+    expert_out: &Tensor,
+    perm: &Permutation,
+    weights: &Tensor,
+    add: Option<&Tensor>,
+) -> Result<Tensor> {
+    let dev = cuda_dev(expert_out)?;
+    let y = expert_out.contiguous()?;
+    let (r, d) = y.dims2()?;
+    let k = perm.k;
+    let s = r / k.max(1);
+    if weights.dims() != [s, k] {
+        bail!(
+            "combine: weights {:?} do not match S={s}, k={k}",
+            weights.dims()
+        )
+    }
+    let w = weights.to_dtype(DType::F32)?.contiguous()?;
+    let add = match add {
+        Some(a) => {
+            if a.dims() != [s, d] {
+                bail!("combine: add {:?} is not [{s}, {d}]", a.dims())
+            }
+            Some(a.to_dtype(y.dtype())?.contiguous()?)
+        }
+        None => None,
+    };
+    if s == 0 || d == 0 {
+        return match add {
+            Some(a) => Ok(a),
+            None => Tensor::zeros((s, d), y.dtype(), y.device()),
+        };
+    }
+    let inv = perm.inv.contiguous()?;
+    let es = y.dtype().size_in_bytes();
+    let per = 16 / es;
+    let aligned = |t: &Tensor| start_offset_bytes(t).is_multiple_of(16);
+    let vec = d % per == 0 && aligned(&y) && add.as_ref().map(aligned).unwrap_or(true);
+    let (s32, k32, d32, vec32) = (s as u32, k as u32, d as u32, vec as u32);
+    let total = s * if vec { d / per } else { d };
+    let null = 0u64;
+    macro_rules! go {
+        ($t:ty, $name:expr) => {{
+            view!(y, $t, _gy, yv);
+            view!(inv, u32, _gi, iv);
+            view!(w, f32, _gw, wv);
+            let mut out = unsafe { dev.alloc::<$t>(s * d)? };
+            let f = routing_fn(&dev, $name)?;
+            let mut b = f.0.launch_builder(&f.1);
+            b.arg(&yv).arg(&iv).arg(&wv);
+            let ag = add.as_ref().map(|a| a.storage_and_layout());
+            let av = match &ag {
+                Some((g, l)) => match &**g {
+                    Storage::Cuda(c) => {
+                        let (o, e) = l.contiguous_offsets().unwrap();
+                        Some(c.as_cuda_slice::<$t>()?.slice(o..e))
+                    }
+                    _ => bail!("combine: add must be on the same CUDA device"),
+                },
+                None => None,
+            };
+            match &av {
+                Some(v) => b.arg(v),
+                None => b.arg(&null),
+            };
+            b.arg(&mut out).arg(&s32).arg(&k32).arg(&d32).arg(&vec32);
+            drv(unsafe { b.launch(cfg1(grid_for(total), 256, 0)) })?;
+            wrap(out, &dev, (s, d))
+        }};
+    }
+    match y.dtype() {
+        DType::F32 => Ok(go!(f32, "combine_f32")),
+        DType::BF16 => Ok(go!(half::bf16, "combine_bf16")),
+        dt => bail!("combine: unsupported dtype {dt:?}"),
+    }
+}
+
+/// The kernel that [`grouped_gemm`] launches for a dtype, projection kind and output width.
+#[derive(Debug, Clone)]
+pub struct GemmChoice {
+    /// Kernel name in `kernels/grouped_gemm.cu`.
+    pub name: String,
+    /// Rows per tile.
+    pub bm: usize,
+    /// Output columns per tile.
+    pub out_per_tile: usize,
+    /// Dynamic shared memory in bytes.
+    pub smem: u32,
+    /// `Some(blocks per SM)` for persistent kernels (grid = SMs x that).
+    pub persistent: Option<u32>,
+}
+
+fn sm_count(dev: &CudaDevice) -> u32 {
+    static SMS: OnceLock<u32> = OnceLock::new();
+    *SMS.get_or_init(|| {
+        dev.cuda_stream()
+            .context()
+            .attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+            )
+            .map(|v| v.max(1) as u32)
+            .unwrap_or(132)
+    })
+}
+
+/// See [`GemmChoice`]; follows [`super::gemm_config`].
+pub fn gemm_choice(dev: &CudaDevice, dtype: DType, swiglu: bool, n: usize) -> Result<GemmChoice> {
+    let m = modules(dev)?;
+    let cfg = super::gemm_config();
+    match dtype {
+        DType::F32 => {
+            let kind = if swiglu { "swiglu" } else { "plain" };
+            if cfg.f32_tile == 64 {
+                Ok(GemmChoice {
+                    name: format!("gg_f32_{kind}"),
+                    bm: 64,
+                    out_per_tile: if swiglu { 32 } else { 64 },
+                    smem: 0,
+                    persistent: None,
+                })
+            } else {
+                Ok(GemmChoice {
+                    name: format!("gg_f32b_{kind}"),
+                    bm: 128,
+                    out_per_tile: if swiglu { 64 } else { 128 },
+                    smem: 0,
+                    persistent: None,
+                })
+            }
+        }
+        DType::BF16 => {
+            if !m.has_mma {
+                bail!("bf16 grouped GEMM needs sm_80 or newer (have {})", m.arch)
+            }
+            let wg = match cfg.backend {
+                GemmBackend::Auto => m.has_wgmma,
+                GemmBackend::Wgmma => {
+                    if !m.has_wgmma {
+                        bail!("wgmma needs sm_90a (have {})", m.arch)
+                    }
+                    true
+                }
+                GemmBackend::MmaSync => false,
+            };
+            let bn = match cfg.block_n {
+                128 => 128,
+                256 => 256,
+                // Measured on an H100 (docs/benchmarks.md): with wgmma, N tile 256 (persistent)
+                // gives the fastest whole MoE layer at XL and G widths, also for the down
+                // projection whose N (1152, 1408) is not a multiple of 256. Narrow outputs
+                // (a single 128-wide tile) use 128.
+                _ if wg => {
+                    if n <= if swiglu { 64 } else { 128 } {
+                        128
+                    } else {
+                        256
+                    }
+                }
+                _ => {
+                    // mma.sync: output columns per tile, BN/2 for SwiGLU (gate and up interleaved)
+                    let per256 = if swiglu { 128 } else { 256 };
+                    if n.is_multiple_of(per256) && n >= 1024 {
+                        256
+                    } else {
+                        128
+                    }
+                }
+            };
+            let stages = match (bn, cfg.stages) {
+                (128, 3) if wg => 3,
+                (128, _) => 5,
+                _ => 4,
+            };
+            // persistent kernels exist for wgmma (all tiles) and mma.sync with N tile 256
+            let persistent = cfg.persistent.unwrap_or(true) && (wg || bn == 256);
+            let smem = stages * (128 * 64 * 2 + bn * 64 * 2) + 1024;
+            let name = format!(
+                "gg_{}_{}_n{bn}s{stages}{}",
+                if wg { "wgmma" } else { "mma" },
+                if swiglu { "swiglu" } else { "plain" },
+                if persistent { "p" } else { "" }
+            );
+            let per_sm = if stages == 3 { 2 } else { 1 };
+            Ok(GemmChoice {
+                name,
+                bm: 128,
+                out_per_tile: if swiglu { bn / 2 } else { bn },
+                smem: smem as u32,
+                persistent: if persistent { Some(per_sm) } else { None },
+            })
+        }
+        dt => bail!("grouped GEMM: unsupported dtype {dt:?}"),
+    }
+}
+
+/// See [`super::grouped_matmul`] and [`super::grouped_gate_up`].
+pub fn grouped_gemm(
+    x: &Tensor,
+    gather: Option<&Permutation>,
+    offsets: &Tensor,
+    b0: &Tensor,
+    b1: Option<&Tensor>,
+) -> Result<Tensor> {
+    let dev = cuda_dev(x)?;
+    let dtype = x.dtype();
+    let x = x.contiguous()?;
+    let (xr, kdim) = x.dims2()?;
+    let (e, n, kw) = b0.dims3()?;
+    if kw != kdim {
+        bail!("grouped_gemm: x has K={kdim}, weights {:?}", b0.dims())
+    }
+    if e == 0 || e > 1024 {
+        bail!("grouped_gemm: need 1 <= E <= 1024, got {e}")
+    }
+    if offsets.dims() != [e + 1] {
+        bail!(
+            "grouped_gemm: offsets {:?} is not [E + 1 = {}]",
+            offsets.dims(),
+            e + 1
+        )
+    }
+    let swiglu = b1.is_some();
+    if let Some(b1) = b1 {
+        if b1.dims() != b0.dims() {
+            bail!(
+                "grouped_gemm: gate {:?} and up {:?} differ",
+                b0.dims(),
+                b1.dims()
+            )
+        }
+    }
+    if b0.dtype() != dtype || b1.map(|b| b.dtype() != dtype).unwrap_or(false) {
+        bail!("grouped_gemm: weights must have the input dtype {dtype:?}")
+    }
+    let r = match gather {
+        Some(p) => p.rows()?,
+        None => xr,
+    };
+    if r == 0 || n == 0 {
+        return Tensor::zeros((r, n), dtype, x.device());
+    }
+    if kdim == 0 {
+        return Tensor::zeros((r, n), dtype, x.device());
+    }
+    if dtype == DType::BF16 && (kdim % 8 != 0 || n % 8 != 0) {
+        bail!("grouped_gemm bf16: need K % 8 == 0 and N % 8 == 0, got K={kdim}, N={n}")
+    }
+    let b0 = b0.contiguous()?;
+    let b1 = match b1 {
+        Some(b) => b.contiguous()?,
+        None => b0.clone(),
+    };
+    let offsets = offsets.to_dtype(DType::U32)?.contiguous()?;
+    let ch = gemm_choice(&dev, dtype, swiglu, n)?;
+    let smem = ch.smem;
+    let n_tiles = n.div_ceil(ch.out_per_tile);
+    let m_tiles_max = r.div_ceil(ch.bm) + e;
+    let mut grid = n_tiles * m_tiles_max;
+    if let Some(per_sm) = ch.persistent {
+        grid = grid.min(sm_count(&dev) as usize * per_sm as usize);
+    }
+    if grid > u32::MAX as usize {
+        bail!("grouped_gemm: grid too large")
+    }
+    let f = gemm_fn(&dev, &ch.name)?;
+    if smem > 48 * 1024 {
+        drv(f.1.set_attribute(
+            cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            smem as i32,
+        ))?;
+    }
+    let (gk, e32, n32, k32) = (
+        gather.map(|p| p.k).unwrap_or(1) as u32,
+        e as u32,
+        n as u32,
+        kdim as u32,
+    );
+    let null = 0u64;
+    let max_m32 = m_tiles_max as u32;
+    let order = gather.map(|p| p.order.contiguous()).transpose()?;
+    macro_rules! go {
+        ($t:ty) => {{
+            view!(x, $t, _gx, xv);
+            view!(offsets, u32, _go, ov);
+            view!(b0, $t, _g0, b0v);
+            view!(b1, $t, _g1, b1v);
+            let og = order.as_ref().map(|o| o.storage_and_layout());
+            let orv = match &og {
+                Some((g, l)) => match &**g {
+                    Storage::Cuda(c) => {
+                        let (o, e) = l.contiguous_offsets().unwrap();
+                        Some(c.as_cuda_slice::<u32>()?.slice(o..e))
+                    }
+                    _ => bail!("grouped_gemm: permutation must be on the same CUDA device"),
+                },
+                None => None,
+            };
+            let mut out = unsafe { dev.alloc::<$t>(r * n)? };
+            let mut b = f.0.launch_builder(&f.1);
+            b.arg(&xv);
+            match &orv {
+                Some(v) => b.arg(v),
+                None => b.arg(&null),
+            };
+            b.arg(&gk)
+                .arg(&ov)
+                .arg(&e32)
+                .arg(&b0v)
+                .arg(&b1v)
+                .arg(&mut out)
+                .arg(&n32)
+                .arg(&k32);
+            if ch.persistent.is_some() {
+                b.arg(&max_m32);
+            }
+            drv(unsafe { b.launch(cfg1(grid as u32, 256, smem)) })?;
+            wrap(out, &dev, (r, n))
+        }};
+    }
+    match dtype {
+        DType::F32 => Ok(go!(f32)),
+        DType::BF16 => Ok(go!(half::bf16)),
+        dt => bail!("grouped_gemm: unsupported dtype {dt:?}"),
+    }
+}
