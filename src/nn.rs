@@ -12,6 +12,10 @@ pub struct Linear {
 }
 
 impl Linear {
+    /// A linear map over existing tensors (e.g. views into stacked expert weights).
+    pub fn from_weights(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self { inner: candle_nn::Linear::new(weight, bias) }
+    }
     pub fn weight(&self) -> &Tensor {
         self.inner.weight()
     }

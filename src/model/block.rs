@@ -34,8 +34,9 @@ pub struct BlockOutput {
     pub aux_loss: Option<Tensor>,
     /// ProMoE's routing contrastive loss in training mode (lambda included).
     pub contrastive_loss: Option<Tensor>,
-    /// Tokens per expert (ProMoE: the unconditional expert last); empty for a dense block.
-    pub counts: Vec<usize>,
+    /// Slots per expert, `[E]` u32 on the device (ProMoE: the unconditional expert last);
+    /// None for a dense block.
+    pub counts: Option<Tensor>,
 }
 
 impl DitBlock {
@@ -97,11 +98,11 @@ impl DitBlock {
         trace.keep(name("attn_out"), &attn_out);
         trace.keep(name("x_mid"), &x_mid);
         let counts = match moe {
-            Some(moe) => record_moe(moe, &ffn_in, layer, trace),
+            Some(moe) => Some(record_moe(moe, &ffn_in, layer, trace)),
             None => {
                 trace.keep(name("mlp_in"), &ffn_in);
                 trace.keep(name("mlp_out"), &ffn_out);
-                Vec::new()
+                None
             }
         };
         trace.keep(name("out"), &out);
@@ -110,7 +111,7 @@ impl DitBlock {
 }
 
 /// The trace entries and routing record of an MoE layer; returns its expert counts.
-fn record_moe(moe: MoeOutput, moe_in: &Tensor, layer: usize, trace: &mut Trace) -> Vec<usize> {
+fn record_moe(moe: MoeOutput, moe_in: &Tensor, layer: usize, trace: &mut Trace) -> Tensor {
     let name = |what: &'static str| move || format!("blocks.{layer}.{what}");
     trace.keep(name("moe_in"), moe_in);
     trace.keep(name("moe_routed"), &moe.routed);
@@ -122,5 +123,5 @@ fn record_moe(moe: MoeOutput, moe_in: &Tensor, layer: usize, trace: &mut Trace) 
         let r = moe.routing;
         trace.routing.push(LayerRouting { layer, experts: r.experts, weights: r.weights, scores: r.scores });
     }
-    moe.counts
+    moe.expert_counts
 }

@@ -30,8 +30,16 @@ pub struct DitOutput {
     /// ProMoE: one routing contrastive loss per MoE layer in training mode (lambda included),
     /// to add to the training loss beside `aux_losses` and log apart. Empty for DiT-MoE.
     pub contrastive_losses: Vec<Tensor>,
-    /// Tokens routed to each expert, per block: `[block][expert]` (empty for dense blocks).
-    pub expert_counts: Vec<Vec<usize>>,
+    /// Slots routed to each expert, per MoE block: `[E]` u32 tensors on the model's device.
+    pub expert_counts: Vec<Tensor>,
+}
+
+impl DitOutput {
+    /// The expert counts read back to the host, `[moe block][expert]`. This waits for the
+    /// device, so call it where a sync is fine (logging), not inside a sampling loop.
+    pub fn expert_counts_host(&self) -> Result<Vec<Vec<usize>>> {
+        self.expert_counts.iter().map(|c| Ok(c.to_vec1::<u32>()?.into_iter().map(|v| v as usize).collect())).collect()
+    }
 }
 
 impl DitMoe {
@@ -102,7 +110,7 @@ impl DitMoe {
             x = b.x;
             aux_losses.extend(b.aux_loss);
             contrastive_losses.extend(b.contrastive_loss);
-            expert_counts.push(b.counts);
+            expert_counts.extend(b.counts);
         }
         let out = self.final_layer.forward(&x, &c)?;
         trace.keep(|| "final.out".into(), &out);

@@ -26,6 +26,13 @@ impl SwigluExpert {
         })
     }
 
+    /// An expert over existing `[out, in]` weights (views into the stacked tensors of
+    /// [`super::fused::FusedSwiglu`], so the two paths share one copy of the weights).
+    pub fn from_weights(gate: Tensor, up: Tensor, down: Tensor) -> Self {
+        let l = |w| Linear::from_weights(w, None);
+        Self { gate_proj: l(gate), up_proj: l(up), down_proj: l(down) }
+    }
+
     /// The three weights, `[out, in]` as `nn.Linear` stores them (gate, up, down).
     pub fn weights(&self) -> [&Tensor; 3] {
         [self.gate_proj.weight(), self.up_proj.weight(), self.down_proj.weight()]

@@ -76,7 +76,7 @@ impl ProMoeMoe {
             return Ok(None);
         }
         let (n, t, d) = x.dims3()?;
-        let loss = self.contrastive.loss(self.router.cluster_centers(), &x.reshape((n * t, d))?, &moe.dispatch)?;
+        let loss = self.contrastive.loss(self.router.cluster_centers(), &x.reshape((n * t, d))?, dispatch_of(moe)?)?;
         Ok(Some(loss))
     }
 
@@ -91,7 +91,7 @@ impl ProMoeMoe {
         let (n, t, _) = moe.out.dims3()?;
         // The unconditional tokens are exactly those the router sent to expert E.
         let uncond = match self.router.uncond_expert() {
-            Some(e) => moe.dispatch.tokens_of(e, true),
+            Some(e) => dispatch_of(moe)?.tokens_of(e, true),
             None => Vec::new(),
         };
         let cond: Vec<u32> = (0..(n * t) as u32).filter(|tok| uncond.binary_search(tok).is_err()).collect();
@@ -111,4 +111,10 @@ impl ProMoeMoe {
         let cond_routing = Routing { experts: r.experts.index_select(&idx, 0)?, weights: r.weights.index_select(&idx, 0)?, scores };
         Ok(Some(balance_loss(&cond_routing, n_cond / t, self.balance_alpha, self.seq_aux)?))
     }
+}
+
+/// ProMoE layers always run the candle dispatch (the fused kernels are SwiGLU-only), whose
+/// host-side assignment the losses read.
+fn dispatch_of(moe: &MoeOutput) -> Result<&super::ExpertDispatch> {
+    moe.dispatch.as_ref().ok_or_else(|| candle_core::Error::Msg("ProMoE losses need the host-side expert dispatch".into()))
 }

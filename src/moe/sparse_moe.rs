@@ -4,7 +4,7 @@
 //! `SharedExpertMoe`: the official DiT-MoE `SparseMoeBlock`: top-k routed SwiGLU experts plus
 //! an always-on shared SwiGLU expert (`moe_out = routed + shared`), parameter names
 //! `gate.weight`, `experts.<i>.{gate,up,down}_proj.weight`, `shared_experts.*`.
-use super::{balance_loss, ExpertDispatch, Router, Routing, SwigluExpert, TopKRouter};
+use super::{balance_loss, ExpertDispatch, FusedSwiglu, Router, Routing, SwigluExpert, TopKRouter};
 use crate::config::DitConfig;
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
@@ -14,6 +14,8 @@ pub struct SharedExpertMoe {
     gate: TopKRouter,
     experts: Vec<SwigluExpert>,
     shared: Option<SwigluExpert>,
+    /// The fused CUDA kernels' view of the same weights, when they can serve this layer.
+    fused: Option<FusedSwiglu>,
     alpha: f64,
     seq_aux: bool,
 }
@@ -28,11 +30,12 @@ pub struct MoeOutput {
     /// The shared expert's output, (N, T, D), when there is one.
     pub shared: Option<Tensor>,
     pub routing: Routing,
-    /// Tokens per expert this call.
-    pub counts: Vec<usize>,
+    /// Slots routed to each expert this call, `[E]` u32 on the layer's device (read it back
+    /// only when needed: the fused CUDA path never waits on the device).
+    pub expert_counts: Tensor,
     /// The expert-sorted token lists (the routing read back once), for losses that need the
-    /// assignment (ProMoE's routing contrastive loss).
-    pub dispatch: ExpertDispatch,
+    /// assignment (ProMoE's routing contrastive loss); None on the fused path.
+    pub dispatch: Option<ExpertDispatch>,
 }
 
 /// One MoE layer call on x (N, T, D): `router` routes the flattened tokens (`labels` (N,) for
@@ -49,14 +52,16 @@ pub fn routed_forward<R: Router, M: Module>(router: &R, experts: &[M], shared: O
         Some(s) => (&routed + s)?,
         None => routed.clone(),
     };
-    Ok(MoeOutput { out, routed, shared, routing, counts: dispatch.counts(), dispatch })
+    let counts: Vec<u32> = dispatch.counts().into_iter().map(|c| c as u32).collect();
+    let expert_counts = Tensor::from_vec(counts, router.num_experts(), x.device())?;
+    Ok(MoeOutput { out, routed, shared, routing, expert_counts, dispatch: Some(dispatch) })
 }
 
 impl SharedExpertMoe {
     pub fn new(cfg: &DitConfig, vb: VarBuilder) -> Result<Self> {
         let d = cfg.hidden_size;
         // Official state-dict order: experts, gate, shared_experts.
-        let experts = (0..cfg.num_experts)
+        let mut experts = (0..cfg.num_experts)
             .map(|i| SwigluExpert::new(d, cfg.mlp_ratio * d, vb.pp(format!("experts.{i}"))))
             .collect::<Result<Vec<_>>>()?;
         let gate = TopKRouter::new(d, cfg.num_experts, cfg.num_experts_per_tok, cfg.norm_topk_prob, vb.pp("gate"))?;
@@ -64,7 +69,14 @@ impl SharedExpertMoe {
             0 => None,
             n => Some(SwigluExpert::new(d, n * d, vb.pp("shared_experts"))?),
         };
-        Ok(Self { gate, experts, shared, alpha: cfg.aux_loss_alpha, seq_aux: cfg.seq_aux })
+        let fused = if FusedSwiglu::serves(&experts, cfg.norm_topk_prob) {
+            let (fused, views) = FusedSwiglu::stack(&experts)?;
+            experts = views;
+            Some(fused)
+        } else {
+            None
+        };
+        Ok(Self { gate, experts, shared, fused, alpha: cfg.aux_loss_alpha, seq_aux: cfg.seq_aux })
     }
 
     pub fn router(&self) -> &TopKRouter {
@@ -78,8 +90,13 @@ impl SharedExpertMoe {
     }
 
     /// x: (N, T, D).
+    /// On CUDA with frozen weights (inference) this runs the fused kernels; elsewhere, and
+    /// whenever gradients must flow to the weights, the candle dispatch.
     pub fn forward(&self, x: &Tensor) -> Result<MoeOutput> {
-        routed_forward(&self.gate, &self.experts, self.shared.as_ref(), x, None)
+        match &self.fused {
+            Some(f) => f.forward(&self.gate, self.shared.as_ref(), x),
+            None => routed_forward(&self.gate, &self.experts, self.shared.as_ref(), x, None),
+        }
     }
 
     /// The balance loss of one call's routing (training mode), with this layer's alpha/seq_aux.

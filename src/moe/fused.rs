@@ -1,0 +1,59 @@
+//! `FusedSwiglu`: the MoE layer on the fused GPU kernels of [`crate::kernels`] (top-k gating,
+//! counting-sort permutation, grouped gate/up + SiLU·mul with the gather fused in, grouped
+//! down projection, deterministic combine). It computes what [`super::routed_forward`] does
+//! with [`super::TopKRouter`] and SwiGLU experts, without reading anything back to the host,
+//! so a forward pass never waits on the GPU.
+//!
+//! The kernels are forward-only, so the layer uses them only where no gradient must reach the
+//! expert weights: on CUDA, with weights that are not training variables, and without
+//! `norm_topk_prob` (the fused gating keeps the official unnormalised weights).
+use super::{MoeOutput, Routing, SwigluExpert, TopKRouter};
+use crate::kernels::{self, ExpertWeights};
+use candle_core::{DType, Module, Result, Tensor};
+
+#[derive(Debug, Clone)]
+pub struct FusedSwiglu {
+    weights: ExpertWeights,
+}
+
+impl FusedSwiglu {
+    /// Whether the fused path can serve these experts (see the module docs).
+    pub fn serves(experts: &[SwigluExpert], norm_topk_prob: bool) -> bool {
+        let w = experts[0].weights()[0];
+        w.device().is_cuda() && !w.is_variable() && !norm_topk_prob
+    }
+
+    /// Stacks the experts' weights into `[E, I, D]`/`[E, D, I]` tensors and returns experts
+    /// rebuilt as views into them, so both paths share one copy of the weights.
+    pub fn stack(experts: &[SwigluExpert]) -> Result<(Self, Vec<SwigluExpert>)> {
+        let stack = |i: usize| Tensor::stack(&experts.iter().map(|e| e.weights()[i]).collect::<Vec<_>>(), 0);
+        let weights = ExpertWeights { gate: stack(0)?, up: stack(1)?, down: stack(2)? };
+        let view = |w: &Tensor, e: usize| w.narrow(0, e, 1)?.squeeze(0);
+        let views = (0..experts.len())
+            .map(|e| Ok(SwigluExpert::from_weights(view(&weights.gate, e)?, view(&weights.up, e)?, view(&weights.down, e)?)))
+            .collect::<Result<Vec<_>>>()?;
+        Ok((Self { weights }, views))
+    }
+
+    /// x: (N, T, D) f32 activations.
+    pub fn forward(&self, router: &TopKRouter, shared: Option<&SwigluExpert>, x: &Tensor) -> Result<MoeOutput> {
+        let (n, t, d) = x.dims3()?;
+        let flat = x.reshape((n * t, d))?;
+        let logits = router.logits(&flat)?;
+        let g = kernels::fused_topk_gating(&logits.to_dtype(DType::F32)?, router.top_k())?;
+        let perm = kernels::permute_by_expert(&g.ids, router.num_experts())?;
+        // The grouped GEMMs run in the weights' dtype (bf16 on tensor cores), like every
+        // other matmul of the model (`crate::nn::Linear`).
+        let xw = flat.to_dtype(self.weights.gate.dtype())?;
+        let h = kernels::grouped_gate_up_gather(&xw, &perm, &self.weights.gate, &self.weights.up)?;
+        let y = kernels::grouped_matmul(&h, &perm.offsets, &self.weights.down)?;
+        let routed = kernels::combine(&y, &perm, &g.weights, None)?.to_dtype(x.dtype())?.reshape((n, t, d))?;
+        let shared = shared.map(|s| s.forward(x)).transpose()?;
+        let out = match &shared {
+            Some(s) => (&routed + s)?,
+            None => routed.clone(),
+        };
+        let routing = Routing { experts: g.ids, weights: g.weights, scores: g.scores };
+        Ok(MoeOutput { out, routed, shared, routing, expert_counts: g.expert_counts, dispatch: None })
+    }
+}
