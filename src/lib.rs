@@ -4,12 +4,14 @@ pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod diffusion;
+pub mod eval;
 pub mod kernels;
 pub mod model;
 pub mod moe;
 pub mod nn;
 pub mod presets;
 pub mod sampling;
+pub mod train;
 
 pub use config::DitConfig;
 pub use model::{DitMoe, DitOutput, ForwardMode, Trace};

@@ -22,8 +22,12 @@ enum Command {
     Presets,
     /// Convert an official checkpoint (.pt/.pth/.safetensors) into a model folder.
     Convert(cli::convert::ConvertArgs),
+    /// Train a model on class folders or latent shards (exact resume with --resume).
+    Train(cli::train::TrainArgs),
     /// Convert a downloaded dataset into class folders (`data fashion-mnist`).
     Data(cli::data::DataArgs),
+    /// Score a Fashion-MNIST model's samples with a classifier (accuracy, Fréchet distance).
+    Eval(cli::eval::EvalArgs),
 }
 
 fn main() {
@@ -34,7 +38,9 @@ fn main() {
         Command::Routes(a) => cli::routes::run(a),
         Command::Presets => cli::presets::run(),
         Command::Convert(a) => cli::convert::run(a),
+        Command::Train(a) => cli::train::run(a),
         Command::Data(a) => cli::data::run(a),
+        Command::Eval(a) => cli::eval::run(a),
     };
     if let Err(e) = result {
         cli::exit_with(e);

@@ -41,3 +41,73 @@ pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
 pub fn linear_no_bias(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
     Ok(Linear { inner: candle_nn::linear_no_bias(in_dim, out_dim, vb)? })
 }
+
+// candle-nn's fused `softmax_last_dim` and `layer_norm` kernels have no backward pass: under
+// autograd their outputs are constants, silently. So every softmax and LayerNorm of the
+// models goes through these two functions, which take the fused kernel for inference and a
+// composite of differentiable ops whenever the input belongs to an autograd graph.
+
+/// Softmax over the last axis.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    if x.track_op() {
+        candle_nn::ops::softmax(x, candle_core::D::Minus1)
+    } else {
+        candle_nn::ops::softmax_last_dim(x)
+    }
+}
+
+/// LayerNorm over the last axis with optional affine weight and bias.
+pub fn layer_norm(x: &Tensor, weight: Option<&Tensor>, bias: Option<&Tensor>, eps: f64) -> Result<Tensor> {
+    use candle_core::D;
+    if x.track_op() || weight.is_some_and(|w| w.track_op()) || bias.is_some_and(|b| b.track_op()) {
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let centred = x.broadcast_sub(&mean)?;
+        let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
+        let mut y = centred.broadcast_div(&(var + eps)?.sqrt()?)?;
+        if let Some(w) = weight {
+            y = y.broadcast_mul(w)?;
+        }
+        if let Some(b) = bias {
+            y = y.broadcast_add(b)?;
+        }
+        return Ok(y);
+    }
+    let d = x.dim(D::Minus1)?;
+    let ones;
+    let zeros;
+    let w = match weight {
+        Some(w) => w,
+        None => {
+            ones = Tensor::ones(d, x.dtype(), x.device())?;
+            &ones
+        }
+    };
+    let b = match bias {
+        Some(b) => b,
+        None => {
+            zeros = Tensor::zeros(d, x.dtype(), x.device())?;
+            &zeros
+        }
+    };
+    candle_nn::ops::layer_norm(&x.contiguous()?, w, b, eps as f32)
+}
+
+/// A LayerNorm with affine parameters (the flash-attention form's q/k norms).
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    pub fn new(weight: Tensor, bias: Tensor, eps: f64) -> Self {
+        Self { weight, bias, eps }
+    }
+}
+
+impl Module for LayerNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        layer_norm(x, Some(&self.weight), Some(&self.bias), self.eps)
+    }
+}

@@ -1,10 +1,12 @@
 //! Subcommands of the `ditmoe` binary; each file owns one.
 pub mod convert;
 pub mod data;
+pub mod eval;
 pub mod forward;
 pub mod generate;
 pub mod presets;
 pub mod routes;
+pub mod train;
 
 use candle_core::Device;
 

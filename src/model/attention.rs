@@ -6,7 +6,8 @@
 use crate::config::DitConfig;
 use candle_core::{DType, Module, Result, Tensor};
 use crate::nn::Linear;
-use candle_nn::{LayerNorm, VarBuilder};
+use crate::nn::LayerNorm;
+use candle_nn::VarBuilder;
 
 #[derive(Debug, Clone)]
 enum QkNorm {
@@ -73,7 +74,7 @@ impl Attention {
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let att = (q.matmul(&k.t()?)? * scale)?;
         // Softmax in f32 as SDPA/flash-attention accumulate it, whatever the storage dtype.
-        let att = candle_nn::ops::softmax_last_dim(&att.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?;
+        let att = crate::nn::softmax_last_dim(&att.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?;
         let out = att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))?.to_dtype(x.dtype())?;
         self.proj.forward(&out)
     }

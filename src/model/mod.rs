@@ -25,8 +25,5 @@ pub fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
 
 /// LayerNorm without affine parameters, eps 1e-6 (`nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)`).
 pub fn layer_norm_no_affine(x: &Tensor) -> Result<Tensor> {
-    let d = x.dim(candle_core::D::Minus1)?;
-    let ones = Tensor::ones(d, x.dtype(), x.device())?;
-    let zeros = Tensor::zeros(d, x.dtype(), x.device())?;
-    candle_nn::ops::layer_norm(x, &ones, &zeros, 1e-6)
+    crate::nn::layer_norm(x, None, None, 1e-6)
 }

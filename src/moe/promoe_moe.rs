@@ -106,7 +106,7 @@ impl ProMoeMoe {
         let w = mode.apply(&r.scores.index_select(&idx, 0)?)?;
         let scores = match mode {
             WeightMode::Softmax => w,
-            _ => candle_nn::ops::softmax_last_dim(&w)?,
+            _ => crate::nn::softmax_last_dim(&w)?,
         };
         let cond_routing = Routing { experts: r.experts.index_select(&idx, 0)?, weights: r.weights.index_select(&idx, 0)?, scores };
         Ok(Some(balance_loss(&cond_routing, n_cond / t, self.balance_alpha, self.seq_aux)?))

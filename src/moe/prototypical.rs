@@ -30,7 +30,7 @@ impl WeightMode {
     pub fn apply(self, cos: &Tensor) -> Result<Tensor> {
         match self {
             Self::Identity => Ok(cos.clone()),
-            Self::Softmax => candle_nn::ops::softmax_last_dim(cos),
+            Self::Softmax => crate::nn::softmax_last_dim(cos),
             Self::Sigmoid => candle_nn::ops::sigmoid(cos),
         }
     }

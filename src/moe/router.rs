@@ -62,7 +62,7 @@ impl TopKRouter {
     /// autocast does for `softmax`, so bf16 models pick the same experts as f32 ones on all
     /// but near ties.
     pub fn route(&self, logits: &Tensor) -> Result<Routing> {
-        let scores = candle_nn::ops::softmax_last_dim(&logits.to_dtype(DType::F32)?)?;
+        let scores = crate::nn::softmax_last_dim(&logits.to_dtype(DType::F32)?)?;
         let experts = scores.arg_sort_last_dim(false)?.narrow(D::Minus1, 0, self.top_k)?.contiguous()?;
         let mut weights = scores.gather(&experts, D::Minus1)?;
         if self.top_k > 1 && self.norm_topk_prob {

@@ -1,0 +1,118 @@
+//! `ditmoe train`: a `TrainConfig` from `--config FILE` and/or flags (flags win), then the
+//! training loop; `--resume` continues from the newest valid checkpoint in the run folder.
+use super::usage;
+use clap::Args;
+use ditmoe::train::{Objective, StopReason, TrainConfig, Trainer};
+use std::path::PathBuf;
+
+#[derive(Args, Debug)]
+pub struct TrainArgs {
+    /// JSON training config (the fields of `TrainConfig`); flags below override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Preset name (see `ditmoe presets`) or a model config.json.
+    #[arg(long)]
+    model: Option<String>,
+    /// Class folders root, latent shard file, or folder of shards.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Run folder (checkpoints, log.jsonl, ema/).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// ddpm or rf.
+    #[arg(long)]
+    objective: Option<Objective>,
+    #[arg(long)]
+    image_size: Option<usize>,
+    #[arg(long)]
+    global_batch: Option<usize>,
+    #[arg(long)]
+    micro_batch: Option<usize>,
+    #[arg(long)]
+    steps: Option<u64>,
+    /// Stop (checkpoint + EMA export) before this many minutes have passed.
+    #[arg(long)]
+    max_minutes: Option<f64>,
+    #[arg(long)]
+    lr: Option<f64>,
+    #[arg(long)]
+    warmup_steps: Option<u64>,
+    #[arg(long)]
+    max_grad_norm: Option<f64>,
+    #[arg(long)]
+    ema_decay: Option<f64>,
+    #[arg(long)]
+    seed: Option<u64>,
+    #[arg(long)]
+    log_every: Option<u64>,
+    #[arg(long)]
+    ckpt_every: Option<u64>,
+    #[arg(long)]
+    keep_last: Option<usize>,
+    #[arg(long)]
+    num_workers: Option<usize>,
+    /// Continue from the newest valid checkpoint in the run folder.
+    #[arg(long)]
+    resume: bool,
+    /// cpu or cuda. On CUDA, f32 matmuls use TF32 (see docs/quality.md).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Hide the progress bar.
+    #[arg(long)]
+    quiet: bool,
+}
+
+fn build_config(a: &TrainArgs) -> anyhow::Result<TrainConfig> {
+    let mut v = match &a.config {
+        Some(p) => {
+            let text = std::fs::read_to_string(p).map_err(|e| usage(format!("--config {}: {e}", p.display())))?;
+            serde_json::from_str::<serde_json::Value>(&text).map_err(|e| usage(format!("--config {}: {e}", p.display())))?
+        }
+        None => serde_json::json!({}),
+    };
+    let obj = v.as_object_mut().ok_or_else(|| usage("--config must hold a JSON object"))?;
+    let mut set = |k: &str, val: serde_json::Value| {
+        obj.insert(k.to_string(), val);
+    };
+    macro_rules! flag {
+        ($($f:ident),*) => {$( if let Some(x) = &a.$f { set(stringify!($f), serde_json::to_value(x).expect("flag serialises")); } )*};
+    }
+    flag!(model, data, out, objective, image_size, global_batch, micro_batch, steps, max_minutes, lr, warmup_steps, max_grad_norm, ema_decay, seed, log_every, ckpt_every, keep_last, num_workers);
+    let origin = a.config.as_ref().map_or("train flags".to_string(), |p| p.display().to_string());
+    let cfg: TrainConfig = serde_json::from_value(v).map_err(|e| usage(format!("{origin}: {e}")))?;
+    cfg.validate().map_err(|e| usage(e.to_string()))?;
+    Ok(cfg)
+}
+
+pub fn run(a: TrainArgs) -> anyhow::Result<()> {
+    let cfg = build_config(&a)?;
+    let device = super::device(&a.device)?;
+    if device.is_cuda() {
+        // f32 master weights with TF32 tensor-core matmuls: see docs/quality.md.
+        candle_core::cuda::set_gemm_reduced_precision_f32(true);
+    }
+    let mut trainer = Trainer::new(cfg.clone(), &device, a.resume)?;
+    let mc = trainer.model_config();
+    let (total, active) = mc.param_counts();
+    eprintln!(
+        "model: {} params ({} active), {} objective, step {} of {}, batch {} ({} x {})",
+        total,
+        active,
+        serde_json::to_string(&cfg.objective)?.trim_matches('"'),
+        trainer.step(),
+        cfg.steps,
+        cfg.global_batch,
+        cfg.accumulation(),
+        cfg.micro_batch()
+    );
+    let summary = trainer.run(!a.quiet)?;
+    if let Some(from) = &summary.resumed_from {
+        eprintln!("resumed from {}", from.display());
+    }
+    let why = match summary.stop {
+        StopReason::Steps => "step limit",
+        StopReason::TimeBudget => "time budget",
+    };
+    println!("stopped at step {} ({why}); EMA model in {}", summary.final_step, summary.ema_dir.display());
+    Ok(())
+}

@@ -1,0 +1,38 @@
+//! Exponential moving average of the weights (official `train.update_ema`):
+//! `ema = decay * ema + (1 - decay) * param`, started as an exact copy (`update_ema(decay=0)`).
+use candle_core::{Result, Tensor, Var};
+
+pub struct Ema {
+    decay: f64,
+    /// (name, averaged tensor), in the order of the variables it follows.
+    tensors: Vec<(String, Tensor)>,
+}
+
+impl Ema {
+    /// A copy of the current weights.
+    pub fn new(vars: &[(String, Var)], decay: f64) -> Result<Self> {
+        let tensors = vars.iter().map(|(n, v)| Ok((n.clone(), v.as_tensor().detach().copy()?))).collect::<Result<_>>()?;
+        Ok(Self { decay, tensors })
+    }
+
+    pub fn update(&mut self, vars: &[(String, Var)]) -> Result<()> {
+        for ((_, e), (_, v)) in self.tensors.iter_mut().zip(vars) {
+            // Detached so the average does not hold on to every earlier average (op tracking).
+            *e = ((&*e * self.decay)? + (v.as_tensor().detach() * (1.0 - self.decay))?)?.detach();
+        }
+        Ok(())
+    }
+
+    pub fn tensors(&self) -> &[(String, Tensor)] {
+        &self.tensors
+    }
+
+    /// Replaces the averages (resume); `named` must hold every name.
+    pub fn load(&mut self, named: &std::collections::HashMap<String, Tensor>) -> Result<()> {
+        for (name, e) in self.tensors.iter_mut() {
+            let t = named.get(name).ok_or_else(|| candle_core::Error::Msg(format!("EMA state lacks `{name}`")))?;
+            *e = t.to_device(e.device())?.to_dtype(e.dtype())?;
+        }
+        Ok(())
+    }
+}

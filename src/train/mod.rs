@@ -1,0 +1,17 @@
+//! `ditmoe train`: the official `train.py` (DDPM) and `train_rf.py` (rectified flow) loops on
+//! class folders or latent shards, with exact resume.
+pub mod adamw;
+pub mod checkpoint;
+pub mod config;
+pub mod data;
+pub mod ema;
+pub mod init;
+pub mod log;
+pub mod pad;
+pub mod rng;
+pub mod samples;
+pub mod trainer;
+
+pub use config::{Objective, TrainConfig};
+pub use log::{JsonlLog, StepLog, LOG_FILE};
+pub use trainer::{RunSummary, StopReason, Trainer};

@@ -1,0 +1,312 @@
+//! The training loop (official `train.py` / `train_rf.py` main loop): label dropout, the
+//! diffusion or rectified-flow loss plus the expert balance loss, gradient accumulation,
+//! global-norm clipping, AdamW, EMA, logging, checkpoints and exact resume.
+use super::adamw::{AdamW, AdamWParams};
+use super::checkpoint::{self, SaveRequest};
+use super::data::open_dataset;
+use super::ema::Ema;
+use super::init::{initialize, is_frozen};
+use super::log::{JsonlLog, StepLog};
+use super::rng::{drop_labels, randn, step_rng, Stream};
+use super::samples::write_grid;
+use super::{Objective, TrainConfig};
+use crate::checkpoint::{write_atomic, write_safetensors_atomic};
+use crate::config::DitConfig;
+use crate::data::{DataLoader, LoaderConfig, LoaderState};
+use crate::diffusion::{GaussianDiffusion, RectifiedFlow};
+use crate::model::{DitMoe, ForwardMode, Trace};
+use candle_core::{bail, DType, Device, Result, Tensor, Var};
+use candle_nn::{VarBuilder, VarMap};
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::Rng;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Why [`Trainer::run`] returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    /// `steps` optimizer steps are done.
+    Steps,
+    /// The wall-clock budget (`max_minutes`) would have run out during the next step.
+    TimeBudget,
+}
+
+#[derive(Debug, Clone)]
+pub struct RunSummary {
+    /// One record per optimizer step taken by this call (the log file keeps every `log_every`-th).
+    pub steps: Vec<StepLog>,
+    pub final_step: u64,
+    pub stop: StopReason,
+    /// The checkpoint this run resumed from.
+    pub resumed_from: Option<PathBuf>,
+    /// Damaged checkpoints skipped while resuming.
+    pub warnings: Vec<String>,
+    /// The exported EMA model folder (`config.json`, `model.safetensors`, `class_names.json`).
+    pub ema_dir: PathBuf,
+}
+
+enum Loss {
+    Ddpm(Box<GaussianDiffusion>),
+    Rf(RectifiedFlow),
+}
+
+pub struct Trainer {
+    cfg: TrainConfig,
+    model_cfg: DitConfig,
+    device: Device,
+    model: DitMoe,
+    /// Every variable (sorted by name): what checkpoints and the EMA hold.
+    all_vars: Vec<(String, Var)>,
+    opt: AdamW,
+    ema: Ema,
+    loader: DataLoader,
+    loss: Loss,
+    class_names: Vec<String>,
+    step: u64,
+    resumed_from: Option<PathBuf>,
+    warnings: Vec<String>,
+}
+
+impl Trainer {
+    /// Builds the model (official init from `seed`) and data stream; with `resume`, continues
+    /// from the newest valid checkpoint in `<out>/checkpoints` (a fresh start if there is none).
+    pub fn new(cfg: TrainConfig, device: &Device, resume: bool) -> Result<Self> {
+        cfg.validate()?;
+        let model_cfg = cfg.model_config()?;
+        let dataset = open_dataset(&cfg, &model_cfg)?;
+        let class_names = dataset.class_names().to_vec();
+        std::fs::create_dir_all(&cfg.out).map_err(|e| candle_core::Error::Msg(format!("{}: {e}", cfg.out.display())))?;
+
+        // Master weights are f32 on every device (see docs/quality.md for why not bf16).
+        let varmap = VarMap::new();
+        let model = DitMoe::new(&model_cfg, VarBuilder::from_varmap(&varmap, DType::F32, device))?;
+        let mut all_vars: Vec<(String, Var)> = varmap.data().lock().expect("varmap lock").iter().map(|(n, v)| (n.clone(), v.clone())).collect();
+        all_vars.sort_by(|a, b| a.0.cmp(&b.0));
+        initialize(&all_vars, &model_cfg, cfg.seed)?;
+        let trainable: Vec<(String, Var)> = all_vars.iter().filter(|(n, _)| !is_frozen(n)).cloned().collect();
+        let params = AdamWParams { weight_decay: cfg.weight_decay, beta1: cfg.beta1, beta2: cfg.beta2, eps: cfg.adam_eps };
+        let mut opt = AdamW::new(trainable, params)?;
+        let mut ema = Ema::new(&all_vars, cfg.ema_decay)?;
+
+        let (mut step, mut loader_state, mut resumed_from, mut warnings) = (0, LoaderState::default(), None, Vec::new());
+        if resume {
+            let (ckpt, warns) = checkpoint::load_latest(&checkpoint::checkpoints_dir(&cfg.out), device)?;
+            for w in &warns {
+                eprintln!("warning: {w}");
+            }
+            warnings = warns;
+            if let Some(ckpt) = ckpt {
+                if ckpt.state.seed != cfg.seed {
+                    bail!("{}: checkpoint was trained with seed {}, the config says {}", ckpt.dir.display(), ckpt.state.seed, cfg.seed);
+                }
+                for (name, var) in &all_vars {
+                    let t = ckpt.model.get(name).ok_or_else(|| candle_core::Error::Msg(format!("{}: model lacks `{name}`", ckpt.dir.display())))?;
+                    if t.dims() != var.dims() {
+                        bail!("{}: `{name}` has shape {:?}, the model {:?}", ckpt.dir.display(), t.dims(), var.dims());
+                    }
+                    var.set(t)?;
+                }
+                ema.load(&ckpt.ema)?;
+                opt.load_state(&ckpt.optim, ckpt.state.step)?;
+                step = ckpt.state.step;
+                loader_state = ckpt.state.loader;
+                resumed_from = Some(ckpt.dir);
+            }
+        }
+
+        let mut lcfg = LoaderConfig::new(cfg.micro_batch(), cfg.seed);
+        if let Some(w) = cfg.num_workers {
+            lcfg.num_workers = w;
+        }
+        let loader = DataLoader::new(dataset, lcfg, loader_state, device)?;
+        let loss = match cfg.objective {
+            Objective::Ddpm => Loss::Ddpm(Box::new(GaussianDiffusion::create("", model_cfg.learn_sigma)?)),
+            Objective::Rf => Loss::Rf(RectifiedFlow::new(model_cfg.learn_sigma)),
+        };
+        Ok(Self { cfg, model_cfg, device: device.clone(), model, all_vars, opt, ema, loader, loss, class_names, step, resumed_from, warnings })
+    }
+
+    pub fn step(&self) -> u64 {
+        self.step
+    }
+
+    pub fn model_config(&self) -> &DitConfig {
+        &self.model_cfg
+    }
+
+    /// One micro-batch: returns (loss + balance loss scaled by 1/accum, diffusion loss, balance
+    /// loss, expert counts).
+    fn micro_step(&mut self, step: u64, micro: usize) -> Result<(Tensor, f32, f32, Vec<Vec<usize>>)> {
+        let batch = self.loader.next_batch()?;
+        let seed = self.cfg.seed;
+        let (x, n) = (batch.x, batch.y.dim(0)?);
+        let labels = batch.y.to_vec1::<u32>()?;
+        let labels = drop_labels(&mut step_rng(seed, step, micro, Stream::LabelDrop), &labels, self.model_cfg.class_dropout_prob, self.model_cfg.null_class() as u32);
+        let y = Tensor::from_vec(labels, n, &self.device)?;
+        let mut routed = None;
+        let mut call = |xt: &Tensor, t: &Tensor| -> Result<Tensor> {
+            let o = self.model.forward_full(xt, t, &y, ForwardMode::Train, &mut Trace::default())?;
+            routed = Some((o.aux_losses.clone(), o.expert_counts_host()?));
+            Ok(o.out)
+        };
+        let noise = randn(&mut step_rng(seed, step, micro, Stream::Noise), x.dims(), &self.device)?;
+        let mut trng = step_rng(seed, step, micro, Stream::Time);
+        let loss = match &self.loss {
+            Loss::Rf(rf) => {
+                let nt = randn(&mut trng, &[n], &self.device)?;
+                rf.training_losses(&x, &nt, &noise, &mut call)?.loss
+            }
+            Loss::Ddpm(d) => {
+                // Official: `t = torch.randint(0, diffusion.num_timesteps, (N,))`.
+                let t: Vec<usize> = (0..n).map(|_| trng.random_range(0..d.num_timesteps())).collect();
+                d.training_losses(&x, &t, &noise, |xt, mt| {
+                    let tt = Tensor::from_vec(mt.iter().map(|&v| v as f32).collect::<Vec<_>>(), n, &self.device)?;
+                    call(xt, &tt)
+                })?
+                .loss
+                .mean_all()?
+            }
+        };
+        let (aux_losses, counts) = routed.expect("the loss calls the model");
+        let aux = match aux_losses.len() {
+            0 => Tensor::zeros((), DType::F32, &self.device)?,
+            _ => Tensor::stack(&aux_losses.iter().map(|a| a.reshape(())).collect::<Result<Vec<_>>>()?, 0)?.sum_all()?,
+        };
+        let total = ((&loss + &aux)? / self.cfg.accumulation() as f64)?;
+        Ok((total, loss.to_scalar::<f32>()?, aux.to_scalar::<f32>()?, counts))
+    }
+
+    /// One optimizer step: accumulate gradients over the micro-batches, check the loss and
+    /// gradient norm are finite, clip, update, EMA.
+    fn train_step(&mut self) -> Result<StepLog> {
+        let step = self.step + 1;
+        let accum = self.cfg.accumulation();
+        let (mut loss_sum, mut aux_sum) = (0f32, 0f32);
+        let mut counts: Vec<Vec<usize>> = Vec::new();
+        let mut grads: Vec<Tensor> = Vec::new();
+        for micro in 0..accum {
+            let (total, loss, aux, c) = self.micro_step(step, micro)?;
+            if !loss.is_finite() || !aux.is_finite() {
+                bail!("non-finite loss at step {step} (loss {loss}, balance loss {aux})");
+            }
+            loss_sum += loss;
+            aux_sum += aux;
+            if counts.is_empty() {
+                counts = c;
+            } else {
+                for (acc, layer) in counts.iter_mut().zip(c) {
+                    acc.iter_mut().zip(layer).for_each(|(a, b)| *a += b);
+                }
+            }
+            let store = total.backward()?;
+            for (i, (_, var)) in self.opt.vars().iter().enumerate() {
+                // A parameter no expert token reached this pass has no gradient: zero.
+                let g = match store.get(var.as_tensor()) {
+                    Some(g) => g.detach(),
+                    None => var.zeros_like()?,
+                };
+                if micro == 0 {
+                    grads.push(g);
+                } else {
+                    grads[i] = (&grads[i] + g)?;
+                }
+            }
+        }
+        let sq: Vec<Tensor> = grads.iter().map(|g| g.sqr()?.sum_all()).collect::<Result<_>>()?;
+        let grad_norm = Tensor::stack(&sq, 0)?.sum_all()?.sqrt()?.to_scalar::<f32>()?;
+        if !grad_norm.is_finite() {
+            bail!("non-finite gradient norm at step {step}");
+        }
+        if let Some(max) = self.cfg.max_grad_norm {
+            // `clip_grad_norm_`: scale by max / (norm + 1e-6) when that is below 1.
+            let coef = max / (grad_norm as f64 + 1e-6);
+            if coef < 1.0 {
+                grads = grads.iter().map(|g| g * coef).collect::<Result<_>>()?;
+            }
+        }
+        let lr = self.cfg.lr_at(step);
+        self.opt.step(&grads, lr)?;
+        self.ema.update(&self.all_vars)?;
+        self.step = step;
+        Ok(StepLog {
+            step,
+            loss: loss_sum / accum as f32,
+            aux: aux_sum / accum as f32,
+            grad_norm,
+            lr,
+            steps_per_sec: 0.0,
+            expert_counts: counts,
+        })
+    }
+
+    fn save_checkpoint(&self) -> Result<PathBuf> {
+        let tensors = |vars: &[(String, Var)]| vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect::<Vec<_>>();
+        let model = tensors(&self.all_vars);
+        let optim = self.opt.state_tensors();
+        let req = SaveRequest { step: self.step, loader: self.loader.state(), seed: self.cfg.seed, model: &model, ema: self.ema.tensors(), optim: &optim };
+        checkpoint::save(&checkpoint::checkpoints_dir(&self.cfg.out), &req, self.cfg.keep_last)
+    }
+
+    /// Writes the EMA weights as a model folder (`ditmoe generate --model` reads it).
+    pub fn export_ema(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| candle_core::Error::Msg(format!("{}: {e}", dir.display())))?;
+        write_safetensors_atomic(&dir.join("model.safetensors"), self.ema.tensors())?;
+        write_atomic(&dir.join("config.json"), self.model_cfg.to_json().as_bytes())?;
+        let names = serde_json::to_string(&self.class_names).expect("names serialise");
+        write_atomic(&dir.join("class_names.json"), names.as_bytes())
+    }
+
+    /// Trains until `steps` or the time budget; saves a checkpoint every `ckpt_every` steps and
+    /// at the end, then exports the EMA model to `<out>/ema`. A non-finite loss or gradient
+    /// stops with an error naming the step; the checkpoints already written are untouched.
+    pub fn run(&mut self, progress: bool) -> Result<RunSummary> {
+        let start = Instant::now();
+        let budget = self.cfg.max_minutes.map(|m| m * 60.0);
+        let mut log = JsonlLog::open(&self.cfg.out, self.step)?;
+        let bar = if progress { ProgressBar::new(self.cfg.steps) } else { ProgressBar::hidden() };
+        bar.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}").expect("template"));
+        bar.set_position(self.step);
+        let mut records = Vec::new();
+        let mut stop = StopReason::Steps;
+        let (mut last_log_time, mut last_log_step) = (Instant::now(), self.step);
+        // Duration of the latest step: the first one also pays for kernel compilation and
+        // loader start-up, so the slowest step would overstate what the next one costs.
+        let mut last_step = 0f64;
+        let mut saved_step = None;
+        while self.step < self.cfg.steps {
+            if let Some(b) = budget {
+                // Leave room for the next step and the final save (a few steps' worth).
+                if start.elapsed().as_secs_f64() + 4.0 * last_step + 5.0 > b {
+                    stop = StopReason::TimeBudget;
+                    break;
+                }
+            }
+            let t0 = Instant::now();
+            let mut rec = self.train_step()?;
+            last_step = t0.elapsed().as_secs_f64();
+            if rec.step.is_multiple_of(self.cfg.log_every) {
+                rec.steps_per_sec = (rec.step - last_log_step) as f64 / last_log_time.elapsed().as_secs_f64();
+                (last_log_time, last_log_step) = (Instant::now(), rec.step);
+                log.write(&rec)?;
+                bar.set_message(format!("loss {:.4} aux {:.4} |g| {:.3} {:.2} it/s", rec.loss, rec.aux, rec.grad_norm, rec.steps_per_sec));
+            }
+            bar.set_position(self.step);
+            if self.cfg.sample_every > 0 && self.step.is_multiple_of(self.cfg.sample_every) {
+                let path = self.cfg.out.join("samples").join(format!("step-{:08}.png", self.step));
+                write_grid(&self.model_cfg, self.cfg.objective, self.ema.tensors(), &path, self.cfg.seed, &self.device)?;
+            }
+            if self.step.is_multiple_of(self.cfg.ckpt_every) {
+                self.save_checkpoint()?;
+                saved_step = Some(self.step);
+            }
+            records.push(rec);
+        }
+        if saved_step != Some(self.step) {
+            self.save_checkpoint()?;
+        }
+        let ema_dir = self.cfg.out.join("ema");
+        self.export_ema(&ema_dir)?;
+        bar.finish();
+        Ok(RunSummary { steps: records, final_step: self.step, stop, resumed_from: self.resumed_from.clone(), warnings: self.warnings.clone(), ema_dir })
+    }
+}

@@ -1,0 +1,205 @@
+//! `ditmoe train` on a tiny model and a small class folder written here: the loss falls,
+//! resume is bitwise exact, a damaged checkpoint is skipped, a NaN stops training, and bad
+//! inputs fail with messages that name the problem.
+use candle_core::Device;
+use ditmoe::train::{checkpoint, JsonlLog, Objective, TrainConfig, Trainer, LOG_FILE};
+use std::path::{Path, PathBuf};
+
+const MODEL: &str = r#"{"input_size":8,"patch_size":2,"in_channels":1,"hidden_size":32,"depth":2,"num_heads":2,
+"mlp_ratio":2,"class_dropout_prob":0.1,"num_classes":3,"num_experts":4,"num_experts_per_tok":2,
+"learn_sigma":false,"n_shared_experts":1}"#;
+
+/// 3 classes × 8 grayscale 6×6 images (padded to the model's 8×8): a horizontal ramp, a
+/// vertical ramp, and flat grey, each with its own per-image jitter.
+fn write_dataset(root: &Path) {
+    for class in 0..3u32 {
+        let dir = root.join(format!("class{class}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        for i in 0..8u32 {
+            let img = image::GrayImage::from_fn(6, 6, |x, y| {
+                let base = match class {
+                    0 => x * 40,
+                    1 => y * 40,
+                    _ => 128,
+                };
+                image::Luma([(base + (i * 7 + x * 3 + y * 5) % 20) as u8])
+            });
+            img.save(dir.join(format!("{i}.png"))).unwrap();
+        }
+    }
+}
+
+struct Fixture {
+    _tmp: TempDir,
+    root: PathBuf,
+}
+
+/// A scratch folder removed on drop (no extra dev-dependency for one folder).
+struct TempDir(PathBuf);
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        std::fs::remove_dir_all(&self.0).ok();
+    }
+}
+
+fn fixture(name: &str) -> Fixture {
+    let root = std::env::temp_dir().join(format!("ditmoe-train-{name}-{}", std::process::id()));
+    std::fs::remove_dir_all(&root).ok();
+    std::fs::create_dir_all(&root).unwrap();
+    write_dataset(&root.join("data"));
+    std::fs::write(root.join("model.json"), MODEL).unwrap();
+    Fixture { _tmp: TempDir(root.clone()), root }
+}
+
+fn config(f: &Fixture, out: &str, steps: u64) -> TrainConfig {
+    let json = serde_json::json!({
+        "model": f.root.join("model.json"),
+        "data": f.root.join("data"),
+        "out": f.root.join(out),
+        "objective": "rf",
+        "image_size": 6,
+        "global_batch": 8,
+        "micro_batch": 4,
+        "steps": steps,
+        "lr": 1e-3,
+        "max_grad_norm": 1.0,
+        "ema_decay": 0.9,
+        "seed": 7,
+        "log_every": 1,
+        "ckpt_every": 4,
+        "keep_last": 3,
+        "num_workers": 0,
+    });
+    serde_json::from_value(json).unwrap()
+}
+
+fn losses(cfg: TrainConfig, resume: bool) -> Vec<f32> {
+    let mut t = Trainer::new(cfg, &Device::Cpu, resume).unwrap();
+    t.run(false).unwrap().steps.iter().map(|s| s.loss).collect()
+}
+
+#[test]
+fn loss_falls() {
+    let f = fixture("falls");
+    let mut cfg = config(&f, "run", 40);
+    cfg.sample_every = 20;
+    let l = losses(cfg, false);
+    assert_eq!(l.len(), 40);
+    let mean = |s: &[f32]| s.iter().sum::<f32>() / s.len() as f32;
+    let (first, last) = (mean(&l[..5]), mean(&l[35..]));
+    assert!(last < 0.8 * first, "loss did not fall: first five {first}, last five {last} ({l:?})");
+    // Every step was logged, with per-layer expert counts summing to tokens × top-k.
+    let log = JsonlLog::read(&f.root.join("run").join(LOG_FILE)).unwrap();
+    assert_eq!(log.len(), 40);
+    let tokens_times_k = 8 * 16 * 2;
+    assert!(log.iter().all(|r| r.expert_counts.len() == 2 && r.expert_counts.iter().all(|c| c.iter().sum::<usize>() == tokens_times_k)));
+    assert!(f.root.join("run/ema/model.safetensors").is_file());
+    // sample_every 20: grids of 3 classes × 8 (8×8 images, 2 px padding) at steps 20 and 40.
+    for step in [20, 40] {
+        let grid = image::open(f.root.join(format!("run/samples/step-{step:08}.png"))).unwrap();
+        assert_eq!((grid.width(), grid.height()), (8 * 10 + 2, 3 * 10 + 2));
+    }
+}
+
+#[test]
+fn ddpm_objective_trains() {
+    let f = fixture("ddpm");
+    let mut cfg = config(&f, "run", 3);
+    cfg.objective = Objective::Ddpm;
+    let l = losses(cfg, false);
+    assert_eq!(l.len(), 3);
+    assert!(l.iter().all(|v| v.is_finite() && *v > 0.0), "{l:?}");
+}
+
+#[test]
+fn resume_is_bitwise_exact() {
+    let f = fixture("resume");
+    let straight = losses(config(&f, "straight", 12), false);
+    let first = losses(config(&f, "split", 6), false);
+    // Step 6 is not a multiple of ckpt_every (4): the final save at the stop is what resumes.
+    let second = losses(config(&f, "split", 12), true);
+    assert_eq!(first.len() + second.len(), 12);
+    let split: Vec<u32> = first.iter().chain(&second).map(|v| v.to_bits()).collect();
+    let straight_bits: Vec<u32> = straight.iter().map(|v| v.to_bits()).collect();
+    assert_eq!(split, straight_bits, "straight {straight:?} vs split {first:?} + {second:?}");
+    // The resumed log holds each step once.
+    let log = JsonlLog::read(&f.root.join("split").join(LOG_FILE)).unwrap();
+    assert_eq!(log.iter().map(|r| r.step).collect::<Vec<_>>(), (1..=12).collect::<Vec<_>>());
+    // The exported EMA weights match too.
+    let a = std::fs::read(f.root.join("straight/ema/model.safetensors")).unwrap();
+    let b = std::fs::read(f.root.join("split/ema/model.safetensors")).unwrap();
+    assert!(a == b, "EMA weights differ after resume");
+}
+
+#[test]
+fn truncated_checkpoint_falls_back() {
+    let f = fixture("truncated");
+    losses(config(&f, "run", 8), false);
+    let root = checkpoint::checkpoints_dir(&f.root.join("run"));
+    let dirs: Vec<u64> = checkpoint::list(&root).unwrap().iter().map(|(s, _)| *s).collect();
+    assert_eq!(dirs, vec![4, 8]);
+    let damaged = root.join("step-00000008").join(checkpoint::MODEL_FILE);
+    let len = std::fs::metadata(&damaged).unwrap().len();
+    let file = std::fs::OpenOptions::new().write(true).open(&damaged).unwrap();
+    file.set_len(len / 2).unwrap();
+    drop(file);
+
+    let t = Trainer::new(config(&f, "run", 8), &Device::Cpu, true).unwrap();
+    assert_eq!(t.step(), 4, "resume should fall back to step 4");
+    let (_, warnings) = checkpoint::load_latest(&root, &Device::Cpu).unwrap();
+    assert_eq!(warnings.len(), 1);
+    assert!(warnings[0].contains(&damaged.display().to_string()), "warning does not name the file: {}", warnings[0]);
+}
+
+#[test]
+fn nan_stops_with_step_and_keeps_last_checkpoint() {
+    let f = fixture("nan");
+    let mut cfg = config(&f, "run", 20);
+    cfg.lr = 1e30; // the first update blows the weights up; the next loss is not finite
+    cfg.max_grad_norm = None;
+    cfg.ckpt_every = 1;
+    let mut t = Trainer::new(cfg, &Device::Cpu, false).unwrap();
+    let err = t.run(false).unwrap_err().to_string();
+    assert!(err.contains("non-finite"), "{err}");
+    let root = checkpoint::checkpoints_dir(&f.root.join("run"));
+    let saved = checkpoint::list(&root).unwrap();
+    let (last_step, last_dir) = saved.last().expect("the steps before the NaN were checkpointed").clone();
+    assert!(err.contains(&format!("at step {}", last_step + 1)), "error should name step {}: {err}", last_step + 1);
+    let ckpt = checkpoint::load(&last_dir, &Device::Cpu).unwrap();
+    assert_eq!(ckpt.state.step, last_step);
+}
+
+fn ditmoe(args: &[&str]) -> (i32, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ditmoe")).args(args).output().unwrap();
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[test]
+fn bad_inputs_are_named() {
+    let f = fixture("bad");
+    let cfg_path = f.root.join("train.json");
+    let mut v = serde_json::to_value(config(&f, "run", 2)).unwrap();
+    v.as_object_mut().unwrap().insert("learning_rate".into(), 0.1.into());
+    std::fs::write(&cfg_path, v.to_string()).unwrap();
+    let (code, err) = ditmoe(&["train", "--config", cfg_path.to_str().unwrap(), "--quiet"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("unknown field `learning_rate`"), "{err}");
+
+    let missing = f.root.join("nowhere");
+    let (model, out) = (f.root.join("model.json"), f.root.join("o"));
+    let (code, err) = ditmoe(&[
+        "train", "--model", model.to_str().unwrap(), "--data", missing.to_str().unwrap(),
+        "--out", out.to_str().unwrap(), "--objective", "rf", "--quiet",
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains(&missing.display().to_string()) && err.contains("does not exist"), "{err}");
+
+    // A class folder without images.
+    std::fs::create_dir_all(f.root.join("data/class3")).unwrap();
+    let e = Trainer::new(config(&f, "run", 2), &Device::Cpu, false).err().expect("empty class folder must fail").to_string();
+    assert!(e.contains("class3"), "{e}");
+    // Four classes for a three-class model.
+    std::fs::copy(f.root.join("data/class0/0.png"), f.root.join("data/class3/0.png")).unwrap();
+    let e = Trainer::new(config(&f, "run", 2), &Device::Cpu, false).err().expect("class count mismatch must fail").to_string();
+    assert!(e.contains("4 classes") && e.contains("num_classes 3"), "{e}");
+}
