@@ -4,11 +4,15 @@
 //!     --batches 1,8,64 --dtypes bf16,f32
 //!
 //! Prints ms per forward, images/s and achieved TFLOP/s (matmul FLOPs, the count of
-//! shared/docs/baseline.md), with the batch-1 f32 row of each model as the in-run baseline.
+//! shared/docs/baseline.md) for two builds of the same model measured in the same run: frozen
+//! weights (on CUDA the MoE layers take the fused kernels) and training variables (the candle
+//! per-expert dispatch, structured like the official `moe_infer`), and their ratio.
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
+use ditmoe::checkpoint::expected_parameters;
 use ditmoe::{presets, DitConfig, DitMoe};
+use std::collections::HashMap;
 use std::time::Instant;
 
 /// Matmul FLOPs of one image's forward (2 x MACs), as in the official baseline's count.
@@ -37,8 +41,8 @@ fn main() -> Result<()> {
     let models = arg("--models", "S/2-8E2A");
     let batches: Vec<usize> = arg("--batches", "1,8").split(',').map(|b| b.parse()).collect::<Result<_, _>>()?;
     let iters: usize = arg("--iters", "10").parse()?;
-    println!("| model | dtype | batch | ms / forward | images/s | TFLOP/s | images/s vs batch 1 |");
-    println!("|---|---|---:|---:|---:|---:|---:|");
+    println!("| model | dtype | batch | MoE path | ms / forward | images/s | TFLOP/s | vs loop path |");
+    println!("|---|---|---:|---|---:|---:|---:|---:|");
     for name in models.split(',') {
         let cfg = presets::get(name)?.config;
         for dtype_name in arg("--dtypes", "f32").split(',') {
@@ -47,30 +51,44 @@ fn main() -> Result<()> {
                 "f16" => DType::F16,
                 _ => DType::F32,
             };
+            // Frozen random weights (std 1/sqrt(fan_in)): what a loaded checkpoint gives.
+            let frozen: HashMap<String, Tensor> = expected_parameters(&cfg)?
+                .into_iter()
+                .map(|(name, shape)| {
+                    let fan_in: usize = shape.iter().skip(1).product::<usize>().max(1);
+                    let t = Tensor::randn(0f32, (1.0 / fan_in as f64).sqrt() as f32, shape, &device)?.to_dtype(dtype)?;
+                    Ok((name, t))
+                })
+                .collect::<Result<_>>()?;
+            let fused = DitMoe::new(&cfg, VarBuilder::from_tensors(frozen, dtype, &device))?;
             let varmap = VarMap::new();
-            let model = DitMoe::new(&cfg, VarBuilder::from_varmap(&varmap, dtype, &device))?;
-            let mut base = None;
+            let looped = DitMoe::new(&cfg, VarBuilder::from_varmap(&varmap, dtype, &device))?;
             for &b in &batches {
                 let x = Tensor::randn(0f32, 1.0, (b, cfg.in_channels, cfg.input_size, cfg.input_size), &device)?;
                 let t = Tensor::arange(0i64, b as i64, &device)?;
                 let y = Tensor::arange(0i64, b as i64, &device)?;
-                let run = || -> Result<f64> {
-                    let start = Instant::now();
-                    let out = model.forward(&x, &t, &y)?;
-                    device.synchronize()?;
-                    drop(out);
-                    Ok(start.elapsed().as_secs_f64() * 1e3)
+                let time = |model: &DitMoe| -> Result<f64> {
+                    let run = || -> Result<f64> {
+                        let start = Instant::now();
+                        let out = model.forward(&x, &t, &y)?;
+                        device.synchronize()?;
+                        drop(out);
+                        Ok(start.elapsed().as_secs_f64() * 1e3)
+                    };
+                    for _ in 0..3 {
+                        run()?; // warm-up: PTX JIT, NVRTC, allocator
+                    }
+                    let mut times = (0..iters).map(|_| run()).collect::<Result<Vec<_>>>()?;
+                    times.sort_by(f64::total_cmp);
+                    Ok(times[times.len() / 2])
                 };
-                for _ in 0..3 {
-                    run()?; // warm-up: PTX JIT, allocator
+                let loop_ms = time(&looped)?;
+                let fused_ms = time(&fused)?;
+                for (path, ms) in [("loop", loop_ms), ("frozen (fused on CUDA)", fused_ms)] {
+                    let ips = b as f64 / (ms / 1e3);
+                    let tflops = flops_per_image(&cfg) * ips / 1e12;
+                    println!("| {name} | {dtype_name} | {b} | {path} | {ms:.2} | {ips:.1} | {tflops:.1} | {:.2}x |", loop_ms / ms);
                 }
-                let mut times = (0..iters).map(|_| run()).collect::<Result<Vec<_>>>()?;
-                times.sort_by(f64::total_cmp);
-                let ms = times[times.len() / 2];
-                let ips = b as f64 / (ms / 1e3);
-                let base_ips = *base.get_or_insert(ips);
-                let tflops = flops_per_image(&cfg) * ips / 1e12;
-                println!("| {name} | {dtype_name} | {b} | {ms:.2} | {ips:.1} | {tflops:.1} | {:.2}x |", ips / base_ips);
             }
         }
     }

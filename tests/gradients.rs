@@ -60,3 +60,27 @@ fn every_parameter_gets_a_gradient_timm_attention() {
 fn every_parameter_gets_a_gradient_flash_attention() {
     check("tiny-flash");
 }
+
+/// The dense masked mixture (CUDA training path) computes what the sorted dispatch computes,
+/// and passes the same gradients to the router weights.
+#[test]
+fn dense_masked_mixture_equals_dispatch() {
+    use ditmoe::moe::{run_dense_masked, ExpertDispatch};
+    let dir = ditmoe::checkpoint::ModelDir::open(&fixture_path("models/tiny")).unwrap();
+    let model = dir.load(DType::F32, &Device::Cpu).unwrap();
+    let moe = model.blocks()[0].moe().unwrap();
+    let io = common::load_fixture("models/tiny/io.safetensors");
+    let x = io["blocks.0.moe_in"].flatten_to(1).unwrap();
+    let routing = moe.router().forward(&x).unwrap();
+    // Gradients are compared at the router scores, through the top-k weight selection.
+    let w = candle_core::Var::from_tensor(&routing.scores).unwrap();
+    let weights = w.as_tensor().gather(&routing.experts, 1).unwrap();
+    let routing = ditmoe::moe::Routing { scores: w.as_tensor().clone(), weights, ..routing };
+    let sparse = ExpertDispatch::new(&routing.experts, 4).unwrap().run(&x, &routing.weights, moe.experts()).unwrap();
+    let dense = run_dense_masked(&x, &routing, moe.experts(), false).unwrap();
+    common::assert_close("dense vs dispatch", &dense, &sparse, 1e-5);
+    let probe = Tensor::randn(0f32, 1.0, sparse.shape(), &Device::Cpu).unwrap();
+    let gs = (&sparse * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+    let gd = (&dense * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+    common::assert_close("router-weight gradients", gd.get(w.as_tensor()).unwrap(), gs.get(w.as_tensor()).unwrap(), 1e-5);
+}

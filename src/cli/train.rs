@@ -51,6 +51,9 @@ pub struct TrainArgs {
     keep_last: Option<usize>,
     #[arg(long)]
     num_workers: Option<usize>,
+    /// Start from these weights instead of the official initialisation.
+    #[arg(long)]
+    init_from: Option<PathBuf>,
     /// Continue from the newest valid checkpoint in the run folder.
     #[arg(long)]
     resume: bool,
@@ -77,7 +80,7 @@ fn build_config(a: &TrainArgs) -> anyhow::Result<TrainConfig> {
     macro_rules! flag {
         ($($f:ident),*) => {$( if let Some(x) = &a.$f { set(stringify!($f), serde_json::to_value(x).expect("flag serialises")); } )*};
     }
-    flag!(model, data, out, objective, image_size, global_batch, micro_batch, steps, max_minutes, lr, warmup_steps, max_grad_norm, ema_decay, seed, log_every, ckpt_every, keep_last, num_workers);
+    flag!(model, data, out, objective, image_size, global_batch, micro_batch, steps, max_minutes, lr, warmup_steps, max_grad_norm, ema_decay, seed, log_every, ckpt_every, keep_last, num_workers, init_from);
     let origin = a.config.as_ref().map_or("train flags".to_string(), |p| p.display().to_string());
     let cfg: TrainConfig = serde_json::from_value(v).map_err(|e| usage(format!("{origin}: {e}")))?;
     cfg.validate().map_err(|e| usage(e.to_string()))?;

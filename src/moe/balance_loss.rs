@@ -21,11 +21,20 @@ pub fn balance_loss(routing: &Routing, n_images: usize, alpha: f64, seq_aux: boo
         let mean_scores = routing.scores.reshape((n_images, t, e))?.mean(1)?;
         (ce * mean_scores)?.sum(D::Minus1)?.mean(0)? * alpha
     } else {
-        let ids = routing.experts.flatten_all()?;
-        let ones = Tensor::ones(s * k, DType::F32, dev)?;
-        let counts = Tensor::zeros(e, DType::F32, dev)?.index_add(&ids, &ones, 0)?;
+        let counts = expert_slot_mask(routing)?.sum(0)?;
         let f = (counts * (e as f64 / (s * k) as f64))?;
         let p = routing.scores.mean(0)?;
         (p * f)?.sum_all()? * alpha
     }
+}
+
+/// (S, E) f32 mask: 1 where a token picked the expert. Built with a scatter along the expert
+/// axis, which every backend runs in parallel over tokens (candle's CUDA `index_add` along
+/// the token axis runs one thread per output element and loops over all S*k slots).
+pub fn expert_slot_mask(routing: &Routing) -> Result<Tensor> {
+    let (s, e) = routing.scores.dims2()?;
+    let k = routing.experts.dim(1)?;
+    let dev = routing.scores.device();
+    let ones = Tensor::ones((s, k), DType::F32, dev)?;
+    Tensor::zeros((s, e), DType::F32, dev)?.scatter_add(&routing.experts.to_dtype(DType::U32)?, &ones, 1)
 }

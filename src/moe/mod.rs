@@ -15,7 +15,7 @@ pub mod sparse_moe;
 
 pub use balance_loss::balance_loss;
 pub use contrastive::RoutingContrastive;
-pub use dispatch::ExpertDispatch;
+pub use dispatch::{run_dense_masked, ExpertDispatch};
 pub use experts::{GeluMlp, SwigluExpert};
 pub use fused::FusedSwiglu;
 pub use promoe_moe::ProMoeMoe;

@@ -46,6 +46,9 @@ impl TopKRouter {
     pub fn num_experts(&self) -> usize {
         self.weight.dim(0).unwrap_or(0)
     }
+    pub fn norm_topk_prob(&self) -> bool {
+        self.norm_topk_prob
+    }
     pub fn top_k(&self) -> usize {
         self.top_k
     }

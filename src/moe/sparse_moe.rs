@@ -4,6 +4,8 @@
 //! `SharedExpertMoe`: the official DiT-MoE `SparseMoeBlock`: top-k routed SwiGLU experts plus
 //! an always-on shared SwiGLU expert (`moe_out = routed + shared`), parameter names
 //! `gate.weight`, `experts.<i>.{gate,up,down}_proj.weight`, `shared_experts.*`.
+use super::balance_loss::expert_slot_mask;
+use super::dispatch::run_dense_masked;
 use super::{balance_loss, ExpertDispatch, FusedSwiglu, Router, Routing, SwigluExpert, TopKRouter};
 use crate::config::DitConfig;
 use candle_core::{Module, Result, Tensor};
@@ -95,8 +97,25 @@ impl SharedExpertMoe {
     pub fn forward(&self, x: &Tensor) -> Result<MoeOutput> {
         match &self.fused {
             Some(f) => f.forward(&self.gate, self.shared.as_ref(), x),
+            None if x.device().is_cuda() && x.track_op() => self.dense_masked_forward(x),
             None => routed_forward(&self.gate, &self.experts, self.shared.as_ref(), x, None),
         }
+    }
+
+    /// Training on CUDA: the router as usual, the experts as a dense masked mixture
+    /// ([`run_dense_masked`]), no host read-back.
+    fn dense_masked_forward(&self, x: &Tensor) -> Result<MoeOutput> {
+        let (n, t, d) = x.dims3()?;
+        let flat = x.reshape((n * t, d))?;
+        let routing = self.gate.forward(&flat)?;
+        let routed = run_dense_masked(&flat, &routing, &self.experts, self.gate.norm_topk_prob())?.reshape((n, t, d))?;
+        let shared = self.shared.as_ref().map(|s| s.forward(x)).transpose()?;
+        let out = match &shared {
+            Some(s) => (&routed + s)?,
+            None => routed.clone(),
+        };
+        let expert_counts = expert_slot_mask(&routing)?.sum(0)?.to_dtype(candle_core::DType::U32)?;
+        Ok(MoeOutput { out, routed, shared, routing, expert_counts, dispatch: None })
     }
 
     /// The balance loss of one call's routing (training mode), with this layer's alpha/seq_aux.

@@ -127,6 +127,11 @@ pub struct TrainConfig {
     /// Data-loading threads; default one per core.
     #[serde(default)]
     pub num_workers: Option<usize>,
+    /// Start from these weights (a model safetensors/.pt, validated against the model
+    /// config) instead of the official initialisation, e.g. to fine-tune or to continue from
+    /// shipped EMA weights. Ignored when resuming from a checkpoint.
+    #[serde(default)]
+    pub init_from: Option<PathBuf>,
 }
 
 impl TrainConfig {

@@ -83,6 +83,13 @@ impl Trainer {
         let mut all_vars: Vec<(String, Var)> = varmap.data().lock().expect("varmap lock").iter().map(|(n, v)| (n.clone(), v.clone())).collect();
         all_vars.sort_by(|a, b| a.0.cmp(&b.0));
         initialize(&all_vars, &model_cfg, cfg.seed)?;
+        if let Some(path) = &cfg.init_from {
+            let sd = crate::checkpoint::load_state_dict(path)?;
+            sd.validate(&model_cfg)?;
+            for (name, var) in &all_vars {
+                var.set(&sd.tensors[name].to_dtype(DType::F32)?.to_device(device)?)?;
+            }
+        }
         let trainable: Vec<(String, Var)> = all_vars.iter().filter(|(n, _)| !is_frozen(n)).cloned().collect();
         let params = AdamWParams { weight_decay: cfg.weight_decay, beta1: cfg.beta1, beta2: cfg.beta2, eps: cfg.adam_eps };
         let mut opt = AdamW::new(trainable, params)?;
