@@ -203,3 +203,21 @@ fn bad_inputs_are_named() {
     let e = Trainer::new(config(&f, "run", 2), &Device::Cpu, false).err().expect("class count mismatch must fail").to_string();
     assert!(e.contains("4 classes") && e.contains("num_classes 3"), "{e}");
 }
+
+/// `init_from` starts from given weights: a run initialised from another run's trained
+/// weights starts at that run's loss level, below a fresh start; a file that does not fit the
+/// config is named.
+#[test]
+fn init_from_starts_from_given_weights() {
+    let f = fixture("init");
+    let trained = losses(config(&f, "first", 40), false);
+    let mut cfg = config(&f, "second", 3);
+    cfg.init_from = Some(f.root.join("first/ema/model.safetensors"));
+    let continued = losses(cfg, false);
+    let fresh = losses(config(&f, "fresh", 3), false);
+    assert!(continued[0] < fresh[0], "init_from loss {} should be below a fresh start {} (trained run ended at {})", continued[0], fresh[0], trained[39]);
+    let mut bad = config(&f, "bad", 1);
+    bad.init_from = Some(f.root.join("model.json"));
+    let e = Trainer::new(bad, &Device::Cpu, false).err().expect("a non-checkpoint must fail").to_string();
+    assert!(e.contains("model.json"), "{e}");
+}
