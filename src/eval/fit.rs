@@ -15,6 +15,29 @@ pub struct FitOptions {
     pub seed: u64,
 }
 
+/// Re-draws every parameter from the seeded generator (candle's CPU generator cannot be
+/// seeded, so VarMap's own init would make the classifier differ run to run): weights
+/// U(-1/sqrt(fan_in), 1/sqrt(fan_in)) as PyTorch's default `kaiming_uniform_(a=sqrt(5))`,
+/// biases zero.
+fn seeded_init(varmap: &VarMap, rng: &mut rand::rngs::StdRng) -> Result<()> {
+    use rand::Rng;
+    let data = varmap.data().lock().expect("varmap lock");
+    let mut names: Vec<&String> = data.keys().collect();
+    names.sort();
+    for name in names {
+        let var = &data[name];
+        let dims = var.dims().to_vec();
+        let values: Vec<f32> = if dims.len() >= 2 {
+            let bound = 1.0 / (dims[1..].iter().product::<usize>() as f64).sqrt();
+            (0..var.elem_count()).map(|_| rng.random_range(-bound..bound) as f32).collect()
+        } else {
+            vec![0.0; var.elem_count()]
+        };
+        var.set(&Tensor::from_vec(values, dims, var.device())?)?;
+    }
+    Ok(())
+}
+
 /// Accuracy of `clf` on (x, labels).
 pub fn accuracy(clf: &Classifier, x: &Tensor, labels: &[u32]) -> Result<f64> {
     let (pred, _) = clf.predict(x, 500)?;
@@ -34,8 +57,9 @@ pub fn fit(
     let device = train.0.device().clone();
     let varmap = VarMap::new();
     let clf = Classifier::new(num_classes, VarBuilder::from_varmap(&varmap, DType::F32, &device))?;
-    let mut opt = AdamW::new(varmap.all_vars(), ParamsAdamW { lr: opts.lr, weight_decay: 0.0, ..Default::default() })?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(opts.seed);
+    seeded_init(&varmap, &mut rng)?;
+    let mut opt = AdamW::new(varmap.all_vars(), ParamsAdamW { lr: opts.lr, weight_decay: 0.0, ..Default::default() })?;
     let n = train.1.len();
     let mut order: Vec<u32> = (0..n as u32).collect();
     let mut test_acc = 0.0;
