@@ -25,6 +25,8 @@ enum Command {
     /// Train a model on class folders or latent shards (exact resume with --resume).
     Train(cli::train::TrainArgs),
     /// Convert a downloaded dataset into class folders (`data fashion-mnist`).
+    /// Pre-encode class folders into SD-VAE latent shards for latent models.
+    Encode(cli::encode::EncodeArgs),
     Data(cli::data::DataArgs),
     /// Score a Fashion-MNIST model's samples with a classifier (accuracy, Fréchet distance).
     Eval(cli::eval::EvalArgs),
@@ -39,6 +41,7 @@ fn main() {
         Command::Presets => cli::presets::run(),
         Command::Convert(a) => cli::convert::run(a),
         Command::Train(a) => cli::train::run(a),
+        Command::Encode(a) => cli::encode::run(a),
         Command::Data(a) => cli::data::run(a),
         Command::Eval(a) => cli::eval::run(a),
     };

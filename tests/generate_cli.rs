@@ -1,4 +1,4 @@
-//! `ditmoe generate` end to end, running the built binary: the `tiny` fixture model (4-channel
+//! `ditmoe generate` (and `ditmoe encode`, which shares the test VAE) end to end, running the built binary: the `tiny` fixture model (4-channel
 //! latents) decoded by a small random SD-style VAE the test writes itself (diffusers layout:
 //! config.json + diffusion_pytorch_model.safetensors), and the `pixel` fixture model (3-channel
 //! pixel space, no VAE). Checks the PNG sizes, seeding, generate.json defaults, class names,
@@ -233,4 +233,52 @@ fn bad_inputs_are_one_line_usage_errors_and_write_nothing() {
         .filter(|n| n.starts_with('.'))
         .collect();
     assert!(leftovers.is_empty(), "left behind: {leftovers:?}");
+}
+
+/// Any `ditmoe` subcommand: (exit code, stderr).
+fn run(args: &[&str]) -> (i32, String) {
+    let o = Command::new(env!("CARGO_BIN_EXE_ditmoe")).args(args).env_remove("RUST_BACKTRACE").output().expect("run ditmoe");
+    (o.status.code().unwrap_or(-1), String::from_utf8_lossy(&o.stderr).into_owned())
+}
+
+/// `ditmoe encode` turns class folders into latent shards that `ditmoe train` reads.
+#[test]
+fn encode_writes_latent_shards_the_trainer_reads() {
+    let dir = scratch_dir("encode");
+    let vae = write_tiny_vae(&dir.join("vae"), 4);
+    let data = dir.join("data");
+    for (c, class) in ["a_cat", "b_dog", "c_owl"].iter().enumerate() {
+        std::fs::create_dir_all(data.join(class)).unwrap();
+        for i in 0..3 {
+            let img = image::RgbImage::from_fn(20, 20, |x, y| image::Rgb([(x * 12) as u8, (y * 12) as u8, (c * 100 + i * 20) as u8]));
+            img.save(data.join(class).join(format!("{i}.png"))).unwrap();
+        }
+    }
+    let out = dir.join("latents");
+    let (code, err) = run(&[
+        "encode", "--data", &s(&data), "--vae", &s(vae.parent().unwrap()), "--out", &s(&out), "--image-size", "16", "--shard-size", "4", "--batch-size", "3",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let shards: Vec<_> = (0..3).map(|k| out.join(format!("shard-{k:05}.safetensors"))).collect();
+    let mut labels = Vec::new();
+    for (k, shard) in shards.iter().enumerate() {
+        let t = candle_core::safetensors::load(shard, &Device::Cpu).unwrap();
+        let n = if k < 2 { 4 } else { 1 };
+        assert_eq!(t["latents"].dims(), &[n, 4, 8, 8], "{}", shard.display());
+        labels.extend(t["labels"].to_vec1::<i64>().unwrap());
+    }
+    assert_eq!(labels, vec![0, 0, 0, 1, 1, 1, 2, 2, 2]);
+    let names: Vec<String> = serde_json::from_str(&std::fs::read_to_string(out.join("class_names.json")).unwrap()).unwrap();
+    assert_eq!(names.len(), 3);
+    // The latent `tiny` fixture model (4 x 8 x 8 inputs) trains on them.
+    let cfg = dir.join("tiny.json");
+    let mut c: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture_path("models/tiny/config.json")).unwrap()).unwrap();
+    c["num_classes"] = 3.into();
+    std::fs::write(&cfg, c.to_string()).unwrap();
+    let (code, err) = run(&["train", "--model", &s(&cfg), "--data", &s(&out), "--out", &s(&dir.join("run")), "--steps", "2", "--global-batch", "3", "--objective", "ddpm", "--quiet"]);
+    assert_eq!(code, 0, "{err}");
+    // A bad image size is a usage error naming the flag.
+    let (code, err) = run(&["encode", "--data", &s(&data), "--vae", &s(vae.parent().unwrap()), "--out", &s(&out), "--image-size", "15"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--image-size"), "{err}");
 }

@@ -1,6 +1,7 @@
 //! Subcommands of the `ditmoe` binary; each file owns one.
 pub mod convert;
 pub mod data;
+pub mod encode;
 pub mod eval;
 pub mod forward;
 pub mod generate;

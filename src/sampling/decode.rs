@@ -153,6 +153,20 @@ impl SdVae {
     }
 }
 
+impl SdVae {
+    /// Images (N, 3, H, W) in [-1, 1] -> scaled latents (N, latent_channels, H/8, W/8):
+    /// `vae.encode(x).latent_dist.sample() * scaling_factor`, as the official `train.py`
+    /// encodes every batch (the draw is candle's, so it is not seeded).
+    pub fn encode(&self, images: &Tensor) -> Result<Tensor> {
+        let dist = self.vae.encode(&images.to_dtype(DType::F32)?)?;
+        dist.sample()? * self.config.scaling_factor
+    }
+
+    pub fn config(&self) -> &VaeConfig {
+        &self.config
+    }
+}
+
 /// How a model's samples become images.
 #[derive(Debug)]
 pub enum Decoder {
