@@ -2,7 +2,7 @@
 //! training loop; `--resume` continues from the newest valid checkpoint in the run folder.
 use super::usage;
 use clap::Args;
-use ditmoe::train::{Objective, StopReason, TrainConfig, Trainer};
+use ditmoe::train::{Objective, Router, StopReason, TrainConfig, Trainer};
 use std::path::PathBuf;
 
 #[derive(Args, Debug)]
@@ -22,6 +22,10 @@ pub struct TrainArgs {
     /// ddpm or rf.
     #[arg(long)]
     objective: Option<Objective>,
+    /// topk (the model config's DiT-MoE gate, default) or promoe (ProMoE's prototypical
+    /// router, released settings for the model's width).
+    #[arg(long)]
+    router: Option<Router>,
     #[arg(long)]
     image_size: Option<usize>,
     #[arg(long)]
@@ -80,7 +84,7 @@ fn build_config(a: &TrainArgs) -> anyhow::Result<TrainConfig> {
     macro_rules! flag {
         ($($f:ident),*) => {$( if let Some(x) = &a.$f { set(stringify!($f), serde_json::to_value(x).expect("flag serialises")); } )*};
     }
-    flag!(model, data, out, objective, image_size, global_batch, micro_batch, steps, max_minutes, lr, warmup_steps, max_grad_norm, ema_decay, seed, log_every, ckpt_every, keep_last, num_workers, init_from);
+    flag!(model, data, out, objective, router, image_size, global_batch, micro_batch, steps, max_minutes, lr, warmup_steps, max_grad_norm, ema_decay, seed, log_every, ckpt_every, keep_last, num_workers, init_from);
     let origin = a.config.as_ref().map_or("train flags".to_string(), |p| p.display().to_string());
     let cfg: TrainConfig = serde_json::from_value(v).map_err(|e| usage(format!("{origin}: {e}")))?;
     cfg.validate().map_err(|e| usage(e.to_string()))?;
@@ -98,9 +102,10 @@ pub fn run(a: TrainArgs) -> anyhow::Result<()> {
     let mc = trainer.model_config();
     let (total, active) = mc.param_counts();
     eprintln!(
-        "model: {} params ({} active), {} objective, step {} of {}, batch {} ({} x {})",
+        "model: {} params ({} active), {} router, {} objective, step {} of {}, batch {} ({} x {})",
         total,
         active,
+        if mc.promoe.is_some() { "promoe" } else { "topk" },
         serde_json::to_string(&cfg.objective)?.trim_matches('"'),
         trainer.step(),
         cfg.steps,

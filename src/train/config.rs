@@ -1,7 +1,7 @@
 //! `TrainConfig`: everything `ditmoe train` needs, as a JSON file (`--config`) whose fields can
 //! also be set by flags. Defaults are the official `train.py` settings (AdamW lr 1e-4, no
 //! weight decay, global batch 256, EMA 0.9999, uniform-t DDPM objective).
-use crate::config::DitConfig;
+use crate::config::{DitConfig, ProMoeConfig};
 use crate::presets;
 use candle_core::{bail, Result};
 use serde::{Deserialize, Serialize};
@@ -24,6 +24,29 @@ impl std::str::FromStr for Objective {
             "ddpm" => Ok(Self::Ddpm),
             "rf" => Ok(Self::Rf),
             other => Err(format!("unknown objective `{other}` (ddpm or rf)")),
+        }
+    }
+}
+
+/// Which router the MoE layers use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Router {
+    /// DiT-MoE's linear top-k gate: the model config as given.
+    #[default]
+    Topk,
+    /// ProMoE's prototypical router: sets `promoe = ProMoeConfig::released(hidden_size)` on the
+    /// model config (everything else kept), adding the routing contrastive loss.
+    Promoe,
+}
+
+impl std::str::FromStr for Router {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "topk" => Ok(Self::Topk),
+            "promoe" => Ok(Self::Promoe),
+            other => Err(format!("unknown router `{other}` (topk or promoe)")),
         }
     }
 }
@@ -73,6 +96,10 @@ pub struct TrainConfig {
     /// Run folder: checkpoints, `log.jsonl`, the exported EMA model, sample grids.
     pub out: PathBuf,
     pub objective: Objective,
+    /// `topk` (default: the model config as given) or `promoe` (ProMoE's prototypical router
+    /// with the released settings for the model's width).
+    #[serde(default)]
+    pub router: Router,
     /// Images are preprocessed (center crop/resize) to this side, then padded with the
     /// background value -1 up to the model's `input_size` (Fashion-MNIST: 28 padded to 32).
     /// Default: the model's `input_size` (no padding, the official pipeline).
@@ -142,14 +169,20 @@ impl TrainConfig {
     }
 
     /// The model configuration `model` names (a preset or a `config.json`).
+    /// With `router: promoe`, `promoe` is set to `ProMoeConfig::released(hidden_size)`.
     pub fn model_config(&self) -> Result<DitConfig> {
         let p = Path::new(&self.model);
-        if p.extension().is_some_and(|e| e == "json") || p.is_file() {
-            return DitConfig::from_file(p);
+        let mut cfg = if p.extension().is_some_and(|e| e == "json") || p.is_file() {
+            DitConfig::from_file(p)?
+        } else {
+            presets::get(&self.model)
+                .map(|p| p.config)
+                .map_err(|e| candle_core::Error::Msg(format!("model `{}` is neither a config.json file nor a preset: {e}", self.model)))?
+        };
+        if self.router == Router::Promoe {
+            cfg.promoe = Some(ProMoeConfig::released(cfg.hidden_size));
         }
-        presets::get(&self.model)
-            .map(|p| p.config)
-            .map_err(|e| candle_core::Error::Msg(format!("model `{}` is neither a config.json file nor a preset: {e}", self.model)))
+        Ok(cfg)
     }
 
     pub fn micro_batch(&self) -> usize {

@@ -13,7 +13,7 @@ enum Init {
     /// `xavier_uniform_` on the weight seen as (out, in·rest): every `nn.Linear`, and the
     /// patch-embedding conv kernel flattened "like nn.Linear".
     XavierUniform,
-    /// `normal_(std)`: the label table and the timestep MLP weights.
+    /// `normal_(std)`: the label table, the timestep MLP weights, and ProMoE's prototypes.
     Normal(f64),
     /// `kaiming_uniform_(a = sqrt(5))` = U(±1/sqrt(fan_in)): the router (`MoEGate.reset_parameters`).
     KaimingUniformA5,
@@ -29,6 +29,12 @@ fn rule(name: &str) -> Init {
     } else if name.contains("adaLN_modulation") || name.starts_with("final_layer.linear") {
         Init::Zero
     } else if name == "y_embedder.embedding_table.weight" || (name.starts_with("t_embedder.mlp.") && name.ends_with(".weight")) {
+        Init::Normal(0.02)
+    } else if name.ends_with("cluster_centers") {
+        // ProMoE `SparseMoeBlock._init_weights`: `nn.init.normal_(self.cluster_centers, mean=0.0,
+        // std=0.02)` (ali-vilab/ProMoE models/models_ProMoE_TC.py @5915b31, line 278); the
+        // model's `_basic_init` only touches `nn.Linear`, so it stays N(0, 0.02²). Its experts
+        // are `nn.Linear`s and get xavier_uniform (`init_MoeMLP` is False in every released config).
         Init::Normal(0.02)
     } else if name.ends_with("moe.gate.weight") {
         Init::KaimingUniformA5
@@ -88,5 +94,6 @@ mod tests {
         assert_eq!(rule("blocks.0.moe.experts.1.up_proj.weight"), Init::XavierUniform);
         assert_eq!(rule("x_embedder.proj.weight"), Init::XavierUniform);
         assert_eq!(rule("blocks.0.attn.qkv.bias"), Init::Zero);
+        assert_eq!(rule("blocks.1.mlp.cluster_centers"), Init::Normal(0.02));
     }
 }

@@ -14,6 +14,10 @@ pub struct StepLog {
     pub loss: f32,
     /// Sum over layers of the expert-level balance loss (alpha included).
     pub aux: f32,
+    /// Sum over MoE layers of ProMoE's routing contrastive loss (lambda included); 0 with the
+    /// top-k router. Absent in logs written before the field existed.
+    #[serde(default)]
+    pub contrastive: f32,
     /// Global gradient norm before clipping.
     pub grad_norm: f32,
     pub lr: f64,

@@ -12,6 +12,6 @@ pub mod rng;
 pub mod samples;
 pub mod trainer;
 
-pub use config::{Objective, TrainConfig};
+pub use config::{Objective, Router, TrainConfig};
 pub use log::{JsonlLog, StepLog, LOG_FILE};
 pub use trainer::{RunSummary, StopReason, Trainer};

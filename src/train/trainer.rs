@@ -141,9 +141,9 @@ impl Trainer {
         &self.model_cfg
     }
 
-    /// One micro-batch: returns (loss + balance loss scaled by 1/accum, diffusion loss, balance
-    /// loss, expert counts).
-    fn micro_step(&mut self, step: u64, micro: usize) -> Result<(Tensor, f32, f32, Vec<Vec<usize>>)> {
+    /// One micro-batch: returns (loss + balance loss + contrastive loss scaled by 1/accum,
+    /// diffusion loss, balance loss, contrastive loss, expert counts).
+    fn micro_step(&mut self, step: u64, micro: usize) -> Result<(Tensor, f32, f32, f32, Vec<Vec<usize>>)> {
         let batch = self.loader.next_batch()?;
         let seed = self.cfg.seed;
         let (x, n) = (batch.x, batch.y.dim(0)?);
@@ -153,7 +153,7 @@ impl Trainer {
         let mut routed = None;
         let mut call = |xt: &Tensor, t: &Tensor| -> Result<Tensor> {
             let o = self.model.forward_full(xt, t, &y, ForwardMode::Train, &mut Trace::default())?;
-            routed = Some((o.aux_losses.clone(), o.expert_counts_host()?));
+            routed = Some((o.aux_losses.clone(), o.contrastive_losses.clone(), o.expert_counts_host()?));
             Ok(o.out)
         };
         let noise = randn(&mut step_rng(seed, step, micro, Stream::Noise), x.dims(), &self.device)?;
@@ -174,13 +174,18 @@ impl Trainer {
                 .mean_all()?
             }
         };
-        let (aux_losses, counts) = routed.expect("the loss calls the model");
-        let aux = match aux_losses.len() {
-            0 => Tensor::zeros((), DType::F32, &self.device)?,
-            _ => Tensor::stack(&aux_losses.iter().map(|a| a.reshape(())).collect::<Result<Vec<_>>>()?, 0)?.sum_all()?,
+        let (aux_losses, contrastive_losses, counts) = routed.expect("the loss calls the model");
+        let sum = |losses: &[Tensor]| -> Result<Tensor> {
+            match losses.len() {
+                0 => Tensor::zeros((), DType::F32, &self.device),
+                _ => Tensor::stack(&losses.iter().map(|a| a.to_dtype(DType::F32)?.reshape(())).collect::<Result<Vec<_>>>()?, 0)?.sum_all(),
+            }
         };
-        let total = ((&loss + &aux)? / self.cfg.accumulation() as f64)?;
-        Ok((total, loss.to_scalar::<f32>()?, aux.to_scalar::<f32>()?, counts))
+        let aux = sum(&aux_losses)?;
+        // ProMoE's routing contrastive loss (lambda already applied), beside the balance loss.
+        let contrastive = sum(&contrastive_losses)?;
+        let total = (((&loss + &aux)? + &contrastive)? / self.cfg.accumulation() as f64)?;
+        Ok((total, loss.to_scalar::<f32>()?, aux.to_scalar::<f32>()?, contrastive.to_scalar::<f32>()?, counts))
     }
 
     /// One optimizer step: accumulate gradients over the micro-batches, check the loss and
@@ -188,16 +193,17 @@ impl Trainer {
     fn train_step(&mut self) -> Result<StepLog> {
         let step = self.step + 1;
         let accum = self.cfg.accumulation();
-        let (mut loss_sum, mut aux_sum) = (0f32, 0f32);
+        let (mut loss_sum, mut aux_sum, mut con_sum) = (0f32, 0f32, 0f32);
         let mut counts: Vec<Vec<usize>> = Vec::new();
         let mut grads: Vec<Tensor> = Vec::new();
         for micro in 0..accum {
-            let (total, loss, aux, c) = self.micro_step(step, micro)?;
-            if !loss.is_finite() || !aux.is_finite() {
-                bail!("non-finite loss at step {step} (loss {loss}, balance loss {aux})");
+            let (total, loss, aux, con, c) = self.micro_step(step, micro)?;
+            if !loss.is_finite() || !aux.is_finite() || !con.is_finite() {
+                bail!("non-finite loss at step {step} (loss {loss}, balance loss {aux}, contrastive loss {con})");
             }
             loss_sum += loss;
             aux_sum += aux;
+            con_sum += con;
             if counts.is_empty() {
                 counts = c;
             } else {
@@ -239,6 +245,7 @@ impl Trainer {
             step,
             loss: loss_sum / accum as f32,
             aux: aux_sum / accum as f32,
+            contrastive: con_sum / accum as f32,
             grad_norm,
             lr,
             steps_per_sec: 0.0,
@@ -295,7 +302,8 @@ impl Trainer {
                 rec.steps_per_sec = (rec.step - last_log_step) as f64 / last_log_time.elapsed().as_secs_f64();
                 (last_log_time, last_log_step) = (Instant::now(), rec.step);
                 log.write(&rec)?;
-                bar.set_message(format!("loss {:.4} aux {:.4} |g| {:.3} {:.2} it/s", rec.loss, rec.aux, rec.grad_norm, rec.steps_per_sec));
+                let con = if self.model_cfg.promoe.is_some() { format!(" con {:.4}", rec.contrastive) } else { String::new() };
+                bar.set_message(format!("loss {:.4} aux {:.4}{con} |g| {:.3} {:.2} it/s", rec.loss, rec.aux, rec.grad_norm, rec.steps_per_sec));
             }
             bar.set_position(self.step);
             if self.cfg.sample_every > 0 && self.step.is_multiple_of(self.cfg.sample_every) {
