@@ -146,6 +146,17 @@ impl DitConfig {
     }
     /// Whether block `i` has an MoE layer (official ProMoE `use_moe_flag`: odd blocks when
     /// `interleave`); the others have a dense MLP. Every DiT-MoE block is MoE.
+    /// Number of MoE blocks (ProMoE interleaves them with dense blocks).
+    pub fn moe_layers(&self) -> usize {
+        (0..self.depth).filter(|&i| self.is_moe_block(i)).count()
+    }
+
+    /// Expert ids a routing record can hold: the routed experts, plus ProMoE's unconditional
+    /// expert (id `num_experts`).
+    pub fn expert_ids(&self) -> usize {
+        self.num_experts + usize::from(self.promoe.is_some())
+    }
+
     pub fn is_moe_block(&self, i: usize) -> bool {
         match &self.promoe {
             Some(p) if p.interleave => i % 2 == 1,

@@ -439,3 +439,19 @@ fn gelu_expert_is_up_gelu_tanh_down() {
     let gelu = ((&h * 0.5).unwrap() * (inner.tanh().unwrap() + 1.0).unwrap()).unwrap();
     assert_close("gelu expert", &expert.forward(&x).unwrap(), &lin(&gelu, "down_proj"), 1e-5);
 }
+
+/// A ProMoE model's sampling run records its MoE blocks only, with the unconditional expert
+/// (id E) among the ids, and the trajectory holds together (what `ditmoe routes` and the
+/// explorer read).
+#[test]
+fn promoe_trajectory_records_moe_blocks_and_the_unconditional_expert() {
+    use ditmoe::analysis::{record_trajectory, RecordRequest, SamplerKind};
+    let cfg = tiny_promoe();
+    let varmap = candle_nn::VarMap::new();
+    let model = ditmoe::DitMoe::new(&cfg, candle_nn::VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu)).unwrap();
+    let req = RecordRequest { classes: vec![1, 2], seed: 0, sampler: SamplerKind::Euler, steps: 3, guidance: 2.0, batch_size: 2 };
+    let traj = record_trajectory(&model, "tiny ProMoE", None, &req, &Device::Cpu, &mut |_| {}).unwrap();
+    let d = traj.dims();
+    assert_eq!((d.layers, d.experts, d.score_width), (2, 5, 4), "2 MoE blocks of 4, ids 0..=4");
+    assert!(traj.token_experts(0, 0, 0, 0).iter().all(|&e| e < 5));
+}

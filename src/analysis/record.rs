@@ -158,8 +158,8 @@ fn keep_evaluation(
     images: &mut [ImageRecord],
     timesteps: &mut Vec<f64>,
 ) -> Result<()> {
-    if routing.len() != cfg.depth {
-        bail!("routing record of {} layers for a {}-layer model", routing.len(), cfg.depth)
+    if routing.len() != cfg.moe_layers() {
+        bail!("routing record of {} layers for a model with {} MoE layers", routing.len(), cfg.moe_layers())
     }
     let n = images.len();
     let t = cfg.num_patches();

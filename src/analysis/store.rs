@@ -32,7 +32,7 @@ impl RoutingTrajectory {
         let tensors = vec![
             ("experts".to_string(), Tensor::from_slice(raw.experts, (routed.0, routed.1, routed.2, routed.3, d.top_k), &cpu)?),
             ("weights".to_string(), Tensor::from_slice(raw.weights, (routed.0, routed.1, routed.2, routed.3, d.top_k), &cpu)?),
-            ("scores".to_string(), Tensor::from_slice(raw.scores, (routed.0, routed.1, routed.2, routed.3, d.experts), &cpu)?),
+            ("scores".to_string(), Tensor::from_slice(raw.scores, (routed.0, routed.1, routed.2, routed.3, d.score_width), &cpu)?),
             ("states".to_string(), Tensor::from_slice(raw.states, (d.images, d.steps, c, h, w), &cpu)?),
             ("samples".to_string(), Tensor::from_slice(raw.samples, (d.images, c, h, w), &cpu)?),
         ];
@@ -61,7 +61,7 @@ impl RoutingTrajectory {
         };
         let experts = take("experts", DType::U32, &[d.images, d.steps, d.layers, d.tokens, d.top_k])?;
         let weights = take("weights", DType::F32, &[d.images, d.steps, d.layers, d.tokens, d.top_k])?;
-        let scores = take("scores", DType::F32, &[d.images, d.steps, d.layers, d.tokens, d.experts])?;
+        let scores = take("scores", DType::F32, &[d.images, d.steps, d.layers, d.tokens, d.score_width])?;
         let states = take("states", DType::F32, &[d.images, d.steps, c, h, w])?;
         let samples = take("samples", DType::F32, &[d.images, c, h, w])?;
         if d.images == 0 {

@@ -50,6 +50,8 @@ pub struct Dims {
     pub tokens: usize,
     pub top_k: usize,
     pub experts: usize,
+    /// Router scores per token (the routed experts; ProMoE's unconditional expert has none).
+    pub score_width: usize,
     /// Tokens per side of the patch grid (tokens = grid * grid, row-major).
     pub grid: usize,
     /// (C, H, W) of a model state.
@@ -62,10 +64,11 @@ impl Dims {
         Self {
             images: meta.classes.len(),
             steps: meta.timesteps.len(),
-            layers: c.depth,
+            layers: c.moe_layers(),
             tokens: c.num_patches(),
             top_k: c.num_experts_per_tok,
-            experts: c.num_experts,
+            experts: c.expert_ids(),
+            score_width: c.num_experts,
             grid: c.grid_size(),
             state: (c.in_channels, c.input_size, c.input_size),
         }
@@ -124,7 +127,7 @@ impl RoutingTrajectory {
             let want = [
                 ("experts", r.experts.len(), d.steps * per_step * d.top_k),
                 ("weights", r.weights.len(), d.steps * per_step * d.top_k),
-                ("scores", r.scores.len(), d.steps * per_step * d.experts),
+                ("scores", r.scores.len(), d.steps * per_step * d.score_width),
                 ("states", r.states.len(), d.steps * d.state_len()),
                 ("sample", r.sample.len(), d.state_len()),
             ];
@@ -173,8 +176,8 @@ impl RoutingTrajectory {
 
     /// Router softmax over all experts for token `t`.
     pub fn token_scores(&self, n: usize, s: usize, l: usize, t: usize) -> &[f32] {
-        let i = self.at(n, s, l, t, self.dims.experts);
-        &self.scores[i..i + self.dims.experts]
+        let i = self.at(n, s, l, t, self.dims.score_width);
+        &self.scores[i..i + self.dims.score_width]
     }
 
     /// The state (C, H, W) image `n` was at when evaluation `s` ran.
@@ -194,7 +197,7 @@ impl RoutingTrajectory {
     pub fn image(&self, n: usize) -> ImageRecord {
         let d = &self.dims;
         let slice = |width: usize| n * d.steps * d.layers * d.tokens * width..(n + 1) * d.steps * d.layers * d.tokens * width;
-        let (sk, se) = (slice(d.top_k), slice(d.experts));
+        let (sk, se) = (slice(d.top_k), slice(d.score_width));
         let len = d.steps * d.state_len();
         ImageRecord {
             experts: self.experts[sk.clone()].to_vec(),
