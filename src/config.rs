@@ -146,6 +146,17 @@ impl DitConfig {
     }
     /// Whether block `i` has an MoE layer (official ProMoE `use_moe_flag`: odd blocks when
     /// `interleave`); the others have a dense MLP. Every DiT-MoE block is MoE.
+    /// What a rectified-flow model is fed for the time t in [0, 1]: `t` itself for DiT-MoE
+    /// (official `RectifiedFlow`), `t * 1000` for ProMoE (its flow-matching scheduler's
+    /// `num_train_timesteps`; shift 1.0 as released, so the grid itself is the same).
+    pub fn flow_time_scale(&self) -> f64 {
+        if self.promoe.is_some() {
+            1000.0
+        } else {
+            1.0
+        }
+    }
+
     /// Number of MoE blocks (ProMoE interleaves them with dense blocks).
     pub fn moe_layers(&self) -> usize {
         (0..self.depth).filter(|&i| self.is_moe_block(i)).count()

@@ -455,3 +455,18 @@ fn promoe_trajectory_records_moe_blocks_and_the_unconditional_expert() {
     assert_eq!((d.layers, d.experts, d.score_width), (2, 5, 4), "2 MoE blocks of 4, ids 0..=4");
     assert!(traj.token_experts(0, 0, 0, 0).iter().all(|&e| e < 5));
 }
+
+/// ProMoE models sample (and train) on their flow-matching schedule: the same t grid at
+/// shift 1, fed to the model as sigma * 1000; DiT-MoE models are fed t itself.
+#[test]
+fn promoe_models_use_their_flow_matching_timesteps() {
+    use ditmoe::sampling::RectifiedFlowSampler;
+    let promoe = RectifiedFlowSampler::for_model(&tiny_promoe(), 4, false).unwrap();
+    let mut dit = tiny_promoe();
+    dit.promoe = None;
+    let plain = RectifiedFlowSampler::for_model(&dit, 4, false).unwrap();
+    let times = |s: &RectifiedFlowSampler| (0..4).map(|i| s.grid().model_time(i)).collect::<Vec<f32>>();
+    assert_eq!(times(&plain), vec![1.0, 0.75, 0.5, 0.25]);
+    assert_eq!(times(&promoe), vec![1000.0, 750.0, 500.0, 250.0]);
+    assert_eq!(tiny_promoe().flow_time_scale(), 1000.0);
+}

@@ -41,8 +41,8 @@ impl SamplerKind {
         Ok(match self {
             Self::Ddpm => Sampler::Ddpm(crate::sampling::DdpmSampler::with_steps(steps, cfg.learn_sigma, clip)?),
             Self::Ddim => Sampler::Ddim(crate::sampling::DdimSampler::with_steps(steps, cfg.learn_sigma, 0.0, clip)?),
-            Self::Euler => Sampler::RectifiedFlow(crate::sampling::RectifiedFlowSampler::new(steps, false)?),
-            Self::Heun => Sampler::RectifiedFlow(crate::sampling::RectifiedFlowSampler::new(steps, true)?),
+            Self::Euler => Sampler::RectifiedFlow(crate::sampling::RectifiedFlowSampler::for_model(cfg, steps, false)?),
+            Self::Heun => Sampler::RectifiedFlow(crate::sampling::RectifiedFlowSampler::for_model(cfg, steps, true)?),
         })
     }
 }

@@ -255,8 +255,8 @@ fn build_sampler(name: SamplerName, steps: usize, steps_from: &str, cfg: &DitCon
     Ok(match name {
         SamplerName::Ddpm => Sampler::Ddpm(DdpmSampler::with_steps(steps, cfg.learn_sigma, pixel_space).map_err(bad_steps)?),
         SamplerName::Ddim => Sampler::Ddim(DdimSampler::with_steps(steps, cfg.learn_sigma, 0.0, pixel_space).map_err(bad_ddim_steps)?),
-        SamplerName::RfEuler => Sampler::RectifiedFlow(RectifiedFlowSampler::new(steps, false).map_err(bad_steps)?),
-        SamplerName::RfHeun => Sampler::RectifiedFlow(RectifiedFlowSampler::new(steps, true).map_err(bad_steps)?),
+        SamplerName::RfEuler => Sampler::RectifiedFlow(RectifiedFlowSampler::for_model(cfg, steps, false).map_err(bad_steps)?),
+        SamplerName::RfHeun => Sampler::RectifiedFlow(RectifiedFlowSampler::for_model(cfg, steps, true).map_err(bad_steps)?),
     })
 }
 

@@ -44,7 +44,7 @@ pub struct EvalReport {
 /// (N, C, H, W) in [-1, 1].
 pub fn generate(model: &DitMoe, opts: &SampleOptions, device: &Device) -> Result<Tensor> {
     let classes: Vec<usize> = (0..model.config().num_classes).flat_map(|c| std::iter::repeat_n(c, opts.per_class)).collect();
-    let sampler = Sampler::RectifiedFlow(RectifiedFlowSampler::new(opts.steps, false)?);
+    let sampler = Sampler::RectifiedFlow(RectifiedFlowSampler::for_model(model.config(), opts.steps, false)?);
     let guidance = Guidance { scale: opts.cfg_scale, guide_all_channels: true };
     let mut out = Vec::new();
     for start in (0..classes.len()).step_by(opts.batch) {

@@ -14,8 +14,22 @@ pub struct RectifiedFlowSampler {
 }
 
 impl RectifiedFlowSampler {
+    /// The uniform grid `t = i / steps`, fed to the model as is (DiT-MoE).
     pub fn new(steps: usize, heun: bool) -> Result<Self> {
         Ok(Self { grid: FlowTimeGrid::uniform(steps)?, heun })
+    }
+
+    /// The grid the model family was trained with (`DitConfig::flow_time_scale`): DiT-MoE's
+    /// uniform t, or ProMoE's flow-matching sigmas fed as `sigma * 1000`.
+    pub fn for_model(cfg: &crate::DitConfig, steps: usize, heun: bool) -> Result<Self> {
+        match cfg.flow_time_scale() {
+            s if s == 1.0 => Self::new(steps, heun),
+            s => Ok(Self { grid: FlowTimeGrid::shifted_sigmas(steps, 1.0, s)?, heun }),
+        }
+    }
+
+    pub fn grid(&self) -> &FlowTimeGrid {
+        &self.grid
     }
 
     pub fn steps(&self) -> usize {

@@ -21,7 +21,7 @@ pub fn write_grid(cfg: &DitConfig, objective: Objective, ema: &[(String, Tensor)
     let model = DitMoe::new(cfg, vb)?;
     let classes: Vec<usize> = (0..cfg.num_classes.min(MAX_CLASSES)).flat_map(|c| std::iter::repeat_n(c, PER_CLASS)).collect();
     let sampler = match objective {
-        Objective::Rf => Sampler::RectifiedFlow(RectifiedFlowSampler::new(30, false)?),
+        Objective::Rf => Sampler::RectifiedFlow(RectifiedFlowSampler::for_model(cfg, 30, false)?),
         Objective::Ddpm => Sampler::Ddim(DdimSampler::with_steps(50, cfg.learn_sigma, 0.0, true)?),
     };
     // Guidance needs the null class, which exists only when labels were dropped in training.

@@ -128,7 +128,7 @@ impl Trainer {
         let loader = DataLoader::new(dataset, lcfg, loader_state, device)?;
         let loss = match cfg.objective {
             Objective::Ddpm => Loss::Ddpm(Box::new(GaussianDiffusion::create("", model_cfg.learn_sigma)?)),
-            Objective::Rf => Loss::Rf(RectifiedFlow::new(model_cfg.learn_sigma)),
+            Objective::Rf => Loss::Rf(RectifiedFlow::flow_matching(model_cfg.learn_sigma, 1.0, model_cfg.flow_time_scale())?),
         };
         Ok(Self { cfg, model_cfg, device: device.clone(), model, all_vars, opt, ema, loader, loss, class_names, step, resumed_from, warnings })
     }
