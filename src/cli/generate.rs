@@ -195,43 +195,6 @@ impl ModelSource {
     }
 }
 
-/// `--class`: ids, names (case-insensitive, with class_names.json) or `all`; no repeats.
-fn parse_classes(spec: &str, num_classes: usize, names: Option<&[String]>) -> anyhow::Result<Vec<usize>> {
-    if spec.trim().eq_ignore_ascii_case("all") {
-        return Ok((0..num_classes).collect());
-    }
-    let mut classes = Vec::new();
-    for item in spec.split(',').map(str::trim) {
-        let id = if item.is_empty() {
-            return Err(super::usage(format!("--class: empty entry in `{spec}`")));
-        } else if let Ok(id) = item.parse::<i64>() {
-            if id < 0 || id as usize >= num_classes {
-                return Err(super::usage(format!(
-                    "--class: class {id} is out of range (the model has {num_classes} classes, 0..{})",
-                    num_classes - 1
-                )));
-            }
-            id as usize
-        } else {
-            let Some(names) = names else {
-                return Err(super::usage(format!(
-                    "--class: `{item}` is not a class id, and the model has no class_names.json to look names up in"
-                )));
-            };
-            let Some(id) = names.iter().position(|n| n.eq_ignore_ascii_case(item)) else {
-                let known = if names.len() <= 20 { format!(" (known: {})", names.join(", ")) } else { String::new() };
-                return Err(super::usage(format!("--class: unknown class name `{item}`{known}")));
-            };
-            id
-        };
-        if classes.contains(&id) {
-            return Err(super::usage(format!("--class: class {id} is listed twice")));
-        }
-        classes.push(id);
-    }
-    Ok(classes)
-}
-
 /// A positive count from a flag (or generate.json), named in the error.
 fn positive(value: i64, what: &str) -> anyhow::Result<usize> {
     if value < 1 {
@@ -367,7 +330,7 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
             "{scale_from}: {cfg_scale} needs the null class, but this model has none (class_dropout_prob 0); use --cfg-scale 1"
         )));
     }
-    let classes = parse_classes(&a.class, cfg.num_classes, source.class_names())?;
+    let classes = super::parse_classes(&a.class, cfg.num_classes, source.class_names())?;
     let num = positive(a.num, "--num")?;
     let batch_size = positive(a.batch_size, "--batch-size")?;
 

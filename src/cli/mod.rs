@@ -53,3 +53,40 @@ pub fn dtype(name: &str) -> anyhow::Result<candle_core::DType> {
         other => Err(usage(format!("--dtype: unknown dtype `{other}` (f32, bf16 or f16)"))),
     }
 }
+
+/// `--class`: ids, names (case-insensitive, with class_names.json) or `all`; no repeats.
+pub fn parse_classes(spec: &str, num_classes: usize, names: Option<&[String]>) -> anyhow::Result<Vec<usize>> {
+    if spec.trim().eq_ignore_ascii_case("all") {
+        return Ok((0..num_classes).collect());
+    }
+    let mut classes = Vec::new();
+    for item in spec.split(',').map(str::trim) {
+        let id = if item.is_empty() {
+            return Err(usage(format!("--class: empty entry in `{spec}`")));
+        } else if let Ok(id) = item.parse::<i64>() {
+            if id < 0 || id as usize >= num_classes {
+                return Err(usage(format!(
+                    "--class: class {id} is out of range (the model has {num_classes} classes, 0..{})",
+                    num_classes - 1
+                )));
+            }
+            id as usize
+        } else {
+            let Some(names) = names else {
+                return Err(usage(format!(
+                    "--class: `{item}` is not a class id, and the model has no class_names.json to look names up in"
+                )));
+            };
+            let Some(id) = names.iter().position(|n| n.eq_ignore_ascii_case(item)) else {
+                let known = if names.len() <= 20 { format!(" (known: {})", names.join(", ")) } else { String::new() };
+                return Err(usage(format!("--class: unknown class name `{item}`{known}")));
+            };
+            id
+        };
+        if classes.contains(&id) {
+            return Err(usage(format!("--class: class {id} is listed twice")));
+        }
+        classes.push(id);
+    }
+    Ok(classes)
+}

@@ -57,28 +57,6 @@ pub struct RoutesArgs {
     out: PathBuf,
 }
 
-/// `--class`: ids, names from class_names.json (any case), or `all`; no repeats.
-fn parse_classes(spec: &str, num_classes: usize, names: Option<&[String]>) -> anyhow::Result<Vec<usize>> {
-    if spec.trim().eq_ignore_ascii_case("all") {
-        return Ok((0..num_classes).collect());
-    }
-    let mut classes = Vec::new();
-    for item in spec.split(',').map(str::trim) {
-        let id = match item.parse::<usize>() {
-            Ok(id) if id < num_classes => id,
-            Ok(id) => return Err(super::usage(format!("--class: class {id} is out of range (the model has {num_classes} classes)"))),
-            Err(_) => names
-                .and_then(|n| n.iter().position(|n| n.eq_ignore_ascii_case(item)))
-                .ok_or_else(|| super::usage(format!("--class: `{item}` is neither a class id nor a class name of the model")))?,
-        };
-        if classes.contains(&id) {
-            return Err(super::usage(format!("--class: class {id} is listed twice")));
-        }
-        classes.push(id);
-    }
-    Ok(classes)
-}
-
 /// The message of a library error without the backtrace candle appends to it when
 /// RUST_BACKTRACE is set: usage errors are one line.
 fn first_line(e: impl std::fmt::Display) -> String {
@@ -90,7 +68,7 @@ pub fn run(a: RoutesArgs) -> anyhow::Result<()> {
     let cfg = dir.config.clone();
     let sampler = a.sampler.as_deref().map(str::parse::<SamplerKind>).transpose().map_err(|e| super::usage(format!("--sampler: {e}")))?;
     let defaults = RunDefaults::read(&dir.dir, sampler).map_err(|e| super::usage(first_line(e)))?;
-    let classes = parse_classes(&a.class, cfg.num_classes, dir.class_names.as_deref())?;
+    let classes = super::parse_classes(&a.class, cfg.num_classes, dir.class_names.as_deref())?;
     if a.num == 0 || a.batch_size == 0 {
         return Err(super::usage("--num and --batch-size must be at least 1"));
     }

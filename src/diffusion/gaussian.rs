@@ -202,6 +202,15 @@ impl GaussianDiffusion {
         })
     }
 
+    /// `(sqrt(1/ab_t), sqrt(1/ab_t - 1))` for `t`, shaped to broadcast against `x_t`: the two
+    /// coefficients relating x_t, x_0 and eps, shared by both directions below.
+    fn eps_xstart_coefficients(&self, t: &[usize], x_t: &Tensor) -> Result<(Tensor, Tensor)> {
+        let s = &self.schedule;
+        let a = self.extract("sqrt_recip_alphas_cumprod", &s.sqrt_recip_alphas_cumprod, t, x_t)?;
+        let b = self.extract("sqrt_recipm1_alphas_cumprod", &s.sqrt_recipm1_alphas_cumprod, t, x_t)?;
+        Ok((a, b))
+    }
+
     /// `_predict_xstart_from_eps`: `x_0 = sqrt(1/ab_t) * x_t - sqrt(1/ab_t - 1) * eps`.
     pub fn predict_xstart_from_eps(
         &self,
@@ -210,19 +219,7 @@ impl GaussianDiffusion {
         eps: &Tensor,
     ) -> Result<Tensor> {
         check_same_shape("predict_xstart_from_eps", "eps", eps, x_t)?;
-        let s = &self.schedule;
-        let a = self.extract(
-            "sqrt_recip_alphas_cumprod",
-            &s.sqrt_recip_alphas_cumprod,
-            t,
-            x_t,
-        )?;
-        let b = self.extract(
-            "sqrt_recipm1_alphas_cumprod",
-            &s.sqrt_recipm1_alphas_cumprod,
-            t,
-            x_t,
-        )?;
+        let (a, b) = self.eps_xstart_coefficients(t, x_t)?;
         x_t.broadcast_mul(&a)? - eps.broadcast_mul(&b)?
     }
 
@@ -235,19 +232,7 @@ impl GaussianDiffusion {
         pred_xstart: &Tensor,
     ) -> Result<Tensor> {
         check_same_shape("predict_eps_from_xstart", "pred_xstart", pred_xstart, x_t)?;
-        let s = &self.schedule;
-        let a = self.extract(
-            "sqrt_recip_alphas_cumprod",
-            &s.sqrt_recip_alphas_cumprod,
-            t,
-            x_t,
-        )?;
-        let b = self.extract(
-            "sqrt_recipm1_alphas_cumprod",
-            &s.sqrt_recipm1_alphas_cumprod,
-            t,
-            x_t,
-        )?;
+        let (a, b) = self.eps_xstart_coefficients(t, x_t)?;
         (x_t.broadcast_mul(&a)? - pred_xstart)?.broadcast_div(&b)
     }
 
