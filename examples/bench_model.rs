@@ -1,19 +1,27 @@
-//! Full-model forward throughput of DiT-MoE presets with random weights.
+//! Full-model forward throughput of DiT-MoE presets with random weights, and where the time
+//! of one block goes.
 //!
 //! cargo run --example bench_model -- --device cuda --models S/2-8E2A,B/2-8E2A,XL/2-8E2A \
-//!     --batches 1,8,64 --dtypes bf16,f32
+//!     --batches 1,8,64 --dtypes bf16,f32 [--no-loop] [--breakdown]
 //!
 //! Prints ms per forward, images/s and achieved TFLOP/s (matmul FLOPs, the count of
 //! shared/docs/baseline.md) for two builds of the same model measured in the same run: frozen
 //! weights (on CUDA the MoE layers take the fused kernels) and training variables (the candle
 //! per-expert dispatch, structured like the official `moe_infer`), and their ratio.
+//! `--no-loop` skips the variable build (it holds a second copy of the weights).
+//! On CUDA a third row replays the frozen forward as one CUDA graph (`--no-graph` skips it).
+//! `--breakdown` adds, per model and batch, the time of each stage of one block run alone.
+//! Timing: `ditmoe::kernels::timing::median_ms` (CUDA events, calls back to back).
 use anyhow::Result;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use ditmoe::checkpoint::expected_parameters;
+use ditmoe::kernels::cuda_graph::GraphedForward;
+use ditmoe::kernels::timing::median_ms;
+use ditmoe::kernels::block_ops;
+use ditmoe::model::Ffn;
 use ditmoe::{presets, DitConfig, DitMoe};
 use std::collections::HashMap;
-use std::time::Instant;
 
 /// Matmul FLOPs of one image's forward (2 x MACs), as in the official baseline's count.
 fn flops_per_image(c: &DitConfig) -> f64 {
@@ -33,16 +41,119 @@ fn arg(name: &str, default: &str) -> String {
     args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned().unwrap_or_else(|| default.to_string())
 }
 
+fn flag(name: &str) -> bool {
+    std::env::args().any(|a| a == name)
+}
+
+/// Frozen random weights (std 1/sqrt(fan_in)): what a loaded checkpoint gives.
+fn frozen_model(cfg: &DitConfig, dtype: DType, device: &Device) -> Result<DitMoe> {
+    let frozen: HashMap<String, Tensor> = expected_parameters(cfg)?
+        .into_iter()
+        .map(|(name, shape)| {
+            let fan_in: usize = shape.iter().skip(1).product::<usize>().max(1);
+            let t = Tensor::randn(0f32, (1.0 / fan_in as f64).sqrt() as f32, shape, device)?.to_dtype(dtype)?;
+            Ok((name, t))
+        })
+        .collect::<Result<_>>()?;
+    Ok(DitMoe::new(cfg, VarBuilder::from_tensors(frozen, dtype, device))?)
+}
+
+/// Each stage of block 0 timed alone on (B, T, D) activations, then the whole block.
+fn breakdown(name: &str, dtype_name: &str, model: &DitMoe, b: usize, device: &Device) -> Result<()> {
+    let cfg = model.config();
+    let (t, d) = (cfg.num_patches(), cfg.hidden_size);
+    let block = &model.blocks()[0];
+    let attn = block.attention();
+    let x = Tensor::randn(0f32, 1.0, (b, t, d), device)?;
+    let c = Tensor::randn(0f32, 1.0, (b, d), device)?;
+    let y = Tensor::zeros(b, DType::I64, device)?;
+    let ada = block.ada_ln().forward(&candle_nn::ops::silu(&c)?)?;
+    // What the block feeds its matmuls (the weights' dtype on the GPU path, f32 on the CPU).
+    let h_dtype = block_ops::matmul_input_dtype(&[&x, &ada], model.dtype());
+    let h = block_ops::ln_modulate(&x, &ada, 0, 1, h_dtype)?;
+    let (q, k, v) = attn.qkv_heads(&h)?;
+    let merged = attn.scaled_dot_product(&q, &k, &v)?.to_dtype(h_dtype)?;
+    let budget = 200.0;
+    let mut rows: Vec<(&str, f64)> = Vec::new();
+    let mut time = |stage: &'static str, f: &mut dyn FnMut() -> candle_core::Result<Tensor>| -> Result<()> {
+        rows.push((stage, median_ms(device, budget, || f().map(drop))?));
+        Ok(())
+    };
+    time("adaLN: SiLU + Linear(D, 6D)", &mut || block.ada_ln().forward(&candle_nn::ops::silu(&c)?))?;
+    time("LayerNorm + modulate", &mut || block_ops::ln_modulate(&x, &ada, 0, 1, h_dtype))?;
+    time("attention: qkv Linear + split heads", &mut || attn.qkv_heads(&h).map(|h| h.0))?;
+    time("attention: softmax(qkᵀ)v", &mut || attn.scaled_dot_product(&q, &k, &v))?;
+    time("attention: out Linear", &mut || attn.project_out(&merged))?;
+    time("gated residual", &mut || block_ops::gated_residual(&x, &merged, None, &ada, 2))?;
+    if let Ffn::TopK(moe) = block.ffn() {
+        time("MoE layer (routed + shared)", &mut || moe.forward(&h).map(|o| o.out))?;
+    }
+    time("whole block", &mut || block.forward(&x, &c, &y, ditmoe::ForwardMode::Eval, 0, &mut Default::default()).map(|o| o.x))?;
+    let whole = rows.last().map(|r| r.1).unwrap_or(f64::NAN);
+    println!("\n{name} {dtype_name}, batch {b} ({} tokens), one block:\n", b * t);
+    println!("| stage | ms | share of the block |");
+    println!("|---|---:|---:|");
+    for (stage, ms) in &rows {
+        println!("| {stage} | {ms:.3} | {:.0}% |", 100.0 * ms / whole);
+    }
+    println!();
+    Ok(())
+}
+
+/// `--graph-probe STAGE`: one piece of the forward captured as a CUDA graph, replayed on
+/// fresh inputs and compared with its eager result (run each stage in its own process: a
+/// faulting replay poisons the context).
+fn graph_probe(stage: &str, cfg: &DitConfig, dtype: DType, b: usize, device: &Device) -> Result<()> {
+    let model = frozen_model(cfg, dtype, device)?;
+    let (t, d) = (cfg.num_patches(), cfg.hidden_size);
+    let block = &model.blocks()[0];
+    let moe = block.moe().expect("DiT-MoE block");
+    let w = block.attention().qkv_heads(&Tensor::zeros((1, 1, d), DType::F32, device)?)?.0; // warm
+    drop(w);
+    let mut f: Box<dyn FnMut(&Tensor, &Tensor, &Tensor) -> candle_core::Result<Tensor>> = match stage {
+        "matmul" => Box::new(|x: &Tensor, _: &Tensor, _: &Tensor| x.reshape((b * t, d))?.to_dtype(dtype)?.matmul(&x.reshape((b * t, d))?.to_dtype(dtype)?.t()?)),
+        "linear" => Box::new(|x: &Tensor, _: &Tensor, _: &Tensor| block.attention().project_out(x)),
+        "broadcast" => Box::new(|x: &Tensor, c: &Tensor, _: &Tensor| x.broadcast_mul(&c.unsqueeze(1)?)),
+        "moe" => Box::new(|x: &Tensor, _: &Tensor, _: &Tensor| moe.forward(x).map(|o| o.out)),
+        "block" => Box::new(|x: &Tensor, c: &Tensor, y: &Tensor| block.forward(x, c, y, ditmoe::ForwardMode::Eval, 0, &mut Default::default()).map(|o| o.x)),
+        "model" => Box::new(|x: &Tensor, c: &Tensor, y: &Tensor| model.forward(&x.reshape((b, t, d))?.narrow(2, 0, cfg.in_channels * cfg.input_size * cfg.input_size / t)?.reshape((b, cfg.in_channels, cfg.input_size, cfg.input_size))?, &c.narrow(1, 0, 1)?.squeeze(1)?, y)),
+        other => anyhow::bail!("unknown probe stage {other}"),
+    };
+    let inputs = || -> Result<(Tensor, Tensor, Tensor)> {
+        Ok((Tensor::randn(0f32, 1.0, (b, t, d), device)?, Tensor::rand(0f32, 1.0, (b, d), device)?, Tensor::zeros(b, DType::I64, device)?))
+    };
+    let mut eager = Vec::new();
+    let sets = (0..4).map(|_| inputs()).collect::<Result<Vec<_>>>()?;
+    for (x, c, y) in &sets {
+        eager.push(f(x, c, y)?);
+    }
+    let mut graphed = GraphedForward::new(f);
+    for (i, ((x, c, y), e)) in sets.iter().zip(&eager).enumerate() {
+        let out = graphed.call(x, c, y)?;
+        device.synchronize()?;
+        let diff = (out.to_dtype(DType::F32)? - e.to_dtype(DType::F32)?)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        println!("probe {stage}: call {i} replays {} max |graph - eager| {diff:.3e} capture error {:?}", graphed.replays(), graphed.capture_error());
+    }
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let device = match arg("--device", "cpu").as_str() {
-        "cuda" => Device::new_cuda(0)?,
+        "cuda" => ditmoe::kernels::cuda_graph::cuda_device(0)?,
         _ => Device::Cpu,
     };
     let models = arg("--models", "S/2-8E2A");
     let batches: Vec<usize> = arg("--batches", "1,8").split(',').map(|b| b.parse()).collect::<Result<_, _>>()?;
-    let iters: usize = arg("--iters", "10").parse()?;
-    println!("| model | dtype | batch | MoE path | ms / forward | images/s | TFLOP/s | vs loop path |");
-    println!("|---|---|---:|---|---:|---:|---:|---:|");
+    let budget: f64 = arg("--budget-ms", "1000").parse()?;
+    let with_loop = !flag("--no-loop");
+    if flag("--graph-probe") {
+        let cfg = presets::get(&models)?.config;
+        return graph_probe(&arg("--graph-probe", ""), &cfg, DType::BF16, batches[0], &device);
+    }
+    let mut table = vec![
+        "| model | dtype | batch | MoE path | ms / forward | images/s | TFLOP/s | vs loop path |".to_string(),
+        "|---|---|---:|---|---:|---:|---:|---:|".to_string(),
+    ];
     for name in models.split(',') {
         let cfg = presets::get(name)?.config;
         for dtype_name in arg("--dtypes", "f32").split(',') {
@@ -51,46 +162,63 @@ fn main() -> Result<()> {
                 "f16" => DType::F16,
                 _ => DType::F32,
             };
-            // Frozen random weights (std 1/sqrt(fan_in)): what a loaded checkpoint gives.
-            let frozen: HashMap<String, Tensor> = expected_parameters(&cfg)?
-                .into_iter()
-                .map(|(name, shape)| {
-                    let fan_in: usize = shape.iter().skip(1).product::<usize>().max(1);
-                    let t = Tensor::randn(0f32, (1.0 / fan_in as f64).sqrt() as f32, shape, &device)?.to_dtype(dtype)?;
-                    Ok((name, t))
-                })
-                .collect::<Result<_>>()?;
-            let fused = DitMoe::new(&cfg, VarBuilder::from_tensors(frozen, dtype, &device))?;
-            let varmap = VarMap::new();
-            let looped = DitMoe::new(&cfg, VarBuilder::from_varmap(&varmap, dtype, &device))?;
-            for &b in &batches {
+            let inputs = |b: usize| -> Result<(Tensor, Tensor, Tensor)> {
                 let x = Tensor::randn(0f32, 1.0, (b, cfg.in_channels, cfg.input_size, cfg.input_size), &device)?;
                 let t = Tensor::arange(0i64, b as i64, &device)?;
-                let y = Tensor::arange(0i64, b as i64, &device)?;
-                let time = |model: &DitMoe| -> Result<f64> {
-                    let run = || -> Result<f64> {
-                        let start = Instant::now();
-                        let out = model.forward(&x, &t, &y)?;
-                        device.synchronize()?;
-                        drop(out);
-                        Ok(start.elapsed().as_secs_f64() * 1e3)
-                    };
-                    for _ in 0..3 {
-                        run()?; // warm-up: PTX JIT, NVRTC, allocator
+                Ok((x, t.clone(), t))
+            };
+            let time = |model: &DitMoe, b: usize| -> Result<f64> {
+                let (x, t, y) = inputs(b)?;
+                Ok(median_ms(&device, budget, || model.forward(&x, &t, &y).map(drop))?)
+            };
+            // One build at a time, so the largest models fit beside their activations.
+            let loop_ms: Vec<Option<f64>> = if with_loop {
+                let varmap = VarMap::new();
+                let looped = DitMoe::new(&cfg, VarBuilder::from_varmap(&varmap, dtype, &device))?;
+                batches.iter().map(|&b| time(&looped, b).map(Some)).collect::<Result<_>>()?
+            } else {
+                vec![None; batches.len()]
+            };
+            let fused = frozen_model(&cfg, dtype, &device)?;
+            for (&b, loop_ms) in batches.iter().zip(loop_ms) {
+                let fused_ms = time(&fused, b)?;
+                // The same forward replayed as one CUDA graph (what the samplers do on a GPU),
+                // checked against the eager output on a second input set.
+                let graph_ms = if device.is_cuda() && !flag("--no-graph") {
+                    let mut graphed = GraphedForward::new(|x: &Tensor, t: &Tensor, y: &Tensor| fused.forward(x, t, y));
+                    let (x, t, y) = inputs(b)?;
+                    graphed.call(&x, &t, &y)?;
+                    let ms = median_ms(&device, budget, || graphed.call(&x, &t, &y).map(drop))?;
+                    let (x2, t2, y2) = inputs(b)?;
+                    let diff = (graphed.call(&x2, &t2, &y2)? - fused.forward(&x2, &t2, &y2)?)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                    if let Some(e) = graphed.capture_error() {
+                        println!("CUDA graph capture failed, eager fallback: {e}");
                     }
-                    let mut times = (0..iters).map(|_| run()).collect::<Result<Vec<_>>>()?;
-                    times.sort_by(f64::total_cmp);
-                    Ok(times[times.len() / 2])
+                    println!("graph replays {}, max |graph - eager| on fresh inputs {diff:.3e}", graphed.replays());
+                    Some(ms)
+                } else {
+                    None
                 };
-                let loop_ms = time(&looped)?;
-                let fused_ms = time(&fused)?;
-                for (path, ms) in [("loop", loop_ms), ("frozen (fused on CUDA)", fused_ms)] {
+                let mut row = |path: &str, ms: f64| {
                     let ips = b as f64 / (ms / 1e3);
                     let tflops = flops_per_image(&cfg) * ips / 1e12;
-                    println!("| {name} | {dtype_name} | {b} | {path} | {ms:.2} | {ips:.1} | {tflops:.1} | {:.2}x |", loop_ms / ms);
+                    let ratio = loop_ms.map_or("–".to_string(), |l| format!("{:.2}x", l / ms));
+                    table.push(format!("| {name} | {dtype_name} | {b} | {path} | {ms:.2} | {ips:.1} | {tflops:.1} | {ratio} |"));
+                };
+                if let Some(l) = loop_ms {
+                    row("loop", l);
+                }
+                row("frozen (fused on CUDA)", fused_ms);
+                if let Some(ms) = graph_ms {
+                    row("frozen + CUDA graph", ms);
+                }
+                println!("{}", table.last().unwrap());
+                if flag("--breakdown") {
+                    breakdown(name, dtype_name, &fused, b, &device)?;
                 }
             }
         }
     }
+    println!("\n{}", table.join("\n"));
     Ok(())
 }

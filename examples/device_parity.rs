@@ -19,7 +19,7 @@ fn rel_l2(a: &Tensor, b: &Tensor) -> Result<f64> {
 
 fn main() -> Result<()> {
     let device = match std::env::args().nth(2).as_deref() {
-        Some("cuda") => Device::new_cuda(0)?,
+        Some("cuda") => ditmoe::kernels::cuda_graph::cuda_device(0)?,
         _ => Device::Cpu,
     };
     let mut failures = 0;

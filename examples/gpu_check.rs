@@ -457,6 +457,68 @@ fn run_checks(dev: &Device, section: &str) -> Result<Table> {
         }
     }
 
+    if section == "block-ops" {
+        // ---------------- the DiT block's fused memory-bound kernels vs their candle composites
+        use ditmoe::kernels::block_ops as bo;
+        let tol = |dt: DType| if dt == DType::F32 { 1e-5 } else { 1e-2 };
+        let on = |t: &Tensor| t.to_device(dev);
+        for &(n, t, d) in &[(3usize, 17usize, 72usize), (2, 256, 1152)] {
+            let x = Tensor::randn(0f32, 1.0, (n, t, d), &cpu_dev)?;
+            let mods = Tensor::randn(0f32, 0.5, (n, 6 * d), &cpu_dev)?;
+            for dt in [DType::F32, DType::BF16] {
+                let case = format!("N={n} T={t} D={d} {dt:?}");
+                let r = bo::ln_modulate(&x, &mods, 3, 4, dt)?;
+                let g = bo::ln_modulate(&on(&x)?, &on(&mods)?, 3, 4, dt)?;
+                tb.add("ln_modulate", &case, "rel", rel(&g, &r)?, tol(dt));
+                let y = Tensor::randn(0f32, 1.0, (n, t, d), &cpu_dev)?.to_dtype(dt)?;
+                let bias = Tensor::randn(0f32, 1.0, d, &cpu_dev)?.to_dtype(dt)?;
+                let r = bo::gated_residual(&x, &y, Some(&bias), &mods, 5)?;
+                let g = bo::gated_residual(&on(&x)?, &on(&y)?, Some(&on(&bias)?), &on(&mods)?, 5)?;
+                tb.add("gated_residual", &case, "rel", rel(&g, &r)?, tol(dt));
+                for out in [DType::F32, dt] {
+                    let r = bo::bias_cast(&y, Some(&bias), out)?;
+                    let g = bo::bias_cast(&on(&y)?, Some(&on(&bias)?), out)?;
+                    tb.add("bias_cast", &format!("{case} -> {out:?}"), "rel", rel(&g, &r)?, tol(dt));
+                }
+            }
+        }
+        for &(b, t, heads, hd) in &[(2usize, 19usize, 4usize, 72usize), (3, 256, 6, 64)] {
+            let d = heads * hd;
+            for dt in [DType::F32, DType::BF16] {
+                let qkv = Tensor::randn(0f32, 1.0, (b, t, 3 * d), &cpu_dev)?.to_dtype(dt)?;
+                let bias = Tensor::randn(0f32, 0.3, 3 * d, &cpu_dev)?.to_dtype(dt)?;
+                let w: Vec<Tensor> = (0..4).map(|i| Tensor::randn(if i % 2 == 0 { 1f32 } else { 0f32 }, 0.2, hd, &cpu_dev)).collect::<candle_core::Result<_>>()?;
+                let wg: Vec<Tensor> = w.iter().map(on).collect::<candle_core::Result<_>>()?;
+                for with_norm in [false, true] {
+                    fn norm(w: &[Tensor]) -> bo::QkNormWeights<'_> {
+                        bo::QkNormWeights { q_weight: &w[0], q_bias: &w[1], k_weight: &w[2], k_bias: &w[3], eps: 1e-6 }
+                    }
+                    let r = bo::split_qkv(&qkv, Some(&bias), with_norm.then(|| norm(&w)), heads)?;
+                    let g = bo::split_qkv(&on(&qkv)?, Some(&on(&bias)?), with_norm.then(|| norm(&wg)), heads)?;
+                    let case = format!("B={b} T={t} H={heads} hd={hd} {dt:?}{}", if with_norm { " qk-norm" } else { "" });
+                    let err = [rel(&g.0, &r.0)?, rel(&g.1, &r.1)?, rel(&g.2, &r.2)?].into_iter().fold(0f64, f64::max);
+                    // with the norm, q and k pass through float16 on both sides (rounding ties may differ)
+                    tb.add("split_qkv", &case, "rel (q, k, v)", err, if with_norm { 1e-2 } else { tol(dt) });
+                }
+                let s = Tensor::randn(0f32, 3.0, (b, heads, t, t), &cpu_dev)?.to_dtype(dt)?;
+                let r = bo::softmax_scaled(&s, 0.125)?;
+                let g = bo::softmax_scaled(&on(&s)?, 0.125)?;
+                tb.add("softmax_scaled", &format!("rows {} cols {t} {dt:?}", b * heads * t), "rel", rel(&g, &r)?, tol(dt));
+            }
+        }
+        for dt in [DType::F32, DType::BF16] {
+            let x = Tensor::randn(0f32, 1.0, (2, 4, 8, 2, 8, 2), &cpu_dev)?.to_dtype(dt)?;
+            let view = |x: &Tensor| x.permute((0, 2, 4, 1, 3, 5))?.narrow(1, 1, 6);
+            let r = view(&x)?.contiguous()?;
+            let g = bo::contiguous(&view(&on(&x)?)?)?;
+            tb.add("strided_copy", &format!("permute+narrow 6-D {dt:?}"), "max abs", max_abs(&g, &r)?, 0.0);
+            let p = Tensor::randn(0f32, 1.0, (1, 5, 7), &cpu_dev)?.to_dtype(dt)?;
+            let r = p.broadcast_as((3, 5, 7))?.contiguous()?;
+            let g = bo::broadcast_contiguous(&on(&p)?, &[3, 5, 7])?;
+            tb.add("strided_copy", &format!("broadcast {dt:?}"), "max abs", max_abs(&g, &r)?, 0.0);
+        }
+    }
+
     if section == "layer" {
         // ---------------- 6. whole layer: fused vs per-expert loop (GPU) vs CPU reference
         for (dt, tol_loop) in [(DType::F32, 1e-5), (DType::BF16, 2e-2)] {
@@ -624,6 +686,7 @@ const SECTIONS: &[&str] = &[
     "gemm-wgmma",
     "layer",
     "graph",
+    "block-ops",
 ];
 
 #[cfg(feature = "cuda")]

@@ -3,6 +3,7 @@
 //! matmuls run in bf16 (f32 accumulation), while the residual stream, LayerNorms, modulation
 //! and softmaxes stay in f32. Keeping the activations in f32 is what keeps a bf16 model within
 //! 1e-2 of the f32 reference.
+use crate::kernels::block_ops;
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
@@ -26,11 +27,20 @@ impl Linear {
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let compute = self.inner.weight().dtype();
-        if x.dtype() == compute {
-            return self.inner.forward(x);
+        // One 2-D matmul over all rows, then bias and the cast back in one pass
+        // (`block_ops::bias_cast`: a fused kernel on the GPU, candle ops elsewhere).
+        let w = self.inner.weight();
+        let (out_dim, in_dim) = w.dims2()?;
+        let mut out_shape = x.dims().to_vec();
+        let last = out_shape.len() - 1;
+        if out_shape[last] != in_dim {
+            candle_core::bail!("linear: input {:?} does not end in {in_dim} features", x.dims())
         }
-        self.inner.forward(&x.to_dtype(compute)?)?.to_dtype(x.dtype())
+        out_shape[last] = out_dim;
+        let rows = x.elem_count() / in_dim.max(1);
+        let xc = block_ops::contiguous(&x.to_dtype(w.dtype())?)?.reshape((rows, in_dim))?;
+        let y = xc.matmul(&w.t()?)?;
+        block_ops::bias_cast(&y, self.inner.bias(), x.dtype())?.reshape(out_shape)
     }
 }
 
@@ -103,6 +113,18 @@ pub struct LayerNorm {
 impl LayerNorm {
     pub fn new(weight: Tensor, bias: Tensor, eps: f64) -> Self {
         Self { weight, bias, eps }
+    }
+}
+
+impl LayerNorm {
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+    pub fn bias(&self) -> &Tensor {
+        &self.bias
+    }
+    pub fn eps(&self) -> f64 {
+        self.eps
     }
 }
 

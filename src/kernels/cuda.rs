@@ -41,7 +41,7 @@ fn nvrtc(src: &str, arch: &'static str) -> std::result::Result<String, String> {
 /// NVRTC with an on-disk cache of the PTX (`$DITMOE_KERNEL_CACHE`, default
 /// `<tmp>/ditmoe-kernels`), keyed by the source, the target and the NVRTC version, so that a
 /// process started again skips the few seconds of compilation.
-fn nvrtc_cached(src: &str, arch: &'static str) -> std::result::Result<String, String> {
+pub(super) fn nvrtc_cached(src: &str, arch: &'static str) -> std::result::Result<String, String> {
     use std::hash::{Hash, Hasher};
     let (mut maj, mut min) = (0i32, 0i32);
     unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut maj, &mut min) };
@@ -126,18 +126,18 @@ fn gemm_fn(dev: &CudaDevice, name: &str) -> Result<Func> {
     }
 }
 
-fn drv<T>(r: std::result::Result<T, cudarc::driver::DriverError>) -> Result<T> {
+pub(super) fn drv<T>(r: std::result::Result<T, cudarc::driver::DriverError>) -> Result<T> {
     r.map_err(|e| candle_core::Error::Msg(format!("cuda: {e:?}")))
 }
 
-fn cuda_dev(t: &Tensor) -> Result<CudaDevice> {
+pub(super) fn cuda_dev(t: &Tensor) -> Result<CudaDevice> {
     match t.device() {
         Device::Cuda(d) => Ok(d.clone()),
         d => bail!("expected a CUDA tensor, got {d:?}"),
     }
 }
 
-fn wrap<T: CudaDType>(s: CudaSlice<T>, dev: &CudaDevice, shape: impl Into<Shape>) -> Tensor {
+pub(super) fn wrap<T: CudaDType>(s: CudaSlice<T>, dev: &CudaDevice, shape: impl Into<Shape>) -> Tensor {
     Tensor::from_storage(
         Storage::Cuda(CudaStorage::wrap_cuda_slice(s, dev.clone())),
         shape,
@@ -161,11 +161,13 @@ macro_rules! view {
     };
 }
 
+pub(super) use view;
+
 fn start_offset_bytes(t: &Tensor) -> usize {
     t.layout().start_offset() * t.dtype().size_in_bytes()
 }
 
-fn cfg1(grid: u32, block: u32, smem: u32) -> LaunchConfig {
+pub(super) fn cfg1(grid: u32, block: u32, smem: u32) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (grid.max(1), 1, 1),
         block_dim: (block, 1, 1),
@@ -309,7 +311,7 @@ pub fn permute_by_expert(ids: &Tensor, n_experts: usize) -> Result<Permutation> 
     })
 }
 
-fn grid_for(total: usize) -> u32 {
+pub(super) fn grid_for(total: usize) -> u32 {
     total.div_ceil(256).clamp(1, 1 << 20) as u32
 }
 

@@ -28,9 +28,14 @@
 //! ```
 use candle_core::{DType, Device, Result, Tensor};
 
+pub mod block_ops;
 pub mod cpu;
+pub mod cuda_graph;
+pub mod timing;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+#[cfg(feature = "cuda")]
+mod cuda_block;
 
 /// Output of [`fused_topk_gating`].
 #[derive(Debug, Clone)]

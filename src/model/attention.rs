@@ -4,6 +4,7 @@
 //!   dimension (`q_norm`, `k_norm`, affine, eps 1e-6) -> q, k cast to float16 (`.half()`) ->
 //!   attention -> `out_proj`.
 use crate::config::DitConfig;
+use crate::kernels::block_ops;
 use candle_core::{DType, Module, Result, Tensor};
 use crate::nn::Linear;
 use crate::nn::LayerNorm;
@@ -53,30 +54,46 @@ impl Attention {
         })
     }
 
-    /// (N, T, D) -> (N, T, D).
+    /// (N, T, D) -> (N, T, D), in x's dtype (f32 activations, or the matmul dtype on the GPU
+    /// inference path).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, t, d) = x.dims3()?;
-        // (B, T, 3, H, hd): the packed layout both official forms use.
-        let qkv = self.qkv.forward(x)?.reshape((b, t, 3, self.num_heads, self.head_dim))?;
-        let part = |i: usize| qkv.narrow(2, i, 1)?.squeeze(2); // (B, T, H, hd)
-        let (mut q, mut k, v) = (part(0)?, part(1)?, part(2)?);
-        if let QkNorm::LayerNormHalf { q: qn, k: kn } = &self.qk_norm {
-            // `self.q_norm(q).half()`: the official code rounds q and k to float16 even in an
-            // f32 run (torch.stack promotes back), so we round them the same way.
-            let dtype = q.dtype();
-            q = qn.forward(&q)?.to_dtype(DType::F16)?.to_dtype(dtype)?;
-            k = kn.forward(&k)?.to_dtype(DType::F16)?.to_dtype(dtype)?;
-        }
-        // The attention matmuls run in the weights' dtype, as SDPA does under autocast.
-        let compute = self.qkv.weight().dtype();
-        let heads = |x: Tensor| x.to_dtype(compute)?.transpose(1, 2)?.contiguous(); // (B, H, T, hd)
-        let (q, k, v) = (heads(q)?, heads(k)?, heads(v)?);
-        let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let att = (q.matmul(&k.t()?)? * scale)?;
-        // Softmax in f32 as SDPA/flash-attention accumulate it, whatever the storage dtype.
-        let att = crate::nn::softmax_last_dim(&att.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?;
-        let out = att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))?.to_dtype(x.dtype())?;
+        let (q, k, v) = self.qkv_heads(x)?;
+        let out = self.scaled_dot_product(&q, &k, &v)?.to_dtype(x.dtype())?;
         self.proj.forward(&out)
     }
-}
 
+    /// The `qkv` projection split into heads: q, k, v as (B, H, T, hd) in the weights' dtype,
+    /// in which the attention matmuls run (as SDPA does under autocast). The bias, the flash
+    /// form's q/k norms and the head split are one pass (`block_ops::split_qkv`).
+    pub fn qkv_heads(&self, x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let w = self.qkv.weight();
+        let raw = crate::nn::Linear::from_weights(w.clone(), None).forward(&x.to_dtype(w.dtype())?)?;
+        let norm = match &self.qk_norm {
+            QkNorm::None => None,
+            // `self.q_norm(q).half()`: the official code rounds q and k to float16 even in an
+            // f32 run (torch.stack promotes back), so we round them the same way.
+            QkNorm::LayerNormHalf { q, k } => Some(block_ops::QkNormWeights {
+                q_weight: q.weight(),
+                q_bias: q.bias(),
+                k_weight: k.weight(),
+                k_bias: k.bias(),
+                eps: q.eps(),
+            }),
+        };
+        block_ops::split_qkv(&raw, self.qkv.bias(), norm, self.num_heads)
+    }
+
+    /// softmax(q kᵀ / √hd) v over (B, H, T, hd) heads, merged back to (B, T, D) in v's dtype.
+    pub fn scaled_dot_product(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        let (b, _, t, _) = q.dims4()?;
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        // Softmax in f32 as SDPA/flash-attention accumulate it, whatever the storage dtype.
+        let att = block_ops::softmax_scaled(&q.matmul(&k.t()?)?, scale)?;
+        block_ops::contiguous(&att.matmul(v)?.transpose(1, 2)?)?.reshape((b, t, self.num_heads * self.head_dim))
+    }
+
+    /// The output projection (`proj` / `out_proj`).
+    pub fn project_out(&self, x: &Tensor) -> Result<Tensor> {
+        self.proj.forward(x)
+    }
+}

@@ -2,11 +2,12 @@
 //! family and block index: DiT-MoE's sparse MoE (`moe`, every block), ProMoE's MoE (`mlp`, odd
 //! blocks with `interleave`) or ProMoE's dense timm `Mlp` (`mlp.fc1/fc2`, even blocks):
 //! `x = x + gate_msa * attn(modulate(norm1(x)))`, `x = x + gate_mlp * ffn(modulate(norm2(x)))`.
-use super::{layer_norm_no_affine, modulate, Attention, ForwardMode, LayerRouting, Trace};
+use super::{Attention, ForwardMode, LayerRouting, Trace};
+use crate::kernels::block_ops;
 use crate::config::DitConfig;
 use crate::moe::{GeluMlp, MoeOutput, ProMoeMoe, SharedExpertMoe};
 use crate::nn::Linear;
-use candle_core::{Module, Result, Tensor};
+use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 /// The block's feed-forward layer.
@@ -53,6 +54,15 @@ impl DitBlock {
         Ok(Self { attn, ffn, ada_ln })
     }
 
+    pub fn attention(&self) -> &Attention {
+        &self.attn
+    }
+
+    /// The adaLN modulation `Linear(D, 6D)` (applied to SiLU(c)).
+    pub fn ada_ln(&self) -> &Linear {
+        &self.ada_ln
+    }
+
     pub fn ffn(&self) -> &Ffn {
         &self.ffn
     }
@@ -69,13 +79,19 @@ impl DitBlock {
     /// them). `layer` names the trace entries (`blocks.<layer>.*`).
     pub fn forward(&self, x: &Tensor, c: &Tensor, y: &Tensor, mode: ForwardMode, layer: usize, trace: &mut Trace) -> Result<BlockOutput> {
         let n = x.dim(0)?;
+        // Chunks of `ada`, official order: shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp.
         let ada = self.ada_ln.forward(&candle_nn::ops::silu(c)?)?;
-        // Chunk order of the official code: shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp.
-        let m = ada.chunk(6, 1)?;
-        let attn_in = modulate(&layer_norm_no_affine(x)?, &m[0], &m[1])?;
+        let compute = self.ada_ln.weight().dtype();
+        let attn_in = block_ops::ln_modulate(x, &ada, 0, 1, block_ops::matmul_input_dtype(&[x, &ada], compute))?;
         let attn_out = self.attn.forward(&attn_in)?;
-        let x_mid = (x + attn_out.broadcast_mul(&m[2].unsqueeze(1)?)?)?;
-        let ffn_in = modulate(&layer_norm_no_affine(&x_mid)?, &m[3], &m[4])?;
+        let x_mid = block_ops::gated_residual(x, &attn_out, None, &ada, 2)?;
+        // Only the fused DiT-MoE layer takes its input in the matmul dtype; ProMoE's routers
+        // compare f32 token features with their prototypes.
+        let ffn_dtype = match &self.ffn {
+            Ffn::TopK(m) if m.is_fused() => block_ops::matmul_input_dtype(&[&x_mid, &ada], compute),
+            _ => DType::F32,
+        };
+        let ffn_in = block_ops::ln_modulate(&x_mid, &ada, 3, 4, ffn_dtype)?;
         let train = mode == ForwardMode::Train;
         let (ffn_out, moe, aux_loss, contrastive_loss) = match &self.ffn {
             Ffn::TopK(moe) => {
@@ -90,7 +106,7 @@ impl DitBlock {
             }
             Ffn::Dense(mlp) => (mlp.forward(&ffn_in)?, None, None, None),
         };
-        let out = (&x_mid + ffn_out.broadcast_mul(&m[5].unsqueeze(1)?)?)?;
+        let out = block_ops::gated_residual(&x_mid, &ffn_out, None, &ada, 5)?;
 
         let name = |what: &'static str| move || format!("blocks.{layer}.{what}");
         trace.keep(name("adaln"), &ada);
@@ -114,7 +130,9 @@ impl DitBlock {
 fn record_moe(moe: MoeOutput, moe_in: &Tensor, layer: usize, trace: &mut Trace) -> Tensor {
     let name = |what: &'static str| move || format!("blocks.{layer}.{what}");
     trace.keep(name("moe_in"), moe_in);
-    trace.keep(name("moe_routed"), &moe.routed);
+    if let Some(routed) = &moe.routed {
+        trace.keep(name("moe_routed"), routed);
+    }
     if let Some(shared) = &moe.shared {
         trace.keep(name("moe_shared"), shared);
     }

@@ -4,6 +4,7 @@
 //! attention, adaLN and final layer and differ in the blocks' feed-forward layers.
 use super::{DitBlock, FinalLayer, ForwardMode, LabelEmbedder, PatchEmbed, TimestepEmbedder, Trace};
 use crate::config::DitConfig;
+use crate::kernels::block_ops;
 use candle_core::{DType, Result, Tensor};
 use candle_nn::VarBuilder;
 
@@ -13,6 +14,7 @@ pub struct DitMoe {
     dtype: DType, // the weights' (compute) dtype
     x_embedder: PatchEmbed,
     pos_embed: Tensor, // (1, T, D): the fixed sin-cos table, stored in official checkpoints
+    t_freq_table: Tensor, // (1, 128): the timestep embedding's frequencies, on the device
     t_embedder: TimestepEmbedder,
     y_embedder: LabelEmbedder,
     blocks: Vec<DitBlock>,
@@ -53,6 +55,7 @@ impl DitMoe {
             cfg: cfg.clone(),
             dtype,
             pos_embed,
+            t_freq_table: TimestepEmbedder::frequency_table(vb.device())?,
             x_embedder: PatchEmbed::new(cfg, vb.pp("x_embedder"))?,
             t_embedder: TimestepEmbedder::new(cfg, vb.pp("t_embedder"))?,
             y_embedder: LabelEmbedder::new(cfg, vb.pp("y_embedder"))?,
@@ -90,8 +93,8 @@ impl DitMoe {
         }
         let x = x.to_dtype(DType::F32)?;
         let patch = self.x_embedder.forward(&x)?;
-        let mut x = patch.broadcast_add(&self.pos_embed)?;
-        let t_freq = TimestepEmbedder::frequencies(t)?;
+        let mut x = (&patch + block_ops::broadcast_contiguous(&self.pos_embed, patch.dims())?)?;
+        let t_freq = TimestepEmbedder::frequencies_with(t, &self.t_freq_table)?;
         let t_emb = self.t_embedder.forward_freq(&t_freq)?;
         let y_emb = self.y_embedder.forward(y)?;
         let c = (&t_emb + &y_emb)?;
@@ -141,7 +144,7 @@ impl DitMoe {
     pub fn unpatchify(&self, x: &Tensor) -> Result<Tensor> {
         let (n, _, _) = x.dims3()?;
         let (g, p, c) = (self.cfg.grid_size(), self.cfg.patch_size, self.cfg.out_channels());
-        x.reshape((n, g, g, p, p, c))?.permute((0, 5, 1, 3, 2, 4))?.reshape((n, c, g * p, g * p))
+        block_ops::contiguous(&x.reshape((n, g, g, p, p, c))?.permute((0, 5, 1, 3, 2, 4))?)?.reshape((n, c, g * p, g * p))
     }
 }
 

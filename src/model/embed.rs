@@ -1,5 +1,6 @@
 //! Input embeddings: patches, the fixed 2-D sin-cos positions, timesteps and class labels.
 use crate::config::DitConfig;
+use crate::kernels::block_ops;
 use candle_core::{DType, Device, Result, Tensor, D};
 use crate::nn::Linear;
 use candle_nn::{Embedding, Module, VarBuilder};
@@ -26,13 +27,11 @@ impl PatchEmbed {
         let (n, c, h, w) = x.dims4()?;
         let p = self.patch;
         let (gh, gw) = (h / p, w / p);
-        let patches = x
-            .reshape((n, c, gh, p, gw, p))?
-            .permute((0, 2, 4, 1, 3, 5))?
+        let patches = block_ops::contiguous(&x.reshape((n, c, gh, p, gw, p))?.permute((0, 2, 4, 1, 3, 5))?)?
             .reshape((n * gh * gw, c * p * p))?;
         // Computed in the weights' dtype, returned in the input's (see `crate::nn::Linear`).
-        let out = patches.to_dtype(self.weight.dtype())?.matmul(&self.weight.t()?)?.broadcast_add(&self.bias)?;
-        out.to_dtype(x.dtype())?.reshape((n, gh * gw, ()))
+        let out = patches.to_dtype(self.weight.dtype())?.matmul(&self.weight.t()?)?;
+        block_ops::bias_cast(&out, Some(&self.bias), x.dtype())?.reshape((n, gh * gw, ()))
     }
 }
 
@@ -74,12 +73,24 @@ impl TimestepEmbedder {
     /// `timestep_embedding(t, 256)`: t (N,) of any dtype (integer DDPM steps or float
     /// rectified-flow t), f32 maths (`t[:, None].float() * freqs`), f_i = exp(-ln(1e4) i/128).
     pub fn frequencies(t: &Tensor) -> Result<Tensor> {
+        Self::frequencies_with(t, &Self::frequency_table(t.device())?)
+    }
+
+    /// The (1, 128) table f_i of [`Self::frequencies`], made once per model so that a forward
+    /// pass copies nothing from the host (which a CUDA graph could not replay).
+    pub fn frequency_table(dev: &Device) -> Result<Tensor> {
         let half = FREQUENCY_EMBEDDING_SIZE / 2;
         let freqs: Vec<f32> = (0..half)
             .map(|i| (-(10000f32.ln()) * i as f32 / half as f32).exp())
             .collect();
-        let freqs = Tensor::from_vec(freqs, (1, half), t.device())?;
-        let args = t.to_dtype(DType::F32)?.unsqueeze(1)?.broadcast_mul(&freqs)?;
+        Tensor::from_vec(freqs, (1, half), dev)
+    }
+
+    /// [`Self::frequencies`] with a table from [`Self::frequency_table`].
+    pub fn frequencies_with(t: &Tensor, table: &Tensor) -> Result<Tensor> {
+        let shape = [t.dim(0)?, table.dim(1)?];
+        let t = block_ops::broadcast_contiguous(&t.to_dtype(DType::F32)?.unsqueeze(1)?, &shape)?;
+        let args = (t * block_ops::broadcast_contiguous(table, &shape)?)?;
         Tensor::cat(&[args.cos()?, args.sin()?], D::Minus1)
     }
 

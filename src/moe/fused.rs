@@ -9,7 +9,7 @@
 //! `norm_topk_prob` (the fused gating keeps the official unnormalised weights).
 use super::{MoeOutput, Routing, SwigluExpert, TopKRouter};
 use crate::kernels::{self, ExpertWeights};
-use candle_core::{DType, Module, Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 
 #[derive(Debug, Clone)]
 pub struct FusedSwiglu {
@@ -35,25 +35,28 @@ impl FusedSwiglu {
         Ok((Self { weights }, views))
     }
 
-    /// x: (N, T, D) f32 activations.
+    /// x: (N, T, D) activations (f32, or already in the weights' dtype). The output is in the
+    /// weights' dtype: the combine adds the shared expert's output (also run on the grouped
+    /// kernels, as one expert) while it sums the routed rows, in f32, rounding once.
     pub fn forward(&self, router: &TopKRouter, shared: Option<&SwigluExpert>, x: &Tensor) -> Result<MoeOutput> {
         let (n, t, d) = x.dims3()?;
-        let flat = x.reshape((n * t, d))?;
+        // The grouped GEMMs run in the weights' dtype (bf16 on tensor cores), like every
+        // other matmul of the model (`crate::nn::Linear`).
+        let flat = x.reshape((n * t, d))?.to_dtype(self.weights.gate.dtype())?;
         let logits = router.logits(&flat)?;
         let g = kernels::fused_topk_gating(&logits.to_dtype(DType::F32)?, router.top_k())?;
         let perm = kernels::permute_by_expert(&g.ids, router.num_experts())?;
-        // The grouped GEMMs run in the weights' dtype (bf16 on tensor cores), like every
-        // other matmul of the model (`crate::nn::Linear`).
-        let xw = flat.to_dtype(self.weights.gate.dtype())?;
-        let h = kernels::grouped_gate_up_gather(&xw, &perm, &self.weights.gate, &self.weights.up)?;
+        let h = kernels::grouped_gate_up_gather(&flat, &perm, &self.weights.gate, &self.weights.up)?;
         let y = kernels::grouped_matmul(&h, &perm.offsets, &self.weights.down)?;
-        let routed = kernels::combine(&y, &perm, &g.weights, None)?.to_dtype(x.dtype())?.reshape((n, t, d))?;
-        let shared = shared.map(|s| s.forward(x)).transpose()?;
-        let out = match &shared {
-            Some(s) => (&routed + s)?,
-            None => routed.clone(),
-        };
+        let shared = shared
+            .map(|s| {
+                let [gate, up, down] = s.weights().map(|w| w.to_dtype(flat.dtype()));
+                kernels::swiglu_mlp(&flat, &kernels::SwigluWeights { gate: gate?, up: up?, down: down? })
+            })
+            .transpose()?;
+        let out = kernels::combine(&y, &perm, &g.weights, shared.as_ref())?.reshape((n, t, d))?;
+        let shared = shared.map(|s| s.reshape((n, t, d))).transpose()?;
         let routing = Routing { experts: g.ids, weights: g.weights, scores: g.scores };
-        Ok(MoeOutput { out, routed, shared, routing, expert_counts: g.expert_counts, dispatch: None })
+        Ok(MoeOutput { out, routed: None, shared, routing, expert_counts: g.expert_counts, dispatch: None })
     }
 }

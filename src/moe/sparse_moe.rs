@@ -27,8 +27,9 @@ pub struct SharedExpertMoe {
 pub struct MoeOutput {
     /// routed + shared, (N, T, D).
     pub out: Tensor,
-    /// The weighted routed sum alone, (N, T, D).
-    pub routed: Tensor,
+    /// The weighted routed sum alone, (N, T, D); None on the fused GPU path, whose combine
+    /// adds the shared expert in the same pass.
+    pub routed: Option<Tensor>,
     /// The shared expert's output, (N, T, D), when there is one.
     pub shared: Option<Tensor>,
     pub routing: Routing,
@@ -56,7 +57,7 @@ pub fn routed_forward<R: Router, M: Module>(router: &R, experts: &[M], shared: O
     };
     let counts: Vec<u32> = dispatch.counts().into_iter().map(|c| c as u32).collect();
     let expert_counts = Tensor::from_vec(counts, router.num_experts(), x.device())?;
-    Ok(MoeOutput { out, routed, shared, routing, expert_counts, dispatch: Some(dispatch) })
+    Ok(MoeOutput { out, routed: Some(routed), shared, routing, expert_counts, dispatch: Some(dispatch) })
 }
 
 impl SharedExpertMoe {
@@ -79,6 +80,11 @@ impl SharedExpertMoe {
             None
         };
         Ok(Self { gate, experts, shared, fused, alpha: cfg.aux_loss_alpha, seq_aux: cfg.seq_aux })
+    }
+
+    /// Whether this layer runs the fused GPU kernels (CUDA, frozen weights).
+    pub fn is_fused(&self) -> bool {
+        self.fused.is_some()
     }
 
     pub fn router(&self) -> &TopKRouter {
@@ -115,7 +121,7 @@ impl SharedExpertMoe {
             None => routed.clone(),
         };
         let expert_counts = expert_slot_mask(&routing)?.sum(0)?.to_dtype(candle_core::DType::U32)?;
-        Ok(MoeOutput { out, routed, shared, routing, expert_counts, dispatch: None })
+        Ok(MoeOutput { out, routed: Some(routed), shared, routing, expert_counts, dispatch: None })
     }
 
     /// The balance loss of one call's routing (training mode), with this layer's alpha/seq_aux.

@@ -15,8 +15,12 @@
 use crate::config::DitConfig;
 use crate::model::dit::apply_cfg;
 use crate::model::{DitMoe, ForwardMode, LayerRouting, Trace};
+use crate::kernels::cuda_graph::GraphedForward;
 use candle_core::{bail, Device, Result, Tensor};
 use std::sync::Mutex;
+
+/// The model's eval forward `(x, t, labels) -> out` as [`GraphedForward`] replays it.
+type ForwardFn<'a> = Box<dyn FnMut(&Tensor, &Tensor, &Tensor) -> Result<Tensor> + Send + 'a>;
 
 /// The official `forward_with_cfg` guides `eps[:, :3]` (kept from DiT for reproducibility).
 const OFFICIAL_GUIDED_CHANNELS: usize = 3;
@@ -67,6 +71,9 @@ pub struct GuidedModel<'a> {
     /// Mutex because the sampler holds `&GuidedModel` while the per-evaluation callback takes
     /// the record out through another shared borrow.
     routing: Option<Mutex<Vec<LayerRouting>>>,
+    /// The forward, replayed as one CUDA graph per step on a GPU (every step of a sampling
+    /// run has the same shapes); plain calls on the CPU.
+    graphed: Mutex<GraphedForward<ForwardFn<'a>>>,
 }
 
 impl<'a> GuidedModel<'a> {
@@ -93,7 +100,8 @@ impl<'a> GuidedModel<'a> {
             labels.extend(std::iter::repeat_n(cfg.null_class() as u32, classes.len()));
         }
         let labels = Tensor::new(labels, device)?;
-        Ok(Self { model, labels, n: classes.len(), guidance, routing: None })
+        let graphed: ForwardFn<'a> = Box::new(move |x: &Tensor, t: &Tensor, y: &Tensor| model.forward(x, t, y));
+        Ok(Self { model, labels, n: classes.len(), guidance, routing: None, graphed: Mutex::new(GraphedForward::new(graphed)) })
     }
 
     /// Keeps the routing record of every forward for [`Self::take_routing`] (analysis).
@@ -114,6 +122,12 @@ impl<'a> GuidedModel<'a> {
 
     pub fn config(&self) -> &DitConfig {
         self.model.config()
+    }
+
+    /// Forwards served by a CUDA graph replay so far, and why capturing failed if it did.
+    pub fn graph_replays(&self) -> (usize, Option<String>) {
+        let g = self.graphed.lock().unwrap_or_else(|e| e.into_inner());
+        (g.replays(), g.capture_error().map(str::to_string))
     }
 
     /// The device the labels (and so the batch) live on.
@@ -172,7 +186,7 @@ impl<'a> GuidedModel<'a> {
     /// One eval forward on the labels, keeping the routing record when asked to.
     fn model_forward(&self, x: &Tensor, t: &Tensor) -> Result<Tensor> {
         let Some(slot) = &self.routing else {
-            return self.model.forward(x, t, &self.labels);
+            return self.graphed.lock().unwrap_or_else(|e| e.into_inner()).call(x, t, &self.labels);
         };
         let mut trace = Trace::routing();
         let out = self.model.forward_full(x, t, &self.labels, ForwardMode::Eval, &mut trace)?.out;

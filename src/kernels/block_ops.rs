@@ -1,0 +1,143 @@
+//! The memory-bound operations of a DiT block around its matmuls, each one fused pass on the
+//! GPU (`kernels/block_ops.cu`) and the same maths as candle ops everywhere else.
+//!
+//! Every function takes the fused kernel only on CUDA and only when no input records autograd
+//! history (the kernels are forward-only); otherwise it runs the candle composite, which is
+//! also the CPU reference the GPU checks compare against. The composites are the exact op
+//! sequences the model used before these kernels existed, so CPU results are unchanged.
+//!
+//! Besides saving passes over memory, the kernels take their layouts as scalar arguments:
+//! candle's strided kernels copy dims and strides from the host on every call, which a CUDA
+//! graph cannot replay (see [`super::cuda_graph`]).
+//!
+//! Modulation vectors come from the adaLN output `mods` `(N, C·D)` f32: chunk `c` is columns
+//! `c·D .. (c+1)·D` (official `adaLN_modulation(c).chunk(C, dim=1)`).
+use candle_core::{DType, Result, Tensor, D};
+
+/// Whether the fused kernels serve these tensors: all on a CUDA device, none tracked by autograd.
+pub fn fused(ts: &[&Tensor]) -> bool {
+    ts.iter().all(|t| t.device().is_cuda() && !t.track_op())
+}
+
+/// The dtype to store a matmul's input in: the weights' dtype on the fused path (every
+/// `Linear` casts its input to it anyway, so a fused producer writes it directly and the
+/// activations between matmuls stay in it, as under autocast), f32 elsewhere (which keeps the
+/// CPU path identical to the one checked against the official code).
+pub fn matmul_input_dtype(inputs: &[&Tensor], weights: DType) -> DType {
+    if fused(inputs) {
+        weights
+    } else {
+        DType::F32
+    }
+}
+
+fn chunk(mods: &Tensor, c: usize, d: usize) -> Result<Tensor> {
+    mods.narrow(1, c * d, d)?.unsqueeze(1)
+}
+
+/// `modulate(LayerNorm(x), shift, scale) = LN(x) * (1 + scale) + shift` with LayerNorm
+/// without affine parameters (eps 1e-6, official `norm1`/`norm2`/`norm_final`), shift and
+/// scale chunks `shift`/`scale` of `mods`. x `(N, T, D)` f32 → `(N, T, D)` in `out_dtype`.
+pub fn ln_modulate(x: &Tensor, mods: &Tensor, shift: usize, scale: usize, out_dtype: DType) -> Result<Tensor> {
+    let d = x.dim(D::Minus1)?;
+    #[cfg(feature = "cuda")]
+    if fused(&[x, mods]) {
+        return super::cuda_block::ln_modulate(x, mods, shift * d, scale * d, 1e-6, out_dtype);
+    }
+    let norm = crate::nn::layer_norm(x, None, None, 1e-6)?;
+    let scale = (chunk(mods, scale, d)? + 1.0)?;
+    norm.broadcast_mul(&scale)?.broadcast_add(&chunk(mods, shift, d)?)?.to_dtype(out_dtype)
+}
+
+/// `x + gate * (y + bias)`: the gated residual of a DiT block, gate = chunk `gate` of `mods`.
+/// x `(N, T, D)` f32, y `(N, T, D)` any float dtype, bias `(D)` in y's dtype → f32.
+pub fn gated_residual(x: &Tensor, y: &Tensor, bias: Option<&Tensor>, mods: &Tensor, gate: usize) -> Result<Tensor> {
+    let d = x.dim(D::Minus1)?;
+    #[cfg(feature = "cuda")]
+    if fused(&[x, y, mods]) && bias.is_none_or(|b| fused(&[b])) {
+        return super::cuda_block::gated_residual(x, y, bias, mods, gate * d);
+    }
+    let y = match bias {
+        Some(b) => y.broadcast_add(b)?,
+        None => y.clone(),
+    };
+    x + y.to_dtype(x.dtype())?.broadcast_mul(&chunk(mods, gate, d)?)?
+}
+
+/// `y + bias` over the last axis, converted to `out_dtype` (a Linear's bias and output cast).
+pub fn bias_cast(y: &Tensor, bias: Option<&Tensor>, out_dtype: DType) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if fused(&[y]) && bias.is_none_or(|b| fused(&[b])) && matches!((y.dtype(), out_dtype), (DType::BF16, _) | (DType::F32, DType::F32)) {
+        return super::cuda_block::bias_cast(y, bias, out_dtype);
+    }
+    match bias {
+        Some(b) => y.broadcast_add(b)?.to_dtype(out_dtype),
+        None => y.to_dtype(out_dtype),
+    }
+}
+
+/// The flash-attention form's per-head LayerNorms on q and k (affine, f32 weights), after
+/// which q and k are rounded to float16 as the official `.half()`.
+#[derive(Debug, Clone, Copy)]
+pub struct QkNormWeights<'a> {
+    pub q_weight: &'a Tensor,
+    pub q_bias: &'a Tensor,
+    pub k_weight: &'a Tensor,
+    pub k_bias: &'a Tensor,
+    pub eps: f64,
+}
+
+/// Splits a packed `qkv` projection `(B, T, 3·H·hd)` (without its bias) into heads: adds
+/// `bias` `(3·H·hd)`, applies the optional q/k norm, and returns q, k, v as `(B, H, T, hd)`
+/// contiguous tensors in qkv's dtype.
+pub fn split_qkv(qkv: &Tensor, bias: Option<&Tensor>, norm: Option<QkNormWeights>, heads: usize) -> Result<(Tensor, Tensor, Tensor)> {
+    let (b, t, d3) = qkv.dims3()?;
+    let hd = d3 / 3 / heads;
+    #[cfg(feature = "cuda")]
+    if fused(&[qkv]) && bias.is_none_or(|b| fused(&[b])) && matches!(qkv.dtype(), DType::BF16 | DType::F32) {
+        return super::cuda_block::split_qkv(qkv, bias, norm, heads);
+    }
+    let qkv = match bias {
+        Some(bias) => qkv.broadcast_add(bias)?,
+        None => qkv.clone(),
+    };
+    let dtype = qkv.dtype();
+    let qkv = qkv.reshape((b, t, 3, heads, hd))?;
+    let part = |i: usize| qkv.narrow(2, i, 1)?.squeeze(2); // (B, T, H, hd)
+    let (mut q, mut k, v) = (part(0)?, part(1)?, part(2)?);
+    if let Some(n) = norm {
+        // LayerNorm in f32, then `.half()`, then the matmul dtype.
+        let ln = |x: &Tensor, w: &Tensor, b: &Tensor| -> Result<Tensor> {
+            crate::nn::layer_norm(&x.to_dtype(DType::F32)?, Some(w), Some(b), n.eps)?.to_dtype(DType::F16)?.to_dtype(dtype)
+        };
+        q = ln(&q, n.q_weight, n.q_bias)?;
+        k = ln(&k, n.k_weight, n.k_bias)?;
+    }
+    let heads = |x: Tensor| x.transpose(1, 2)?.contiguous();
+    Ok((heads(q)?, heads(k)?, heads(v)?))
+}
+
+/// `softmax(scale · s)` over the last axis, computed in f32 (as SDPA and flash attention
+/// accumulate it) and returned in s's dtype.
+pub fn softmax_scaled(s: &Tensor, scale: f64) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if fused(&[s]) && matches!(s.dtype(), DType::BF16 | DType::F32) {
+        return super::cuda_block::softmax_scaled(s, scale);
+    }
+    crate::nn::softmax_last_dim(&(s * scale)?.to_dtype(DType::F32)?)?.to_dtype(s.dtype())
+}
+
+/// `t.contiguous()`, through a kernel that takes the view's layout as arguments on CUDA (any
+/// permute, narrow or broadcast of up to 6 dims, 2- or 4-byte elements).
+pub fn contiguous(t: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if !t.is_contiguous() && fused(&[t]) && t.rank() <= 6 && matches!(t.dtype().size_in_bytes(), 2 | 4) {
+        return super::cuda_block::strided_copy(t);
+    }
+    t.contiguous()
+}
+
+/// `x` broadcast to `shape` and made contiguous (see [`contiguous`]).
+pub fn broadcast_contiguous(x: &Tensor, shape: &[usize]) -> Result<Tensor> {
+    contiguous(&x.broadcast_as(shape)?)
+}

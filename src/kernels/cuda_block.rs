@@ -1,0 +1,288 @@
+//! CUDA launches of `kernels/block_ops.cu` (see [`super::block_ops`] for the semantics).
+//! Compiled with NVRTC once per process, launched on candle's stream, no host copies.
+use super::block_ops::QkNormWeights;
+use super::cuda::{cfg1, cuda_dev, drv, grid_for, modules, nvrtc_cached, view, wrap};
+use candle_core::cuda_backend::{cudarc, CudaDevice};
+use candle_core::{bail, DType, Result, Storage, Tensor};
+use cudarc::driver::{DeviceRepr, PushKernelArg};
+use half::bf16;
+use std::sync::OnceLock;
+
+const SRC: &str = include_str!("../../kernels/block_ops.cu");
+
+type Func = (std::sync::Arc<cudarc::driver::CudaStream>, cudarc::driver::CudaFunction);
+
+fn func(dev: &CudaDevice, name: &str) -> Result<Func> {
+    static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
+    let arch = modules(dev)?.arch;
+    let ptx = PTX.get_or_init(|| nvrtc_cached(SRC, arch)).as_ref().map_err(|e| candle_core::Error::Msg(e.clone()))?;
+    let f = dev.get_or_load_custom_func(name, "ditmoe_block_ops", ptx)?;
+    Ok((dev.cuda_stream(), f.into_cuda_function()))
+}
+
+const NULL: u64 = 0;
+
+fn suffix(dt: DType, what: &str) -> Result<&'static str> {
+    match dt {
+        DType::F32 => Ok("f32"),
+        DType::BF16 => Ok("bf16"),
+        dt => bail!("{what}: unsupported dtype {dt:?} (f32 or bf16)"),
+    }
+}
+
+/// Dispatches `$body` with `$t` bound to the Rust element type of `$dt` (f32 or bf16).
+macro_rules! by_dtype {
+    ($dt:expr, $t:ident, $body:block) => {
+        match $dt {
+            DType::F32 => {
+                type $t = f32;
+                $body
+            }
+            DType::BF16 => {
+                type $t = bf16;
+                $body
+            }
+            dt => bail!("unsupported dtype {dt:?}"),
+        }
+    };
+}
+
+pub fn ln_modulate(x: &Tensor, mods: &Tensor, shift_off: usize, scale_off: usize, eps: f64, out_dtype: DType) -> Result<Tensor> {
+    let (n, t, d) = x.dims3()?;
+    let (mn, ms) = mods.dims2()?;
+    if x.dtype() != DType::F32 || mods.dtype() != DType::F32 || mn != n || shift_off + d > ms || scale_off + d > ms {
+        bail!("ln_modulate: x {:?} {:?} and mods {:?} {:?} do not fit", x.dims(), x.dtype(), mods.dims(), mods.dtype())
+    }
+    let dev = cuda_dev(x)?;
+    let (x, mods) = (x.contiguous()?, mods.contiguous()?);
+    let rows = n * t;
+    let name = format!("ln_modulate_{}", suffix(out_dtype, "ln_modulate")?);
+    let f = func(&dev, &name)?;
+    view!(x, f32, _gx, xv);
+    view!(mods, f32, _gm, mv);
+    let (ms32, sh32, sc32, t32, d32, eps32) = (ms as u32, shift_off as u32, scale_off as u32, t as u32, d as u32, eps as f32);
+    by_dtype!(out_dtype, O, {
+        let mut out = unsafe { dev.alloc::<O>(rows * d)? };
+        let mut b = f.0.launch_builder(&f.1);
+        b.arg(&xv).arg(&mv).arg(&ms32).arg(&sh32).arg(&sc32).arg(&t32).arg(&d32).arg(&eps32).arg(&mut out);
+        drv(unsafe { b.launch(cfg1(rows as u32, 128, 0)) })?;
+        Ok(wrap(out, &dev, (n, t, d)))
+    })
+}
+
+pub fn gated_residual(x: &Tensor, y: &Tensor, bias: Option<&Tensor>, mods: &Tensor, gate_off: usize) -> Result<Tensor> {
+    let (n, t, d) = x.dims3()?;
+    let (mn, ms) = mods.dims2()?;
+    if x.dtype() != DType::F32 || mods.dtype() != DType::F32 || y.dims() != x.dims() || mn != n || gate_off + d > ms {
+        bail!("gated_residual: x {:?}, y {:?}, mods {:?} do not fit", x.dims(), y.dims(), mods.dims())
+    }
+    if let Some(b) = bias {
+        if b.dims() != [d] || b.dtype() != y.dtype() {
+            bail!("gated_residual: bias {:?} {:?} is not [{d}] {:?}", b.dims(), b.dtype(), y.dtype())
+        }
+    }
+    let dev = cuda_dev(x)?;
+    let (x, y, mods) = (x.contiguous()?, y.contiguous()?, mods.contiguous()?);
+    let bias = bias.map(|b| b.contiguous()).transpose()?;
+    let total = n * t * d;
+    let f = func(&dev, &format!("gated_residual_{}", suffix(y.dtype(), "gated_residual")?))?;
+    view!(x, f32, _gx, xv);
+    view!(mods, f32, _gm, mv);
+    let mut out = unsafe { dev.alloc::<f32>(total)? };
+    let (ms32, g32, t32, d32, n64) = (ms as u32, gate_off as u32, t as u32, d as u32, total as u64);
+    by_dtype!(y.dtype(), Y, {
+        view!(y, Y, _gy, yv);
+        let mut b = f.0.launch_builder(&f.1);
+        b.arg(&xv).arg(&yv);
+        let bg = bias.as_ref().map(|t| t.storage_and_layout());
+        let bv = match &bg {
+            Some((g, l)) => match &**g {
+                Storage::Cuda(c) => Some(c.as_cuda_slice::<Y>()?.slice(l.start_offset()..l.start_offset() + d)),
+                _ => bail!("gated_residual: bias must be on the GPU"),
+            },
+            None => None,
+        };
+        match &bv {
+            Some(v) => b.arg(v),
+            None => b.arg(&NULL),
+        };
+        b.arg(&mv).arg(&ms32).arg(&g32).arg(&t32).arg(&d32).arg(&n64).arg(&mut out);
+        drv(unsafe { b.launch(cfg1(grid_for(total), 256, 0)) })?;
+    });
+    Ok(wrap(out, &dev, (n, t, d)))
+}
+
+pub fn bias_cast(y: &Tensor, bias: Option<&Tensor>, out_dtype: DType) -> Result<Tensor> {
+    let cols = y.dim(candle_core::D::Minus1)?;
+    if let Some(b) = bias {
+        if b.dims() != [cols] || b.dtype() != y.dtype() {
+            bail!("bias_cast: bias {:?} {:?} does not match y {:?} {:?}", b.dims(), b.dtype(), y.dims(), y.dtype())
+        }
+    }
+    let dev = cuda_dev(y)?;
+    let y = y.contiguous()?;
+    let bias = bias.map(|b| b.contiguous()).transpose()?;
+    let total = y.elem_count();
+    let name = format!("bias_cast_{}_{}", suffix(y.dtype(), "bias_cast")?, suffix(out_dtype, "bias_cast")?);
+    let f = func(&dev, &name)?;
+    let (c32, n64) = (cols as u32, total as u64);
+    by_dtype!(y.dtype(), I, {
+        view!(y, I, _gy, yv);
+        let bg = bias.as_ref().map(|t| t.storage_and_layout());
+        let bv = match &bg {
+            Some((g, l)) => match &**g {
+                Storage::Cuda(c) => Some(c.as_cuda_slice::<I>()?.slice(l.start_offset()..l.start_offset() + cols)),
+                _ => bail!("bias_cast: bias must be on the GPU"),
+            },
+            None => None,
+        };
+        by_dtype!(out_dtype, O, {
+            let mut out = unsafe { dev.alloc::<O>(total)? };
+            let mut b = f.0.launch_builder(&f.1);
+            b.arg(&yv);
+            match &bv {
+                Some(v) => b.arg(v),
+                None => b.arg(&NULL),
+            };
+            b.arg(&c32).arg(&n64).arg(&mut out);
+            drv(unsafe { b.launch(cfg1(grid_for(total), 256, 0)) })?;
+            Ok(wrap(out, &dev, y.shape().clone()))
+        })
+    })
+}
+
+pub fn split_qkv(qkv: &Tensor, bias: Option<&Tensor>, norm: Option<QkNormWeights>, heads: usize) -> Result<(Tensor, Tensor, Tensor)> {
+    let (b, t, d3) = qkv.dims3()?;
+    let d = d3 / 3;
+    let hd = d / heads;
+    if d3 != 3 * heads * hd {
+        bail!("split_qkv: width {d3} is not 3 x {heads} heads")
+    }
+    let dev = cuda_dev(qkv)?;
+    let qkv = qkv.contiguous()?;
+    let dt = qkv.dtype();
+    let bias = bias.map(|x| x.to_dtype(dt)?.contiguous()).transpose()?;
+    let norm_w = norm
+        .map(|n| -> Result<_> {
+            let c = |w: &Tensor| w.to_dtype(DType::F32)?.contiguous();
+            Ok((c(n.q_weight)?, c(n.q_bias)?, c(n.k_weight)?, c(n.k_bias)?, n.eps as f32))
+        })
+        .transpose()?;
+    let pairs = b * t * heads;
+    let f = func(&dev, &format!("split_qkv_{}", suffix(dt, "split_qkv")?))?;
+    let (b32, t32, h32, hd32) = (b as u32, t as u32, heads as u32, hd as u32);
+    by_dtype!(dt, E, {
+        view!(qkv, E, _gq, qv);
+        let mut q = unsafe { dev.alloc::<E>(b * t * d)? };
+        let mut k = unsafe { dev.alloc::<E>(b * t * d)? };
+        let mut v = unsafe { dev.alloc::<E>(b * t * d)? };
+        {
+            let mut l = f.0.launch_builder(&f.1);
+            l.arg(&qv);
+            let bg = bias.as_ref().map(|x| x.storage_and_layout());
+            let bv = match &bg {
+                Some((g, lay)) => match &**g {
+                    Storage::Cuda(c) => Some(c.as_cuda_slice::<E>()?.slice(lay.start_offset()..lay.start_offset() + d3)),
+                    _ => bail!("split_qkv: bias must be on the GPU"),
+                },
+                None => None,
+            };
+            match &bv {
+                Some(x) => l.arg(x),
+                None => l.arg(&NULL),
+            };
+            let guards = norm_w.as_ref().map(|(a, b2, c, d2, _)| [a, b2, c, d2].map(|w| w.storage_and_layout()));
+            let views = match &guards {
+                Some(gs) => {
+                    let mut vs = Vec::with_capacity(4);
+                    for (g, lay) in gs.iter() {
+                        match &**g {
+                            Storage::Cuda(c) => vs.push(c.as_cuda_slice::<f32>()?.slice(lay.start_offset()..lay.start_offset() + hd)),
+                            _ => bail!("split_qkv: norm weights must be on the GPU"),
+                        }
+                    }
+                    Some(vs)
+                }
+                None => None,
+            };
+            match &views {
+                Some(vs) => {
+                    for x in vs {
+                        l.arg(x);
+                    }
+                }
+                None => {
+                    for _ in 0..4 {
+                        l.arg(&NULL);
+                    }
+                }
+            }
+            let eps = norm_w.as_ref().map_or(0f32, |n| n.4);
+            l.arg(&eps).arg(&b32).arg(&t32).arg(&h32).arg(&hd32).arg(&mut q).arg(&mut k).arg(&mut v);
+            // 8 warps per block, one (token, head) pair per warp.
+            drv(unsafe { l.launch(cfg1(pairs.div_ceil(8) as u32, 256, 0)) })?;
+        }
+        let shape = (b, heads, t, hd);
+        Ok((wrap(q, &dev, shape), wrap(k, &dev, shape), wrap(v, &dev, shape)))
+    })
+}
+
+pub fn softmax_scaled(s: &Tensor, scale: f64) -> Result<Tensor> {
+    let cols = s.dim(candle_core::D::Minus1)?;
+    let rows = s.elem_count() / cols.max(1);
+    let dev = cuda_dev(s)?;
+    let s = s.contiguous()?;
+    let f = func(&dev, &format!("softmax_scaled_{}", suffix(s.dtype(), "softmax_scaled")?))?;
+    let (sc, c32) = (scale as f32, cols as u32);
+    by_dtype!(s.dtype(), E, {
+        view!(s, E, _gs, sv);
+        let mut out = unsafe { dev.alloc::<E>(rows * cols)? };
+        let mut b = f.0.launch_builder(&f.1);
+        b.arg(&sv).arg(&sc).arg(&c32).arg(&mut out);
+        drv(unsafe { b.launch(cfg1(rows as u32, 128, 0)) })?;
+        Ok(wrap(out, &dev, s.shape().clone()))
+    })
+}
+
+/// The layout argument of `strided_copy_*` (`struct View6` in the kernel source).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct View6 {
+    dims: [u32; 6],
+    strides: [u64; 6],
+    offset: u64,
+    rank: u32,
+}
+unsafe impl DeviceRepr for View6 {}
+
+pub fn strided_copy(t: &Tensor) -> Result<Tensor> {
+    let dev = cuda_dev(t)?;
+    let l = t.layout();
+    let mut v = View6 { dims: [1; 6], strides: [0; 6], offset: l.start_offset() as u64, rank: t.rank() as u32 };
+    for (i, (&d, &s)) in l.dims().iter().zip(l.stride()).enumerate() {
+        v.dims[i] = d as u32;
+        v.strides[i] = s as u64;
+    }
+    let total = t.elem_count();
+    let n64 = total as u64;
+    let (g, _) = t.storage_and_layout();
+    let Storage::Cuda(c) = &*g else { bail!("strided_copy: expected a CUDA tensor") };
+    macro_rules! go {
+        ($ty:ty, $name:expr) => {{
+            let src = c.as_cuda_slice::<$ty>()?;
+            let mut out = unsafe { dev.alloc::<$ty>(total)? };
+            let f = func(&dev, $name)?;
+            let mut b = f.0.launch_builder(&f.1);
+            b.arg(src).arg(&v).arg(&n64).arg(&mut out);
+            drv(unsafe { b.launch(cfg1(grid_for(total), 256, 0)) })?;
+            Ok(wrap(out, &dev, t.shape().clone()))
+        }};
+    }
+    match t.dtype() {
+        DType::BF16 => go!(bf16, "strided_copy_u16"),
+        DType::F16 => go!(half::f16, "strided_copy_u16"),
+        DType::F32 => go!(f32, "strided_copy_u32"),
+        DType::U32 => go!(u32, "strided_copy_u32"),
+        dt => bail!("strided_copy: unsupported dtype {dt:?}"),
+    }
+}
