@@ -84,7 +84,8 @@ fn breakdown(name: &str, dtype_name: &str, model: &DitMoe, b: usize, device: &De
     time("attention: qkv Linear + split heads", &mut || attn.qkv_heads(&h).map(|h| h.0))?;
     time("attention: softmax(qkᵀ)v", &mut || attn.scaled_dot_product(&q, &k, &v))?;
     time("attention: out Linear", &mut || attn.project_out(&merged))?;
-    time("gated residual", &mut || block_ops::gated_residual(&x, &merged, None, &ada, 2))?;
+    time("gated residual + LayerNorm + modulate", &mut || block_ops::residual_ln_modulate(&x, &merged, &ada, 2, 3, 4, h_dtype).map(|r| r.1))?;
+    time("gated residual", &mut || block_ops::gated_residual(&x, &merged, None, &ada, 5))?;
     if let Ffn::TopK(moe) = block.ffn() {
         time("MoE layer (routed + shared)", &mut || moe.forward(&h).map(|o| o.out))?;
     }

@@ -475,6 +475,12 @@ fn run_checks(dev: &Device, section: &str) -> Result<Table> {
                 let r = bo::gated_residual(&x, &y, Some(&bias), &mods, 5)?;
                 let g = bo::gated_residual(&on(&x)?, &on(&y)?, Some(&on(&bias)?), &on(&mods)?, 5)?;
                 tb.add("gated_residual", &case, "rel", rel(&g, &r)?, tol(dt));
+                for out in [DType::F32, DType::BF16] {
+                    let (rm, rh) = bo::residual_ln_modulate(&x, &y, &mods, 2, 3, 4, out)?;
+                    let (gm, gh) = bo::residual_ln_modulate(&on(&x)?, &on(&y)?, &on(&mods)?, 2, 3, 4, out)?;
+                    let err = rel(&gm, &rm)?.max(rel(&gh, &rh)?);
+                    tb.add("residual_ln_modulate", &format!("{case} -> {out:?}"), "rel (x_mid, h)", err, tol(dt).max(tol(out)));
+                }
                 for out in [DType::F32, dt] {
                     let r = bo::bias_cast(&y, Some(&bias), out)?;
                     let g = bo::bias_cast(&on(&y)?, Some(&on(&bias)?), out)?;
@@ -505,6 +511,16 @@ fn run_checks(dev: &Device, section: &str) -> Result<Table> {
                 let g = bo::softmax_scaled(&on(&s)?, 0.125)?;
                 tb.add("softmax_scaled", &format!("rows {} cols {t} {dt:?}", b * heads * t), "rel", rel(&g, &r)?, tol(dt));
             }
+        }
+        // fused attention (bf16) against the f32 composite on the same bf16-rounded inputs
+        for &(b, h, t, hd) in &[(2usize, 3usize, 19usize, 16usize), (2, 4, 256, 64), (1, 2, 300, 72), (1, 2, 130, 88), (1, 1, 70, 128)] {
+            let mk = |s: f32| -> candle_core::Result<Tensor> { Tensor::randn(0f32, s, (b, h, t, hd), &cpu_dev)?.to_dtype(DType::BF16) };
+            let (q, k, v) = (mk(1.0)?, mk(1.0)?, mk(1.0)?);
+            let f32s = |x: &Tensor| x.to_dtype(DType::F32);
+            let scale = 1.0 / (hd as f64).sqrt();
+            let r = bo::attention(&f32s(&q)?, &f32s(&k)?, &f32s(&v)?, scale)?;
+            let g = bo::attention(&on(&q)?, &on(&k)?, &on(&v)?, scale)?;
+            tb.add("attention (fused)", &format!("B={b} H={h} T={t} hd={hd} bf16"), "rel vs f32", rel(&g, &r)?, 1e-2);
         }
         for dt in [DType::F32, DType::BF16] {
             let x = Tensor::randn(0f32, 1.0, (2, 4, 8, 2, 8, 2), &cpu_dev)?.to_dtype(dt)?;

@@ -94,6 +94,41 @@ extern "C" __global__ void ln_modulate_bf16(const float* x, const float* mods, u
     ln_modulate_body<u16>(x, mods, ms, sh, sc, T, D, eps, out);
 }
 
+// The second half of a block's attention step and the start of its MLP step in one pass:
+// x_mid = x + gate * y (stored f32), then h = modulate(LN(x_mid), shift, scale) (stored OUT).
+// One block per token row; the row of x_mid is re-read from L1/L2 for the statistics.
+template <typename Y, typename OUT>
+__device__ void residual_ln_modulate_body(const float* __restrict__ x, const Y* __restrict__ y, const float* __restrict__ mods,
+                                          u32 mods_stride, u32 gate_off, u32 shift_off, u32 scale_off, u32 T, u32 D, float eps,
+                                          float* __restrict__ x_mid, OUT* __restrict__ out) {
+    __shared__ float red[32];
+    const u64 m = blockIdx.x;
+    const float* md = mods + (u64)(m / T) * mods_stride;
+    float s = 0.f;
+    for (u32 j = threadIdx.x; j < D; j += blockDim.x) {
+        const float r = x[m * D + j] + md[gate_off + j] * Io<Y>::load(y, m * D + j);
+        x_mid[m * D + j] = r;
+        s += r;
+    }
+    const float mean = block_sum(s, red) / (float)D;
+    float v = 0.f;
+    for (u32 j = threadIdx.x; j < D; j += blockDim.x) { const float c = x_mid[m * D + j] - mean; v += c * c; }
+    const float rstd = rsqrtf(block_sum(v, red) / (float)D + eps);
+    for (u32 j = threadIdx.x; j < D; j += blockDim.x) {
+        const float n = (x_mid[m * D + j] - mean) * rstd;
+        Io<OUT>::store(out, m * D + j, n * (1.f + md[scale_off + j]) + md[shift_off + j]);
+    }
+}
+#define RES_LN(YN, Y, ON, O) \
+    extern "C" __global__ void residual_ln_modulate_##YN##_##ON(const float* x, const Y* y, const float* mods, u32 ms, u32 g, u32 sh, u32 sc, \
+                                                              u32 T, u32 D, float eps, float* x_mid, O* out) { \
+        residual_ln_modulate_body<Y, O>(x, y, mods, ms, g, sh, sc, T, D, eps, x_mid, out); \
+    }
+RES_LN(f32, float, f32, float)
+RES_LN(bf16, u16, f32, float)
+RES_LN(f32, float, bf16, u16)
+RES_LN(bf16, u16, bf16, u16)
+
 // out = x + gate[m / T] * (y + bias), elementwise over [M, D]; x and out f32.
 template <typename Y>
 __device__ void gated_residual_body(const float* __restrict__ x, const Y* __restrict__ y, const Y* __restrict__ bias,
@@ -218,3 +253,154 @@ __device__ void strided_copy_body(const E* __restrict__ src, View6 v, u64 total,
 }
 extern "C" __global__ void strided_copy_u16(const u16* src, View6 v, u64 n, u16* out) { strided_copy_body<u16>(src, v, n, out); }
 extern "C" __global__ void strided_copy_u32(const u32* src, View6 v, u64 n, u32* out) { strided_copy_body<u32>(src, v, n, out); }
+
+// ---------------------------------------------------------------------------------------------
+// Fused attention softmax(scale q kᵀ) v for bf16 q, k, v [B, H, T, hd] (FlashAttention-2's
+// forward: online softmax over key tiles, nothing of size T x T in memory), written straight
+// into the merged-heads layout out [B, T, H*hd]. mma.sync m16n8k16 (bf16 in, f32 accumulate,
+// sm_80+); hd is padded with zeros to HDP, a multiple of 16. One warp per 16 query rows, four
+// warps per block; key tiles of 64 staged in shared memory (v transposed, so that both
+// products read their B fragments as aligned 32-bit pairs). P is rounded to bf16 for the
+// second product, as flash attention does. WARPS (4 or 8) sets the queries per block.
+__device__ __forceinline__ void mma16816(float* c, const u32* a, u32 b0, u32 b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ u32 pack_bf16(float lo, float hi) { return (u32)f2bf(lo) | ((u32)f2bf(hi) << 16); }
+
+template <int HDP, int WARPS>
+__device__ void flash_attn_body(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,
+                                u32 T, u32 H, u32 hd, float scale_log2, u16* __restrict__ out) {
+    constexpr int KT = 64;        // keys per tile
+    constexpr int KS = HDP + 8;   // row stride of the k tile (u16), padded against bank conflicts
+    constexpr int VS = KT + 8;    // row stride of the transposed v tile
+    __shared__ __align__(16) u16 sK[KT * KS];
+    __shared__ __align__(16) u16 sV[HDP * VS];
+    const u32 lane = threadIdx.x & 31u, warp = threadIdx.x >> 5;
+    const u32 g = lane >> 2, tg = lane & 3u;
+    const u32 bh = blockIdx.y;
+    const u32 q0 = blockIdx.x * (16u * WARPS) + warp * 16u;
+    const u64 base = (u64)bh * T * hd;
+
+    u32 qa[HDP / 16][4];
+#pragma unroll
+    for (int c = 0; c < HDP / 16; ++c) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const u32 row = q0 + g + (i & 1) * 8u, d = 16u * c + 2u * tg + (i >> 1) * 8u;
+            qa[c][i] = (row < T && d < hd) ? *(const u32*)(q + base + (u64)row * hd + d) : 0u;
+        }
+    }
+    float o[HDP / 8][4];
+#pragma unroll
+    for (int n = 0; n < HDP / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+    float m0 = NEG_INF, m1 = NEG_INF, l0 = 0.f, l1 = 0.f;
+
+    for (u32 k0 = 0; k0 < T; k0 += KT) {
+        __syncthreads();
+        for (u32 i = threadIdx.x; i < (u32)KT * (HDP / 2); i += blockDim.x) {
+            const u32 key = i / (HDP / 2), d = (i % (HDP / 2)) * 2u;
+            const bool ok = k0 + key < T && d < hd;
+            const u64 src = base + (u64)(k0 + key) * hd + d;
+            const u32 kv = ok ? *(const u32*)(k + src) : 0u;
+            const u32 vv = ok ? *(const u32*)(v + src) : 0u;
+            *(u32*)(sK + key * KS + d) = kv;
+            sV[d * VS + key] = (u16)(vv & 0xffffu);
+            sV[(d + 1) * VS + key] = (u16)(vv >> 16);
+        }
+        __syncthreads();
+        float s[KT / 8][4];
+#pragma unroll
+        for (int j = 0; j < KT / 8; ++j) {
+            s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+#pragma unroll
+            for (int c = 0; c < HDP / 16; ++c) {
+                const u16* kr = sK + (8 * j + g) * KS + 16 * c + 2 * tg;
+                mma16816(s[j], qa[c], *(const u32*)kr, *(const u32*)(kr + 8));
+            }
+        }
+        float mx0 = NEG_INF, mx1 = NEG_INF;
+#pragma unroll
+        for (int j = 0; j < KT / 8; ++j) {
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const u32 key = k0 + 8u * j + 2u * tg + (i & 1);
+                s[j][i] = key < T ? s[j][i] * scale_log2 : NEG_INF;
+            }
+            mx0 = fmaxf(mx0, fmaxf(s[j][0], s[j][1]));
+            mx1 = fmaxf(mx1, fmaxf(s[j][2], s[j][3]));
+        }
+#pragma unroll
+        for (int x = 1; x < 4; x <<= 1) {
+            mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, x));
+            mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, x));
+        }
+        const float n0 = fmaxf(m0, mx0), n1 = fmaxf(m1, mx1);
+        const float c0 = exp2f(m0 - n0), c1 = exp2f(m1 - n1);
+        float sum0 = 0.f, sum1 = 0.f;
+#pragma unroll
+        for (int j = 0; j < KT / 8; ++j) {
+            s[j][0] = exp2f(s[j][0] - n0);
+            s[j][1] = exp2f(s[j][1] - n0);
+            s[j][2] = exp2f(s[j][2] - n1);
+            s[j][3] = exp2f(s[j][3] - n1);
+            sum0 += s[j][0] + s[j][1];
+            sum1 += s[j][2] + s[j][3];
+        }
+#pragma unroll
+        for (int x = 1; x < 4; x <<= 1) {
+            sum0 += __shfl_xor_sync(0xffffffffu, sum0, x);
+            sum1 += __shfl_xor_sync(0xffffffffu, sum1, x);
+        }
+        l0 = l0 * c0 + sum0;
+        l1 = l1 * c1 + sum1;
+        m0 = n0;
+        m1 = n1;
+#pragma unroll
+        for (int n = 0; n < HDP / 8; ++n) {
+            o[n][0] *= c0;
+            o[n][1] *= c0;
+            o[n][2] *= c1;
+            o[n][3] *= c1;
+        }
+#pragma unroll
+        for (int c = 0; c < KT / 16; ++c) {
+            const u32 pa[4] = {pack_bf16(s[2 * c][0], s[2 * c][1]), pack_bf16(s[2 * c][2], s[2 * c][3]),
+                               pack_bf16(s[2 * c + 1][0], s[2 * c + 1][1]), pack_bf16(s[2 * c + 1][2], s[2 * c + 1][3])};
+#pragma unroll
+            for (int n = 0; n < HDP / 8; ++n) {
+                const u16* vr = sV + (8 * n + g) * VS + 16 * c + 2 * tg;
+                mma16816(o[n], pa, *(const u32*)vr, *(const u32*)(vr + 8));
+            }
+        }
+    }
+    const u32 b = bh / H, h = bh % H, D = H * hd;
+    const float inv0 = 1.f / l0, inv1 = 1.f / l1;
+#pragma unroll
+    for (int n = 0; n < HDP / 8; ++n) {
+        const u32 d = 8u * n + 2u * tg;
+        if (d >= hd) continue;
+        const u32 r0 = q0 + g, r1 = q0 + g + 8u;
+        if (r0 < T) *(u32*)(out + ((u64)b * T + r0) * D + h * hd + d) = pack_bf16(o[n][0] * inv0, o[n][1] * inv0);
+        if (r1 < T) *(u32*)(out + ((u64)b * T + r1) * D + h * hd + d) = pack_bf16(o[n][2] * inv1, o[n][3] * inv1);
+    }
+}
+#define FLASH(HDP, W) \
+    extern "C" __global__ void __launch_bounds__(32 * W) flash_attn_bf16_hd##HDP##_w##W(const u16* q, const u16* k, const u16* v, u32 T, u32 H, u32 hd, float sl2, u16* out) { \
+        flash_attn_body<HDP, W>(q, k, v, T, H, hd, sl2, out); \
+    }
+FLASH(16, 4)
+FLASH(32, 4)
+FLASH(64, 4)
+FLASH(80, 4)
+FLASH(96, 4)
+FLASH(128, 4)
+FLASH(16, 8)
+FLASH(32, 8)
+FLASH(64, 8)
+FLASH(80, 8)
+FLASH(96, 8)
+FLASH(128, 8)

@@ -40,7 +40,10 @@ impl Module for Linear {
         let rows = x.elem_count() / in_dim.max(1);
         let xc = block_ops::contiguous(&x.to_dtype(w.dtype())?)?.reshape((rows, in_dim))?;
         let y = xc.matmul(&w.t()?)?;
-        block_ops::bias_cast(&y, self.inner.bias(), x.dtype())?.reshape(out_shape)
+        match self.inner.bias() {
+            None if x.dtype() == y.dtype() => y.reshape(out_shape),
+            bias => block_ops::bias_cast(&y, bias, x.dtype())?.reshape(out_shape),
+        }
     }
 }
 

@@ -64,6 +64,20 @@ pub fn gated_residual(x: &Tensor, y: &Tensor, bias: Option<&Tensor>, mods: &Tens
     x + y.to_dtype(x.dtype())?.broadcast_mul(&chunk(mods, gate, d)?)?
 }
 
+/// [`gated_residual`] then [`ln_modulate`] of its result, one pass on the GPU: returns
+/// `x_mid = x + gate * y` (f32) and `modulate(LN(x_mid), shift, scale)` in `out_dtype`
+/// (the step from a block's attention to its MLP).
+pub fn residual_ln_modulate(x: &Tensor, y: &Tensor, mods: &Tensor, gate: usize, shift: usize, scale: usize, out_dtype: DType) -> Result<(Tensor, Tensor)> {
+    #[cfg(feature = "cuda")]
+    if fused(&[x, y, mods]) && matches!(y.dtype(), DType::F32 | DType::BF16) {
+        let d = x.dim(D::Minus1)?;
+        return super::cuda_block::residual_ln_modulate(x, y, mods, (gate * d, shift * d, scale * d), 1e-6, out_dtype);
+    }
+    let x_mid = gated_residual(x, y, None, mods, gate)?;
+    let h = ln_modulate(&x_mid, mods, shift, scale, out_dtype)?;
+    Ok((x_mid, h))
+}
+
 /// `y + bias` over the last axis, converted to `out_dtype` (a Linear's bias and output cast).
 pub fn bias_cast(y: &Tensor, bias: Option<&Tensor>, out_dtype: DType) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
@@ -125,6 +139,20 @@ pub fn softmax_scaled(s: &Tensor, scale: f64) -> Result<Tensor> {
         return super::cuda_block::softmax_scaled(s, scale);
     }
     crate::nn::softmax_last_dim(&(s * scale)?.to_dtype(DType::F32)?)?.to_dtype(s.dtype())
+}
+
+/// Scaled dot-product attention `softmax(scale · q kᵀ) v` over q, k, v `(B, H, T, hd)`,
+/// returned with the heads merged, `(B, T, H·hd)`, in v's dtype. On the GPU, for bf16 with an
+/// even head size up to 128, one fused kernel (FlashAttention-2's online softmax, no T×T
+/// scores in memory); elsewhere two matmuls around [`softmax_scaled`].
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    let (b, h, t, hd) = q.dims4()?;
+    #[cfg(feature = "cuda")]
+    if fused(&[q, k, v]) && q.dtype() == DType::BF16 && hd % 2 == 0 && hd <= 128 {
+        return super::cuda_block::flash_attention(q, k, v, scale);
+    }
+    let att = softmax_scaled(&q.matmul(&k.t()?)?, scale)?;
+    contiguous(&att.matmul(v)?.transpose(1, 2)?)?.reshape((b, t, h * hd))
 }
 
 /// `t.contiguous()`, through a kernel that takes the view's layout as arguments on CUDA (any

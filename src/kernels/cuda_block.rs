@@ -70,6 +70,43 @@ pub fn ln_modulate(x: &Tensor, mods: &Tensor, shift_off: usize, scale_off: usize
     })
 }
 
+pub fn residual_ln_modulate(
+    x: &Tensor,
+    y: &Tensor,
+    mods: &Tensor,
+    offsets: (usize, usize, usize),
+    eps: f64,
+    out_dtype: DType,
+) -> Result<(Tensor, Tensor)> {
+    let (n, t, d) = x.dims3()?;
+    let (mn, ms) = mods.dims2()?;
+    let (gate_off, shift_off, scale_off) = offsets;
+    if x.dtype() != DType::F32 || mods.dtype() != DType::F32 || y.dims() != x.dims() || mn != n || [gate_off, shift_off, scale_off].iter().any(|o| o + d > ms) {
+        bail!("residual_ln_modulate: x {:?}, y {:?}, mods {:?} do not fit", x.dims(), y.dims(), mods.dims())
+    }
+    let dev = cuda_dev(x)?;
+    let (x, y, mods) = (x.contiguous()?, y.contiguous()?, mods.contiguous()?);
+    let rows = n * t;
+    let name = format!("residual_ln_modulate_{}_{}", suffix(y.dtype(), "residual_ln_modulate")?, suffix(out_dtype, "residual_ln_modulate")?);
+    let f = func(&dev, &name)?;
+    view!(x, f32, _gx, xv);
+    view!(mods, f32, _gm, mv);
+    let mut x_mid = unsafe { dev.alloc::<f32>(rows * d)? };
+    let (ms32, g32, sh32, sc32, t32, d32, eps32) = (ms as u32, gate_off as u32, shift_off as u32, scale_off as u32, t as u32, d as u32, eps as f32);
+    by_dtype!(y.dtype(), Y, {
+        view!(y, Y, _gy, yv);
+        by_dtype!(out_dtype, O, {
+            let mut out = unsafe { dev.alloc::<O>(rows * d)? };
+            let mut b = f.0.launch_builder(&f.1);
+            b.arg(&xv).arg(&yv).arg(&mv).arg(&ms32).arg(&g32).arg(&sh32).arg(&sc32).arg(&t32).arg(&d32).arg(&eps32);
+            b.arg(&mut x_mid).arg(&mut out);
+            drv(unsafe { b.launch(cfg1(rows as u32, 128, 0)) })?;
+            let out = wrap(out, &dev, (n, t, d));
+            Ok((wrap(x_mid, &dev, (n, t, d)), out))
+        })
+    })
+}
+
 pub fn gated_residual(x: &Tensor, y: &Tensor, bias: Option<&Tensor>, mods: &Tensor, gate_off: usize) -> Result<Tensor> {
     let (n, t, d) = x.dims3()?;
     let (mn, ms) = mods.dims2()?;
@@ -242,6 +279,47 @@ pub fn softmax_scaled(s: &Tensor, scale: f64) -> Result<Tensor> {
         drv(unsafe { b.launch(cfg1(rows as u32, 128, 0)) })?;
         Ok(wrap(out, &dev, s.shape().clone()))
     })
+}
+
+pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    let (b, h, t, hd) = q.dims4()?;
+    if k.dims() != q.dims() || v.dims() != q.dims() || [q.dtype(), k.dtype(), v.dtype()] != [DType::BF16; 3] {
+        bail!("flash_attention: q {:?}, k {:?}, v {:?} must be bf16 of one shape", q.dims(), k.dims(), v.dims())
+    }
+    let hdp = match hd {
+        0..=16 => 16,
+        17..=32 => 32,
+        33..=64 => 64,
+        65..=80 => 80,
+        81..=96 => 96,
+        97..=128 => 128,
+        _ => bail!("flash_attention: head size {hd} > 128"),
+    };
+    let dev = cuda_dev(q)?;
+    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+    // Queries per block: 16 per warp. 8 warps share each key tile among twice the queries;
+    // 4 give more blocks for short sequences. `DITMOE_FLASH_WARPS` overrides (benchmarks).
+    let warps = match std::env::var("DITMOE_FLASH_WARPS").ok().and_then(|w| w.parse::<usize>().ok()) {
+        Some(w @ (4 | 8)) => w,
+        _ if t >= 256 => 8,
+        _ => 4,
+    };
+    let f = func(&dev, &format!("flash_attn_bf16_hd{hdp}_w{warps}"))?;
+    view!(q, bf16, _gq, qv);
+    view!(k, bf16, _gk, kv);
+    view!(v, bf16, _gv, vv);
+    let mut out = unsafe { dev.alloc::<bf16>(b * t * h * hd)? };
+    let (t32, h32, hd32) = (t as u32, h as u32, hd as u32);
+    let scale_log2 = (scale * std::f64::consts::LOG2_E) as f32;
+    let mut l = f.0.launch_builder(&f.1);
+    l.arg(&qv).arg(&kv).arg(&vv).arg(&t32).arg(&h32).arg(&hd32).arg(&scale_log2).arg(&mut out);
+    let cfg = cudarc::driver::LaunchConfig {
+        grid_dim: (t.div_ceil(16 * warps) as u32, (b * h) as u32, 1),
+        block_dim: (32 * warps as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    drv(unsafe { l.launch(cfg) })?;
+    Ok(wrap(out, &dev, (b, t, h * hd)))
 }
 
 /// The layout argument of `strided_copy_*` (`struct View6` in the kernel source).

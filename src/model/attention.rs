@@ -84,12 +84,10 @@ impl Attention {
     }
 
     /// softmax(q kᵀ / √hd) v over (B, H, T, hd) heads, merged back to (B, T, D) in v's dtype.
+    /// The softmax is computed in f32 as SDPA/flash-attention accumulate it, whatever the
+    /// storage dtype (`block_ops::attention`: one fused kernel on the GPU).
     pub fn scaled_dot_product(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-        let (b, _, t, _) = q.dims4()?;
-        let scale = 1.0 / (self.head_dim as f64).sqrt();
-        // Softmax in f32 as SDPA/flash-attention accumulate it, whatever the storage dtype.
-        let att = block_ops::softmax_scaled(&q.matmul(&k.t()?)?, scale)?;
-        block_ops::contiguous(&att.matmul(v)?.transpose(1, 2)?)?.reshape((b, t, self.num_heads * self.head_dim))
+        block_ops::attention(q, k, v, 1.0 / (self.head_dim as f64).sqrt())
     }
 
     /// The output projection (`proj` / `out_proj`).

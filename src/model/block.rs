@@ -84,14 +84,14 @@ impl DitBlock {
         let compute = self.ada_ln.weight().dtype();
         let attn_in = block_ops::ln_modulate(x, &ada, 0, 1, block_ops::matmul_input_dtype(&[x, &ada], compute))?;
         let attn_out = self.attn.forward(&attn_in)?;
-        let x_mid = block_ops::gated_residual(x, &attn_out, None, &ada, 2)?;
         // Only the fused DiT-MoE layer takes its input in the matmul dtype; ProMoE's routers
         // compare f32 token features with their prototypes.
         let ffn_dtype = match &self.ffn {
-            Ffn::TopK(m) if m.is_fused() => block_ops::matmul_input_dtype(&[&x_mid, &ada], compute),
+            Ffn::TopK(m) if m.is_fused() => block_ops::matmul_input_dtype(&[x, &ada], compute),
             _ => DType::F32,
         };
-        let ffn_in = block_ops::ln_modulate(&x_mid, &ada, 3, 4, ffn_dtype)?;
+        // x_mid = x + gate_msa * attn_out, and the MLP's input from it, in one pass.
+        let (x_mid, ffn_in) = block_ops::residual_ln_modulate(x, &attn_out, &ada, 2, 3, 4, ffn_dtype)?;
         let train = mode == ForwardMode::Train;
         let (ffn_out, moe, aux_loss, contrastive_loss) = match &self.ffn {
             Ffn::TopK(moe) => {
