@@ -1,20 +1,21 @@
-//! Full-model forward throughput of DiT-MoE presets with random weights, and where the time
-//! of one block goes.
+//! Full-model forward throughput of DiT-MoE presets with random weights (frozen, as loaded
+//! from a checkpoint, so on CUDA the MoE layers run the fused kernels), and where the time of
+//! one block goes.
 //!
 //! cargo run --example bench_model -- --device cuda --models S/2-8E2A,B/2-8E2A,XL/2-8E2A \
-//!     --batches 1,8,64 --dtypes bf16,f32 [--no-loop] [--breakdown]
+//!     --batches 1,8,64 --dtypes bf16,f32 [--breakdown] [--budget-ms 1000]
 //!
-//! Prints ms per forward, images/s and achieved TFLOP/s (matmul FLOPs, the count of
-//! shared/docs/baseline.md) for two builds of the same model measured in the same run: frozen
-//! weights (on CUDA the MoE layers take the fused kernels) and training variables (the candle
-//! per-expert dispatch, structured like the official `moe_infer`), and their ratio.
-//! `--no-loop` skips the variable build (it holds a second copy of the weights).
-//! On CUDA a third row replays the frozen forward as one CUDA graph (`--no-graph` skips it).
-//! `--breakdown` adds, per model and batch, the time of each stage of one block run alone.
-//! Timing: `ditmoe::kernels::timing::median_ms` (CUDA events, calls back to back).
+//! Prints ms per forward run eagerly and replayed as one CUDA graph (`GraphedForward`, what
+//! the samplers use on a GPU; the replay is checked against the eager output), images/s and
+//! achieved TFLOP/s (matmul FLOPs, the count of shared/docs/baseline.md) of the faster one.
+//! The baseline is the official PyTorch code measured in the same job
+//! (`shared/tools/bench_official_ditmoe.py`); the per-expert loop path is measured per layer
+//! in `bench_moe`. `--breakdown` adds, per model and batch, the time of each stage of one
+//! block run alone. Timing: `ditmoe::kernels::timing::median_ms` (CUDA events, calls back to
+//! back). `--graph-probe STAGE` checks one piece of the forward under graph capture.
 use anyhow::Result;
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{VarBuilder, VarMap};
+use candle_nn::VarBuilder;
 use ditmoe::checkpoint::expected_parameters;
 use ditmoe::kernels::cuda_graph::GraphedForward;
 use ditmoe::kernels::timing::median_ms;
@@ -138,6 +139,18 @@ fn graph_probe(stage: &str, cfg: &DitConfig, dtype: DType, b: usize, device: &De
     Ok(())
 }
 
+/// GPU memory in use (GiB), for the log: the largest models must fit one after another.
+#[cfg(feature = "cuda")]
+fn gpu_used_gib(device: &Device) -> Option<f64> {
+    let ctx = device.as_cuda_device().ok()?.cuda_stream().context().clone();
+    let (free, total) = ctx.mem_get_info().ok()?;
+    Some((total - free) as f64 / (1u64 << 30) as f64)
+}
+#[cfg(not(feature = "cuda"))]
+fn gpu_used_gib(_: &Device) -> Option<f64> {
+    None
+}
+
 fn main() -> Result<()> {
     let device = match arg("--device", "cpu").as_str() {
         "cuda" => ditmoe::kernels::cuda_graph::cuda_device(0)?,
@@ -146,14 +159,13 @@ fn main() -> Result<()> {
     let models = arg("--models", "S/2-8E2A");
     let batches: Vec<usize> = arg("--batches", "1,8").split(',').map(|b| b.parse()).collect::<Result<_, _>>()?;
     let budget: f64 = arg("--budget-ms", "1000").parse()?;
-    let with_loop = !flag("--no-loop");
     if flag("--graph-probe") {
         let cfg = presets::get(&models)?.config;
         return graph_probe(&arg("--graph-probe", ""), &cfg, DType::BF16, batches[0], &device);
     }
     let mut table = vec![
-        "| model | dtype | batch | MoE path | ms / forward | images/s | TFLOP/s | vs loop path |".to_string(),
-        "|---|---|---:|---|---:|---:|---:|---:|".to_string(),
+        "| model | dtype | batch | ms / forward, eager | ms / forward, CUDA graph | images/s | TFLOP/s | graph vs eager |".to_string(),
+        "|---|---|---:|---:|---:|---:|---:|---:|".to_string(),
     ];
     for name in models.split(',') {
         let cfg = presets::get(name)?.config;
@@ -168,54 +180,40 @@ fn main() -> Result<()> {
                 let t = Tensor::arange(0i64, b as i64, &device)?;
                 Ok((x, t.clone(), t))
             };
-            let time = |model: &DitMoe, b: usize| -> Result<f64> {
+            let model = frozen_model(&cfg, dtype, &device)?;
+            for &b in &batches {
                 let (x, t, y) = inputs(b)?;
-                Ok(median_ms(&device, budget, || model.forward(&x, &t, &y).map(drop))?)
-            };
-            // One build at a time, so the largest models fit beside their activations.
-            let loop_ms: Vec<Option<f64>> = if with_loop {
-                let varmap = VarMap::new();
-                let looped = DitMoe::new(&cfg, VarBuilder::from_varmap(&varmap, dtype, &device))?;
-                batches.iter().map(|&b| time(&looped, b).map(Some)).collect::<Result<_>>()?
-            } else {
-                vec![None; batches.len()]
-            };
-            let fused = frozen_model(&cfg, dtype, &device)?;
-            for (&b, loop_ms) in batches.iter().zip(loop_ms) {
-                let fused_ms = time(&fused, b)?;
+                let eager_ms = median_ms(&device, budget, || model.forward(&x, &t, &y).map(drop))?;
                 // The same forward replayed as one CUDA graph (what the samplers do on a GPU),
                 // checked against the eager output on a second input set.
-                let graph_ms = if device.is_cuda() && !flag("--no-graph") {
-                    let mut graphed = GraphedForward::new(|x: &Tensor, t: &Tensor, y: &Tensor| fused.forward(x, t, y));
-                    let (x, t, y) = inputs(b)?;
+                let graph_ms = if device.is_cuda() {
+                    let mut graphed = GraphedForward::new(|x: &Tensor, t: &Tensor, y: &Tensor| model.forward(x, t, y));
                     graphed.call(&x, &t, &y)?;
                     let ms = median_ms(&device, budget, || graphed.call(&x, &t, &y).map(drop))?;
                     let (x2, t2, y2) = inputs(b)?;
-                    let diff = (graphed.call(&x2, &t2, &y2)? - fused.forward(&x2, &t2, &y2)?)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                    let diff = (graphed.call(&x2, &t2, &y2)? - model.forward(&x2, &t2, &y2)?)?.abs()?.max_all()?.to_scalar::<f32>()?;
                     if let Some(e) = graphed.capture_error() {
                         println!("CUDA graph capture failed, eager fallback: {e}");
                     }
-                    println!("graph replays {}, max |graph - eager| on fresh inputs {diff:.3e}", graphed.replays());
+                    println!("{name} {dtype_name} b{b}: graph replays {}, max |graph - eager| on fresh inputs {diff:.3e}", graphed.replays());
                     Some(ms)
                 } else {
                     None
                 };
-                let mut row = |path: &str, ms: f64| {
-                    let ips = b as f64 / (ms / 1e3);
-                    let tflops = flops_per_image(&cfg) * ips / 1e12;
-                    let ratio = loop_ms.map_or("–".to_string(), |l| format!("{:.2}x", l / ms));
-                    table.push(format!("| {name} | {dtype_name} | {b} | {path} | {ms:.2} | {ips:.1} | {tflops:.1} | {ratio} |"));
+                let best = graph_ms.unwrap_or(eager_ms).min(eager_ms);
+                let ips = b as f64 / (best / 1e3);
+                let tflops = flops_per_image(&cfg) * ips / 1e12;
+                let (graph_col, ratio) = match graph_ms {
+                    Some(g) => (format!("{g:.2}"), format!("{:.2}x", eager_ms / g)),
+                    None => ("–".into(), "–".into()),
                 };
-                if let Some(l) = loop_ms {
-                    row("loop", l);
-                }
-                row("frozen (fused on CUDA)", fused_ms);
-                if let Some(ms) = graph_ms {
-                    row("frozen + CUDA graph", ms);
-                }
+                table.push(format!("| {name} | {dtype_name} | {b} | {eager_ms:.2} | {graph_col} | {ips:.1} | {tflops:.1} | {ratio} |"));
                 println!("{}", table.last().unwrap());
+                if let Some(gib) = gpu_used_gib(&device) {
+                    println!("GPU memory in use after this row: {gib:.1} GiB");
+                }
                 if flag("--breakdown") {
-                    breakdown(name, dtype_name, &fused, b, &device)?;
+                    breakdown(name, dtype_name, &model, b, &device)?;
                 }
             }
         }

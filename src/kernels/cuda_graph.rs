@@ -41,7 +41,21 @@ struct Captured {
     key: Key,
     inputs: [Tensor; 3],
     out: Tensor,
-    exec: candle_core::cuda_backend::cudarc::driver::CudaGraph,
+    exec: Option<candle_core::cuda_backend::cudarc::driver::CudaGraph>,
+}
+
+#[cfg(feature = "cuda")]
+impl Drop for Captured {
+    /// Destroys the graph, then hands the memory its allocations reserved back to the driver:
+    /// the graph memory pool keeps it otherwise, out of reach of later (non-graph) allocations.
+    fn drop(&mut self) {
+        drop(self.exec.take());
+        if let Ok(dev) = self.out.device().as_cuda_device() {
+            let ctx = dev.cuda_stream().context().clone();
+            let _ = ctx.synchronize();
+            unsafe { candle_core::cuda_backend::cudarc::driver::sys::cuDeviceGraphMemTrim(ctx.cu_device()) };
+        }
+    }
 }
 
 impl<F> std::fmt::Debug for GraphedForward<F> {
@@ -130,7 +144,7 @@ impl<F: FnMut(&Tensor, &Tensor, &Tensor) -> Result<Tensor>> GraphedForward<F> {
         result?;
         let exec = exec?.ok_or_else(|| candle_core::Error::Msg("CUDA graph capture recorded nothing".into()))?;
         exec.upload().map_err(candle_core::Error::wrap)?;
-        Ok(Captured { key, inputs: statics, out, exec })
+        Ok(Captured { key, inputs: statics, out, exec: Some(exec) })
     }
 
     #[cfg(feature = "cuda")]
@@ -139,7 +153,7 @@ impl<F: FnMut(&Tensor, &Tensor, &Tensor) -> Result<Tensor>> GraphedForward<F> {
         for (dst, src) in g.inputs.iter().zip([a, b, c]) {
             dst.slice_set(&src.contiguous()?, 0, 0)?;
         }
-        g.exec.launch().map_err(candle_core::Error::wrap)?;
+        g.exec.as_ref().expect("a captured graph").launch().map_err(candle_core::Error::wrap)?;
         self.replays += 1;
         // The next launch overwrites the static output.
         g.out.copy()
