@@ -36,13 +36,26 @@ __device__ __forceinline__ float round_f16(float f) {
 }
 
 template <typename T> struct Io;
+// load2/store2: elements i and i + 1 in one access (i even, so 4- or 8-byte aligned).
 template <> struct Io<float> {
     static __device__ __forceinline__ float load(const float* p, u64 i) { return p[i]; }
     static __device__ __forceinline__ void store(float* p, u64 i, float v) { p[i] = v; }
+    static __device__ __forceinline__ void load2(const float* p, u64 i, float& a, float& b) {
+        const float2 w = *(const float2*)(p + i);
+        a = w.x;
+        b = w.y;
+    }
+    static __device__ __forceinline__ void store2(float* p, u64 i, float a, float b) { *(float2*)(p + i) = make_float2(a, b); }
 };
 template <> struct Io<u16> {
     static __device__ __forceinline__ float load(const u16* p, u64 i) { return bf2f(p[i]); }
     static __device__ __forceinline__ void store(u16* p, u64 i, float v) { p[i] = f2bf(v); }
+    static __device__ __forceinline__ void load2(const u16* p, u64 i, float& a, float& b) {
+        const u32 w = *(const u32*)(p + i);
+        a = bf2f((u16)(w & 0xffffu));
+        b = bf2f((u16)(w >> 16));
+    }
+    static __device__ __forceinline__ void store2(u16* p, u64 i, float a, float b) { *(u32*)(p + i) = (u32)f2bf(a) | ((u32)f2bf(b) << 16); }
 };
 
 // Block-wide sum of one float per thread (blockDim.x a multiple of 32, at most 1024).
@@ -165,6 +178,8 @@ extern "C" __global__ void bias_cast_f32_f32(const float* y, const float* b, u32
 // One warp per (token, head) pair: reads the q, k and v rows of that head from the packed
 // [B, T, 3, H, hd] projection, adds the bias, optionally LayerNorms q and k over hd (affine
 // weights f32, then float16 rounding as the official `.half()`), writes [B, H, T, hd].
+// Each lane holds element pairs 2*lane + 64*i (hd even, at most 256) in registers, so every
+// row is read once, in 32-bit (bf16) or 64-bit (f32) accesses.
 template <typename E>
 __device__ void split_qkv_body(const E* __restrict__ qkv, const E* __restrict__ bias,
                                const float* __restrict__ qw, const float* __restrict__ qb,
@@ -186,24 +201,50 @@ __device__ void split_qkv_body(const E* __restrict__ qkv, const E* __restrict__ 
         const float* nw = which == 0 ? qw : kw;
         const float* nb = which == 0 ? qb : kb;
         const bool norm = which < 2 && nw != nullptr;
+        float val[8];
+        float s = 0.f;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const u32 j = 2u * lane + 64u * i;
+            float a = 0.f, c = 0.f;
+            if (j < hd) {
+                Io<E>::load2(qkv, src + j, a, c);
+                if (bias) {
+                    float ba, bc;
+                    Io<E>::load2(bias, boff + j, ba, bc);
+                    a += ba;
+                    c += bc;
+                }
+            }
+            val[2 * i] = a;
+            val[2 * i + 1] = c;
+            s += a + c;
+        }
         float mean = 0.f, rstd = 1.f;
         if (norm) {
-            float s = 0.f;
-            for (u32 j = lane; j < hd; j += 32) s += Io<E>::load(qkv, src + j) + (bias ? Io<E>::load(bias, boff + j) : 0.f);
             for (int x = 16; x > 0; x >>= 1) s += __shfl_xor_sync(0xffffffffu, s, x);
             mean = s / (float)hd;
             float var = 0.f;
-            for (u32 j = lane; j < hd; j += 32) {
-                const float c = Io<E>::load(qkv, src + j) + (bias ? Io<E>::load(bias, boff + j) : 0.f) - mean;
-                var += c * c;
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                if (2u * lane + 64u * i < hd) {
+                    const float ca = val[2 * i] - mean, cc = val[2 * i + 1] - mean;
+                    var += ca * ca + cc * cc;
+                }
             }
             for (int x = 16; x > 0; x >>= 1) var += __shfl_xor_sync(0xffffffffu, var, x);
             rstd = rsqrtf(var / (float)hd + eps);
         }
-        for (u32 j = lane; j < hd; j += 32) {
-            float val = Io<E>::load(qkv, src + j) + (bias ? Io<E>::load(bias, boff + j) : 0.f);
-            if (norm) val = round_f16((val - mean) * rstd * nw[j] + nb[j]);
-            Io<E>::store(o, dst + j, val);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const u32 j = 2u * lane + 64u * i;
+            if (j >= hd) continue;
+            float a = val[2 * i], c = val[2 * i + 1];
+            if (norm) {
+                a = round_f16((a - mean) * rstd * nw[j] + nb[j]);
+                c = round_f16((c - mean) * rstd * nw[j + 1] + nb[j + 1]);
+            }
+            Io<E>::store2(o, dst + j, a, c);
         }
     }
 }
@@ -258,16 +299,25 @@ extern "C" __global__ void strided_copy_u32(const u32* src, View6 v, u64 n, u32*
 // Fused attention softmax(scale q kᵀ) v for bf16 q, k, v [B, H, T, hd] (FlashAttention-2's
 // forward: online softmax over key tiles, nothing of size T x T in memory), written straight
 // into the merged-heads layout out [B, T, H*hd]. mma.sync m16n8k16 (bf16 in, f32 accumulate,
-// sm_80+); hd is padded with zeros to HDP, a multiple of 16. One warp per 16 query rows, four
-// warps per block; key tiles of 64 staged in shared memory (v transposed, so that both
-// products read their B fragments as aligned 32-bit pairs). P is rounded to bf16 for the
-// second product, as flash attention does. WARPS (4 or 8) sets the queries per block.
+// sm_80+); hd is padded with zeros to HDP, a multiple of 16. One warp per 16 query rows,
+// WARPS (4 or 8) warps per block; key tiles of 64 keys staged row-major in shared memory with
+// 16-byte loads (rows padded by 8 elements against bank conflicts): q kᵀ reads its B fragments
+// as aligned 32-bit pairs, p v through ldmatrix.trans. P is rounded to bf16 for the second
+// product, as flash attention does.
 __device__ __forceinline__ void mma16816(float* c, const u32* a, u32 b0, u32 b1) {
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
         "{%0, %1, %2, %3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ u32 smem_u32(const void* p) {
+    u32 r;
+    asm volatile("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(r) : "l"(p));
+    return r;
+}
+__device__ __forceinline__ void ldsm_x2_trans(u32& r0, u32& r1, u32 addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];\n" : "=r"(r0), "=r"(r1) : "r"(addr) : "memory");
 }
 __device__ __forceinline__ u32 pack_bf16(float lo, float hi) { return (u32)f2bf(lo) | ((u32)f2bf(hi) << 16); }
 
@@ -276,9 +326,8 @@ __device__ void flash_attn_body(const u16* __restrict__ q, const u16* __restrict
                                 u32 T, u32 H, u32 hd, float scale_log2, u16* __restrict__ out) {
     constexpr int KT = 64;        // keys per tile
     constexpr int KS = HDP + 8;   // row stride of the k tile (u16), padded against bank conflicts
-    constexpr int VS = KT + 8;    // row stride of the transposed v tile
     __shared__ __align__(16) u16 sK[KT * KS];
-    __shared__ __align__(16) u16 sV[HDP * VS];
+    __shared__ __align__(16) u16 sV[KT * KS];
     const u32 lane = threadIdx.x & 31u, warp = threadIdx.x >> 5;
     const u32 g = lane >> 2, tg = lane & 3u;
     const u32 bh = blockIdx.y;
@@ -301,15 +350,23 @@ __device__ void flash_attn_body(const u16* __restrict__ q, const u16* __restrict
 
     for (u32 k0 = 0; k0 < T; k0 += KT) {
         __syncthreads();
-        for (u32 i = threadIdx.x; i < (u32)KT * (HDP / 2); i += blockDim.x) {
-            const u32 key = i / (HDP / 2), d = (i % (HDP / 2)) * 2u;
-            const bool ok = k0 + key < T && d < hd;
-            const u64 src = base + (u64)(k0 + key) * hd + d;
-            const u32 kv = ok ? *(const u32*)(k + src) : 0u;
-            const u32 vv = ok ? *(const u32*)(v + src) : 0u;
-            *(u32*)(sK + key * KS + d) = kv;
-            sV[d * VS + key] = (u16)(vv & 0xffffu);
-            sV[(d + 1) * VS + key] = (u16)(vv >> 16);
+        if ((hd & 7u) == 0) {  // 16-byte rows chunks
+            for (u32 i = threadIdx.x; i < (u32)KT * (HDP / 8); i += blockDim.x) {
+                const u32 key = i / (HDP / 8), d = (i % (HDP / 8)) * 8u;
+                const bool ok = k0 + key < T && d < hd;
+                const u64 src = base + (u64)(k0 + key) * hd + d;
+                const uint4 z = make_uint4(0u, 0u, 0u, 0u);
+                *(uint4*)(sK + key * KS + d) = ok ? *(const uint4*)(k + src) : z;
+                *(uint4*)(sV + key * KS + d) = ok ? *(const uint4*)(v + src) : z;
+            }
+        } else {
+            for (u32 i = threadIdx.x; i < (u32)KT * (HDP / 2); i += blockDim.x) {
+                const u32 key = i / (HDP / 2), d = (i % (HDP / 2)) * 2u;
+                const bool ok = k0 + key < T && d < hd;
+                const u64 src = base + (u64)(k0 + key) * hd + d;
+                *(u32*)(sK + key * KS + d) = ok ? *(const u32*)(k + src) : 0u;
+                *(u32*)(sV + key * KS + d) = ok ? *(const u32*)(v + src) : 0u;
+            }
         }
         __syncthreads();
         float s[KT / 8][4];
@@ -372,8 +429,10 @@ __device__ void flash_attn_body(const u16* __restrict__ q, const u16* __restrict
                                pack_bf16(s[2 * c + 1][0], s[2 * c + 1][1]), pack_bf16(s[2 * c + 1][2], s[2 * c + 1][3])};
 #pragma unroll
             for (int n = 0; n < HDP / 8; ++n) {
-                const u16* vr = sV + (8 * n + g) * VS + 16 * c + 2 * tg;
-                mma16816(o[n], pa, *(const u32*)vr, *(const u32*)(vr + 8));
+                // B fragment (k = key, n = d) of the row-major v tile, transposed by ldmatrix
+                u32 b0, b1;
+                ldsm_x2_trans(b0, b1, smem_u32(sV + (16 * c + (lane & 15u)) * KS + 8 * n));
+                mma16816(o[n], pa, b0, b1);
             }
         }
     }

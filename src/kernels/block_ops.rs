@@ -108,7 +108,7 @@ pub fn split_qkv(qkv: &Tensor, bias: Option<&Tensor>, norm: Option<QkNormWeights
     let (b, t, d3) = qkv.dims3()?;
     let hd = d3 / 3 / heads;
     #[cfg(feature = "cuda")]
-    if fused(&[qkv]) && bias.is_none_or(|b| fused(&[b])) && matches!(qkv.dtype(), DType::BF16 | DType::F32) {
+    if fused(&[qkv]) && bias.is_none_or(|b| fused(&[b])) && matches!(qkv.dtype(), DType::BF16 | DType::F32) && hd % 2 == 0 && hd <= 256 {
         return super::cuda_block::split_qkv(qkv, bias, norm, heads);
     }
     let qkv = match bias {
