@@ -63,6 +63,12 @@ impl DitBlock {
         &self.ada_ln
     }
 
+    /// Replaces the adaLN map by the same weights held elsewhere (rows of the model's stacked
+    /// modulation weights).
+    pub(crate) fn set_ada_ln(&mut self, ada_ln: Linear) {
+        self.ada_ln = ada_ln;
+    }
+
     pub fn ffn(&self) -> &Ffn {
         &self.ffn
     }
@@ -78,20 +84,38 @@ impl DitBlock {
     /// x: (N, T, D), c: (N, D), y: (N,) labels after label dropout (ProMoE's router reads
     /// them). `layer` names the trace entries (`blocks.<layer>.*`).
     pub fn forward(&self, x: &Tensor, c: &Tensor, y: &Tensor, mode: ForwardMode, layer: usize, trace: &mut Trace) -> Result<BlockOutput> {
-        let n = x.dim(0)?;
-        // Chunks of `ada`, official order: shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp.
         let ada = self.ada_ln.forward(&candle_nn::ops::silu(c)?)?;
+        self.forward_modulated(x, &ada, 0, y, mode, layer, trace)
+    }
+
+    /// [`Self::forward`] with this block's adaLN output already computed: chunks
+    /// `first .. first + 6` (of width D) of `mods` (N, C·D), in the official order shift_msa,
+    /// scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp. The model computes every block's
+    /// modulation in one matmul on the GPU ([`super::DitMoe`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_modulated(
+        &self,
+        x: &Tensor,
+        mods: &Tensor,
+        first: usize,
+        y: &Tensor,
+        mode: ForwardMode,
+        layer: usize,
+        trace: &mut Trace,
+    ) -> Result<BlockOutput> {
+        let (n, _, d) = x.dims3()?;
+        let ada = mods;
         let compute = self.ada_ln.weight().dtype();
-        let attn_in = block_ops::ln_modulate(x, &ada, 0, 1, block_ops::matmul_input_dtype(&[x, &ada], compute))?;
+        let attn_in = block_ops::ln_modulate(x, ada, first, first + 1, block_ops::matmul_input_dtype(&[x, ada], compute))?;
         let attn_out = self.attn.forward(&attn_in)?;
         // Only the fused DiT-MoE layer takes its input in the matmul dtype; ProMoE's routers
         // compare f32 token features with their prototypes.
         let ffn_dtype = match &self.ffn {
-            Ffn::TopK(m) if m.is_fused() => block_ops::matmul_input_dtype(&[x, &ada], compute),
+            Ffn::TopK(m) if m.is_fused() => block_ops::matmul_input_dtype(&[x, ada], compute),
             _ => DType::F32,
         };
         // x_mid = x + gate_msa * attn_out, and the MLP's input from it, in one pass.
-        let (x_mid, ffn_in) = block_ops::residual_ln_modulate(x, &attn_out, &ada, 2, 3, 4, ffn_dtype)?;
+        let (x_mid, ffn_in) = block_ops::residual_ln_modulate(x, &attn_out, ada, first + 2, first + 3, first + 4, ffn_dtype)?;
         let train = mode == ForwardMode::Train;
         let (ffn_out, moe, aux_loss, contrastive_loss) = match &self.ffn {
             Ffn::TopK(moe) => {
@@ -106,10 +130,10 @@ impl DitBlock {
             }
             Ffn::Dense(mlp) => (mlp.forward(&ffn_in)?, None, None, None),
         };
-        let out = block_ops::gated_residual(&x_mid, &ffn_out, None, &ada, 5)?;
+        let out = block_ops::gated_residual(&x_mid, &ffn_out, None, ada, first + 5)?;
 
         let name = |what: &'static str| move || format!("blocks.{layer}.{what}");
-        trace.keep(name("adaln"), &ada);
+        trace.keep(name("adaln"), &ada.narrow(1, first * d, 6 * d)?);
         trace.keep(name("attn_in"), &attn_in);
         trace.keep(name("attn_out"), &attn_out);
         trace.keep(name("x_mid"), &x_mid);

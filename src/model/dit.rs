@@ -5,7 +5,7 @@
 use super::{DitBlock, FinalLayer, ForwardMode, LabelEmbedder, PatchEmbed, TimestepEmbedder, Trace};
 use crate::config::DitConfig;
 use crate::kernels::block_ops;
-use candle_core::{DType, Result, Tensor};
+use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 #[derive(Debug, Clone)]
@@ -18,6 +18,10 @@ pub struct DitMoe {
     t_embedder: TimestepEmbedder,
     y_embedder: LabelEmbedder,
     blocks: Vec<DitBlock>,
+    /// Every block's adaLN map stacked into one `Linear(D, depth·6D)` (the blocks hold views of
+    /// its rows): on the GPU with frozen weights, where one matmul replaces `depth` small ones
+    /// (their input SiLU(c) is the same for every block).
+    ada_all: Option<crate::nn::Linear>,
     final_layer: FinalLayer,
 }
 
@@ -51,17 +55,43 @@ impl DitMoe {
         // Activations (and so the position table) stay f32 whatever the weights' dtype.
         let dtype = vb.dtype();
         let pos_embed = vb.get((1, cfg.num_patches(), cfg.hidden_size), "pos_embed")?.to_dtype(DType::F32)?;
+        // Built in the official state-dict order, which the recorded parameter lists follow.
+        let x_embedder = PatchEmbed::new(cfg, vb.pp("x_embedder"))?;
+        let t_embedder = TimestepEmbedder::new(cfg, vb.pp("t_embedder"))?;
+        let y_embedder = LabelEmbedder::new(cfg, vb.pp("y_embedder"))?;
+        let mut blocks = (0..cfg.depth).map(|i| DitBlock::new(cfg, i, vb.pp(format!("blocks.{i}")))).collect::<Result<Vec<_>>>()?;
+        let final_layer = FinalLayer::new(cfg, vb.pp("final_layer"))?;
+        let ada_all = Self::stack_ada_ln(&mut blocks)?;
         Ok(Self {
             cfg: cfg.clone(),
             dtype,
             pos_embed,
             t_freq_table: TimestepEmbedder::frequency_table(vb.device())?,
-            x_embedder: PatchEmbed::new(cfg, vb.pp("x_embedder"))?,
-            t_embedder: TimestepEmbedder::new(cfg, vb.pp("t_embedder"))?,
-            y_embedder: LabelEmbedder::new(cfg, vb.pp("y_embedder"))?,
-            blocks: (0..cfg.depth).map(|i| DitBlock::new(cfg, i, vb.pp(format!("blocks.{i}")))).collect::<Result<_>>()?,
-            final_layer: FinalLayer::new(cfg, vb.pp("final_layer"))?,
+            x_embedder,
+            t_embedder,
+            y_embedder,
+            blocks,
+            ada_all,
+            final_layer,
         })
+    }
+
+    /// See [`Self::ada_all`]: only for frozen weights on a GPU (training keeps one variable
+    /// per block; the CPU path stays as checked against the official code).
+    fn stack_ada_ln(blocks: &mut [DitBlock]) -> Result<Option<crate::nn::Linear>> {
+        let w0 = blocks[0].ada_ln().weight();
+        if !w0.device().is_cuda() || w0.is_variable() {
+            return Ok(None);
+        }
+        let rows = w0.dim(0)?;
+        let weight = Tensor::cat(&blocks.iter().map(|b| b.ada_ln().weight()).collect::<Vec<_>>(), 0)?;
+        let bias = blocks.iter().map(|b| b.ada_ln().bias().cloned()).collect::<Option<Vec<_>>>();
+        let bias = bias.map(|b| Tensor::cat(&b, 0)).transpose()?;
+        for (i, block) in blocks.iter_mut().enumerate() {
+            let b = bias.as_ref().map(|b| b.narrow(0, i * rows, rows)).transpose()?;
+            block.set_ada_ln(crate::nn::Linear::from_weights(weight.narrow(0, i * rows, rows)?, b));
+        }
+        Ok(Some(crate::nn::Linear::from_weights(weight, bias)))
     }
 
     pub fn config(&self) -> &DitConfig {
@@ -108,8 +138,16 @@ impl DitMoe {
         let mut aux_losses = Vec::new();
         let mut contrastive_losses = Vec::new();
         let mut expert_counts = Vec::with_capacity(self.blocks.len());
+        // Every block's modulation in one matmul where the weights are stacked (GPU inference).
+        let mods_all = match &self.ada_all {
+            Some(ada) => Some(ada.forward(&candle_nn::ops::silu(&c)?)?),
+            None => None,
+        };
         for (i, block) in self.blocks.iter().enumerate() {
-            let b = block.forward(&x, &c, y, mode, i, trace)?;
+            let b = match &mods_all {
+                Some(m) => block.forward_modulated(&x, m, 6 * i, y, mode, i, trace)?,
+                None => block.forward(&x, &c, y, mode, i, trace)?,
+            };
             x = b.x;
             aux_losses.extend(b.aux_loss);
             contrastive_losses.extend(b.contrastive_loss);

@@ -44,7 +44,12 @@ impl FusedSwiglu {
         // other matmul of the model (`crate::nn::Linear`).
         let flat = x.reshape((n * t, d))?.to_dtype(self.weights.gate.dtype())?;
         let logits = router.logits(&flat)?;
-        let g = kernels::fused_topk_gating(&logits.to_dtype(DType::F32)?, router.top_k())?;
+        // The gating kernel reads bf16 or f32 logits and does its softmax in f32 either way.
+        let logits = match logits.dtype() {
+            DType::BF16 | DType::F32 => logits,
+            _ => logits.to_dtype(DType::F32)?,
+        };
+        let g = kernels::fused_topk_gating(&logits, router.top_k())?;
         let perm = kernels::permute_by_expert(&g.ids, router.num_experts())?;
         let h = kernels::grouped_gate_up_gather(&flat, &perm, &self.weights.gate, &self.weights.up)?;
         let y = kernels::grouped_matmul(&h, &perm.offsets, &self.weights.down)?;
