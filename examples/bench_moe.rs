@@ -15,37 +15,10 @@ use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use ditmoe::kernels::{self as kx, ExpertWeights, GemmConfig, SwigluWeights};
 
+/// `ditmoe::kernels::timing::median_ms` for closures returning `anyhow::Result`.
 #[cfg(feature = "cuda")]
 fn time_ms<F: FnMut() -> Result<()>>(dev: &Device, budget_ms: f64, mut f: F) -> Result<f64> {
-    use candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags;
-    let st = dev.as_cuda_device()?.cuda_stream();
-    let ev = || {
-        st.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
-            .map_err(|e| anyhow::anyhow!("{e:?}"))
-    };
-    // warm-up, and a first estimate
-    f()?;
-    dev.synchronize()?;
-    let t = std::time::Instant::now();
-    f()?;
-    f()?;
-    dev.synchronize()?;
-    let est = t.elapsed().as_secs_f64() * 1e3 / 2.0;
-    let iters = ((budget_ms / est.max(1e-3)) as usize).clamp(5, 100);
-    let mut evs = Vec::with_capacity(iters);
-    for _ in 0..iters {
-        let e0 = ev()?;
-        f()?;
-        let e1 = ev()?;
-        evs.push((e0, e1));
-    }
-    dev.synchronize()?;
-    let mut v = Vec::with_capacity(iters);
-    for (a, b) in &evs {
-        v.push(a.elapsed_ms(b).map_err(|e| anyhow::anyhow!("{e:?}"))? as f64);
-    }
-    v.sort_by(|a, b| a.total_cmp(b));
-    Ok(v[v.len() / 2])
+    Ok(ditmoe::kernels::timing::median_ms(dev, budget_ms, || f().map_err(candle_core::Error::wrap))?)
 }
 
 struct Cfg {
