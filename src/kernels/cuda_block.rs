@@ -22,6 +22,22 @@ fn func(dev: &CudaDevice, name: &str) -> Result<Func> {
 
 const NULL: u64 = 0;
 
+/// The first `len` elements of an optional tensor's storage (`storage_and_layout`'s guard) as
+/// a kernel argument (None: the kernel gets a null pointer).
+fn optional_view<'a, T: candle_core::cuda_backend::CudaDType + DeviceRepr, G: std::ops::Deref<Target = Storage>>(
+    guard: Option<&'a (G, &'a candle_core::Layout)>,
+    len: usize,
+    what: &str,
+) -> Result<Option<cudarc::driver::CudaView<'a, T>>> {
+    match guard {
+        Some((g, l)) => match &**g {
+            Storage::Cuda(c) => Ok(Some(c.as_cuda_slice::<T>()?.slice(l.start_offset()..l.start_offset() + len))),
+            _ => bail!("{what} must be on the GPU"),
+        },
+        None => Ok(None),
+    }
+}
+
 fn suffix(dt: DType, what: &str) -> Result<&'static str> {
     match dt {
         DType::F32 => Ok("f32"),
@@ -132,13 +148,7 @@ pub fn gated_residual(x: &Tensor, y: &Tensor, bias: Option<&Tensor>, mods: &Tens
         let mut b = f.0.launch_builder(&f.1);
         b.arg(&xv).arg(&yv);
         let bg = bias.as_ref().map(|t| t.storage_and_layout());
-        let bv = match &bg {
-            Some((g, l)) => match &**g {
-                Storage::Cuda(c) => Some(c.as_cuda_slice::<Y>()?.slice(l.start_offset()..l.start_offset() + d)),
-                _ => bail!("gated_residual: bias must be on the GPU"),
-            },
-            None => None,
-        };
+        let bv = optional_view::<Y, _>(bg.as_ref(), d, "gated_residual: bias")?;
         match &bv {
             Some(v) => b.arg(v),
             None => b.arg(&NULL),
@@ -166,13 +176,7 @@ pub fn bias_cast(y: &Tensor, bias: Option<&Tensor>, out_dtype: DType) -> Result<
     by_dtype!(y.dtype(), I, {
         view!(y, I, _gy, yv);
         let bg = bias.as_ref().map(|t| t.storage_and_layout());
-        let bv = match &bg {
-            Some((g, l)) => match &**g {
-                Storage::Cuda(c) => Some(c.as_cuda_slice::<I>()?.slice(l.start_offset()..l.start_offset() + cols)),
-                _ => bail!("bias_cast: bias must be on the GPU"),
-            },
-            None => None,
-        };
+        let bv = optional_view::<I, _>(bg.as_ref(), cols, "bias_cast: bias")?;
         by_dtype!(out_dtype, O, {
             let mut out = unsafe { dev.alloc::<O>(total)? };
             let mut b = f.0.launch_builder(&f.1);
@@ -217,29 +221,14 @@ pub fn split_qkv(qkv: &Tensor, bias: Option<&Tensor>, norm: Option<QkNormWeights
             let mut l = f.0.launch_builder(&f.1);
             l.arg(&qv);
             let bg = bias.as_ref().map(|x| x.storage_and_layout());
-            let bv = match &bg {
-                Some((g, lay)) => match &**g {
-                    Storage::Cuda(c) => Some(c.as_cuda_slice::<E>()?.slice(lay.start_offset()..lay.start_offset() + d3)),
-                    _ => bail!("split_qkv: bias must be on the GPU"),
-                },
-                None => None,
-            };
+            let bv = optional_view::<E, _>(bg.as_ref(), d3, "split_qkv: bias")?;
             match &bv {
                 Some(x) => l.arg(x),
                 None => l.arg(&NULL),
             };
             let guards = norm_w.as_ref().map(|(a, b2, c, d2, _)| [a, b2, c, d2].map(|w| w.storage_and_layout()));
             let views = match &guards {
-                Some(gs) => {
-                    let mut vs = Vec::with_capacity(4);
-                    for (g, lay) in gs.iter() {
-                        match &**g {
-                            Storage::Cuda(c) => vs.push(c.as_cuda_slice::<f32>()?.slice(lay.start_offset()..lay.start_offset() + hd)),
-                            _ => bail!("split_qkv: norm weights must be on the GPU"),
-                        }
-                    }
-                    Some(vs)
-                }
+                Some(gs) => Some(gs.iter().map(|g| optional_view::<f32, _>(Some(g), hd, "split_qkv: norm weights").map(|v| v.expect("a view"))).collect::<Result<Vec<_>>>()?),
                 None => None,
             };
             match &views {
