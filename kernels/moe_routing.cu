@@ -162,15 +162,33 @@ __device__ __forceinline__ void fused_gating_body(
     __syncthreads();
     if (!s_last) return;
     __threadfence();
-    for (u32 e = threadIdx.x; e < E; e += blockDim.x) {
+    // The last block reduces the per-block partials: per expert, each thread sums a fixed
+    // strided subset of blocks, then a fixed-shape tree over the threads (deterministic, and
+    // parallel: a serial loop over the blocks cost ~30 us at 256 blocks).
+    __shared__ double s_red[GATE_WARPS * 32];
+    __shared__ u32 s_redn[GATE_WARPS * 32];
+    for (u32 e = 0; e < E; ++e) {
         double a = 0.0;
         u32 n = 0u;
-        for (u32 b = 0; b < gridDim.x; ++b) {
+        for (u32 b = threadIdx.x; b < gridDim.x; b += blockDim.x) {
             a += (double)(((volatile float*)part_sum)[(size_t)b * E + e]);
             n += ((volatile u32*)part_cnt)[(size_t)b * E + e];
         }
-        counts[e] = n;
-        mean_scores[e] = (float)(a / (double)S);
+        s_red[threadIdx.x] = a;
+        s_redn[threadIdx.x] = n;
+        __syncthreads();
+        for (u32 w = blockDim.x / 2; w > 0; w >>= 1) {
+            if (threadIdx.x < w) {
+                s_red[threadIdx.x] += s_red[threadIdx.x + w];
+                s_redn[threadIdx.x] += s_redn[threadIdx.x + w];
+            }
+            __syncthreads();
+        }
+        if (threadIdx.x == 0) {
+            counts[e] = s_redn[0];
+            mean_scores[e] = (float)(s_red[0] / (double)S);
+        }
+        __syncthreads();
     }
 }
 
