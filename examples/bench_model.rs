@@ -12,7 +12,8 @@
 //! (`shared/tools/bench_official_ditmoe.py`); the per-expert loop path is measured per layer
 //! in `bench_moe`. `--breakdown` adds, per model and batch, the time of each stage of one
 //! block run alone. Timing: `ditmoe::kernels::timing::median_ms` (CUDA events, calls back to
-//! back). `--graph-probe STAGE` checks one piece of the forward under graph capture.
+//! back). `--graph-probe STAGE` checks one piece of the forward under graph capture;
+//! `--gemm-variant NAME` runs every grouped GEMM with one kernel variant (tuning).
 use anyhow::Result;
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
@@ -159,6 +160,15 @@ fn main() -> Result<()> {
     let models = arg("--models", "S/2-8E2A");
     let batches: Vec<usize> = arg("--batches", "1,8").split(',').map(|b| b.parse()).collect::<Result<_, _>>()?;
     let budget: f64 = arg("--budget-ms", "1000").parse()?;
+    // `--gemm-variant NAME`: one of `kernels::gemm_variants` for every grouped GEMM (tuning).
+    if flag("--gemm-variant") {
+        let want = arg("--gemm-variant", "");
+        let variants = ditmoe::kernels::gemm_variants(DType::BF16, true);
+        let Some((_, cfg)) = variants.iter().find(|(n, _)| *n == want) else {
+            anyhow::bail!("--gemm-variant: unknown `{want}`; one of {:?}", variants.iter().map(|v| v.0).collect::<Vec<_>>())
+        };
+        ditmoe::kernels::set_gemm_config(*cfg);
+    }
     if flag("--graph-probe") {
         let cfg = presets::get(&models)?.config;
         return graph_probe(&arg("--graph-probe", ""), &cfg, DType::BF16, batches[0], &device);
