@@ -372,11 +372,19 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
     let bar = progress_bar(labels.len().div_ceil(batch_size) * sampler.evaluations());
     let start = Instant::now();
     let mut images: Option<Images> = None;
+    let mut graph_warned = false;
     for (b, batch) in labels.chunks(batch_size).enumerate() {
         let first = b * batch_size;
         let guided = GuidedModel::new(&model, batch, guidance, &device)?;
         let mut noise = ImageNoise::new(a.seed, first..first + batch.len());
         let samples = sampler.sample_seeded(&guided, &mut noise, &mut |_| bar.inc(1)).context("sampling")?;
+        if let (_, Some(e)) = guided.graph_replays() {
+            // Still correct, only slower: say so once.
+            if !graph_warned {
+                bar.suspend(|| eprintln!("note: the forward could not be captured as a CUDA graph, so it ran step by step: {e}"));
+                graph_warned = true;
+            }
+        }
         let decoded = Images::from_tensor(&decoder.decode(&samples).context("decoding")?)?;
         match &mut images {
             Some(all) => all.append(decoded)?,

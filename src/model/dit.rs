@@ -100,6 +100,18 @@ impl DitMoe {
     pub fn blocks(&self) -> &[DitBlock] {
         &self.blocks
     }
+    /// Whether an eval forward never reads from the device, so that it can be captured as a
+    /// CUDA graph: every MoE layer runs the fused kernels (DiT-MoE, frozen weights on a GPU).
+    /// ProMoE layers and training variables use the candle dispatch, which reads the routing
+    /// back to the host.
+    pub fn forward_is_capturable(&self) -> bool {
+        self.blocks.iter().all(|b| match b.ffn() {
+            super::Ffn::TopK(m) => m.is_fused(),
+            super::Ffn::Dense(_) => true,
+            super::Ffn::ProMoe(_) => false,
+        })
+    }
+
     /// The weights' dtype, in which the matmuls run.
     pub fn dtype(&self) -> DType {
         self.dtype

@@ -72,8 +72,9 @@ pub struct GuidedModel<'a> {
     /// the record out through another shared borrow.
     routing: Option<Mutex<Vec<LayerRouting>>>,
     /// The forward, replayed as one CUDA graph per step on a GPU (every step of a sampling
-    /// run has the same shapes); plain calls on the CPU.
-    graphed: Mutex<GraphedForward<ForwardFn<'a>>>,
+    /// run has the same shapes; plain calls on the CPU); None where the forward reads from the
+    /// device ([`DitMoe::forward_is_capturable`]).
+    graphed: Option<Mutex<GraphedForward<ForwardFn<'a>>>>,
 }
 
 impl<'a> GuidedModel<'a> {
@@ -100,8 +101,11 @@ impl<'a> GuidedModel<'a> {
             labels.extend(std::iter::repeat_n(cfg.null_class() as u32, classes.len()));
         }
         let labels = Tensor::new(labels, device)?;
-        let graphed: ForwardFn<'a> = Box::new(move |x: &Tensor, t: &Tensor, y: &Tensor| model.forward(x, t, y));
-        Ok(Self { model, labels, n: classes.len(), guidance, routing: None, graphed: Mutex::new(GraphedForward::new(graphed)) })
+        let graphed = model.forward_is_capturable().then(|| {
+            let f: ForwardFn<'a> = Box::new(move |x: &Tensor, t: &Tensor, y: &Tensor| model.forward(x, t, y));
+            Mutex::new(GraphedForward::new(f))
+        });
+        Ok(Self { model, labels, n: classes.len(), guidance, routing: None, graphed })
     }
 
     /// Keeps the routing record of every forward for [`Self::take_routing`] (analysis).
@@ -126,8 +130,13 @@ impl<'a> GuidedModel<'a> {
 
     /// Forwards served by a CUDA graph replay so far, and why capturing failed if it did.
     pub fn graph_replays(&self) -> (usize, Option<String>) {
-        let g = self.graphed.lock().unwrap_or_else(|e| e.into_inner());
-        (g.replays(), g.capture_error().map(str::to_string))
+        match &self.graphed {
+            Some(g) => {
+                let g = g.lock().unwrap_or_else(|e| e.into_inner());
+                (g.replays(), g.capture_error().map(str::to_string))
+            }
+            None => (0, None),
+        }
     }
 
     /// The device the labels (and so the batch) live on.
@@ -186,7 +195,10 @@ impl<'a> GuidedModel<'a> {
     /// One eval forward on the labels, keeping the routing record when asked to.
     fn model_forward(&self, x: &Tensor, t: &Tensor) -> Result<Tensor> {
         let Some(slot) = &self.routing else {
-            return self.graphed.lock().unwrap_or_else(|e| e.into_inner()).call(x, t, &self.labels);
+            return match &self.graphed {
+                Some(g) => g.lock().unwrap_or_else(|e| e.into_inner()).call(x, t, &self.labels),
+                None => self.model.forward(x, t, &self.labels),
+            };
         };
         let mut trace = Trace::routing();
         let out = self.model.forward_full(x, t, &self.labels, ForwardMode::Eval, &mut trace)?.out;
