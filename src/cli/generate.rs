@@ -61,7 +61,7 @@ pub struct GenerateArgs {
     /// cpu or cuda.
     #[arg(long, default_value = "cpu")]
     device: String,
-    /// Weights dtype: f32, bf16 or f16 (activations stay f32).
+    /// Weights dtype: f32, bf16 or f16 (the matmuls run in it; the residual stream stays f32).
     #[arg(long, default_value = "f32")]
     dtype: String,
     /// SD VAE for latent models: a diffusers folder (config.json +
