@@ -462,7 +462,7 @@ fn run_checks(dev: &Device, section: &str) -> Result<Table> {
         use ditmoe::kernels::block_ops as bo;
         let tol = |dt: DType| if dt == DType::F32 { 1e-5 } else { 1e-2 };
         let on = |t: &Tensor| t.to_device(dev);
-        for &(n, t, d) in &[(3usize, 17usize, 72usize), (2, 256, 1152)] {
+        for &(n, t, d) in &[(3usize, 17usize, 72usize), (2, 256, 1152), (1, 3, 2048), (2, 5, 100), (1, 4, 70)] {
             let x = Tensor::randn(0f32, 1.0, (n, t, d), &cpu_dev)?;
             let mods = Tensor::randn(0f32, 0.5, (n, 6 * d), &cpu_dev)?;
             for dt in [DType::F32, DType::BF16] {

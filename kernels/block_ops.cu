@@ -4,7 +4,8 @@
 // call, which costs a copy per op and cannot be replayed from a CUDA graph).
 //
 //  ln_modulate      LayerNorm (no affine, eps) of a row, then x*(1+scale)+shift (official
-//                   `modulate(norm(x), shift, scale)`), stored in the matmul dtype
+//                   `modulate(norm(x), shift, scale)`), stored in the matmul dtype; one warp
+//                   per row, the row in registers (also with the gated residual first)
 //  gated_residual   x + gate * (y + bias)             (`x = x + gate_msa.unsqueeze(1) * attn(..)`)
 //  bias_cast        y + bias, converted               (`nn.Linear`'s bias, then the caller's dtype)
 //  split_qkv        packed qkv [B,T,3,H,hd] (+bias) -> q,k,v [B,H,T,hd], with the flash form's
@@ -80,79 +81,106 @@ __device__ __forceinline__ float block_max(float v, float* shared) {
     return t;
 }
 
-// One block per token row; two passes over the row (mean, then centred variance) like
-// torch's LayerNorm, the row re-read from L1/L2.
-template <typename OUT>
-__device__ void ln_modulate_body(const float* __restrict__ x, const float* __restrict__ mods, u32 mods_stride,
-                                 u32 shift_off, u32 scale_off, u32 T, u32 D, float eps, OUT* __restrict__ out) {
-    __shared__ float red[32];
-    const u64 m = blockIdx.x;
-    const float* row = x + m * D;
-    float s = 0.f;
-    for (u32 j = threadIdx.x; j < D; j += blockDim.x) s += row[j];
-    const float mean = block_sum(s, red) / (float)D;
-    float v = 0.f;
-    for (u32 j = threadIdx.x; j < D; j += blockDim.x) { const float c = row[j] - mean; v += c * c; }
-    const float rstd = rsqrtf(block_sum(v, red) / (float)D + eps);
-    const float* md = mods + (u64)(m / T) * mods_stride;
-    for (u32 j = threadIdx.x; j < D; j += blockDim.x) {
-        const float n = (row[j] - mean) * rstd;
-        Io<OUT>::store(out, m * D + j, n * (1.f + md[scale_off + j]) + md[shift_off + j]);
-    }
+// Rows of D floats (D % 4 == 0, D <= 2048) held in registers as float4s: one warp per row.
+#define ROW_V 16
+__device__ __forceinline__ float4 ld4(const float* p, u64 i) { return *(const float4*)(p + i); }
+__device__ __forceinline__ float4 ld4(const u16* p, u64 i) {
+    const uint2 w = *(const uint2*)(p + i);
+    return make_float4(bf2f((u16)(w.x & 0xffffu)), bf2f((u16)(w.x >> 16)), bf2f((u16)(w.y & 0xffffu)), bf2f((u16)(w.y >> 16)));
 }
-extern "C" __global__ void ln_modulate_f32(const float* x, const float* mods, u32 ms, u32 sh, u32 sc, u32 T, u32 D, float eps, float* out) {
-    ln_modulate_body<float>(x, mods, ms, sh, sc, T, D, eps, out);
+__device__ __forceinline__ void st4(float* p, u64 i, float4 v) { *(float4*)(p + i) = v; }
+__device__ __forceinline__ void st4(u16* p, u64 i, float4 v) {
+    *(uint2*)(p + i) = make_uint2((u32)f2bf(v.x) | ((u32)f2bf(v.y) << 16), (u32)f2bf(v.z) | ((u32)f2bf(v.w) << 16));
 }
-extern "C" __global__ void ln_modulate_bf16(const float* x, const float* mods, u32 ms, u32 sh, u32 sc, u32 T, u32 D, float eps, u16* out) {
-    ln_modulate_body<u16>(x, mods, ms, sh, sc, T, D, eps, out);
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
 }
 
-// The second half of a block's attention step and the start of its MLP step in one pass:
-// x_mid = x + gate * y (stored f32), then h = modulate(LN(x_mid), shift, scale) (stored OUT).
-// One block per token row; the row of x_mid is re-read from L1/L2 for the statistics.
-template <typename Y, typename OUT>
-__device__ void residual_ln_modulate_body(const float* __restrict__ x, const Y* __restrict__ y, const float* __restrict__ mods,
-                                          u32 mods_stride, u32 gate_off, u32 shift_off, u32 scale_off, u32 T, u32 D, float eps,
-                                          float* __restrict__ x_mid, OUT* __restrict__ out) {
-    __shared__ float red[32];
-    const u64 m = blockIdx.x;
-    const float* md = mods + (u64)(m / T) * mods_stride;
+// LayerNorm (no affine, eps) of each row, then modulate: out = n * (1 + scale) + shift. With
+// RESID the row is first x_mid = x + gate * y (stored f32), the step from a block's attention
+// to its MLP. Two passes over the registers (mean, then centred variance) like torch's
+// LayerNorm. Row m's modulation is row m / T of mods.
+template <typename Y, typename OUT, bool RESID>
+__device__ void row_ln_modulate_body(const float* __restrict__ x, const Y* __restrict__ y, const float* __restrict__ mods,
+                                     u32 mods_stride, u32 gate_off, u32 shift_off, u32 scale_off, u32 T, u32 D, float eps,
+                                     u64 rows, float* __restrict__ x_mid, OUT* __restrict__ out) {
+    const u32 lane = threadIdx.x & 31u;
+    const u64 m = (u64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (m >= rows) return;
+    const float* md = mods + (m / T) * mods_stride;
+    const u32 nv = D / 4u;
+    const u64 base = m * D;
+    float4 r[ROW_V];
     float s = 0.f;
-    for (u32 j = threadIdx.x; j < D; j += blockDim.x) {
-        const float r = x[m * D + j] + md[gate_off + j] * Io<Y>::load(y, m * D + j);
-        x_mid[m * D + j] = r;
-        s += r;
+#pragma unroll
+    for (int i = 0; i < ROW_V; ++i) {
+        const u32 c = lane + 32u * i;
+        if (c < nv) {
+            float4 v = ld4(x, base + 4u * c);
+            if (RESID) {
+                const float4 h = ld4(y, base + 4u * c), g = ld4(md, gate_off + 4u * c);
+                v = make_float4(v.x + g.x * h.x, v.y + g.y * h.y, v.z + g.z * h.z, v.w + g.w * h.w);
+                st4(x_mid, base + 4u * c, v);
+            }
+            r[i] = v;
+            s += (v.x + v.y) + (v.z + v.w);
+        }
     }
-    const float mean = block_sum(s, red) / (float)D;
-    float v = 0.f;
-    for (u32 j = threadIdx.x; j < D; j += blockDim.x) { const float c = x_mid[m * D + j] - mean; v += c * c; }
-    const float rstd = rsqrtf(block_sum(v, red) / (float)D + eps);
-    for (u32 j = threadIdx.x; j < D; j += blockDim.x) {
-        const float n = (x_mid[m * D + j] - mean) * rstd;
-        Io<OUT>::store(out, m * D + j, n * (1.f + md[scale_off + j]) + md[shift_off + j]);
+    const float mean = warp_sum(s) / (float)D;
+    float var = 0.f;
+#pragma unroll
+    for (int i = 0; i < ROW_V; ++i) {
+        if (lane + 32u * i < nv) {
+            const float a = r[i].x - mean, b = r[i].y - mean, c = r[i].z - mean, d = r[i].w - mean;
+            var += (a * a + b * b) + (c * c + d * d);
+        }
     }
+    const float rstd = rsqrtf(warp_sum(var) / (float)D + eps);
+#pragma unroll
+    for (int i = 0; i < ROW_V; ++i) {
+        const u32 c = lane + 32u * i;
+        if (c < nv) {
+            const float4 sc = ld4(md, scale_off + 4u * c), sh = ld4(md, shift_off + 4u * c);
+            const float4 v = r[i];
+            st4(out, base + 4u * c,
+                make_float4((v.x - mean) * rstd * (1.f + sc.x) + sh.x, (v.y - mean) * rstd * (1.f + sc.y) + sh.y,
+                            (v.z - mean) * rstd * (1.f + sc.z) + sh.z, (v.w - mean) * rstd * (1.f + sc.w) + sh.w));
+        }
+    }
+}
+extern "C" __global__ void ln_modulate_f32(const float* x, const float* mods, u32 ms, u32 sh, u32 sc, u32 T, u32 D, float eps, u64 rows, float* out) {
+    row_ln_modulate_body<float, float, false>(x, nullptr, mods, ms, 0, sh, sc, T, D, eps, rows, nullptr, out);
+}
+extern "C" __global__ void ln_modulate_bf16(const float* x, const float* mods, u32 ms, u32 sh, u32 sc, u32 T, u32 D, float eps, u64 rows, u16* out) {
+    row_ln_modulate_body<float, u16, false>(x, nullptr, mods, ms, 0, sh, sc, T, D, eps, rows, nullptr, out);
 }
 #define RES_LN(YN, Y, ON, O) \
     extern "C" __global__ void residual_ln_modulate_##YN##_##ON(const float* x, const Y* y, const float* mods, u32 ms, u32 g, u32 sh, u32 sc, \
-                                                              u32 T, u32 D, float eps, float* x_mid, O* out) { \
-        residual_ln_modulate_body<Y, O>(x, y, mods, ms, g, sh, sc, T, D, eps, x_mid, out); \
+                                                              u32 T, u32 D, float eps, u64 rows, float* x_mid, O* out) { \
+        row_ln_modulate_body<Y, O, true>(x, y, mods, ms, g, sh, sc, T, D, eps, rows, x_mid, out); \
     }
 RES_LN(f32, float, f32, float)
 RES_LN(bf16, u16, f32, float)
 RES_LN(f32, float, bf16, u16)
 RES_LN(bf16, u16, bf16, u16)
 
-// out = x + gate[m / T] * (y + bias), elementwise over [M, D]; x and out f32.
+// out = x + gate[m / T] * (y + bias) over [M, D] (D % 4 == 0), four elements per thread; x
+// and out f32.
 template <typename Y>
 __device__ void gated_residual_body(const float* __restrict__ x, const Y* __restrict__ y, const Y* __restrict__ bias,
                                     const float* __restrict__ mods, u32 mods_stride, u32 gate_off, u32 T, u32 D,
                                     u64 total, float* __restrict__ out) {
-    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (u64)gridDim.x * blockDim.x) {
+    for (u64 i = 4u * ((u64)blockIdx.x * blockDim.x + threadIdx.x); i < total; i += 4u * (u64)gridDim.x * blockDim.x) {
         const u64 m = i / D;
         const u32 j = (u32)(i - m * D);
-        float h = Io<Y>::load(y, i);
-        if (bias) h += Io<Y>::load(bias, j);
-        out[i] = x[i] + mods[(m / T) * mods_stride + gate_off + j] * h;
+        float4 h = ld4(y, i);
+        if (bias) {
+            const float4 b = ld4(bias, j);
+            h = make_float4(h.x + b.x, h.y + b.y, h.z + b.z, h.w + b.w);
+        }
+        const float4 v = ld4(x, i), g = ld4(mods, (m / T) * mods_stride + gate_off + j);
+        st4(out, i, make_float4(v.x + g.x * h.x, v.y + g.y * h.y, v.z + g.z * h.z, v.w + g.w * h.w));
     }
 }
 extern "C" __global__ void gated_residual_f32(const float* x, const float* y, const float* b, const float* mods, u32 ms, u32 g, u32 T, u32 D, u64 n, float* out) {

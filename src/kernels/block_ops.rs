@@ -31,6 +31,12 @@ pub fn matmul_input_dtype(inputs: &[&Tensor], weights: DType) -> DType {
     }
 }
 
+/// The row kernels hold a row in one warp's registers, four elements at a time.
+#[cfg(feature = "cuda")]
+fn rows_fit(d: usize) -> bool {
+    d % 4 == 0 && d <= 2048
+}
+
 fn chunk(mods: &Tensor, c: usize, d: usize) -> Result<Tensor> {
     mods.narrow(1, c * d, d)?.unsqueeze(1)
 }
@@ -41,7 +47,7 @@ fn chunk(mods: &Tensor, c: usize, d: usize) -> Result<Tensor> {
 pub fn ln_modulate(x: &Tensor, mods: &Tensor, shift: usize, scale: usize, out_dtype: DType) -> Result<Tensor> {
     let d = x.dim(D::Minus1)?;
     #[cfg(feature = "cuda")]
-    if fused(&[x, mods]) {
+    if fused(&[x, mods]) && rows_fit(d) {
         return super::cuda_block::ln_modulate(x, mods, shift * d, scale * d, 1e-6, out_dtype);
     }
     let norm = crate::nn::layer_norm(x, None, None, 1e-6)?;
@@ -54,7 +60,7 @@ pub fn ln_modulate(x: &Tensor, mods: &Tensor, shift: usize, scale: usize, out_dt
 pub fn gated_residual(x: &Tensor, y: &Tensor, bias: Option<&Tensor>, mods: &Tensor, gate: usize) -> Result<Tensor> {
     let d = x.dim(D::Minus1)?;
     #[cfg(feature = "cuda")]
-    if fused(&[x, y, mods]) && bias.is_none_or(|b| fused(&[b])) {
+    if fused(&[x, y, mods]) && bias.is_none_or(|b| fused(&[b])) && d % 4 == 0 {
         return super::cuda_block::gated_residual(x, y, bias, mods, gate * d);
     }
     let y = match bias {
@@ -69,7 +75,7 @@ pub fn gated_residual(x: &Tensor, y: &Tensor, bias: Option<&Tensor>, mods: &Tens
 /// (the step from a block's attention to its MLP).
 pub fn residual_ln_modulate(x: &Tensor, y: &Tensor, mods: &Tensor, gate: usize, shift: usize, scale: usize, out_dtype: DType) -> Result<(Tensor, Tensor)> {
     #[cfg(feature = "cuda")]
-    if fused(&[x, y, mods]) && matches!(y.dtype(), DType::F32 | DType::BF16) {
+    if fused(&[x, y, mods]) && matches!(y.dtype(), DType::F32 | DType::BF16) && rows_fit(x.dim(D::Minus1)?) {
         let d = x.dim(D::Minus1)?;
         return super::cuda_block::residual_ln_modulate(x, y, mods, (gate * d, shift * d, scale * d), 1e-6, out_dtype);
     }

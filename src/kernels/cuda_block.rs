@@ -38,6 +38,21 @@ fn optional_view<'a, T: candle_core::cuda_backend::CudaDType + DeviceRepr, G: st
     }
 }
 
+/// Contiguous, starting at a multiple of 4 elements: the row kernels move 4 elements at a time.
+fn aligned4(t: &Tensor) -> Result<Tensor> {
+    let t = t.contiguous()?;
+    if t.layout().start_offset() % 4 == 0 {
+        Ok(t)
+    } else {
+        t.copy()
+    }
+}
+
+/// Launch shape of the row kernels: one warp per row, four warps per block.
+fn row_cfg(rows: usize) -> cudarc::driver::LaunchConfig {
+    cfg1(rows.div_ceil(4) as u32, 128, 0)
+}
+
 fn suffix(dt: DType, what: &str) -> Result<&'static str> {
     match dt {
         DType::F32 => Ok("f32"),
@@ -69,8 +84,11 @@ pub fn ln_modulate(x: &Tensor, mods: &Tensor, shift_off: usize, scale_off: usize
     if x.dtype() != DType::F32 || mods.dtype() != DType::F32 || mn != n || shift_off + d > ms || scale_off + d > ms {
         bail!("ln_modulate: x {:?} {:?} and mods {:?} {:?} do not fit", x.dims(), x.dtype(), mods.dims(), mods.dtype())
     }
+    if d % 4 != 0 || d > 2048 {
+        bail!("ln_modulate: width {d} must be a multiple of 4, at most 2048")
+    }
     let dev = cuda_dev(x)?;
-    let (x, mods) = (x.contiguous()?, mods.contiguous()?);
+    let (x, mods) = (aligned4(x)?, aligned4(mods)?);
     let rows = n * t;
     let name = format!("ln_modulate_{}", suffix(out_dtype, "ln_modulate")?);
     let f = func(&dev, &name)?;
@@ -80,8 +98,9 @@ pub fn ln_modulate(x: &Tensor, mods: &Tensor, shift_off: usize, scale_off: usize
     by_dtype!(out_dtype, O, {
         let mut out = unsafe { dev.alloc::<O>(rows * d)? };
         let mut b = f.0.launch_builder(&f.1);
-        b.arg(&xv).arg(&mv).arg(&ms32).arg(&sh32).arg(&sc32).arg(&t32).arg(&d32).arg(&eps32).arg(&mut out);
-        drv(unsafe { b.launch(cfg1(rows as u32, 128, 0)) })?;
+        let rows64 = rows as u64;
+        b.arg(&xv).arg(&mv).arg(&ms32).arg(&sh32).arg(&sc32).arg(&t32).arg(&d32).arg(&eps32).arg(&rows64).arg(&mut out);
+        drv(unsafe { b.launch(row_cfg(rows)) })?;
         Ok(wrap(out, &dev, (n, t, d)))
     })
 }
@@ -100,8 +119,11 @@ pub fn residual_ln_modulate(
     if x.dtype() != DType::F32 || mods.dtype() != DType::F32 || y.dims() != x.dims() || mn != n || [gate_off, shift_off, scale_off].iter().any(|o| o + d > ms) {
         bail!("residual_ln_modulate: x {:?}, y {:?}, mods {:?} do not fit", x.dims(), y.dims(), mods.dims())
     }
+    if d % 4 != 0 || d > 2048 {
+        bail!("residual_ln_modulate: width {d} must be a multiple of 4, at most 2048")
+    }
     let dev = cuda_dev(x)?;
-    let (x, y, mods) = (x.contiguous()?, y.contiguous()?, mods.contiguous()?);
+    let (x, y, mods) = (aligned4(x)?, aligned4(y)?, aligned4(mods)?);
     let rows = n * t;
     let name = format!("residual_ln_modulate_{}_{}", suffix(y.dtype(), "residual_ln_modulate")?, suffix(out_dtype, "residual_ln_modulate")?);
     let f = func(&dev, &name)?;
@@ -114,9 +136,10 @@ pub fn residual_ln_modulate(
         by_dtype!(out_dtype, O, {
             let mut out = unsafe { dev.alloc::<O>(rows * d)? };
             let mut b = f.0.launch_builder(&f.1);
-            b.arg(&xv).arg(&yv).arg(&mv).arg(&ms32).arg(&g32).arg(&sh32).arg(&sc32).arg(&t32).arg(&d32).arg(&eps32);
+            let rows64 = rows as u64;
+            b.arg(&xv).arg(&yv).arg(&mv).arg(&ms32).arg(&g32).arg(&sh32).arg(&sc32).arg(&t32).arg(&d32).arg(&eps32).arg(&rows64);
             b.arg(&mut x_mid).arg(&mut out);
-            drv(unsafe { b.launch(cfg1(rows as u32, 128, 0)) })?;
+            drv(unsafe { b.launch(row_cfg(rows)) })?;
             let out = wrap(out, &dev, (n, t, d));
             Ok((wrap(x_mid, &dev, (n, t, d)), out))
         })
@@ -134,9 +157,12 @@ pub fn gated_residual(x: &Tensor, y: &Tensor, bias: Option<&Tensor>, mods: &Tens
             bail!("gated_residual: bias {:?} {:?} is not [{d}] {:?}", b.dims(), b.dtype(), y.dtype())
         }
     }
+    if d % 4 != 0 {
+        bail!("gated_residual: width {d} must be a multiple of 4")
+    }
     let dev = cuda_dev(x)?;
-    let (x, y, mods) = (x.contiguous()?, y.contiguous()?, mods.contiguous()?);
-    let bias = bias.map(|b| b.contiguous()).transpose()?;
+    let (x, y, mods) = (aligned4(x)?, aligned4(y)?, aligned4(mods)?);
+    let bias = bias.map(aligned4).transpose()?;
     let total = n * t * d;
     let f = func(&dev, &format!("gated_residual_{}", suffix(y.dtype(), "gated_residual")?))?;
     view!(x, f32, _gx, xv);
@@ -154,7 +180,7 @@ pub fn gated_residual(x: &Tensor, y: &Tensor, bias: Option<&Tensor>, mods: &Tens
             None => b.arg(&NULL),
         };
         b.arg(&mv).arg(&ms32).arg(&g32).arg(&t32).arg(&d32).arg(&n64).arg(&mut out);
-        drv(unsafe { b.launch(cfg1(grid_for(total), 256, 0)) })?;
+        drv(unsafe { b.launch(cfg1(grid_for(total / 4), 256, 0)) })?;
     });
     Ok(wrap(out, &dev, (n, t, d)))
 }
