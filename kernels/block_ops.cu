@@ -5,13 +5,15 @@
 //
 //  ln_modulate      LayerNorm (no affine, eps) of a row, then x*(1+scale)+shift (official
 //                   `modulate(norm(x), shift, scale)`), stored in the matmul dtype; one warp
-//                   per row, the row in registers (also with the gated residual first)
+//                   per row, the row in registers
+//  residual_ln_modulate  the same after x_mid = x + gate * y (both outputs kept)
 //  gated_residual   x + gate * (y + bias)             (`x = x + gate_msa.unsqueeze(1) * attn(..)`)
 //  bias_cast        y + bias, converted               (`nn.Linear`'s bias, then the caller's dtype)
 //  split_qkv        packed qkv [B,T,3,H,hd] (+bias) -> q,k,v [B,H,T,hd], with the flash form's
 //                   per-head LayerNorm on q and k and its float16 rounding
 //  softmax_scaled   softmax(scale * s) over rows, f32 maths
 //  strided_copy     any view (permute, narrow, broadcast) made contiguous
+//  flash_attn       softmax(scale q kᵀ) v without the T x T scores in memory (bf16, mma.sync)
 //
 // Modulation vectors live in the adaLN output `mods` [N, C*D] f32 (chunk c at column c*D):
 // token row m belongs to image m / T. Header-free: bf16 is handled as raw u16 bits.
