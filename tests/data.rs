@@ -12,36 +12,11 @@ use image::ExtendedColorType;
 use rand::rngs::StdRng;
 use rand::{Rng, RngCore, SeedableRng};
 use std::fs;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::path::Path;
 use std::sync::Arc;
 
-/// A fresh directory under the system temp dir, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> Self {
-        static COUNTER: AtomicUsize = AtomicUsize::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "ditmoe-data-{name}-{}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).unwrap();
-        Self(dir)
-    }
-
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
+mod common;
+use common::scratch_dir;
 
 fn save_rgb(path: &Path, w: u32, h: u32, f: impl Fn(u32, u32, u32) -> u8) {
     let data: Vec<u8> = (0..h)
@@ -107,7 +82,7 @@ fn config(batch_size: usize, seed: u64, workers: usize) -> LoaderConfig {
 
 #[test]
 fn class_ids_are_sorted_folder_names_and_items_sorted_by_file_name() {
-    let tmp = TempDir::new("sorted");
+    let tmp = scratch_dir("data-sorted");
     let root = tmp.path();
     save_rgb(&root.join("zebra/b.PNG"), 4, 4, |_, _, _| 1);
     save_rgb(&root.join("zebra/a.png"), 4, 4, |_, _, _| 2);
@@ -157,7 +132,7 @@ fn class_ids_are_sorted_folder_names_and_items_sorted_by_file_name() {
 
 #[test]
 fn class_names_come_from_class_names_json_when_present() {
-    let tmp = TempDir::new("names");
+    let tmp = scratch_dir("data-names");
     let train = tmp.path().join("train");
     save_gray(&train.join("0_T-shirt_top/0.png"), 4, 4, |_, _| 0);
     save_gray(&train.join("1_Trouser/0.png"), 4, 4, |_, _| 0);
@@ -200,7 +175,7 @@ fn class_names_come_from_class_names_json_when_present() {
 
 #[test]
 fn bad_roots_are_errors_naming_the_path() {
-    let tmp = TempDir::new("badroot");
+    let tmp = scratch_dir("data-badroot");
     let pre = Preprocess::new(4, 3).unwrap();
 
     let missing = tmp.path().join("missing");
@@ -250,7 +225,7 @@ fn center_crop_box_halving_then_central_square_matches_hand_computation() {
     // min side 64 >= 64 → BOX-halve to 64×32, each pixel exactly f(x, y); 32 < 64 stops.
     // Scale 32/32 = 1 → same-size resize is a copy. Crop x = (64 - 32) / 2 = 16, y = 0.
     let f = |bx: u32, by: u32| ((bx * 3 + by * 5) % 256) as u8;
-    let tmp = TempDir::new("crop");
+    let tmp = scratch_dir("data-crop");
     let path = tmp.path().join("blocks.png");
     save_rgb(&path, 128, 64, |x, y, c| {
         f(x / 2, y / 2).wrapping_add(c as u8 * 60)
@@ -334,7 +309,7 @@ fn center_crop_is_bit_exact_with_pillow() {
 
 #[test]
 fn flip_follows_the_rng_and_range_is_minus_one_to_one() {
-    let tmp = TempDir::new("flip");
+    let tmp = scratch_dir("data-flip");
     let path = tmp.path().join("asym.png");
     // Asymmetric left-right, and spanning the full 0..=255 range.
     save_rgb(&path, 16, 16, |x, y, c| {
@@ -385,7 +360,7 @@ fn flip_follows_the_rng_and_range_is_minus_one_to_one() {
 
 #[test]
 fn grayscale_model_gets_one_channel_and_rgb_model_three() {
-    let tmp = TempDir::new("channels");
+    let tmp = scratch_dir("data-channels");
     let rgb_path = tmp.path().join("red.png");
     save_rgb(&rgb_path, 8, 8, |_, _, c| if c == 0 { 255 } else { 0 });
     let gray_path = tmp.path().join("gray.png");
@@ -418,7 +393,7 @@ fn grayscale_model_gets_one_channel_and_rgb_model_three() {
 
 #[test]
 fn truncated_png_is_an_error_naming_the_file_or_skipped_and_counted() {
-    let tmp = TempDir::new("truncated");
+    let tmp = scratch_dir("data-truncated");
     let root = tmp.path().join("root");
     make_folder_dataset(&root, 2, 4);
     let bad = root.join("class1/img02.png");
@@ -481,7 +456,7 @@ fn truncated_png_is_an_error_naming_the_file_or_skipped_and_counted() {
 
 #[test]
 fn loader_batches_have_the_documented_shapes_and_cover_each_epoch_once() {
-    let tmp = TempDir::new("shapes");
+    let tmp = scratch_dir("data-shapes");
     make_folder_dataset(tmp.path(), 3, 4);
     let ds = folder_dataset(tmp.path());
     let mut loader =
@@ -534,7 +509,7 @@ fn loader_batches_have_the_documented_shapes_and_cover_each_epoch_once() {
 
 #[test]
 fn loader_is_deterministic_for_a_seed_and_any_thread_count() {
-    let tmp = TempDir::new("determinism");
+    let tmp = scratch_dir("data-determinism");
     make_folder_dataset(tmp.path(), 3, 5);
     let ds = folder_dataset(tmp.path());
     // 15 items, batch 4, drop_last: 3 batches per epoch; 8 batches span 3 epochs.
@@ -561,7 +536,7 @@ fn loader_is_deterministic_for_a_seed_and_any_thread_count() {
 
 #[test]
 fn resume_from_a_saved_state_reproduces_the_remaining_batches() {
-    let tmp = TempDir::new("resume");
+    let tmp = scratch_dir("data-resume");
     make_folder_dataset(tmp.path(), 3, 5);
     let ds = folder_dataset(tmp.path());
     for drop_last in [true, false] {
@@ -645,7 +620,7 @@ fn resume_from_a_saved_state_reproduces_the_remaining_batches() {
 
 #[test]
 fn latent_shards_round_trip_and_feed_the_loader() {
-    let tmp = TempDir::new("latents");
+    let tmp = scratch_dir("data-latents");
     let dev = Device::Cpu;
     let a = Tensor::arange(0f32, 3.0 * 4.0 * 2.0 * 2.0, &dev)
         .unwrap()
@@ -716,7 +691,7 @@ fn latent_shards_round_trip_and_feed_the_loader() {
 
 #[test]
 fn latent_shard_errors_name_the_file() {
-    let tmp = TempDir::new("latent-errors");
+    let tmp = scratch_dir("data-latent-errors");
     let dev = Device::Cpu;
     let x = Tensor::zeros((2, 4, 2, 2), DType::F32, &dev).unwrap();
     let labels = Tensor::new(&[0i64, 5], &dev).unwrap();
@@ -796,7 +771,7 @@ fn make_fake_package(dir: &Path, per_class: usize) {
 
 #[test]
 fn fashion_mnist_conversion_writes_split_class_folders() {
-    let tmp = TempDir::new("fmnist");
+    let tmp = scratch_dir("data-fmnist");
     make_fake_package(tmp.path(), 7);
     let out = tmp.path().join("out");
     // Accepts the unpacked `package/` directory or its parent.
@@ -865,7 +840,7 @@ fn fashion_mnist_conversion_writes_split_class_folders() {
 
 #[test]
 fn fashion_mnist_conversion_rejects_malformed_packages() {
-    let tmp = TempDir::new("fmnist-bad");
+    let tmp = scratch_dir("data-fmnist-bad");
     let out = tmp.path().join("out");
     let err = convert_fashion_mnist(tmp.path(), &out)
         .unwrap_err()

@@ -2,7 +2,10 @@
 //! pixel model for a few steps (28 padded to 32), then score its samples.
 use candle_core::Device;
 use ditmoe::train::{TrainConfig, Trainer};
-use std::path::{Path, PathBuf};
+use std::path::Path;
+
+mod common;
+use common::scratch_dir;
 
 /// Three trivially separable classes: dark, mid-grey and bright squares on black.
 fn write_split(root: &Path, per_class: u32) {
@@ -19,18 +22,10 @@ fn write_split(root: &Path, per_class: u32) {
     }
 }
 
-struct Scratch(PathBuf);
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        std::fs::remove_dir_all(&self.0).ok();
-    }
-}
-
 #[test]
 fn eval_reports_accuracy_and_frechet_distance() {
-    let root = std::env::temp_dir().join(format!("ditmoe-eval-{}", std::process::id()));
-    std::fs::remove_dir_all(&root).ok();
-    let _guard = Scratch(root.clone());
+    let scratch = scratch_dir("eval");
+    let root = scratch.to_path_buf();
     write_split(&root.join("train"), 12);
     write_split(&root.join("test"), 6);
     std::fs::write(

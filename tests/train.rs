@@ -5,6 +5,9 @@ use candle_core::Device;
 use ditmoe::train::{checkpoint, JsonlLog, Objective, TrainConfig, Trainer, LOG_FILE};
 use std::path::{Path, PathBuf};
 
+mod common;
+use common::{scratch_dir, Scratch};
+
 const MODEL: &str = r#"{"input_size":8,"patch_size":2,"in_channels":1,"hidden_size":32,"depth":2,"num_heads":2,
 "mlp_ratio":2,"class_dropout_prob":0.1,"num_classes":3,"num_experts":4,"num_experts_per_tok":2,
 "learn_sigma":false,"n_shared_experts":1}"#;
@@ -30,25 +33,16 @@ fn write_dataset(root: &Path) {
 }
 
 struct Fixture {
-    _tmp: TempDir,
+    _tmp: Scratch,
     root: PathBuf,
 }
 
-/// A scratch folder removed on drop (no extra dev-dependency for one folder).
-struct TempDir(PathBuf);
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        std::fs::remove_dir_all(&self.0).ok();
-    }
-}
-
 fn fixture(name: &str) -> Fixture {
-    let root = std::env::temp_dir().join(format!("ditmoe-train-{name}-{}", std::process::id()));
-    std::fs::remove_dir_all(&root).ok();
-    std::fs::create_dir_all(&root).unwrap();
+    let tmp = scratch_dir(&format!("train-{name}"));
+    let root = tmp.to_path_buf();
     write_dataset(&root.join("data"));
     std::fs::write(root.join("model.json"), MODEL).unwrap();
-    Fixture { _tmp: TempDir(root.clone()), root }
+    Fixture { _tmp: tmp, root }
 }
 
 fn config(f: &Fixture, out: &str, steps: u64) -> TrainConfig {

@@ -1,4 +1,4 @@
-//! Shared helpers for the parity tests: fixture loading and error measures.
+//! Shared helpers for the tests: fixture loading, error measures, scratch folders.
 #![allow(dead_code)] // each test binary uses a different subset of these helpers
 
 use candle_core::{DType, Device, Tensor};
@@ -42,10 +42,41 @@ pub fn assert_close(name: &str, a: &Tensor, b: &Tensor, tol: f64) -> f64 {
     e
 }
 
-/// A scratch folder unique to this test process and tag, emptied first.
-pub fn scratch_dir(tag: &str) -> PathBuf {
+/// A scratch folder unique to this test process and tag, emptied first and removed when the
+/// test ends (kept when it fails, for a look at what it wrote).
+pub fn scratch_dir(tag: &str) -> Scratch {
     let dir = std::env::temp_dir().join(format!("ditmoe-test-{}-{tag}", std::process::id()));
     std::fs::remove_dir_all(&dir).ok();
     std::fs::create_dir_all(&dir).unwrap();
-    dir
+    Scratch(dir)
+}
+
+/// See [`scratch_dir`]; derefs to the folder's path.
+pub struct Scratch(PathBuf);
+
+impl Scratch {
+    pub fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl std::ops::Deref for Scratch {
+    type Target = std::path::Path;
+    fn deref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl AsRef<std::path::Path> for Scratch {
+    fn as_ref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            std::fs::remove_dir_all(&self.0).ok();
+        }
+    }
 }
