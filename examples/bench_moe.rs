@@ -30,6 +30,18 @@ struct Cfg {
     i_shared: usize,
 }
 
+/// Random weights of one MoE layer (std 1/sqrt(fan_in)): E routed SwiGLU experts of width
+/// `i`, a shared expert of width `i_shared`, and the router `[E, D]`.
+pub fn random_layer(dev: &Device, dt: DType, d: usize, e: usize, i: usize, i_shared: usize) -> Result<(ExpertWeights, SwigluWeights, Tensor)> {
+    let mk = |shape: &[usize]| -> Result<Tensor> {
+        let fan_in = *shape.last().unwrap_or(&1) as f64;
+        Ok((Tensor::randn(0f32, 1.0, shape, dev)? / fan_in.sqrt())?.to_dtype(dt)?)
+    };
+    let experts = ExpertWeights { gate: mk(&[e, i, d])?, up: mk(&[e, i, d])?, down: mk(&[e, d, i])? };
+    let shared = SwigluWeights { gate: mk(&[i_shared, d])?, up: mk(&[i_shared, d])?, down: mk(&[d, i_shared])? };
+    Ok((experts, shared, mk(&[e, d])?))
+}
+
 fn tflops(flop: f64, ms: f64) -> f64 {
     flop / (ms * 1e-3) / 1e12
 }
@@ -73,21 +85,7 @@ pub fn run(dev: &Device, args: &[String]) -> Result<()> {
     for dt in [DType::BF16, DType::F32] {
         for c in &cfgs {
             let (d, e, k, i, is) = (c.d, c.e, c.k, c.i, c.i_shared);
-            let sc = 1.0 / (d as f64).sqrt();
-            let mk = |shape: (usize, usize, usize), scale: f64| -> Result<Tensor> {
-                Ok((Tensor::randn(0f32, 1.0, shape, dev)? * scale)?.to_dtype(dt)?)
-            };
-            let experts = ExpertWeights {
-                gate: mk((e, i, d), sc)?,
-                up: mk((e, i, d), sc)?,
-                down: mk((e, d, i), 1.0 / (i as f64).sqrt())?,
-            };
-            let shared = SwigluWeights {
-                gate: mk((1, is, d), sc)?.squeeze(0)?,
-                up: mk((1, is, d), sc)?.squeeze(0)?,
-                down: mk((1, d, is), 1.0 / (is as f64).sqrt())?.squeeze(0)?,
-            };
-            let router = mk((1, e, d), sc)?.squeeze(0)?;
+            let (experts, shared, router) = random_layer(dev, dt, d, e, i, is)?;
             // candle-nn's moe_gemm wants gate and up stacked: [E, 2I, D]
             let w_gu = if dt == DType::BF16 {
                 Some(Tensor::cat(&[&experts.gate, &experts.up], 1)?)
@@ -105,33 +103,141 @@ pub fn run(dev: &Device, args: &[String]) -> Result<()> {
                 let f_shared = 2.0 * (s * 3 * d * is) as f64;
                 let f_layer = f_router + f_routed + f_shared;
 
+                if variants_only && s != *tokens.last().unwrap() {
+                    continue;
+                }
+                // routing, and the dense references of the routed projections: every table uses them
+                let logits = x.matmul(&router.t()?)?;
+                let g = kx::fused_topk_gating(&logits, k)?;
+                let p = kx::permute_by_expert(&g.ids, e)?;
+                let h = kx::grouped_gate_up_gather(&x, &p, &experts.gate, &experts.up)?;
+                let xr = kx::gather_rows(&x, &p)?;
+                let t_dense_gu = time_ms(dev, budget, || {
+                    let _ = xr.matmul(&w_gu0.t()?)?;
+                    Ok(())
+                })?;
+                let t_dense_down = time_ms(dev, budget, || {
+                    let _ = h.matmul(&w_d0.t()?)?;
+                    Ok(())
+                })?;
+                let t_dn = t_dense_gu + t_dense_down;
+                let f_gu = 2.0 * (r * d * 2 * i) as f64;
+                let f_dn = 2.0 * (r * i * d) as f64;
+                let dts = format!("{dt:?}").to_lowercase();
                 if variants_only {
-                    if s != *tokens.last().unwrap() {
-                        continue;
-                    }
-                    let logits = x.matmul(&router.t()?)?;
-                    let g = kx::fused_topk_gating(&logits, k)?;
-                    let p = kx::permute_by_expert(&g.ids, e)?;
-                    let h = kx::grouped_gate_up_gather(&x, &p, &experts.gate, &experts.up)?;
-                    let xr = kx::gather_rows(&x, &p)?;
-                    let t_dense_gu = time_ms(dev, budget, || {
-                        let _ = xr.matmul(&w_gu0.t()?)?;
-                        Ok(())
-                    })?;
-                    let t_dense_down = time_ms(dev, budget, || {
-                        let _ = h.matmul(&w_d0.t()?)?;
-                        Ok(())
-                    })?;
-                    let t_dn = t_dense_gu + t_dense_down;
-                    let f_gu = 2.0 * (r * d * 2 * i) as f64;
-                    let f_dn = 2.0 * (r * i * d) as f64;
-                    let dts = format!("{dt:?}").to_lowercase();
                     println!(
                         "dense {} {s} {dts}: gate/up {t_dense_gu:.3} ms ({:.0} TFLOP/s), down {t_dense_down:.3} ms ({:.0} TFLOP/s)",
                         c.name,
                         tflops(f_gu, t_dense_gu),
                         tflops(f_dn, t_dense_down)
                     );
+                } else {
+                    let t_fused = time_ms(dev, budget, || {
+                        let _ = kx::moe_forward_fused(&x, &router, &experts, Some(&shared), k)?;
+                        Ok(())
+                    })?;
+                    let t_loop = time_ms(dev, budget, || {
+                        let _ = kx::moe_forward_loop(&x, &router, &experts, Some(&shared), k)?;
+                        Ok(())
+                    })?;
+                    let t_cnn = match &w_gu {
+                        Some(w_gu) => Some(time_ms(dev, budget, || {
+                            let logits = x.matmul(&router.t()?)?;
+                            let g = kx::fused_topk_gating(&logits, k)?;
+                            let p = kx::permute_by_expert(&g.ids, e)?;
+                            let sorted_experts = g.ids.flatten_all()?.index_select(&p.order, 0)?;
+                            let gu = candle_nn::moe::moe_gemm(
+                                &x,
+                                w_gu,
+                                &None,
+                                &p.order,
+                                &sorted_experts,
+                                k,
+                                true,
+                            )?;
+                            let h = (gu.narrow(1, 0, i)?.silu()? * gu.narrow(1, i, i)?)?;
+                            let tw = g.weights.flatten_all()?;
+                            let y = candle_nn::moe::moe_gemm(
+                                &h,
+                                &experts.down,
+                                &Some(tw),
+                                &p.order,
+                                &sorted_experts,
+                                k,
+                                true,
+                            )?;
+                            let y = y.reshape((s, k, d))?.sum(1)?;
+                            let sh = kx::swiglu_mlp(&x, &shared)?;
+                            let _ = (y + sh)?;
+                            Ok(())
+                        })?),
+                        None => None,
+                    };
+                    // the routed experts alone: ours (gather fused into gate/up, then down) vs dense
+                    let y = kx::grouped_matmul(&h, &p.offsets, &experts.down)?;
+                    let t_gu = time_ms(dev, budget, || {
+                        let _ = kx::grouped_gate_up_gather(&x, &p, &experts.gate, &experts.up)?;
+                        Ok(())
+                    })?;
+                    let t_down = time_ms(dev, budget, || {
+                        let _ = kx::grouped_matmul(&h, &p.offsets, &experts.down)?;
+                        Ok(())
+                    })?;
+                    // stage breakdown of the fused layer
+                    let t_router = time_ms(dev, budget / 2.0, || {
+                        let _ = x.matmul(&router.t()?)?;
+                        Ok(())
+                    })?;
+                    let t_gate = time_ms(dev, budget / 2.0, || {
+                        let _ = kx::fused_topk_gating(&logits, k)?;
+                        Ok(())
+                    })?;
+                    let t_perm = time_ms(dev, budget / 2.0, || {
+                        let _ = kx::permute_by_expert(&g.ids, e)?;
+                        Ok(())
+                    })?;
+                    let t_shared = time_ms(dev, budget / 2.0, || {
+                        let _ = kx::swiglu_mlp(&x, &shared)?;
+                        Ok(())
+                    })?;
+                    let sh = kx::swiglu_mlp(&x, &shared)?;
+                    let t_comb = time_ms(dev, budget / 2.0, || {
+                        let _ = kx::combine(&y, &p, &g.weights, Some(&sh))?;
+                        Ok(())
+                    })?;
+                    let t_g = t_gu + t_down;
+                    let ratio = t_dn / t_g;
+                    let cnn = t_cnn
+                        .map(|t| format!("{t:.3}"))
+                        .unwrap_or_else(|| "n/a".into());
+                    let row = format!(
+                        "| {} | {s} | {dts} | {t_fused:.3} | {:.1} | {t_loop:.3} | {:.2}x | {cnn} |",
+                        c.name,
+                        tflops(f_layer, t_fused),
+                        t_loop / t_fused
+                    );
+                    println!("{row}");
+                    layer_rows.push(row);
+                    let row = format!(
+                        "| {} | {s} | {dts} | {t_gu:.3} + {t_down:.3} | {:.1} | {t_dense_gu:.3} + {t_dense_down:.3} | {:.1} | {:.0}% | {:.1} / {:.1} |",
+                        c.name,
+                        tflops(f_gu + f_dn, t_g),
+                        tflops(f_gu + f_dn, t_dn),
+                        100.0 * ratio,
+                        tflops(f_gu, t_gu),
+                        tflops(f_dn, t_down)
+                    );
+                    println!("{row}");
+                    gemm_rows.push(row);
+                    let row = format!(
+                        "| {} | {s} | {dts} | {t_router:.3} | {t_gate:.3} | {t_perm:.3} | {t_gu:.3} | {t_down:.3} | {t_shared:.3} | {t_comb:.3} | {:.3} | {t_fused:.3} |",
+                        c.name,
+                        t_router + t_gate + t_perm + t_gu + t_down + t_shared + t_comb
+                    );
+                    stage_rows.push(row);
+                }
+                // every kernel variant at the largest size
+                if s == *tokens.last().unwrap() {
                     for (vname, cfg) in kx::gemm_variants(dt, m.has_wgmma) {
                         kx::set_gemm_config(cfg);
                         let a = time_ms(dev, budget / 2.0, || {
@@ -153,151 +259,6 @@ pub fn run(dev: &Device, args: &[String]) -> Result<()> {
                             tflops(f_dn, b),
                             100.0 * t_dn / (a + b),
                             tflops(f_layer, lay)
-                        );
-                        println!("{row}");
-                        variant_rows.push(row);
-                    }
-                    kx::set_gemm_config(GemmConfig::default());
-                    continue;
-                }
-                let t_fused = time_ms(dev, budget, || {
-                    let _ = kx::moe_forward_fused(&x, &router, &experts, Some(&shared), k)?;
-                    Ok(())
-                })?;
-                let t_loop = time_ms(dev, budget, || {
-                    let _ = kx::moe_forward_loop(&x, &router, &experts, Some(&shared), k)?;
-                    Ok(())
-                })?;
-                let t_cnn = match &w_gu {
-                    Some(w_gu) => Some(time_ms(dev, budget, || {
-                        let logits = x.matmul(&router.t()?)?;
-                        let g = kx::fused_topk_gating(&logits, k)?;
-                        let p = kx::permute_by_expert(&g.ids, e)?;
-                        let sorted_experts = g.ids.flatten_all()?.index_select(&p.order, 0)?;
-                        let gu = candle_nn::moe::moe_gemm(
-                            &x,
-                            w_gu,
-                            &None,
-                            &p.order,
-                            &sorted_experts,
-                            k,
-                            true,
-                        )?;
-                        let h = (gu.narrow(1, 0, i)?.silu()? * gu.narrow(1, i, i)?)?;
-                        let tw = g.weights.flatten_all()?;
-                        let y = candle_nn::moe::moe_gemm(
-                            &h,
-                            &experts.down,
-                            &Some(tw),
-                            &p.order,
-                            &sorted_experts,
-                            k,
-                            true,
-                        )?;
-                        let y = y.reshape((s, k, d))?.sum(1)?;
-                        let sh = kx::swiglu_mlp(&x, &shared)?;
-                        let _ = (y + sh)?;
-                        Ok(())
-                    })?),
-                    None => None,
-                };
-                // the routed experts alone: ours (gather fused into gate/up, then down) vs dense
-                let logits = x.matmul(&router.t()?)?;
-                let g = kx::fused_topk_gating(&logits, k)?;
-                let p = kx::permute_by_expert(&g.ids, e)?;
-                let h = kx::grouped_gate_up_gather(&x, &p, &experts.gate, &experts.up)?;
-                let y = kx::grouped_matmul(&h, &p.offsets, &experts.down)?;
-                let xr = kx::gather_rows(&x, &p)?;
-                let t_gu = time_ms(dev, budget, || {
-                    let _ = kx::grouped_gate_up_gather(&x, &p, &experts.gate, &experts.up)?;
-                    Ok(())
-                })?;
-                let t_down = time_ms(dev, budget, || {
-                    let _ = kx::grouped_matmul(&h, &p.offsets, &experts.down)?;
-                    Ok(())
-                })?;
-                let t_dense_gu = time_ms(dev, budget, || {
-                    let _ = xr.matmul(&w_gu0.t()?)?;
-                    Ok(())
-                })?;
-                let t_dense_down = time_ms(dev, budget, || {
-                    let _ = h.matmul(&w_d0.t()?)?;
-                    Ok(())
-                })?;
-                // stage breakdown of the fused layer
-                let t_router = time_ms(dev, budget / 2.0, || {
-                    let _ = x.matmul(&router.t()?)?;
-                    Ok(())
-                })?;
-                let t_gate = time_ms(dev, budget / 2.0, || {
-                    let _ = kx::fused_topk_gating(&logits, k)?;
-                    Ok(())
-                })?;
-                let t_perm = time_ms(dev, budget / 2.0, || {
-                    let _ = kx::permute_by_expert(&g.ids, e)?;
-                    Ok(())
-                })?;
-                let t_shared = time_ms(dev, budget / 2.0, || {
-                    let _ = kx::swiglu_mlp(&x, &shared)?;
-                    Ok(())
-                })?;
-                let sh = kx::swiglu_mlp(&x, &shared)?;
-                let t_comb = time_ms(dev, budget / 2.0, || {
-                    let _ = kx::combine(&y, &p, &g.weights, Some(&sh))?;
-                    Ok(())
-                })?;
-                let f_gu = 2.0 * (r * d * 2 * i) as f64;
-                let f_dn = 2.0 * (r * i * d) as f64;
-                let t_g = t_gu + t_down;
-                let t_dn = t_dense_gu + t_dense_down;
-                let ratio = t_dn / t_g;
-                let dts = format!("{dt:?}").to_lowercase();
-                let cnn = t_cnn
-                    .map(|t| format!("{t:.3}"))
-                    .unwrap_or_else(|| "n/a".into());
-                let row = format!(
-                    "| {} | {s} | {dts} | {t_fused:.3} | {:.1} | {t_loop:.3} | {:.2}x | {cnn} |",
-                    c.name,
-                    tflops(f_layer, t_fused),
-                    t_loop / t_fused
-                );
-                println!("{row}");
-                layer_rows.push(row);
-                let row = format!(
-                    "| {} | {s} | {dts} | {t_gu:.3} + {t_down:.3} | {:.1} | {t_dense_gu:.3} + {t_dense_down:.3} | {:.1} | {:.0}% | {:.1} / {:.1} |",
-                    c.name,
-                    tflops(f_gu + f_dn, t_g),
-                    tflops(f_gu + f_dn, t_dn),
-                    100.0 * ratio,
-                    tflops(f_gu, t_gu),
-                    tflops(f_dn, t_down)
-                );
-                println!("{row}");
-                gemm_rows.push(row);
-                let row = format!(
-                    "| {} | {s} | {dts} | {t_router:.3} | {t_gate:.3} | {t_perm:.3} | {t_gu:.3} | {t_down:.3} | {t_shared:.3} | {t_comb:.3} | {:.3} | {t_fused:.3} |",
-                    c.name,
-                    t_router + t_gate + t_perm + t_gu + t_down + t_shared + t_comb
-                );
-                stage_rows.push(row);
-                // every kernel variant at the largest size
-                if s == *tokens.last().unwrap() {
-                    for (vname, cfg) in kx::gemm_variants(dt, m.has_wgmma) {
-                        kx::set_gemm_config(cfg);
-                        let a = time_ms(dev, budget / 2.0, || {
-                            let _ = kx::grouped_gate_up_gather(&x, &p, &experts.gate, &experts.up)?;
-                            Ok(())
-                        })?;
-                        let b = time_ms(dev, budget / 2.0, || {
-                            let _ = kx::grouped_matmul(&h, &p.offsets, &experts.down)?;
-                            Ok(())
-                        })?;
-                        let row = format!(
-                            "| {} | {s} | {dts} | {vname} | {a:.3} ({:.0} TFLOP/s) | {b:.3} ({:.0} TFLOP/s) | {:.0}% | |",
-                            c.name,
-                            tflops(f_gu, a),
-                            tflops(f_dn, b),
-                            100.0 * t_dn / (a + b)
                         );
                         println!("{row}");
                         variant_rows.push(row);

@@ -13,7 +13,7 @@
 #![cfg_attr(not(feature = "cuda"), allow(dead_code, unused_imports))]
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
-use ditmoe::kernels::{self as kx, cpu, ExpertWeights, GemmBackend, GemmConfig, SwigluWeights};
+use ditmoe::kernels::{self as kx, cpu, ExpertWeights, GemmBackend, GemmConfig};
 
 #[cfg(feature = "cuda")]
 #[path = "bench_moe.rs"]
@@ -539,21 +539,7 @@ fn run_checks(dev: &Device, section: &str) -> Result<Table> {
         // ---------------- 6. whole layer: fused vs per-expert loop (GPU) vs CPU reference
         for (dt, tol_loop) in [(DType::F32, 1e-5), (DType::BF16, 2e-2)] {
             let (s, d, e, k, i) = (512usize, 1152usize, 8usize, 2usize, 4608usize);
-            let sc = 1.0 / (d as f64).sqrt();
-            let mk = |shape: (usize, usize, usize), scale: f64| -> Result<Tensor> {
-                Ok((Tensor::randn(0f32, 1.0, shape, dev)? * scale)?.to_dtype(dt)?)
-            };
-            let experts = ExpertWeights {
-                gate: mk((e, i, d), sc)?,
-                up: mk((e, i, d), sc)?,
-                down: mk((e, d, i), 1.0 / (i as f64).sqrt())?,
-            };
-            let shared = SwigluWeights {
-                gate: mk((1, 2 * d, d), sc)?.squeeze(0)?,
-                up: mk((1, 2 * d, d), sc)?.squeeze(0)?,
-                down: mk((1, d, 2 * d), 1.0 / ((2 * d) as f64).sqrt())?.squeeze(0)?,
-            };
-            let router = mk((1, e, d), sc)?.squeeze(0)?;
+            let (experts, shared, router) = bench_moe::random_layer(dev, dt, d, e, i, 2 * d)?;
             let x = Tensor::randn(0f32, 1.0, (s, d), dev)?.to_dtype(dt)?;
             let case = format!("XL S={s} {dt:?} +shared");
             let (yf, gf) = kx::moe_forward_fused(&x, &router, &experts, Some(&shared), k)?;

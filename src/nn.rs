@@ -25,10 +25,10 @@ impl Linear {
     }
 }
 
-impl Module for Linear {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        // One 2-D matmul over all rows, then bias and the cast back in one pass
-        // (`block_ops::bias_cast`: a fused kernel on the GPU, candle ops elsewhere).
+impl Linear {
+    /// `x · Wᵀ` without the bias, in the weights' dtype: one 2-D matmul over all rows of x
+    /// (any leading shape), for callers that fuse the bias into their next pass.
+    pub fn matmul(&self, x: &Tensor) -> Result<Tensor> {
         let w = self.inner.weight();
         let (out_dim, in_dim) = w.dims2()?;
         let mut out_shape = x.dims().to_vec();
@@ -39,10 +39,18 @@ impl Module for Linear {
         out_shape[last] = out_dim;
         let rows = x.elem_count() / in_dim.max(1);
         let xc = block_ops::contiguous(&x.to_dtype(w.dtype())?)?.reshape((rows, in_dim))?;
-        let y = xc.matmul(&w.t()?)?;
+        xc.matmul(&w.t()?)?.reshape(out_shape)
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        // The bias and the cast back in one pass (`block_ops::bias_cast`: a fused kernel on the
+        // GPU, candle ops elsewhere).
+        let y = self.matmul(x)?;
         match self.inner.bias() {
-            None if x.dtype() == y.dtype() => y.reshape(out_shape),
-            bias => block_ops::bias_cast(&y, bias, x.dtype())?.reshape(out_shape),
+            None if x.dtype() == y.dtype() => Ok(y),
+            bias => block_ops::bias_cast(&y, bias, x.dtype()),
         }
     }
 }

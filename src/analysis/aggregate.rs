@@ -7,28 +7,25 @@ use super::{Matrix, RoutingTrajectory};
 /// Selections of each expert at each evaluation of `layer`, summed over images and tokens:
 /// (steps x experts). Official `heatmap_step.py` (there min-max normalised for display).
 pub fn load_by_step(traj: &RoutingTrajectory, layer: usize) -> Matrix {
-    let d = traj.dims();
-    let mut m = Matrix::zeros(d.steps, d.experts);
-    for n in 0..d.images {
-        for s in 0..d.steps {
-            for t in 0..d.tokens {
-                traj.token_experts(n, s, layer, t).iter().for_each(|&e| m.add(s, e as usize, 1.0));
-            }
-        }
-    }
-    m
+    count_selections(traj, layer, traj.dims().steps, |_, s, _| s)
 }
 
 /// Selections of each expert at each patch position of `layer`, summed over images and
 /// evaluations: (tokens x experts), tokens row-major over the patch grid. Official
 /// `heatmap_patch.py`.
 pub fn load_by_patch(traj: &RoutingTrajectory, layer: usize) -> Matrix {
+    count_selections(traj, layer, traj.dims().tokens, |_, _, t| t)
+}
+
+/// Every top-k selection of `layer` counted into row `row(image, step, token)`: (rows x experts).
+fn count_selections(traj: &RoutingTrajectory, layer: usize, rows: usize, row: impl Fn(usize, usize, usize) -> usize) -> Matrix {
     let d = traj.dims();
-    let mut m = Matrix::zeros(d.tokens, d.experts);
+    let mut m = Matrix::zeros(rows, d.experts);
     for n in 0..d.images {
         for s in 0..d.steps {
             for t in 0..d.tokens {
-                traj.token_experts(n, s, layer, t).iter().for_each(|&e| m.add(t, e as usize, 1.0));
+                let r = row(n, s, t);
+                traj.token_experts(n, s, layer, t).iter().for_each(|&e| m.add(r, e as usize, 1.0));
             }
         }
     }
@@ -51,17 +48,9 @@ pub fn first_choice(traj: &RoutingTrajectory, image: usize, step: usize, layer: 
 /// experts), rows in [`RoutingTrajectory::classes`] order. Official `heatmap_class.py`
 /// plots the raw counts; fractions keep classes with different image counts comparable.
 pub fn load_by_class(traj: &RoutingTrajectory, layer: usize) -> (Vec<usize>, Matrix) {
-    let d = traj.dims();
     let classes = traj.classes();
-    let mut m = Matrix::zeros(classes.len(), d.experts);
-    for n in 0..d.images {
-        let row = classes.binary_search(&traj.meta.classes[n]).expect("the run's own class");
-        for s in 0..d.steps {
-            for t in 0..d.tokens {
-                traj.token_experts(n, s, layer, t).iter().for_each(|&e| m.add(row, e as usize, 1.0));
-            }
-        }
-    }
+    let rows: Vec<usize> = traj.meta.classes.iter().map(|c| classes.binary_search(c).expect("the run's own class")).collect();
+    let m = count_selections(traj, layer, classes.len(), |n, _, _| rows[n]);
     (classes, m.row_normalized())
 }
 

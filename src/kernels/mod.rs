@@ -311,6 +311,16 @@ pub fn combine(
     weights: &Tensor,
     add: Option<&Tensor>,
 ) -> Result<Tensor> {
+    let (r, d) = expert_out.dims2()?;
+    let (s, k) = (r / perm.k.max(1), perm.k);
+    if weights.dims() != [s, k] {
+        candle_core::bail!("combine: weights {:?} do not match S={s}, k={k}", weights.dims())
+    }
+    if let Some(a) = add {
+        if a.dims() != [s, d] {
+            candle_core::bail!("combine: add {:?} is not [{s}, {d}]", a.dims())
+        }
+    }
     match expert_out.device() {
         Device::Cpu => cpu::combine(expert_out, perm, weights, add),
         #[cfg(feature = "cuda")]
@@ -417,6 +427,16 @@ fn grouped_dispatch(
     b0: &Tensor,
     b1: Option<&Tensor>,
 ) -> Result<Tensor> {
+    let (_, kdim) = x.dims2()?;
+    let (_, _, kw) = b0.dims3()?;
+    if kw != kdim {
+        candle_core::bail!("grouped_gemm: x has K={kdim}, weights {:?}", b0.dims())
+    }
+    if let Some(b1) = b1 {
+        if b1.dims() != b0.dims() {
+            candle_core::bail!("grouped_gemm: gate {:?} and up {:?} differ", b0.dims(), b1.dims())
+        }
+    }
     match x.device() {
         Device::Cpu => cpu::grouped_gemm(x, gather, offsets, b0, b1),
         #[cfg(feature = "cuda")]

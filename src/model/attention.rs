@@ -66,8 +66,7 @@ impl Attention {
     /// in which the attention matmuls run (as SDPA does under autocast). The bias, the flash
     /// form's q/k norms and the head split are one pass (`block_ops::split_qkv`).
     pub fn qkv_heads(&self, x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
-        let w = self.qkv.weight();
-        let raw = crate::nn::Linear::from_weights(w.clone(), None).forward(&x.to_dtype(w.dtype())?)?;
+        let raw = self.qkv.matmul(x)?;
         let norm = match &self.qk_norm {
             QkNorm::None => None,
             // `self.q_norm(q).half()`: the official code rounds q and k to float16 even in an

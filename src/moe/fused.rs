@@ -14,6 +14,8 @@ use candle_core::{DType, Result, Tensor};
 #[derive(Debug, Clone)]
 pub struct FusedSwiglu {
     weights: ExpertWeights,
+    /// The shared expert's weights (the same tensors as the layer's `SwigluExpert`).
+    shared: Option<kernels::SwigluWeights>,
 }
 
 impl FusedSwiglu {
@@ -24,21 +26,26 @@ impl FusedSwiglu {
     }
 
     /// Stacks the experts' weights into `[E, I, D]`/`[E, D, I]` tensors and returns experts
-    /// rebuilt as views into them, so both paths share one copy of the weights.
-    pub fn stack(experts: &[SwigluExpert]) -> Result<(Self, Vec<SwigluExpert>)> {
+    /// rebuilt as views into them, so both paths share one copy of the weights; the shared
+    /// expert (if any) runs on the grouped kernels as a single expert.
+    pub fn stack(experts: &[SwigluExpert], shared: Option<&SwigluExpert>) -> Result<(Self, Vec<SwigluExpert>)> {
         let stack = |i: usize| Tensor::stack(&experts.iter().map(|e| e.weights()[i]).collect::<Vec<_>>(), 0);
         let weights = ExpertWeights { gate: stack(0)?, up: stack(1)?, down: stack(2)? };
         let view = |w: &Tensor, e: usize| w.narrow(0, e, 1)?.squeeze(0);
         let views = (0..experts.len())
             .map(|e| Ok(SwigluExpert::from_weights(view(&weights.gate, e)?, view(&weights.up, e)?, view(&weights.down, e)?)))
             .collect::<Result<Vec<_>>>()?;
-        Ok((Self { weights }, views))
+        let shared = shared.map(|s| {
+            let [gate, up, down] = s.weights().map(Tensor::clone);
+            kernels::SwigluWeights { gate, up, down }
+        });
+        Ok((Self { weights, shared }, views))
     }
 
     /// x: (N, T, D) activations (f32, or already in the weights' dtype). The output is in the
     /// weights' dtype: the combine adds the shared expert's output (also run on the grouped
     /// kernels, as one expert) while it sums the routed rows, in f32, rounding once.
-    pub fn forward(&self, router: &TopKRouter, shared: Option<&SwigluExpert>, x: &Tensor) -> Result<MoeOutput> {
+    pub fn forward(&self, router: &TopKRouter, x: &Tensor) -> Result<MoeOutput> {
         let (n, t, d) = x.dims3()?;
         // The grouped GEMMs run in the weights' dtype (bf16 on tensor cores), like every
         // other matmul of the model (`crate::nn::Linear`).
@@ -53,12 +60,7 @@ impl FusedSwiglu {
         let perm = kernels::permute_by_expert(&g.ids, router.num_experts())?;
         let h = kernels::grouped_gate_up_gather(&flat, &perm, &self.weights.gate, &self.weights.up)?;
         let y = kernels::grouped_matmul(&h, &perm.offsets, &self.weights.down)?;
-        let shared = shared
-            .map(|s| {
-                let [gate, up, down] = s.weights().map(|w| w.to_dtype(flat.dtype()));
-                kernels::swiglu_mlp(&flat, &kernels::SwigluWeights { gate: gate?, up: up?, down: down? })
-            })
-            .transpose()?;
+        let shared = self.shared.as_ref().map(|w| kernels::swiglu_mlp(&flat, w)).transpose()?;
         let out = kernels::combine(&y, &perm, &g.weights, shared.as_ref())?.reshape((n, t, d))?;
         let shared = shared.map(|s| s.reshape((n, t, d))).transpose()?;
         let routing = Routing { experts: g.ids, weights: g.weights, scores: g.scores };

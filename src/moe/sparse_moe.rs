@@ -73,7 +73,7 @@ impl SharedExpertMoe {
             n => Some(SwigluExpert::new(d, n * d, vb.pp("shared_experts"))?),
         };
         let fused = if FusedSwiglu::serves(&experts, cfg.norm_topk_prob) {
-            let (fused, views) = FusedSwiglu::stack(&experts)?;
+            let (fused, views) = FusedSwiglu::stack(&experts, shared.as_ref())?;
             experts = views;
             Some(fused)
         } else {
@@ -102,7 +102,7 @@ impl SharedExpertMoe {
     /// whenever gradients must flow to the weights, the candle dispatch.
     pub fn forward(&self, x: &Tensor) -> Result<MoeOutput> {
         match &self.fused {
-            Some(f) => f.forward(&self.gate, self.shared.as_ref(), x),
+            Some(f) => f.forward(&self.gate, x),
             None if x.device().is_cuda() && x.track_op() => self.dense_masked_forward(x),
             None => routed_forward(&self.gate, &self.experts, self.shared.as_ref(), x, None),
         }
