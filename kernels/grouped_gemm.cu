@@ -472,6 +472,42 @@ __device__ __forceinline__ GgTile gg_decode(u32 t, u32 n_tiles, u32 total_m, con
     return T;
 }
 
+// One bf16 pair (row rl of the tile, output columns oc, oc + 1) to C, if inside the tile.
+__device__ __forceinline__ void gg_put2(u16* __restrict__ C, const GgTile& T, u32 N, u32 rl, u32 oc, float v0,
+                                        float v1) {
+    if (rl < T.rows && oc < N) {
+        const size_t grow = (size_t)T.seg + T.m0 + rl;
+        const u32 v = (u32)f2bf(v0) | ((u32)f2bf(v1) << 16);
+        *(u32*)(C + grow * N + oc) = v;
+    }
+}
+
+// Epilogue of a wgmma warpgroup (rows wg * 64 .. + 63 of the tile, warp wq of it): the
+// m64nBN accumulator layout (n8 tile i, value pairs at rows lane/4 and lane/4 + 8) straight to
+// C; SWIGLU: n8 tiles alternate gate/up, H = silu(gate) * up.
+template <int BN, bool SWIGLU>
+__device__ __forceinline__ void gg_wg_store(const float* acc, const GgTile& T, u16* __restrict__ C, u32 N, u32 wg,
+                                            u32 wq, u32 lane) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const u32 rl = wg * 64u + wq * 16u + (lane >> 2) + 8u * h;
+        if (SWIGLU) {
+#pragma unroll
+            for (int i = 0; i < BN / 8; i += 2) {
+                const u32 oc = T.n_tile * (BN / 2) + (i / 2) * 8u + (lane & 3u) * 2u;
+                gg_put2(C, T, N, rl, oc, silu_fast(acc[i * 4 + 2 * h]) * acc[(i + 1) * 4 + 2 * h],
+                        silu_fast(acc[i * 4 + 2 * h + 1]) * acc[(i + 1) * 4 + 2 * h + 1]);
+            }
+        } else {
+#pragma unroll
+            for (int i = 0; i < BN / 8; ++i) {
+                const u32 oc = T.n_tile * BN + i * 8u + (lane & 3u) * 2u;
+                gg_put2(C, T, N, rl, oc, acc[i * 4 + 2 * h], acc[i * 4 + 2 * h + 1]);
+            }
+        }
+    }
+}
+
 template <int BN, int STAGES, bool WG, bool SWIGLU>
 __device__ __forceinline__ void gg_bf16_persist(const u16* __restrict__ A, const u32* __restrict__ gather, u32 gk,
                                                 const u32* __restrict__ offsets, u32 E,
@@ -562,34 +598,10 @@ __device__ __forceinline__ void gg_bf16_persist(const u16* __restrict__ A, const
 #pragma unroll
     for (int i = 0; i < BN / 2; ++i) acc[i] = 0.f;
 
-    auto put = [&](u32 rl, u32 oc, float v0, float v1) {
-        if (rl < T.rows && oc < N) {
-            const size_t grow = (size_t)T.seg + T.m0 + rl;
-            const u32 v = (u32)f2bf(v0) | ((u32)f2bf(v1) << 16);
-            *(u32*)(C + grow * N + oc) = v;
-        }
-    };
+    auto put = [&](u32 rl, u32 oc, float v0, float v1) { gg_put2(C, T, N, rl, oc, v0, v1); };
     auto epilogue = [&]() {
         if (WG) {
-            const u32 wg = warp >> 2, wq = warp & 3u;
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                const u32 rl = wg * 64u + wq * 16u + (lane >> 2) + 8u * h;
-                if (SWIGLU) {
-#pragma unroll
-                    for (int i = 0; i < BN / 8; i += 2) {
-                        const u32 oc = T.n_tile * (BN / 2) + (i / 2) * 8u + (lane & 3u) * 2u;
-                        put(rl, oc, silu_fast(acc[i * 4 + 2 * h]) * acc[(i + 1) * 4 + 2 * h],
-                            silu_fast(acc[i * 4 + 2 * h + 1]) * acc[(i + 1) * 4 + 2 * h + 1]);
-                    }
-                } else {
-#pragma unroll
-                    for (int i = 0; i < BN / 8; ++i) {
-                        const u32 oc = T.n_tile * BN + i * 8u + (lane & 3u) * 2u;
-                        put(rl, oc, acc[i * 4 + 2 * h], acc[i * 4 + 2 * h + 1]);
-                    }
-                }
-            }
+            gg_wg_store<BN, SWIGLU>(acc, T, C, N, warp >> 2, warp & 3u, lane);
         } else {
             constexpr int WN = BN / 4, NT = WN / 8;
             const u32 wm = warp >> 2, wn = warp & 3u;

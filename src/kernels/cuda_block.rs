@@ -38,10 +38,11 @@ fn optional_view<'a, T: candle_core::cuda_backend::CudaDType + DeviceRepr, G: st
     }
 }
 
-/// Contiguous, starting at a multiple of 4 elements: the row kernels move 4 elements at a time.
-fn aligned4(t: &Tensor) -> Result<Tensor> {
+/// Contiguous, starting at a multiple of `elems` elements, for kernels that move `elems` elements
+/// at a time (copied if the view starts elsewhere).
+fn aligned(t: &Tensor, elems: usize) -> Result<Tensor> {
     let t = t.contiguous()?;
-    if t.layout().start_offset() % 4 == 0 {
+    if t.layout().start_offset() % elems == 0 {
         Ok(t)
     } else {
         t.copy()
@@ -88,7 +89,7 @@ pub fn ln_modulate(x: &Tensor, mods: &Tensor, shift_off: usize, scale_off: usize
         bail!("ln_modulate: width {d} must be a multiple of 4, at most 2048")
     }
     let dev = cuda_dev(x)?;
-    let (x, mods) = (aligned4(x)?, aligned4(mods)?);
+    let (x, mods) = (aligned(x, 4)?, aligned(mods, 4)?);
     let rows = n * t;
     let name = format!("ln_modulate_{}", suffix(out_dtype, "ln_modulate")?);
     let f = func(&dev, &name)?;
@@ -123,7 +124,7 @@ pub fn residual_ln_modulate(
         bail!("residual_ln_modulate: width {d} must be a multiple of 4, at most 2048")
     }
     let dev = cuda_dev(x)?;
-    let (x, y, mods) = (aligned4(x)?, aligned4(y)?, aligned4(mods)?);
+    let (x, y, mods) = (aligned(x, 4)?, aligned(y, 4)?, aligned(mods, 4)?);
     let rows = n * t;
     let name = format!("residual_ln_modulate_{}_{}", suffix(y.dtype(), "residual_ln_modulate")?, suffix(out_dtype, "residual_ln_modulate")?);
     let f = func(&dev, &name)?;
@@ -161,8 +162,8 @@ pub fn gated_residual(x: &Tensor, y: &Tensor, bias: Option<&Tensor>, mods: &Tens
         bail!("gated_residual: width {d} must be a multiple of 4")
     }
     let dev = cuda_dev(x)?;
-    let (x, y, mods) = (aligned4(x)?, aligned4(y)?, aligned4(mods)?);
-    let bias = bias.map(aligned4).transpose()?;
+    let (x, y, mods) = (aligned(x, 4)?, aligned(y, 4)?, aligned(mods, 4)?);
+    let bias = bias.map(|b| aligned(b, 4)).transpose()?;
     let total = n * t * d;
     let f = func(&dev, &format!("gated_residual_{}", suffix(y.dtype(), "gated_residual")?))?;
     view!(x, f32, _gx, xv);
@@ -226,9 +227,11 @@ pub fn split_qkv(qkv: &Tensor, bias: Option<&Tensor>, norm: Option<QkNormWeights
         bail!("split_qkv: width {d3} is not 3 x {heads} heads")
     }
     let dev = cuda_dev(qkv)?;
-    let qkv = qkv.contiguous()?;
     let dt = qkv.dtype();
-    let bias = bias.map(|x| x.to_dtype(dt)?.contiguous()).transpose()?;
+    // bf16 rows of whole 16-byte chunks: the thread-per-row kernel (every DiT-MoE size)
+    let rows = dt == DType::BF16 && hd % 8 == 0 && hd <= 128;
+    let qkv = aligned(qkv, 8)?;
+    let bias = bias.map(|x| aligned(&x.to_dtype(dt)?, 8)).transpose()?;
     let norm_w = norm
         .map(|n| -> Result<_> {
             let c = |w: &Tensor| w.to_dtype(DType::F32)?.contiguous();
@@ -236,7 +239,11 @@ pub fn split_qkv(qkv: &Tensor, bias: Option<&Tensor>, norm: Option<QkNormWeights
         })
         .transpose()?;
     let pairs = b * t * heads;
-    let f = func(&dev, &format!("split_qkv_{}", suffix(dt, "split_qkv")?))?;
+    let f = if rows {
+        func(&dev, "split_qkv_rows_bf16")?
+    } else {
+        func(&dev, &format!("split_qkv_{}", suffix(dt, "split_qkv")?))?
+    };
     let (b32, t32, h32, hd32) = (b as u32, t as u32, heads as u32, hd as u32);
     by_dtype!(dt, E, {
         view!(qkv, E, _gq, qv);
@@ -271,8 +278,14 @@ pub fn split_qkv(qkv: &Tensor, bias: Option<&Tensor>, norm: Option<QkNormWeights
             }
             let eps = norm_w.as_ref().map_or(0f32, |n| n.4);
             l.arg(&eps).arg(&b32).arg(&t32).arg(&h32).arg(&hd32).arg(&mut q).arg(&mut k).arg(&mut v);
-            // 8 warps per block, one (token, head) pair per warp.
-            drv(unsafe { l.launch(cfg1(pairs.div_ceil(8) as u32, 256, 0)) })?;
+            let cfg = if rows {
+                // one thread per (token, head) of each of q, k and v
+                cfg1((3 * pairs).div_ceil(256) as u32, 256, 0)
+            } else {
+                // 8 warps per block, one (token, head) pair per warp
+                cfg1(pairs.div_ceil(8) as u32, 256, 0)
+            };
+            drv(unsafe { l.launch(cfg) })?;
         }
         let shape = (b, heads, t, hd);
         Ok((wrap(q, &dev, shape), wrap(k, &dev, shape), wrap(v, &dev, shape)))
@@ -328,10 +341,18 @@ pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result
     let scale_log2 = (scale * std::f64::consts::LOG2_E) as f32;
     let mut l = f.0.launch_builder(&f.1);
     l.arg(&qv).arg(&kv).arg(&vv).arg(&t32).arg(&h32).arg(&hd32).arg(&scale_log2).arg(&mut out);
+    // two buffers of a k and a v tile of 64 keys (FLASH_KT), rows of hdp + 8 elements
+    let smem = (2 * 2 * 64 * (hdp + 8) * 2) as u32;
+    if smem > 48 * 1024 {
+        drv(f.1.set_attribute(
+            cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            smem as i32,
+        ))?;
+    }
     let cfg = cudarc::driver::LaunchConfig {
         grid_dim: (t.div_ceil(16 * warps) as u32, (b * h) as u32, 1),
         block_dim: (32 * warps as u32, 1, 1),
-        shared_mem_bytes: 0,
+        shared_mem_bytes: smem,
     };
     drv(unsafe { l.launch(cfg) })?;
     Ok(wrap(out, &dev, (b, t, h * hd)))
