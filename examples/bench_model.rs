@@ -73,8 +73,8 @@ fn breakdown(name: &str, dtype_name: &str, model: &DitMoe, b: usize, device: &De
     // What the block feeds its matmuls (the weights' dtype on the GPU path, f32 on the CPU).
     let h_dtype = block_ops::matmul_input_dtype(&[&x, &ada], model.dtype());
     let h = block_ops::ln_modulate(&x, &ada, 0, 1, h_dtype)?;
-    let (q, k, v) = attn.qkv_heads(&h)?;
-    let merged = attn.scaled_dot_product(&q, &k, &v)?.to_dtype(h_dtype)?;
+    let qkv = attn.qkv_projection(&h)?;
+    let merged = attn.attend(&qkv)?.to_dtype(h_dtype)?;
     let budget = 200.0;
     let mut rows: Vec<(&str, f64)> = Vec::new();
     let mut time = |stage: &'static str, f: &mut dyn FnMut() -> candle_core::Result<Tensor>| -> Result<()> {
@@ -83,8 +83,8 @@ fn breakdown(name: &str, dtype_name: &str, model: &DitMoe, b: usize, device: &De
     };
     time("adaLN: SiLU + Linear(D, 6D)", &mut || block.ada_ln().forward(&candle_nn::ops::silu(&c)?))?;
     time("LayerNorm + modulate", &mut || block_ops::ln_modulate(&x, &ada, 0, 1, h_dtype))?;
-    time("attention: qkv Linear + split heads", &mut || attn.qkv_heads(&h).map(|h| h.0))?;
-    time("attention: softmax(qkᵀ)v", &mut || attn.scaled_dot_product(&q, &k, &v))?;
+    time("attention: qkv Linear", &mut || attn.qkv_projection(&h))?;
+    time("attention: heads (+ q/k norm) + softmax(qkᵀ)v", &mut || attn.attend(&qkv))?;
     time("attention: out Linear", &mut || attn.project_out(&merged))?;
     time("gated residual + LayerNorm + modulate", &mut || block_ops::residual_ln_modulate(&x, &merged, &ada, 2, 3, 4, h_dtype).map(|r| r.1))?;
     time("gated residual", &mut || block_ops::gated_residual(&x, &merged, None, &ada, 5))?;
@@ -111,7 +111,7 @@ fn graph_probe(stage: &str, cfg: &DitConfig, dtype: DType, b: usize, device: &De
     let (t, d) = (cfg.num_patches(), cfg.hidden_size);
     let block = &model.blocks()[0];
     let moe = block.moe().expect("DiT-MoE block");
-    let w = block.attention().qkv_heads(&Tensor::zeros((1, 1, d), DType::F32, device)?)?.0; // warm
+    let w = block.attention().qkv_projection(&Tensor::zeros((1, 1, d), DType::F32, device)?)?; // warm
     drop(w);
     let mut f: Box<dyn FnMut(&Tensor, &Tensor, &Tensor) -> candle_core::Result<Tensor>> = match stage {
         "matmul" => Box::new(|x: &Tensor, _: &Tensor, _: &Tensor| x.reshape((b * t, d))?.to_dtype(dtype)?.matmul(&x.reshape((b * t, d))?.to_dtype(dtype)?.t()?)),

@@ -522,6 +522,25 @@ fn run_checks(dev: &Device, section: &str) -> Result<Table> {
             let g = bo::attention(&on(&q)?, &on(&k)?, &on(&v)?, scale)?;
             tb.add("attention (fused)", &format!("B={b} H={h} T={t} hd={hd} bf16"), "rel vs f32", rel(&g, &r)?, 1e-2);
         }
+        // attention straight from the packed projection (bf16, biases folded in, with and
+        // without the q/k norm) against split + attention in f32 on the same bf16 inputs
+        for &(b, t, heads, hd) in &[(2usize, 256usize, 4usize, 72usize), (2, 256, 6, 64), (1, 130, 2, 88), (1, 19, 3, 128)] {
+            let d = heads * hd;
+            let qkv = Tensor::randn(0f32, 1.0, (b, t, 3 * d), &cpu_dev)?.to_dtype(DType::BF16)?;
+            let bias = Tensor::randn(0f32, 0.3, 3 * d, &cpu_dev)?.to_dtype(DType::BF16)?;
+            let w: Vec<Tensor> = (0..4).map(|i| Tensor::randn(if i % 2 == 0 { 1f32 } else { 0f32 }, 0.2, hd, &cpu_dev)).collect::<candle_core::Result<_>>()?;
+            let wg: Vec<Tensor> = w.iter().map(on).collect::<candle_core::Result<_>>()?;
+            fn norm(w: &[Tensor]) -> bo::QkNormWeights<'_> {
+                bo::QkNormWeights { q_weight: &w[0], q_bias: &w[1], k_weight: &w[2], k_bias: &w[3], eps: 1e-6 }
+            }
+            let scale = 1.0 / (hd as f64).sqrt();
+            for with_norm in [false, true] {
+                let r = bo::qkv_attention(&qkv.to_dtype(DType::F32)?, Some(&bias.to_dtype(DType::F32)?), with_norm.then(|| norm(&w)), heads, scale)?;
+                let g = bo::qkv_attention(&on(&qkv)?, Some(&on(&bias)?), with_norm.then(|| norm(&wg)), heads, scale)?;
+                let case = format!("B={b} T={t} H={heads} hd={hd} bf16{}", if with_norm { " qk-norm" } else { "" });
+                tb.add("qkv_attention (fused)", &case, "rel vs f32", rel(&g, &r)?, 1e-2);
+            }
+        }
         for dt in [DType::F32, DType::BF16] {
             let x = Tensor::randn(0f32, 1.0, (2, 4, 8, 2, 8, 2), &cpu_dev)?.to_dtype(dt)?;
             let view = |x: &Tensor| x.permute((0, 2, 4, 1, 3, 5))?.narrow(1, 1, 6);

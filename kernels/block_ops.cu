@@ -412,9 +412,13 @@ extern "C" __global__ void strided_copy_u16(const u16* src, View6 v, u64 n, u16*
 extern "C" __global__ void strided_copy_u32(const u32* src, View6 v, u64 n, u32* out) { strided_copy_body<u32>(src, v, n, out); }
 
 // ---------------------------------------------------------------------------------------------
-// Fused attention softmax(scale q kᵀ) v for bf16 q, k, v [B, H, T, hd] (FlashAttention-2's
-// forward: online softmax over key tiles, nothing of size T x T in memory), written straight
-// into the merged-heads layout out [B, T, H*hd]. mma.sync m16n8k16 (bf16 in, f32 accumulate,
+// Fused attention softmax(scale q kᵀ) v for bf16 q, k, v (FlashAttention-2's forward: online
+// softmax over key tiles, nothing of size T x T in memory), read through FlashStrides (heads
+// [B, H, T, hd], or the packed qkv projection itself, so no split pass is needed) and written
+// straight into the merged-heads layout out [B, T, H*hd]. Reading the projection directly,
+// its biases are folded in: q's is added as q is loaded; k's is dropped, since q.(k + b_k)
+// shifts every score of a query row by the same q.b_k and softmax is shift-invariant; v's is
+// added to the output, since each row's softmax weights sum to one. mma.sync m16n8k16 (bf16 in, f32 accumulate,
 // sm_80+); hd is padded with zeros to HDP, a multiple of 16. One warp per 16 query rows,
 // WARPS (4 or 8) warps per block; key tiles of 64 keys staged row-major in shared memory by
 // 16-byte cp.async loads, double-buffered so that the next tile loads while this one is
@@ -448,8 +452,16 @@ __device__ __forceinline__ void cp_async_wait1() { asm volatile("cp.async.wait_g
 // buffering: the next tile's cp.async loads run while this one is computed).
 #define FLASH_KT 64
 
+// Where q, k and v live: element strides between images, heads and tokens of each (all
+// multiples of 8 when hd % 8 == 0, for the 16-byte loads), so that the kernel reads both
+// [B, H, T, hd] tensors and the packed [B, T, 3, H, hd] projection.
+struct FlashStrides {
+    u64 image[3], head[3], token[3];
+};
+
 template <int HDP, int WARPS>
 __device__ void flash_attn_body(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,
+                                const u16* __restrict__ q_bias, const u16* __restrict__ v_bias, FlashStrides st,
                                 u32 T, u32 H, u32 hd, float scale_log2, u16* __restrict__ out) {
     constexpr int KT = FLASH_KT;
     constexpr int KS = HDP + 8;   // row stride of the k/v tiles (u16), padded against bank conflicts
@@ -458,7 +470,11 @@ __device__ void flash_attn_body(const u16* __restrict__ q, const u16* __restrict
     const u32 g = lane >> 2, tg = lane & 3u;
     const u32 bh = blockIdx.y;
     const u32 q0 = blockIdx.x * (16u * WARPS) + warp * 16u;
-    const u64 base = (u64)bh * T * hd;
+    const u32 b = bh / H, h = bh % H;
+    const u16* qh = q + b * st.image[0] + h * st.head[0];
+    const u16* kh = k + b * st.image[1] + h * st.head[1];
+    const u16* vh = v + b * st.image[2] + h * st.head[2];
+    const u64 qs = st.token[0], ks = st.token[1], vs = st.token[2];
 
     // k and v rows k0 .. k0 + KT - 1 into buffer `buf` (zeros past T and past hd)
     auto load_tile = [&](u32 k0, u32 buf) {
@@ -468,17 +484,17 @@ __device__ void flash_attn_body(const u16* __restrict__ q, const u16* __restrict
             for (u32 i = threadIdx.x; i < (u32)KT * (HDP / 8); i += blockDim.x) {
                 const u32 key = i / (HDP / 8), d = (i % (HDP / 8)) * 8u;
                 const bool ok = k0 + key < T && d < hd;
-                const u64 src = ok ? base + (u64)(k0 + key) * hd + d : 0u;
-                cp_async16(smem_u32(sK + key * KS + d), k + src, ok);
-                cp_async16(smem_u32(sV + key * KS + d), v + src, ok);
+                const u64 row = ok ? (u64)(k0 + key) : 0u;
+                cp_async16(smem_u32(sK + key * KS + d), kh + row * ks + (ok ? d : 0u), ok);
+                cp_async16(smem_u32(sV + key * KS + d), vh + row * vs + (ok ? d : 0u), ok);
             }
         } else {
             for (u32 i = threadIdx.x; i < (u32)KT * (HDP / 2); i += blockDim.x) {
                 const u32 key = i / (HDP / 2), d = (i % (HDP / 2)) * 2u;
                 const bool ok = k0 + key < T && d < hd;
-                const u64 src = base + (u64)(k0 + key) * hd + d;
-                *(u32*)(sK + key * KS + d) = ok ? *(const u32*)(k + src) : 0u;
-                *(u32*)(sV + key * KS + d) = ok ? *(const u32*)(v + src) : 0u;
+                const u64 row = (u64)(k0 + key);
+                *(u32*)(sK + key * KS + d) = ok ? *(const u32*)(kh + row * ks + d) : 0u;
+                *(u32*)(sV + key * KS + d) = ok ? *(const u32*)(vh + row * vs + d) : 0u;
             }
         }
         cp_async_commit();
@@ -491,7 +507,16 @@ __device__ void flash_attn_body(const u16* __restrict__ q, const u16* __restrict
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
             const u32 row = q0 + g + (i & 1) * 8u, d = 16u * c + 2u * tg + (i >> 1) * 8u;
-            qa[c][i] = (row < T && d < hd) ? *(const u32*)(q + base + (u64)row * hd + d) : 0u;
+            u32 w = 0u;
+            if (row < T && d < hd) {
+                w = *(const u32*)(qh + (u64)row * qs + d);
+                if (q_bias) {  // the projection's q bias, rounded to bf16 with q as a bf16 add would
+                    const u32 bw = *(const u32*)(q_bias + h * hd + d);
+                    w = pack_bf16(bf2f((u16)(w & 0xffffu)) + bf2f((u16)(bw & 0xffffu)),
+                                  bf2f((u16)(w >> 16)) + bf2f((u16)(bw >> 16)));
+                }
+            }
+            qa[c][i] = w;
         }
     }
     float o[HDP / 8][4];
@@ -576,20 +601,27 @@ __device__ void flash_attn_body(const u16* __restrict__ q, const u16* __restrict
         }
         __syncthreads();  // this buffer is refilled by the next iteration's prefetch
     }
-    const u32 b = bh / H, h = bh % H, D = H * hd;
+    const u32 D = H * hd;
     const float inv0 = 1.f / l0, inv1 = 1.f / l1;
 #pragma unroll
     for (int n = 0; n < HDP / 8; ++n) {
         const u32 d = 8u * n + 2u * tg;
         if (d >= hd) continue;
         const u32 r0 = q0 + g, r1 = q0 + g + 8u;
-        if (r0 < T) *(u32*)(out + ((u64)b * T + r0) * D + h * hd + d) = pack_bf16(o[n][0] * inv0, o[n][1] * inv0);
-        if (r1 < T) *(u32*)(out + ((u64)b * T + r1) * D + h * hd + d) = pack_bf16(o[n][2] * inv1, o[n][3] * inv1);
+        // the v bias passes through unchanged: the softmax weights of a row sum to one
+        float vb0 = 0.f, vb1 = 0.f;
+        if (v_bias) {
+            vb0 = bf2f(v_bias[h * hd + d]);
+            vb1 = bf2f(v_bias[h * hd + d + 1]);
+        }
+        if (r0 < T) *(u32*)(out + ((u64)b * T + r0) * D + h * hd + d) = pack_bf16(o[n][0] * inv0 + vb0, o[n][1] * inv0 + vb1);
+        if (r1 < T) *(u32*)(out + ((u64)b * T + r1) * D + h * hd + d) = pack_bf16(o[n][2] * inv1 + vb0, o[n][3] * inv1 + vb1);
     }
 }
 #define FLASH_K(NAME, HDP, W, BOUNDS) \
-    extern "C" __global__ void BOUNDS NAME(const u16* q, const u16* k, const u16* v, u32 T, u32 H, u32 hd, float sl2, u16* out) { \
-        flash_attn_body<HDP, W>(q, k, v, T, H, hd, sl2, out); \
+    extern "C" __global__ void BOUNDS NAME(const u16* q, const u16* k, const u16* v, const u16* q_bias, const u16* v_bias, \
+                                           FlashStrides st, u32 T, u32 H, u32 hd, float sl2, u16* out) { \
+        flash_attn_body<HDP, W>(q, k, v, q_bias, v_bias, st, T, H, hd, sl2, out); \
     }
 #define FLASH(HDP, W) FLASH_K(flash_attn_bf16_hd##HDP##_w##W, HDP, W, __launch_bounds__(32 * W))
 // 16 warps per SM (128 registers) up to head size 80: measured on an H100 at XL/2 (hd 72,

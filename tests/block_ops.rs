@@ -55,6 +55,31 @@ fn attention_is_softmax_of_scaled_scores_times_v() {
 }
 
 #[test]
+fn qkv_attention_ignores_the_k_bias_and_passes_the_v_bias_through() {
+    // The GPU kernel reads the projection without its split pass and relies on these two
+    // identities (softmax is shift-invariant per row; each row's weights sum to one): check
+    // them on the composite that the kernel is compared with.
+    let dev = Device::Cpu;
+    let (b, t, heads, hd) = (2, 9, 3, 8);
+    let d = heads * hd;
+    let qkv = Tensor::randn(0f32, 1.0, (b, t, 3 * d), &dev).unwrap();
+    let bias = Tensor::randn(0f32, 1.0, 3 * d, &dev).unwrap();
+    let part = |i: usize| bias.narrow(0, i * d, d).unwrap();
+    let zeros = Tensor::zeros(d, DType::F32, &dev).unwrap();
+    let scale = 1.0 / (hd as f64).sqrt();
+    let full = bo::qkv_attention(&qkv, Some(&bias), None, heads, scale).unwrap();
+    assert_eq!(full.dims(), [b, t, d]);
+    let (q, k, v) = bo::split_qkv(&qkv, Some(&bias), None, heads).unwrap();
+    assert!(max_abs(&full, &bo::attention(&q, &k, &v, scale).unwrap()) < 1e-6);
+    let no_k = Tensor::cat(&[part(0), zeros.clone(), part(2)], 0).unwrap();
+    let got = bo::qkv_attention(&qkv, Some(&no_k), None, heads, scale).unwrap();
+    assert!(max_abs(&got, &full) < 1e-5, "k bias changed the output by {}", max_abs(&got, &full));
+    let no_v = Tensor::cat(&[part(0), part(1), zeros], 0).unwrap();
+    let got = bo::qkv_attention(&qkv, Some(&no_v), None, heads, scale).unwrap().broadcast_add(&part(2)).unwrap();
+    assert!(max_abs(&got, &full) < 1e-5, "v bias is not added to the output: off by {}", max_abs(&got, &full));
+}
+
+#[test]
 fn split_qkv_adds_bias_splits_heads_and_rounds_normed_q_k_to_f16() {
     let dev = Device::Cpu;
     let (b, t, heads, hd) = (1, 3, 2, 4);

@@ -161,6 +161,24 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tenso
     contiguous(&att.matmul(v)?.transpose(1, 2)?)?.reshape((b, t, h * hd))
 }
 
+/// Attention straight from the packed `qkv` projection `(B, T, 3·H·hd)` (without its bias):
+/// [`split_qkv`] then [`attention`], returned as `(B, T, H·hd)` in qkv's dtype. On the GPU, for
+/// bf16 with a head size that is a multiple of 8 up to 128 (every DiT-MoE size), the attention
+/// kernel reads q, k and v from the projection itself, so there is no split pass, and folds
+/// the biases in (see `flash_attn_body` in `kernels/block_ops.cu`); with the q/k norm the
+/// split runs first.
+pub fn qkv_attention(qkv: &Tensor, bias: Option<&Tensor>, norm: Option<QkNormWeights>, heads: usize, scale: f64) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    {
+        let hd = qkv.dim(candle_core::D::Minus1)? / 3 / heads.max(1);
+        if fused(&[qkv]) && bias.is_none_or(|b| fused(&[b])) && qkv.dtype() == DType::BF16 && hd % 8 == 0 && hd <= 128 {
+            return super::cuda_block::qkv_attention(qkv, bias, norm, heads, scale);
+        }
+    }
+    let (q, k, v) = split_qkv(qkv, bias, norm, heads)?;
+    attention(&q, &k, &v, scale)
+}
+
 /// `t.contiguous()`, through a kernel that takes the view's layout as arguments on CUDA (any
 /// permute, narrow or broadcast of up to 6 dims, 2- or 4-byte elements).
 pub fn contiguous(t: &Tensor) -> Result<Tensor> {

@@ -219,17 +219,28 @@ pub fn bias_cast(y: &Tensor, bias: Option<&Tensor>, out_dtype: DType) -> Result<
     })
 }
 
-pub fn split_qkv(qkv: &Tensor, bias: Option<&Tensor>, norm: Option<QkNormWeights>, heads: usize) -> Result<(Tensor, Tensor, Tensor)> {
+/// The q/k/v head size of a packed `(B, T, 3·H·hd)` projection.
+fn qkv_dims(qkv: &Tensor, heads: usize) -> Result<(usize, usize, usize, usize)> {
     let (b, t, d3) = qkv.dims3()?;
-    let d = d3 / 3;
-    let hd = d / heads;
-    if d3 != 3 * heads * hd {
+    let hd = d3 / 3 / heads.max(1);
+    if heads == 0 || d3 != 3 * heads * hd {
         bail!("split_qkv: width {d3} is not 3 x {heads} heads")
     }
+    Ok((b, t, heads * hd, hd))
+}
+
+/// Whether the thread-per-row split kernel (and the attention that reads the packed
+/// projection) applies: bf16 rows of whole 16-byte chunks, every DiT-MoE size.
+fn rows_kernel(dt: DType, hd: usize) -> bool {
+    dt == DType::BF16 && hd % 8 == 0 && hd <= 128
+}
+
+pub fn split_qkv(qkv: &Tensor, bias: Option<&Tensor>, norm: Option<QkNormWeights>, heads: usize) -> Result<(Tensor, Tensor, Tensor)> {
+    let (b, t, d, hd) = qkv_dims(qkv, heads)?;
+    let d3 = 3 * d;
     let dev = cuda_dev(qkv)?;
     let dt = qkv.dtype();
-    // bf16 rows of whole 16-byte chunks: the thread-per-row kernel (every DiT-MoE size)
-    let rows = dt == DType::BF16 && hd % 8 == 0 && hd <= 128;
+    let rows = rows_kernel(dt, hd);
     let qkv = aligned(qkv, 8)?;
     let bias = bias.map(|x| aligned(&x.to_dtype(dt)?, 8)).transpose()?;
     let norm_w = norm
@@ -309,12 +320,19 @@ pub fn softmax_scaled(s: &Tensor, scale: f64) -> Result<Tensor> {
     })
 }
 
-pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
-    let (b, h, t, hd) = q.dims4()?;
-    if k.dims() != q.dims() || v.dims() != q.dims() || [q.dtype(), k.dtype(), v.dtype()] != [DType::BF16; 3] {
-        bail!("flash_attention: q {:?}, k {:?}, v {:?} must be bf16 of one shape", q.dims(), k.dims(), v.dims())
-    }
-    let hdp = match hd {
+/// Element strides (image, head, token) of q, k and v (`struct FlashStrides` in the kernel).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct FlashStrides {
+    image: [u64; 3],
+    head: [u64; 3],
+    token: [u64; 3],
+}
+unsafe impl DeviceRepr for FlashStrides {}
+
+/// Head size padded to the kernel's multiple of 16.
+fn flash_hdp(hd: usize) -> Result<usize> {
+    Ok(match hd {
         0..=16 => 16,
         17..=32 => 32,
         33..=64 => 64,
@@ -322,9 +340,21 @@ pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result
         81..=96 => 96,
         97..=128 => 128,
         _ => bail!("flash_attention: head size {hd} > 128"),
-    };
-    let dev = cuda_dev(q)?;
-    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+    })
+}
+
+/// The fused attention kernel over views of q, k and v laid out as `st` says, with the optional
+/// projection biases (see `flash_attn_body`), into a new `(B, T, H·hd)` bf16 tensor.
+#[allow(clippy::too_many_arguments)]
+fn launch_flash(
+    dev: &CudaDevice,
+    (q, k, v): (&cudarc::driver::CudaView<bf16>, &cudarc::driver::CudaView<bf16>, &cudarc::driver::CudaView<bf16>),
+    (q_bias, v_bias): (Option<&cudarc::driver::CudaView<bf16>>, Option<&cudarc::driver::CudaView<bf16>>),
+    st: FlashStrides,
+    (b, h, t, hd): (usize, usize, usize, usize),
+    scale: f64,
+) -> Result<Tensor> {
+    let hdp = flash_hdp(hd)?;
     // Queries per block: 16 per warp. 8 warps share each key tile among twice the queries;
     // 4 give more blocks for short sequences. `DITMOE_FLASH_WARPS` overrides (benchmarks).
     let warps = match std::env::var("DITMOE_FLASH_WARPS").ok().and_then(|w| w.parse::<usize>().ok()) {
@@ -332,15 +362,19 @@ pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result
         _ if t >= 256 => 8,
         _ => 4,
     };
-    let f = func(&dev, &format!("flash_attn_bf16_hd{hdp}_w{warps}"))?;
-    view!(q, bf16, _gq, qv);
-    view!(k, bf16, _gk, kv);
-    view!(v, bf16, _gv, vv);
+    let f = func(dev, &format!("flash_attn_bf16_hd{hdp}_w{warps}"))?;
     let mut out = unsafe { dev.alloc::<bf16>(b * t * h * hd)? };
     let (t32, h32, hd32) = (t as u32, h as u32, hd as u32);
     let scale_log2 = (scale * std::f64::consts::LOG2_E) as f32;
     let mut l = f.0.launch_builder(&f.1);
-    l.arg(&qv).arg(&kv).arg(&vv).arg(&t32).arg(&h32).arg(&hd32).arg(&scale_log2).arg(&mut out);
+    l.arg(q).arg(k).arg(v);
+    for bias in [q_bias, v_bias] {
+        match bias {
+            Some(x) => l.arg(x),
+            None => l.arg(&NULL),
+        };
+    }
+    l.arg(&st).arg(&t32).arg(&h32).arg(&hd32).arg(&scale_log2).arg(&mut out);
     // two buffers of a k and a v tile of 64 keys (FLASH_KT), rows of hdp + 8 elements
     let smem = (2 * 2 * 64 * (hdp + 8) * 2) as u32;
     if smem > 48 * 1024 {
@@ -355,7 +389,49 @@ pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result
         shared_mem_bytes: smem,
     };
     drv(unsafe { l.launch(cfg) })?;
-    Ok(wrap(out, &dev, (b, t, h * hd)))
+    Ok(wrap(out, dev, (b, t, h * hd)))
+}
+
+pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    let (b, h, t, hd) = q.dims4()?;
+    if k.dims() != q.dims() || v.dims() != q.dims() || [q.dtype(), k.dtype(), v.dtype()] != [DType::BF16; 3] {
+        bail!("flash_attention: q {:?}, k {:?}, v {:?} must be bf16 of one shape", q.dims(), k.dims(), v.dims())
+    }
+    let dev = cuda_dev(q)?;
+    let (q, k, v) = (aligned(q, 8)?, aligned(k, 8)?, aligned(v, 8)?);
+    view!(q, bf16, _gq, qv);
+    view!(k, bf16, _gk, kv);
+    view!(v, bf16, _gv, vv);
+    let (sb, sh) = ((h * t * hd) as u64, (t * hd) as u64);
+    let st = FlashStrides { image: [sb; 3], head: [sh; 3], token: [hd as u64; 3] };
+    launch_flash(&dev, (&qv, &kv, &vv), (None, None), st, (b, h, t, hd), scale)
+}
+
+/// See [`super::block_ops::qkv_attention`]: without the q/k norm (timm form) the kernel reads
+/// q, k and v straight from the packed projection and folds the biases in; with it (flash
+/// form) q and k must be normalised first, and the split writes all three, so that v keeps
+/// the CPU path's rounding of v + b_v (checked: folding b_v into the output flipped a bf16
+/// near-tie of the routing downstream in the `tiny-flash` fixture).
+pub fn qkv_attention(qkv: &Tensor, bias: Option<&Tensor>, norm: Option<QkNormWeights>, heads: usize, scale: f64) -> Result<Tensor> {
+    let (b, t, d, hd) = qkv_dims(qkv, heads)?;
+    if !rows_kernel(qkv.dtype(), hd) {
+        bail!("qkv_attention: needs bf16 and a head size that is a multiple of 8 up to 128, got {:?} and {hd}", qkv.dtype())
+    }
+    if norm.is_some() {
+        let (q, k, v) = split_qkv(qkv, bias, norm, heads)?;
+        return flash_attention(&q, &k, &v, scale);
+    }
+    let dev = cuda_dev(qkv)?;
+    let qkv = aligned(qkv, 8)?;
+    let bias = bias.map(|x| aligned(&x.to_dtype(DType::BF16)?, 8)).transpose()?;
+    view!(qkv, bf16, _gp, pv);
+    let bg = bias.as_ref().map(|x| x.storage_and_layout());
+    let bv = optional_view::<bf16, _>(bg.as_ref(), 3 * d, "qkv_attention: bias")?;
+    let (q, k, v) = (pv.slice(0..d), pv.slice(d..2 * d), pv.slice(2 * d..));
+    let (q_bias, v_bias) = (bv.as_ref().map(|x| x.slice(0..d)), bv.as_ref().map(|x| x.slice(2 * d..)));
+    // packed [B, T, 3, H, hd]: images T·3D apart, heads hd, tokens 3D
+    let st = FlashStrides { image: [(t * 3 * d) as u64; 3], head: [hd as u64; 3], token: [(3 * d) as u64; 3] };
+    launch_flash(&dev, (&q, &k, &v), (q_bias.as_ref(), v_bias.as_ref()), st, (b, heads, t, hd), scale)
 }
 
 /// The layout argument of `strided_copy_*` (`struct View6` in the kernel source).

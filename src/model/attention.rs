@@ -57,16 +57,22 @@ impl Attention {
     /// (N, T, D) -> (N, T, D), in x's dtype (f32 activations, or the matmul dtype on the GPU
     /// inference path).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (q, k, v) = self.qkv_heads(x)?;
-        let out = self.scaled_dot_product(&q, &k, &v)?.to_dtype(x.dtype())?;
+        let out = self.attend(&self.qkv_projection(x)?)?.to_dtype(x.dtype())?;
         self.proj.forward(&out)
     }
 
-    /// The `qkv` projection split into heads: q, k, v as (B, H, T, hd) in the weights' dtype,
-    /// in which the attention matmuls run (as SDPA does under autocast). The bias, the flash
-    /// form's q/k norms and the head split are one pass (`block_ops::split_qkv`).
-    pub fn qkv_heads(&self, x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
-        let raw = self.qkv.matmul(x)?;
+    /// The packed `qkv` projection `(N, T, 3D)` without its bias (the bias goes in with the split).
+    pub fn qkv_projection(&self, x: &Tensor) -> Result<Tensor> {
+        self.qkv.matmul(x)
+    }
+
+    /// softmax(q kᵀ / √hd) v of the heads of a packed projection, merged back to (N, T, D) in
+    /// the projection's dtype (the weights' dtype, in which the attention matmuls run, as SDPA
+    /// does under autocast). The bias, the flash form's q/k norms (then the official float16
+    /// rounding of q and k), the head split and the attention are `block_ops::qkv_attention`:
+    /// on the GPU one fused kernel reading the projection, with the softmax in f32 as
+    /// SDPA/flash-attention accumulate it.
+    pub fn attend(&self, qkv: &Tensor) -> Result<Tensor> {
         let norm = match &self.qk_norm {
             QkNorm::None => None,
             // `self.q_norm(q).half()`: the official code rounds q and k to float16 even in an
@@ -79,14 +85,7 @@ impl Attention {
                 eps: q.eps(),
             }),
         };
-        block_ops::split_qkv(&raw, self.qkv.bias(), norm, self.num_heads)
-    }
-
-    /// softmax(q kᵀ / √hd) v over (B, H, T, hd) heads, merged back to (B, T, D) in v's dtype.
-    /// The softmax is computed in f32 as SDPA/flash-attention accumulate it, whatever the
-    /// storage dtype (`block_ops::attention`: one fused kernel on the GPU).
-    pub fn scaled_dot_product(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-        block_ops::attention(q, k, v, 1.0 / (self.head_dim as f64).sqrt())
+        block_ops::qkv_attention(qkv, self.qkv.bias(), norm, self.num_heads, 1.0 / (self.head_dim as f64).sqrt())
     }
 
     /// The output projection (`proj` / `out_proj`).
