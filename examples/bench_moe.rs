@@ -4,12 +4,12 @@
 //!
 //! ```text
 //! ../shared/scripts/build-cuda.sh build --release --example bench_moe
-//! ./bench_moe [--quick]         # or: gpu_check --bench-only (same code)
+//! ./bench_moe [--quick] [--configs S,XL,G] [--variants-only]   # or: gpu_check --bench-only
 //! ```
 //! Timing: CUDA events around each call, recorded back to back without synchronising between
 //! iterations (as in a model's forward pass), after warm-up; the median is reported.
-//! Configs: XL (D 1152, 8 experts, top-2, I = 4·D, shared expert I = 2·D) and G (D 1408,
-//! 16 experts, top-2, I = 4·D, shared expert I = 2·D), at 256, 4096 and 16384 tokens.
+//! Configs: S (D 384), XL (D 1152), both 8 experts, top-2, and G (D 1408, 16 experts, top-2),
+//! all with I = 4·D and a shared expert of I = 2·D, at 256, 4096 and 16384 tokens.
 #![cfg_attr(not(feature = "cuda"), allow(dead_code, unused_imports))]
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
@@ -55,6 +55,14 @@ pub fn run(dev: &Device, args: &[String]) -> Result<()> {
     let budget = if quick { 60.0 } else { 250.0 };
     let cfgs = [
         Cfg {
+            name: "S",
+            d: 384,
+            e: 8,
+            k: 2,
+            i: 4 * 384,
+            i_shared: 2 * 384,
+        },
+        Cfg {
             name: "XL",
             d: 1152,
             e: 8,
@@ -71,6 +79,9 @@ pub fn run(dev: &Device, args: &[String]) -> Result<()> {
             i_shared: 2 * 1408,
         },
     ];
+    // --configs S,XL: only these widths
+    let only: Option<Vec<String>> = args.iter().position(|a| a == "--configs").and_then(|i| args.get(i + 1)).map(|v| v.split(',').map(str::to_string).collect());
+    let cfgs: Vec<&Cfg> = cfgs.iter().filter(|c| only.as_ref().is_none_or(|o| o.iter().any(|n| n == c.name))).collect();
     let tokens: &[usize] = if quick {
         &[256, 16384]
     } else {
@@ -83,7 +94,7 @@ pub fn run(dev: &Device, args: &[String]) -> Result<()> {
     let mut variant_rows = Vec::new();
     let t_all = std::time::Instant::now();
     for dt in [DType::BF16, DType::F32] {
-        for c in &cfgs {
+        for &c in &cfgs {
             let (d, e, k, i, is) = (c.d, c.e, c.k, c.i, c.i_shared);
             let (experts, shared, router) = random_layer(dev, dt, d, e, i, is)?;
             // candle-nn's moe_gemm wants gate and up stacked: [E, 2I, D]

@@ -162,33 +162,26 @@ __device__ __forceinline__ void fused_gating_body(
     __syncthreads();
     if (!s_last) return;
     __threadfence();
-    // The last block reduces the per-block partials: per expert, each thread sums a fixed
-    // strided subset of blocks, then a fixed-shape tree over the threads (deterministic, and
-    // parallel: a serial loop over the blocks cost ~30 us at 256 blocks).
-    __shared__ double s_red[GATE_WARPS * 32];
-    __shared__ u32 s_redn[GATE_WARPS * 32];
-    for (u32 e = 0; e < E; ++e) {
+    // The last block reduces the per-block partials: one warp per expert (experts in parallel),
+    // lane l sums blocks l, l + 32, ... in order, then a fixed xor-shuffle tree over the lanes
+    // (deterministic; a serial loop over the blocks cost ~30 us at 256 blocks, one block-wide
+    // tree per expert ~1 us per expert).
+    for (u32 e = warp; e < E; e += GATE_WARPS) {
         double a = 0.0;
         u32 n = 0u;
-        for (u32 b = threadIdx.x; b < gridDim.x; b += blockDim.x) {
+        for (u32 b = lane; b < gridDim.x; b += 32u) {
             a += (double)(((volatile float*)part_sum)[(size_t)b * E + e]);
             n += ((volatile u32*)part_cnt)[(size_t)b * E + e];
         }
-        s_red[threadIdx.x] = a;
-        s_redn[threadIdx.x] = n;
-        __syncthreads();
-        for (u32 w = blockDim.x / 2; w > 0; w >>= 1) {
-            if (threadIdx.x < w) {
-                s_red[threadIdx.x] += s_red[threadIdx.x + w];
-                s_redn[threadIdx.x] += s_redn[threadIdx.x + w];
-            }
-            __syncthreads();
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            a += __shfl_xor_sync(0xffffffffu, a, o);
+            n += __shfl_xor_sync(0xffffffffu, n, o);
         }
-        if (threadIdx.x == 0) {
-            counts[e] = s_redn[0];
-            mean_scores[e] = (float)(s_red[0] / (double)S);
+        if (lane == 0) {
+            counts[e] = n;
+            mean_scores[e] = (float)(a / (double)S);
         }
-        __syncthreads();
     }
 }
 
@@ -235,29 +228,56 @@ extern "C" __global__ void __launch_bounds__(PERM_WARPS * 32) perm_count(
     for (u32 e = threadIdx.x; e < E; e += blockDim.x) hist[(size_t)blockIdx.x * E + e] = s_h[e];
 }
 
-// one block of 1024 threads; E <= PERM_MAXE
+// one block of 1024 threads; E <= PERM_MAXE. One warp per expert scans its per-block counts
+// 32 blocks at a time (lanes in parallel, a shuffle scan), so the latency is a few loads
+// rather than a serial walk over the blocks.
 extern "C" __global__ void __launch_bounds__(1024) perm_scan(
     const u32* __restrict__ hist, u32 nb, u32 E, u32* __restrict__ offsets, u32* __restrict__ base) {
     __shared__ u32 s_tot[PERM_MAXE];
     __shared__ u32 s_off[PERM_MAXE + 1];
-    for (u32 e = threadIdx.x; e < E; e += blockDim.x) {
+    const u32 lane = threadIdx.x & 31u, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    // pass 1: each expert's total
+    for (u32 e = warp; e < E; e += warps) {
         u32 t = 0u;
-        for (u32 b = 0; b < nb; ++b) t += hist[(size_t)b * E + e];
-        s_tot[e] = t;
+        for (u32 b = lane; b < nb; b += 32u) t += hist[(size_t)b * E + e];
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) t += __shfl_xor_sync(0xffffffffu, t, o);
+        if (lane == 0) s_tot[e] = t;
     }
     __syncthreads();
-    if (threadIdx.x == 0) {
-        u32 acc = 0u;
-        for (u32 e = 0; e < E; ++e) { s_off[e] = acc; acc += s_tot[e]; }
-        s_off[E] = acc;
+    // exclusive scan over the experts (E <= 1024: warp 0, 32 experts per step)
+    if (warp == 0) {
+        u32 carry = 0u;
+        for (u32 e0 = 0; e0 < E; e0 += 32u) {
+            const u32 e = e0 + lane;
+            const u32 v = e < E ? s_tot[e] : 0u;
+            u32 incl = v;
+#pragma unroll
+            for (int o = 1; o < 32; o <<= 1) {
+                const u32 y = __shfl_up_sync(0xffffffffu, incl, o);
+                if (lane >= (u32)o) incl += y;
+            }
+            if (e < E) s_off[e] = carry + incl - v;
+            carry += __shfl_sync(0xffffffffu, incl, 31);
+        }
+        if (lane == 0) s_off[E] = carry;
     }
     __syncthreads();
     for (u32 e = threadIdx.x; e <= E; e += blockDim.x) offsets[e] = s_off[e];
-    for (u32 e = threadIdx.x; e < E; e += blockDim.x) {
-        u32 acc = s_off[e];
-        for (u32 b = 0; b < nb; ++b) {
-            base[(size_t)b * E + e] = acc;
-            acc += hist[(size_t)b * E + e];
+    // pass 2: per-block bases, blocks in chunks of 32 per expert
+    for (u32 e = warp; e < E; e += warps) {
+        u32 carry = s_off[e];
+        for (u32 b0 = 0; b0 < nb; b0 += 32u) {
+            const u32 b = b0 + lane;
+            const u32 v = b < nb ? hist[(size_t)b * E + e] : 0u;
+            u32 incl = v;
+#pragma unroll
+            for (int o = 1; o < 32; o <<= 1) {
+                const u32 y = __shfl_up_sync(0xffffffffu, incl, o);
+                if (lane >= (u32)o) incl += y;
+            }
+            if (b < nb) base[(size_t)b * E + e] = carry + incl - v;
+            carry += __shfl_sync(0xffffffffu, incl, 31);
         }
     }
 }

@@ -552,122 +552,249 @@ pub fn gemm_choice(dev: &CudaDevice, dtype: DType, swiglu: bool, n: usize) -> Re
     }
 }
 
+/// One grouped GEMM, checked and with its operands contiguous, ready to launch on a stream.
+struct GroupedGemm {
+    x: Tensor,
+    order: Option<Tensor>,
+    gk: u32,
+    offsets: Tensor,
+    b0: Tensor,
+    b1: Tensor,
+    choice: GemmChoice,
+    dev: CudaDevice,
+    /// rows, output columns, K, experts
+    r: usize,
+    n: usize,
+    kdim: usize,
+    e: usize,
+}
+
+impl GroupedGemm {
+    /// `None` where the product is all zeros (no rows, no columns or K = 0).
+    fn new(x: &Tensor, gather: Option<&Permutation>, offsets: &Tensor, b0: &Tensor, b1: Option<&Tensor>) -> Result<Option<Self>> {
+        let dev = cuda_dev(x)?;
+        let dtype = x.dtype();
+        let x = x.contiguous()?;
+        let (xr, kdim) = x.dims2()?;
+        // K and the gate/up shapes are checked by `super::grouped_dispatch`
+        let (e, n, _) = b0.dims3()?;
+        if e == 0 || e > 1024 {
+            bail!("grouped_gemm: need 1 <= E <= 1024, got {e}")
+        }
+        if offsets.dims() != [e + 1] {
+            bail!("grouped_gemm: offsets {:?} is not [E + 1 = {}]", offsets.dims(), e + 1)
+        }
+        let swiglu = b1.is_some();
+        if b0.dtype() != dtype || b1.map(|b| b.dtype() != dtype).unwrap_or(false) {
+            bail!("grouped_gemm: weights must have the input dtype {dtype:?}")
+        }
+        let r = match gather {
+            Some(p) => p.rows()?,
+            None => xr,
+        };
+        if r == 0 || n == 0 || kdim == 0 {
+            return Ok(None);
+        }
+        if dtype == DType::BF16 && (kdim % 8 != 0 || n % 8 != 0) {
+            bail!("grouped_gemm bf16: need K % 8 == 0 and N % 8 == 0, got K={kdim}, N={n}")
+        }
+        let b0 = b0.contiguous()?;
+        let b1 = match b1 {
+            Some(b) => b.contiguous()?,
+            None => b0.clone(),
+        };
+        let choice = gemm_choice(&dev, dtype, swiglu, n)?;
+        Ok(Some(Self {
+            order: gather.map(|p| p.order.contiguous()).transpose()?,
+            gk: gather.map(|p| p.k).unwrap_or(1) as u32,
+            offsets: offsets.to_dtype(DType::U32)?.contiguous()?,
+            x,
+            b0,
+            b1,
+            choice,
+            dev,
+            r,
+            n,
+            kdim,
+            e,
+        }))
+    }
+
+    /// Launches on `stream`, writing the `[r, n]` product into `out`.
+    fn launch<T: CudaDType + cudarc::driver::DeviceRepr>(&self, stream: &std::sync::Arc<cudarc::driver::CudaStream>, out: &mut CudaSlice<T>) -> Result<()> {
+        let ch = &self.choice;
+        let n_tiles = self.n.div_ceil(ch.out_per_tile);
+        let m_tiles_max = self.r.div_ceil(ch.bm) + self.e;
+        let mut grid = n_tiles * m_tiles_max;
+        if let Some(per_sm) = ch.persistent {
+            grid = grid.min(sm_count(&self.dev) as usize * per_sm as usize);
+        }
+        if grid > u32::MAX as usize {
+            bail!("grouped_gemm: grid too large")
+        }
+        let f = gemm_fn(&self.dev, &ch.name)?.1;
+        if ch.smem > 48 * 1024 {
+            drv(f.set_attribute(
+                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                ch.smem as i32,
+            ))?;
+        }
+        let (e32, n32, k32, max_m32) = (self.e as u32, self.n as u32, self.kdim as u32, m_tiles_max as u32);
+        let null = 0u64;
+        view!(self.x, T, _gx, xv);
+        view!(self.offsets, u32, _go, ov);
+        view!(self.b0, T, _g0, b0v);
+        view!(self.b1, T, _g1, b1v);
+        let og = self.order.as_ref().map(|o| o.storage_and_layout());
+        let orv = match &og {
+            Some((g, l)) => match &**g {
+                Storage::Cuda(c) => {
+                    let (o, e) = l.contiguous_offsets().expect("contiguous");
+                    Some(c.as_cuda_slice::<u32>()?.slice(o..e))
+                }
+                _ => bail!("grouped_gemm: permutation must be on the same CUDA device"),
+            },
+            None => None,
+        };
+        let mut b = stream.launch_builder(&f);
+        b.arg(&xv);
+        match &orv {
+            Some(v) => b.arg(v),
+            None => b.arg(&null),
+        };
+        b.arg(&self.gk).arg(&ov).arg(&e32).arg(&b0v).arg(&b1v).arg(out).arg(&n32).arg(&k32);
+        if ch.persistent.is_some() {
+            b.arg(&max_m32);
+        }
+        drv(unsafe { b.launch(cfg1(grid as u32, 256, ch.smem)) })?;
+        Ok(())
+    }
+
+    /// A new `[r, n]` output on the device's stream, launched there.
+    fn run(&self) -> Result<Tensor> {
+        let stream = self.dev.cuda_stream();
+        macro_rules! go {
+            ($t:ty) => {{
+                let mut out = unsafe { self.dev.alloc::<$t>(self.r * self.n)? };
+                self.launch(&stream, &mut out)?;
+                Ok(wrap(out, &self.dev, (self.r, self.n)))
+            }};
+        }
+        match self.x.dtype() {
+            DType::F32 => go!(f32),
+            DType::BF16 => go!(half::bf16),
+            dt => bail!("grouped_gemm: unsupported dtype {dt:?}"),
+        }
+    }
+}
+
 /// See [`super::grouped_matmul`] and [`super::grouped_gate_up`].
-pub fn grouped_gemm(
-    x: &Tensor,
-    gather: Option<&Permutation>,
-    offsets: &Tensor,
-    b0: &Tensor,
-    b1: Option<&Tensor>,
-) -> Result<Tensor> {
+pub fn grouped_gemm(x: &Tensor, gather: Option<&Permutation>, offsets: &Tensor, b0: &Tensor, b1: Option<&Tensor>) -> Result<Tensor> {
+    match GroupedGemm::new(x, gather, offsets, b0, b1)? {
+        Some(g) => g.run(),
+        None => {
+            let r = gather.map(|p| p.rows()).transpose()?.unwrap_or(x.dim(0)?);
+            Tensor::zeros((r, b0.dim(1)?), x.dtype(), x.device())
+        }
+    }
+}
+
+/// A second stream of a device, for work that can run beside the main (candle's) stream, and
+/// the two events that order it: `fork` (main → side) and `join` (side → main). Events are
+/// created once (not during a CUDA-graph capture) and re-recorded: a wait takes the event's
+/// state at the time it is enqueued.
+struct SideStream {
+    stream: std::sync::Arc<cudarc::driver::CudaStream>,
+    fork: cudarc::driver::CudaEvent,
+    join: cudarc::driver::CudaEvent,
+}
+
+fn side_stream(dev: &CudaDevice) -> Result<&'static SideStream> {
+    static SIDES: std::sync::Mutex<Vec<(usize, &'static SideStream)>> = std::sync::Mutex::new(Vec::new());
+    let ctx = dev.cuda_stream().context().clone();
+    let key = std::sync::Arc::as_ptr(&ctx) as usize;
+    let mut sides = SIDES.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, s)) = sides.iter().find(|(k, _)| *k == key) {
+        return Ok(s);
+    }
+    let side: &'static SideStream = Box::leak(Box::new(SideStream {
+        stream: drv(ctx.new_stream())?,
+        fork: drv(ctx.new_event(None))?,
+        join: drv(ctx.new_event(None))?,
+    }));
+    sides.push((key, side));
+    Ok(side)
+}
+
+/// The output of work launched on the side stream; [`Beside::join`] makes the main stream wait
+/// for it. It holds the work's inputs and intermediates: their memory is freed on the main
+/// stream, so it must not be returned there before the join (dropping a `Beside` joins too).
+pub struct Beside {
+    out: Option<Tensor>,
+    _keep: Vec<Tensor>,
+    main: std::sync::Arc<cudarc::driver::CudaStream>,
+    side: &'static SideStream,
+}
+
+impl Beside {
+    /// The main stream waits for the side work; its output is then safe to use there.
+    pub fn join(mut self) -> Result<Tensor> {
+        drv(self.main.wait(&self.side.join))?;
+        Ok(self.out.take().expect("joined once"))
+    }
+}
+
+impl Drop for Beside {
+    fn drop(&mut self) {
+        if self.out.is_some() {
+            let _ = self.main.wait(&self.side.join);
+        }
+    }
+}
+
+/// The shared expert `down(silu(gate x) ⊙ up x)` (see [`super::swiglu_mlp`]) launched on the
+/// side stream, so that it runs while the main stream routes the tokens (router matmul, gating
+/// and sort are small, latency-bound launches that leave most SMs idle). Every buffer it
+/// writes is allocated on the main stream before the fork, so the stream-ordered allocator
+/// cannot hand the side stream memory that pending main-stream work still uses.
+pub fn swiglu_mlp_beside(x: &Tensor, w: &super::SwigluWeights) -> Result<Beside> {
     let dev = cuda_dev(x)?;
-    let dtype = x.dtype();
-    let x = x.contiguous()?;
-    let (xr, kdim) = x.dims2()?;
-    // K and the gate/up shapes are checked by `super::grouped_dispatch`
-    let (e, n, _) = b0.dims3()?;
-    if e == 0 || e > 1024 {
-        bail!("grouped_gemm: need 1 <= E <= 1024, got {e}")
+    let side = side_stream(&dev)?;
+    let main = dev.cuda_stream();
+    let s = x.dim(0)?;
+    if s == 0 {
+        return Ok(Beside { out: Some(Tensor::zeros((0, w.down.dim(0)?), x.dtype(), x.device())?), _keep: vec![], main, side });
     }
-    if offsets.dims() != [e + 1] {
-        bail!(
-            "grouped_gemm: offsets {:?} is not [E + 1 = {}]",
-            offsets.dims(),
-            e + 1
-        )
-    }
-    let swiglu = b1.is_some();
-    if b0.dtype() != dtype || b1.map(|b| b.dtype() != dtype).unwrap_or(false) {
-        bail!("grouped_gemm: weights must have the input dtype {dtype:?}")
-    }
-    let r = match gather {
-        Some(p) => p.rows()?,
-        None => xr,
-    };
-    if r == 0 || n == 0 {
-        return Tensor::zeros((r, n), dtype, x.device());
-    }
-    if kdim == 0 {
-        return Tensor::zeros((r, n), dtype, x.device());
-    }
-    if dtype == DType::BF16 && (kdim % 8 != 0 || n % 8 != 0) {
-        bail!("grouped_gemm bf16: need K % 8 == 0 and N % 8 == 0, got K={kdim}, N={n}")
-    }
-    let b0 = b0.contiguous()?;
-    let b1 = match b1 {
-        Some(b) => b.contiguous()?,
-        None => b0.clone(),
-    };
-    let offsets = offsets.to_dtype(DType::U32)?.contiguous()?;
-    let ch = gemm_choice(&dev, dtype, swiglu, n)?;
-    let smem = ch.smem;
-    let n_tiles = n.div_ceil(ch.out_per_tile);
-    let m_tiles_max = r.div_ceil(ch.bm) + e;
-    let mut grid = n_tiles * m_tiles_max;
-    if let Some(per_sm) = ch.persistent {
-        grid = grid.min(sm_count(&dev) as usize * per_sm as usize);
-    }
-    if grid > u32::MAX as usize {
-        bail!("grouped_gemm: grid too large")
-    }
-    let f = gemm_fn(&dev, &ch.name)?;
-    if smem > 48 * 1024 {
-        drv(f.1.set_attribute(
-            cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            smem as i32,
-        ))?;
-    }
-    let (gk, e32, n32, k32) = (
-        gather.map(|p| p.k).unwrap_or(1) as u32,
-        e as u32,
-        n as u32,
-        kdim as u32,
-    );
-    let null = 0u64;
-    let max_m32 = m_tiles_max as u32;
-    let order = gather.map(|p| p.order.contiguous()).transpose()?;
+    let offsets = dense_offsets(x.device(), s)?;
+    let (gate, up, down) = (w.gate.unsqueeze(0)?, w.up.unsqueeze(0)?, w.down.unsqueeze(0)?);
+    let gu = GroupedGemm::new(x, None, &offsets, &gate, Some(&up))?;
+    let i = w.gate.dim(0)?;
+    let d = w.down.dim(0)?;
     macro_rules! go {
         ($t:ty) => {{
-            view!(x, $t, _gx, xv);
-            view!(offsets, u32, _go, ov);
-            view!(b0, $t, _g0, b0v);
-            view!(b1, $t, _g1, b1v);
-            let og = order.as_ref().map(|o| o.storage_and_layout());
-            let orv = match &og {
-                Some((g, l)) => match &**g {
-                    Storage::Cuda(c) => {
-                        let (o, e) = l.contiguous_offsets().unwrap();
-                        Some(c.as_cuda_slice::<u32>()?.slice(o..e))
-                    }
-                    _ => bail!("grouped_gemm: permutation must be on the same CUDA device"),
-                },
-                None => None,
-            };
-            let mut out = unsafe { dev.alloc::<$t>(r * n)? };
-            let mut b = f.0.launch_builder(&f.1);
-            b.arg(&xv);
-            match &orv {
-                Some(v) => b.arg(v),
-                None => b.arg(&null),
-            };
-            b.arg(&gk)
-                .arg(&ov)
-                .arg(&e32)
-                .arg(&b0v)
-                .arg(&b1v)
-                .arg(&mut out)
-                .arg(&n32)
-                .arg(&k32);
-            if ch.persistent.is_some() {
-                b.arg(&max_m32);
+            let mut h = unsafe { dev.alloc::<$t>(s * i)? };
+            let mut out = unsafe { dev.alloc::<$t>(s * d)? };
+            drv(side.fork.record(&main))?;
+            drv(side.stream.wait(&side.fork))?;
+            if let Some(gu) = &gu {
+                gu.launch(&side.stream, &mut h)?;
             }
-            drv(unsafe { b.launch(cfg1(grid as u32, 256, smem)) })?;
-            wrap(out, &dev, (r, n))
+            // (host-side only: h, offsets and the weights are contiguous already, so building
+            // the down projection enqueues nothing on the main stream)
+            let h = wrap(h, &dev, (s, i));
+            let dn = GroupedGemm::new(&h, None, &offsets, &down, None)?;
+            match &dn {
+                Some(dn) => dn.launch(&side.stream, &mut out)?,
+                None => bail!("swiglu_mlp_beside: empty shared expert {:?}", w.down.dims()),
+            }
+            drv(side.join.record(&side.stream))?;
+            (h, wrap(out, &dev, (s, d)))
         }};
     }
-    match dtype {
-        DType::F32 => Ok(go!(f32)),
-        DType::BF16 => Ok(go!(half::bf16)),
-        dt => bail!("grouped_gemm: unsupported dtype {dt:?}"),
-    }
+    let (h, out) = match x.dtype() {
+        DType::F32 => go!(f32),
+        DType::BF16 => go!(half::bf16),
+        dt => bail!("swiglu_mlp_beside: unsupported dtype {dt:?}"),
+    };
+    Ok(Beside { out: Some(out), _keep: vec![x.clone(), h, offsets, gate, up, down], main, side })
 }

@@ -410,6 +410,38 @@ pub fn swiglu_mlp(x: &Tensor, w: &SwigluWeights) -> Result<Tensor> {
     }
 }
 
+/// The shared expert started ahead of the routing, see [`swiglu_mlp_start`].
+pub enum PendingMlp {
+    Ready(Tensor),
+    #[cfg(feature = "cuda")]
+    Beside(cuda::Beside),
+}
+
+impl PendingMlp {
+    /// The output, safe to use on the main stream.
+    pub fn join(self) -> Result<Tensor> {
+        match self {
+            PendingMlp::Ready(t) => Ok(t),
+            #[cfg(feature = "cuda")]
+            PendingMlp::Beside(b) => b.join(),
+        }
+    }
+}
+
+/// [`swiglu_mlp`] started without waiting for it: on CUDA on a second stream, where it runs
+/// beside whatever the main stream does until [`PendingMlp::join`] (the MoE layer's routing);
+/// elsewhere at once. `DITMOE_SHARED_BESIDE=0` keeps it on the main stream (benchmarks).
+pub fn swiglu_mlp_start(x: &Tensor, w: &SwigluWeights) -> Result<PendingMlp> {
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() {
+        static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        if *ON.get_or_init(|| std::env::var("DITMOE_SHARED_BESIDE").as_deref() != Ok("0")) {
+            return Ok(PendingMlp::Beside(cuda::swiglu_mlp_beside(x, w)?));
+        }
+    }
+    Ok(PendingMlp::Ready(swiglu_mlp(x, w)?))
+}
+
 fn perm_on_cpu(p: &Permutation) -> Result<Permutation> {
     Ok(Permutation {
         order: on_cpu(&p.order)?,

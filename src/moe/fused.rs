@@ -50,6 +50,9 @@ impl FusedSwiglu {
         // The grouped GEMMs run in the weights' dtype (bf16 on tensor cores), like every
         // other matmul of the model (`crate::nn::Linear`).
         let flat = x.reshape((n * t, d))?.to_dtype(self.weights.gate.dtype())?;
+        // The shared expert needs no routing: on the GPU it runs on a second stream while the
+        // router, gating and sort (small, latency-bound launches) run on the main one.
+        let shared = self.shared.as_ref().map(|w| kernels::swiglu_mlp_start(&flat, w)).transpose()?;
         let logits = router.logits(&flat)?;
         // The gating kernel reads bf16 or f32 logits and does its softmax in f32 either way.
         let logits = match logits.dtype() {
@@ -60,7 +63,7 @@ impl FusedSwiglu {
         let perm = kernels::permute_by_expert(&g.ids, router.num_experts())?;
         let h = kernels::grouped_gate_up_gather(&flat, &perm, &self.weights.gate, &self.weights.up)?;
         let y = kernels::grouped_matmul(&h, &perm.offsets, &self.weights.down)?;
-        let shared = self.shared.as_ref().map(|w| kernels::swiglu_mlp(&flat, w)).transpose()?;
+        let shared = shared.map(|p| p.join()).transpose()?;
         let out = kernels::combine(&y, &perm, &g.weights, shared.as_ref())?.reshape((n, t, d))?;
         let shared = shared.map(|s| s.reshape((n, t, d))).transpose()?;
         let routing = Routing { experts: g.ids, weights: g.weights, scores: g.scores };
