@@ -440,7 +440,13 @@ __device__ __forceinline__ u32 smem_u32(const void* p) {
 __device__ __forceinline__ void ldsm_x2_trans(u32& r0, u32& r1, u32 addr) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];\n" : "=r"(r0), "=r"(r1) : "r"(addr) : "memory");
 }
-__device__ __forceinline__ u32 pack_bf16(float lo, float hi) { return (u32)f2bf(lo) | ((u32)f2bf(hi) << 16); }
+// two floats to packed bf16 (lo, hi), round to nearest even, in one cvt (sm_80+, as mma.sync):
+// the P fragments are packed for every key tile
+__device__ __forceinline__ u32 pack_bf16(float lo, float hi) {
+    u32 r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
 
 __device__ __forceinline__ void cp_async16(u32 dst, const void* src, bool ok) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(ok ? 16u : 0u) : "memory");
