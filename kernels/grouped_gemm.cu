@@ -964,3 +964,196 @@ extern "C" __global__ void __launch_bounds__(256, 2) gg_f32b_swiglu(const float*
         const u32* offsets, u32 E, const float* B0, const float* B1, float* C, u32 N, u32 K) {
     gg_f32b_body<true>(A, gather, gk, offsets, E, B0, B1, C, N, K);
 }
+
+// ---------------------------------------------------------------------------------------
+// f32 on tensor cores, 3xTF32 (sm_80+): each operand x is split into a TF32 "big" part and
+// the TF32 rounding of the remainder, x = big + small, and a·b is taken as
+// small_a·big_b + big_a·small_b + big_a·big_b (the small·small term is below f32's rounding),
+// accumulated in f32: f32-level accuracy at tensor-core speed (CUTLASS's 3xTF32 "fast
+// accurate" GEMM). BM = BN = 128, BK = 32 (128-byte rows of f32, 16-byte chunks swizzled by
+// row & 7 as in the bf16 kernels), 3-stage cp.async pipeline, 8 warps as 2 (M) x 4 (N), warp
+// tile 64 x 32 of mma.sync.m16n8k8. Needs K % 4 == 0 and 16-byte aligned rows.
+// SWIGLU: B rows interleave gate and up in groups of 8 (as the bf16 kernels), so n8 tiles
+// alternate gate/up and each thread holds both for the same output columns.
+// ---------------------------------------------------------------------------------------
+__device__ __forceinline__ void split_tf32(float x, u32& big, u32& small) {
+    asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(big) : "f"(x));
+    const float r = x - __uint_as_float(big);
+    asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(small) : "f"(r));
+}
+__device__ __forceinline__ void mma_tf32_1688(float* c, const u32* a, const u32* b) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+#define TF_STAGES 3
+template <bool SWIGLU>
+__device__ __forceinline__ void gg_tf32x3_body(const float* __restrict__ A, const u32* __restrict__ gather, u32 gk,
+                                               const u32* __restrict__ offsets, u32 E,
+                                               const float* __restrict__ B0, const float* __restrict__ B1,
+                                               float* __restrict__ C, u32 N, u32 K) {
+    constexpr int BM = 128, BN = 128, BK = 32;
+    constexpr u32 A_BYTES = BM * 128u, STAGE_BYTES = (BM + BN) * 128u;
+    constexpr u32 OUT_PER_TILE = SWIGLU ? BN / 2 : BN;
+    extern __shared__ unsigned char gg_smem[];
+    __shared__ u32 s_ts[GG_MAXE + 1];
+    const u32 n_tiles = (N + OUT_PER_TILE - 1) / OUT_PER_TILE;
+    u32 e, m_tile, n_tile;
+    if (!gg_schedule<BM>(offsets, E, n_tiles, s_ts, e, m_tile, n_tile)) return;
+    const u32 seg = offsets[e];
+    const u32 cnt = offsets[e + 1] - seg;
+    const u32 m0 = (m_tile - s_ts[e]) * BM;
+    const u32 rows = min(cnt - m0, (u32)BM);
+    const u32 tid = threadIdx.x, lane = tid & 31u, warp = tid >> 5;
+    const u32 g = lane >> 2, tg = lane & 3u;
+    const u32 smem0 = (smem_u32(gg_smem) + 1023u) & ~1023u;
+    const unsigned char* sbase = gg_smem + (smem0 - smem_u32(gg_smem));
+
+    // ---- loader: thread -> rows lrow + 32 i, 16-byte chunk lch (4 floats)
+    const u32 lrow = tid >> 3, lch = tid & 7u;
+    const u32 sw = (lch ^ (lrow & 7u)) << 4;
+    const float* a_src[BM / 32];
+    bool a_ok[BM / 32];
+#pragma unroll
+    for (int i = 0; i < BM / 32; ++i) {
+        const u32 r = lrow + 32u * i;
+        a_ok[i] = r < rows;
+        size_t srow = 0;
+        if (a_ok[i]) srow = gather ? (size_t)(gather[seg + m0 + r] / gk) : (size_t)(seg + m0 + r);
+        a_src[i] = A + srow * K + lch * 4u;
+    }
+    const float* b_src[BN / 32];
+    bool b_ok[BN / 32];
+#pragma unroll
+    for (int i = 0; i < BN / 32; ++i) {
+        const u32 j = lrow + 32u * i;
+        u32 n;
+        const float* base;
+        if (SWIGLU) { n = n_tile * (BN / 2) + (j >> 4) * 8u + (j & 7u); base = (j & 8u) ? B1 : B0; }
+        else { n = n_tile * BN + j; base = B0; }
+        b_ok[i] = n < N;
+        b_src[i] = base + ((size_t)e * N + (b_ok[i] ? n : 0u)) * K + lch * 4u;
+    }
+    const u32 KT = (K + BK - 1) / BK;
+    auto issue = [&](u32 kt) {
+        if (kt < KT) {
+            const u32 k0 = kt * BK;
+            const bool kok = (k0 + lch * 4u) < K;
+            const u32 sa = smem0 + (kt % TF_STAGES) * STAGE_BYTES + lrow * 128u + sw;
+#pragma unroll
+            for (int i = 0; i < BM / 32; ++i) {
+                const bool ok = a_ok[i] && kok;
+                cp_async16(sa + i * 32u * 128u, ok ? (const void*)(a_src[i] + k0) : (const void*)A, ok);
+            }
+#pragma unroll
+            for (int i = 0; i < BN / 32; ++i) {
+                const bool ok = b_ok[i] && kok;
+                cp_async16(sa + A_BYTES + i * 32u * 128u, ok ? (const void*)(b_src[i] + k0) : (const void*)B0, ok);
+            }
+        }
+        cp_async_commit();
+    };
+
+    // ---- compute: warp (wm, wn) owns rows wm * 64 .. + 63, B rows wn * 32 .. + 31
+    const u32 wm = warp >> 2, wn = warp & 3u;
+    float acc[4][4][4];
+#pragma unroll
+    for (int mi = 0; mi < 4; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < 4; ++ni) acc[mi][ni][0] = acc[mi][ni][1] = acc[mi][ni][2] = acc[mi][ni][3] = 0.f;
+    // element (r, k) of a stage's 128-byte-row tile
+    auto at = [&](const unsigned char* tile, u32 r, u32 k) -> float {
+        return *(const float*)(tile + r * 128u + ((((k >> 2) ^ (r & 7u))) << 4) + (k & 3u) * 4u);
+    };
+#pragma unroll
+    for (int s = 0; s < TF_STAGES - 1; ++s) issue(s);
+    for (u32 kt = 0; kt < KT; ++kt) {
+        cp_async_wait<TF_STAGES - 2>();
+        __syncthreads();
+        issue(kt + TF_STAGES - 1);  // refills the stage read in iteration kt - 1
+        const unsigned char* tA = sbase + (kt % TF_STAGES) * STAGE_BYTES;
+        const unsigned char* tB = tA + A_BYTES;
+        // Each K-slice is summed from zero on the tensor cores, then added to the running sum
+        // with an f32 add (round to nearest): the tensor cores' accumulation truncates, which
+        // over K = 4608 cost 3e-5 relative when it carried the running sum (measured).
+        float part[4][4][4];
+#pragma unroll
+        for (int mi = 0; mi < 4; ++mi)
+#pragma unroll
+            for (int ni = 0; ni < 4; ++ni) part[mi][ni][0] = part[mi][ni][1] = part[mi][ni][2] = part[mi][ni][3] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < BK / 8; ++kk) {
+            // B fragments of the warp's 4 n8 tiles, then one m16 tile of A at a time (keeps the
+            // split fragments to 24 registers next to the 64 accumulators)
+            u32 bb[4][2], bs[4][2];
+#pragma unroll
+            for (int ni = 0; ni < 4; ++ni) {
+                const u32 n = wn * 32u + ni * 8u + g, k = kk * 8u + tg;
+                split_tf32(at(tB, n, k), bb[ni][0], bs[ni][0]);
+                split_tf32(at(tB, n, k + 4u), bb[ni][1], bs[ni][1]);
+            }
+#pragma unroll
+            for (int mi = 0; mi < 4; ++mi) {
+                u32 ab[4], as[4];
+                const u32 r = wm * 64u + mi * 16u + g, k = kk * 8u + tg;
+                split_tf32(at(tA, r, k), ab[0], as[0]);
+                split_tf32(at(tA, r + 8u, k), ab[1], as[1]);
+                split_tf32(at(tA, r, k + 4u), ab[2], as[2]);
+                split_tf32(at(tA, r + 8u, k + 4u), ab[3], as[3]);
+#pragma unroll
+                for (int ni = 0; ni < 4; ++ni) {
+                    mma_tf32_1688(part[mi][ni], as, bb[ni]);
+                    mma_tf32_1688(part[mi][ni], ab, bs[ni]);
+                    mma_tf32_1688(part[mi][ni], ab, bb[ni]);
+                }
+            }
+        }
+#pragma unroll
+        for (int mi = 0; mi < 4; ++mi)
+#pragma unroll
+            for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+                for (int q = 0; q < 4; ++q) acc[mi][ni][q] += part[mi][ni][q];
+    }
+    cp_async_wait<0>();
+
+    // ---- epilogue: c0, c1 at (row g, cols 2tg, 2tg + 1), c2, c3 at row g + 8
+#pragma unroll
+    for (int mi = 0; mi < 4; ++mi)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const u32 rl = wm * 64u + mi * 16u + g + 8u * h;
+            if (rl >= rows) continue;
+            float* crow = C + ((size_t)seg + m0 + rl) * N;
+            if (SWIGLU) {
+#pragma unroll
+                for (int ni = 0; ni < 4; ni += 2) {
+                    const u32 oc = n_tile * (BN / 2) + (wn * 2u + ni / 2) * 8u + 2u * tg;
+                    const float* gt = acc[mi][ni];
+                    const float* up = acc[mi][ni + 1];
+                    if (oc < N) crow[oc] = silu_f(gt[2 * h]) * up[2 * h];
+                    if (oc + 1 < N) crow[oc + 1] = silu_f(gt[2 * h + 1]) * up[2 * h + 1];
+                }
+            } else {
+#pragma unroll
+                for (int ni = 0; ni < 4; ++ni) {
+                    const u32 oc = n_tile * BN + wn * 32u + ni * 8u + 2u * tg;
+                    if (oc < N) crow[oc] = acc[mi][ni][2 * h];
+                    if (oc + 1 < N) crow[oc + 1] = acc[mi][ni][2 * h + 1];
+                }
+            }
+        }
+}
+
+// name: gg_tf32x3_{plain|swiglu}; dynamic smem = TF_STAGES * 256 * 128 + 1024
+extern "C" __global__ void __launch_bounds__(256, 1) gg_tf32x3_plain(const float* A, const u32* gather, u32 gk,
+        const u32* offsets, u32 E, const float* B0, const float* B1, float* C, u32 N, u32 K) {
+    gg_tf32x3_body<false>(A, gather, gk, offsets, E, B0, B1, C, N, K);
+}
+extern "C" __global__ void __launch_bounds__(256, 1) gg_tf32x3_swiglu(const float* A, const u32* gather, u32 gk,
+        const u32* offsets, u32 E, const float* B0, const float* B1, float* C, u32 N, u32 K) {
+    gg_tf32x3_body<true>(A, gather, gk, offsets, E, B0, B1, C, N, K);
+}

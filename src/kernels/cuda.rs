@@ -463,28 +463,41 @@ fn sm_count(dev: &CudaDevice) -> u32 {
 }
 
 /// See [`GemmChoice`]; follows [`super::gemm_config`].
-pub fn gemm_choice(dev: &CudaDevice, dtype: DType, swiglu: bool, n: usize) -> Result<GemmChoice> {
+/// `aligned`: K is a multiple of 4 and every operand starts 16-byte aligned (the 3xTF32 f32
+/// kernel loads 16-byte chunks).
+pub fn gemm_choice(dev: &CudaDevice, dtype: DType, swiglu: bool, n: usize, aligned: bool) -> Result<GemmChoice> {
     let m = modules(dev)?;
     let cfg = super::gemm_config();
     match dtype {
         DType::F32 => {
+            use super::F32Kernel;
             let kind = if swiglu { "swiglu" } else { "plain" };
-            if cfg.f32_tile == 64 {
-                Ok(GemmChoice {
+            let simt128 = || GemmChoice {
+                name: format!("gg_f32b_{kind}"),
+                bm: 128,
+                out_per_tile: if swiglu { 64 } else { 128 },
+                smem: 0,
+                persistent: None,
+            };
+            match cfg.f32_kernel {
+                F32Kernel::Simt64 => Ok(GemmChoice {
                     name: format!("gg_f32_{kind}"),
                     bm: 64,
                     out_per_tile: if swiglu { 32 } else { 64 },
                     smem: 0,
                     persistent: None,
-                })
-            } else {
-                Ok(GemmChoice {
-                    name: format!("gg_f32b_{kind}"),
+                }),
+                F32Kernel::Simt128 => Ok(simt128()),
+                F32Kernel::Tf32x3 | F32Kernel::Auto if m.has_mma && aligned => Ok(GemmChoice {
+                    name: format!("gg_tf32x3_{kind}"),
                     bm: 128,
                     out_per_tile: if swiglu { 64 } else { 128 },
-                    smem: 0,
+                    // 3 stages of (128 + 128) rows of 128 bytes, 1024-byte aligned
+                    smem: 3 * 256 * 128 + 1024,
                     persistent: None,
-                })
+                }),
+                F32Kernel::Tf32x3 => bail!("3xTF32 needs sm_80+ and K % 4 == 0 with aligned rows"),
+                F32Kernel::Auto => Ok(simt128()),
             }
         }
         DType::BF16 => {
@@ -603,7 +616,8 @@ impl GroupedGemm {
             Some(b) => b.contiguous()?,
             None => b0.clone(),
         };
-        let choice = gemm_choice(&dev, dtype, swiglu, n)?;
+        let aligned = kdim % 4 == 0 && [&x, &b0, &b1].iter().all(|t| t.layout().start_offset() % 4 == 0);
+        let choice = gemm_choice(&dev, dtype, swiglu, n, aligned)?;
         Ok(Some(Self {
             order: gather.map(|p| p.order.contiguous()).transpose()?,
             gk: gather.map(|p| p.k).unwrap_or(1) as u32,

@@ -139,8 +139,21 @@ pub struct GemmConfig {
     /// bf16: persistent kernels (one block per SM walks the tiles, the load pipeline runs across
     /// tile boundaries); `None` = automatic (yes where such a kernel exists).
     pub persistent: Option<bool>,
-    /// f32: 128 (128x128 tiles, 8x8 per thread) or 64 (the simple 64x64 kernel); 0 = automatic (128).
-    pub f32_tile: usize,
+    /// f32 kernel.
+    pub f32_kernel: F32Kernel,
+}
+
+/// Which kernel the f32 grouped GEMM uses on CUDA.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum F32Kernel {
+    /// 3xTF32 where it applies (sm_80+, K a multiple of 4, 16-byte aligned rows), else SIMT 128.
+    Auto,
+    /// Tensor cores, 3xTF32 (f32-level accuracy: each operand split into two TF32 parts).
+    Tf32x3,
+    /// CUDA cores, 128x128 tiles, 8x8 outputs per thread.
+    Simt128,
+    /// CUDA cores, the simple 64x64 kernel.
+    Simt64,
 }
 
 impl Default for GemmConfig {
@@ -150,7 +163,7 @@ impl Default for GemmConfig {
             block_n: 0,
             stages: 0,
             persistent: None,
-            f32_tile: 0,
+            f32_kernel: F32Kernel::Auto,
         }
     }
 }
@@ -198,24 +211,14 @@ pub fn gemm_variants(dtype: DType, wgmma: bool) -> Vec<(&'static str, GemmConfig
         block_n,
         stages,
         persistent: Some(persistent),
-        f32_tile: 0,
+        f32_kernel: F32Kernel::Auto,
     };
     if dtype == DType::F32 {
+        let f = |k| GemmConfig { f32_kernel: k, ..Default::default() };
         return vec![
-            (
-                "f32 128x128",
-                GemmConfig {
-                    f32_tile: 128,
-                    ..Default::default()
-                },
-            ),
-            (
-                "f32 64x64",
-                GemmConfig {
-                    f32_tile: 64,
-                    ..Default::default()
-                },
-            ),
+            ("f32 3xTF32", f(F32Kernel::Tf32x3)),
+            ("f32 128x128", f(F32Kernel::Simt128)),
+            ("f32 64x64", f(F32Kernel::Simt64)),
         ];
     }
     let mut v = Vec::new();
