@@ -34,7 +34,7 @@ pub fn matmul_input_dtype(inputs: &[&Tensor], weights: DType) -> DType {
 /// The row kernels hold a row in one warp's registers, four elements at a time.
 #[cfg(feature = "cuda")]
 fn rows_fit(d: usize) -> bool {
-    d % 4 == 0 && d <= 2048
+    d.is_multiple_of(4) && d <= 2048
 }
 
 fn chunk(mods: &Tensor, c: usize, d: usize) -> Result<Tensor> {
@@ -114,7 +114,7 @@ pub fn split_qkv(qkv: &Tensor, bias: Option<&Tensor>, norm: Option<QkNormWeights
     let (b, t, d3) = qkv.dims3()?;
     let hd = d3 / 3 / heads;
     #[cfg(feature = "cuda")]
-    if fused(&[qkv]) && bias.is_none_or(|b| fused(&[b])) && matches!(qkv.dtype(), DType::BF16 | DType::F32) && hd % 2 == 0 && hd <= 256 {
+    if fused(&[qkv]) && bias.is_none_or(|b| fused(&[b])) && matches!(qkv.dtype(), DType::BF16 | DType::F32) && hd.is_multiple_of(2) && hd <= 256 {
         return super::cuda_block::split_qkv(qkv, bias, norm, heads);
     }
     let qkv = match bias {
@@ -171,7 +171,7 @@ pub fn qkv_attention(qkv: &Tensor, bias: Option<&Tensor>, norm: Option<QkNormWei
     #[cfg(feature = "cuda")]
     {
         let hd = qkv.dim(candle_core::D::Minus1)? / 3 / heads.max(1);
-        if fused(&[qkv]) && bias.is_none_or(|b| fused(&[b])) && qkv.dtype() == DType::BF16 && hd % 8 == 0 && hd <= 128 {
+        if fused(&[qkv]) && bias.is_none_or(|b| fused(&[b])) && qkv.dtype() == DType::BF16 && hd.is_multiple_of(8) && hd <= 128 {
             return super::cuda_block::qkv_attention(qkv, bias, norm, heads, scale);
         }
     }

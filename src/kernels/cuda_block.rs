@@ -232,7 +232,7 @@ fn qkv_dims(qkv: &Tensor, heads: usize) -> Result<(usize, usize, usize, usize)> 
 /// Whether the thread-per-row split kernel (and the attention that reads the packed
 /// projection) applies: bf16 rows of whole 16-byte chunks, every DiT-MoE size.
 fn rows_kernel(dt: DType, hd: usize) -> bool {
-    dt == DType::BF16 && hd % 8 == 0 && hd <= 128
+    dt == DType::BF16 && hd.is_multiple_of(8) && hd <= 128
 }
 
 pub fn split_qkv(qkv: &Tensor, bias: Option<&Tensor>, norm: Option<QkNormWeights>, heads: usize) -> Result<(Tensor, Tensor, Tensor)> {
