@@ -464,8 +464,9 @@ fn sm_count(dev: &CudaDevice) -> u32 {
 
 /// See [`GemmChoice`]; follows [`super::gemm_config`].
 /// `aligned`: K is a multiple of 4 and every operand starts 16-byte aligned (the 3xTF32 f32
-/// kernel loads 16-byte chunks).
-pub fn gemm_choice(dev: &CudaDevice, dtype: DType, swiglu: bool, n: usize, aligned: bool) -> Result<GemmChoice> {
+/// kernel loads 16-byte chunks). `m_tiles`: the expected number of 128-row tiles (routing
+/// balanced over the experts).
+pub fn gemm_choice(dev: &CudaDevice, dtype: DType, swiglu: bool, n: usize, aligned: bool, m_tiles: usize) -> Result<GemmChoice> {
     let m = modules(dev)?;
     let cfg = super::gemm_config();
     match dtype {
@@ -520,9 +521,17 @@ pub fn gemm_choice(dev: &CudaDevice, dtype: DType, swiglu: bool, n: usize, align
                 // Measured on an H100 (docs/benchmarks.md): with wgmma, N tile 256 (persistent)
                 // gives the fastest whole MoE layer at XL and G widths, also for the down
                 // projection whose N (1152, 1408) is not a multiple of 256. Narrow outputs
-                // (a single 128-wide tile) use 128.
+                // (a single 128-wide tile) use 128, and so do products whose 256-wide tiles do
+                // not fill the SMs once (few tokens) when the 128-wide ones still take a single
+                // wave of half the work each: XL at 256 tokens, down projection 0.061 -> 0.045
+                // ms, shared expert 0.056 -> 0.039 ms; G's down projection (16 experts), whose
+                // narrow tiles would take two waves, lost 14%. With many tiles the wide ones
+                // win (S gate/up at 16384 tokens 0.227 against 0.298 ms).
                 _ if wg => {
-                    if n <= if swiglu { 64 } else { 128 } {
+                    let per256 = if swiglu { 128 } else { 256 };
+                    let sms = sm_count(dev) as usize;
+                    let narrow_wins = m_tiles * n.div_ceil(per256 / 2) <= sms;
+                    if n <= per256 / 2 || narrow_wins {
                         128
                     } else {
                         256
@@ -617,7 +626,8 @@ impl GroupedGemm {
             None => b0.clone(),
         };
         let aligned = kdim % 4 == 0 && [&x, &b0, &b1].iter().all(|t| t.layout().start_offset() % 4 == 0);
-        let choice = gemm_choice(&dev, dtype, swiglu, n, aligned)?;
+        let m_tiles = e * r.div_ceil(128 * e);
+        let choice = gemm_choice(&dev, dtype, swiglu, n, aligned, m_tiles)?;
         Ok(Some(Self {
             order: gather.map(|p| p.order.contiguous()).transpose()?,
             gk: gather.map(|p| p.k).unwrap_or(1) as u32,
