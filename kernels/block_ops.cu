@@ -84,16 +84,22 @@ __device__ __forceinline__ float block_max(float v, float* shared) {
     return t;
 }
 
-// Rows of D floats (D % 4 == 0, D <= 2048) held in registers as float4s: one warp per row.
-#define ROW_V 16
+// Rows of D floats (D % 4 == 0, D <= 2048) held in registers as float4s: one warp per row,
+// RV float4s per lane (RV = 4, 8, 12 or 16: D up to 512, 1024, 1536, 2048), so narrow rows
+// keep few registers and more warps in flight.
 __device__ __forceinline__ float4 ld4(const float* p, u64 i) { return *(const float4*)(p + i); }
 __device__ __forceinline__ float4 ld4(const u16* p, u64 i) {
     const uint2 w = *(const uint2*)(p + i);
     return make_float4(bf2f((u16)(w.x & 0xffffu)), bf2f((u16)(w.x >> 16)), bf2f((u16)(w.y & 0xffffu)), bf2f((u16)(w.y >> 16)));
 }
 __device__ __forceinline__ void st4(float* p, u64 i, float4 v) { *(float4*)(p + i) = v; }
+__device__ __forceinline__ u32 cvt_bf16x2(float lo, float hi) {
+    u32 r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
 __device__ __forceinline__ void st4(u16* p, u64 i, float4 v) {
-    *(uint2*)(p + i) = make_uint2((u32)f2bf(v.x) | ((u32)f2bf(v.y) << 16), (u32)f2bf(v.z) | ((u32)f2bf(v.w) << 16));
+    *(uint2*)(p + i) = make_uint2(cvt_bf16x2(v.x, v.y), cvt_bf16x2(v.z, v.w));
 }
 __device__ __forceinline__ float warp_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -104,7 +110,7 @@ __device__ __forceinline__ float warp_sum(float v) {
 // RESID the row is first x_mid = x + gate * y (stored f32), the step from a block's attention
 // to its MLP. Two passes over the registers (mean, then centred variance) like torch's
 // LayerNorm. Row m's modulation is row m / T of mods.
-template <typename Y, typename OUT, bool RESID>
+template <typename Y, typename OUT, bool RESID, int ROW_V>
 __device__ void row_ln_modulate_body(const float* __restrict__ x, const Y* __restrict__ y, const float* __restrict__ mods,
                                      u32 mods_stride, u32 gate_off, u32 shift_off, u32 scale_off, u32 T, u32 D, float eps,
                                      u64 rows, float* __restrict__ x_mid, OUT* __restrict__ out) {
@@ -152,21 +158,28 @@ __device__ void row_ln_modulate_body(const float* __restrict__ x, const Y* __res
         }
     }
 }
-extern "C" __global__ void ln_modulate_f32(const float* x, const float* mods, u32 ms, u32 sh, u32 sc, u32 T, u32 D, float eps, u64 rows, float* out) {
-    row_ln_modulate_body<float, float, false>(x, nullptr, mods, ms, 0, sh, sc, T, D, eps, rows, nullptr, out);
-}
-extern "C" __global__ void ln_modulate_bf16(const float* x, const float* mods, u32 ms, u32 sh, u32 sc, u32 T, u32 D, float eps, u64 rows, u16* out) {
-    row_ln_modulate_body<float, u16, false>(x, nullptr, mods, ms, 0, sh, sc, T, D, eps, rows, nullptr, out);
-}
-#define RES_LN(YN, Y, ON, O) \
-    extern "C" __global__ void residual_ln_modulate_##YN##_##ON(const float* x, const Y* y, const float* mods, u32 ms, u32 g, u32 sh, u32 sc, \
-                                                              u32 T, u32 D, float eps, u64 rows, float* x_mid, O* out) { \
-        row_ln_modulate_body<Y, O, true>(x, y, mods, ms, g, sh, sc, T, D, eps, rows, x_mid, out); \
+// names: ln_modulate_{f32|bf16}_v{RV}, residual_ln_modulate_{y}_{out}_v{RV}
+#define LN_MOD(ON, O, RV) \
+    extern "C" __global__ void ln_modulate_##ON##_v##RV(const float* x, const float* mods, u32 ms, u32 sh, u32 sc, u32 T, u32 D, float eps, \
+                                                       u64 rows, O* out) { \
+        row_ln_modulate_body<float, O, false, RV>(x, nullptr, mods, ms, 0, sh, sc, T, D, eps, rows, nullptr, out); \
     }
-RES_LN(f32, float, f32, float)
-RES_LN(bf16, u16, f32, float)
-RES_LN(f32, float, bf16, u16)
-RES_LN(bf16, u16, bf16, u16)
+#define RES_LN(YN, Y, ON, O, RV) \
+    extern "C" __global__ void residual_ln_modulate_##YN##_##ON##_v##RV(const float* x, const Y* y, const float* mods, u32 ms, u32 g, u32 sh, \
+                                                                      u32 sc, u32 T, u32 D, float eps, u64 rows, float* x_mid, O* out) { \
+        row_ln_modulate_body<Y, O, true, RV>(x, y, mods, ms, g, sh, sc, T, D, eps, rows, x_mid, out); \
+    }
+#define ROW_KERNELS(RV) \
+    LN_MOD(f32, float, RV) \
+    LN_MOD(bf16, u16, RV) \
+    RES_LN(f32, float, f32, float, RV) \
+    RES_LN(bf16, u16, f32, float, RV) \
+    RES_LN(f32, float, bf16, u16, RV) \
+    RES_LN(bf16, u16, bf16, u16, RV)
+ROW_KERNELS(4)
+ROW_KERNELS(8)
+ROW_KERNELS(12)
+ROW_KERNELS(16)
 
 // out = x + gate[m / T] * (y + bias) over [M, D] (D % 4 == 0), four elements per thread; x
 // and out f32.

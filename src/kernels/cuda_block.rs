@@ -49,6 +49,12 @@ fn aligned(t: &Tensor, elems: usize) -> Result<Tensor> {
     }
 }
 
+/// The row kernels' float4s per lane for a width (`RV` in `row_ln_modulate_body`): the smallest
+/// of 4, 8, 12, 16 that holds a row (D <= 2048, checked by the callers).
+fn row_vectors(d: usize) -> usize {
+    (d.div_ceil(128).div_ceil(4) * 4).clamp(4, 16)
+}
+
 /// Launch shape of the row kernels: one warp per row, four warps per block.
 fn row_cfg(rows: usize) -> cudarc::driver::LaunchConfig {
     cfg1(rows.div_ceil(4) as u32, 128, 0)
@@ -91,7 +97,7 @@ pub fn ln_modulate(x: &Tensor, mods: &Tensor, shift_off: usize, scale_off: usize
     let dev = cuda_dev(x)?;
     let (x, mods) = (aligned(x, 4)?, aligned(mods, 4)?);
     let rows = n * t;
-    let name = format!("ln_modulate_{}", suffix(out_dtype, "ln_modulate")?);
+    let name = format!("ln_modulate_{}_v{}", suffix(out_dtype, "ln_modulate")?, row_vectors(d));
     let f = func(&dev, &name)?;
     view!(x, f32, _gx, xv);
     view!(mods, f32, _gm, mv);
@@ -126,7 +132,12 @@ pub fn residual_ln_modulate(
     let dev = cuda_dev(x)?;
     let (x, y, mods) = (aligned(x, 4)?, aligned(y, 4)?, aligned(mods, 4)?);
     let rows = n * t;
-    let name = format!("residual_ln_modulate_{}_{}", suffix(y.dtype(), "residual_ln_modulate")?, suffix(out_dtype, "residual_ln_modulate")?);
+    let name = format!(
+        "residual_ln_modulate_{}_{}_v{}",
+        suffix(y.dtype(), "residual_ln_modulate")?,
+        suffix(out_dtype, "residual_ln_modulate")?,
+        row_vectors(d)
+    );
     let f = func(&dev, &name)?;
     view!(x, f32, _gx, xv);
     view!(mods, f32, _gm, mv);
