@@ -93,13 +93,15 @@ __device__ __forceinline__ float4 ld4(const u16* p, u64 i) {
     return make_float4(bf2f((u16)(w.x & 0xffffu)), bf2f((u16)(w.x >> 16)), bf2f((u16)(w.y & 0xffffu)), bf2f((u16)(w.y >> 16)));
 }
 __device__ __forceinline__ void st4(float* p, u64 i, float4 v) { *(float4*)(p + i) = v; }
-__device__ __forceinline__ u32 cvt_bf16x2(float lo, float hi) {
+// Two floats to packed bf16 (lo, hi), round to nearest even, in one cvt (sm_80+): the row
+// kernels' stores and the attention's P fragments, packed for every key tile.
+__device__ __forceinline__ u32 pack_bf16(float lo, float hi) {
     u32 r;
     asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
     return r;
 }
 __device__ __forceinline__ void st4(u16* p, u64 i, float4 v) {
-    *(uint2*)(p + i) = make_uint2(cvt_bf16x2(v.x, v.y), cvt_bf16x2(v.z, v.w));
+    *(uint2*)(p + i) = make_uint2(pack_bf16(v.x, v.y), pack_bf16(v.z, v.w));
 }
 __device__ __forceinline__ float warp_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -452,13 +454,6 @@ __device__ __forceinline__ u32 smem_u32(const void* p) {
 }
 __device__ __forceinline__ void ldsm_x2_trans(u32& r0, u32& r1, u32 addr) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];\n" : "=r"(r0), "=r"(r1) : "r"(addr) : "memory");
-}
-// two floats to packed bf16 (lo, hi), round to nearest even, in one cvt (sm_80+, as mma.sync):
-// the P fragments are packed for every key tile
-__device__ __forceinline__ u32 pack_bf16(float lo, float hi) {
-    u32 r;
-    asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
-    return r;
 }
 
 __device__ __forceinline__ void cp_async16(u32 dst, const void* src, bool ok) {

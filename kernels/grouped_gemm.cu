@@ -201,6 +201,44 @@ __device__ __forceinline__ bool gg_schedule(const u32* __restrict__ offsets, u32
     return true;
 }
 
+// The loader's source rows of one tile: thread (lrow, lch) loads A rows lrow + 32 i (row r of
+// the tile is row row0 + r of the expert-sorted order, read through `gather` when given) and
+// B rows lrow + 32 i (SWIGLU: gate and up interleaved in groups of 8, see the header), each at
+// its 16-byte chunk lch; rows past the tile's `rows` or past N are flagged off (zero-filled).
+template <typename T, int BM, int BN, bool SWIGLU>
+struct GgSources {
+    const T* a[BM / 32];
+    bool a_ok[BM / 32];
+    const T* b[BN / 32];
+    bool b_ok[BN / 32];
+    __device__ __forceinline__ void set(const T* __restrict__ A, const u32* __restrict__ gather, u32 gk, u32 row0,
+                                        u32 rows, const T* __restrict__ B0, const T* __restrict__ B1, u32 e,
+                                        u32 n_tile, u32 N, u32 K, u32 lrow, u32 lch) {
+        constexpr u32 CHUNK = 16 / sizeof(T);
+#pragma unroll
+        for (int i = 0; i < BM / 32; ++i) {
+            const u32 r = lrow + 32u * i;
+            const bool ok = r < rows;
+            const u32 gr = row0 + r;
+            size_t srow = 0;
+            if (ok) srow = gather ? (size_t)(gather[gr] / gk) : (size_t)gr;
+            a[i] = A + srow * K + lch * CHUNK;
+            a_ok[i] = ok;
+        }
+#pragma unroll
+        for (int i = 0; i < BN / 32; ++i) {
+            const u32 j = lrow + 32u * i;
+            u32 n;
+            const T* base;
+            if (SWIGLU) { n = n_tile * (BN / 2) + (j >> 4) * 8u + (j & 7u); base = (j & 8u) ? B1 : B0; }
+            else { n = n_tile * BN + j; base = B0; }
+            const bool ok = n < N;
+            b[i] = base + ((size_t)e * N + (ok ? n : 0u)) * K + lch * CHUNK;
+            b_ok[i] = ok;
+        }
+    }
+};
+
 template <int BN, int STAGES, bool WG, bool SWIGLU>
 __device__ __forceinline__ void gg_bf16_body(const u16* __restrict__ A, const u32* __restrict__ gather, u32 gk,
                                              const u32* __restrict__ offsets, u32 E,
@@ -226,45 +264,22 @@ __device__ __forceinline__ void gg_bf16_body(const u16* __restrict__ A, const u3
     // ---- loader: thread -> (row lrow + 32 i, 16-byte chunk lch), 128-byte swizzle
     const u32 lrow = tid >> 3, lch = tid & 7u;
     const u32 sw = (lch ^ (lrow & 7u)) << 4;
-    const u16* a_src[BM / 32];
-    bool a_ok[BM / 32];
-#pragma unroll
-    for (int i = 0; i < BM / 32; ++i) {
-        const u32 r = lrow + 32u * i;
-        const bool ok = r < rows;
-        const u32 gr = seg + m0 + r;
-        size_t srow = 0;
-        if (ok) srow = gather ? (size_t)(gather[gr] / gk) : (size_t)gr;
-        a_src[i] = A + srow * K + lch * 8u;
-        a_ok[i] = ok;
-    }
-    const u16* b_src[BN / 32];
-    bool b_ok[BN / 32];
-#pragma unroll
-    for (int i = 0; i < BN / 32; ++i) {
-        const u32 j = lrow + 32u * i;
-        u32 n;
-        const u16* base;
-        if (SWIGLU) { n = n_tile * (BN / 2) + (j >> 4) * 8u + (j & 7u); base = (j & 8u) ? B1 : B0; }
-        else { n = n_tile * BN + j; base = B0; }
-        const bool ok = n < N;
-        b_src[i] = base + ((size_t)e * N + (ok ? n : 0u)) * K + lch * 8u;
-        b_ok[i] = ok;
-    }
+    GgSources<u16, BM, BN, SWIGLU> src;
+    src.set(A, gather, gk, seg + m0, rows, B0, B1, e, n_tile, N, K, lrow, lch);
     auto load_stage = [&](u32 s, u32 kt) {
         const u32 k0 = kt * BK;
         const bool kok = (k0 + lch * 8u) < K;
         const u32 sa = smem0 + s * STAGE_BYTES + lrow * 128u + sw;
 #pragma unroll
         for (int i = 0; i < BM / 32; ++i) {
-            const bool ok = a_ok[i] && kok;
-            cp_async16(sa + i * 32u * 128u, ok ? (const void*)(a_src[i] + k0) : (const void*)A, ok);
+            const bool ok = src.a_ok[i] && kok;
+            cp_async16(sa + i * 32u * 128u, ok ? (const void*)(src.a[i] + k0) : (const void*)A, ok);
         }
         const u32 sb = smem0 + s * STAGE_BYTES + A_BYTES + lrow * 128u + sw;
 #pragma unroll
         for (int i = 0; i < BN / 32; ++i) {
-            const bool ok = b_ok[i] && kok;
-            cp_async16(sb + i * 32u * 128u, ok ? (const void*)(b_src[i] + k0) : (const void*)B0, ok);
+            const bool ok = src.b_ok[i] && kok;
+            cp_async16(sb + i * 32u * 128u, ok ? (const void*)(src.b[i] + k0) : (const void*)B0, ok);
         }
     };
 
@@ -533,33 +548,10 @@ __device__ __forceinline__ void gg_bf16_persist(const u16* __restrict__ A, const
     // ---- load side: runs STAGES-2 K-slices ahead of the compute side, across tiles
     const u32 lrow = tid >> 3, lch = tid & 7u;
     const u32 sw = (lch ^ (lrow & 7u)) << 4;
-    const u16* a_src[BM / 32];
-    bool a_ok[BM / 32];
-    const u16* b_src[BN / 32];
-    bool b_ok[BN / 32];
+    GgSources<u16, BM, BN, SWIGLU> src;
     auto setup = [&](u32 t) {
         const GgTile L = gg_decode<BM>(t, n_tiles, total_m, s_ts, offsets, E);
-#pragma unroll
-        for (int i = 0; i < BM / 32; ++i) {
-            const u32 r = lrow + 32u * i;
-            const bool ok = r < L.rows;
-            const u32 gr = L.seg + L.m0 + r;
-            size_t srow = 0;
-            if (ok) srow = gather ? (size_t)(gather[gr] / gk) : (size_t)gr;
-            a_src[i] = A + srow * K + lch * 8u;
-            a_ok[i] = ok;
-        }
-#pragma unroll
-        for (int i = 0; i < BN / 32; ++i) {
-            const u32 j = lrow + 32u * i;
-            u32 n;
-            const u16* base;
-            if (SWIGLU) { n = L.n_tile * (BN / 2) + (j >> 4) * 8u + (j & 7u); base = (j & 8u) ? B1 : B0; }
-            else { n = L.n_tile * BN + j; base = B0; }
-            const bool ok = n < N;
-            b_src[i] = base + ((size_t)L.e * N + (ok ? n : 0u)) * K + lch * 8u;
-            b_ok[i] = ok;
-        }
+        src.set(A, gather, gk, L.seg + L.m0, L.rows, B0, B1, L.e, L.n_tile, N, K, lrow, lch);
     };
     u32 ld_tile = blockIdx.x, ld_k = 0, ld_count = 0;
     bool ld_more = true;
@@ -572,14 +564,14 @@ __device__ __forceinline__ void gg_bf16_persist(const u16* __restrict__ A, const
             const u32 sa = smem0 + s * STAGE_BYTES + lrow * 128u + sw;
 #pragma unroll
             for (int i = 0; i < BM / 32; ++i) {
-                const bool ok = a_ok[i] && kok;
-                cp_async16(sa + i * 32u * 128u, ok ? (const void*)(a_src[i] + k0) : (const void*)A, ok);
+                const bool ok = src.a_ok[i] && kok;
+                cp_async16(sa + i * 32u * 128u, ok ? (const void*)(src.a[i] + k0) : (const void*)A, ok);
             }
             const u32 sb = smem0 + s * STAGE_BYTES + A_BYTES + lrow * 128u + sw;
 #pragma unroll
             for (int i = 0; i < BN / 32; ++i) {
-                const bool ok = b_ok[i] && kok;
-                cp_async16(sb + i * 32u * 128u, ok ? (const void*)(b_src[i] + k0) : (const void*)B0, ok);
+                const bool ok = src.b_ok[i] && kok;
+                cp_async16(sb + i * 32u * 128u, ok ? (const void*)(src.b[i] + k0) : (const void*)B0, ok);
             }
             if (++ld_k == KT) {
                 ld_k = 0;
@@ -1015,28 +1007,8 @@ __device__ __forceinline__ void gg_tf32x3_body(const float* __restrict__ A, cons
     // ---- loader: thread -> rows lrow + 32 i, 16-byte chunk lch (4 floats)
     const u32 lrow = tid >> 3, lch = tid & 7u;
     const u32 sw = (lch ^ (lrow & 7u)) << 4;
-    const float* a_src[BM / 32];
-    bool a_ok[BM / 32];
-#pragma unroll
-    for (int i = 0; i < BM / 32; ++i) {
-        const u32 r = lrow + 32u * i;
-        a_ok[i] = r < rows;
-        size_t srow = 0;
-        if (a_ok[i]) srow = gather ? (size_t)(gather[seg + m0 + r] / gk) : (size_t)(seg + m0 + r);
-        a_src[i] = A + srow * K + lch * 4u;
-    }
-    const float* b_src[BN / 32];
-    bool b_ok[BN / 32];
-#pragma unroll
-    for (int i = 0; i < BN / 32; ++i) {
-        const u32 j = lrow + 32u * i;
-        u32 n;
-        const float* base;
-        if (SWIGLU) { n = n_tile * (BN / 2) + (j >> 4) * 8u + (j & 7u); base = (j & 8u) ? B1 : B0; }
-        else { n = n_tile * BN + j; base = B0; }
-        b_ok[i] = n < N;
-        b_src[i] = base + ((size_t)e * N + (b_ok[i] ? n : 0u)) * K + lch * 4u;
-    }
+    GgSources<float, BM, BN, SWIGLU> src;
+    src.set(A, gather, gk, seg + m0, rows, B0, B1, e, n_tile, N, K, lrow, lch);
     const u32 KT = (K + BK - 1) / BK;
     auto issue = [&](u32 kt) {
         if (kt < KT) {
@@ -1045,13 +1017,13 @@ __device__ __forceinline__ void gg_tf32x3_body(const float* __restrict__ A, cons
             const u32 sa = smem0 + (kt % TF_STAGES) * STAGE_BYTES + lrow * 128u + sw;
 #pragma unroll
             for (int i = 0; i < BM / 32; ++i) {
-                const bool ok = a_ok[i] && kok;
-                cp_async16(sa + i * 32u * 128u, ok ? (const void*)(a_src[i] + k0) : (const void*)A, ok);
+                const bool ok = src.a_ok[i] && kok;
+                cp_async16(sa + i * 32u * 128u, ok ? (const void*)(src.a[i] + k0) : (const void*)A, ok);
             }
 #pragma unroll
             for (int i = 0; i < BN / 32; ++i) {
-                const bool ok = b_ok[i] && kok;
-                cp_async16(sa + A_BYTES + i * 32u * 128u, ok ? (const void*)(b_src[i] + k0) : (const void*)B0, ok);
+                const bool ok = src.b_ok[i] && kok;
+                cp_async16(sa + A_BYTES + i * 32u * 128u, ok ? (const void*)(src.b[i] + k0) : (const void*)B0, ok);
             }
         }
         cp_async_commit();

@@ -163,6 +163,44 @@ macro_rules! view {
 
 pub(super) use view;
 
+/// The null pointer passed for an absent optional kernel argument.
+pub(super) const NULL: u64 = 0;
+
+/// The first `len` elements of an optional tensor's storage (`storage_and_layout`'s guard) as
+/// a kernel argument (None: the kernel gets a null pointer, see [`arg_or_null`]).
+pub(super) fn optional_view<'a, T: CudaDType + cudarc::driver::DeviceRepr, G: std::ops::Deref<Target = Storage>>(
+    guard: Option<&'a (G, &'a candle_core::Layout)>,
+    len: usize,
+    what: &str,
+) -> Result<Option<cudarc::driver::CudaView<'a, T>>> {
+    match guard {
+        Some((g, l)) => match &**g {
+            Storage::Cuda(c) => Ok(Some(c.as_cuda_slice::<T>()?.slice(l.start_offset()..l.start_offset() + len))),
+            _ => bail!("{what} must be on the GPU"),
+        },
+        None => Ok(None),
+    }
+}
+
+/// Pushes an optional view, or [`NULL`] where it is absent.
+pub(super) fn arg_or_null<'a, 'b: 'a, 'c: 'b, T>(b: &mut cudarc::driver::LaunchArgs<'a>, v: Option<&'b cudarc::driver::CudaView<'c, T>>) {
+    match v {
+        Some(v) => b.arg(v),
+        None => b.arg(&NULL),
+    };
+}
+
+/// Lets `f` use `bytes` of dynamic shared memory (beyond the default 48 KiB it must opt in).
+pub(super) fn allow_dynamic_smem(f: &cudarc::driver::CudaFunction, bytes: u32) -> Result<()> {
+    if bytes > 48 * 1024 {
+        drv(f.set_attribute(
+            cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            bytes as i32,
+        ))?;
+    }
+    Ok(())
+}
+
 fn start_offset_bytes(t: &Tensor) -> usize {
     t.layout().start_offset() * t.dtype().size_in_bytes()
 }
@@ -397,7 +435,6 @@ pub fn combine(
     let vec = d % per == 0 && aligned(&y) && add.as_ref().map(aligned).unwrap_or(true);
     let (s32, k32, d32, vec32) = (s as u32, k as u32, d as u32, vec as u32);
     let total = s * if vec { d / per } else { d };
-    let null = 0u64;
     macro_rules! go {
         ($t:ty, $name:expr) => {{
             view!(y, $t, _gy, yv);
@@ -408,20 +445,8 @@ pub fn combine(
             let mut b = f.0.launch_builder(&f.1);
             b.arg(&yv).arg(&iv).arg(&wv);
             let ag = add.as_ref().map(|a| a.storage_and_layout());
-            let av = match &ag {
-                Some((g, l)) => match &**g {
-                    Storage::Cuda(c) => {
-                        let (o, e) = l.contiguous_offsets().unwrap();
-                        Some(c.as_cuda_slice::<$t>()?.slice(o..e))
-                    }
-                    _ => bail!("combine: add must be on the same CUDA device"),
-                },
-                None => None,
-            };
-            match &av {
-                Some(v) => b.arg(v),
-                None => b.arg(&null),
-            };
+            let av = optional_view::<$t, _>(ag.as_ref(), s * d, "combine: add")?;
+            arg_or_null(&mut b, av.as_ref());
             b.arg(&mut out).arg(&s32).arg(&k32).arg(&d32).arg(&vec32);
             drv(unsafe { b.launch(cfg1(grid_for(total), 256, 0)) })?;
             wrap(out, &dev, (s, d))
@@ -657,35 +682,17 @@ impl GroupedGemm {
             bail!("grouped_gemm: grid too large")
         }
         let f = gemm_fn(&self.dev, &ch.name)?.1;
-        if ch.smem > 48 * 1024 {
-            drv(f.set_attribute(
-                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                ch.smem as i32,
-            ))?;
-        }
+        allow_dynamic_smem(&f, ch.smem)?;
         let (e32, n32, k32, max_m32) = (self.e as u32, self.n as u32, self.kdim as u32, m_tiles_max as u32);
-        let null = 0u64;
         view!(self.x, T, _gx, xv);
         view!(self.offsets, u32, _go, ov);
         view!(self.b0, T, _g0, b0v);
         view!(self.b1, T, _g1, b1v);
         let og = self.order.as_ref().map(|o| o.storage_and_layout());
-        let orv = match &og {
-            Some((g, l)) => match &**g {
-                Storage::Cuda(c) => {
-                    let (o, e) = l.contiguous_offsets().expect("contiguous");
-                    Some(c.as_cuda_slice::<u32>()?.slice(o..e))
-                }
-                _ => bail!("grouped_gemm: permutation must be on the same CUDA device"),
-            },
-            None => None,
-        };
+        let orv = optional_view::<u32, _>(og.as_ref(), self.r, "grouped_gemm: permutation")?;
         let mut b = stream.launch_builder(&f);
         b.arg(&xv);
-        match &orv {
-            Some(v) => b.arg(v),
-            None => b.arg(&null),
-        };
+        arg_or_null(&mut b, orv.as_ref());
         b.arg(&self.gk).arg(&ov).arg(&e32).arg(&b0v).arg(&b1v).arg(out).arg(&n32).arg(&k32);
         if ch.persistent.is_some() {
             b.arg(&max_m32);

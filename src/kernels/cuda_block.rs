@@ -1,7 +1,7 @@
 //! CUDA launches of `kernels/block_ops.cu` (see [`super::block_ops`] for the semantics).
 //! Compiled with NVRTC once per process, launched on candle's stream, no host copies.
 use super::block_ops::QkNormWeights;
-use super::cuda::{cfg1, cuda_dev, drv, grid_for, modules, nvrtc_cached, view, wrap};
+use super::cuda::{allow_dynamic_smem, arg_or_null, cfg1, cuda_dev, drv, grid_for, modules, nvrtc_cached, optional_view, view, wrap, NULL};
 use candle_core::cuda_backend::{cudarc, CudaDevice};
 use candle_core::{bail, DType, Result, Storage, Tensor};
 use cudarc::driver::{DeviceRepr, PushKernelArg};
@@ -18,24 +18,6 @@ fn func(dev: &CudaDevice, name: &str) -> Result<Func> {
     let ptx = PTX.get_or_init(|| nvrtc_cached(SRC, arch)).as_ref().map_err(|e| candle_core::Error::Msg(e.clone()))?;
     let f = dev.get_or_load_custom_func(name, "ditmoe_block_ops", ptx)?;
     Ok((dev.cuda_stream(), f.into_cuda_function()))
-}
-
-const NULL: u64 = 0;
-
-/// The first `len` elements of an optional tensor's storage (`storage_and_layout`'s guard) as
-/// a kernel argument (None: the kernel gets a null pointer).
-fn optional_view<'a, T: candle_core::cuda_backend::CudaDType + DeviceRepr, G: std::ops::Deref<Target = Storage>>(
-    guard: Option<&'a (G, &'a candle_core::Layout)>,
-    len: usize,
-    what: &str,
-) -> Result<Option<cudarc::driver::CudaView<'a, T>>> {
-    match guard {
-        Some((g, l)) => match &**g {
-            Storage::Cuda(c) => Ok(Some(c.as_cuda_slice::<T>()?.slice(l.start_offset()..l.start_offset() + len))),
-            _ => bail!("{what} must be on the GPU"),
-        },
-        None => Ok(None),
-    }
 }
 
 /// Contiguous, starting at a multiple of `elems` elements, for kernels that move `elems` elements
@@ -187,10 +169,7 @@ pub fn gated_residual(x: &Tensor, y: &Tensor, bias: Option<&Tensor>, mods: &Tens
         b.arg(&xv).arg(&yv);
         let bg = bias.as_ref().map(|t| t.storage_and_layout());
         let bv = optional_view::<Y, _>(bg.as_ref(), d, "gated_residual: bias")?;
-        match &bv {
-            Some(v) => b.arg(v),
-            None => b.arg(&NULL),
-        };
+        arg_or_null(&mut b, bv.as_ref());
         b.arg(&mv).arg(&ms32).arg(&g32).arg(&t32).arg(&d32).arg(&n64).arg(&mut out);
         drv(unsafe { b.launch(cfg1(grid_for(total / 4), 256, 0)) })?;
     });
@@ -219,10 +198,7 @@ pub fn bias_cast(y: &Tensor, bias: Option<&Tensor>, out_dtype: DType) -> Result<
             let mut out = unsafe { dev.alloc::<O>(total)? };
             let mut b = f.0.launch_builder(&f.1);
             b.arg(&yv);
-            match &bv {
-                Some(v) => b.arg(v),
-                None => b.arg(&NULL),
-            };
+            arg_or_null(&mut b, bv.as_ref());
             b.arg(&c32).arg(&n64).arg(&mut out);
             drv(unsafe { b.launch(cfg1(grid_for(total), 256, 0)) })?;
             Ok(wrap(out, &dev, y.shape().clone()))
@@ -277,10 +253,7 @@ pub fn split_qkv(qkv: &Tensor, bias: Option<&Tensor>, norm: Option<QkNormWeights
             l.arg(&qv);
             let bg = bias.as_ref().map(|x| x.storage_and_layout());
             let bv = optional_view::<E, _>(bg.as_ref(), d3, "split_qkv: bias")?;
-            match &bv {
-                Some(x) => l.arg(x),
-                None => l.arg(&NULL),
-            };
+            arg_or_null(&mut l, bv.as_ref());
             let guards = norm_w.as_ref().map(|(a, b2, c, d2, _)| [a, b2, c, d2].map(|w| w.storage_and_layout()));
             let views = match &guards {
                 Some(gs) => Some(gs.iter().map(|g| optional_view::<f32, _>(Some(g), hd, "split_qkv: norm weights").map(|v| v.expect("a view"))).collect::<Result<Vec<_>>>()?),
@@ -379,21 +352,12 @@ fn launch_flash(
     let scale_log2 = (scale * std::f64::consts::LOG2_E) as f32;
     let mut l = f.0.launch_builder(&f.1);
     l.arg(q).arg(k).arg(v);
-    for bias in [q_bias, v_bias] {
-        match bias {
-            Some(x) => l.arg(x),
-            None => l.arg(&NULL),
-        };
-    }
+    arg_or_null(&mut l, q_bias);
+    arg_or_null(&mut l, v_bias);
     l.arg(&st).arg(&t32).arg(&h32).arg(&hd32).arg(&scale_log2).arg(&mut out);
     // two buffers of a k and a v tile of 64 keys (FLASH_KT), rows of hdp + 8 elements
     let smem = (2 * 2 * 64 * (hdp + 8) * 2) as u32;
-    if smem > 48 * 1024 {
-        drv(f.1.set_attribute(
-            cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            smem as i32,
-        ))?;
-    }
+    allow_dynamic_smem(&f.1, smem)?;
     let cfg = cudarc::driver::LaunchConfig {
         grid_dim: (t.div_ceil(16 * warps) as u32, (b * h) as u32, 1),
         block_dim: (32 * warps as u32, 1, 1),
