@@ -211,9 +211,9 @@ struct GgSources {
     bool a_ok[BM / 32];
     const T* b[BN / 32];
     bool b_ok[BN / 32];
-    __device__ __forceinline__ void set(const T* __restrict__ A, const u32* __restrict__ gather, u32 gk, u32 row0,
-                                        u32 rows, const T* __restrict__ B0, const T* __restrict__ B1, u32 e,
-                                        u32 n_tile, u32 N, u32 K, u32 lrow, u32 lch) {
+    // the A rows only (the multicast kernel loads B with TMA)
+    __device__ __forceinline__ void set_a(const T* __restrict__ A, const u32* __restrict__ gather, u32 gk, u32 row0,
+                                          u32 rows, u32 K, u32 lrow, u32 lch) {
         constexpr u32 CHUNK = 16 / sizeof(T);
 #pragma unroll
         for (int i = 0; i < BM / 32; ++i) {
@@ -225,6 +225,12 @@ struct GgSources {
             a[i] = A + srow * K + lch * CHUNK;
             a_ok[i] = ok;
         }
+    }
+    __device__ __forceinline__ void set(const T* __restrict__ A, const u32* __restrict__ gather, u32 gk, u32 row0,
+                                        u32 rows, const T* __restrict__ B0, const T* __restrict__ B1, u32 e,
+                                        u32 n_tile, u32 N, u32 K, u32 lrow, u32 lch) {
+        constexpr u32 CHUNK = 16 / sizeof(T);
+        set_a(A, gather, gk, row0, rows, K, lrow, lch);
 #pragma unroll
         for (int i = 0; i < BN / 32; ++i) {
             const u32 j = lrow + 32u * i;
@@ -498,27 +504,57 @@ __device__ __forceinline__ void gg_put2(u16* __restrict__ C, const GgTile& T, u3
     }
 }
 
-// Epilogue of a wgmma warpgroup (rows wg * 64 .. + 63 of the tile, warp wq of it): the
-// m64nBN accumulator layout (n8 tile i, value pairs at rows lane/4 and lane/4 + 8) straight to
-// C; SWIGLU: n8 tiles alternate gate/up, H = silu(gate) * up.
-template <int BN, bool SWIGLU>
+// Epilogue of a wgmma warpgroup (rows wg * 64 .. + 63 of the tile, warp wq of it) from the
+// m64nBN accumulator layout (n8 tile i: lane holds columns 8 i + 2 (lane % 4) + {0, 1} of rows
+// lane / 4 and lane / 4 + 8). SWIGLU: H = silu(gate) * up, with gate and up in alternate n8
+// tiles (the cp.async loaders interleave the rows) or, SPLIT, in the two halves of the tile
+// (the TMA loads of the multicast kernel: gate rows, then up rows).
+// The four lanes of a row transpose their bf16 pairs of 4 consecutive n8 tiles with 4
+// shuffles, so each lane stores 8 consecutive outputs (16 bytes) and a warp's store covers 64
+// contiguous bytes of each of 8 rows; storing the pairs straight from the layout (4 bytes per
+// lane, 16 per row) took four times as many store instructions and memory requests, all while
+// the tensor cores wait for the epilogue.
+template <int BN, bool SWIGLU, bool SPLIT = false>
 __device__ __forceinline__ void gg_wg_store(const float* acc, const GgTile& T, u16* __restrict__ C, u32 N, u32 wg,
                                             u32 wq, u32 lane) {
+    constexpr int OUT8 = SWIGLU ? BN / 16 : BN / 8;  // output n8 tiles per row
+    const u32 q = lane & 3u;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
         const u32 rl = wg * 64u + wq * 16u + (lane >> 2) + 8u * h;
-        if (SWIGLU) {
 #pragma unroll
-            for (int i = 0; i < BN / 8; i += 2) {
-                const u32 oc = T.n_tile * (BN / 2) + (i / 2) * 8u + (lane & 3u) * 2u;
-                gg_put2(C, T, N, rl, oc, silu_fast(acc[i * 4 + 2 * h]) * acc[(i + 1) * 4 + 2 * h],
-                        silu_fast(acc[i * 4 + 2 * h + 1]) * acc[(i + 1) * 4 + 2 * h + 1]);
+        for (int g = 0; g < OUT8 / 4; ++g) {
+            u32 v[4];
+#pragma unroll
+            for (int t = 0; t < 4; ++t) {
+                const int j = 4 * g + t;
+                if (SWIGLU) {
+                    const int gi = SPLIT ? j : 2 * j, ui = SPLIT ? j + BN / 16 : 2 * j + 1;
+                    v[t] = pack_bf16x2(silu_fast(acc[gi * 4 + 2 * h]) * acc[ui * 4 + 2 * h],
+                                       silu_fast(acc[gi * 4 + 2 * h + 1]) * acc[ui * 4 + 2 * h + 1]);
+                } else {
+                    v[t] = pack_bf16x2(acc[j * 4 + 2 * h], acc[j * 4 + 2 * h + 1]);
+                }
             }
-        } else {
-#pragma unroll
-            for (int i = 0; i < BN / 8; ++i) {
-                const u32 oc = T.n_tile * BN + i * 8u + (lane & 3u) * 2u;
-                gg_put2(C, T, N, rl, oc, acc[i * 4 + 2 * h], acc[i * 4 + 2 * h + 1]);
+            // 4x4 transpose in the quad: lane q ends with tile 4 g + q's pairs from lanes 0..3
+            {
+                const bool o = q & 1u;
+                u32 a = o ? v[0] : v[1], b = o ? v[2] : v[3];
+                a = __shfl_xor_sync(0xffffffffu, a, 1);
+                b = __shfl_xor_sync(0xffffffffu, b, 1);
+                if (o) { v[0] = a; v[2] = b; } else { v[1] = a; v[3] = b; }
+                const bool p = q & 2u;
+                u32 c = p ? v[0] : v[2], d = p ? v[1] : v[3];
+                c = __shfl_xor_sync(0xffffffffu, c, 2);
+                d = __shfl_xor_sync(0xffffffffu, d, 2);
+                if (p) { v[0] = c; v[1] = d; } else { v[2] = c; v[3] = d; }
+            }
+            const u32 oc = T.n_tile * (u32)(OUT8 * 8) + (4u * g + q) * 8u;
+            if (rl < T.rows && oc < N) {  // N % 8 == 0 (host check): the 8 columns are all in
+                const size_t grow = (size_t)T.seg + T.m0 + rl;
+                asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"l"(C + grow * N + oc), "r"(v[0]),
+                             "r"(v[1]), "r"(v[2]), "r"(v[3])
+                             : "memory");
             }
         }
     }
@@ -723,6 +759,226 @@ GG_BF16_PKERNEL(gg_wgmma_swiglu_n128s5p, 128, 5, true, true)
 GG_BF16_PKERNEL(gg_wgmma_swiglu_n128s3p, 128, 3, true, true)
 GG_BF16_PKERNEL(gg_wgmma_swiglu_n256s4p, 256, 4, true, true)
 #endif
+
+// ---------------------------------------------------------------------------------------
+// Multicast variant (sm_90a), warp-specialised: the N-tile-256 wgmma kernel in clusters of
+// two blocks that share the weight tile. Each block of the pair owns one 128-row M-tile of
+// the same expert (rows 256 p + 128 rank) and loads half of the 256 x 64 weight tile per
+// K-slice with one TMA copy multicast into both blocks' shared memory, so the L2 -> SM
+// traffic per block and K-slice drops from 48 KB (16 KB of tokens + 32 KB of weights) to
+// 32 KB, as in cuBLAS's 2x1-cluster Hopper kernels. One producer warpgroup gathers the token
+// rows with cp.async (they go through the permutation, which TMA cannot) and issues the TMA
+// copy; two consumer warpgroups run the wgmmas on 64 rows each. Producer and consumers meet
+// only at mbarriers, so the producer runs up to 4 K-slices ahead, across tile boundaries and
+// through the consumers' epilogue (the cp.async kernels stop at a block-wide barrier per
+// K-slice and load 2 slices ahead).
+//
+// Per ring stage s:
+//   full[s]:  128 producer arrivals (cp.async.mbarrier.arrive.noinc, once each thread's rows
+//             have landed) + 1 expect_tx of the weight tile's 32 KB, completed by the two
+//             blocks' TMA copies;
+//   empty[s]: 4 arrivals, one per consumer warpgroup of either block once its wgmmas on the
+//             stage are done, so neither block's multicast overwrites a stage its partner
+//             still reads.
+// A pair walks the same tile sequence with the same K-slices, so both blocks issue and wait
+// the same barrier phases; M-tiles past the expert's rows are computed on zeros and not
+// stored. SWIGLU: block 0 loads the gate rows, block 1 the up rows (SPLIT epilogue).
+// ---------------------------------------------------------------------------------------
+#define GG_PRODUCERS 128
+struct __align__(64) GgTmaMap {
+    u64 v[16];  // CUtensorMap, encoded on the host (cuTensorMapEncodeTiled)
+};
+
+#if GG_HAS_WGMMA
+__device__ __forceinline__ u32 cluster_rank() {
+    u32 r;
+    asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
+    return r;
+}
+__device__ __forceinline__ u32 cluster_id() {
+    u32 r;
+    asm volatile("mov.u32 %0, %%clusterid.x;\n" : "=r"(r));
+    return r;
+}
+__device__ __forceinline__ u32 cluster_count() {
+    u32 r;
+    asm volatile("mov.u32 %0, %%nclusterid.x;\n" : "=r"(r));
+    return r;
+}
+__device__ __forceinline__ void cluster_sync() {
+    asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+}
+__device__ __forceinline__ void mbar_init(u32 bar, u32 count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_expect_tx(u32 bar, u32 bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+// arrive on the barrier at the same offset in block `cta` of the cluster (this block included)
+__device__ __forceinline__ void mbar_arrive_cluster(u32 bar, u32 cta) {
+    asm volatile(
+        "{\n.reg .b32 ra;\nmapa.shared::cluster.u32 ra, %0, %1;\n"
+        "mbarrier.arrive.shared::cluster.b64 _, [ra];\n}\n" ::"r"(bar),
+        "r"(cta)
+        : "memory");
+}
+__device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {
+    asm volatile(
+        "{\n.reg .pred p;\nGG_WAIT_%=:\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
+        "@!p bra GG_WAIT_%=;\n}\n" ::"r"(bar),
+        "r"(parity)
+        : "memory");
+}
+// a 64 (K) x 128 (rows) box of a 2-D bf16 tensor map into both blocks of the pair
+__device__ __forceinline__ void tma_load_multicast(u32 dst, const GgTmaMap* map, u32 k0, u32 row, u32 bar) {
+    asm volatile(
+        "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster "
+        "[%0], [%1, {%2, %3}], [%4], %5;\n" ::"r"(dst),
+        "l"((u64)map), "r"(k0), "r"(row), "r"(bar), "h"((unsigned short)3)
+        : "memory");
+}
+
+template <bool SWIGLU>
+__device__ __forceinline__ void gg_bf16_multicast(const u16* __restrict__ A, const u32* __restrict__ gather, u32 gk,
+                                                  const u32* __restrict__ offsets, u32 E, const GgTmaMap* map0,
+                                                  const GgTmaMap* map1, u16* __restrict__ C, u32 N, u32 K,
+                                                  u32 max_pairs) {
+    constexpr int BM = GG_BM, BN = 256, BK = GG_BK, STAGES = 4;
+    constexpr u32 A_BYTES = BM * BK * 2, B_BYTES = BN * BK * 2, STAGE_BYTES = A_BYTES + B_BYTES;
+    constexpr u32 OUT_PER_TILE = SWIGLU ? BN / 2 : BN;
+    extern __shared__ unsigned char gg_smem[];
+    __shared__ u32 s_ts[GG_MAXE + 1];
+    __shared__ __align__(8) u64 s_bar[2 * STAGES];  // full[0..S), empty[S..2S)
+
+    const u32 rank = cluster_rank(), cid = cluster_id(), ncl = cluster_count();
+    const u32 n_tiles = (N + OUT_PER_TILE - 1) / OUT_PER_TILE;
+    // pair tiles: 256 rows of one expert; max_pairs = ceil(R / 256) + E from the host
+    const u32 total_p = min(gg_prefix<2 * BM>(offsets, E, s_ts), max_pairs);
+    const u32 total = total_p * n_tiles;
+    if (cid >= total) return;  // both blocks of the cluster leave together
+    const u32 tid = threadIdx.x, lane = tid & 31u, warp = tid >> 5;
+    const u32 smem0 = (smem_u32(gg_smem) + 1023u) & ~1023u;
+    const u32 full0 = smem_u32(&s_bar[0]), empty0 = smem_u32(&s_bar[STAGES]);
+    if (tid == 0) {
+        for (int s = 0; s < STAGES; ++s) {
+            mbar_init(full0 + 8u * s, GG_PRODUCERS + 1u);  // the producers' cp.async + the expect_tx
+            mbar_init(empty0 + 8u * s, 4u);                // two consumer warpgroups in each block
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    cluster_sync();  // the partner's barriers exist before any multicast or remote arrive
+    const u32 KT = (K + BK - 1) / BK;
+
+    // this block's half of a pair tile
+    auto tile = [&](u32 t) {
+        GgTile T = gg_decode<2 * BM>(t, n_tiles, total_p, s_ts, offsets, E);
+        const u32 skip = rank * (u32)BM;
+        T.m0 += skip;
+        T.rows = T.rows > skip ? min(T.rows - skip, (u32)BM) : 0u;
+        return T;
+    };
+
+    if (warp < GG_PRODUCERS / 32) {
+        // ---- producer warpgroup: thread (lrow, lch) gathers A rows lrow + 16 i, chunk lch
+        const u32 lrow = tid >> 3, lch = tid & 7u;
+        const u32 sw = (lch ^ (lrow & 7u)) << 4;
+        const GgTmaMap* bmap = (SWIGLU && rank == 1u) ? map1 : map0;
+        if (tid == 0) asm volatile("prefetch.tensormap [%0];\n" ::"l"((u64)bmap) : "memory");
+        u32 it = 0;
+        for (u32 t = cid; t < total; t += ncl) {
+            const GgTile L = tile(t);
+            const u32 b_row = L.e * N + L.n_tile * OUT_PER_TILE + (SWIGLU ? 0u : rank * 128u);
+            const u16* a[BM / 16];
+            bool a_ok[BM / 16];
+#pragma unroll
+            for (int i = 0; i < BM / 16; ++i) {
+                const u32 r = lrow + 16u * i;
+                a_ok[i] = r < L.rows;
+                const u32 gr = L.seg + L.m0 + r;
+                size_t srow = 0;
+                if (a_ok[i]) srow = gather ? (size_t)(gather[gr] / gk) : (size_t)gr;
+                a[i] = A + srow * K + lch * 8u;
+            }
+            for (u32 k = 0; k < KT; ++k, ++it) {
+                const u32 s = it % STAGES;
+                if (it >= (u32)STAGES) mbar_wait(empty0 + 8u * s, (it / STAGES - 1u) & 1u);
+                const u32 k0 = k * BK;
+                const bool kok = (k0 + lch * 8u) < K;
+                const u32 sa = smem0 + s * STAGE_BYTES + lrow * 128u + sw;
+#pragma unroll
+                for (int i = 0; i < BM / 16; ++i) {
+                    const bool ok = a_ok[i] && kok;
+                    cp_async16(sa + i * 16u * 128u, ok ? (const void*)(a[i] + k0) : (const void*)A, ok);
+                }
+                asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(full0 + 8u * s) : "memory");
+                if (tid == 0) {
+                    mbar_expect_tx(full0 + 8u * s, B_BYTES);
+                    tma_load_multicast(smem0 + s * STAGE_BYTES + A_BYTES + rank * (B_BYTES / 2), bmap, k0, b_row,
+                                       full0 + 8u * s);
+                }
+            }
+        }
+        cp_async_wait<0>();
+    } else {
+        // ---- consumer warpgroups: wg 0 / 1 computes rows 64 wg .. + 63 of the tile
+        const u32 wg = (warp - GG_PRODUCERS / 32) >> 2;
+        float acc[BN / 2];
+        u32 it = 0;
+        auto release = [&](u32 j) {  // slice j's stage is read: tell both blocks' producers
+            if ((tid & 127u) == 0) {
+                const u32 e = empty0 + 8u * (j % STAGES);
+                mbar_arrive_cluster(e, 0u);
+                mbar_arrive_cluster(e, 1u);
+            }
+        };
+        for (u32 t = cid; t < total; t += ncl) {
+            const GgTile T = tile(t);
+            // zeroed here rather than through wgmma's scale-d predicate, which makes ptxas
+            // serialise the wgmmas
+#pragma unroll
+            for (int i = 0; i < BN / 2; ++i) acc[i] = 0.f;
+            for (u32 k = 0; k < KT; ++k, ++it) {
+                const u32 s = it % STAGES;
+                mbar_wait(full0 + 8u * s, (it / STAGES) & 1u);
+                fence_proxy_async();  // the producers' cp.async rows, seen by the async proxy
+                const u32 sA = smem0 + s * STAGE_BYTES;
+                const u32 sB = sA + A_BYTES;
+#pragma unroll
+                for (int i = 0; i < BN / 2; ++i) fence_operand(acc[i]);
+                wgmma_fence();
+#pragma unroll
+                for (int kk = 0; kk < BK / 16; ++kk)
+                    wgmma_m64n256k16(acc, make_desc_sw128(sA + wg * 64u * 128u + kk * 32u),
+                                     make_desc_sw128(sB + kk * 32u), 1u);
+                wgmma_commit();
+                wgmma_wait<1>();
+#pragma unroll
+                for (int i = 0; i < BN / 2; ++i) fence_operand(acc[i]);
+                if (k > 0) release(it - 1);
+            }
+            wgmma_wait<0>();
+#pragma unroll
+            for (int i = 0; i < BN / 2; ++i) fence_operand(acc[i]);
+            release(it - 1);
+            gg_wg_store<BN, SWIGLU, true>(acc, T, C, N, wg, warp & 3u, lane);
+        }
+    }
+    cluster_sync();  // no block leaves while its partner may still multicast into it or arrive on it
+}
+
+// name: gg_wgmma_{plain|swiglu}_n256mc; clusters of 2, grid even, GG_PRODUCERS + 256 threads;
+// dynamic smem as n256s4
+#define GG_BF16_MCKERNEL(NAME, SW)                                                                    \
+    extern "C" __global__ void __cluster_dims__(2, 1, 1) __launch_bounds__(GG_PRODUCERS + 256, 1)     \
+        NAME(const u16* A, const u32* gather, u32 gk, const u32* offsets, u32 E,                      \
+             const __grid_constant__ GgTmaMap map0, const __grid_constant__ GgTmaMap map1, u16* C,    \
+             u32 N, u32 K, u32 max_pairs) {                                                           \
+        gg_bf16_multicast<SW>(A, gather, gk, offsets, E, &map0, &map1, C, N, K, max_pairs);           \
+    }
+GG_BF16_MCKERNEL(gg_wgmma_plain_n256mc, false)
+GG_BF16_MCKERNEL(gg_wgmma_swiglu_n256mc, true)
+#endif  // GG_HAS_WGMMA
 
 #define GG_BF16_KERNEL(NAME, BN, ST, WG, SW)                                                           \
     extern "C" __global__ void __launch_bounds__(GG_THREADS, 1)                                       \

@@ -472,6 +472,9 @@ pub struct GemmChoice {
     pub smem: u32,
     /// `Some(blocks per SM)` for persistent kernels (grid = SMs x that).
     pub persistent: Option<u32>,
+    /// Clusters of two blocks that share each weight tile (TMA multicast): `bm` rows per
+    /// cluster, the weights passed as tensor maps, the grid sized by cluster occupancy.
+    pub multicast: bool,
 }
 
 fn sm_count(dev: &CudaDevice) -> u32 {
@@ -504,6 +507,7 @@ pub fn gemm_choice(dev: &CudaDevice, dtype: DType, swiglu: bool, n: usize, align
                 out_per_tile: if swiglu { 64 } else { 128 },
                 smem: 0,
                 persistent: None,
+                multicast: false,
             };
             match cfg.f32_kernel {
                 F32Kernel::Simt64 => Ok(GemmChoice {
@@ -512,6 +516,7 @@ pub fn gemm_choice(dev: &CudaDevice, dtype: DType, swiglu: bool, n: usize, align
                     out_per_tile: if swiglu { 32 } else { 64 },
                     smem: 0,
                     persistent: None,
+                    multicast: false,
                 }),
                 F32Kernel::Simt128 => Ok(simt128()),
                 F32Kernel::Tf32x3 | F32Kernel::Auto if m.has_mma && aligned => Ok(GemmChoice {
@@ -521,6 +526,7 @@ pub fn gemm_choice(dev: &CudaDevice, dtype: DType, swiglu: bool, n: usize, align
                     // 3 stages of (128 + 128) rows of 128 bytes, 1024-byte aligned
                     smem: 3 * 256 * 128 + 1024,
                     persistent: None,
+                    multicast: false,
                 }),
                 F32Kernel::Tf32x3 => bail!("3xTF32 needs sm_80+ and K % 4 == 0 with aligned rows"),
                 F32Kernel::Auto => Ok(simt128()),
@@ -580,23 +586,103 @@ pub fn gemm_choice(dev: &CudaDevice, dtype: DType, swiglu: bool, n: usize, align
             // persistent kernels exist for wgmma (all tiles) and mma.sync with N tile 256
             let persistent = cfg.persistent.unwrap_or(true) && (wg || bn == 256);
             let smem = stages * (128 * 64 * 2 + bn * 64 * 2) + 1024;
-            let name = format!(
-                "gg_{}_{}_n{bn}s{stages}{}",
-                if wg { "wgmma" } else { "mma" },
-                if swiglu { "swiglu" } else { "plain" },
-                if persistent { "p" } else { "" }
-            );
+            let kind = if swiglu { "swiglu" } else { "plain" };
+            // Measured on an H100 at 16384 tokens (docs/benchmarks.md, run 5): the multicast
+            // kernel beats the cp.async one for every gate/up projection (S 0.203 -> 0.178 ms,
+            // XL 1.338 -> 1.231, G 2.068 -> 1.761) and for the down projections with at least
+            // four 256-wide tiles (XL 0.695 -> 0.553, G 1.002 -> 0.872), but not for S's
+            // 384-wide one (0.089 -> 0.101 ms).
+            let multicast = wg && bn == 256 && persistent && cfg.multicast.unwrap_or(swiglu || n >= 1024);
+            let name = if multicast {
+                format!("gg_wgmma_{kind}_n256mc")
+            } else {
+                format!(
+                    "gg_{}_{kind}_n{bn}s{stages}{}",
+                    if wg { "wgmma" } else { "mma" },
+                    if persistent { "p" } else { "" }
+                )
+            };
             let per_sm = if stages == 3 { 2 } else { 1 };
             Ok(GemmChoice {
                 name,
-                bm: 128,
+                bm: if multicast { 256 } else { 128 },
                 out_per_tile: if swiglu { bn / 2 } else { bn },
                 smem: smem as u32,
                 persistent: if persistent { Some(per_sm) } else { None },
+                multicast,
             })
         }
         dt => bail!("grouped GEMM: unsupported dtype {dt:?}"),
     }
+}
+
+/// A `CUtensorMap` passed by value as a kernel parameter (`const __grid_constant__ GgTmaMap`).
+#[repr(transparent)]
+struct TensorMapArg(cudarc::driver::sys::CUtensorMap);
+// SAFETY: plain bytes, copied into the kernel's parameter space by the driver.
+unsafe impl cudarc::driver::DeviceRepr for TensorMapArg {}
+
+/// The TMA descriptor of a bf16 weight tensor seen as `[rows, k]` (all experts' rows stacked):
+/// boxes of 128 rows x 64 K-values (128 bytes) with the 128-byte swizzle the wgmma descriptors
+/// expect; reads past the last row or past K are zero-filled.
+fn weight_tensor_map(ptr: cudarc::driver::sys::CUdeviceptr, rows: usize, k: usize) -> Result<TensorMapArg> {
+    use cudarc::driver::sys::*;
+    if ptr % 16 != 0 || (k * 2) % 16 != 0 || rows > i32::MAX as usize || k > i32::MAX as usize {
+        bail!("grouped_gemm: weights [{rows}, {k}] at {ptr:#x} cannot be read through TMA (need 16-byte alignment)")
+    }
+    let dims = [k as u64, rows as u64];
+    let strides = [(k * 2) as u64];
+    let boxes = [64u32, 128];
+    let elem = [1u32, 1];
+    let mut map = std::mem::MaybeUninit::<CUtensorMap>::zeroed();
+    let r = unsafe {
+        cuTensorMapEncodeTiled(
+            map.as_mut_ptr(),
+            CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+            2,
+            ptr as *mut std::ffi::c_void,
+            dims.as_ptr(),
+            strides.as_ptr(),
+            boxes.as_ptr(),
+            elem.as_ptr(),
+            CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+            CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+            CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+            CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+        )
+    };
+    if r != CUresult::CUDA_SUCCESS {
+        bail!("grouped_gemm: cuTensorMapEncodeTiled for weights [{rows}, {k}] failed: {r:?}")
+    }
+    Ok(TensorMapArg(unsafe { map.assume_init() }))
+}
+
+/// How many clusters of two blocks of a multicast kernel fit on the device at once (its
+/// persistent grid): a cluster needs two SMs of one GPC, so this can be below SMs / 2. A
+/// host-side query (no stream), so it is safe inside a CUDA-graph capture.
+fn max_active_pairs(f: &cudarc::driver::CudaFunction, smem: u32, block: u32, sms: u32) -> Result<u32> {
+    static PAIRS: OnceLock<u32> = OnceLock::new();
+    if let Some(p) = PAIRS.get() {
+        return Ok(*p);
+    }
+    let cfg = cudarc::driver::sys::CUlaunchConfig {
+        gridDimX: sms.max(2) & !1,
+        gridDimY: 1,
+        gridDimZ: 1,
+        blockDimX: block,
+        blockDimY: 1,
+        blockDimZ: 1,
+        sharedMemBytes: smem,
+        hStream: std::ptr::null_mut(),
+        attrs: std::ptr::null_mut(),
+        numAttrs: 0,
+    };
+    let mut n: std::ffi::c_int = 0;
+    let r = unsafe { cudarc::driver::sys::cuOccupancyMaxActiveClusters(&mut n, f.cu_function(), &cfg) };
+    if r != cudarc::driver::sys::CUresult::CUDA_SUCCESS || n < 1 {
+        bail!("grouped_gemm: no cluster of two blocks fits ({r:?}, {n})")
+    }
+    Ok(*PAIRS.get_or_init(|| n as u32))
 }
 
 /// One grouped GEMM, checked and with its operands contiguous, ready to launch on a stream.
@@ -671,18 +757,23 @@ impl GroupedGemm {
 
     /// Launches on `stream`, writing the `[r, n]` product into `out`.
     fn launch<T: CudaDType + cudarc::driver::DeviceRepr>(&self, stream: &std::sync::Arc<cudarc::driver::CudaStream>, out: &mut CudaSlice<T>) -> Result<()> {
+        use cudarc::driver::DevicePtr;
         let ch = &self.choice;
         let n_tiles = self.n.div_ceil(ch.out_per_tile);
         let m_tiles_max = self.r.div_ceil(ch.bm) + self.e;
+        let f = gemm_fn(&self.dev, &ch.name)?.1;
+        allow_dynamic_smem(&f, ch.smem)?;
+        // the multicast kernel adds a producer warpgroup to the two computing ones
+        let block = if ch.multicast { 384 } else { 256 };
         let mut grid = n_tiles * m_tiles_max;
-        if let Some(per_sm) = ch.persistent {
+        if ch.multicast {
+            grid = 2 * grid.min(max_active_pairs(&f, ch.smem, block, sm_count(&self.dev))? as usize);
+        } else if let Some(per_sm) = ch.persistent {
             grid = grid.min(sm_count(&self.dev) as usize * per_sm as usize);
         }
         if grid > u32::MAX as usize {
             bail!("grouped_gemm: grid too large")
         }
-        let f = gemm_fn(&self.dev, &ch.name)?.1;
-        allow_dynamic_smem(&f, ch.smem)?;
         let (e32, n32, k32, max_m32) = (self.e as u32, self.n as u32, self.kdim as u32, m_tiles_max as u32);
         view!(self.x, T, _gx, xv);
         view!(self.offsets, u32, _go, ov);
@@ -693,11 +784,27 @@ impl GroupedGemm {
         let mut b = stream.launch_builder(&f);
         b.arg(&xv);
         arg_or_null(&mut b, orv.as_ref());
-        b.arg(&self.gk).arg(&ov).arg(&e32).arg(&b0v).arg(&b1v).arg(out).arg(&n32).arg(&k32);
+        b.arg(&self.gk).arg(&ov).arg(&e32);
+        // the multicast kernel reads the weights through TMA tensor maps (kernel parameters
+        // by value); the pointers stay valid while the views are borrowed
+        let mut _reads = None;
+        let maps = if ch.multicast {
+            let ((p0, s0), (p1, s1)) = (b0v.device_ptr(stream), b1v.device_ptr(stream));
+            _reads = Some((s0, s1));
+            let rows = self.e * self.n;
+            Some((weight_tensor_map(p0, rows, self.kdim)?, weight_tensor_map(p1, rows, self.kdim)?))
+        } else {
+            None
+        };
+        match &maps {
+            Some((m0, m1)) => b.arg(m0).arg(m1),
+            None => b.arg(&b0v).arg(&b1v),
+        };
+        b.arg(out).arg(&n32).arg(&k32);
         if ch.persistent.is_some() {
             b.arg(&max_m32);
         }
-        drv(unsafe { b.launch(cfg1(grid as u32, 256, ch.smem)) })?;
+        drv(unsafe { b.launch(cfg1(grid as u32, block, ch.smem)) })?;
         Ok(())
     }
 

@@ -139,6 +139,9 @@ pub struct GemmConfig {
     /// bf16: persistent kernels (one block per SM walks the tiles, the load pipeline runs across
     /// tile boundaries); `None` = automatic (yes where such a kernel exists).
     pub persistent: Option<bool>,
+    /// bf16 wgmma with N tile 256: clusters of two blocks sharing each weight tile through a
+    /// TMA multicast (`gg_wgmma_*_n256mc`); `None` = automatic.
+    pub multicast: Option<bool>,
     /// f32 kernel.
     pub f32_kernel: F32Kernel,
 }
@@ -163,6 +166,7 @@ impl Default for GemmConfig {
             block_n: 0,
             stages: 0,
             persistent: None,
+            multicast: None,
             f32_kernel: F32Kernel::Auto,
         }
     }
@@ -176,7 +180,8 @@ pub fn set_gemm_config(c: GemmConfig) {
 }
 
 /// The grouped-GEMM kernel selection: what [`set_gemm_config`] set, else the default with the
-/// backend taken from the environment variable `DITMOE_GEMM` (`wgmma` or `mma`) if present.
+/// backend taken from the environment variable `DITMOE_GEMM` (`wgmma` or `mma`) and the
+/// multicast switch from `DITMOE_GEMM_MULTICAST` (`0` or `1`) if present.
 pub fn gemm_config() -> GemmConfig {
     if let Some(c) = *GEMM_CONFIG.read().unwrap_or_else(|e| e.into_inner()) {
         return c;
@@ -188,8 +193,14 @@ pub fn gemm_config() -> GemmConfig {
             Ok("mma") => GemmBackend::MmaSync,
             _ => GemmBackend::Auto,
         };
+        let multicast = match std::env::var("DITMOE_GEMM_MULTICAST").as_deref() {
+            Ok("0") => Some(false),
+            Ok("1") => Some(true),
+            _ => None,
+        };
         GemmConfig {
             backend,
+            multicast,
             ..Default::default()
         }
     })
@@ -211,6 +222,7 @@ pub fn gemm_variants(dtype: DType, wgmma: bool) -> Vec<(&'static str, GemmConfig
         block_n,
         stages,
         persistent: Some(persistent),
+        multicast: Some(false),
         f32_kernel: F32Kernel::Auto,
     };
     if dtype == DType::F32 {
@@ -223,6 +235,13 @@ pub fn gemm_variants(dtype: DType, wgmma: bool) -> Vec<(&'static str, GemmConfig
     }
     let mut v = Vec::new();
     if wgmma {
+        v.push((
+            "wgmma n256 multicast",
+            GemmConfig {
+                multicast: Some(true),
+                ..c(GemmBackend::Wgmma, 256, 0, true)
+            },
+        ));
         v.push(("wgmma n256 persistent", c(GemmBackend::Wgmma, 256, 0, true)));
         v.push(("wgmma n128 persistent", c(GemmBackend::Wgmma, 128, 0, true)));
         v.push((
