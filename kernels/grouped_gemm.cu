@@ -858,6 +858,11 @@ __device__ __forceinline__ void gg_bf16_multicast(const u16* __restrict__ A, con
     const u32 total = total_p * n_tiles;
     if (cid >= total) return;  // both blocks of the cluster leave together
     const u32 tid = threadIdx.x, lane = tid & 31u, warp = tid >> 5;
+    // the offsets in shared memory: decoding a tile then takes no global load, which would
+    // stall the producer at every tile switch
+    __shared__ u32 s_off[GG_MAXE + 1];
+    for (u32 i = tid; i <= E; i += blockDim.x) s_off[i] = offsets[i];
+    __syncthreads();
     const u32 smem0 = (smem_u32(gg_smem) + 1023u) & ~1023u;
     const u32 full0 = smem_u32(&s_bar[0]), empty0 = smem_u32(&s_bar[STAGES]);
     if (tid == 0) {
@@ -872,7 +877,7 @@ __device__ __forceinline__ void gg_bf16_multicast(const u16* __restrict__ A, con
 
     // this block's half of a pair tile
     auto tile = [&](u32 t) {
-        GgTile T = gg_decode<2 * BM>(t, n_tiles, total_p, s_ts, offsets, E);
+        GgTile T = gg_decode<2 * BM>(t, n_tiles, total_p, s_ts, s_off, E);
         const u32 skip = rank * (u32)BM;
         T.m0 += skip;
         T.rows = T.rows > skip ? min(T.rows - skip, (u32)BM) : 0u;
@@ -885,21 +890,33 @@ __device__ __forceinline__ void gg_bf16_multicast(const u16* __restrict__ A, con
         const u32 sw = (lch ^ (lrow & 7u)) << 4;
         const GgTmaMap* bmap = (SWIGLU && rank == 1u) ? map1 : map0;
         if (tid == 0) asm volatile("prefetch.tensormap [%0];\n" ::"l"((u64)bmap) : "memory");
-        u32 it = 0;
-        for (u32 t = cid; t < total; t += ncl) {
+        // A tile's source rows are fetched one tile ahead: the gather indices of the next tile
+        // are loaded before this tile's slices go out and used after them, so their latency
+        // does not stall the pipeline at the tile switch.
+        struct Rows {
+            u32 idx[BM / 16];
+            bool ok[BM / 16];
+            u32 b_row;
+        };
+        auto fetch = [&](u32 t, Rows& R) {
             const GgTile L = tile(t);
-            const u32 b_row = L.e * N + L.n_tile * OUT_PER_TILE + (SWIGLU ? 0u : rank * 128u);
-            const u16* a[BM / 16];
-            bool a_ok[BM / 16];
+            R.b_row = L.e * N + L.n_tile * OUT_PER_TILE + (SWIGLU ? 0u : rank * 128u);
 #pragma unroll
             for (int i = 0; i < BM / 16; ++i) {
                 const u32 r = lrow + 16u * i;
-                a_ok[i] = r < L.rows;
+                R.ok[i] = r < L.rows;
                 const u32 gr = L.seg + L.m0 + r;
-                size_t srow = 0;
-                if (a_ok[i]) srow = gather ? (size_t)(gather[gr] / gk) : (size_t)gr;
-                a[i] = A + srow * K + lch * 8u;
+                R.idx[i] = R.ok[i] ? (gather ? gather[gr] : gr) : 0u;
             }
+        };
+        Rows cur, nxt;
+        fetch(cid, cur);
+        u32 it = 0;
+        for (u32 t = cid; t < total; t += ncl) {
+            if (t + ncl < total) fetch(t + ncl, nxt);
+            const u16* a[BM / 16];
+#pragma unroll
+            for (int i = 0; i < BM / 16; ++i) a[i] = A + (size_t)(gather ? cur.idx[i] / gk : cur.idx[i]) * K + lch * 8u;
             for (u32 k = 0; k < KT; ++k, ++it) {
                 const u32 s = it % STAGES;
                 if (it >= (u32)STAGES) mbar_wait(empty0 + 8u * s, (it / STAGES - 1u) & 1u);
@@ -908,16 +925,17 @@ __device__ __forceinline__ void gg_bf16_multicast(const u16* __restrict__ A, con
                 const u32 sa = smem0 + s * STAGE_BYTES + lrow * 128u + sw;
 #pragma unroll
                 for (int i = 0; i < BM / 16; ++i) {
-                    const bool ok = a_ok[i] && kok;
+                    const bool ok = cur.ok[i] && kok;
                     cp_async16(sa + i * 16u * 128u, ok ? (const void*)(a[i] + k0) : (const void*)A, ok);
                 }
                 asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(full0 + 8u * s) : "memory");
                 if (tid == 0) {
                     mbar_expect_tx(full0 + 8u * s, B_BYTES);
-                    tma_load_multicast(smem0 + s * STAGE_BYTES + A_BYTES + rank * (B_BYTES / 2), bmap, k0, b_row,
+                    tma_load_multicast(smem0 + s * STAGE_BYTES + A_BYTES + rank * (B_BYTES / 2), bmap, k0, cur.b_row,
                                        full0 + 8u * s);
                 }
             }
+            cur = nxt;
         }
         cp_async_wait<0>();
     } else {
