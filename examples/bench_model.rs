@@ -85,8 +85,11 @@ fn breakdown(name: &str, dtype_name: &str, model: &DitMoe, b: usize, device: &De
     time("LayerNorm + modulate", &mut || block_ops::ln_modulate(&x, &ada, 0, 1, h_dtype))?;
     time("attention: qkv Linear", &mut || attn.qkv_projection(&h))?;
     time("attention: heads (+ q/k norm) + softmax(qkᵀ)v", &mut || attn.attend(&qkv))?;
-    time("attention: out Linear", &mut || attn.project_out(&merged))?;
-    time("gated residual + LayerNorm + modulate", &mut || block_ops::residual_ln_modulate(&x, &merged, &ada, 2, 3, 4, h_dtype).map(|r| r.1))?;
+    time("attention: out Linear (bias in the next pass)", &mut || attn.project_out_before_bias(&merged))?;
+    let projected = attn.project_out_before_bias(&merged)?;
+    time("gated residual (+ out bias) + LayerNorm + modulate", &mut || {
+        block_ops::residual_ln_modulate(&x, &projected, attn.out_bias(), &ada, 2, 3, 4, h_dtype).map(|r| r.1)
+    })?;
     time("gated residual", &mut || block_ops::gated_residual(&x, &merged, None, &ada, 5))?;
     if let Ffn::TopK(moe) = block.ffn() {
         time("MoE layer (routed + shared)", &mut || moe.forward(&h).map(|o| o.out))?;

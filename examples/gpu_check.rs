@@ -476,10 +476,14 @@ fn run_checks(dev: &Device, section: &str) -> Result<Table> {
                 let g = bo::gated_residual(&on(&x)?, &on(&y)?, Some(&on(&bias)?), &on(&mods)?, 5)?;
                 tb.add("gated_residual", &case, "rel", rel(&g, &r)?, tol(dt));
                 for out in [DType::F32, DType::BF16] {
-                    let (rm, rh) = bo::residual_ln_modulate(&x, &y, &mods, 2, 3, 4, out)?;
-                    let (gm, gh) = bo::residual_ln_modulate(&on(&x)?, &on(&y)?, &on(&mods)?, 2, 3, 4, out)?;
-                    let err = rel(&gm, &rm)?.max(rel(&gh, &rh)?);
-                    tb.add("residual_ln_modulate", &format!("{case} -> {out:?}"), "rel (x_mid, h)", err, tol(dt).max(tol(out)));
+                    for with_bias in [false, true] {
+                        let (b_cpu, b_gpu) = if with_bias { (Some(bias.clone()), Some(on(&bias)?)) } else { (None, None) };
+                        let (rm, rh) = bo::residual_ln_modulate(&x, &y, b_cpu.as_ref(), &mods, 2, 3, 4, out)?;
+                        let (gm, gh) = bo::residual_ln_modulate(&on(&x)?, &on(&y)?, b_gpu.as_ref(), &on(&mods)?, 2, 3, 4, out)?;
+                        let err = rel(&gm, &rm)?.max(rel(&gh, &rh)?);
+                        let what = if with_bias { " + bias" } else { "" };
+                        tb.add("residual_ln_modulate", &format!("{case}{what} -> {out:?}"), "rel (x_mid, h)", err, tol(dt).max(tol(out)));
+                    }
                 }
                 for out in [DType::F32, dt] {
                     let r = bo::bias_cast(&y, Some(&bias), out)?;

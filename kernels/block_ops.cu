@@ -6,8 +6,10 @@
 //  ln_modulate      LayerNorm (no affine, eps) of a row, then x*(1+scale)+shift (official
 //                   `modulate(norm(x), shift, scale)`), stored in the matmul dtype; one warp
 //                   per row, the row in registers
-//  residual_ln_modulate  the same after x_mid = x + gate * y (both outputs kept)
+//  residual_ln_modulate  the same after x_mid = x + gate * (y + bias) (both outputs kept)
 //  gated_residual   x + gate * (y + bias)             (`x = x + gate_msa.unsqueeze(1) * attn(..)`)
+//                   with y a Linear's output before its bias, y + bias rounded to y's dtype as
+//                   the Linear's own output would be (so the bias costs no separate pass)
 //  bias_cast        y + bias, converted               (`nn.Linear`'s bias, then the caller's dtype)
 //  split_qkv        packed qkv [B,T,3,H,hd] (+bias) -> q,k,v [B,H,T,hd], with the flash form's
 //                   per-head LayerNorm on q and k and its float16 rounding (a thread-per-row
@@ -103,17 +105,30 @@ __device__ __forceinline__ u32 pack_bf16(float lo, float hi) {
 __device__ __forceinline__ void st4(u16* p, u64 i, float4 v) {
     *(uint2*)(p + i) = make_uint2(pack_bf16(v.x, v.y), pack_bf16(v.z, v.w));
 }
+// y + bias (four columns), rounded to Y's dtype: the value a Linear with that bias would have
+// stored in it (RNE for bf16, as bias_cast).
+__device__ __forceinline__ float4 add_bias(const float* b, u64 j, float4 h) {
+    const float4 v = ld4(b, j);
+    return make_float4(h.x + v.x, h.y + v.y, h.z + v.z, h.w + v.w);
+}
+__device__ __forceinline__ float4 add_bias(const u16* b, u64 j, float4 h) {
+    const float4 v = ld4(b, j);
+    const u32 lo = pack_bf16(h.x + v.x, h.y + v.y), hi = pack_bf16(h.z + v.z, h.w + v.w);
+    return make_float4(__uint_as_float(lo << 16), __uint_as_float(lo & 0xffff0000u), __uint_as_float(hi << 16),
+                       __uint_as_float(hi & 0xffff0000u));
+}
 __device__ __forceinline__ float warp_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     return v;
 }
 
 // LayerNorm (no affine, eps) of each row, then modulate: out = n * (1 + scale) + shift. With
-// RESID the row is first x_mid = x + gate * y (stored f32), the step from a block's attention
-// to its MLP. Two passes over the registers (mean, then centred variance) like torch's
-// LayerNorm. Row m's modulation is row m / T of mods.
+// RESID the row is first x_mid = x + gate * (y + bias) (stored f32; bias optional), the step
+// from a block's attention to its MLP. Two passes over the registers (mean, then centred
+// variance) like torch's LayerNorm. Row m's modulation is row m / T of mods.
 template <typename Y, typename OUT, bool RESID, int ROW_V>
-__device__ void row_ln_modulate_body(const float* __restrict__ x, const Y* __restrict__ y, const float* __restrict__ mods,
+__device__ void row_ln_modulate_body(const float* __restrict__ x, const Y* __restrict__ y, const Y* __restrict__ bias,
+                                     const float* __restrict__ mods,
                                      u32 mods_stride, u32 gate_off, u32 shift_off, u32 scale_off, u32 T, u32 D, float eps,
                                      u64 rows, float* __restrict__ x_mid, OUT* __restrict__ out) {
     const u32 lane = threadIdx.x & 31u;
@@ -130,7 +145,9 @@ __device__ void row_ln_modulate_body(const float* __restrict__ x, const Y* __res
         if (c < nv) {
             float4 v = ld4(x, base + 4u * c);
             if (RESID) {
-                const float4 h = ld4(y, base + 4u * c), g = ld4(md, gate_off + 4u * c);
+                float4 h = ld4(y, base + 4u * c);
+                if (bias) h = add_bias(bias, 4u * c, h);
+                const float4 g = ld4(md, gate_off + 4u * c);
                 v = make_float4(v.x + g.x * h.x, v.y + g.y * h.y, v.z + g.z * h.z, v.w + g.w * h.w);
                 st4(x_mid, base + 4u * c, v);
             }
@@ -164,12 +181,12 @@ __device__ void row_ln_modulate_body(const float* __restrict__ x, const Y* __res
 #define LN_MOD(ON, O, RV) \
     extern "C" __global__ void ln_modulate_##ON##_v##RV(const float* x, const float* mods, u32 ms, u32 sh, u32 sc, u32 T, u32 D, float eps, \
                                                        u64 rows, O* out) { \
-        row_ln_modulate_body<float, O, false, RV>(x, nullptr, mods, ms, 0, sh, sc, T, D, eps, rows, nullptr, out); \
+        row_ln_modulate_body<float, O, false, RV>(x, nullptr, nullptr, mods, ms, 0, sh, sc, T, D, eps, rows, nullptr, out); \
     }
 #define RES_LN(YN, Y, ON, O, RV) \
-    extern "C" __global__ void residual_ln_modulate_##YN##_##ON##_v##RV(const float* x, const Y* y, const float* mods, u32 ms, u32 g, u32 sh, \
-                                                                      u32 sc, u32 T, u32 D, float eps, u64 rows, float* x_mid, O* out) { \
-        row_ln_modulate_body<Y, O, true, RV>(x, y, mods, ms, g, sh, sc, T, D, eps, rows, x_mid, out); \
+    extern "C" __global__ void residual_ln_modulate_##YN##_##ON##_v##RV(const float* x, const Y* y, const Y* bias, const float* mods, u32 ms, \
+                                                                      u32 g, u32 sh, u32 sc, u32 T, u32 D, float eps, u64 rows, float* x_mid, O* out) { \
+        row_ln_modulate_body<Y, O, true, RV>(x, y, bias, mods, ms, g, sh, sc, T, D, eps, rows, x_mid, out); \
     }
 #define ROW_KERNELS(RV) \
     LN_MOD(f32, float, RV) \
@@ -193,10 +210,7 @@ __device__ void gated_residual_body(const float* __restrict__ x, const Y* __rest
         const u64 m = i / D;
         const u32 j = (u32)(i - m * D);
         float4 h = ld4(y, i);
-        if (bias) {
-            const float4 b = ld4(bias, j);
-            h = make_float4(h.x + b.x, h.y + b.y, h.z + b.z, h.w + b.w);
-        }
+        if (bias) h = add_bias(bias, j, h);
         const float4 v = ld4(x, i), g = ld4(mods, (m / T) * mods_stride + gate_off + j);
         st4(out, i, make_float4(v.x + g.x * h.x, v.y + g.y * h.y, v.z + g.z * h.z, v.w + g.w * h.w));
     }

@@ -31,9 +31,15 @@ fn ln_modulate_and_residual_match_the_official_formulas() {
     // x + gate * y, and the fused residual + LayerNorm-modulate agrees with the two ops
     let mid = (&x + y.broadcast_mul(&chunk(2)).unwrap()).unwrap();
     assert!(max_abs(&bo::gated_residual(&x, &y, None, &mods, 2).unwrap(), &mid) < 1e-6);
-    let (m2, h2) = bo::residual_ln_modulate(&x, &y, &mods, 2, 3, 4, DType::F32).unwrap();
+    let (m2, h2) = bo::residual_ln_modulate(&x, &y, None, &mods, 2, 3, 4, DType::F32).unwrap();
     assert!(max_abs(&m2, &mid) < 1e-6);
     assert!(max_abs(&h2, &bo::ln_modulate(&mid, &mods, 3, 4, DType::F32).unwrap()) < 1e-6);
+    // with the attention's output bias folded in: x + gate * (y + b)
+    let b = Tensor::randn(0f32, 1.0, d, &dev).unwrap();
+    let mid_b = (&x + y.broadcast_add(&b).unwrap().broadcast_mul(&chunk(2)).unwrap()).unwrap();
+    let (m3, h3) = bo::residual_ln_modulate(&x, &y, Some(&b), &mods, 2, 3, 4, DType::F32).unwrap();
+    assert!(max_abs(&m3, &mid_b) < 1e-6, "residual with bias off by {}", max_abs(&m3, &mid_b));
+    assert!(max_abs(&h3, &bo::ln_modulate(&mid_b, &mods, 3, 4, DType::F32).unwrap()) < 1e-6);
 }
 
 #[test]

@@ -71,15 +71,17 @@ pub fn gated_residual(x: &Tensor, y: &Tensor, bias: Option<&Tensor>, mods: &Tens
 }
 
 /// [`gated_residual`] then [`ln_modulate`] of its result, one pass on the GPU: returns
-/// `x_mid = x + gate * y` (f32) and `modulate(LN(x_mid), shift, scale)` in `out_dtype`
-/// (the step from a block's attention to its MLP).
-pub fn residual_ln_modulate(x: &Tensor, y: &Tensor, mods: &Tensor, gate: usize, shift: usize, scale: usize, out_dtype: DType) -> Result<(Tensor, Tensor)> {
+/// `x_mid = x + gate * (y + bias)` (f32) and `modulate(LN(x_mid), shift, scale)` in
+/// `out_dtype` (the step from a block's attention to its MLP; `y` is the attention's output
+/// projection before its bias, which this pass adds).
+#[allow(clippy::too_many_arguments)]
+pub fn residual_ln_modulate(x: &Tensor, y: &Tensor, bias: Option<&Tensor>, mods: &Tensor, gate: usize, shift: usize, scale: usize, out_dtype: DType) -> Result<(Tensor, Tensor)> {
     #[cfg(feature = "cuda")]
-    if fused(&[x, y, mods]) && matches!(y.dtype(), DType::F32 | DType::BF16) && rows_fit(x.dim(D::Minus1)?) {
+    if fused(&[x, y, mods]) && bias.is_none_or(|b| fused(&[b])) && matches!(y.dtype(), DType::F32 | DType::BF16) && rows_fit(x.dim(D::Minus1)?) {
         let d = x.dim(D::Minus1)?;
-        return super::cuda_block::residual_ln_modulate(x, y, mods, (gate * d, shift * d, scale * d), 1e-6, out_dtype);
+        return super::cuda_block::residual_ln_modulate(x, y, bias, mods, (gate * d, shift * d, scale * d), 1e-6, out_dtype);
     }
-    let x_mid = gated_residual(x, y, None, mods, gate)?;
+    let x_mid = gated_residual(x, y, bias, mods, gate)?;
     let h = ln_modulate(&x_mid, mods, shift, scale, out_dtype)?;
     Ok((x_mid, h))
 }

@@ -97,6 +97,7 @@ pub fn ln_modulate(x: &Tensor, mods: &Tensor, shift_off: usize, scale_off: usize
 pub fn residual_ln_modulate(
     x: &Tensor,
     y: &Tensor,
+    bias: Option<&Tensor>,
     mods: &Tensor,
     offsets: (usize, usize, usize),
     eps: f64,
@@ -111,8 +112,14 @@ pub fn residual_ln_modulate(
     if d % 4 != 0 || d > 2048 {
         bail!("residual_ln_modulate: width {d} must be a multiple of 4, at most 2048")
     }
+    if let Some(b) = bias {
+        if b.dims() != [d] || b.dtype() != y.dtype() {
+            bail!("residual_ln_modulate: bias {:?} {:?} is not [{d}] {:?}", b.dims(), b.dtype(), y.dtype())
+        }
+    }
     let dev = cuda_dev(x)?;
     let (x, y, mods) = (aligned(x, 4)?, aligned(y, 4)?, aligned(mods, 4)?);
+    let bias = bias.map(|b| aligned(b, 4)).transpose()?;
     let rows = n * t;
     let name = format!(
         "residual_ln_modulate_{}_{}_v{}",
@@ -131,7 +138,11 @@ pub fn residual_ln_modulate(
             let mut out = unsafe { dev.alloc::<O>(rows * d)? };
             let mut b = f.0.launch_builder(&f.1);
             let rows64 = rows as u64;
-            b.arg(&xv).arg(&yv).arg(&mv).arg(&ms32).arg(&g32).arg(&sh32).arg(&sc32).arg(&t32).arg(&d32).arg(&eps32).arg(&rows64);
+            b.arg(&xv).arg(&yv);
+            let bg = bias.as_ref().map(|t| t.storage_and_layout());
+            let bv = optional_view::<Y, _>(bg.as_ref(), d, "residual_ln_modulate: bias")?;
+            arg_or_null(&mut b, bv.as_ref());
+            b.arg(&mv).arg(&ms32).arg(&g32).arg(&sh32).arg(&sc32).arg(&t32).arg(&d32).arg(&eps32).arg(&rows64);
             b.arg(&mut x_mid).arg(&mut out);
             drv(unsafe { b.launch(row_cfg(rows)) })?;
             let out = wrap(out, &dev, (n, t, d));

@@ -57,8 +57,7 @@ impl Attention {
     /// (N, T, D) -> (N, T, D), in x's dtype (f32 activations, or the matmul dtype on the GPU
     /// inference path).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let out = self.attend(&self.qkv_projection(x)?)?.to_dtype(x.dtype())?;
-        self.proj.forward(&out)
+        self.add_out_bias(&self.forward_before_out_bias(x)?, x.dtype())
     }
 
     /// The packed `qkv` projection `(N, T, 3D)` without its bias (the bias goes in with the split).
@@ -91,5 +90,29 @@ impl Attention {
     /// The output projection (`proj` / `out_proj`).
     pub fn project_out(&self, x: &Tensor) -> Result<Tensor> {
         self.proj.forward(x)
+    }
+
+    /// The output projection without its bias, in the weights' dtype; the block adds
+    /// [`Self::out_bias`] in its gated-residual pass (`block_ops::residual_ln_modulate`), which
+    /// saves a pass over the attention output.
+    pub fn project_out_before_bias(&self, x: &Tensor) -> Result<Tensor> {
+        self.proj.matmul(x)
+    }
+
+    /// The output projection's bias.
+    pub fn out_bias(&self) -> Option<&Tensor> {
+        self.proj.bias()
+    }
+
+    /// [`Self::project_out_before_bias`]'s result with the bias added, in `dtype`: what
+    /// [`Self::forward`] returns.
+    pub fn add_out_bias(&self, y: &Tensor, dtype: DType) -> Result<Tensor> {
+        block_ops::bias_cast(y, self.out_bias(), dtype)
+    }
+
+    /// [`Self::forward`] without the output projection's bias (see
+    /// [`Self::project_out_before_bias`]).
+    pub fn forward_before_out_bias(&self, x: &Tensor) -> Result<Tensor> {
+        self.project_out_before_bias(&self.attend(&self.qkv_projection(x)?)?)
     }
 }

@@ -107,7 +107,8 @@ impl DitBlock {
         let ada = mods;
         let compute = self.ada_ln.weight().dtype();
         let attn_in = block_ops::ln_modulate(x, ada, first, first + 1, block_ops::matmul_input_dtype(&[x, ada], compute))?;
-        let attn_out = self.attn.forward(&attn_in)?;
+        // the attention output before its projection's bias, which goes into the residual pass
+        let attn_y = self.attn.forward_before_out_bias(&attn_in)?;
         // Only the fused DiT-MoE layer takes its input in the matmul dtype; ProMoE's routers
         // compare f32 token features with their prototypes.
         let ffn_dtype = match &self.ffn {
@@ -115,7 +116,7 @@ impl DitBlock {
             _ => DType::F32,
         };
         // x_mid = x + gate_msa * attn_out, and the MLP's input from it, in one pass.
-        let (x_mid, ffn_in) = block_ops::residual_ln_modulate(x, &attn_out, ada, first + 2, first + 3, first + 4, ffn_dtype)?;
+        let (x_mid, ffn_in) = block_ops::residual_ln_modulate(x, &attn_y, self.attn.out_bias(), ada, first + 2, first + 3, first + 4, ffn_dtype)?;
         let train = mode == ForwardMode::Train;
         let (ffn_out, moe, aux_loss, contrastive_loss) = match &self.ffn {
             Ffn::TopK(moe) => {
@@ -135,7 +136,9 @@ impl DitBlock {
         let name = |what: &'static str| move || format!("blocks.{layer}.{what}");
         trace.keep(name("adaln"), &ada.narrow(1, first * d, 6 * d)?);
         trace.keep(name("attn_in"), &attn_in);
-        trace.keep(name("attn_out"), &attn_out);
+        if trace.record_intermediates {
+            trace.keep(name("attn_out"), &self.attn.add_out_bias(&attn_y, attn_in.dtype())?);
+        }
         trace.keep(name("x_mid"), &x_mid);
         let counts = match moe {
             Some(moe) => Some(record_moe(moe, &ffn_in, layer, trace)),
