@@ -116,7 +116,8 @@ fn graph_probe(stage: &str, cfg: &DitConfig, dtype: DType, b: usize, device: &De
     let moe = block.moe().expect("DiT-MoE block");
     let w = block.attention().qkv_projection(&Tensor::zeros((1, 1, d), DType::F32, device)?)?; // warm
     drop(w);
-    let mut f: Box<dyn FnMut(&Tensor, &Tensor, &Tensor) -> candle_core::Result<Tensor>> = match stage {
+    type Stage<'a> = Box<dyn FnMut(&Tensor, &Tensor, &Tensor) -> candle_core::Result<Tensor> + 'a>;
+    let mut f: Stage = match stage {
         "matmul" => Box::new(|x: &Tensor, _: &Tensor, _: &Tensor| x.reshape((b * t, d))?.to_dtype(dtype)?.matmul(&x.reshape((b * t, d))?.to_dtype(dtype)?.t()?)),
         "linear" => Box::new(|x: &Tensor, _: &Tensor, _: &Tensor| block.attention().project_out(x)),
         "broadcast" => Box::new(|x: &Tensor, c: &Tensor, _: &Tensor| x.broadcast_mul(&c.unsqueeze(1)?)),

@@ -166,9 +166,11 @@ fn balance_loss_covers_the_conditional_tokens_only() {
             let ids = io["expert_indices"].flatten_all().unwrap().to_vec1::<i64>().unwrap();
             let images = cond.len() / t;
             let mut want = 0.0;
-            let groups: Vec<std::ops::Range<usize>> = if seq_aux { (0..images).map(|m| m * t..(m + 1) * t).collect() } else { vec![0..cond.len()] };
+            let groups: Vec<std::ops::Range<usize>> = if seq_aux { (0..images).map(|m| m * t..(m + 1) * t).collect() } else { std::iter::once(0..cond.len()).collect() };
             for g in &groups {
                 let rows = g.len() as f64;
+                // i is an expert id (compared with the routed ids), not only an index into probs
+                #[allow(clippy::needless_range_loop)]
                 for i in 0..e {
                     let count = g.clone().flat_map(|r| (0..k).map(move |j| (r, j))).filter(|&(r, j)| ids[cond[r] as usize * k + j] == i as i64).count() as f64;
                     let p_mean: f64 = g.clone().map(|r| probs[r][i]).sum::<f64>() / rows;

@@ -22,9 +22,11 @@ impl RectifiedFlowSampler {
     /// The grid the model family was trained with (`DitConfig::flow_time_scale`): DiT-MoE's
     /// uniform t, or ProMoE's flow-matching sigmas fed as `sigma * 1000`.
     pub fn for_model(cfg: &crate::DitConfig, steps: usize, heun: bool) -> Result<Self> {
-        match cfg.flow_time_scale() {
-            s if s == 1.0 => Self::new(steps, heun),
-            s => Ok(Self { grid: FlowTimeGrid::shifted_sigmas(steps, 1.0, s)?, heun }),
+        let scale = cfg.flow_time_scale();
+        if scale == 1.0 {
+            Self::new(steps, heun)
+        } else {
+            Ok(Self { grid: FlowTimeGrid::shifted_sigmas(steps, 1.0, scale)?, heun })
         }
     }
 

@@ -31,6 +31,10 @@ pub enum StopReason {
     TimeBudget,
 }
 
+/// What [`Trainer::micro_step`] returns: (loss + balance loss + contrastive loss scaled by
+/// 1/accum, diffusion loss, balance loss, contrastive loss, expert counts).
+type MicroStep = (Tensor, f32, f32, f32, Vec<Vec<usize>>);
+
 #[derive(Debug, Clone)]
 pub struct RunSummary {
     /// One record per optimizer step taken by this call (the log file keeps every `log_every`-th).
@@ -143,7 +147,7 @@ impl Trainer {
 
     /// One micro-batch: returns (loss + balance loss + contrastive loss scaled by 1/accum,
     /// diffusion loss, balance loss, contrastive loss, expert counts).
-    fn micro_step(&mut self, step: u64, micro: usize) -> Result<(Tensor, f32, f32, f32, Vec<Vec<usize>>)> {
+    fn micro_step(&mut self, step: u64, micro: usize) -> Result<MicroStep> {
         let batch = self.loader.next_batch()?;
         let seed = self.cfg.seed;
         let (x, n) = (batch.x, batch.y.dim(0)?);
