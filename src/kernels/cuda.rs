@@ -588,10 +588,10 @@ pub fn gemm_choice(dev: &CudaDevice, dtype: DType, swiglu: bool, n: usize, align
             let smem = stages * (128 * 64 * 2 + bn * 64 * 2) + 1024;
             let kind = if swiglu { "swiglu" } else { "plain" };
             // Measured on an H100 at 16384 tokens (docs/benchmarks.md, run 5): the multicast
-            // kernel beats the cp.async one for every gate/up projection (S 0.203 -> 0.178 ms,
-            // XL 1.338 -> 1.231, G 2.068 -> 1.761) and for the down projections with at least
-            // four 256-wide tiles (XL 0.695 -> 0.553, G 1.002 -> 0.872), but not for S's
-            // 384-wide one (0.089 -> 0.101 ms).
+            // kernel beats the cp.async one for every gate/up projection (S 0.215 -> 0.165 ms,
+            // XL 1.343 -> 1.169, G 1.991 -> 1.737) and for the down projections with at least
+            // four 256-wide tiles (XL 0.650 -> 0.542, G 1.033 -> 0.954), but not for S's
+            // 384-wide one (0.094 -> 0.097 ms; 0.089 -> 0.101 in an earlier run).
             let multicast = wg && bn == 256 && persistent && cfg.multicast.unwrap_or(swiglu || n >= 1024);
             let name = if multicast {
                 format!("gg_wgmma_{kind}_n256mc")
@@ -659,7 +659,8 @@ fn weight_tensor_map(ptr: cudarc::driver::sys::CUdeviceptr, rows: usize, k: usiz
 
 /// How many clusters of two blocks of a multicast kernel fit on the device at once (its
 /// persistent grid): a cluster needs two SMs of one GPC, so this can be below SMs / 2. A
-/// host-side query (no stream), so it is safe inside a CUDA-graph capture.
+/// host-side query (no stream), so it is safe inside a CUDA-graph capture. Both multicast
+/// kernels hold one block per SM (their shared memory), so the first answer serves both.
 fn max_active_pairs(f: &cudarc::driver::CudaFunction, smem: u32, block: u32, sms: u32) -> Result<u32> {
     static PAIRS: OnceLock<u32> = OnceLock::new();
     if let Some(p) = PAIRS.get() {
