@@ -20,6 +20,8 @@
 // multi-stage pipeline into 128-byte-swizzled shared memory, then either
 //   * wgmma (sm_90a): each warpgroup issues m64nBNk16 on its 64 rows, f32 accumulators, or
 //   * mma.sync m16n8k16 + ldmatrix (sm_80+): 2x4 warps of 64 x BN/4.
+// The multicast kernels (sm_90a, N tile 256, see "Multicast variant" below) run in clusters of
+// two blocks sharing each weight tile through a TMA multicast, warp-specialised.
 // f32 kernel: plain SIMT tiles (64 x 64 x 16, 4x4 per thread), exact f32 FMA accumulation.
 
 typedef unsigned int u32;
@@ -783,6 +785,9 @@ GG_BF16_PKERNEL(gg_wgmma_swiglu_n256s4p, 256, 4, true, true)
 // A pair walks the same tile sequence with the same K-slices, so both blocks issue and wait
 // the same barrier phases; M-tiles past the expert's rows are computed on zeros and not
 // stored. SWIGLU: block 0 loads the gate rows, block 1 the up rows (SPLIT epilogue).
+// Waits use mbarrier.try_wait's default (CTA-scope) semantics and remote arrives the default
+// release.cta, as CUTLASS does: with .acquire.cluster on the consumers' poll the kernel ran
+// 35% slower (docs/benchmarks.md, MoE run 5).
 // ---------------------------------------------------------------------------------------
 #define GG_PRODUCERS 128
 struct __align__(64) GgTmaMap {
