@@ -152,10 +152,13 @@ __device__ __forceinline__ void wgmma_m64n256k16(float* d, u64 da, u64 db, u32 s
 #define GG_MAXE 1024
 #define GG_GROUP_M 8
 
-// Tile scheduler (see the header). All threads call it; returns false for idle blocks.
+struct GgTile {
+    u32 e, seg, m0, rows, n_tile;
+};
+
+// Per-expert M-tile prefix sums into s_ts[0..E]; returns the total number of M-tiles.
 template <int BM>
-__device__ __forceinline__ bool gg_schedule(const u32* __restrict__ offsets, u32 E, u32 n_tiles,
-                                            u32* s_ts, u32& e_out, u32& m_tile_out, u32& n_tile_out) {
+__device__ __forceinline__ u32 gg_prefix(const u32* __restrict__ offsets, u32 E, u32* s_ts) {
     const u32 lane = threadIdx.x & 31u, warp = threadIdx.x >> 5;
     if (warp == 0) {
         const u32 per = (E + 31u) >> 5;
@@ -182,24 +185,42 @@ __device__ __forceinline__ bool gg_schedule(const u32* __restrict__ offsets, u32
         if (lane == 31) s_ts[E] = incl;
     }
     __syncthreads();
-    const u32 total_m = s_ts[E];
-    const u32 bid = blockIdx.x;
-    if (bid >= total_m * n_tiles) return false;
+    return s_ts[E];
+}
+
+// Tile t -> expert, rows and N-tile; M-tiles in groups of GG_GROUP_M per N sweep.
+template <int BM>
+__device__ __forceinline__ GgTile gg_decode(u32 t, u32 n_tiles, u32 total_m, const u32* s_ts,
+                                            const u32* __restrict__ offsets, u32 E) {
     const u32 per_group = GG_GROUP_M * n_tiles;
-    const u32 group = bid / per_group;
+    const u32 group = t / per_group;
     const u32 first_m = group * GG_GROUP_M;
     const u32 gsz = min(total_m - first_m, (u32)GG_GROUP_M);
-    const u32 in_g = bid - group * per_group;
+    const u32 in_g = t - group * per_group;
     const u32 m_tile = first_m + in_g % gsz;
-    n_tile_out = in_g / gsz;
-    // the expert owning m_tile: the last e with s_ts[e] <= m_tile (zero-tile experts are skipped)
+    GgTile T;
+    T.n_tile = in_g / gsz;
     u32 lo = 0, hi = E - 1;
     while (lo < hi) {
         const u32 mid = (lo + hi + 1) >> 1;
         if (s_ts[mid] <= m_tile) lo = mid; else hi = mid - 1;
     }
-    e_out = lo;
-    m_tile_out = m_tile;
+    T.e = lo;
+    T.seg = offsets[lo];
+    const u32 cnt = offsets[lo + 1] - T.seg;
+    T.m0 = (m_tile - s_ts[lo]) * BM;
+    T.rows = min(cnt - T.m0, (u32)BM);
+    return T;
+}
+
+// Tile scheduler of the one-shot kernels (see the header): block blockIdx.x takes tile
+// blockIdx.x. All threads call it; returns false for idle blocks.
+template <int BM>
+__device__ __forceinline__ bool gg_schedule(const u32* __restrict__ offsets, u32 E, u32 n_tiles, u32* s_ts,
+                                            GgTile& T) {
+    const u32 total_m = gg_prefix<BM>(offsets, E, s_ts);
+    if (blockIdx.x >= total_m * n_tiles) return false;
+    T = gg_decode<BM>(blockIdx.x, n_tiles, total_m, s_ts, offsets, E);
     return true;
 }
 
@@ -260,12 +281,9 @@ __device__ __forceinline__ void gg_bf16_body(const u16* __restrict__ A, const u3
     __shared__ u32 s_ts[GG_MAXE + 1];
 
     const u32 n_tiles = (N + OUT_PER_TILE - 1) / OUT_PER_TILE;
-    u32 e, m_tile, n_tile;
-    if (!gg_schedule<BM>(offsets, E, n_tiles, s_ts, e, m_tile, n_tile)) return;
-    const u32 seg = offsets[e];
-    const u32 cnt = offsets[e + 1] - seg;
-    const u32 m0 = (m_tile - s_ts[e]) * BM;
-    const u32 rows = min(cnt - m0, (u32)BM);
+    GgTile T;
+    if (!gg_schedule<BM>(offsets, E, n_tiles, s_ts, T)) return;
+    const u32 e = T.e, seg = T.seg, m0 = T.m0, rows = T.rows, n_tile = T.n_tile;
     const u32 tid = threadIdx.x, lane = tid & 31u, warp = tid >> 5;
     const u32 smem0 = (smem_u32(gg_smem) + 1023u) & ~1023u;
 
@@ -435,67 +453,6 @@ __device__ __forceinline__ void gg_bf16_body(const u16* __restrict__ A, const u3
 // the next tile's first K-slices are in flight while the current tile's epilogue runs, and the
 // expert prefix sum is computed once per CTA.
 // ---------------------------------------------------------------------------------------
-struct GgTile {
-    u32 e, seg, m0, rows, n_tile;
-};
-
-// Per-expert M-tile prefix sums into s_ts[0..E]; returns the total number of M-tiles.
-template <int BM>
-__device__ __forceinline__ u32 gg_prefix(const u32* __restrict__ offsets, u32 E, u32* s_ts) {
-    const u32 lane = threadIdx.x & 31u, warp = threadIdx.x >> 5;
-    if (warp == 0) {
-        const u32 per = (E + 31u) >> 5;
-        const u32 e0 = lane * per;
-        u32 local = 0;
-        for (u32 i = 0; i < per; ++i) {
-            const u32 e = e0 + i;
-            if (e < E) local += (offsets[e + 1] - offsets[e] + BM - 1) / BM;
-        }
-        u32 incl = local;
-#pragma unroll
-        for (int o = 1; o < 32; o <<= 1) {
-            const u32 v = __shfl_up_sync(0xffffffffu, incl, o);
-            if (lane >= (u32)o) incl += v;
-        }
-        u32 run = incl - local;
-        for (u32 i = 0; i < per; ++i) {
-            const u32 e = e0 + i;
-            if (e < E) {
-                s_ts[e] = run;
-                run += (offsets[e + 1] - offsets[e] + BM - 1) / BM;
-            }
-        }
-        if (lane == 31) s_ts[E] = incl;
-    }
-    __syncthreads();
-    return s_ts[E];
-}
-
-// Tile t -> expert, rows and N-tile; M-tiles in groups of GG_GROUP_M per N sweep.
-template <int BM>
-__device__ __forceinline__ GgTile gg_decode(u32 t, u32 n_tiles, u32 total_m, const u32* s_ts,
-                                            const u32* __restrict__ offsets, u32 E) {
-    const u32 per_group = GG_GROUP_M * n_tiles;
-    const u32 group = t / per_group;
-    const u32 first_m = group * GG_GROUP_M;
-    const u32 gsz = min(total_m - first_m, (u32)GG_GROUP_M);
-    const u32 in_g = t - group * per_group;
-    const u32 m_tile = first_m + in_g % gsz;
-    GgTile T;
-    T.n_tile = in_g / gsz;
-    u32 lo = 0, hi = E - 1;
-    while (lo < hi) {
-        const u32 mid = (lo + hi + 1) >> 1;
-        if (s_ts[mid] <= m_tile) lo = mid; else hi = mid - 1;
-    }
-    T.e = lo;
-    T.seg = offsets[lo];
-    const u32 cnt = offsets[lo + 1] - T.seg;
-    T.m0 = (m_tile - s_ts[lo]) * BM;
-    T.rows = min(cnt - T.m0, (u32)BM);
-    return T;
-}
-
 // One bf16 pair (row rl of the tile, output columns oc, oc + 1) to C, if inside the tile.
 __device__ __forceinline__ void gg_put2(u16* __restrict__ C, const GgTile& T, u32 N, u32 rl, u32 oc, float v0,
                                         float v1) {
@@ -877,7 +834,7 @@ __device__ __forceinline__ void gg_bf16_multicast(const u16* __restrict__ A, con
         }
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     }
-    cluster_sync();  // the partner's barriers exist before any multicast or remote arrive
+    cluster_sync();  // s_off is written and the partner's barriers exist before any multicast or arrive
     const u32 KT = (K + BK - 1) / BK;
 
     // this block's half of a pair tile
@@ -1039,12 +996,9 @@ __device__ __forceinline__ void gg_f32_body(const float* __restrict__ A, const u
     __shared__ float As[BK][BM + 4];
     __shared__ float Bs[BK][BN + 4];
     const u32 n_tiles = (N + OUT_PER_TILE - 1) / OUT_PER_TILE;
-    u32 e, m_tile, n_tile;
-    if (!gg_schedule<BM>(offsets, E, n_tiles, s_ts, e, m_tile, n_tile)) return;
-    const u32 seg = offsets[e];
-    const u32 cnt = offsets[e + 1] - seg;
-    const u32 m0 = (m_tile - s_ts[e]) * BM;
-    const u32 rows = min(cnt - m0, (u32)BM);
+    GgTile T;
+    if (!gg_schedule<BM>(offsets, E, n_tiles, s_ts, T)) return;
+    const u32 e = T.e, seg = T.seg, m0 = T.m0, rows = T.rows, n_tile = T.n_tile;
     const u32 tid = threadIdx.x, tx = tid & 15u, ty = tid >> 4;
     const float* a_src[4];
     bool a_ok[4];
@@ -1142,12 +1096,9 @@ __device__ __forceinline__ void gg_f32b_body(const float* __restrict__ A, const 
     __shared__ alignas(16) float As[2][BK][BM];
     __shared__ alignas(16) float Bs[2][BK][BN];
     const u32 n_tiles = (N + OUT_PER_TILE - 1) / OUT_PER_TILE;
-    u32 e, m_tile, n_tile;
-    if (!gg_schedule<BM>(offsets, E, n_tiles, s_ts, e, m_tile, n_tile)) return;
-    const u32 seg = offsets[e];
-    const u32 cnt = offsets[e + 1] - seg;
-    const u32 m0 = (m_tile - s_ts[e]) * BM;
-    const u32 rows = min(cnt - m0, (u32)BM);
+    GgTile T;
+    if (!gg_schedule<BM>(offsets, E, n_tiles, s_ts, T)) return;
+    const u32 e = T.e, seg = T.seg, m0 = T.m0, rows = T.rows, n_tile = T.n_tile;
     const u32 tid = threadIdx.x, tx = tid & 15u, ty = tid >> 4;
     // loader: row lr, K offset lk (4 consecutive k per thread)
     const u32 lr = tid >> 1, lk = (tid & 1u) * 4u;
@@ -1272,12 +1223,9 @@ __device__ __forceinline__ void gg_tf32x3_body(const float* __restrict__ A, cons
     extern __shared__ unsigned char gg_smem[];
     __shared__ u32 s_ts[GG_MAXE + 1];
     const u32 n_tiles = (N + OUT_PER_TILE - 1) / OUT_PER_TILE;
-    u32 e, m_tile, n_tile;
-    if (!gg_schedule<BM>(offsets, E, n_tiles, s_ts, e, m_tile, n_tile)) return;
-    const u32 seg = offsets[e];
-    const u32 cnt = offsets[e + 1] - seg;
-    const u32 m0 = (m_tile - s_ts[e]) * BM;
-    const u32 rows = min(cnt - m0, (u32)BM);
+    GgTile T;
+    if (!gg_schedule<BM>(offsets, E, n_tiles, s_ts, T)) return;
+    const u32 e = T.e, seg = T.seg, m0 = T.m0, rows = T.rows, n_tile = T.n_tile;
     const u32 tid = threadIdx.x, lane = tid & 31u, warp = tid >> 5;
     const u32 g = lane >> 2, tg = lane & 3u;
     const u32 smem0 = (smem_u32(gg_smem) + 1023u) & ~1023u;
