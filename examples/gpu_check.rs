@@ -543,6 +543,13 @@ fn run_checks(dev: &Device, section: &str) -> Result<Table> {
                 let g = bo::qkv_attention(&on(&qkv)?, Some(&on(&bias)?), with_norm.then(|| norm(&wg)), heads, scale)?;
                 let case = format!("B={b} T={t} H={heads} hd={hd} bf16{}", if with_norm { " qk-norm" } else { "" });
                 tb.add("qkv_attention (fused)", &case, "rel vs f32", rel(&g, &r)?, 1e-2);
+                if with_norm {
+                    // the kernel's own q/k norm against the split pass + attention on the GPU: the
+                    // same roundings, only the LayerNorm sums' order differs (float16 ties)
+                    let (q, k, v) = bo::split_qkv(&on(&qkv)?, Some(&on(&bias)?), Some(norm(&wg)), heads)?;
+                    let s = bo::attention(&q, &k, &v, scale)?;
+                    tb.add("qkv_attention (fused)", &format!("{case} vs split + attention"), "rel", rel(&g, &s)?, 2e-3);
+                }
             }
         }
         for dt in [DType::F32, DType::BF16] {

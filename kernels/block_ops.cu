@@ -26,19 +26,20 @@ typedef unsigned long long u64;
 #define NEG_INF __int_as_float(0xff800000)
 
 __device__ __forceinline__ float bf2f(u16 v) { return __uint_as_float(((u32)v) << 16); }
+// float -> bf16, round to nearest even, one cvt (sm_80+; NaN stays NaN)
 __device__ __forceinline__ u16 f2bf(float f) {
-    u32 u = __float_as_uint(f);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (u16)((u >> 16) | 0x40u);  // NaN stays NaN
-    u += 0x7fffu + ((u >> 16) & 1u);                                        // round to nearest even
-    return (u16)(u >> 16);
+    u16 r;
+    asm("cvt.rn.bf16.f32 %0, %1;\n" : "=h"(r) : "f"(f));
+    return r;
 }
-// float -> float16 -> float, round to nearest even (normal float16 range; LayerNorm outputs).
+// float -> float16 -> float, round to nearest even, with float16's overflow to infinity and
+// its subnormals (as the CPU path's `to_dtype(F16)`): two cvts.
 __device__ __forceinline__ float round_f16(float f) {
-    u32 u = __float_as_uint(f);
-    if ((u & 0x7fffffffu) >= 0x7f800000u) return f;
-    u += 0xfffu + ((u >> 13) & 1u);
-    u &= ~0x1fffu;
-    return __uint_as_float(u);
+    unsigned short h;
+    float r;
+    asm("cvt.rn.f16.f32 %0, %1;\n" : "=h"(h) : "f"(f));
+    asm("cvt.f32.f16 %0, %1;\n" : "=f"(r) : "h"(h));
+    return r;
 }
 
 template <typename T> struct Io;
@@ -447,7 +448,14 @@ extern "C" __global__ void strided_copy_u32(const u32* src, View6 v, u64 n, u32*
 // straight into the merged-heads layout out [B, T, H*hd]. Reading the projection directly,
 // its biases are folded in: q's is added as q is loaded; k's is dropped, since q.(k + b_k)
 // shifts every score of a query row by the same q.b_k and softmax is shift-invariant; v's is
-// added to the output, since each row's softmax weights sum to one. mma.sync m16n8k16 (bf16 in, f32 accumulate,
+// added to the output, since each row's softmax weights sum to one. With NORM (the flash
+// form, `FlashSelfMHAModified`), q and k are LayerNormed over hd and rounded to float16 as
+// split_qkv_rows does, inside the kernel: q in registers as it is loaded (the four lanes of a
+// row reduce with two shuffles), each k tile in shared memory once it has landed (b_k goes in
+// first: LayerNorm is not shift-invariant per element), and b_v is added to each v tile with
+// the bf16 rounding of the CPU path's v + b_v (folding it into the output instead flipped a
+// bf16 routing near-tie in the `tiny-flash` fixture). This saves the split pass, which wrote
+// q, k and v out for the attention to read back. mma.sync m16n8k16 (bf16 in, f32 accumulate,
 // sm_80+); hd is padded with zeros to HDP, a multiple of 16. One warp per 16 query rows,
 // WARPS (4 or 8) warps per block; key tiles of 64 keys staged row-major in shared memory by
 // 16-byte cp.async loads, double-buffered so that the next tile loads while this one is
@@ -487,10 +495,87 @@ struct FlashStrides {
     u64 image[3], head[3], token[3];
 };
 
-template <int HDP, int WARPS>
+// The flash form's per-head LayerNorm weights of q and k (f32 [hd] each), for NORM kernels.
+struct QkNormArgs {
+    const float *qw, *qb, *kw, *kb;
+    float eps;
+};
+
+// x + b of bf16 pairs, rounded to bf16 (a bf16 add; both packed two to a word)
+__device__ __forceinline__ u32 add_bf16x2(u32 x, u32 b) {
+    return pack_bf16(bf2f((u16)(x & 0xffffu)) + bf2f((u16)(b & 0xffffu)), bf2f((u16)(x >> 16)) + bf2f((u16)(b >> 16)));
+}
+// LayerNorm (then float16 rounding, stored as bf16) of one bf16 pair at columns j, j + 1,
+// given the row's mean and rstd
+__device__ __forceinline__ u32 ln_f16_pair(u32 x, float mean, float rstd, const float* w, const float* b, u32 j) {
+    return pack_bf16(round_f16((bf2f((u16)(x & 0xffffu)) - mean) * rstd * w[j] + b[j]),
+                     round_f16((bf2f((u16)(x >> 16)) - mean) * rstd * w[j + 1] + b[j + 1]));
+}
+// sum and sum of squared deviations of bf16 pairs, for the mean and variance of a row
+__device__ __forceinline__ float sum_bf16x2(u32 x) { return bf2f((u16)(x & 0xffffu)) + bf2f((u16)(x >> 16)); }
+__device__ __forceinline__ float sqdev_bf16x2(u32 x, float mean) {
+    const float a = bf2f((u16)(x & 0xffffu)) - mean, c = bf2f((u16)(x >> 16)) - mean;
+    return a * a + c * c;
+}
+
+// NORM: the k tile (keys k0 .. k0 + KT - 1, rows KS apart) gets b_k, its LayerNorm and the
+// float16 rounding, the v tile b_v, in place in shared memory (hd % 8 == 0). Four threads per
+// key row, each with every fourth 16-byte chunk; rows past T stay zero.
+template <int HDP, int KT, int KS>
+__device__ __forceinline__ void flash_fix_kv_tile(u16* sK, u16* sV, u32 k0, u32 T, u32 hd, const u16* __restrict__ k_bias,
+                                                  const u16* __restrict__ v_bias, const QkNormArgs& nrm) {
+    constexpr int CPT = (HDP / 8 + 3) / 4;  // chunks per thread
+    const u32 nc = hd >> 3, quad = threadIdx.x & 3u;
+    for (u32 r = threadIdx.x >> 2; r < (u32)KT; r += blockDim.x >> 2) {
+        const bool live = k0 + r < T;
+        uint4 x[CPT];
+        float s = 0.f;
+#pragma unroll
+        for (int i = 0; i < CPT; ++i) {
+            const u32 c = quad + 4u * i;
+            if (live && c < nc) {
+                x[i] = *(const uint4*)(sK + r * KS + 8u * c);
+                if (k_bias) {
+                    const uint4 bw = *(const uint4*)(k_bias + 8u * c);
+                    x[i] = make_uint4(add_bf16x2(x[i].x, bw.x), add_bf16x2(x[i].y, bw.y), add_bf16x2(x[i].z, bw.z), add_bf16x2(x[i].w, bw.w));
+                }
+                s += sum_bf16x2(x[i].x) + sum_bf16x2(x[i].y) + sum_bf16x2(x[i].z) + sum_bf16x2(x[i].w);
+            }
+        }
+        s += __shfl_xor_sync(0xffffffffu, s, 1);
+        s += __shfl_xor_sync(0xffffffffu, s, 2);
+        const float mean = s / (float)hd;
+        float var = 0.f;
+#pragma unroll
+        for (int i = 0; i < CPT; ++i)
+            if (live && quad + 4u * i < nc)
+                var += sqdev_bf16x2(x[i].x, mean) + sqdev_bf16x2(x[i].y, mean) + sqdev_bf16x2(x[i].z, mean) + sqdev_bf16x2(x[i].w, mean);
+        var += __shfl_xor_sync(0xffffffffu, var, 1);
+        var += __shfl_xor_sync(0xffffffffu, var, 2);
+        const float rstd = rsqrtf(var / (float)hd + nrm.eps);
+#pragma unroll
+        for (int i = 0; i < CPT; ++i) {
+            const u32 c = quad + 4u * i, j = 8u * c;
+            if (live && c < nc)
+                *(uint4*)(sK + r * KS + j) = make_uint4(ln_f16_pair(x[i].x, mean, rstd, nrm.kw, nrm.kb, j), ln_f16_pair(x[i].y, mean, rstd, nrm.kw, nrm.kb, j + 2),
+                                                        ln_f16_pair(x[i].z, mean, rstd, nrm.kw, nrm.kb, j + 4), ln_f16_pair(x[i].w, mean, rstd, nrm.kw, nrm.kb, j + 6));
+        }
+    }
+    if (v_bias) {
+        for (u32 i = threadIdx.x; i < (u32)KT * nc; i += blockDim.x) {
+            const u32 r = i / nc, j = 8u * (i % nc);
+            if (k0 + r >= T) continue;
+            uint4* p = (uint4*)(sV + r * KS + j);
+            const uint4 x = *p, bw = *(const uint4*)(v_bias + j);
+            *p = make_uint4(add_bf16x2(x.x, bw.x), add_bf16x2(x.y, bw.y), add_bf16x2(x.z, bw.z), add_bf16x2(x.w, bw.w));
+        }
+    }
+}
+
+template <int HDP, int WARPS, bool NORM>
 __device__ void flash_attn_body(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,
-                                const u16* __restrict__ q_bias, const u16* __restrict__ v_bias, FlashStrides st,
-                                u32 T, u32 H, u32 hd, float scale_log2, u16* __restrict__ out) {
+                                const u16* __restrict__ q_bias, const u16* __restrict__ k_bias, const u16* __restrict__ v_bias,
+                                QkNormArgs nrm, FlashStrides st, u32 T, u32 H, u32 hd, float scale_log2, u16* __restrict__ out) {
     constexpr int KT = FLASH_KT;
     constexpr int KS = HDP + 8;   // row stride of the k/v tiles (u16), padded against bank conflicts
     extern __shared__ __align__(16) u16 flash_smem[];  // [2 buffers][k tile, v tile][KT * KS]
@@ -538,13 +623,50 @@ __device__ void flash_attn_body(const u16* __restrict__ q, const u16* __restrict
             u32 w = 0u;
             if (row < T && d < hd) {
                 w = *(const u32*)(qh + (u64)row * qs + d);
-                if (q_bias) {  // the projection's q bias, rounded to bf16 with q as a bf16 add would
-                    const u32 bw = *(const u32*)(q_bias + h * hd + d);
-                    w = pack_bf16(bf2f((u16)(w & 0xffffu)) + bf2f((u16)(bw & 0xffffu)),
-                                  bf2f((u16)(w >> 16)) + bf2f((u16)(bw >> 16)));
-                }
+                // the projection's q bias, rounded to bf16 with q as a bf16 add would
+                if (q_bias) w = add_bf16x2(w, *(const u32*)(q_bias + h * hd + d));
             }
             qa[c][i] = w;
+        }
+    }
+    if constexpr (NORM) {
+        // LayerNorm of rows g (registers 0, 2) and g + 8 (1, 3): the row's hd values are spread
+        // over the four lanes tg; columns past hd hold zeros and count in neither sum
+        float s0 = 0.f, s1 = 0.f;
+#pragma unroll
+        for (int c = 0; c < HDP / 16; ++c) {
+            s0 += sum_bf16x2(qa[c][0]) + sum_bf16x2(qa[c][2]);
+            s1 += sum_bf16x2(qa[c][1]) + sum_bf16x2(qa[c][3]);
+        }
+#pragma unroll
+        for (int x = 1; x < 4; x <<= 1) {
+            s0 += __shfl_xor_sync(0xffffffffu, s0, x);
+            s1 += __shfl_xor_sync(0xffffffffu, s1, x);
+        }
+        const float mean0 = s0 / (float)hd, mean1 = s1 / (float)hd;
+        float v0 = 0.f, v1 = 0.f;
+#pragma unroll
+        for (int c = 0; c < HDP / 16; ++c) {
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                if (16u * c + 2u * tg + (i >> 1) * 8u >= hd) continue;
+                if (i & 1) v1 += sqdev_bf16x2(qa[c][i], mean1);
+                else v0 += sqdev_bf16x2(qa[c][i], mean0);
+            }
+        }
+#pragma unroll
+        for (int x = 1; x < 4; x <<= 1) {
+            v0 += __shfl_xor_sync(0xffffffffu, v0, x);
+            v1 += __shfl_xor_sync(0xffffffffu, v1, x);
+        }
+        const float r0 = rsqrtf(v0 / (float)hd + nrm.eps), r1 = rsqrtf(v1 / (float)hd + nrm.eps);
+#pragma unroll
+        for (int c = 0; c < HDP / 16; ++c) {
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const u32 d = 16u * c + 2u * tg + (i >> 1) * 8u;
+                if (d < hd) qa[c][i] = (i & 1) ? ln_f16_pair(qa[c][i], mean1, r1, nrm.qw, nrm.qb, d) : ln_f16_pair(qa[c][i], mean0, r0, nrm.qw, nrm.qb, d);
+            }
         }
     }
     float o[HDP / 8][4];
@@ -559,8 +681,12 @@ __device__ void flash_attn_body(const u16* __restrict__ q, const u16* __restrict
         else cp_async_commit();
         cp_async_wait1();
         __syncthreads();
-        const u16* sK = flash_smem + (t & 1u) * 2u * KT * KS;
-        const u16* sV = sK + KT * KS;
+        u16* sK = flash_smem + (t & 1u) * 2u * KT * KS;
+        u16* sV = sK + KT * KS;
+        if constexpr (NORM) {
+            flash_fix_kv_tile<HDP, KT, KS>(sK, sV, k0, T, hd, k_bias ? k_bias + h * hd : nullptr, v_bias ? v_bias + h * hd : nullptr, nrm);
+            __syncthreads();
+        }
         float s[KT / 8][4];
 #pragma unroll
         for (int j = 0; j < KT / 8; ++j) {
@@ -638,7 +764,7 @@ __device__ void flash_attn_body(const u16* __restrict__ q, const u16* __restrict
         const u32 r0 = q0 + g, r1 = q0 + g + 8u;
         // the v bias passes through unchanged: the softmax weights of a row sum to one
         float vb0 = 0.f, vb1 = 0.f;
-        if (v_bias) {
+        if (!NORM && v_bias) {
             vb0 = bf2f(v_bias[h * hd + d]);
             vb1 = bf2f(v_bias[h * hd + d + 1]);
         }
@@ -646,16 +772,23 @@ __device__ void flash_attn_body(const u16* __restrict__ q, const u16* __restrict
         if (r1 < T) *(u32*)(out + ((u64)b * T + r1) * D + h * hd + d) = pack_bf16(o[n][2] * inv1 + vb0, o[n][3] * inv1 + vb1);
     }
 }
-#define FLASH_K(NAME, HDP, W, BOUNDS) \
-    extern "C" __global__ void BOUNDS NAME(const u16* q, const u16* k, const u16* v, const u16* q_bias, const u16* v_bias, \
-                                           FlashStrides st, u32 T, u32 H, u32 hd, float sl2, u16* out) { \
-        flash_attn_body<HDP, W>(q, k, v, q_bias, v_bias, st, T, H, hd, sl2, out); \
+#define FLASH_K(NAME, HDP, W, NORM, BOUNDS) \
+    extern "C" __global__ void BOUNDS NAME(const u16* q, const u16* k, const u16* v, const u16* q_bias, const u16* k_bias, \
+                                           const u16* v_bias, const float* qw, const float* qb, const float* kw, const float* kb, \
+                                           float eps, FlashStrides st, u32 T, u32 H, u32 hd, float sl2, u16* out) { \
+        flash_attn_body<HDP, W, NORM>(q, k, v, q_bias, k_bias, v_bias, QkNormArgs{qw, qb, kw, kb, eps}, st, T, H, hd, sl2, out); \
     }
-#define FLASH(HDP, W) FLASH_K(flash_attn_bf16_hd##HDP##_w##W, HDP, W, __launch_bounds__(32 * W))
+// flash_attn_bf16_*: q, k, v as they are (k_bias and the norm weights unused);
+// flash_attn_qkn_bf16_*: the flash form's q/k LayerNorm in the kernel (NORM above)
+#define FLASH(HDP, W) \
+    FLASH_K(flash_attn_bf16_hd##HDP##_w##W, HDP, W, false, __launch_bounds__(32 * W)) \
+    FLASH_K(flash_attn_qkn_bf16_hd##HDP##_w##W, HDP, W, true, __launch_bounds__(32 * W))
 // 16 warps per SM (128 registers) up to head size 80: measured on an H100 at XL/2 (hd 72,
 // T 256, batch 64) 0.161 ms against 0.187 ms with 130 registers and 8 warps per SM, despite
 // a few spilled bytes at hd 80
-#define FLASH_OCC2(HDP, W) FLASH_K(flash_attn_bf16_hd##HDP##_w##W, HDP, W, __launch_bounds__(32 * W, 16 / W))
+#define FLASH_OCC2(HDP, W) \
+    FLASH_K(flash_attn_bf16_hd##HDP##_w##W, HDP, W, false, __launch_bounds__(32 * W, 16 / W)) \
+    FLASH_K(flash_attn_qkn_bf16_hd##HDP##_w##W, HDP, W, true, __launch_bounds__(32 * W, 16 / W))
 FLASH_OCC2(16, 4)
 FLASH_OCC2(32, 4)
 FLASH_OCC2(64, 4)

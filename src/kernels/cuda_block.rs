@@ -338,13 +338,17 @@ fn flash_hdp(hd: usize) -> Result<usize> {
     })
 }
 
+/// The optional biases of the q, k and v views a flash kernel reads.
+type FlashBiases<'a, 'b> = [Option<&'a cudarc::driver::CudaView<'b, bf16>>; 3];
+
 /// The fused attention kernel over views of q, k and v laid out as `st` says, with the optional
-/// projection biases (see `flash_attn_body`), into a new `(B, T, H·hd)` bf16 tensor.
-#[allow(clippy::too_many_arguments)]
+/// projection biases and the flash form's q/k norm (see `flash_attn_body`), into a new
+/// `(B, T, H·hd)` bf16 tensor.
 fn launch_flash(
     dev: &CudaDevice,
     (q, k, v): (&cudarc::driver::CudaView<bf16>, &cudarc::driver::CudaView<bf16>, &cudarc::driver::CudaView<bf16>),
-    (q_bias, v_bias): (Option<&cudarc::driver::CudaView<bf16>>, Option<&cudarc::driver::CudaView<bf16>>),
+    biases: FlashBiases,
+    norm: Option<&QkNormViews>,
     st: FlashStrides,
     (b, h, t, hd): (usize, usize, usize, usize),
     scale: f64,
@@ -357,14 +361,30 @@ fn launch_flash(
         _ if t >= 256 => 8,
         _ => 4,
     };
-    let f = func(dev, &format!("flash_attn_bf16_hd{hdp}_w{warps}"))?;
+    let kind = if norm.is_some() { "qkn_bf16" } else { "bf16" };
+    let f = func(dev, &format!("flash_attn_{kind}_hd{hdp}_w{warps}"))?;
     let mut out = unsafe { dev.alloc::<bf16>(b * t * h * hd)? };
     let (t32, h32, hd32) = (t as u32, h as u32, hd as u32);
     let scale_log2 = (scale * std::f64::consts::LOG2_E) as f32;
     let mut l = f.0.launch_builder(&f.1);
     l.arg(q).arg(k).arg(v);
-    arg_or_null(&mut l, q_bias);
-    arg_or_null(&mut l, v_bias);
+    for bias in biases {
+        arg_or_null(&mut l, bias);
+    }
+    match norm {
+        Some(n) => {
+            for w in &n.weights {
+                l.arg(w);
+            }
+            l.arg(&n.eps);
+        }
+        None => {
+            for _ in 0..4 {
+                l.arg(&NULL);
+            }
+            l.arg(&0f32);
+        }
+    }
     l.arg(&st).arg(&t32).arg(&h32).arg(&hd32).arg(&scale_log2).arg(&mut out);
     // two buffers of a k and a v tile of 64 keys (FLASH_KT), rows of hdp + 8 elements
     let smem = (2 * 2 * 64 * (hdp + 8) * 2) as u32;
@@ -376,6 +396,13 @@ fn launch_flash(
     };
     drv(unsafe { l.launch(cfg) })?;
     Ok(wrap(out, dev, (b, t, h * hd)))
+}
+
+/// The flash form's q/k LayerNorm weights as f32 device views (`q_weight, q_bias, k_weight,
+/// k_bias`) and eps, for the `qkn` flash kernels.
+struct QkNormViews<'a> {
+    weights: [cudarc::driver::CudaView<'a, f32>; 4],
+    eps: f32,
 }
 
 pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
@@ -390,34 +417,52 @@ pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result
     view!(v, bf16, _gv, vv);
     let (sb, sh) = ((h * t * hd) as u64, (t * hd) as u64);
     let st = FlashStrides { image: [sb; 3], head: [sh; 3], token: [hd as u64; 3] };
-    launch_flash(&dev, (&qv, &kv, &vv), (None, None), st, (b, h, t, hd), scale)
+    launch_flash(&dev, (&qv, &kv, &vv), [None; 3], None, st, (b, h, t, hd), scale)
 }
 
-/// See [`super::block_ops::qkv_attention`]: without the q/k norm (timm form) the kernel reads
-/// q, k and v straight from the packed projection and folds the biases in; with it (flash
-/// form) q and k must be normalised first, and the split writes all three, so that v keeps
-/// the CPU path's rounding of v + b_v (checked: folding b_v into the output flipped a bf16
-/// near-tie of the routing downstream in the `tiny-flash` fixture).
+/// See [`super::block_ops::qkv_attention`]: one kernel reads q, k and v straight from the
+/// packed projection and folds the biases in. Without the q/k norm (timm form) v's bias goes
+/// into the output; with it (flash form) the kernel adds the biases and normalises q and k as
+/// [`split_qkv`] does (the same roundings: b_k before the norm, v + b_v rounded to bf16).
 pub fn qkv_attention(qkv: &Tensor, bias: Option<&Tensor>, norm: Option<QkNormWeights>, heads: usize, scale: f64) -> Result<Tensor> {
     let (b, t, d, hd) = qkv_dims(qkv, heads)?;
     if !rows_kernel(qkv.dtype(), hd) {
         bail!("qkv_attention: needs bf16 and a head size that is a multiple of 8 up to 128, got {:?} and {hd}", qkv.dtype())
     }
-    if norm.is_some() {
+    // `DITMOE_QKNORM_SPLIT=1`: the split pass, then attention (the path before the kernel
+    // normalised q and k itself; benchmarks)
+    if norm.is_some() && std::env::var("DITMOE_QKNORM_SPLIT").as_deref() == Ok("1") {
         let (q, k, v) = split_qkv(qkv, bias, norm, heads)?;
         return flash_attention(&q, &k, &v, scale);
     }
     let dev = cuda_dev(qkv)?;
     let qkv = aligned(qkv, 8)?;
     let bias = bias.map(|x| aligned(&x.to_dtype(DType::BF16)?, 8)).transpose()?;
+    let norm_w = norm
+        .map(|n| -> Result<_> {
+            let c = |w: &Tensor| w.to_dtype(DType::F32)?.contiguous();
+            Ok(([c(n.q_weight)?, c(n.q_bias)?, c(n.k_weight)?, c(n.k_bias)?], n.eps as f32))
+        })
+        .transpose()?;
     view!(qkv, bf16, _gp, pv);
     let bg = bias.as_ref().map(|x| x.storage_and_layout());
     let bv = optional_view::<bf16, _>(bg.as_ref(), 3 * d, "qkv_attention: bias")?;
+    let ng = norm_w.as_ref().map(|(ws, _)| ws.each_ref().map(|w| w.storage_and_layout()));
+    let norm_views = match (&ng, &norm_w) {
+        (Some(gs), Some((_, eps))) => {
+            let [a, b2, c, d2] = gs.each_ref().map(|g| optional_view::<f32, _>(Some(g), hd, "qkv_attention: norm weights"));
+            Some(QkNormViews { weights: [a?, b2?, c?, d2?].map(|v| v.expect("a view")), eps: *eps })
+        }
+        _ => None,
+    };
     let (q, k, v) = (pv.slice(0..d), pv.slice(d..2 * d), pv.slice(2 * d..));
-    let (q_bias, v_bias) = (bv.as_ref().map(|x| x.slice(0..d)), bv.as_ref().map(|x| x.slice(2 * d..)));
+    let bias_of = |i: usize| bv.as_ref().map(|x| x.slice(i * d..(i + 1) * d));
+    let (q_bias, k_bias, v_bias) = (bias_of(0), bias_of(1), bias_of(2));
+    // the timm form drops b_k (softmax is shift-invariant); the norm needs it
+    let k_bias = if norm_views.is_some() { k_bias } else { None };
     // packed [B, T, 3, H, hd]: images T·3D apart, heads hd, tokens 3D
     let st = FlashStrides { image: [(t * 3 * d) as u64; 3], head: [hd as u64; 3], token: [(3 * d) as u64; 3] };
-    launch_flash(&dev, (&q, &k, &v), (q_bias.as_ref(), v_bias.as_ref()), st, (b, heads, t, hd), scale)
+    launch_flash(&dev, (&q, &k, &v), [q_bias.as_ref(), k_bias.as_ref(), v_bias.as_ref()], norm_views.as_ref(), st, (b, heads, t, hd), scale)
 }
 
 /// The layout argument of `strided_copy_*` (`struct View6` in the kernel source).
