@@ -16,7 +16,8 @@
 //                   kernel for bf16 with hd % 8 == 0, a warp-per-row one otherwise)
 //  softmax_scaled   softmax(scale * s) over rows, f32 maths
 //  strided_copy     any view (permute, narrow, broadcast) made contiguous
-//  flash_attn       softmax(scale q kᵀ) v without the T x T scores in memory (bf16, mma.sync)
+//  flash_attn       softmax(scale q kᵀ) v without the T x T scores in memory (bf16, mma.sync);
+//                   flash_attn_qkn also applies the flash form's q/k LayerNorm (no split pass)
 //
 // Modulation vectors live in the adaLN output `mods` [N, C*D] f32 (chunk c at column c*D):
 // token row m belongs to image m / T. Header-free: bf16 is handled as raw u16 bits.

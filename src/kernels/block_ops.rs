@@ -167,8 +167,8 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tenso
 /// [`split_qkv`] then [`attention`], returned as `(B, T, H·hd)` in qkv's dtype. On the GPU, for
 /// bf16 with a head size that is a multiple of 8 up to 128 (every DiT-MoE size), the attention
 /// kernel reads q, k and v from the projection itself, so there is no split pass, and folds
-/// the biases in (see `flash_attn_body` in `kernels/block_ops.cu`); with the q/k norm the
-/// split runs first.
+/// the biases in and applies the q/k norm with the CPU path's roundings (see `flash_attn_body`
+/// in `kernels/block_ops.cu`).
 pub fn qkv_attention(qkv: &Tensor, bias: Option<&Tensor>, norm: Option<QkNormWeights>, heads: usize, scale: f64) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     {
