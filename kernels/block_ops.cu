@@ -475,8 +475,18 @@ __device__ __forceinline__ u32 smem_u32(const void* p) {
     asm volatile("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(r) : "l"(p));
     return r;
 }
-__device__ __forceinline__ void ldsm_x2_trans(u32& r0, u32& r1, u32 addr) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];\n" : "=r"(r0), "=r"(r1) : "r"(addr) : "memory");
+// 2^x in one MUFU instruction (exp2f adds a range fix-up around it); -inf -> 0, and results
+// below float's normal range flush to zero, which the softmax sums do not notice
+__device__ __forceinline__ float fast_exp2(float x) {
+    float r;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(r) : "f"(x));
+    return r;
+}
+__device__ __forceinline__ void ldsm_x4_trans(u32& r0, u32& r1, u32& r2, u32& r3, u32 addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+                 : "r"(addr)
+                 : "memory");
 }
 
 __device__ __forceinline__ void cp_async16(u32 dst, const void* src, bool ok) {
@@ -698,14 +708,21 @@ __device__ void flash_attn_body(const u16* __restrict__ q, const u16* __restrict
                 mma16816(s[j], qa[c], *(const u32*)kr, *(const u32*)(kr + 8));
             }
         }
+        // The softmax's bookkeeping is most of a tile's instructions at these head sizes, so,
+        // as FlashAttention-2 does: keys are masked only in a tile that runs past T; the max is
+        // taken on the raw scores (scale > 0) and the scale goes into each exponent's FMA,
+        // exp2(s * scale - m), with m kept scaled; the row sums l stay per lane (each lane sums
+        // its own keys) and are reduced once, after the last tile.
+        if (k0 + KT > T) {
+#pragma unroll
+            for (int j = 0; j < KT / 8; ++j)
+#pragma unroll
+                for (int i = 0; i < 4; ++i)
+                    if (k0 + 8u * j + 2u * tg + (i & 1) >= T) s[j][i] = NEG_INF;
+        }
         float mx0 = NEG_INF, mx1 = NEG_INF;
 #pragma unroll
         for (int j = 0; j < KT / 8; ++j) {
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                const u32 key = k0 + 8u * j + 2u * tg + (i & 1);
-                s[j][i] = key < T ? s[j][i] * scale_log2 : NEG_INF;
-            }
             mx0 = fmaxf(mx0, fmaxf(s[j][0], s[j][1]));
             mx1 = fmaxf(mx1, fmaxf(s[j][2], s[j][3]));
         }
@@ -714,22 +731,18 @@ __device__ void flash_attn_body(const u16* __restrict__ q, const u16* __restrict
             mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, x));
             mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, x));
         }
-        const float n0 = fmaxf(m0, mx0), n1 = fmaxf(m1, mx1);
-        const float c0 = exp2f(m0 - n0), c1 = exp2f(m1 - n1);
+        // every tile has a key below T, so mx is finite and so are n0, n1
+        const float n0 = fmaxf(m0, mx0 * scale_log2), n1 = fmaxf(m1, mx1 * scale_log2);
+        const float c0 = fast_exp2(m0 - n0), c1 = fast_exp2(m1 - n1);
         float sum0 = 0.f, sum1 = 0.f;
 #pragma unroll
         for (int j = 0; j < KT / 8; ++j) {
-            s[j][0] = exp2f(s[j][0] - n0);
-            s[j][1] = exp2f(s[j][1] - n0);
-            s[j][2] = exp2f(s[j][2] - n1);
-            s[j][3] = exp2f(s[j][3] - n1);
+            s[j][0] = fast_exp2(fmaf(s[j][0], scale_log2, -n0));
+            s[j][1] = fast_exp2(fmaf(s[j][1], scale_log2, -n0));
+            s[j][2] = fast_exp2(fmaf(s[j][2], scale_log2, -n1));
+            s[j][3] = fast_exp2(fmaf(s[j][3], scale_log2, -n1));
             sum0 += s[j][0] + s[j][1];
             sum1 += s[j][2] + s[j][3];
-        }
-#pragma unroll
-        for (int x = 1; x < 4; x <<= 1) {
-            sum0 += __shfl_xor_sync(0xffffffffu, sum0, x);
-            sum1 += __shfl_xor_sync(0xffffffffu, sum1, x);
         }
         l0 = l0 * c0 + sum0;
         l1 = l1 * c1 + sum1;
@@ -747,14 +760,21 @@ __device__ void flash_attn_body(const u16* __restrict__ q, const u16* __restrict
             const u32 pa[4] = {pack_bf16(s[2 * c][0], s[2 * c][1]), pack_bf16(s[2 * c][2], s[2 * c][3]),
                                pack_bf16(s[2 * c + 1][0], s[2 * c + 1][1]), pack_bf16(s[2 * c + 1][2], s[2 * c + 1][3])};
 #pragma unroll
-            for (int n = 0; n < HDP / 8; ++n) {
-                // B fragment (k = key, n = d) of the row-major v tile, transposed by ldmatrix
-                u32 b0, b1;
-                ldsm_x2_trans(b0, b1, smem_u32(sV + (16 * c + (lane & 15u)) * KS + 8 * n));
-                mma16816(o[n], pa, b0, b1);
+            for (int n = 0; n < HDP / 8; n += 2) {
+                // B fragments (k = key, n = d) of the row-major v tile for columns 8n and
+                // 8n + 8, transposed by one ldmatrix x4: lanes 16-31 point at the second
+                u32 b[4];
+                ldsm_x4_trans(b[0], b[1], b[2], b[3], smem_u32(sV + (16 * c + (lane & 15u)) * KS + 8 * n + 8u * (lane >> 4)));
+                mma16816(o[n], pa, b[0], b[1]);
+                mma16816(o[n + 1], pa, b[2], b[3]);
             }
         }
         __syncthreads();  // this buffer is refilled by the next iteration's prefetch
+    }
+#pragma unroll
+    for (int x = 1; x < 4; x <<= 1) {
+        l0 += __shfl_xor_sync(0xffffffffu, l0, x);
+        l1 += __shfl_xor_sync(0xffffffffu, l1, x);
     }
     const u32 D = H * hd;
     const float inv0 = 1.f / l0, inv1 = 1.f / l1;
