@@ -28,7 +28,8 @@ struct alignas(16) U4 { u32 x, y, z, w; };
 // ---------------------------------------------------------------------------------------
 // 1. Fused gating: softmax (f32) + top-k + per-expert counts and mean scores, one launch.
 //
-// One warp per token row; lane l owns experts l, l+32, ... (E <= 32*GATE_MAXC).
+// One warp per token row; lane l owns experts l, l+32, ... (E <= 32*GATE_MAXC); for E <= 32
+// the thread-per-row kernel below (gating_rows_*).
 // Top-k is selected on the logits (softmax is monotonic, and the logits are the exact
 // inputs, so the CPU reference picks the very same experts); weights are the softmax
 // probabilities of the selected experts (no renormalisation, as official).
@@ -39,6 +40,43 @@ struct alignas(16) U4 { u32 x, y, z, w; };
 #define GATE_MAXC 8           // E <= 256
 #define GATE_WARPS 8          // warps per block
 #define GATE_ROWS_PER_WARP 8  // rows per warp -> 64 rows per block
+
+// The end of every gating kernel, once its block has written its partials: the last block to
+// finish (ticket counter) reduces the per-block partials in block order: one warp per expert
+// (experts in parallel), lane l sums blocks l, l + 32, ... in order, then a fixed xor-shuffle
+// tree over the lanes (deterministic; a serial loop over the blocks cost ~30 us at 256
+// blocks, one block-wide tree per expert ~1 us per expert).
+__device__ __forceinline__ void gating_finish(const float* part_sum, const u32* part_cnt, u32* ticket, u32* counts,
+                                              float* mean_scores, u32 S, u32 E) {
+    __shared__ bool s_last;
+    const u32 lane = threadIdx.x & 31u, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        const u32 t = atomicAdd(ticket, 1u);
+        s_last = (t == gridDim.x - 1);
+    }
+    __syncthreads();
+    if (!s_last) return;
+    __threadfence();
+    for (u32 e = warp; e < E; e += warps) {
+        double a = 0.0;
+        u32 n = 0u;
+        for (u32 b = lane; b < gridDim.x; b += 32u) {
+            a += (double)(((volatile float*)part_sum)[(size_t)b * E + e]);
+            n += ((volatile u32*)part_cnt)[(size_t)b * E + e];
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            a += __shfl_xor_sync(0xffffffffu, a, o);
+            n += __shfl_xor_sync(0xffffffffu, n, o);
+        }
+        if (lane == 0) {
+            counts[e] = n;
+            mean_scores[e] = (float)(a / (double)S);
+        }
+    }
+}
 
 template <bool BF16>
 __device__ __forceinline__ void fused_gating_body(
@@ -52,7 +90,6 @@ __device__ __forceinline__ void fused_gating_body(
 ) {
     __shared__ float s_sum[GATE_WARPS][GATE_MAXC * 32];
     __shared__ u32 s_cnt[GATE_WARPS][GATE_MAXC * 32];
-    __shared__ bool s_last;
     const u32 lane = threadIdx.x & 31u, warp = threadIdx.x >> 5;
     const u32 nc = (E + 31u) / 32u;
     float acc_s[GATE_MAXC];
@@ -153,36 +190,7 @@ __device__ __forceinline__ void fused_gating_body(
         part_sum[(size_t)blockIdx.x * E + e] = a;
         part_cnt[(size_t)blockIdx.x * E + e] = n;
     }
-    __threadfence();
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        const u32 t = atomicAdd(ticket, 1u);
-        s_last = (t == gridDim.x - 1);
-    }
-    __syncthreads();
-    if (!s_last) return;
-    __threadfence();
-    // The last block reduces the per-block partials: one warp per expert (experts in parallel),
-    // lane l sums blocks l, l + 32, ... in order, then a fixed xor-shuffle tree over the lanes
-    // (deterministic; a serial loop over the blocks cost ~30 us at 256 blocks, one block-wide
-    // tree per expert ~1 us per expert).
-    for (u32 e = warp; e < E; e += GATE_WARPS) {
-        double a = 0.0;
-        u32 n = 0u;
-        for (u32 b = lane; b < gridDim.x; b += 32u) {
-            a += (double)(((volatile float*)part_sum)[(size_t)b * E + e]);
-            n += ((volatile u32*)part_cnt)[(size_t)b * E + e];
-        }
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) {
-            a += __shfl_xor_sync(0xffffffffu, a, o);
-            n += __shfl_xor_sync(0xffffffffu, n, o);
-        }
-        if (lane == 0) {
-            counts[e] = n;
-            mean_scores[e] = (float)(a / (double)S);
-        }
-    }
+    gating_finish(part_sum, part_cnt, ticket, counts, mean_scores, S, E);
 }
 
 extern "C" __global__ void __launch_bounds__(GATE_WARPS * 32) fused_gating_f32(
@@ -197,6 +205,109 @@ extern "C" __global__ void __launch_bounds__(GATE_WARPS * 32) fused_gating_bf16(
     fused_gating_body<true>(logits, S, E, K, ids, weights, scores, part_sum, part_cnt, ticket,
                             counts, mean_scores);
 }
+
+// Few experts (E <= 32, every DiT-MoE size): one thread per token row, the row's logits in
+// registers, so softmax and top-k need no shuffles (the warp per row above leaves 24 of 32
+// lanes idle at E = 8 and walks ~50 dependent shuffles per row). Same selection rule (larger
+// logit, then lower id; NaN ranks as -inf), same outputs; the block partials are summed by a
+// warp shuffle tree per expert, then over the warps in order (deterministic).
+#define GATE_ROWS_BLOCK 256
+template <bool BF16, int EMAX>
+__device__ __forceinline__ void gating_rows_body(const void* __restrict__ logits_v, u32 S, u32 E, u32 K, u32* __restrict__ ids,
+                                                 float* __restrict__ weights, float* __restrict__ scores, float* __restrict__ part_sum,
+                                                 u32* __restrict__ part_cnt, u32* __restrict__ ticket, u32* __restrict__ counts,
+                                                 float* __restrict__ mean_scores) {
+    __shared__ float s_sum[GATE_ROWS_BLOCK / 32][EMAX];
+    __shared__ u32 s_cnt[GATE_ROWS_BLOCK / 32][EMAX];
+    const u32 lane = threadIdx.x & 31u, warp = threadIdx.x >> 5;
+    const u32 row = blockIdx.x * GATE_ROWS_BLOCK + threadIdx.x;
+    const bool live = row < S;
+    float x[EMAX], p[EMAX];
+    u32 taken = 0u;  // bit e: expert e selected
+    float m = NEG_INF;
+#pragma unroll
+    for (int e = 0; e < EMAX; ++e) {
+        float v = NEG_INF;
+        if (live && (u32)e < E) v = BF16 ? bf2f(((const u16*)logits_v)[(size_t)row * E + e]) : ((const float*)logits_v)[(size_t)row * E + e];
+        x[e] = v;
+        m = fmaxf(m, v);
+    }
+    if (live) {
+        float sum = 0.f;
+#pragma unroll
+        for (int e = 0; e < EMAX; ++e) {
+            p[e] = (u32)e < E ? expf(x[e] - m) : 0.f;
+            sum += p[e];
+        }
+        const float inv = 1.f / sum;
+#pragma unroll
+        for (int e = 0; e < EMAX; ++e) {
+            p[e] *= inv;
+            if ((u32)e < E) scores[(size_t)row * E + e] = p[e];
+        }
+        for (u32 j = 0; j < K; ++j) {
+            float bv = NEG_INF;
+            int bi = -1;
+#pragma unroll
+            for (int e = 0; e < EMAX; ++e) {
+                // ">" keeps the lower id on ties (e ascends); NaN ranks as -inf
+                const float key = (x[e] != x[e]) ? NEG_INF : x[e];
+                if ((u32)e < E && !((taken >> e) & 1u) && (bi < 0 || key > bv)) {
+                    bv = key;
+                    bi = e;
+                }
+            }
+            taken |= 1u << bi;
+            float w = 0.f;
+#pragma unroll
+            for (int e = 0; e < EMAX; ++e) if (e == bi) w = p[e];
+            ids[(size_t)row * K + j] = (u32)bi;
+            weights[(size_t)row * K + j] = w;
+        }
+    } else {
+#pragma unroll
+        for (int e = 0; e < EMAX; ++e) p[e] = 0.f;
+    }
+    // block partials: per expert a warp tree, then the warps in order
+#pragma unroll
+    for (int e = 0; e < EMAX; ++e) {
+        float a = p[e];
+        u32 n = (taken >> e) & 1u;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            a += __shfl_xor_sync(0xffffffffu, a, o);
+            n += __shfl_xor_sync(0xffffffffu, n, o);
+        }
+        if (lane == 0) {
+            s_sum[warp][e] = a;
+            s_cnt[warp][e] = n;
+        }
+    }
+    __syncthreads();
+    for (u32 e = threadIdx.x; e < E; e += blockDim.x) {
+        float a = 0.f;
+        u32 n = 0u;
+        for (int w = 0; w < GATE_ROWS_BLOCK / 32; ++w) {
+            a += s_sum[w][e];
+            n += s_cnt[w][e];
+        }
+        part_sum[(size_t)blockIdx.x * E + e] = a;
+        part_cnt[(size_t)blockIdx.x * E + e] = n;
+    }
+    gating_finish(part_sum, part_cnt, ticket, counts, mean_scores, S, E);
+}
+#define GATING_ROWS(T, BF16, EMAX) \
+    extern "C" __global__ void __launch_bounds__(GATE_ROWS_BLOCK) gating_rows_##T##_e##EMAX( \
+        const void* logits, u32 S, u32 E, u32 K, u32* ids, float* weights, float* scores, float* part_sum, u32* part_cnt, \
+        u32* ticket, u32* counts, float* mean_scores) { \
+        gating_rows_body<BF16, EMAX>(logits, S, E, K, ids, weights, scores, part_sum, part_cnt, ticket, counts, mean_scores); \
+    }
+GATING_ROWS(f32, false, 8)
+GATING_ROWS(f32, false, 16)
+GATING_ROWS(f32, false, 32)
+GATING_ROWS(bf16, true, 8)
+GATING_ROWS(bf16, true, 16)
+GATING_ROWS(bf16, true, 32)
 
 // ---------------------------------------------------------------------------------------
 // 2. Stable counting sort of slots by expert: three small launches, no host round trip.

@@ -250,7 +250,10 @@ pub fn fused_topk_gating(logits: &Tensor, k: usize) -> Result<Gating> {
         DType::F32 | DType::BF16 => logits.contiguous()?,
         _ => logits.to_dtype(DType::F32)?,
     };
-    let nb = s.div_ceil(64);
+    // E <= 32 (every DiT-MoE size): one thread per token (`gating_rows_*`, 256 tokens a block);
+    // more experts: one warp per token (`fused_gating_*`, 64 tokens a block)
+    let rows_kernel = e <= 32;
+    let nb = if rows_kernel { s.div_ceil(256) } else { s.div_ceil(64) };
     let mut ids = unsafe { dev.alloc::<u32>(s * k)? };
     let mut weights = unsafe { dev.alloc::<f32>(s * k)? };
     let mut scores = unsafe { dev.alloc::<f32>(s * e)? };
@@ -260,10 +263,15 @@ pub fn fused_topk_gating(logits: &Tensor, k: usize) -> Result<Gating> {
     let mut counts = unsafe { dev.alloc::<u32>(e)? };
     let mut mean = unsafe { dev.alloc::<f32>(e)? };
     let (s32, e32, k32) = (s as u32, e as u32, k as u32);
+    let emax = match e {
+        0..=8 => 8,
+        9..=16 => 16,
+        _ => 32,
+    };
     macro_rules! go {
         ($t:ty, $name:expr) => {{
             view!(logits, $t, _g, lv);
-            let f = routing_fn(&dev, $name)?;
+            let f = routing_fn(&dev, &$name)?;
             let mut b = f.0.launch_builder(&f.1);
             b.arg(&lv);
             b.arg(&s32).arg(&e32).arg(&k32);
@@ -276,10 +284,11 @@ pub fn fused_topk_gating(logits: &Tensor, k: usize) -> Result<Gating> {
             drv(unsafe { b.launch(cfg1(nb as u32, 256, 0)) })?;
         }};
     }
+    let name = |t: &str| if rows_kernel { format!("gating_rows_{t}_e{emax}") } else { format!("fused_gating_{t}") };
     if logits.dtype() == DType::BF16 {
-        go!(half::bf16, "fused_gating_bf16")
+        go!(half::bf16, name("bf16"))
     } else {
-        go!(f32, "fused_gating_f32")
+        go!(f32, name("f32"))
     }
     let d = &dev;
     Ok(Gating {
