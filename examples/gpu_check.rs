@@ -281,6 +281,35 @@ fn run_checks(dev: &Device, section: &str) -> Result<Table> {
                 0.0,
             );
         }
+        // gating and sort in two launches (the gating kernel scans the sort's counts, E <= 32)
+        // against the CPU's gating then sort; skewed logits leave some experts empty
+        for &(s, e, k, dt, skew) in &[
+            (16384usize, 8usize, 2usize, DType::BF16, false),
+            (16384, 8, 2, DType::F32, true),
+            (1000, 16, 2, DType::BF16, false),
+            (777, 32, 3, DType::F32, true),
+            (300, 5, 1, DType::F32, false),
+            (1, 8, 2, DType::F32, false),
+        ] {
+            let mut logits = Tensor::randn(0f32, 2.0, (s, e), &cpu_dev)?;
+            if skew {
+                // experts 0 and 1 win almost always
+                let bias: Vec<f32> = (0..e).map(|i| if i < 2 { 6.0 } else { 0.0 }).collect();
+                logits = logits.broadcast_add(&Tensor::from_vec(bias, e, &cpu_dev)?)?;
+            }
+            let logits = logits.to_dtype(dt)?;
+            let case = format!("S={s} E={e} k={k} {dt:?}{}", if skew { " skewed" } else { "" });
+            let rg = cpu::fused_topk_gating(&logits, k)?;
+            let rp = cpu::permute_by_expert(&rg.ids, e)?;
+            let (g, p) = kx::fused_gating_permute(&logits.to_device(dev)?, k)?;
+            let err = [
+                mismatches(&g.ids, &rg.ids)?,
+                mismatches(&p.offsets, &rp.offsets)?,
+                mismatches(&p.order, &rp.order)?,
+                mismatches(&p.inv, &rp.inv)?,
+            ];
+            tb.add("gating + permute", &case, "ids, offsets, order, inv mismatches", err.iter().sum(), 0.0);
+        }
     }
 
     if section == "gather-combine" {

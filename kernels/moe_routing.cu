@@ -41,13 +41,79 @@ struct alignas(16) U4 { u32 x, y, z, w; };
 #define GATE_WARPS 8          // warps per block
 #define GATE_ROWS_PER_WARP 8  // rows per warp -> 64 rows per block
 
+#define PERM_WARPS 8
+#define PERM_SUB 128                          // slots per warp
+#define PERM_CHUNK (PERM_WARPS * PERM_SUB)    // 1024 slots per block
+#define PERM_MAXE 1024
+
+// offsets[E + 1] (exclusive scan of the experts' totals) and base[nb, E] (where block b's
+// slots of expert e start) from per-block counts hist[nb, E], E <= PERM_MAXE, by one block:
+// one warp per expert scans its per-block counts 32 blocks at a time (lanes in parallel, a
+// shuffle scan), so the latency is a few loads rather than a serial walk over the blocks.
+// hist is read through L2 (ld.cg): after the gating it was written by other blocks of the
+// same kernel.
+__device__ __forceinline__ void scan_expert_counts(const u32* hist, u32 nb, u32 E, u32* __restrict__ offsets,
+                                                   u32* __restrict__ base) {
+    __shared__ u32 s_tot[PERM_MAXE];
+    __shared__ u32 s_off[PERM_MAXE + 1];
+    const u32 lane = threadIdx.x & 31u, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    // pass 1: each expert's total
+    for (u32 e = warp; e < E; e += warps) {
+        u32 t = 0u;
+        for (u32 b = lane; b < nb; b += 32u) t += __ldcg(hist + (size_t)b * E + e);
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) t += __shfl_xor_sync(0xffffffffu, t, o);
+        if (lane == 0) s_tot[e] = t;
+    }
+    __syncthreads();
+    // exclusive scan over the experts (E <= 1024: warp 0, 32 experts per step)
+    if (warp == 0) {
+        u32 carry = 0u;
+        for (u32 e0 = 0; e0 < E; e0 += 32u) {
+            const u32 e = e0 + lane;
+            const u32 v = e < E ? s_tot[e] : 0u;
+            u32 incl = v;
+#pragma unroll
+            for (int o = 1; o < 32; o <<= 1) {
+                const u32 y = __shfl_up_sync(0xffffffffu, incl, o);
+                if (lane >= (u32)o) incl += y;
+            }
+            if (e < E) s_off[e] = carry + incl - v;
+            carry += __shfl_sync(0xffffffffu, incl, 31);
+        }
+        if (lane == 0) s_off[E] = carry;
+    }
+    __syncthreads();
+    for (u32 e = threadIdx.x; e <= E; e += blockDim.x) offsets[e] = s_off[e];
+    // pass 2: per-block bases, blocks in chunks of 32 per expert
+    for (u32 e = warp; e < E; e += warps) {
+        u32 carry = s_off[e];
+        for (u32 b0 = 0; b0 < nb; b0 += 32u) {
+            const u32 b = b0 + lane;
+            const u32 v = b < nb ? __ldcg(hist + (size_t)b * E + e) : 0u;
+            u32 incl = v;
+#pragma unroll
+            for (int o = 1; o < 32; o <<= 1) {
+                const u32 y = __shfl_up_sync(0xffffffffu, incl, o);
+                if (lane >= (u32)o) incl += y;
+            }
+            if (b < nb) base[(size_t)b * E + e] = carry + incl - v;
+            carry += __shfl_sync(0xffffffffu, incl, 31);
+        }
+    }
+}
+
+
 // The end of every gating kernel, once its block has written its partials: the last block to
 // finish (ticket counter) reduces the per-block partials in block order: one warp per expert
 // (experts in parallel), lane l sums blocks l, l + 32, ... in order, then a fixed xor-shuffle
 // tree over the lanes (deterministic; a serial loop over the blocks cost ~30 us at 256
 // blocks, one block-wide tree per expert ~1 us per expert).
+// With offsets and base (not null), the last block also runs the counting sort's scan on the
+// per-block counts (scan_expert_counts), so that perm_scatter can follow the gating directly,
+// with the gating blocks as its chunks (fused_gating_permute: no perm_count, no perm_scan).
 __device__ __forceinline__ void gating_finish(const float* part_sum, const u32* part_cnt, u32* ticket, u32* counts,
-                                              float* mean_scores, u32 S, u32 E) {
+                                              float* mean_scores, u32 S, u32 E, u32* offsets, u32* base) {
     __shared__ bool s_last;
     const u32 lane = threadIdx.x & 31u, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
     __threadfence();
@@ -76,6 +142,7 @@ __device__ __forceinline__ void gating_finish(const float* part_sum, const u32* 
             mean_scores[e] = (float)(a / (double)S);
         }
     }
+    if (offsets) scan_expert_counts(part_cnt, gridDim.x, E, offsets, base);
 }
 
 template <bool BF16>
@@ -190,7 +257,7 @@ __device__ __forceinline__ void fused_gating_body(
         part_sum[(size_t)blockIdx.x * E + e] = a;
         part_cnt[(size_t)blockIdx.x * E + e] = n;
     }
-    gating_finish(part_sum, part_cnt, ticket, counts, mean_scores, S, E);
+    gating_finish(part_sum, part_cnt, ticket, counts, mean_scores, S, E, nullptr, nullptr);
 }
 
 extern "C" __global__ void __launch_bounds__(GATE_WARPS * 32) fused_gating_f32(
@@ -216,7 +283,7 @@ template <bool BF16, int EMAX>
 __device__ __forceinline__ void gating_rows_body(const void* __restrict__ logits_v, u32 S, u32 E, u32 K, u32* __restrict__ ids,
                                                  float* __restrict__ weights, float* __restrict__ scores, float* __restrict__ part_sum,
                                                  u32* __restrict__ part_cnt, u32* __restrict__ ticket, u32* __restrict__ counts,
-                                                 float* __restrict__ mean_scores) {
+                                                 float* __restrict__ mean_scores, u32* __restrict__ offsets, u32* __restrict__ base) {
     __shared__ float s_sum[GATE_ROWS_BLOCK / 32][EMAX];
     __shared__ u32 s_cnt[GATE_ROWS_BLOCK / 32][EMAX];
     const u32 lane = threadIdx.x & 31u, warp = threadIdx.x >> 5;
@@ -294,13 +361,14 @@ __device__ __forceinline__ void gating_rows_body(const void* __restrict__ logits
         part_sum[(size_t)blockIdx.x * E + e] = a;
         part_cnt[(size_t)blockIdx.x * E + e] = n;
     }
-    gating_finish(part_sum, part_cnt, ticket, counts, mean_scores, S, E);
+    gating_finish(part_sum, part_cnt, ticket, counts, mean_scores, S, E, offsets, base);
 }
 #define GATING_ROWS(T, BF16, EMAX) \
     extern "C" __global__ void __launch_bounds__(GATE_ROWS_BLOCK) gating_rows_##T##_e##EMAX( \
         const void* logits, u32 S, u32 E, u32 K, u32* ids, float* weights, float* scores, float* part_sum, u32* part_cnt, \
-        u32* ticket, u32* counts, float* mean_scores) { \
-        gating_rows_body<BF16, EMAX>(logits, S, E, K, ids, weights, scores, part_sum, part_cnt, ticket, counts, mean_scores); \
+        u32* ticket, u32* counts, float* mean_scores, u32* offsets, u32* base) { \
+        gating_rows_body<BF16, EMAX>(logits, S, E, K, ids, weights, scores, part_sum, part_cnt, ticket, counts, mean_scores, offsets, \
+                                     base); \
     }
 GATING_ROWS(f32, false, 8)
 GATING_ROWS(f32, false, 16)
@@ -317,10 +385,6 @@ GATING_ROWS(bf16, true, 32)
 //                  __match_any_sync), order[pos] = slot, inv[slot] = pos.
 // A block covers PERM_CHUNK consecutive slots; warp w covers the w-th sub-chunk.
 // ---------------------------------------------------------------------------------------
-#define PERM_WARPS 8
-#define PERM_SUB 128                          // slots per warp
-#define PERM_CHUNK (PERM_WARPS * PERM_SUB)    // 1024 slots per block
-#define PERM_MAXE 1024
 
 extern "C" __global__ void __launch_bounds__(PERM_WARPS * 32) perm_count(
     const u32* __restrict__ ids, u32 N, u32 E, u32* __restrict__ hist) {
@@ -339,73 +403,27 @@ extern "C" __global__ void __launch_bounds__(PERM_WARPS * 32) perm_count(
     for (u32 e = threadIdx.x; e < E; e += blockDim.x) hist[(size_t)blockIdx.x * E + e] = s_h[e];
 }
 
-// one block of 1024 threads; E <= PERM_MAXE. One warp per expert scans its per-block counts
-// 32 blocks at a time (lanes in parallel, a shuffle scan), so the latency is a few loads
-// rather than a serial walk over the blocks.
+// one block of 1024 threads; E <= PERM_MAXE
 extern "C" __global__ void __launch_bounds__(1024) perm_scan(
     const u32* __restrict__ hist, u32 nb, u32 E, u32* __restrict__ offsets, u32* __restrict__ base) {
-    __shared__ u32 s_tot[PERM_MAXE];
-    __shared__ u32 s_off[PERM_MAXE + 1];
-    const u32 lane = threadIdx.x & 31u, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-    // pass 1: each expert's total
-    for (u32 e = warp; e < E; e += warps) {
-        u32 t = 0u;
-        for (u32 b = lane; b < nb; b += 32u) t += hist[(size_t)b * E + e];
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) t += __shfl_xor_sync(0xffffffffu, t, o);
-        if (lane == 0) s_tot[e] = t;
-    }
-    __syncthreads();
-    // exclusive scan over the experts (E <= 1024: warp 0, 32 experts per step)
-    if (warp == 0) {
-        u32 carry = 0u;
-        for (u32 e0 = 0; e0 < E; e0 += 32u) {
-            const u32 e = e0 + lane;
-            const u32 v = e < E ? s_tot[e] : 0u;
-            u32 incl = v;
-#pragma unroll
-            for (int o = 1; o < 32; o <<= 1) {
-                const u32 y = __shfl_up_sync(0xffffffffu, incl, o);
-                if (lane >= (u32)o) incl += y;
-            }
-            if (e < E) s_off[e] = carry + incl - v;
-            carry += __shfl_sync(0xffffffffu, incl, 31);
-        }
-        if (lane == 0) s_off[E] = carry;
-    }
-    __syncthreads();
-    for (u32 e = threadIdx.x; e <= E; e += blockDim.x) offsets[e] = s_off[e];
-    // pass 2: per-block bases, blocks in chunks of 32 per expert
-    for (u32 e = warp; e < E; e += warps) {
-        u32 carry = s_off[e];
-        for (u32 b0 = 0; b0 < nb; b0 += 32u) {
-            const u32 b = b0 + lane;
-            const u32 v = b < nb ? hist[(size_t)b * E + e] : 0u;
-            u32 incl = v;
-#pragma unroll
-            for (int o = 1; o < 32; o <<= 1) {
-                const u32 y = __shfl_up_sync(0xffffffffu, incl, o);
-                if (lane >= (u32)o) incl += y;
-            }
-            if (b < nb) base[(size_t)b * E + e] = carry + incl - v;
-            carry += __shfl_sync(0xffffffffu, incl, 31);
-        }
-    }
+    scan_expert_counts(hist, nb, E, offsets, base);
 }
 
+// `sub` slots per warp (a multiple of 32): PERM_SUB after perm_count, 32 k after the gating
+// (a gating_rows block of GATE_ROWS_BLOCK tokens is one chunk).
 extern "C" __global__ void __launch_bounds__(PERM_WARPS * 32) perm_scatter(
-    const u32* __restrict__ ids, u32 N, u32 E, const u32* __restrict__ base,
+    const u32* __restrict__ ids, u32 N, u32 E, const u32* __restrict__ base, u32 sub,
     u32* __restrict__ order, u32* __restrict__ inv) {
     // per-warp running counts: E <= PERM_MAXE would need 32 KB; use dynamic shared memory
     extern __shared__ u32 s_wc[];  // [PERM_WARPS][E]
     const u32 lane = threadIdx.x & 31u, warp = threadIdx.x >> 5;
     for (u32 i = threadIdx.x; i < PERM_WARPS * E; i += blockDim.x) s_wc[i] = 0u;
     __syncthreads();
-    const u32 sub0 = blockIdx.x * PERM_CHUNK + warp * PERM_SUB;
+    const u32 sub0 = blockIdx.x * PERM_WARPS * sub + warp * sub;
     const u32 lt = (1u << lane) - 1u;
     u32* wc = s_wc + warp * E;
     // pass 1: per-warp counts
-    for (u32 s = 0; s < PERM_SUB; s += 32) {
+    for (u32 s = 0; s < sub; s += 32) {
         const u32 p = sub0 + s + lane;
         const u32 e = (p < N) ? ids[p] : 0xffffffffu;
         const u32 grp = __match_any_sync(0xffffffffu, e);
@@ -424,7 +442,7 @@ extern "C" __global__ void __launch_bounds__(PERM_WARPS * 32) perm_scatter(
     }
     __syncthreads();
     // pass 2: stable positions
-    for (u32 s = 0; s < PERM_SUB; s += 32) {
+    for (u32 s = 0; s < sub; s += 32) {
         const u32 p = sub0 + s + lane;
         const u32 e = (p < N) ? ids[p] : 0xffffffffu;
         const u32 grp = __match_any_sync(0xffffffffu, e);

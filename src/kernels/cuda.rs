@@ -231,6 +231,42 @@ pub fn dense_offsets(dev: &Device, s: usize) -> Result<Tensor> {
 
 /// See [`super::fused_topk_gating`].
 pub fn fused_topk_gating(logits: &Tensor, k: usize) -> Result<Gating> {
+    Ok(gating(logits, k, false)?.0)
+}
+
+/// See [`super::fused_gating_permute`]: for E <= 32 the gating kernel's last block also runs
+/// the counting sort's scan on its per-block counts, and `perm_scatter` follows with the
+/// gating blocks as its chunks (two launches instead of the gating's one and the sort's three).
+pub fn fused_gating_permute(logits: &Tensor, k: usize) -> Result<(Gating, Permutation)> {
+    let (s, e) = logits.dims2()?;
+    if e > 32 || s == 0 {
+        let g = fused_topk_gating(logits, k)?;
+        let p = permute_by_expert(&g.ids, e)?;
+        return Ok((g, p));
+    }
+    let (g, sort) = gating(logits, k, true)?;
+    let (offsets, base) = sort.expect("the fused gating's scan");
+    let dev = cuda_dev(logits)?;
+    let n = s * k;
+    let mut order = unsafe { dev.alloc::<u32>(n)? };
+    let mut inv = unsafe { dev.alloc::<u32>(n)? };
+    {
+        let (n32, e32, sub) = (n as u32, e as u32, (32 * k) as u32);
+        view!(g.ids, u32, _gi, iv);
+        let f = routing_fn(&dev, "perm_scatter")?;
+        let mut b = f.0.launch_builder(&f.1);
+        b.arg(&iv).arg(&n32).arg(&e32).arg(&base).arg(&sub).arg(&mut order).arg(&mut inv);
+        // one block per gating block (256 tokens: 8 warps of 32 k slots)
+        drv(unsafe { b.launch(cfg1(s.div_ceil(256) as u32, 256, (8 * e * 4) as u32)) })?;
+    }
+    let p = Permutation { order: wrap(order, &dev, n), inv: wrap(inv, &dev, n), offsets: wrap(offsets, &dev, e + 1), k, n_experts: e };
+    Ok((g, p))
+}
+
+/// The gating kernels; `with_sort` (E <= 32): the last block also writes the sort's offsets
+/// `[E + 1]` and per-block bases `[blocks, E]`, returned beside the gating.
+type SortScan = (cudarc::driver::CudaSlice<u32>, cudarc::driver::CudaSlice<u32>);
+fn gating(logits: &Tensor, k: usize, with_sort: bool) -> Result<(Gating, Option<SortScan>)> {
     let (s, e) = logits.dims2()?;
     if k == 0 || k > e || e > 256 {
         bail!("fused_topk_gating: need 1 <= k <= E <= 256, got k={k}, E={e}")
@@ -238,13 +274,14 @@ pub fn fused_topk_gating(logits: &Tensor, k: usize) -> Result<Gating> {
     let dev = cuda_dev(logits)?;
     if s == 0 {
         let d = logits.device();
-        return Ok(Gating {
+        let g = Gating {
             ids: Tensor::zeros((0, k), DType::U32, d)?,
             weights: Tensor::zeros((0, k), DType::F32, d)?,
             scores: Tensor::zeros((0, e), DType::F32, d)?,
             expert_counts: Tensor::zeros(e, DType::U32, d)?,
             mean_scores: Tensor::zeros(e, DType::F32, d)?,
-        });
+        };
+        return Ok((g, None));
     }
     let logits = match logits.dtype() {
         DType::F32 | DType::BF16 => logits.contiguous()?,
@@ -262,6 +299,10 @@ pub fn fused_topk_gating(logits: &Tensor, k: usize) -> Result<Gating> {
     let mut ticket = dev.alloc_zeros::<u32>(1)?;
     let mut counts = unsafe { dev.alloc::<u32>(e)? };
     let mut mean = unsafe { dev.alloc::<f32>(e)? };
+    let mut sort = match with_sort && rows_kernel {
+        true => Some(unsafe { (dev.alloc::<u32>(e + 1)?, dev.alloc::<u32>(nb * e)?) }),
+        false => None,
+    };
     let (s32, e32, k32) = (s as u32, e as u32, k as u32);
     let emax = match e {
         0..=8 => 8,
@@ -281,6 +322,16 @@ pub fn fused_topk_gating(logits: &Tensor, k: usize) -> Result<Gating> {
                 .arg(&mut ticket)
                 .arg(&mut counts)
                 .arg(&mut mean);
+            if rows_kernel {
+                match sort.as_mut() {
+                    Some((offsets, base)) => {
+                        b.arg(offsets).arg(base);
+                    }
+                    None => {
+                        b.arg(&NULL).arg(&NULL);
+                    }
+                }
+            }
             drv(unsafe { b.launch(cfg1(nb as u32, 256, 0)) })?;
         }};
     }
@@ -291,16 +342,19 @@ pub fn fused_topk_gating(logits: &Tensor, k: usize) -> Result<Gating> {
         go!(f32, name("f32"))
     }
     let d = &dev;
-    Ok(Gating {
+    let g = Gating {
         ids: wrap(ids, d, (s, k)),
         weights: wrap(weights, d, (s, k)),
         scores: wrap(scores, d, (s, e)),
         expert_counts: wrap(counts, d, e),
         mean_scores: wrap(mean, d, e),
-    })
+    };
+    Ok((g, sort))
 }
 
 const PERM_CHUNK: usize = 1024;
+/// Slots per warp of `perm_scatter` after `perm_count` (PERM_SUB in the kernel source).
+const PERM_SUB: usize = 128;
 
 /// See [`super::permute_by_expert`].
 pub fn permute_by_expert(ids: &Tensor, n_experts: usize) -> Result<Permutation> {
@@ -340,10 +394,12 @@ pub fn permute_by_expert(ids: &Tensor, n_experts: usize) -> Result<Permutation> 
         {
             let f = routing_fn(&dev, "perm_scatter")?;
             let mut b = f.0.launch_builder(&f.1);
+            let sub = PERM_SUB as u32;
             b.arg(&iv)
                 .arg(&n32)
                 .arg(&e32)
                 .arg(&base)
+                .arg(&sub)
                 .arg(&mut order)
                 .arg(&mut inv);
             drv(unsafe { b.launch(cfg1(nb32, 256, (8 * e * 4) as u32)) })?;

@@ -289,6 +289,18 @@ pub fn fused_topk_gating(logits: &Tensor, k: usize) -> Result<Gating> {
     }
 }
 
+/// [`fused_topk_gating`], then [`permute_by_expert`] of its ids: on CUDA with E <= 32 the
+/// gating kernel also scans the sort's counts, so the pair is two launches.
+pub fn fused_gating_permute(logits: &Tensor, k: usize) -> Result<(Gating, Permutation)> {
+    #[cfg(feature = "cuda")]
+    if logits.device().is_cuda() {
+        return cuda::fused_gating_permute(logits, k);
+    }
+    let g = fused_topk_gating(logits, k)?;
+    let p = permute_by_expert(&g.ids, logits.dim(1)?)?;
+    Ok((g, p))
+}
+
 /// Stable counting sort of the slots of `ids` (`[S, k]` u32) by expert. Deterministic.
 /// `E <= 1024`; ids `>= E` are not allowed (the CPU path errors, the CUDA path drops them).
 pub fn permute_by_expert(ids: &Tensor, n_experts: usize) -> Result<Permutation> {

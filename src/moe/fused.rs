@@ -59,8 +59,7 @@ impl FusedSwiglu {
             DType::BF16 | DType::F32 => logits,
             _ => logits.to_dtype(DType::F32)?,
         };
-        let g = kernels::fused_topk_gating(&logits, router.top_k())?;
-        let perm = kernels::permute_by_expert(&g.ids, router.num_experts())?;
+        let (g, perm) = kernels::fused_gating_permute(&logits, router.top_k())?;
         let h = kernels::grouped_gate_up_gather(&flat, &perm, &self.weights.gate, &self.weights.up)?;
         let y = kernels::grouped_matmul(&h, &perm.offsets, &self.weights.down)?;
         let shared = shared.map(|p| p.join()).transpose()?;
