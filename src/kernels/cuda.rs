@@ -692,7 +692,7 @@ unsafe impl cudarc::driver::DeviceRepr for TensorMapArg {}
 /// expect; reads past the last row or past K are zero-filled.
 fn weight_tensor_map(ptr: cudarc::driver::sys::CUdeviceptr, rows: usize, k: usize) -> Result<TensorMapArg> {
     use cudarc::driver::sys::*;
-    if ptr % 16 != 0 || (k * 2) % 16 != 0 || rows > i32::MAX as usize || k > i32::MAX as usize {
+    if !ptr.is_multiple_of(16) || !(k * 2).is_multiple_of(16) || rows > i32::MAX as usize || k > i32::MAX as usize {
         bail!("grouped_gemm: weights [{rows}, {k}] at {ptr:#x} cannot be read through TMA (need 16-byte alignment)")
     }
     let dims = [k as u64, rows as u64];
