@@ -104,6 +104,24 @@ __device__ __forceinline__ u32 pack_bf16(float lo, float hi) {
     asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
     return r;
 }
+// Packed bf16 pairs (two to a u32), as the qkv split and the attention's q/k norm hold them.
+// x + b of bf16 pairs, rounded to bf16 (a bf16 add; both packed two to a word)
+__device__ __forceinline__ u32 add_bf16x2(u32 x, u32 b) {
+    return pack_bf16(bf2f((u16)(x & 0xffffu)) + bf2f((u16)(b & 0xffffu)), bf2f((u16)(x >> 16)) + bf2f((u16)(b >> 16)));
+}
+// LayerNorm (then float16 rounding, stored as bf16) of one bf16 pair at columns j, j + 1,
+// given the row's mean and rstd
+__device__ __forceinline__ u32 ln_f16_pair(u32 x, float mean, float rstd, const float* w, const float* b, u32 j) {
+    return pack_bf16(round_f16((bf2f((u16)(x & 0xffffu)) - mean) * rstd * w[j] + b[j]),
+                     round_f16((bf2f((u16)(x >> 16)) - mean) * rstd * w[j + 1] + b[j + 1]));
+}
+// sum and sum of squared deviations of bf16 pairs, for the mean and variance of a row
+__device__ __forceinline__ float sum_bf16x2(u32 x) { return bf2f((u16)(x & 0xffffu)) + bf2f((u16)(x >> 16)); }
+__device__ __forceinline__ float sqdev_bf16x2(u32 x, float mean) {
+    const float a = bf2f((u16)(x & 0xffffu)) - mean, c = bf2f((u16)(x >> 16)) - mean;
+    return a * a + c * c;
+}
+
 __device__ __forceinline__ void st4(u16* p, u64 i, float4 v) {
     *(uint2*)(p + i) = make_uint2(pack_bf16(v.x, v.y), pack_bf16(v.z, v.w));
 }
@@ -350,18 +368,12 @@ extern "C" __global__ void split_qkv_rows_bf16(const u16* __restrict__ qkv, cons
             uint4 w = src[c];
             if (bsrc) {
                 const uint4 bw = bsrc[c];
-                u32* wp = (u32*)&w;
-                const u32* bp = (const u32*)&bw;
-#pragma unroll
-                for (int i = 0; i < 4; ++i) {
-                    const float lo = bf2f((u16)(wp[i] & 0xffffu)) + bf2f((u16)(bp[i] & 0xffffu));
-                    const float hi = bf2f((u16)(wp[i] >> 16)) + bf2f((u16)(bp[i] >> 16));
-                    wp[i] = (u32)f2bf(lo) | ((u32)f2bf(hi) << 16);
-                }
+                w = make_uint4(add_bf16x2(w.x, bw.x), add_bf16x2(w.y, bw.y), add_bf16x2(w.z, bw.z), add_bf16x2(w.w, bw.w));
             }
-            const u32* wp = (const u32*)&w;
-#pragma unroll
-            for (int i = 0; i < 4; ++i) s += bf2f((u16)(wp[i] & 0xffffu)) + bf2f((u16)(wp[i] >> 16));
+            s += sum_bf16x2(w.x);
+            s += sum_bf16x2(w.y);
+            s += sum_bf16x2(w.z);
+            s += sum_bf16x2(w.w);
             x[c] = w;
         }
     }
@@ -373,12 +385,10 @@ extern "C" __global__ void split_qkv_rows_bf16(const u16* __restrict__ qkv, cons
 #pragma unroll
         for (int c = 0; c < SPLIT_MAXC; ++c) {
             if ((u32)c < nc) {
-                const u32* wp = (const u32*)&x[c];
-#pragma unroll
-                for (int i = 0; i < 4; ++i) {
-                    const float a = bf2f((u16)(wp[i] & 0xffffu)) - mean, bb = bf2f((u16)(wp[i] >> 16)) - mean;
-                    var += a * a + bb * bb;
-                }
+                var += sqdev_bf16x2(x[c].x, mean);
+                var += sqdev_bf16x2(x[c].y, mean);
+                var += sqdev_bf16x2(x[c].z, mean);
+                var += sqdev_bf16x2(x[c].w, mean);
             }
         }
         const float rstd = rsqrtf(var / (float)hd + eps);
@@ -386,14 +396,9 @@ extern "C" __global__ void split_qkv_rows_bf16(const u16* __restrict__ qkv, cons
 #pragma unroll
         for (int c = 0; c < SPLIT_MAXC; ++c) {
             if ((u32)c < nc) {
-                u32* wp = (u32*)&x[c];
-#pragma unroll
-                for (int i = 0; i < 4; ++i) {
-                    const u32 j = 8u * c + 2u * i;
-                    const float a = round_f16((bf2f((u16)(wp[i] & 0xffffu)) - mean) * rstd * nw[j] + nb[j]);
-                    const float bb = round_f16((bf2f((u16)(wp[i] >> 16)) - mean) * rstd * nw[j + 1] + nb[j + 1]);
-                    wp[i] = (u32)f2bf(a) | ((u32)f2bf(bb) << 16);
-                }
+                const u32 j = 8u * c;
+                x[c] = make_uint4(ln_f16_pair(x[c].x, mean, rstd, nw, nb, j), ln_f16_pair(x[c].y, mean, rstd, nw, nb, j + 2),
+                                  ln_f16_pair(x[c].z, mean, rstd, nw, nb, j + 4), ln_f16_pair(x[c].w, mean, rstd, nw, nb, j + 6));
             }
         }
     }
@@ -511,23 +516,6 @@ struct QkNormArgs {
     const float *qw, *qb, *kw, *kb;
     float eps;
 };
-
-// x + b of bf16 pairs, rounded to bf16 (a bf16 add; both packed two to a word)
-__device__ __forceinline__ u32 add_bf16x2(u32 x, u32 b) {
-    return pack_bf16(bf2f((u16)(x & 0xffffu)) + bf2f((u16)(b & 0xffffu)), bf2f((u16)(x >> 16)) + bf2f((u16)(b >> 16)));
-}
-// LayerNorm (then float16 rounding, stored as bf16) of one bf16 pair at columns j, j + 1,
-// given the row's mean and rstd
-__device__ __forceinline__ u32 ln_f16_pair(u32 x, float mean, float rstd, const float* w, const float* b, u32 j) {
-    return pack_bf16(round_f16((bf2f((u16)(x & 0xffffu)) - mean) * rstd * w[j] + b[j]),
-                     round_f16((bf2f((u16)(x >> 16)) - mean) * rstd * w[j + 1] + b[j + 1]));
-}
-// sum and sum of squared deviations of bf16 pairs, for the mean and variance of a row
-__device__ __forceinline__ float sum_bf16x2(u32 x) { return bf2f((u16)(x & 0xffffu)) + bf2f((u16)(x >> 16)); }
-__device__ __forceinline__ float sqdev_bf16x2(u32 x, float mean) {
-    const float a = bf2f((u16)(x & 0xffffu)) - mean, c = bf2f((u16)(x >> 16)) - mean;
-    return a * a + c * c;
-}
 
 // NORM: the k tile (keys k0 .. k0 + KT - 1, rows KS apart) gets b_k, its LayerNorm and the
 // float16 rounding, the v tile b_v, in place in shared memory (hd % 8 == 0). Four threads per

@@ -234,10 +234,10 @@ struct GgSources {
     bool a_ok[BM / 32];
     const T* b[BN / 32];
     bool b_ok[BN / 32];
-    // the A rows only (the multicast kernel loads B with TMA)
-    __device__ __forceinline__ void set_a(const T* __restrict__ A, const u32* __restrict__ gather, u32 gk, u32 row0,
-                                          u32 rows, u32 K, u32 lrow, u32 lch) {
-        constexpr u32 CHUNK = 16 / sizeof(T);
+    static constexpr u32 CHUNK = 16 / sizeof(T);  // elements per 16-byte chunk
+    __device__ __forceinline__ void set(const T* __restrict__ A, const u32* __restrict__ gather, u32 gk, u32 row0,
+                                        u32 rows, const T* __restrict__ B0, const T* __restrict__ B1, u32 e,
+                                        u32 n_tile, u32 N, u32 K, u32 lrow, u32 lch) {
 #pragma unroll
         for (int i = 0; i < BM / 32; ++i) {
             const u32 r = lrow + 32u * i;
@@ -248,12 +248,6 @@ struct GgSources {
             a[i] = A + srow * K + lch * CHUNK;
             a_ok[i] = ok;
         }
-    }
-    __device__ __forceinline__ void set(const T* __restrict__ A, const u32* __restrict__ gather, u32 gk, u32 row0,
-                                        u32 rows, const T* __restrict__ B0, const T* __restrict__ B1, u32 e,
-                                        u32 n_tile, u32 N, u32 K, u32 lrow, u32 lch) {
-        constexpr u32 CHUNK = 16 / sizeof(T);
-        set_a(A, gather, gk, row0, rows, K, lrow, lch);
 #pragma unroll
         for (int i = 0; i < BN / 32; ++i) {
             const u32 j = lrow + 32u * i;
@@ -264,6 +258,22 @@ struct GgSources {
             const bool ok = n < N;
             b[i] = base + ((size_t)e * N + (ok ? n : 0u)) * K + lch * CHUNK;
             b_ok[i] = ok;
+        }
+    }
+    // K-slice k0 .. k0 + 128 bytes of every row into a stage: A rows to sa, B rows to sb (each
+    // the thread's first row's swizzled address; rows 32 apart are 32 x 128 bytes apart); rows
+    // flagged off and chunks past K are zero-filled (A, B0: any valid address for those)
+    __device__ __forceinline__ void load(u32 sa, u32 sb, u32 k0, u32 K, u32 lch, const T* A, const T* B0) const {
+        const bool kok = (k0 + lch * CHUNK) < K;
+#pragma unroll
+        for (int i = 0; i < BM / 32; ++i) {
+            const bool ok = a_ok[i] && kok;
+            cp_async16(sa + i * 32u * 128u, ok ? (const void*)(a[i] + k0) : (const void*)A, ok);
+        }
+#pragma unroll
+        for (int i = 0; i < BN / 32; ++i) {
+            const bool ok = b_ok[i] && kok;
+            cp_async16(sb + i * 32u * 128u, ok ? (const void*)(b[i] + k0) : (const void*)B0, ok);
         }
     }
 };
@@ -293,20 +303,8 @@ __device__ __forceinline__ void gg_bf16_body(const u16* __restrict__ A, const u3
     GgSources<u16, BM, BN, SWIGLU> src;
     src.set(A, gather, gk, seg + m0, rows, B0, B1, e, n_tile, N, K, lrow, lch);
     auto load_stage = [&](u32 s, u32 kt) {
-        const u32 k0 = kt * BK;
-        const bool kok = (k0 + lch * 8u) < K;
         const u32 sa = smem0 + s * STAGE_BYTES + lrow * 128u + sw;
-#pragma unroll
-        for (int i = 0; i < BM / 32; ++i) {
-            const bool ok = src.a_ok[i] && kok;
-            cp_async16(sa + i * 32u * 128u, ok ? (const void*)(src.a[i] + k0) : (const void*)A, ok);
-        }
-        const u32 sb = smem0 + s * STAGE_BYTES + A_BYTES + lrow * 128u + sw;
-#pragma unroll
-        for (int i = 0; i < BN / 32; ++i) {
-            const bool ok = src.b_ok[i] && kok;
-            cp_async16(sb + i * 32u * 128u, ok ? (const void*)(src.b[i] + k0) : (const void*)B0, ok);
-        }
+        src.load(sa, sa + A_BYTES, kt * BK, K, lch, A, B0);
     };
 
     float acc[BN / 2];
@@ -553,21 +551,8 @@ __device__ __forceinline__ void gg_bf16_persist(const u16* __restrict__ A, const
     setup(ld_tile);
     auto issue = [&]() {
         if (ld_more) {
-            const u32 s = ld_count % STAGES;
-            const u32 k0 = ld_k * BK;
-            const bool kok = (k0 + lch * 8u) < K;
-            const u32 sa = smem0 + s * STAGE_BYTES + lrow * 128u + sw;
-#pragma unroll
-            for (int i = 0; i < BM / 32; ++i) {
-                const bool ok = src.a_ok[i] && kok;
-                cp_async16(sa + i * 32u * 128u, ok ? (const void*)(src.a[i] + k0) : (const void*)A, ok);
-            }
-            const u32 sb = smem0 + s * STAGE_BYTES + A_BYTES + lrow * 128u + sw;
-#pragma unroll
-            for (int i = 0; i < BN / 32; ++i) {
-                const bool ok = src.b_ok[i] && kok;
-                cp_async16(sb + i * 32u * 128u, ok ? (const void*)(src.b[i] + k0) : (const void*)B0, ok);
-            }
+            const u32 sa = smem0 + (ld_count % STAGES) * STAGE_BYTES + lrow * 128u + sw;
+            src.load(sa, sa + A_BYTES, ld_k * BK, K, lch, A, B0);
             if (++ld_k == KT) {
                 ld_k = 0;
                 ld_tile += gridDim.x;
@@ -1239,19 +1224,8 @@ __device__ __forceinline__ void gg_tf32x3_body(const float* __restrict__ A, cons
     const u32 KT = (K + BK - 1) / BK;
     auto issue = [&](u32 kt) {
         if (kt < KT) {
-            const u32 k0 = kt * BK;
-            const bool kok = (k0 + lch * 4u) < K;
             const u32 sa = smem0 + (kt % TF_STAGES) * STAGE_BYTES + lrow * 128u + sw;
-#pragma unroll
-            for (int i = 0; i < BM / 32; ++i) {
-                const bool ok = src.a_ok[i] && kok;
-                cp_async16(sa + i * 32u * 128u, ok ? (const void*)(src.a[i] + k0) : (const void*)A, ok);
-            }
-#pragma unroll
-            for (int i = 0; i < BN / 32; ++i) {
-                const bool ok = src.b_ok[i] && kok;
-                cp_async16(sa + A_BYTES + i * 32u * 128u, ok ? (const void*)(src.b[i] + k0) : (const void*)B0, ok);
-            }
+            src.load(sa, sa + A_BYTES, kt * BK, K, lch, A, B0);
         }
         cp_async_commit();
     };

@@ -248,19 +248,38 @@ pub fn fused_gating_permute(logits: &Tensor, k: usize) -> Result<(Gating, Permut
     let (offsets, base) = sort.expect("the fused gating's scan");
     let dev = cuda_dev(logits)?;
     let n = s * k;
-    let mut order = unsafe { dev.alloc::<u32>(n)? };
-    let mut inv = unsafe { dev.alloc::<u32>(n)? };
-    {
-        let (n32, e32, sub) = (n as u32, e as u32, (32 * k) as u32);
+    let (order, inv) = {
         view!(g.ids, u32, _gi, iv);
-        let f = routing_fn(&dev, "perm_scatter")?;
-        let mut b = f.0.launch_builder(&f.1);
-        b.arg(&iv).arg(&n32).arg(&e32).arg(&base).arg(&sub).arg(&mut order).arg(&mut inv);
-        // one block per gating block (256 tokens: 8 warps of 32 k slots)
-        drv(unsafe { b.launch(cfg1(s.div_ceil(256) as u32, 256, (8 * e * 4) as u32)) })?;
-    }
+        // one block per gating block: GATE_ROWS_BLOCK tokens, 8 warps of 32 k slots
+        perm_scatter(&dev, &iv, n, e, &base, 32 * k, s.div_ceil(GATE_ROWS_BLOCK))?
+    };
     let p = Permutation { order: wrap(order, &dev, n), inv: wrap(inv, &dev, n), offsets: wrap(offsets, &dev, e + 1), k, n_experts: e };
     Ok((g, p))
+}
+
+/// Tokens per block of the `gating_rows_*` kernels (GATE_ROWS_BLOCK in the kernel source).
+const GATE_ROWS_BLOCK: usize = 256;
+
+/// `perm_scatter` over `blocks` chunks of 8 warps x `sub` slots of `ids` (`n` slots, `e`
+/// experts, per-chunk bases `base[blocks, e]`): the expert-sorted `order` and its inverse.
+fn perm_scatter(
+    dev: &CudaDevice,
+    ids: &cudarc::driver::CudaView<u32>,
+    n: usize,
+    e: usize,
+    base: &CudaSlice<u32>,
+    sub: usize,
+    blocks: usize,
+) -> Result<(CudaSlice<u32>, CudaSlice<u32>)> {
+    let mut order = unsafe { dev.alloc::<u32>(n)? };
+    let mut inv = unsafe { dev.alloc::<u32>(n)? };
+    let (n32, e32, sub32) = (n as u32, e as u32, sub as u32);
+    let f = routing_fn(dev, "perm_scatter")?;
+    let mut b = f.0.launch_builder(&f.1);
+    b.arg(ids).arg(&n32).arg(&e32).arg(base).arg(&sub32).arg(&mut order).arg(&mut inv);
+    // per-warp running counts in dynamic shared memory: [8 warps][e]
+    drv(unsafe { b.launch(cfg1(blocks as u32, 256, (8 * e * 4) as u32)) })?;
+    Ok((order, inv))
 }
 
 /// The gating kernels; `with_sort` (E <= 32): the last block also writes the sort's offsets
@@ -290,7 +309,7 @@ fn gating(logits: &Tensor, k: usize, with_sort: bool) -> Result<(Gating, Option<
     // E <= 32 (every DiT-MoE size): one thread per token (`gating_rows_*`, 256 tokens a block);
     // more experts: one warp per token (`fused_gating_*`, 64 tokens a block)
     let rows_kernel = e <= 32;
-    let nb = if rows_kernel { s.div_ceil(256) } else { s.div_ceil(64) };
+    let nb = if rows_kernel { s.div_ceil(GATE_ROWS_BLOCK) } else { s.div_ceil(64) };
     let mut ids = unsafe { dev.alloc::<u32>(s * k)? };
     let mut weights = unsafe { dev.alloc::<f32>(s * k)? };
     let mut scores = unsafe { dev.alloc::<f32>(s * e)? };
@@ -367,9 +386,11 @@ pub fn permute_by_expert(ids: &Tensor, n_experts: usize) -> Result<Permutation> 
     let n = s * k;
     let e = n_experts;
     let mut offsets = dev.alloc_zeros::<u32>(e + 1)?;
-    let mut order = unsafe { dev.alloc::<u32>(n)? };
-    let mut inv = unsafe { dev.alloc::<u32>(n)? };
-    if n > 0 {
+    if n == 0 {
+        let z = || unsafe { dev.alloc::<u32>(0) };
+        return Ok(Permutation { order: wrap(z()?, &dev, 0), inv: wrap(z()?, &dev, 0), offsets: wrap(offsets, &dev, e + 1), k, n_experts });
+    }
+    let (order, inv) = {
         let nb = n.div_ceil(PERM_CHUNK);
         let mut hist = unsafe { dev.alloc::<u32>(nb * e)? };
         let mut base = unsafe { dev.alloc::<u32>(nb * e)? };
@@ -391,20 +412,8 @@ pub fn permute_by_expert(ids: &Tensor, n_experts: usize) -> Result<Permutation> 
                 .arg(&mut base);
             drv(unsafe { b.launch(cfg1(1, 1024, 0)) })?;
         }
-        {
-            let f = routing_fn(&dev, "perm_scatter")?;
-            let mut b = f.0.launch_builder(&f.1);
-            let sub = PERM_SUB as u32;
-            b.arg(&iv)
-                .arg(&n32)
-                .arg(&e32)
-                .arg(&base)
-                .arg(&sub)
-                .arg(&mut order)
-                .arg(&mut inv);
-            drv(unsafe { b.launch(cfg1(nb32, 256, (8 * e * 4) as u32)) })?;
-        }
-    }
+        perm_scatter(&dev, &iv, n, e, &base, PERM_SUB, nb)?
+    };
     Ok(Permutation {
         order: wrap(order, &dev, n),
         inv: wrap(inv, &dev, n),
