@@ -20,8 +20,9 @@
 // multi-stage pipeline into 128-byte-swizzled shared memory, then either
 //   * wgmma (sm_90a): each warpgroup issues m64nBNk16 on its 64 rows, f32 accumulators, or
 //   * mma.sync m16n8k16 + ldmatrix (sm_80+): 2x4 warps of 64 x BN/4.
-// The multicast kernels (sm_90a, N tile 256, see "Multicast variant" below) run in clusters of
-// two blocks sharing each weight tile through a TMA multicast, warp-specialised.
+// The multicast kernels (sm_90a, N tile 256 or 192, see "Multicast variant" below) run in
+// clusters of two blocks sharing each weight tile through a TMA multicast, warp-specialised;
+// A rows that are not gathered come by TMA as well.
 // f32 kernel: plain SIMT tiles (64 x 64 x 16, 4x4 per thread), exact f32 FMA accumulation.
 
 typedef unsigned int u32;
@@ -43,8 +44,20 @@ __device__ __forceinline__ u32 pack_bf16x2(float lo, float hi) {
     return r;
 }
 __device__ __forceinline__ float silu_f(float g) { return g / (1.f + expf(-g)); }
-// fast SiLU for the bf16 epilogues (the result is rounded to bf16 anyway)
-__device__ __forceinline__ float silu_fast(float g) { return __fdividef(g, 1.f + __expf(-g)); }
+// Fast SiLU for the bf16 epilogues (the result is rounded to bf16 anyway) with one SFU op per
+// value: e^-g on the SFU, 1 / (1 + e^-g) by Newton's method on the FMA pipe. __fdividef's
+// reciprocal was a second SFU op, and the SFU (16 results per clock per SM) bounded the SwiGLU
+// epilogue: in Nsight Compute's samples the MUFUs and the FMULs waiting on them were half of it.
+__device__ __forceinline__ float silu_fast(float g) {
+    float e;
+    // clamped so that 1 + e stays finite: silu(g) is g e^g ~ 0 there, and so is g / (1 + 2^126)
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(e) : "f"(fminf(-1.44269504f * g, 126.f)));
+    const float d = 1.f + e;                                    // [1, 2^126]
+    float r = __int_as_float(0x7EF311C3 - __float_as_int(d));  // 1 / d within 12.5%
+#pragma unroll
+    for (int i = 0; i < 3; ++i) r = r * fmaf(-d, r, 2.f);       // error squared each step: 2e-8
+    return g * r;
+}
 
 __device__ __forceinline__ u32 smem_u32(const void* p) {
     u32 r;
@@ -89,25 +102,42 @@ __device__ __forceinline__ u64 make_desc_sw128(u32 addr) {
     return d;
 }
 
+// m64nNk16 with f32 accumulators d[0 .. N/2): A and B from shared memory (descriptors), d
+// scaled by scale_d (0 = overwrite) before the product is added.
+#define WG_D8(i) \
+    "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), "+f"(d[i + 6]), "+f"(d[i + 7])
 __device__ __forceinline__ void wgmma_m64n128k16(float* d, u64 da, u64 db, u32 scale_d) {
     asm volatile(
         "{\n.reg .pred p;\n"
         "setp.ne.b32 p, %66, 0;\n"
         "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
-        "{" 
+        "{"
         "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
         "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
         "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
         "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
         "}, %64, %65, p, 1, 1, 0, 0;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
-          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
-          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
-          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
-          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : WG_D8(0), WG_D8(8), WG_D8(16), WG_D8(24),
+          WG_D8(32), WG_D8(40), WG_D8(48), WG_D8(56)
+        : "l"(da), "l"(db), "r"(scale_d));
+}
+
+__device__ __forceinline__ void wgmma_m64n192k16(float* d, u64 da, u64 db, u32 scale_d) {
+    asm volatile(
+        "{\n.reg .pred p;\n"
+        "setp.ne.b32 p, %98, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n192k16.f32.bf16.bf16 "
+        "{"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, "
+        "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, "
+        "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95"
+        "}, %96, %97, p, 1, 1, 0, 0;\n}\n"
+        : WG_D8(0), WG_D8(8), WG_D8(16), WG_D8(24),
+          WG_D8(32), WG_D8(40), WG_D8(48), WG_D8(56),
+          WG_D8(64), WG_D8(72), WG_D8(80), WG_D8(88)
         : "l"(da), "l"(db), "r"(scale_d));
 }
 
@@ -116,7 +146,7 @@ __device__ __forceinline__ void wgmma_m64n256k16(float* d, u64 da, u64 db, u32 s
         "{\n.reg .pred p;\n"
         "setp.ne.b32 p, %130, 0;\n"
         "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 "
-        "{" 
+        "{"
         "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
         "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
         "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
@@ -126,23 +156,20 @@ __device__ __forceinline__ void wgmma_m64n256k16(float* d, u64 da, u64 db, u32 s
         "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, "
         "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"
         "}, %128, %129, p, 1, 1, 0, 0;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
-          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
-          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
-          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
-          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
-          "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
-          "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
-          "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
-          "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),
-          "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),
-          "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),
-          "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
-          "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+        : WG_D8(0), WG_D8(8), WG_D8(16), WG_D8(24),
+          WG_D8(32), WG_D8(40), WG_D8(48), WG_D8(56),
+          WG_D8(64), WG_D8(72), WG_D8(80), WG_D8(88),
+          WG_D8(96), WG_D8(104), WG_D8(112), WG_D8(120)
         : "l"(da), "l"(db), "r"(scale_d));
+}
+#undef WG_D8
+
+template <int BN>
+__device__ __forceinline__ void wgmma_m64k16(float* d, u64 da, u64 db, u32 scale_d) {
+    static_assert(BN == 128 || BN == 192 || BN == 256, "wgmma N tile");
+    if (BN == 256) wgmma_m64n256k16(d, da, db, scale_d);
+    else if (BN == 192) wgmma_m64n192k16(d, da, db, scale_d);
+    else wgmma_m64n128k16(d, da, db, scale_d);
 }
 #endif  // GG_HAS_WGMMA
 
@@ -343,8 +370,7 @@ __device__ __forceinline__ void gg_bf16_body(const u16* __restrict__ A, const u3
             for (int kk = 0; kk < BK / 16; ++kk) {
                 const u64 da = make_desc_sw128(sA + wg * 64u * 128u + kk * 32u);
                 const u64 db = make_desc_sw128(sB + kk * 32u);
-                if (BN == 256) wgmma_m64n256k16(acc, da, db, 1u);
-                else wgmma_m64n128k16(acc, da, db, 1u);
+                wgmma_m64k16<BN>(acc, da, db, 1u);
             }
             wgmma_commit();
             wgmma_wait<1>();
@@ -626,8 +652,7 @@ __device__ __forceinline__ void gg_bf16_persist(const u16* __restrict__ A, const
                 const u64 da = make_desc_sw128(sA + wg * 64u * 128u + kk * 32u);
                 const u64 db = make_desc_sw128(sB + kk * 32u);
                 const u32 scale_d = (c_k > 0u || kk > 0) ? 1u : 0u;  // a new tile starts from zero
-                if (BN == 256) wgmma_m64n256k16(acc, da, db, scale_d);
-                else wgmma_m64n128k16(acc, da, db, scale_d);
+                wgmma_m64k16<BN>(acc, da, db, scale_d);
             }
             wgmma_commit();
             wgmma_wait<1>();
@@ -705,9 +730,9 @@ GG_BF16_PKERNEL(gg_wgmma_swiglu_n256s4p, 256, 4, true, true)
 #endif
 
 // ---------------------------------------------------------------------------------------
-// Multicast variant (sm_90a), warp-specialised: the N-tile-256 wgmma kernel in clusters of
+// Multicast variant (sm_90a), warp-specialised: the N-tile-256 (or 192) wgmma kernel in clusters of
 // two blocks that share the weight tile. Each block of the pair owns one 128-row M-tile of
-// the same expert (rows 256 p + 128 rank) and loads half of the 256 x 64 weight tile per
+// the same expert (rows 256 p + 128 rank) and loads half of the BN x 64 weight tile per
 // K-slice with one TMA copy multicast into both blocks' shared memory, so the L2 -> SM
 // traffic per block and K-slice drops from 48 KB (16 KB of tokens + 32 KB of weights) to
 // 32 KB, as in cuBLAS's 2x1-cluster Hopper kernels. One producer warpgroup gathers the token
@@ -719,7 +744,7 @@ GG_BF16_PKERNEL(gg_wgmma_swiglu_n256s4p, 256, 4, true, true)
 //
 // Per ring stage s:
 //   full[s]:  128 producer arrivals (cp.async.mbarrier.arrive.noinc, once each thread's rows
-//             have landed) + 1 expect_tx of the weight tile's 32 KB, completed by the two
+//             have landed) + 1 expect_tx of the weight tile's BN x 128 bytes, completed by the two
 //             blocks' TMA copies;
 //   empty[s]: 4 arrivals, one per consumer warpgroup of either block once its wgmmas on the
 //             stage are done, so neither block's multicast overwrites a stage its partner
@@ -777,7 +802,7 @@ __device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {
         "r"(parity)
         : "memory");
 }
-// a 64 (K) x 128 (rows) box of a 2-D bf16 tensor map into both blocks of the pair
+// a 64 (K) x BN / 2 (rows) box of a 2-D bf16 tensor map into both blocks of the pair
 __device__ __forceinline__ void tma_load_multicast(u32 dst, const GgTmaMap* map, u32 k0, u32 row, u32 bar) {
     asm volatile(
         "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster "
@@ -785,13 +810,24 @@ __device__ __forceinline__ void tma_load_multicast(u32 dst, const GgTmaMap* map,
         "l"((u64)map), "r"(k0), "r"(row), "r"(bar), "h"((unsigned short)3)
         : "memory");
 }
+// a 64 (K) x 128 (rows) box of a 2-D bf16 tensor map into this block only
+__device__ __forceinline__ void tma_load(u32 dst, const GgTmaMap* map, u32 k0, u32 row, u32 bar) {
+    asm volatile(
+        "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes "
+        "[%0], [%1, {%2, %3}], [%4];\n" ::"r"(dst),
+        "l"((u64)map), "r"(k0), "r"(row), "r"(bar)
+        : "memory");
+}
 
-template <bool SWIGLU>
+// BN = 192 (plain only) is for output widths that 256 does not divide but 192 does (XL's
+// 1152, S's 384): 256-wide tiles there compute up to a third more columns than are stored.
+template <int BN, bool SWIGLU>
 __device__ __forceinline__ void gg_bf16_multicast(const u16* __restrict__ A, const u32* __restrict__ gather, u32 gk,
                                                   const u32* __restrict__ offsets, u32 E, const GgTmaMap* map0,
-                                                  const GgTmaMap* map1, u16* __restrict__ C, u32 N, u32 K,
-                                                  u32 max_pairs) {
-    constexpr int BM = GG_BM, BN = 256, BK = GG_BK, STAGES = 4;
+                                                  const GgTmaMap* map1, const GgTmaMap* map_a, u32 a_tma,
+                                                  u16* __restrict__ C, u32 N, u32 K, u32 max_pairs) {
+    static_assert(BN == 256 || (BN == 192 && !SWIGLU), "multicast N tile");
+    constexpr int BM = GG_BM, BK = GG_BK, STAGES = 4;
     constexpr u32 A_BYTES = BM * BK * 2, B_BYTES = BN * BK * 2, STAGE_BYTES = A_BYTES + B_BYTES;
     constexpr u32 OUT_PER_TILE = SWIGLU ? BN / 2 : BN;
     extern __shared__ unsigned char gg_smem[];
@@ -814,7 +850,8 @@ __device__ __forceinline__ void gg_bf16_multicast(const u16* __restrict__ A, con
     const u32 full0 = smem_u32(&s_bar[0]), empty0 = smem_u32(&s_bar[STAGES]);
     if (tid == 0) {
         for (int s = 0; s < STAGES; ++s) {
-            mbar_init(full0 + 8u * s, GG_PRODUCERS + 1u);  // the producers' cp.async + the expect_tx
+            // the producers' cp.async (unless A comes by TMA too) + the expect_tx
+            mbar_init(full0 + 8u * s, a_tma ? 1u : GG_PRODUCERS + 1u);
             mbar_init(empty0 + 8u * s, 4u);                // two consumer warpgroups in each block
         }
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
@@ -831,7 +868,32 @@ __device__ __forceinline__ void gg_bf16_multicast(const u16* __restrict__ A, con
         return T;
     };
 
-    if (warp < GG_PRODUCERS / 32) {
+    // the weight rows of this block's half of a tile's B (SWIGLU: the gate or up rows)
+    auto b_row = [&](const GgTile& L) {
+        return L.e * N + L.n_tile * OUT_PER_TILE + (SWIGLU ? 0u : rank * (u32)(BN / 2));
+    };
+    if (warp < GG_PRODUCERS / 32 && a_tma) {
+        // ---- producer, A not gathered: one thread issues each stage as two TMA copies, the
+        // 128 A rows into this block (rows past the expert's are read but not stored, rows past
+        // A are zero-filled) and its half of the weight tile into both blocks
+        if (tid == 0) {
+            const GgTmaMap* bmap = (SWIGLU && rank == 1u) ? map1 : map0;
+            asm volatile("prefetch.tensormap [%0];\n" ::"l"((u64)bmap) : "memory");
+            asm volatile("prefetch.tensormap [%0];\n" ::"l"((u64)map_a) : "memory");
+            u32 it = 0;
+            for (u32 t = cid; t < total; t += ncl) {
+                const GgTile L = tile(t);
+                const u32 brow = b_row(L), arow = L.seg + L.m0;
+                for (u32 k = 0; k < KT; ++k, ++it) {
+                    const u32 s = it % STAGES, full = full0 + 8u * s, sa = smem0 + s * STAGE_BYTES;
+                    if (it >= (u32)STAGES) mbar_wait(empty0 + 8u * s, (it / STAGES - 1u) & 1u);
+                    mbar_expect_tx(full, A_BYTES + B_BYTES);
+                    tma_load(sa, map_a, k * BK, arow, full);
+                    tma_load_multicast(sa + A_BYTES + rank * (B_BYTES / 2), bmap, k * BK, brow, full);
+                }
+            }
+        }
+    } else if (warp < GG_PRODUCERS / 32) {
         // ---- producer warpgroup: thread (lrow, lch) gathers A rows lrow + 16 i, chunk lch
         const u32 lrow = tid >> 3, lch = tid & 7u;
         const u32 sw = (lch ^ (lrow & 7u)) << 4;
@@ -847,7 +909,7 @@ __device__ __forceinline__ void gg_bf16_multicast(const u16* __restrict__ A, con
         };
         auto fetch = [&](u32 t, Rows& R) {
             const GgTile L = tile(t);
-            R.b_row = L.e * N + L.n_tile * OUT_PER_TILE + (SWIGLU ? 0u : rank * 128u);
+            R.b_row = b_row(L);
 #pragma unroll
             for (int i = 0; i < BM / 16; ++i) {
                 const u32 r = lrow + 16u * i;
@@ -914,7 +976,7 @@ __device__ __forceinline__ void gg_bf16_multicast(const u16* __restrict__ A, con
                 wgmma_fence();
 #pragma unroll
                 for (int kk = 0; kk < BK / 16; ++kk)
-                    wgmma_m64n256k16(acc, make_desc_sw128(sA + wg * 64u * 128u + kk * 32u),
+                    wgmma_m64k16<BN>(acc, make_desc_sw128(sA + wg * 64u * 128u + kk * 32u),
                                      make_desc_sw128(sB + kk * 32u), 1u);
                 wgmma_commit();
                 wgmma_wait<1>();
@@ -932,17 +994,20 @@ __device__ __forceinline__ void gg_bf16_multicast(const u16* __restrict__ A, con
     cluster_sync();  // no block leaves while its partner may still multicast into it or arrive on it
 }
 
-// name: gg_wgmma_{plain|swiglu}_n256mc; clusters of 2, grid even, GG_PRODUCERS + 256 threads;
-// dynamic smem as n256s4
-#define GG_BF16_MCKERNEL(NAME, SW)                                                                    \
-    extern "C" __global__ void __cluster_dims__(2, 1, 1) __launch_bounds__(GG_PRODUCERS + 256, 1)     \
-        NAME(const u16* A, const u32* gather, u32 gk, const u32* offsets, u32 E,                      \
-             const __grid_constant__ GgTmaMap map0, const __grid_constant__ GgTmaMap map1, u16* C,    \
-             u32 N, u32 K, u32 max_pairs) {                                                           \
-        gg_bf16_multicast<SW>(A, gather, gk, offsets, E, &map0, &map1, C, N, K, max_pairs);           \
+// name: gg_wgmma_{plain|swiglu}_n{BN}mc; clusters of 2, grid even, GG_PRODUCERS + 256 threads;
+// dynamic smem as n{BN}s4; weight tensor maps with boxes of BN / 2 rows (SWIGLU: 128), the A
+// map (read when a_tma = 1, gather null) with boxes of 128 rows
+#define GG_BF16_MCKERNEL(NAME, BN, SW)                                                                  \
+    extern "C" __global__ void __cluster_dims__(2, 1, 1) __launch_bounds__(GG_PRODUCERS + 256, 1)       \
+        NAME(const u16* A, const u32* gather, u32 gk, const u32* offsets, u32 E,                        \
+             const __grid_constant__ GgTmaMap map0, const __grid_constant__ GgTmaMap map1,              \
+             const __grid_constant__ GgTmaMap map_a, u32 a_tma, u16* C, u32 N, u32 K, u32 max_pairs) {  \
+        gg_bf16_multicast<BN, SW>(A, gather, gk, offsets, E, &map0, &map1, &map_a, a_tma, C, N, K,      \
+                                  max_pairs);                                                           \
     }
-GG_BF16_MCKERNEL(gg_wgmma_plain_n256mc, false)
-GG_BF16_MCKERNEL(gg_wgmma_swiglu_n256mc, true)
+GG_BF16_MCKERNEL(gg_wgmma_plain_n256mc, 256, false)
+GG_BF16_MCKERNEL(gg_wgmma_plain_n192mc, 192, false)
+GG_BF16_MCKERNEL(gg_wgmma_swiglu_n256mc, 256, true)
 #endif  // GG_HAS_WGMMA
 
 #define GG_BF16_KERNEL(NAME, BN, ST, WG, SW)                                                           \

@@ -622,7 +622,8 @@ pub fn gemm_choice(dev: &CudaDevice, dtype: DType, swiglu: bool, n: usize, align
             };
             let bn = match cfg.block_n {
                 128 => 128,
-                256 => 256,
+                // 192 exists only as a multicast kernel for the plain projection (below)
+                192 | 256 => 256,
                 // Measured on an H100 (docs/benchmarks.md): with wgmma, N tile 256 (persistent)
                 // gives the fastest whole MoE layer at XL and G widths, also for the down
                 // projection whose N (1152, 1408) is not a multiple of 256. Narrow outputs
@@ -659,16 +660,28 @@ pub fn gemm_choice(dev: &CudaDevice, dtype: DType, swiglu: bool, n: usize, align
             };
             // persistent kernels exist for wgmma (all tiles) and mma.sync with N tile 256
             let persistent = cfg.persistent.unwrap_or(true) && (wg || bn == 256);
-            let smem = stages * (128 * 64 * 2 + bn * 64 * 2) + 1024;
             let kind = if swiglu { "swiglu" } else { "plain" };
             // Measured on an H100 at 16384 tokens (docs/benchmarks.md, run 5): the multicast
             // kernel beats the cp.async one for every gate/up projection (S 0.215 -> 0.165 ms,
             // XL 1.343 -> 1.169, G 1.991 -> 1.737) and for the down projections with at least
             // four 256-wide tiles (XL 0.650 -> 0.542, G 1.033 -> 0.954), but not for S's
             // 384-wide one (0.094 -> 0.097 ms; 0.089 -> 0.101 in an earlier run).
-            let multicast = wg && bn == 256 && persistent && cfg.multicast.unwrap_or(swiglu || n >= 1024);
+            // The plain multicast kernel also comes with 192-wide tiles, for outputs that 192
+            // divides better than 256: 256-wide tiles compute 1280 columns for XL's 1152 (11%
+            // wasted) and 512 for S's 384 (33%). With A by TMA (the down projections' A is not
+            // gathered) it is the fastest down projection there (MoE run 7: XL 0.553 -> 0.51
+            // ms, S 0.092 -> 0.084 ms against the best 256-wide kernels).
+            let pad = |b: usize| n.div_ceil(b) * b;
+            let n192 = !swiglu && pad(192) < pad(256);
+            let multicast = wg && bn == 256 && persistent && cfg.multicast.unwrap_or(swiglu || n >= 1024 || n192);
+            let bn = match cfg.block_n {
+                192 if multicast && !swiglu => 192,
+                0 if multicast && n192 => 192,
+                _ => bn,
+            };
+            let smem = stages * (128 * 64 * 2 + bn * 64 * 2) + 1024;
             let name = if multicast {
-                format!("gg_wgmma_{kind}_n256mc")
+                format!("gg_wgmma_{kind}_n{bn}mc")
             } else {
                 format!(
                     "gg_{}_{kind}_n{bn}s{stages}{}",
@@ -696,17 +709,17 @@ struct TensorMapArg(cudarc::driver::sys::CUtensorMap);
 // SAFETY: plain bytes, copied into the kernel's parameter space by the driver.
 unsafe impl cudarc::driver::DeviceRepr for TensorMapArg {}
 
-/// The TMA descriptor of a bf16 weight tensor seen as `[rows, k]` (all experts' rows stacked):
-/// boxes of 128 rows x 64 K-values (128 bytes) with the 128-byte swizzle the wgmma descriptors
-/// expect; reads past the last row or past K are zero-filled.
-fn weight_tensor_map(ptr: cudarc::driver::sys::CUdeviceptr, rows: usize, k: usize) -> Result<TensorMapArg> {
+/// The TMA descriptor of a bf16 matrix `[rows, k]` (weights: all experts' rows stacked):
+/// boxes of `box_rows` rows x 64 K-values (128 bytes) with the 128-byte swizzle the wgmma
+/// descriptors expect; reads past the last row or past K are zero-filled.
+fn tensor_map_2d(ptr: cudarc::driver::sys::CUdeviceptr, rows: usize, k: usize, box_rows: usize) -> Result<TensorMapArg> {
     use cudarc::driver::sys::*;
     if !ptr.is_multiple_of(16) || !(k * 2).is_multiple_of(16) || rows > i32::MAX as usize || k > i32::MAX as usize {
-        bail!("grouped_gemm: weights [{rows}, {k}] at {ptr:#x} cannot be read through TMA (need 16-byte alignment)")
+        bail!("grouped_gemm: matrix [{rows}, {k}] at {ptr:#x} cannot be read through TMA (need 16-byte alignment)")
     }
     let dims = [k as u64, rows as u64];
     let strides = [(k * 2) as u64];
-    let boxes = [64u32, 128];
+    let boxes = [64u32, box_rows as u32];
     let elem = [1u32, 1];
     let mut map = std::mem::MaybeUninit::<CUtensorMap>::zeroed();
     let r = unsafe {
@@ -726,7 +739,7 @@ fn weight_tensor_map(ptr: cudarc::driver::sys::CUdeviceptr, rows: usize, k: usiz
         )
     };
     if r != CUresult::CUDA_SUCCESS {
-        bail!("grouped_gemm: cuTensorMapEncodeTiled for weights [{rows}, {k}] failed: {r:?}")
+        bail!("grouped_gemm: cuTensorMapEncodeTiled for [{rows}, {k}] failed: {r:?}")
     }
     Ok(TensorMapArg(unsafe { map.assume_init() }))
 }
@@ -770,6 +783,7 @@ struct GroupedGemm {
     b1: Tensor,
     choice: GemmChoice,
     dev: CudaDevice,
+    swiglu: bool,
     /// rows, output columns, K, experts
     r: usize,
     n: usize,
@@ -823,6 +837,7 @@ impl GroupedGemm {
             b1,
             choice,
             dev,
+            swiglu,
             r,
             n,
             kdim,
@@ -860,19 +875,35 @@ impl GroupedGemm {
         b.arg(&xv);
         arg_or_null(&mut b, orv.as_ref());
         b.arg(&self.gk).arg(&ov).arg(&e32);
-        // the multicast kernel reads the weights through TMA tensor maps (kernel parameters
-        // by value); the pointers stay valid while the views are borrowed
+        // the multicast kernel reads the weights, and A where it is not gathered, through TMA
+        // tensor maps (kernel parameters by value); the pointers stay valid while the views
+        // are borrowed
         let mut _reads = None;
         let maps = if ch.multicast {
-            let ((p0, s0), (p1, s1)) = (b0v.device_ptr(stream), b1v.device_ptr(stream));
-            _reads = Some((s0, s1));
+            let ((p0, s0), (p1, s1), (pa, sa)) =
+                (b0v.device_ptr(stream), b1v.device_ptr(stream), xv.device_ptr(stream));
+            _reads = Some((s0, s1, sa));
             let rows = self.e * self.n;
-            Some((weight_tensor_map(p0, rows, self.kdim)?, weight_tensor_map(p1, rows, self.kdim)?))
+            // each block of the pair loads half of a plain weight tile, or SwiGLU's gate (rank
+            // 0) or up (rank 1) rows of a tile's outputs
+            let boxr = if self.swiglu { ch.out_per_tile } else { ch.out_per_tile / 2 };
+            let (m0, m1) = (
+                tensor_map_2d(p0, rows, self.kdim, boxr)?,
+                tensor_map_2d(p1, rows, self.kdim, boxr)?,
+            );
+            let tma_a = self.order.is_none() && super::gemm_config().tma_a.unwrap_or(true);
+            // (an A that starts off 16-byte alignment keeps the cp.async loads)
+            let ma = if tma_a { tensor_map_2d(pa, self.r, self.kdim, 128).ok() } else { None };
+            Some((m0, m1, ma))
         } else {
             None
         };
         match &maps {
-            Some((m0, m1)) => b.arg(m0).arg(m1),
+            Some((m0, m1, ma)) => {
+                b.arg(m0).arg(m1);
+                // without an A map the kernel ignores the parameter; any map fills it
+                b.arg(ma.as_ref().unwrap_or(m0)).arg(if ma.is_some() { &1u32 } else { &0u32 })
+            }
             None => b.arg(&b0v).arg(&b1v),
         };
         b.arg(out).arg(&n32).arg(&k32);

@@ -131,7 +131,8 @@ pub enum GemmBackend {
 pub struct GemmConfig {
     /// bf16 tensor-core path.
     pub backend: GemmBackend,
-    /// bf16 N tile, 128 or 256; 0 = automatic.
+    /// bf16 N tile, 128 or 256, or 192 (the plain multicast kernel only; other kernels take
+    /// 256); 0 = automatic.
     pub block_n: usize,
     /// bf16 pipeline depth: 3 (wgmma with N tile 128 only; two blocks per SM); 0 = automatic
     /// (4 stages for N tile 256, 5 for 128).
@@ -140,8 +141,13 @@ pub struct GemmConfig {
     /// tile boundaries); `None` = automatic (yes where such a kernel exists).
     pub persistent: Option<bool>,
     /// bf16 wgmma with N tile 256: clusters of two blocks sharing each weight tile through a
-    /// TMA multicast (`gg_wgmma_*_n256mc`); `None` = automatic.
+    /// TMA multicast (`gg_wgmma_*_n256mc`, plain projections also `gg_wgmma_plain_n192mc`);
+    /// `None` = automatic.
     pub multicast: Option<bool>,
+    /// Multicast kernels: A rows that are not gathered (down projections, the shared expert)
+    /// come by TMA, issued by one thread, instead of by the producer warpgroup's `cp.async`;
+    /// `None` = automatic (yes).
+    pub tma_a: Option<bool>,
     /// f32 kernel.
     pub f32_kernel: F32Kernel,
 }
@@ -167,6 +173,7 @@ impl Default for GemmConfig {
             stages: 0,
             persistent: None,
             multicast: None,
+            tma_a: None,
             f32_kernel: F32Kernel::Auto,
         }
     }
@@ -181,7 +188,8 @@ pub fn set_gemm_config(c: GemmConfig) {
 
 /// The grouped-GEMM kernel selection: what [`set_gemm_config`] set, else the default with the
 /// backend taken from the environment variable `DITMOE_GEMM` (`wgmma` or `mma`) and the
-/// multicast switch from `DITMOE_GEMM_MULTICAST` (`0` or `1`) if present.
+/// multicast and TMA switches from `DITMOE_GEMM_MULTICAST` and `DITMOE_GEMM_TMA_A` (`0` or
+/// `1`) if present.
 pub fn gemm_config() -> GemmConfig {
     if let Some(c) = *GEMM_CONFIG.read().unwrap_or_else(|e| e.into_inner()) {
         return c;
@@ -193,14 +201,15 @@ pub fn gemm_config() -> GemmConfig {
             Ok("mma") => GemmBackend::MmaSync,
             _ => GemmBackend::Auto,
         };
-        let multicast = match std::env::var("DITMOE_GEMM_MULTICAST").as_deref() {
+        let switch = |name| match std::env::var(name).as_deref() {
             Ok("0") => Some(false),
             Ok("1") => Some(true),
             _ => None,
         };
         GemmConfig {
             backend,
-            multicast,
+            multicast: switch("DITMOE_GEMM_MULTICAST"),
+            tma_a: switch("DITMOE_GEMM_TMA_A"),
             ..Default::default()
         }
     })
@@ -223,6 +232,7 @@ pub fn gemm_variants(dtype: DType, wgmma: bool) -> Vec<(&'static str, GemmConfig
         stages,
         persistent: Some(persistent),
         multicast: Some(false),
+        tma_a: None,
         f32_kernel: F32Kernel::Auto,
     };
     if dtype == DType::F32 {
@@ -240,6 +250,13 @@ pub fn gemm_variants(dtype: DType, wgmma: bool) -> Vec<(&'static str, GemmConfig
             GemmConfig {
                 multicast: Some(true),
                 ..c(GemmBackend::Wgmma, 256, 0, true)
+            },
+        ));
+        v.push((
+            "wgmma n192 multicast (gate/up n256)",
+            GemmConfig {
+                multicast: Some(true),
+                ..c(GemmBackend::Wgmma, 192, 0, true)
             },
         ));
         v.push(("wgmma n256 persistent", c(GemmBackend::Wgmma, 256, 0, true)));
