@@ -38,6 +38,21 @@ pub struct BlockOutput {
     /// Slots per expert, `[E]` u32 on the device (ProMoE: the unconditional expert last);
     /// None for a dense block.
     pub counts: Option<Tensor>,
+    /// The next block's attention input, `modulate(norm1(x))`, when [`Modulation::next`] asked
+    /// for it: computed in the same pass as this block's last residual.
+    pub next_attn_in: Option<Tensor>,
+}
+
+/// Where a block finds its adaLN output: chunks `first .. first + 6` (of width D) of `mods`
+/// (N, C·D), in the official order shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp,
+/// gate_mlp. `next`: the first chunk of the following block in the same `mods`, if any; the
+/// block then also computes that block's attention input (its `norm1` + modulate) in its last
+/// residual pass, which saves a read and write of the residual stream per block.
+#[derive(Clone, Copy)]
+pub struct Modulation<'a> {
+    pub mods: &'a Tensor,
+    pub first: usize,
+    pub next: Option<usize>,
 }
 
 impl DitBlock {
@@ -85,28 +100,32 @@ impl DitBlock {
     /// them). `layer` names the trace entries (`blocks.<layer>.*`).
     pub fn forward(&self, x: &Tensor, c: &Tensor, y: &Tensor, mode: ForwardMode, layer: usize, trace: &mut Trace) -> Result<BlockOutput> {
         let ada = self.ada_ln.forward(&candle_nn::ops::silu(c)?)?;
-        self.forward_modulated(x, &ada, 0, y, mode, layer, trace)
+        self.forward_modulated(x, None, Modulation { mods: &ada, first: 0, next: None }, y, mode, layer, trace)
     }
 
-    /// [`Self::forward`] with this block's adaLN output already computed: chunks
-    /// `first .. first + 6` (of width D) of `mods` (N, C·D), in the official order shift_msa,
-    /// scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp. The model computes every block's
-    /// modulation in one matmul on the GPU ([`super::DitMoe`]).
+    /// [`Self::forward`] with this block's adaLN output already computed (see [`Modulation`]);
+    /// the model computes every block's modulation in one matmul on the GPU
+    /// ([`super::DitMoe`]). `attn_in`: this block's attention input, if the previous block
+    /// computed it ([`BlockOutput::next_attn_in`]).
     #[allow(clippy::too_many_arguments)]
     pub fn forward_modulated(
         &self,
         x: &Tensor,
-        mods: &Tensor,
-        first: usize,
+        attn_in: Option<Tensor>,
+        m: Modulation,
         y: &Tensor,
         mode: ForwardMode,
         layer: usize,
         trace: &mut Trace,
     ) -> Result<BlockOutput> {
         let (n, _, d) = x.dims3()?;
-        let ada = mods;
+        let (ada, first) = (m.mods, m.first);
         let compute = self.ada_ln.weight().dtype();
-        let attn_in = block_ops::ln_modulate(x, ada, first, first + 1, block_ops::matmul_input_dtype(&[x, ada], compute))?;
+        let attn_dtype = block_ops::matmul_input_dtype(&[x, ada], compute);
+        let attn_in = match attn_in {
+            Some(a) => a,
+            None => block_ops::ln_modulate(x, ada, first, first + 1, attn_dtype)?,
+        };
         // the attention output before its projection's bias, which goes into the residual pass
         let attn_y = self.attn.forward_before_out_bias(&attn_in)?;
         // Only the fused DiT-MoE layer takes its input in the matmul dtype; ProMoE's routers
@@ -131,7 +150,14 @@ impl DitBlock {
             }
             Ffn::Dense(mlp) => (mlp.forward(&ffn_in)?, None, None, None),
         };
-        let out = block_ops::gated_residual(&x_mid, &ffn_out, None, ada, first + 5)?;
+        let (out, next_attn_in) = match m.next {
+            // the next block's x is `out`, as f32 as this block's x, so its input dtype is ours
+            Some(next) => {
+                let (out, h) = block_ops::residual_ln_modulate(&x_mid, &ffn_out, None, ada, first + 5, next, next + 1, attn_dtype)?;
+                (out, Some(h))
+            }
+            None => (block_ops::gated_residual(&x_mid, &ffn_out, None, ada, first + 5)?, None),
+        };
 
         let name = |what: &'static str| move || format!("blocks.{layer}.{what}");
         trace.keep(name("adaln"), &ada.narrow(1, first * d, 6 * d)?);
@@ -149,7 +175,7 @@ impl DitBlock {
             }
         };
         trace.keep(name("out"), &out);
-        Ok(BlockOutput { x: out, aux_loss, contrastive_loss, counts })
+        Ok(BlockOutput { x: out, aux_loss, contrastive_loss, counts, next_attn_in })
     }
 }
 

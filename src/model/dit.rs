@@ -2,7 +2,7 @@
 //! (github:feizc/DiT-MoE `models.py`) or ProMoE (github:ali-vilab/ProMoE
 //! `models_ProMoE_TC.py::DiT`, chosen by `DitConfig::promoe`), which share embeddings,
 //! attention, adaLN and final layer and differ in the blocks' feed-forward layers.
-use super::{DitBlock, FinalLayer, ForwardMode, LabelEmbedder, PatchEmbed, TimestepEmbedder, Trace};
+use super::{DitBlock, FinalLayer, ForwardMode, LabelEmbedder, Modulation, PatchEmbed, TimestepEmbedder, Trace};
 use crate::config::DitConfig;
 use crate::kernels::block_ops;
 use candle_core::{DType, Module, Result, Tensor};
@@ -155,12 +155,17 @@ impl DitMoe {
             Some(ada) => Some(ada.forward(&candle_nn::ops::silu(&c)?)?),
             None => None,
         };
+        let mut attn_in = None;
         for (i, block) in self.blocks.iter().enumerate() {
             let b = match &mods_all {
-                Some(m) => block.forward_modulated(&x, m, 6 * i, y, mode, i, trace)?,
+                Some(mods) => {
+                    let next = (i + 1 < self.blocks.len()).then_some(6 * (i + 1));
+                    block.forward_modulated(&x, attn_in.take(), Modulation { mods, first: 6 * i, next }, y, mode, i, trace)?
+                }
                 None => block.forward(&x, &c, y, mode, i, trace)?,
             };
             x = b.x;
+            attn_in = b.next_attn_in;
             aux_losses.extend(b.aux_loss);
             contrastive_losses.extend(b.contrastive_loss);
             expert_counts.extend(b.counts);

@@ -8,7 +8,7 @@ pub mod final_layer;
 pub mod record;
 
 pub use attention::Attention;
-pub use block::{BlockOutput, DitBlock, Ffn};
+pub use block::{BlockOutput, DitBlock, Ffn, Modulation};
 pub use dit::{DitMoe, DitOutput};
 pub use embed::{get_2d_sincos_pos_embed, LabelEmbedder, PatchEmbed, TimestepEmbedder};
 pub use final_layer::FinalLayer;
