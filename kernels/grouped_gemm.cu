@@ -745,7 +745,8 @@ GG_BF16_PKERNEL(gg_wgmma_swiglu_n256s4p, 256, 4, true, true)
 // Per ring stage s:
 //   full[s]:  128 producer arrivals (cp.async.mbarrier.arrive.noinc, once each thread's rows
 //             have landed) + 1 expect_tx of the weight tile's BN x 128 bytes, completed by the two
-//             blocks' TMA copies;
+//             blocks' TMA copies; with A by TMA (a_tma) only the expect_tx, of the A and weight
+//             tiles' bytes;
 //   empty[s]: 4 arrivals, one per consumer warpgroup of either block once its wgmmas on the
 //             stage are done, so neither block's multicast overwrites a stage its partner
 //             still reads.
