@@ -9,13 +9,12 @@
 //! (`bench_model`'s output), as every job of the GPU runs does.
 use anyhow::{bail, Context, Result};
 use ditmoe::analysis::glyphs::{draw_text, text_width, GLYPH_H};
-use ditmoe::analysis::heatmap::{save_png, tile};
+use ditmoe::analysis::heatmap::{save_png, tile, BACKGROUND, INK};
 use image::{Rgb, RgbImage};
 use std::path::Path;
 
 const OFFICIAL: [u8; 3] = [160, 160, 160];
 const OURS: [u8; 3] = [31, 119, 180];
-const INK: [u8; 3] = [20, 20, 20];
 const GRID: [u8; 3] = [225, 225, 225];
 const BAR_W: u32 = 22;
 const GROUP_GAP: u32 = 26;
@@ -102,7 +101,7 @@ fn panel(title: &str, rows: &[Row]) -> RgbImage {
     let y_of = |ms: f64| TOP + PLOT_H - (((ms.log10() - d0) / (d1 - d0)) * PLOT_H as f64).round() as u32;
     let group_w = 2 * BAR_W + GROUP_GAP;
     let width = LEFT + rows.len() as u32 * group_w + 20;
-    let mut img = RgbImage::from_pixel(width.max(text_width(title, 2) + 20), TOP + PLOT_H + 40, Rgb([255, 255, 255]));
+    let mut img = RgbImage::from_pixel(width.max(text_width(title, 2) + 20), TOP + PLOT_H + 40, Rgb(BACKGROUND));
     draw_text(&mut img, 10, 10, title, 2, INK);
     // decades: grid line and label
     for e in d0 as i32..=d1 as i32 {

@@ -115,6 +115,14 @@ __device__ __forceinline__ u32 ln_f16_pair(u32 x, float mean, float rstd, const 
     return pack_bf16(round_f16((bf2f((u16)(x & 0xffffu)) - mean) * rstd * w[j] + b[j]),
                      round_f16((bf2f((u16)(x >> 16)) - mean) * rstd * w[j + 1] + b[j + 1]));
 }
+// the same for the eight bf16 values of a 16-byte chunk (columns j .. j + 7 for the norm)
+__device__ __forceinline__ uint4 add_bf16x8(uint4 x, uint4 b) {
+    return make_uint4(add_bf16x2(x.x, b.x), add_bf16x2(x.y, b.y), add_bf16x2(x.z, b.z), add_bf16x2(x.w, b.w));
+}
+__device__ __forceinline__ uint4 ln_f16_x8(uint4 x, float mean, float rstd, const float* w, const float* b, u32 j) {
+    return make_uint4(ln_f16_pair(x.x, mean, rstd, w, b, j), ln_f16_pair(x.y, mean, rstd, w, b, j + 2),
+                      ln_f16_pair(x.z, mean, rstd, w, b, j + 4), ln_f16_pair(x.w, mean, rstd, w, b, j + 6));
+}
 // sum and sum of squared deviations of bf16 pairs, for the mean and variance of a row
 __device__ __forceinline__ float sum_bf16x2(u32 x) { return bf2f((u16)(x & 0xffffu)) + bf2f((u16)(x >> 16)); }
 __device__ __forceinline__ float sqdev_bf16x2(u32 x, float mean) {
@@ -366,10 +374,7 @@ extern "C" __global__ void split_qkv_rows_bf16(const u16* __restrict__ qkv, cons
     for (int c = 0; c < SPLIT_MAXC; ++c) {
         if ((u32)c < nc) {
             uint4 w = src[c];
-            if (bsrc) {
-                const uint4 bw = bsrc[c];
-                w = make_uint4(add_bf16x2(w.x, bw.x), add_bf16x2(w.y, bw.y), add_bf16x2(w.z, bw.z), add_bf16x2(w.w, bw.w));
-            }
+            if (bsrc) w = add_bf16x8(w, bsrc[c]);
             s += sum_bf16x2(w.x);
             s += sum_bf16x2(w.y);
             s += sum_bf16x2(w.z);
@@ -395,11 +400,7 @@ extern "C" __global__ void split_qkv_rows_bf16(const u16* __restrict__ qkv, cons
         // LayerNorm, then the official float16 rounding, stored as bf16
 #pragma unroll
         for (int c = 0; c < SPLIT_MAXC; ++c) {
-            if ((u32)c < nc) {
-                const u32 j = 8u * c;
-                x[c] = make_uint4(ln_f16_pair(x[c].x, mean, rstd, nw, nb, j), ln_f16_pair(x[c].y, mean, rstd, nw, nb, j + 2),
-                                  ln_f16_pair(x[c].z, mean, rstd, nw, nb, j + 4), ln_f16_pair(x[c].w, mean, rstd, nw, nb, j + 6));
-            }
+            if ((u32)c < nc) x[c] = ln_f16_x8(x[c], mean, rstd, nw, nb, 8u * c);
         }
     }
     u16* o = which == 0 ? q : (which == 1 ? k : v);
@@ -534,10 +535,7 @@ __device__ __forceinline__ void flash_fix_kv_tile(u16* sK, u16* sV, u32 k0, u32 
             const u32 c = quad + 4u * i;
             if (live && c < nc) {
                 x[i] = *(const uint4*)(sK + r * KS + 8u * c);
-                if (k_bias) {
-                    const uint4 bw = *(const uint4*)(k_bias + 8u * c);
-                    x[i] = make_uint4(add_bf16x2(x[i].x, bw.x), add_bf16x2(x[i].y, bw.y), add_bf16x2(x[i].z, bw.z), add_bf16x2(x[i].w, bw.w));
-                }
+                if (k_bias) x[i] = add_bf16x8(x[i], *(const uint4*)(k_bias + 8u * c));
                 s += sum_bf16x2(x[i].x) + sum_bf16x2(x[i].y) + sum_bf16x2(x[i].z) + sum_bf16x2(x[i].w);
             }
         }
@@ -555,9 +553,7 @@ __device__ __forceinline__ void flash_fix_kv_tile(u16* sK, u16* sV, u32 k0, u32 
 #pragma unroll
         for (int i = 0; i < CPT; ++i) {
             const u32 c = quad + 4u * i, j = 8u * c;
-            if (live && c < nc)
-                *(uint4*)(sK + r * KS + j) = make_uint4(ln_f16_pair(x[i].x, mean, rstd, nrm.kw, nrm.kb, j), ln_f16_pair(x[i].y, mean, rstd, nrm.kw, nrm.kb, j + 2),
-                                                        ln_f16_pair(x[i].z, mean, rstd, nrm.kw, nrm.kb, j + 4), ln_f16_pair(x[i].w, mean, rstd, nrm.kw, nrm.kb, j + 6));
+            if (live && c < nc) *(uint4*)(sK + r * KS + j) = ln_f16_x8(x[i], mean, rstd, nrm.kw, nrm.kb, j);
         }
     }
     if (v_bias) {
@@ -565,8 +561,7 @@ __device__ __forceinline__ void flash_fix_kv_tile(u16* sK, u16* sV, u32 k0, u32 
             const u32 r = i / nc, j = 8u * (i % nc);
             if (k0 + r >= T) continue;
             uint4* p = (uint4*)(sV + r * KS + j);
-            const uint4 x = *p, bw = *(const uint4*)(v_bias + j);
-            *p = make_uint4(add_bf16x2(x.x, bw.x), add_bf16x2(x.y, bw.y), add_bf16x2(x.z, bw.z), add_bf16x2(x.w, bw.w));
+            *p = add_bf16x8(*p, *(const uint4*)(v_bias + j));
         }
     }
 }

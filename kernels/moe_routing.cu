@@ -46,6 +46,16 @@ struct alignas(16) U4 { u32 x, y, z, w; };
 #define PERM_CHUNK (PERM_WARPS * PERM_SUB)    // 1024 slots per block
 #define PERM_MAXE 1024
 
+// Inclusive prefix sum of v over the lanes of a warp (a shuffle scan).
+__device__ __forceinline__ u32 warp_inclusive_scan(u32 v, u32 lane) {
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        const u32 y = __shfl_up_sync(0xffffffffu, v, o);
+        if (lane >= (u32)o) v += y;
+    }
+    return v;
+}
+
 // offsets[E + 1] (exclusive scan of the experts' totals) and base[nb, E] (where block b's
 // slots of expert e start) from per-block counts hist[nb, E], E <= PERM_MAXE, by one block:
 // one warp per expert scans its per-block counts 32 blocks at a time (lanes in parallel, a
@@ -72,12 +82,7 @@ __device__ __forceinline__ void scan_expert_counts(const u32* hist, u32 nb, u32 
         for (u32 e0 = 0; e0 < E; e0 += 32u) {
             const u32 e = e0 + lane;
             const u32 v = e < E ? s_tot[e] : 0u;
-            u32 incl = v;
-#pragma unroll
-            for (int o = 1; o < 32; o <<= 1) {
-                const u32 y = __shfl_up_sync(0xffffffffu, incl, o);
-                if (lane >= (u32)o) incl += y;
-            }
+            const u32 incl = warp_inclusive_scan(v, lane);
             if (e < E) s_off[e] = carry + incl - v;
             carry += __shfl_sync(0xffffffffu, incl, 31);
         }
@@ -91,12 +96,7 @@ __device__ __forceinline__ void scan_expert_counts(const u32* hist, u32 nb, u32 
         for (u32 b0 = 0; b0 < nb; b0 += 32u) {
             const u32 b = b0 + lane;
             const u32 v = b < nb ? __ldcg(hist + (size_t)b * E + e) : 0u;
-            u32 incl = v;
-#pragma unroll
-            for (int o = 1; o < 32; o <<= 1) {
-                const u32 y = __shfl_up_sync(0xffffffffu, incl, o);
-                if (lane >= (u32)o) incl += y;
-            }
+            const u32 incl = warp_inclusive_scan(v, lane);
             if (b < nb) base[(size_t)b * E + e] = carry + incl - v;
             carry += __shfl_sync(0xffffffffu, incl, 31);
         }

@@ -11,8 +11,10 @@ use candle_core::{bail, Result};
 use image::{imageops, ImageEncoder, Rgb, RgbImage};
 use std::path::Path;
 
-const BACKGROUND: [u8; 3] = [255, 255, 255];
-const INK: [u8; 3] = [20, 20, 20];
+/// The figures' paper and text colours (heatmaps, their panels and other charts drawn with
+/// [`super::glyphs`]).
+pub const BACKGROUND: [u8; 3] = [255, 255, 255];
+pub const INK: [u8; 3] = [20, 20, 20];
 const MARK: [u8; 3] = [230, 30, 30];
 const MARGIN: u32 = 8;
 const GAP: u32 = 4;

@@ -166,20 +166,26 @@ pub(super) use view;
 /// The null pointer passed for an absent optional kernel argument.
 pub(super) const NULL: u64 = 0;
 
-/// The first `len` elements of an optional tensor's storage (`storage_and_layout`'s guard) as
-/// a kernel argument (None: the kernel gets a null pointer, see [`arg_or_null`]).
+/// The first `len` elements of a tensor's storage (`storage_and_layout`'s guard) as a kernel
+/// argument.
+pub(super) fn view_of<'a, T: CudaDType + cudarc::driver::DeviceRepr, G: std::ops::Deref<Target = Storage>>(
+    (g, l): &'a (G, &'a candle_core::Layout),
+    len: usize,
+    what: &str,
+) -> Result<cudarc::driver::CudaView<'a, T>> {
+    match &**g {
+        Storage::Cuda(c) => Ok(c.as_cuda_slice::<T>()?.slice(l.start_offset()..l.start_offset() + len)),
+        _ => bail!("{what} must be on the GPU"),
+    }
+}
+
+/// [`view_of`] an optional tensor (None: the kernel gets a null pointer, see [`arg_or_null`]).
 pub(super) fn optional_view<'a, T: CudaDType + cudarc::driver::DeviceRepr, G: std::ops::Deref<Target = Storage>>(
     guard: Option<&'a (G, &'a candle_core::Layout)>,
     len: usize,
     what: &str,
 ) -> Result<Option<cudarc::driver::CudaView<'a, T>>> {
-    match guard {
-        Some((g, l)) => match &**g {
-            Storage::Cuda(c) => Ok(Some(c.as_cuda_slice::<T>()?.slice(l.start_offset()..l.start_offset() + len))),
-            _ => bail!("{what} must be on the GPU"),
-        },
-        None => Ok(None),
-    }
+    guard.map(|g| view_of(g, len, what)).transpose()
 }
 
 /// Pushes an optional view, or [`NULL`] where it is absent.
@@ -318,10 +324,7 @@ fn gating(logits: &Tensor, k: usize, with_sort: bool) -> Result<(Gating, Option<
     let mut ticket = dev.alloc_zeros::<u32>(1)?;
     let mut counts = unsafe { dev.alloc::<u32>(e)? };
     let mut mean = unsafe { dev.alloc::<f32>(e)? };
-    let mut sort = match with_sort && rows_kernel {
-        true => Some(unsafe { (dev.alloc::<u32>(e + 1)?, dev.alloc::<u32>(nb * e)?) }),
-        false => None,
-    };
+    let mut sort = if with_sort && rows_kernel { Some(unsafe { (dev.alloc::<u32>(e + 1)?, dev.alloc::<u32>(nb * e)?) }) } else { None };
     let (s32, e32, k32) = (s as u32, e as u32, k as u32);
     let emax = match e {
         0..=8 => 8,
@@ -674,11 +677,7 @@ pub fn gemm_choice(dev: &CudaDevice, dtype: DType, swiglu: bool, n: usize, align
             let pad = |b: usize| n.div_ceil(b) * b;
             let n192 = !swiglu && pad(192) < pad(256);
             let multicast = wg && bn == 256 && persistent && cfg.multicast.unwrap_or(swiglu || n >= 1024 || n192);
-            let bn = match cfg.block_n {
-                192 if multicast && !swiglu => 192,
-                0 if multicast && n192 => 192,
-                _ => bn,
-            };
+            let bn = if multicast && !swiglu && (cfg.block_n == 192 || (cfg.block_n == 0 && n192)) { 192 } else { bn };
             let smem = stages * (128 * 64 * 2 + bn * 64 * 2) + 1024;
             let name = if multicast {
                 format!("gg_wgmma_{kind}_n{bn}mc")

@@ -1,7 +1,7 @@
 //! CUDA launches of `kernels/block_ops.cu` (see [`super::block_ops`] for the semantics).
 //! Compiled with NVRTC once per process, launched on candle's stream, no host copies.
 use super::block_ops::QkNormWeights;
-use super::cuda::{allow_dynamic_smem, arg_or_null, cfg1, cuda_dev, drv, grid_for, modules, nvrtc_cached, optional_view, view, wrap, NULL};
+use super::cuda::{allow_dynamic_smem, arg_or_null, cfg1, cuda_dev, drv, grid_for, modules, nvrtc_cached, optional_view, view, view_of, wrap, NULL};
 use candle_core::cuda_backend::{cudarc, CudaDevice};
 use candle_core::{bail, DType, Result, Storage, Tensor};
 use cudarc::driver::{DeviceRepr, PushKernelArg};
@@ -450,8 +450,8 @@ pub fn qkv_attention(qkv: &Tensor, bias: Option<&Tensor>, norm: Option<QkNormWei
     let ng = norm_w.as_ref().map(|(ws, _)| ws.each_ref().map(|w| w.storage_and_layout()));
     let norm_views = match (&ng, &norm_w) {
         (Some(gs), Some((_, eps))) => {
-            let [a, b2, c, d2] = gs.each_ref().map(|g| optional_view::<f32, _>(Some(g), hd, "qkv_attention: norm weights"));
-            Some(QkNormViews { weights: [a?, b2?, c?, d2?].map(|v| v.expect("a view")), eps: *eps })
+            let [a, b2, c, d2] = gs.each_ref().map(|g| view_of::<f32, _>(g, hd, "qkv_attention: norm weights"));
+            Some(QkNormViews { weights: [a?, b2?, c?, d2?], eps: *eps })
         }
         _ => None,
     };
