@@ -61,26 +61,68 @@ fn every_parameter_gets_a_gradient_flash_attention() {
     check("tiny-flash");
 }
 
-/// The dense masked mixture (CUDA training path) computes what the sorted dispatch computes,
-/// and passes the same gradients to the router weights.
-#[test]
-fn dense_masked_mixture_equals_dispatch() {
-    use ditmoe::moe::{run_dense_masked, ExpertDispatch};
+/// The routed experts as one differentiable op on the fused kernels (the CUDA training path,
+/// `kernels::routed_swiglu`) against the candle dispatch (the CPU path, autograd through
+/// index_select/matmul/index_add): the same value and the same gradients for the tokens, the
+/// router scores and every expert weight. `only_two_experts` routes every token to experts 0
+/// and 1 of 4, so two experts have no rows: their weight gradients must be zero.
+fn fused_experts_against_dispatch(only_two_experts: bool) {
+    use candle_core::Var;
+    use ditmoe::moe::{stack_expert_weights, ExpertDispatch, SwigluExpert};
     let dir = ditmoe::checkpoint::ModelDir::open(&fixture_path("models/tiny")).unwrap();
     let model = dir.load(DType::F32, &Device::Cpu).unwrap();
     let moe = model.blocks()[0].moe().unwrap();
     let io = common::load_fixture("models/tiny/io.safetensors");
-    let x = io["blocks.0.moe_in"].flatten_to(1).unwrap();
-    let routing = moe.router().forward(&x).unwrap();
+    let x = Var::from_tensor(&io["blocks.0.moe_in"].flatten_to(1).unwrap()).unwrap();
+    let mut routing = moe.router().forward(x.as_tensor()).unwrap();
+    let (s, k) = routing.experts.dims2().unwrap();
+    if only_two_experts {
+        let ids: Vec<u32> = (0..s * k).map(|p| ((p + p / k) % 2) as u32).collect();
+        routing.experts = Tensor::from_vec(ids, (s, k), &Device::Cpu).unwrap();
+    }
     // Gradients are compared at the router scores, through the top-k weight selection.
-    let w = candle_core::Var::from_tensor(&routing.scores).unwrap();
-    let weights = w.as_tensor().gather(&routing.experts, 1).unwrap();
-    let routing = ditmoe::moe::Routing { scores: w.as_tensor().clone(), weights, ..routing };
-    let sparse = ExpertDispatch::new(&routing.experts, 4).unwrap().run(&x, &routing.weights, moe.experts()).unwrap();
-    let dense = run_dense_masked(&x, &routing, moe.experts(), false).unwrap();
-    common::assert_close("dense vs dispatch", &dense, &sparse, 1e-5);
+    let scores = Var::from_tensor(&routing.scores).unwrap();
+    let weights = scores.as_tensor().gather(&routing.experts, 1).unwrap();
+    let vars: Vec<[Var; 3]> = moe.experts().iter().map(|e| e.weights().map(|w| Var::from_tensor(w).unwrap())).collect();
+    let experts: Vec<SwigluExpert> = vars.iter().map(|[g, u, d]| SwigluExpert::from_weights(g.as_tensor().clone(), u.as_tensor().clone(), d.as_tensor().clone())).collect();
+
+    let n_experts = experts.len();
+    let sparse = ExpertDispatch::new(&routing.experts, n_experts).unwrap().run(x.as_tensor(), &weights, &experts).unwrap();
+    let perm = ditmoe::kernels::permute_by_expert(&routing.experts, n_experts).unwrap();
+    let stacked = stack_expert_weights(&experts).unwrap();
+    let fused = ditmoe::kernels::routed_swiglu(x.as_tensor(), &weights, &stacked, &perm).unwrap();
+    common::assert_close("fused vs dispatch", &fused, &sparse, 1e-5);
+
     let probe = Tensor::randn(0f32, 1.0, sparse.shape(), &Device::Cpu).unwrap();
     let gs = (&sparse * &probe).unwrap().sum_all().unwrap().backward().unwrap();
-    let gd = (&dense * &probe).unwrap().sum_all().unwrap().backward().unwrap();
-    common::assert_close("router-weight gradients", gd.get(w.as_tensor()).unwrap(), gs.get(w.as_tensor()).unwrap(), 1e-5);
+    let gf = (&fused * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+    common::assert_close("token gradients", gf.get(x.as_tensor()).unwrap(), gs.get(x.as_tensor()).unwrap(), 1e-5);
+    common::assert_close("router-score gradients", gf.get(scores.as_tensor()).unwrap(), gs.get(scores.as_tensor()).unwrap(), 1e-5);
+    let mut idle = 0;
+    for (e, ws) in vars.iter().enumerate() {
+        for (w, name) in ws.iter().zip(["gate", "up", "down"]) {
+            let f = gf.get(w.as_tensor()).unwrap_or_else(|| panic!("no fused gradient reaches expert {e} {name}"));
+            match gs.get(w.as_tensor()) {
+                Some(g) => {
+                    common::assert_close(&format!("expert {e} {name} gradient"), f, g, 1e-5);
+                }
+                None => {
+                    // the dispatch skips experts without rows; the fused op gives them zeros
+                    assert_eq!(f.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap(), 0.0, "expert {e} {name}");
+                    idle += 1;
+                }
+            }
+        }
+    }
+    assert_eq!(idle, if only_two_experts { 6 } else { 0 }, "weights of experts without rows");
+}
+
+#[test]
+fn fused_experts_match_dispatch_values_and_gradients() {
+    fused_experts_against_dispatch(false);
+}
+
+#[test]
+fn fused_experts_give_idle_experts_zero_gradients() {
+    fused_experts_against_dispatch(true);
 }

@@ -31,6 +31,8 @@ use candle_core::{DType, Device, Result, Tensor};
 pub mod block_ops;
 pub mod cpu;
 pub mod cuda_graph;
+pub mod routed_grad;
+pub use routed_grad::routed_swiglu;
 pub mod timing;
 #[cfg(feature = "cuda")]
 pub mod cuda;
@@ -395,6 +397,27 @@ pub fn combine(
 /// or f32. bf16 needs `K % 8 == 0` and `N % 8 == 0`.
 pub fn grouped_matmul(x: &Tensor, offsets: &Tensor, w: &Tensor) -> Result<Tensor> {
     grouped_dispatch(x, None, offsets, w, None)
+}
+
+/// The weight gradient of a grouped GEMM: `out[e] = a[rows of e]ᵀ · b[rows of e]`, `a`
+/// `[R, M]`, `b` `[R, N]`, `offsets` `[E + 1]` → `[E, M, N]` (zeros for an expert without
+/// rows). The reduction runs over each expert's rows, so it is one matmul per expert on
+/// narrowed views, which needs the offsets on the host: the one host read of a training
+/// step's MoE backward (the forward keeps them on the device).
+pub fn grouped_weight_grad(a: &Tensor, b: &Tensor, offsets: &Tensor) -> Result<Tensor> {
+    let ((r, m), (rb, n)) = (a.dims2()?, b.dims2()?);
+    let off: Vec<u32> = offsets.to_dtype(DType::U32)?.to_vec1()?;
+    if rb != r || off.first() != Some(&0) || off.last().map(|&o| o as usize) != Some(r) || off.windows(2).any(|w| w[1] < w[0]) {
+        candle_core::bail!("grouped_weight_grad: a {:?}, b {:?} and offsets {off:?} do not describe one partition of the rows", a.dims(), b.dims())
+    }
+    let per_expert = off
+        .windows(2)
+        .map(|w| match (w[1] - w[0]) as usize {
+            0 => Tensor::zeros((m, n), a.dtype(), a.device()),
+            c => a.narrow(0, w[0] as usize, c)?.t()?.matmul(&b.narrow(0, w[0] as usize, c)?),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Tensor::stack(&per_expert, 0)
 }
 
 /// Fused gate/up projection with the SwiGLU epilogue over expert-contiguous rows:

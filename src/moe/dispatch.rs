@@ -5,7 +5,6 @@
 //! another order, so one dispatch serves both modes. ProMoE's `SparseMoeBlock.forward` loops
 //! over experts the same way (`index_add_` of each expert's weighted rows), so the dispatch is
 //! shared by every router and expert form. The GPU kernels replace its pieces.
-use super::Routing;
 use candle_core::{DType, Device, Module, Result, Tensor};
 
 /// A stable counting sort of token slots by expert.
@@ -89,29 +88,6 @@ impl ExpertDispatch {
         // One scatter-add over all slots, in expert order: deterministic on every backend.
         out.index_add(&Tensor::cat(&token_rows, 0)?, &Tensor::cat(&outs, 0)?, 0)
     }
-}
-
-/// The routed sum as a dense mixture, `sum_e w[:, e] * expert_e(x)` with `w = scores * mask`
-/// (mask: 1 for the experts a token picked), renormalised over the picks when
-/// `norm_topk_prob`: the same values as
-/// [`ExpertDispatch::run`], computed with matmuls and elementwise ops only. It is the training
-/// path on CUDA, where candle's `index_add` (the backward of every row gather) parallelises
-/// over the model width only and loops over all S*k slots, which made a dispatched training
-/// step ~100x slower than its FLOPs. It runs every expert on every token (E/k times the
-/// routed FLOPs) and needs no host read-back. (The mask is a constant; scattering the
-/// weights themselves would put candle's `scatter_add` backward, which fails on shapes where
-/// indexes and destination differ, into the graph.)
-pub fn run_dense_masked<M: Module>(x: &Tensor, routing: &Routing, experts: &[M], norm_topk_prob: bool) -> Result<Tensor> {
-    let mut dense = (&routing.scores * super::balance_loss::expert_slot_mask(routing)?)?;
-    if norm_topk_prob {
-        dense = dense.broadcast_div(&(dense.sum_keepdim(1)? + 1e-20)?)?;
-    }
-    let dense = dense.to_dtype(x.dtype())?;
-    let mut out = Tensor::zeros_like(x)?;
-    for (i, expert) in experts.iter().enumerate() {
-        out = (out + expert.forward(x)?.broadcast_mul(&dense.narrow(1, i, 1)?)?)?;
-    }
-    Ok(out)
 }
 
 fn index_tensor(it: impl Iterator<Item = u32>, dev: &Device) -> Result<Tensor> {

@@ -39,6 +39,14 @@ impl SwigluExpert {
     }
 }
 
+/// The experts' weights stacked as the grouped kernels take them, `[E, I, D]` gate and up,
+/// `[E, D, I]` down (a copy; differentiable, so each expert's slice of a stack's gradient
+/// reaches its own weights).
+pub fn stack_weights(experts: &[SwigluExpert]) -> Result<crate::kernels::ExpertWeights> {
+    let stack = |i: usize| Tensor::stack(&experts.iter().map(|e| e.weights()[i]).collect::<Vec<_>>(), 0);
+    Ok(crate::kernels::ExpertWeights { gate: stack(0)?, up: stack(1)?, down: stack(2)? })
+}
+
 impl Module for SwigluExpert {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let gate = candle_nn::ops::silu(&self.gate_proj.forward(x)?)?;

@@ -29,8 +29,7 @@ impl FusedSwiglu {
     /// rebuilt as views into them, so both paths share one copy of the weights; the shared
     /// expert (if any) runs on the grouped kernels as a single expert.
     pub fn stack(experts: &[SwigluExpert], shared: Option<&SwigluExpert>) -> Result<(Self, Vec<SwigluExpert>)> {
-        let stack = |i: usize| Tensor::stack(&experts.iter().map(|e| e.weights()[i]).collect::<Vec<_>>(), 0);
-        let weights = ExpertWeights { gate: stack(0)?, up: stack(1)?, down: stack(2)? };
+        let weights = super::experts::stack_weights(experts)?;
         let view = |w: &Tensor, e: usize| w.narrow(0, e, 1)?.squeeze(0);
         let views = (0..experts.len())
             .map(|e| Ok(SwigluExpert::from_weights(view(&weights.gate, e)?, view(&weights.up, e)?, view(&weights.down, e)?)))

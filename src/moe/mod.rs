@@ -15,8 +15,8 @@ pub mod sparse_moe;
 
 pub use balance_loss::balance_loss;
 pub use contrastive::RoutingContrastive;
-pub use dispatch::{run_dense_masked, ExpertDispatch};
-pub use experts::{GeluMlp, SwigluExpert};
+pub use dispatch::ExpertDispatch;
+pub use experts::{stack_weights as stack_expert_weights, GeluMlp, SwigluExpert};
 pub use fused::FusedSwiglu;
 pub use promoe_moe::ProMoeMoe;
 pub use prototypical::{normalize_rows, PrototypicalRouter, WeightMode};

@@ -4,10 +4,10 @@
 //! `SharedExpertMoe`: the official DiT-MoE `SparseMoeBlock`: top-k routed SwiGLU experts plus
 //! an always-on shared SwiGLU expert (`moe_out = routed + shared`), parameter names
 //! `gate.weight`, `experts.<i>.{gate,up,down}_proj.weight`, `shared_experts.*`.
-use super::balance_loss::expert_slot_mask;
-use super::dispatch::run_dense_masked;
+use super::experts::stack_weights;
 use super::{balance_loss, ExpertDispatch, FusedSwiglu, Router, Routing, SwigluExpert, TopKRouter};
 use crate::config::DitConfig;
+use crate::kernels;
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
@@ -98,29 +98,34 @@ impl SharedExpertMoe {
     }
 
     /// x: (N, T, D).
-    /// On CUDA with frozen weights (inference) this runs the fused kernels; elsewhere, and
-    /// whenever gradients must flow to the weights, the candle dispatch.
+    /// On CUDA this runs the fused kernels: with frozen weights (inference) the whole layer
+    /// ([`FusedSwiglu`]), with trainable ones the routed experts as one differentiable op
+    /// whose backward runs on the kernels too. On the CPU, the candle dispatch.
     pub fn forward(&self, x: &Tensor) -> Result<MoeOutput> {
         match &self.fused {
             Some(f) => f.forward(&self.gate, x),
-            None if x.device().is_cuda() && x.track_op() => self.dense_masked_forward(x),
+            None if x.device().is_cuda() => self.trainable_fused_forward(x),
             None => routed_forward(&self.gate, &self.experts, self.shared.as_ref(), x, None),
         }
     }
 
-    /// Training on CUDA: the router as usual, the experts as a dense masked mixture
-    /// ([`run_dense_masked`]), no host read-back.
-    fn dense_masked_forward(&self, x: &Tensor) -> Result<MoeOutput> {
+    /// The router as in the candle path (its gate weights carry the gradient to the router and
+    /// the balance loss), the routed experts through [`kernels::routed_swiglu`] on the expert
+    /// sort of its picks, the shared expert with candle ops. No host read-back in the
+    /// forward; the backward reads the per-expert offsets once (weight gradients).
+    fn trainable_fused_forward(&self, x: &Tensor) -> Result<MoeOutput> {
         let (n, t, d) = x.dims3()?;
         let flat = x.reshape((n * t, d))?;
         let routing = self.gate.forward(&flat)?;
-        let routed = run_dense_masked(&flat, &routing, &self.experts, self.gate.norm_topk_prob())?.reshape((n, t, d))?;
+        let perm = kernels::permute_by_expert(&routing.experts, self.experts.len())?;
+        let weights = stack_weights(&self.experts)?;
+        let routed = kernels::routed_swiglu(&flat, &routing.weights, &weights, &perm)?.reshape((n, t, d))?;
         let shared = self.shared.as_ref().map(|s| s.forward(x)).transpose()?;
         let out = match &shared {
             Some(s) => (&routed + s)?,
             None => routed.clone(),
         };
-        let expert_counts = expert_slot_mask(&routing)?.sum(0)?.to_dtype(candle_core::DType::U32)?;
+        let expert_counts = (perm.offsets.narrow(0, 1, self.experts.len())? - perm.offsets.narrow(0, 0, self.experts.len())?)?;
         Ok(MoeOutput { out, routed: Some(routed), shared, routing, expert_counts, dispatch: None })
     }
 
