@@ -247,6 +247,14 @@ fn gather_and_combine_match_index_ops() -> Result<()> {
     assert_eq!(ob.dtype(), DType::BF16);
     let of = kx::combine(&yb.to_dtype(DType::F32)?, &p, &w, None)?;
     assert_eq!(max_abs(&ob, &of.to_dtype(DType::BF16)?)?, 0.0);
+    // rows that do not match the permutation are refused (the CUDA kernels would read past them)
+    let short = x.narrow(0, 0, s - 1)?;
+    let err = kx::gather_rows(&short, &p).unwrap_err().to_string();
+    assert!(err.contains("x has 122 rows") && err.contains("123 tokens"), "{err}");
+    let w3 = Tensor::zeros((e, 8, d), DType::F32, &dev)?;
+    assert!(kx::grouped_gate_up_gather(&short, &p, &w3, &w3).unwrap_err().to_string().contains("x has 122 rows"));
+    let err = kx::combine(&y.narrow(0, 0, s * k - 2)?, &p, &w, None).unwrap_err().to_string();
+    assert!(err.contains("expert_out has 244 rows") && err.contains("246 slots"), "{err}");
     Ok(())
 }
 

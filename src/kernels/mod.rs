@@ -343,6 +343,7 @@ pub fn permute_by_expert(ids: &Tensor, n_experts: usize) -> Result<Permutation> 
 
 /// Token rows in expert-contiguous order: `out[r] = x[order[r] / k]`, `[S, D]` → `[R, D]`. Exact copy.
 pub fn gather_rows(x: &Tensor, perm: &Permutation) -> Result<Tensor> {
+    check_gather_rows("gather_rows", x, perm)?;
     match x.device() {
         Device::Cpu => cpu::gather_rows(x, perm),
         #[cfg(feature = "cuda")]
@@ -365,6 +366,9 @@ pub fn combine(
     add: Option<&Tensor>,
 ) -> Result<Tensor> {
     let (r, d) = expert_out.dims2()?;
+    if r != perm.rows()? {
+        candle_core::bail!("combine: expert_out has {r} rows, the permutation sorts {} slots", perm.rows()?)
+    }
     let (s, k) = (r / perm.k.max(1), perm.k);
     if weights.dims() != [s, k] {
         candle_core::bail!("combine: weights {:?} do not match S={s}, k={k}", weights.dims())
@@ -516,6 +520,16 @@ pub fn swiglu_mlp_start(x: &Tensor, w: &SwigluWeights) -> Result<PendingMlp> {
     Ok(PendingMlp::Ready(swiglu_mlp(x, w)?))
 }
 
+/// A gather reads `x[order[r] / k]`: `x` must have the permutation's token count of rows (the
+/// CUDA kernels would read past it).
+fn check_gather_rows(op: &str, x: &Tensor, perm: &Permutation) -> Result<()> {
+    let rows = x.dims2()?.0;
+    if rows != perm.tokens()? {
+        candle_core::bail!("{op}: x has {rows} rows, the permutation sorts the slots of {} tokens", perm.tokens()?)
+    }
+    Ok(())
+}
+
 fn perm_on_cpu(p: &Permutation) -> Result<Permutation> {
     Ok(Permutation {
         order: on_cpu(&p.order)?,
@@ -542,6 +556,9 @@ fn grouped_dispatch(
         if b1.dims() != b0.dims() {
             candle_core::bail!("grouped_gemm: gate {:?} and up {:?} differ", b0.dims(), b1.dims())
         }
+    }
+    if let Some(p) = gather {
+        check_gather_rows("grouped_gemm", x, p)?;
     }
     match x.device() {
         Device::Cpu => cpu::grouped_gemm(x, gather, offsets, b0, b1),

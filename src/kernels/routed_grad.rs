@@ -24,6 +24,9 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 /// `perm` the expert sort of the ids the weights belong to. Differentiable in `x`, `weights`
 /// and the three weight stacks whenever any of them is in an autograd graph.
 pub fn routed_swiglu(x: &Tensor, weights: &Tensor, experts: &ExpertWeights, perm: &Permutation) -> Result<Tensor> {
+    if weights.dims() != [perm.tokens()?, perm.k] {
+        candle_core::bail!("routed_swiglu: weights {:?} are not [{}, {}] like the permutation's slots", weights.dims(), perm.tokens()?, perm.k)
+    }
     let h = grouped_gate_up_gather(x, perm, &experts.gate, &experts.up)?;
     let y = grouped_matmul(&h, &perm.offsets, &experts.down)?;
     let value = combine(&y, perm, weights, None)?;
