@@ -1,10 +1,12 @@
 //! Benchmark of the MoE layer's training step (forward + backward of the routed experts, f32
-//! as the trainer runs): the fused kernels with their backward (`kernels::routed_swiglu`, the
-//! CUDA training path) against the two candle forms it replaces, measured in the same run:
-//! - *dense masked*: every expert on every token, weighted by `scores * mask` (the CUDA
-//!   training path before `routed_swiglu`; E/k times the routed FLOPs, no host read);
-//! - *dispatch*: the sorted candle dispatch (`moe::ExpertDispatch`, index_select + index_add,
-//!   the CPU path), whose CUDA `index_add` backward loops over all slots per column.
+//! as the trainer runs), for DiT-MoE's SwiGLU and ProMoE's GELU experts: the fused kernels with
+//! their backward (`kernels::routed_experts`, the CUDA training path of both) against the two
+//! candle forms it replaces, measured in the same run:
+//! - *dense masked*: every expert on every token, weighted by `scores * mask` (DiT-MoE's CUDA
+//!   training path before `routed_experts`; E/k times the routed FLOPs, no host read);
+//! - *dispatch*: the sorted candle dispatch (`moe::ExpertDispatch`, index_select + index_add;
+//!   the CPU path, and ProMoE's CUDA path before), whose CUDA `index_add` backward loops over
+//!   all slots per column.
 //!
 //! ```text
 //! ../shared/scripts/build-cuda.sh build --release --example bench_moe_train
@@ -15,7 +17,8 @@
 //! of CUDA events around whole steps (each step reads the expert offsets back once).
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor, Var, D};
-use ditmoe::moe::{stack_expert_weights, ExpertDispatch, SwigluExpert};
+use candle_nn::{VarBuilder, VarMap};
+use ditmoe::moe::{ExpertDispatch, GeluMlp, StackedExperts, SwigluExpert};
 
 struct Cfg {
     name: &'static str,
@@ -24,22 +27,26 @@ struct Cfg {
     e: usize,
     k: usize,
     tokens: usize,
+    /// GEMMs per expert forward (3 for SwiGLU, 2 for GELU)
+    gemms: usize,
 }
 
 /// One layer's trainable state: expert weight variables, token and router-score variables, the
 /// routing picks and a probe for the loss `<out, probe>`.
-struct Layer {
-    experts: Vec<SwigluExpert>,
+struct Layer<M> {
+    experts: Vec<M>,
     x: Var,
     scores: Var,
     ids: Tensor,
     probe: Tensor,
 }
 
-impl Layer {
-    fn new(c: &Cfg, dev: &Device) -> Result<Self> {
-        let w = |o: usize, i: usize| -> Result<Tensor> { Ok(Var::from_tensor(&(Tensor::randn(0f32, 1.0, (o, i), dev)? / (i as f64).sqrt())?)?.as_tensor().clone()) };
-        let experts = (0..c.e).map(|_| Ok(SwigluExpert::from_weights(w(c.i, c.d)?, w(c.i, c.d)?, w(c.d, c.i)?))).collect::<Result<Vec<_>>>()?;
+impl<M: StackedExperts> Layer<M> {
+    /// `make(vb)`: one expert with its parameters drawn by the variable map's initialisers.
+    fn new(c: &Cfg, dev: &Device, make: impl Fn(VarBuilder) -> candle_core::Result<M>) -> Result<Self> {
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, dev);
+        let experts = (0..c.e).map(|e| make(vb.pp(e.to_string()))).collect::<candle_core::Result<Vec<_>>>()?;
         let scores = candle_nn::ops::softmax_last_dim(&Tensor::randn(0f32, 1.0, (c.tokens, c.e), dev)?)?;
         let ids = scores.arg_sort_last_dim(false)?.narrow(D::Minus1, 0, c.k)?.contiguous()?;
         Ok(Self {
@@ -63,8 +70,7 @@ impl Layer {
 
     fn fused(&self) -> Result<()> {
         let perm = ditmoe::kernels::permute_by_expert(&self.ids, self.experts.len())?;
-        let stacks = stack_expert_weights(&self.experts)?;
-        self.step(ditmoe::kernels::routed_swiglu(self.x.as_tensor(), &self.weights()?, &stacks, &perm)?)
+        self.step(ditmoe::kernels::routed_experts(self.x.as_tensor(), &self.weights()?, &M::stack(&self.experts)?, &perm)?)
     }
 
     fn dense_masked(&self) -> Result<()> {
@@ -74,7 +80,7 @@ impl Layer {
         let dense = (self.scores.as_tensor() * mask)?;
         let mut out = Tensor::zeros_like(self.x.as_tensor())?;
         for (j, expert) in self.experts.iter().enumerate() {
-            out = (out + candle_core::Module::forward(expert, self.x.as_tensor())?.broadcast_mul(&dense.narrow(1, j, 1)?)?)?;
+            out = (out + expert.forward(self.x.as_tensor())?.broadcast_mul(&dense.narrow(1, j, 1)?)?)?;
         }
         self.step(out)
     }
@@ -82,6 +88,29 @@ impl Layer {
     fn dispatch(&self) -> Result<()> {
         let out = ExpertDispatch::new(&self.ids, self.experts.len())?.run(self.x.as_tensor(), &self.weights()?, &self.experts)?;
         self.step(out)
+    }
+
+    /// One table row: fused, dense masked and (up to `dispatch_max` tokens) dispatch steps.
+    fn row(&self, c: &Cfg, dev: &Device, budget: f64, dispatch_max: usize) -> Result<String> {
+        let time = |f: &dyn Fn() -> Result<()>| ditmoe::kernels::timing::median_ms(dev, budget, || f().map_err(candle_core::Error::wrap));
+        let fused = time(&|| self.fused())?;
+        let dense = time(&|| self.dense_masked())?;
+        // the dispatch's index_add backward is the slow one: not run at the largest size
+        let dispatch = if c.tokens <= dispatch_max { Some(time(&|| self.dispatch())?) } else { None };
+        // forward 3 GEMMs (SwiGLU; 2 for GELU), backward twice that, over S*k rows
+        let flop = 2.0 * 3.0 * (c.gemms * c.tokens * c.k * c.d * c.i) as f64;
+        let (d_ms, d_ratio) = dispatch.map_or(("not run".into(), "".into()), |d| (format!("{d:.2}"), format!("{:.1}x", d / fused)));
+        Ok(format!(
+            "| {} (D {}, I {}, E {}, top-{}) | {} | {fused:.2} | {dense:.2} | {:.1}x | {d_ms} | {d_ratio} | {:.1} |",
+            c.name,
+            c.d,
+            c.i,
+            c.e,
+            c.k,
+            c.tokens,
+            dense / fused,
+            flop / (fused * 1e-3) / 1e12
+        ))
     }
 }
 
@@ -95,37 +124,26 @@ fn main() -> Result<()> {
     };
     let budget = if quick { 100.0 } else { 400.0 };
     let big = if dev.is_cuda() { 16384 } else { 1024 };
-    let cfgs = [
+    let cfg = |name, d, i, e, tokens, gemms| Cfg { name, d, i, e, k: 2, tokens, gemms };
+    let swiglu = [
         // the bundled Fashion-MNIST model's layer (D 160, I 2D); on the GPU at a quarter and all
         // of its training batch (2048 images of 64 tokens)
-        Cfg { name: "Fashion-MNIST", d: 160, i: 320, e: 8, k: 2, tokens: 2 * big },
-        Cfg { name: "Fashion-MNIST", d: 160, i: 320, e: 8, k: 2, tokens: 8 * big },
-        Cfg { name: "S", d: 384, i: 1536, e: 8, k: 2, tokens: big },
-        Cfg { name: "XL", d: 1152, i: 4608, e: 8, k: 2, tokens: big },
+        cfg("Fashion-MNIST SwiGLU", 160, 320, 8, 2 * big, 3),
+        cfg("Fashion-MNIST SwiGLU", 160, 320, 8, 8 * big, 3),
+        cfg("S SwiGLU", 384, 1536, 8, big, 3),
+        cfg("XL SwiGLU", 1152, 4608, 8, big, 3),
     ];
+    // ProMoE's GELU experts (with biases), E routed + the unconditional one
+    let gelu = [cfg("ProMoE-S GELU", 384, 1536, 9, big, 2)];
     println!("| layer | tokens | fused ms | dense masked ms | dense / fused | dispatch ms | dispatch / fused | fused TFLOP/s |");
     println!("|---|---:|---:|---:|---:|---:|---:|---:|");
-    for c in cfgs.iter().take(if quick { 3 } else { cfgs.len() }) {
-        let layer = Layer::new(c, &dev)?;
-        let time = |f: &dyn Fn() -> Result<()>| ditmoe::kernels::timing::median_ms(&dev, budget, || f().map_err(candle_core::Error::wrap));
-        let fused = time(&|| layer.fused())?;
-        let dense = time(&|| layer.dense_masked())?;
-        // the dispatch's index_add backward is the slow one: not run at the largest size
-        let dispatch = if c.tokens <= 2 * big { Some(time(&|| layer.dispatch())?) } else { None };
-        // forward 3 GEMMs, backward 6 (data and weight gradients of each), over S*k rows
-        let flop = 2.0 * 9.0 * (c.tokens * c.k * c.d * c.i) as f64;
-        let (d_ms, d_ratio) = dispatch.map_or(("not run".into(), "".into()), |d| (format!("{d:.2}"), format!("{:.1}x", d / fused)));
-        println!(
-            "| {} (D {}, I {}, E {}, top-{}) | {} | {fused:.2} | {dense:.2} | {:.1}x | {d_ms} | {d_ratio} | {:.1} |",
-            c.name,
-            c.d,
-            c.i,
-            c.e,
-            c.k,
-            c.tokens,
-            dense / fused,
-            flop / (fused * 1e-3) / 1e12
-        );
+    for c in swiglu.iter().take(if quick { 3 } else { swiglu.len() }) {
+        let make = |vb: VarBuilder| SwigluExpert::new(c.d, c.i, vb);
+        println!("{}", Layer::new(c, &dev, make)?.row(c, &dev, budget, 2 * big)?);
+    }
+    for c in &gelu {
+        let make = |vb: VarBuilder| GeluMlp::new(c.d, c.i, vb);
+        println!("{}", Layer::new(c, &dev, make)?.row(c, &dev, budget, 2 * big)?);
     }
     Ok(())
 }

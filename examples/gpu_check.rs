@@ -595,9 +595,9 @@ fn run_checks(dev: &Device, section: &str) -> Result<Table> {
     }
 
     if section == "routed-grad" {
-        // ---------------- 7. the trainable routed experts (`kx::routed_swiglu`): value and
-        // gradients on the GPU against the same op on the CPU (the CPU reference kernels), even
-        // and skewed loads (expert 3 without rows, expert 0 with half of them)
+        // ---------------- 7. the trainable routed experts (`kx::routed_experts`), SwiGLU and
+        // GELU forms: value and gradients on the GPU against the same op on the CPU (the CPU
+        // reference kernels), even and skewed loads (expert 3 without rows, expert 0 with half)
         let cases: &[(usize, usize, usize, usize, bool)] = &[
             (777, 160, 8, 320, false),
             (2048, 384, 8, 1536, true),
@@ -605,42 +605,62 @@ fn run_checks(dev: &Device, section: &str) -> Result<Table> {
         ];
         for dt in [DType::F32, DType::BF16] {
             for &(s, d, e, i, skew) in cases {
-                let k = 2;
-                let case = format!("S={s} D={d} E={e} I={i}{} {dt:?}", if skew { " skewed" } else { "" });
-                let (experts, _, _) = bench_moe::random_layer(&cpu_dev, dt, d, e, i, d)?;
-                let x = Tensor::randn(0f32, 1.0, (s, d), &cpu_dev)?.to_dtype(dt)?;
-                let weights = Tensor::rand(0f32, 1.0, (s, k), &cpu_dev)?;
-                let ids = make_ids(s, k, e, &mut rng, |r, _| match (skew, r.below(4)) {
-                    (true, 0 | 1) => 0,
-                    (true, _) => [1, 2, 4, 5, 6, 7][r.below(6) as usize],
-                    (false, _) => r.below(e as u32),
-                })?;
-                let probe = Tensor::randn(0f32, 1.0, (s, d), &cpu_dev)?;
-                // value and gradients of <out, probe> on one device
-                let run = |on: &Device| -> Result<Vec<Tensor>> {
-                    let var = |t: &Tensor| candle_core::Var::from_tensor(&t.to_device(on)?);
-                    let (xv, wv) = (var(&x)?, var(&weights)?);
-                    let (gv, uv, dv) = (var(&experts.gate)?, var(&experts.up)?, var(&experts.down)?);
-                    let stacks = ExpertWeights { gate: gv.as_tensor().clone(), up: uv.as_tensor().clone(), down: dv.as_tensor().clone() };
-                    let perm = kx::permute_by_expert(&ids.to_device(on)?, e)?;
-                    let out = kx::routed_swiglu(xv.as_tensor(), wv.as_tensor(), &stacks, &perm)?;
-                    let grads = (out.to_dtype(DType::F32)? * probe.to_device(on)?)?.sum_all()?.backward()?;
-                    let mut all = vec![out];
-                    for v in [&xv, &wv, &gv, &uv, &dv] {
-                        all.push(grads.get(v.as_tensor()).ok_or_else(|| anyhow::anyhow!("no gradient"))?.clone());
+                for gelu in [false, true] {
+                    let k = 2;
+                    let form = if gelu { "GELU" } else { "SwiGLU" };
+                    let case = format!("{form} S={s} D={d} E={e} I={i}{} {dt:?}", if skew { " skewed" } else { "" });
+                    let (sw, _, _) = bench_moe::random_layer(&cpu_dev, dt, d, e, i, d)?;
+                    let stacks: Vec<Tensor> = if gelu {
+                        let bias = |n: usize| Tensor::randn(0f32, 0.5, (e, n), &cpu_dev)?.to_dtype(dt);
+                        vec![sw.up.clone(), bias(i)?, sw.down.clone(), bias(d)?]
+                    } else {
+                        vec![sw.gate.clone(), sw.up.clone(), sw.down.clone()]
+                    };
+                    let x = Tensor::randn(0f32, 1.0, (s, d), &cpu_dev)?.to_dtype(dt)?;
+                    let weights = Tensor::rand(0f32, 1.0, (s, k), &cpu_dev)?;
+                    let ids = make_ids(s, k, e, &mut rng, |r, _| match (skew, r.below(4)) {
+                        (true, 0 | 1) => 0,
+                        (true, _) => [1, 2, 4, 5, 6, 7][r.below(6) as usize],
+                        (false, _) => r.below(e as u32),
+                    })?;
+                    let probe = Tensor::randn(0f32, 1.0, (s, d), &cpu_dev)?;
+                    // value and gradients of <out, probe> on one device: out, d x, d weights,
+                    // then one gradient per stacked tensor
+                    let run = |on: &Device| -> Result<Vec<Tensor>> {
+                        let var = |t: &Tensor| candle_core::Var::from_tensor(&t.to_device(on)?);
+                        let (xv, wv) = (var(&x)?, var(&weights)?);
+                        let sv = stacks.iter().map(var).collect::<candle_core::Result<Vec<_>>>()?;
+                        let st: Vec<Tensor> = sv.iter().map(|v| v.as_tensor().clone()).collect();
+                        let experts = if gelu {
+                            kx::ExpertStacks::Gelu(kx::GeluExpertWeights { up: st[0].clone(), up_bias: st[1].clone(), down: st[2].clone(), down_bias: st[3].clone() })
+                        } else {
+                            kx::ExpertStacks::Swiglu(ExpertWeights { gate: st[0].clone(), up: st[1].clone(), down: st[2].clone() })
+                        };
+                        let perm = kx::permute_by_expert(&ids.to_device(on)?, e)?;
+                        let out = kx::routed_experts(xv.as_tensor(), wv.as_tensor(), &experts, &perm)?;
+                        let grads = (out.to_dtype(DType::F32)? * probe.to_device(on)?)?.sum_all()?.backward()?;
+                        let mut all = vec![out];
+                        for v in [&xv, &wv].into_iter().chain(&sv) {
+                            all.push(grads.get(v.as_tensor()).ok_or_else(|| anyhow::anyhow!("no gradient"))?.clone());
+                        }
+                        Ok(all)
+                    };
+                    let (gpu, gpu2, cpu_ref) = (run(dev)?, run(dev)?, run(&cpu_dev)?);
+                    let tol = if dt == DType::F32 { 1e-5 } else { 1e-2 };
+                    let names: &[&str] = if gelu {
+                        &["out", "d x", "d weights", "d up", "d up bias", "d down", "d down bias"]
+                    } else {
+                        &["out", "d x", "d weights", "d gate", "d up", "d down"]
+                    };
+                    for (j, name) in names.iter().enumerate() {
+                        tb.add("routed-grad GPU vs CPU", &case, &format!("{name} rel"), rel(&gpu[j], &cpu_ref[j])?, tol);
                     }
-                    Ok(all)
-                };
-                let (gpu, gpu2, cpu_ref) = (run(dev)?, run(dev)?, run(&cpu_dev)?);
-                let tol = if dt == DType::F32 { 1e-5 } else { 1e-2 };
-                for (j, name) in ["out", "d x", "d weights", "d gate", "d up", "d down"].iter().enumerate() {
-                    tb.add("routed-grad GPU vs CPU", &case, &format!("{name} rel"), rel(&gpu[j], &cpu_ref[j])?, tol);
-                }
-                let drift = (0..6).map(|j| max_abs(&gpu[j], &gpu2[j])).collect::<Result<Vec<_>>>()?;
-                tb.add("routed-grad GPU", &case, "run-to-run max abs (all)", drift.into_iter().fold(0.0, f64::max), 0.0);
-                if skew {
-                    let idle = gpu[3].get(3)?.abs()?.sum_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()?;
-                    tb.add("routed-grad GPU", &case, "|d gate| of the idle expert", idle as f64, 0.0);
+                    let drift = (0..names.len()).map(|j| max_abs(&gpu[j], &gpu2[j])).collect::<Result<Vec<_>>>()?;
+                    tb.add("routed-grad GPU", &case, "run-to-run max abs (all)", drift.into_iter().fold(0.0, f64::max), 0.0);
+                    if skew {
+                        let idle = gpu[3].get(3)?.abs()?.sum_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+                        tb.add("routed-grad GPU", &case, "|first stack's gradient| of the idle expert", idle as f64, 0.0);
+                    }
                 }
             }
         }

@@ -6,7 +6,9 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
+use candle_core::Var;
 use common::fixture_path;
+use ditmoe::moe::{ExpertDispatch, GeluMlp, StackedExperts, SwigluExpert};
 use ditmoe::model::{ForwardMode, Trace};
 use ditmoe::{DitConfig, DitMoe};
 
@@ -61,14 +63,46 @@ fn every_parameter_gets_a_gradient_flash_attention() {
     check("tiny-flash");
 }
 
-/// The routed experts as one differentiable op on the fused kernels (the CUDA training path,
-/// `kernels::routed_swiglu`) against the candle dispatch (the CPU path, autograd through
+/// The routed experts as one differentiable op on the fused kernels (the CUDA path,
+/// `kernels::routed_experts`) against the candle dispatch (the CPU path, autograd through
 /// index_select/matmul/index_add): the same value and the same gradients for the tokens, the
-/// router scores and every expert weight. `only_two_experts` routes every token to experts 0
-/// and 1 of 4, so two experts have no rows: their weight gradients must be zero.
-fn fused_experts_against_dispatch(only_two_experts: bool) {
-    use candle_core::Var;
-    use ditmoe::moe::{stack_expert_weights, ExpertDispatch, SwigluExpert};
+/// router scores and every expert parameter in `params` (grouped per expert). An expert
+/// without rows gets no gradient from the dispatch and zeros from the fused op; `idle` counts
+/// its parameters.
+fn fused_experts_against_dispatch<M: StackedExperts>(experts: &[M], params: &[Vec<Var>], x: &Var, ids: &Tensor, scores: &Var, idle: usize) {
+    // Gradients are compared at the router scores, through the top-k weight selection.
+    let weights = scores.as_tensor().gather(ids, 1).unwrap();
+    let sparse = ExpertDispatch::new(ids, experts.len()).unwrap().run(x.as_tensor(), &weights, experts).unwrap();
+    let perm = ditmoe::kernels::permute_by_expert(ids, experts.len()).unwrap();
+    let fused = ditmoe::kernels::routed_experts(x.as_tensor(), &weights, &M::stack(experts).unwrap(), &perm).unwrap();
+    common::assert_close("fused vs dispatch", &fused, &sparse, 1e-5);
+
+    let probe = Tensor::randn(0f32, 1.0, sparse.shape(), &Device::Cpu).unwrap();
+    let gs = (&sparse * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+    let gf = (&fused * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+    common::assert_close("token gradients", gf.get(x.as_tensor()).unwrap(), gs.get(x.as_tensor()).unwrap(), 1e-5);
+    common::assert_close("router-score gradients", gf.get(scores.as_tensor()).unwrap(), gs.get(scores.as_tensor()).unwrap(), 1e-5);
+    let mut zero = 0;
+    for (e, ps) in params.iter().enumerate() {
+        for (j, p) in ps.iter().enumerate() {
+            let f = gf.get(p.as_tensor()).unwrap_or_else(|| panic!("no fused gradient reaches expert {e} parameter {j}"));
+            match gs.get(p.as_tensor()) {
+                Some(g) => {
+                    common::assert_close(&format!("expert {e} parameter {j} gradient"), f, g, 1e-5);
+                }
+                None => {
+                    assert_eq!(f.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap(), 0.0, "expert {e} parameter {j}");
+                    zero += 1;
+                }
+            }
+        }
+    }
+    assert_eq!(zero, idle, "parameters of experts without rows");
+}
+
+/// DiT-MoE's SwiGLU experts of the `tiny` fixture on its layer-0 input; `only_two_experts`
+/// routes every token to experts 0 and 1 of 4, so two experts have no rows.
+fn swiglu_against_dispatch(only_two_experts: bool) {
     let dir = ditmoe::checkpoint::ModelDir::open(&fixture_path("models/tiny")).unwrap();
     let model = dir.load(DType::F32, &Device::Cpu).unwrap();
     let moe = model.blocks()[0].moe().unwrap();
@@ -80,49 +114,43 @@ fn fused_experts_against_dispatch(only_two_experts: bool) {
         let ids: Vec<u32> = (0..s * k).map(|p| ((p + p / k) % 2) as u32).collect();
         routing.experts = Tensor::from_vec(ids, (s, k), &Device::Cpu).unwrap();
     }
-    // Gradients are compared at the router scores, through the top-k weight selection.
     let scores = Var::from_tensor(&routing.scores).unwrap();
-    let weights = scores.as_tensor().gather(&routing.experts, 1).unwrap();
-    let vars: Vec<[Var; 3]> = moe.experts().iter().map(|e| e.weights().map(|w| Var::from_tensor(w).unwrap())).collect();
-    let experts: Vec<SwigluExpert> = vars.iter().map(|[g, u, d]| SwigluExpert::from_weights(g.as_tensor().clone(), u.as_tensor().clone(), d.as_tensor().clone())).collect();
+    let params: Vec<Vec<Var>> = moe.experts().iter().map(|e| e.weights().iter().map(|w| Var::from_tensor(w).unwrap()).collect()).collect();
+    let experts: Vec<SwigluExpert> = params.iter().map(|p| SwigluExpert::from_weights(p[0].as_tensor().clone(), p[1].as_tensor().clone(), p[2].as_tensor().clone())).collect();
+    fused_experts_against_dispatch(&experts, &params, &x, &routing.experts, &scores, if only_two_experts { 6 } else { 0 });
+}
 
-    let n_experts = experts.len();
-    let sparse = ExpertDispatch::new(&routing.experts, n_experts).unwrap().run(x.as_tensor(), &weights, &experts).unwrap();
-    let perm = ditmoe::kernels::permute_by_expert(&routing.experts, n_experts).unwrap();
-    let stacked = stack_expert_weights(&experts).unwrap();
-    let fused = ditmoe::kernels::routed_swiglu(x.as_tensor(), &weights, &stacked, &perm).unwrap();
-    common::assert_close("fused vs dispatch", &fused, &sparse, 1e-5);
+#[test]
+fn fused_swiglu_experts_match_dispatch_values_and_gradients() {
+    swiglu_against_dispatch(false);
+}
 
-    let probe = Tensor::randn(0f32, 1.0, sparse.shape(), &Device::Cpu).unwrap();
-    let gs = (&sparse * &probe).unwrap().sum_all().unwrap().backward().unwrap();
-    let gf = (&fused * &probe).unwrap().sum_all().unwrap().backward().unwrap();
-    common::assert_close("token gradients", gf.get(x.as_tensor()).unwrap(), gs.get(x.as_tensor()).unwrap(), 1e-5);
-    common::assert_close("router-score gradients", gf.get(scores.as_tensor()).unwrap(), gs.get(scores.as_tensor()).unwrap(), 1e-5);
-    let mut idle = 0;
-    for (e, ws) in vars.iter().enumerate() {
-        for (w, name) in ws.iter().zip(["gate", "up", "down"]) {
-            let f = gf.get(w.as_tensor()).unwrap_or_else(|| panic!("no fused gradient reaches expert {e} {name}"));
-            match gs.get(w.as_tensor()) {
-                Some(g) => {
-                    common::assert_close(&format!("expert {e} {name} gradient"), f, g, 1e-5);
-                }
-                None => {
-                    // the dispatch skips experts without rows; the fused op gives them zeros
-                    assert_eq!(f.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap(), 0.0, "expert {e} {name}");
-                    idle += 1;
-                }
-            }
+#[test]
+fn fused_swiglu_experts_give_idle_experts_zero_gradients() {
+    swiglu_against_dispatch(true);
+}
+
+/// ProMoE's GELU experts (with biases): 5 experts, the last one taking both slots of every
+/// third token (as the unconditional expert does), expert 3 taking none.
+#[test]
+fn fused_gelu_experts_match_dispatch_values_and_gradients() {
+    let (s, k, d, i, e) = (150usize, 2usize, 24usize, 40usize, 5usize);
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    let experts: Vec<GeluMlp> = (0..e).map(|j| GeluMlp::new(d, i, vb.pp(format!("experts.{j}"))).unwrap()).collect();
+    // the biases start at zero: make them count
+    for (name, var) in varmap.data().lock().unwrap().iter() {
+        if name.ends_with("bias") {
+            var.set(&Tensor::randn(0f32, 0.5, var.shape(), &Device::Cpu).unwrap()).unwrap();
         }
     }
-    assert_eq!(idle, if only_two_experts { 6 } else { 0 }, "weights of experts without rows");
-}
-
-#[test]
-fn fused_experts_match_dispatch_values_and_gradients() {
-    fused_experts_against_dispatch(false);
-}
-
-#[test]
-fn fused_experts_give_idle_experts_zero_gradients() {
-    fused_experts_against_dispatch(true);
+    let params: Vec<Vec<Var>> = {
+        let data = varmap.data().lock().unwrap();
+        (0..e).map(|j| ["up_proj.weight", "up_proj.bias", "down_proj.weight", "down_proj.bias"].iter().map(|p| data[&format!("experts.{j}.{p}")].clone()).collect()).collect()
+    };
+    let ids: Vec<u32> = (0..s).flat_map(|t| if t % 3 == 0 { [4, 4] } else { [(t % 3) as u32 - 1, 2 + (t % 2) as u32 * 2] }).collect();
+    let ids = Tensor::from_vec(ids, (s, k), &Device::Cpu).unwrap();
+    let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (s, d), &Device::Cpu).unwrap()).unwrap();
+    let scores = Var::from_tensor(&candle_nn::ops::softmax_last_dim(&Tensor::randn(0f32, 1.0, (s, e), &Device::Cpu).unwrap()).unwrap()).unwrap();
+    fused_experts_against_dispatch(&experts, &params, &x, &ids, &scores, 4);
 }

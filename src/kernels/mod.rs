@@ -32,7 +32,7 @@ pub mod block_ops;
 pub mod cpu;
 pub mod cuda_graph;
 pub mod routed_grad;
-pub use routed_grad::routed_swiglu;
+pub use routed_grad::{routed_experts, ExpertStacks, GeluExpertWeights};
 pub mod timing;
 #[cfg(feature = "cuda")]
 pub mod cuda;

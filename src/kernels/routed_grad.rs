@@ -1,17 +1,17 @@
-//! The routed SwiGLU experts as one differentiable op, so that training runs the fused
-//! kernels too (forward and backward) instead of a dense mixture or candle's row scatters.
+//! The routed experts as one differentiable op, so that training runs the fused kernels too
+//! (forward and backward) instead of a dense mixture or candle's row scatters.
 //!
-//! [`routed_swiglu`] computes `out[t] = sum_j w[t, j] * expert_{ids[t, j]}(x[t])` with the
-//! grouped kernels (the forward of [`super::moe_forward_fused`] without router and shared
-//! expert) and records one autograd node over `(x, w, expert weights)`. Its backward is the
-//! MegaBlocks/DeepSpeed-MoE one, on the same permutation:
-//! - `dy[r] = w[slot(r)] * dout[token(r)]`, `dw[slot(r)] = <dout[token(r)], y[r]>`;
-//! - `dh = dy · down[e]` and the SwiGLU derivative `dg = dh * u * silu'(g)`, `du = dh * silu(g)`
-//!   (grouped GEMMs over the transposed weights; `g`, `u` are recomputed, not stored);
-//! - `dx[t] = sum_j (dg · gate[e] + du · up[e])[inv[t*k + j]]`, the deterministic [`combine`]
-//!   with unit weights;
-//! - `d gate[e] = dg_eᵀ x_e`, `d up[e] = du_eᵀ x_e`, `d down[e] = dy_eᵀ h_e`
-//!   ([`grouped_weight_grad`]).
+//! [`routed_experts`] computes `out[t] = sum_j w[t, j] * expert_{ids[t, j]}(x[t])` with the
+//! grouped kernels over the expert sort `perm`, for both expert forms of the engine
+//! ([`ExpertStacks`]: DiT-MoE's SwiGLU experts, ProMoE's GELU MLPs with biases), and records one
+//! autograd node over `(x, w, expert weights)`. Its backward is the MegaBlocks/DeepSpeed-MoE
+//! one, on the same permutation:
+//! - the combine: `dy[r] = w[slot(r)] * dout[token(r)]`, `dw[slot(r)] = <dout[token(r)], y[r]>`;
+//! - the expert MLP on its rows: grouped GEMMs over the transposed weight stacks for the data
+//!   gradients, the activation's derivative in between (activations are recomputed, not
+//!   stored), [`grouped_weight_grad`] for the weight gradients and per-expert row sums for the
+//!   biases;
+//! - `dx[t] = sum_j dxs[inv[t*k + j]]`, the deterministic [`combine`] with unit weights.
 //!
 //! candle's custom ops see storages, not tensors, and the kernels take tensors; so the value is
 //! computed first and the op's forward only hands it over (one `[S, D]` copy), while the
@@ -19,37 +19,99 @@
 use super::{combine, gather_rows, grouped_gate_up_gather, grouped_matmul, grouped_weight_grad, ExpertWeights, Permutation};
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
-/// The routed experts' weighted sum, `[S, D]`: `x` `[S, D]`, `weights` `[S, k]` (the router's
-/// gate weights, any float dtype), `experts` stacked `[E, I, D]`/`[E, D, I]` in `x`'s dtype,
-/// `perm` the expert sort of the ids the weights belong to. Differentiable in `x`, `weights`
-/// and the three weight stacks whenever any of them is in an autograd graph.
-pub fn routed_swiglu(x: &Tensor, weights: &Tensor, experts: &ExpertWeights, perm: &Permutation) -> Result<Tensor> {
-    if weights.dims() != [perm.tokens()?, perm.k] {
-        candle_core::bail!("routed_swiglu: weights {:?} are not [{}, {}] like the permutation's slots", weights.dims(), perm.tokens()?, perm.k)
-    }
-    let h = grouped_gate_up_gather(x, perm, &experts.gate, &experts.up)?;
-    let y = grouped_matmul(&h, &perm.offsets, &experts.down)?;
-    let value = combine(&y, perm, weights, None)?;
-    let ExpertWeights { gate, up, down } = experts;
-    if ![x, weights, gate, up, down].iter().any(|t| t.track_op()) {
-        return Ok(value);
-    }
-    // One tensor for the three stacks (candle's custom ops take up to three inputs); `cat` of
-    // the flattened stacks passes each its slice of the gradient.
-    let packed = Tensor::cat(&[gate.flatten_all()?, up.flatten_all()?, down.flatten_all()?], 0)?;
-    let (e, i, d) = gate.dims3()?;
-    x.apply_op3(weights, &packed, RoutedSwigluGrad { perm: perm.clone(), dims: (e, i, d), value })
+/// Stacked weights of E GELU experts (ProMoE's `MoeMLP`, `nn.Linear` layout per expert):
+/// expert `e` computes `down[e] · gelu_tanh(up[e] · x + up_bias[e]) + down_bias[e]`.
+#[derive(Debug, Clone)]
+pub struct GeluExpertWeights {
+    /// `[E, I, D]`
+    pub up: Tensor,
+    /// `[E, I]`
+    pub up_bias: Tensor,
+    /// `[E, D, I]`
+    pub down: Tensor,
+    /// `[E, D]`
+    pub down_bias: Tensor,
 }
 
-struct RoutedSwigluGrad {
+/// The routed experts of a layer, stacked, in one of the engine's two expert forms.
+#[derive(Debug, Clone)]
+pub enum ExpertStacks {
+    /// DiT-MoE: `down(silu(gate x) * up x)`, no biases.
+    Swiglu(ExpertWeights),
+    /// ProMoE: `down(gelu_tanh(up x + b_up)) + b_down`.
+    Gelu(GeluExpertWeights),
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Form {
+    Swiglu,
+    Gelu,
+}
+
+impl ExpertStacks {
+    fn form(&self) -> Form {
+        match self {
+            Self::Swiglu(_) => Form::Swiglu,
+            Self::Gelu(_) => Form::Gelu,
+        }
+    }
+
+    fn tensors(&self) -> Vec<&Tensor> {
+        match self {
+            Self::Swiglu(w) => vec![&w.gate, &w.up, &w.down],
+            Self::Gelu(w) => vec![&w.up, &w.up_bias, &w.down, &w.down_bias],
+        }
+    }
+
+    fn from_tensors(form: Form, t: Vec<Tensor>) -> Self {
+        let mut t = t.into_iter();
+        let mut next = || t.next().expect("one tensor per stack");
+        match form {
+            Form::Swiglu => Self::Swiglu(ExpertWeights { gate: next(), up: next(), down: next() }),
+            Form::Gelu => Self::Gelu(GeluExpertWeights { up: next(), up_bias: next(), down: next(), down_bias: next() }),
+        }
+    }
+
+    /// The expert outputs of the expert-sorted rows, `[R, D]` (the forward value's rows).
+    fn forward(&self, x: &Tensor, perm: &Permutation) -> Result<Tensor> {
+        match self {
+            // the gather runs inside the gate/up GEMM's loads
+            Self::Swiglu(w) => grouped_matmul(&grouped_gate_up_gather(x, perm, &w.gate, &w.up)?, &perm.offsets, &w.down),
+            Self::Gelu(w) => Ok(GeluRows::new(&gather_rows(x, perm)?, w, &perm.offsets)?.y),
+        }
+    }
+}
+
+/// The routed experts' weighted sum, `[S, D]`: `x` `[S, D]`, `weights` `[S, k]` (the router's
+/// gate weights, any float dtype), `experts` stacked in `x`'s dtype, `perm` the expert sort of
+/// the ids the weights belong to. Differentiable in `x`, `weights` and every stacked tensor
+/// whenever any of them is in an autograd graph.
+pub fn routed_experts(x: &Tensor, weights: &Tensor, experts: &ExpertStacks, perm: &Permutation) -> Result<Tensor> {
+    if weights.dims() != [perm.tokens()?, perm.k] {
+        candle_core::bail!("routed_experts: weights {:?} are not [{}, {}] like the permutation's slots", weights.dims(), perm.tokens()?, perm.k)
+    }
+    let value = combine(&experts.forward(x, perm)?, perm, weights, None)?;
+    let stacks = experts.tensors();
+    if !x.track_op() && !weights.track_op() && !stacks.iter().any(|t| t.track_op()) {
+        return Ok(value);
+    }
+    // One tensor for the stacks (candle's custom ops take up to three inputs); `cat` of the
+    // flattened stacks passes each its slice of the gradient.
+    let packed = Tensor::cat(&stacks.iter().map(|t| t.flatten_all()).collect::<Result<Vec<_>>>()?, 0)?;
+    let shapes = stacks.iter().map(|t| t.shape().clone()).collect();
+    x.apply_op3(weights, &packed, RoutedExpertsGrad { perm: perm.clone(), form: experts.form(), shapes, value })
+}
+
+struct RoutedExpertsGrad {
     perm: Permutation,
-    /// `(E, I, D)`
-    dims: (usize, usize, usize),
+    form: Form,
+    /// The stacked tensors' shapes, in [`ExpertStacks::tensors`] order.
+    shapes: Vec<Shape>,
     /// The forward value, computed by the kernels before the op was applied.
     value: Tensor,
 }
 
-impl RoutedSwigluGrad {
+impl RoutedExpertsGrad {
     /// A copy of the value's storage, the op's output (the inputs' storages are not read: the
     /// value was computed from the same tensors). `combine` returns a fresh contiguous tensor,
     /// so its whole storage is the value.
@@ -58,27 +120,72 @@ impl RoutedSwigluGrad {
         Ok((storage.try_clone(layout)?, self.value.shape().clone()))
     }
 
-    /// `[E, I, D]` gate, `[E, I, D]` up, `[E, D, I]` down, viewed from the packed vector.
-    fn unpack(&self, packed: &Tensor) -> Result<ExpertWeights> {
-        let (e, i, d) = self.dims;
-        let n = e * i * d;
-        Ok(ExpertWeights {
-            gate: packed.narrow(0, 0, n)?.reshape((e, i, d))?,
-            up: packed.narrow(0, n, n)?.reshape((e, i, d))?,
-            down: packed.narrow(0, 2 * n, n)?.reshape((e, d, i))?,
-        })
+    /// The stacks, viewed from the packed vector.
+    fn unpack(&self, packed: &Tensor) -> Result<ExpertStacks> {
+        let mut at = 0;
+        let mut parts = Vec::with_capacity(self.shapes.len());
+        for shape in &self.shapes {
+            parts.push(packed.narrow(0, at, shape.elem_count())?.reshape(shape)?);
+            at += shape.elem_count();
+        }
+        Ok(ExpertStacks::from_tensors(self.form, parts))
     }
 }
 
-impl CustomOp3 for RoutedSwigluGrad {
+/// The GELU experts on expert-sorted rows, keeping what the backward needs.
+struct GeluRows {
+    pre: Tensor,
+    h: Tensor,
+    y: Tensor,
+}
+
+impl GeluRows {
+    fn new(xs: &Tensor, w: &GeluExpertWeights, offsets: &Tensor) -> Result<Self> {
+        // each row's expert picks its bias rows
+        let expert = expert_of_row(offsets, xs.dim(0)?)?;
+        let pre = (grouped_matmul(xs, offsets, &w.up)? + w.up_bias.index_select(&expert, 0)?)?;
+        let h = pre.gelu()?;
+        let y = (grouped_matmul(&h, offsets, &w.down)? + w.down_bias.index_select(&expert, 0)?)?;
+        Ok(Self { pre, h, y })
+    }
+}
+
+/// `[R]` u32: the expert of each expert-sorted row, the number of experts whose rows end at or
+/// before it (computed on the device from the offsets).
+fn expert_of_row(offsets: &Tensor, rows: usize) -> Result<Tensor> {
+    let e = offsets.dim(0)? - 1;
+    let r = Tensor::arange(0u32, rows as u32, offsets.device())?.unsqueeze(1)?;
+    let ends = offsets.to_dtype(DType::U32)?.narrow(0, 1, e)?.unsqueeze(0)?;
+    r.broadcast_ge(&ends)?.to_dtype(DType::U32)?.sum(1)
+}
+
+/// Per expert, the sum of its rows of `a` `[R, N]` → `[E, N]` (a bias gradient).
+fn expert_row_sums(a: &Tensor, offsets: &Tensor) -> Result<Tensor> {
+    let ones = Tensor::ones((a.dim(0)?, 1), a.dtype(), a.device())?;
+    grouped_weight_grad(&ones, a, offsets)?.squeeze(1)
+}
+
+/// d gelu_tanh(x) / dx, for candle's `gelu` (the tanh approximation):
+/// `0.5 (1 + t) + 0.5 x (1 - t²) c (1 + 3 a x²)` with `t = tanh(c (x + a x³))`, `c = sqrt(2/π)`.
+fn gelu_tanh_grad(x: &Tensor) -> Result<Tensor> {
+    const A: f64 = 0.044715;
+    let c = (2.0 / std::f64::consts::PI).sqrt();
+    let x2 = x.sqr()?;
+    let t = ((x * (x2.affine(A, 1.0)?))? * c)?.tanh()?;
+    let outer = t.affine(0.5, 0.5)?;
+    let inner = ((x * t.sqr()?.affine(-1.0, 1.0)?)? * x2.affine(3.0 * A, 1.0)?)?;
+    outer + (inner * (0.5 * c))?
+}
+
+impl CustomOp3 for RoutedExpertsGrad {
     fn name(&self) -> &'static str {
-        "routed-swiglu"
+        "routed-experts"
     }
 
     fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
         match self.value_storage()? {
             (candle_core::Storage::Cpu(s), shape) => Ok((s, shape)),
-            _ => candle_core::bail!("routed_swiglu: the value is not on the CPU"),
+            _ => candle_core::bail!("routed_experts: the value is not on the CPU"),
         }
     }
 
@@ -94,47 +201,61 @@ impl CustomOp3 for RoutedSwigluGrad {
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         match self.value_storage()? {
             (candle_core::Storage::Cuda(s), shape) => Ok((s, shape)),
-            _ => candle_core::bail!("routed_swiglu: the value is not on the GPU"),
+            _ => candle_core::bail!("routed_experts: the value is not on the GPU"),
         }
     }
 
     fn bwd(&self, x: &Tensor, weights: &Tensor, packed: &Tensor, _: &Tensor, dout: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (perm, off) = (&self.perm, &self.perm.offsets);
         let (s, k) = weights.dims2()?;
-        let w = self.unpack(&packed.detach())?;
+        let stacks = self.unpack(&packed.detach())?;
         let (x, weights, dout) = (x.detach(), weights.detach(), dout.detach().to_dtype(x.dtype())?);
         let t = |w: &Tensor| w.transpose(1, 2)?.contiguous();
-
-        // Recompute the expert activations (cheaper in memory than keeping [R, I] twice).
         let xs = gather_rows(&x, perm)?;
-        let g = grouped_matmul(&xs, off, &w.gate)?;
-        let u = grouped_matmul(&xs, off, &w.up)?;
-        let sig = candle_nn::ops::sigmoid(&g)?;
-        let act = (&g * &sig)?; // silu(g)
-        let h = (&act * &u)?;
-        let y = grouped_matmul(&h, off, &w.down)?;
-
-        // The combine `out[t] = sum_j w[t, j] y[inv[t*k + j]]`.
         let dout_rows = gather_rows(&dout, perm)?;
         let w_rows = weights.flatten_all()?.index_select(&perm.order, 0)?.to_dtype(x.dtype())?;
+        // dy = w * dout per row: the combine's gradient towards the expert outputs
         let dy = dout_rows.broadcast_mul(&w_rows.unsqueeze(1)?)?;
+
+        // The expert MLP on its rows, recomputed: y and, from dy, the rows' gradient dxs and the
+        // stacks' gradients (in `ExpertStacks::tensors` order).
+        let (y, dxs, dstacks) = match &stacks {
+            ExpertStacks::Swiglu(w) => {
+                // h = silu(g) * u, g = x gateᵀ, u = x upᵀ, y = h downᵀ
+                let g = grouped_matmul(&xs, off, &w.gate)?;
+                let u = grouped_matmul(&xs, off, &w.up)?;
+                let sig = candle_nn::ops::sigmoid(&g)?;
+                let act = (&g * &sig)?;
+                let h = (&act * &u)?;
+                let y = grouped_matmul(&h, off, &w.down)?;
+                let dh = grouped_matmul(&dy, off, &t(&w.down)?)?;
+                let du = (&dh * &act)?;
+                // silu'(g) = sig * (1 + g * (1 - sig))
+                let dg = ((&dh * &u)? * (&sig * ((&g * sig.affine(-1.0, 1.0)?)? + 1.0)?)?)?;
+                let dxs = (grouped_matmul(&dg, off, &t(&w.gate)?)? + grouped_matmul(&du, off, &t(&w.up)?)?)?;
+                let dstacks = vec![grouped_weight_grad(&dg, &xs, off)?, grouped_weight_grad(&du, &xs, off)?, grouped_weight_grad(&dy, &h, off)?];
+                (y, dxs, dstacks)
+            }
+            ExpertStacks::Gelu(w) => {
+                // y = gelu(pre) downᵀ + b_down, pre = x upᵀ + b_up
+                let rows = GeluRows::new(&xs, w, off)?;
+                let dpre = (grouped_matmul(&dy, off, &t(&w.down)?)? * gelu_tanh_grad(&rows.pre)?)?;
+                let dxs = grouped_matmul(&dpre, off, &t(&w.up)?)?;
+                let dstacks = vec![
+                    grouped_weight_grad(&dpre, &xs, off)?,
+                    expert_row_sums(&dpre, off)?,
+                    grouped_weight_grad(&dy, &rows.h, off)?,
+                    expert_row_sums(&dy, off)?,
+                ];
+                (rows.y, dxs, dstacks)
+            }
+        };
+
+        // dw: each slot's gate weight scaled its expert's output row
         let dw_rows = (&dout_rows.to_dtype(DType::F32)? * y.to_dtype(DType::F32)?)?.sum(1)?;
         let dweights = dw_rows.index_select(&perm.inv, 0)?.reshape((s, k))?.to_dtype(weights.dtype())?;
-
-        // The experts: h = silu(g) * u, g = x gateᵀ, u = x upᵀ, y = h downᵀ.
-        let dh = grouped_matmul(&dy, off, &t(&w.down)?)?;
-        let du = (&dh * &act)?;
-        // silu'(g) = sig * (1 + g * (1 - sig))
-        let dsilu = (&sig * ((&g * sig.affine(-1.0, 1.0)?)? + 1.0)?)?;
-        let dg = ((&dh * &u)? * dsilu)?;
-        let dxs = (grouped_matmul(&dg, off, &t(&w.gate)?)? + grouped_matmul(&du, off, &t(&w.up)?)?)?;
-        let ones = Tensor::ones((s, k), DType::F32, x.device())?;
-        let dx = combine(&dxs, perm, &ones, None)?;
-
-        let dgate = grouped_weight_grad(&dg, &xs, off)?;
-        let dup = grouped_weight_grad(&du, &xs, off)?;
-        let ddown = grouped_weight_grad(&dy, &h, off)?;
-        let dpacked = Tensor::cat(&[dgate.flatten_all()?, dup.flatten_all()?, ddown.flatten_all()?], 0)?;
+        let dx = combine(&dxs, perm, &Tensor::ones((s, k), DType::F32, x.device())?, None)?;
+        let dpacked = Tensor::cat(&dstacks.iter().map(|t| t.flatten_all()).collect::<Result<Vec<_>>>()?, 0)?;
         Ok((Some(dx), Some(dweights), Some(dpacked)))
     }
 }

@@ -6,6 +6,7 @@
 //! - [`GeluMlp`]: ProMoE's `modules.MoeMLP`, `down_proj(gelu_tanh(up_proj(x)))` with biases,
 //!   for the routed, unconditional and shared experts; the same maths is timm's `Mlp`
 //!   (`fc1`, `fc2`) of ProMoE's dense blocks, so one type serves both under their names.
+use crate::kernels::{ExpertStacks, ExpertWeights, GeluExpertWeights};
 use crate::nn::Linear;
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
@@ -42,9 +43,38 @@ impl SwigluExpert {
 /// The experts' weights stacked as the grouped kernels take them, `[E, I, D]` gate and up,
 /// `[E, D, I]` down (a copy; differentiable, so each expert's slice of a stack's gradient
 /// reaches its own weights).
-pub fn stack_weights(experts: &[SwigluExpert]) -> Result<crate::kernels::ExpertWeights> {
-    let stack = |i: usize| Tensor::stack(&experts.iter().map(|e| e.weights()[i]).collect::<Vec<_>>(), 0);
-    Ok(crate::kernels::ExpertWeights { gate: stack(0)?, up: stack(1)?, down: stack(2)? })
+pub fn stack_weights(experts: &[SwigluExpert]) -> Result<ExpertWeights> {
+    let stack = |i: usize| stack_each(experts, |e| e.weights()[i]);
+    Ok(ExpertWeights { gate: stack(0)?, up: stack(1)?, down: stack(2)? })
+}
+
+fn stack_each<E>(experts: &[E], part: impl Fn(&E) -> &Tensor) -> Result<Tensor> {
+    Tensor::stack(&experts.iter().map(part).collect::<Vec<_>>(), 0)
+}
+
+/// Expert forms the fused routed op ([`crate::kernels::routed_experts`]) runs: stacked, per
+/// call, into its layout (differentiably, see [`stack_weights`]).
+pub trait StackedExperts: Module + Sized {
+    fn stack(experts: &[Self]) -> Result<ExpertStacks>;
+}
+
+impl StackedExperts for SwigluExpert {
+    fn stack(experts: &[Self]) -> Result<ExpertStacks> {
+        Ok(ExpertStacks::Swiglu(stack_weights(experts)?))
+    }
+}
+
+impl StackedExperts for GeluMlp {
+    fn stack(experts: &[Self]) -> Result<ExpertStacks> {
+        let bias = |l: &Linear| l.bias().cloned().ok_or_else(|| candle_core::Error::Msg("GELU experts have biases".into()));
+        let (up_bias, down_bias) = (experts.iter().map(|e| bias(&e.up)).collect::<Result<Vec<_>>>()?, experts.iter().map(|e| bias(&e.down)).collect::<Result<Vec<_>>>()?);
+        Ok(ExpertStacks::Gelu(GeluExpertWeights {
+            up: stack_each(experts, |e| e.up.weight())?,
+            up_bias: Tensor::stack(&up_bias, 0)?,
+            down: stack_each(experts, |e| e.down.weight())?,
+            down_bias: Tensor::stack(&down_bias, 0)?,
+        }))
+    }
 }
 
 impl Module for SwigluExpert {

@@ -113,8 +113,8 @@ impl ProMoeMoe {
     }
 }
 
-/// ProMoE layers always run the candle dispatch (the fused kernels are SwiGLU-only), whose
-/// host-side assignment the losses read.
+/// ProMoE layers run [`routed_forward`], which keeps the host-side expert dispatch (the
+/// losses read its assignment) also where the experts run on the fused kernels (CUDA).
 fn dispatch_of(moe: &MoeOutput) -> Result<&super::ExpertDispatch> {
     moe.dispatch.as_ref().ok_or_else(|| candle_core::Error::Msg("ProMoE losses need the host-side expert dispatch".into()))
 }

@@ -4,11 +4,10 @@
 //! `SharedExpertMoe`: the official DiT-MoE `SparseMoeBlock`: top-k routed SwiGLU experts plus
 //! an always-on shared SwiGLU expert (`moe_out = routed + shared`), parameter names
 //! `gate.weight`, `experts.<i>.{gate,up,down}_proj.weight`, `shared_experts.*`.
-use super::experts::stack_weights;
-use super::{balance_loss, ExpertDispatch, FusedSwiglu, Router, Routing, SwigluExpert, TopKRouter};
+use super::{balance_loss, ExpertDispatch, FusedSwiglu, Router, Routing, StackedExperts, SwigluExpert, TopKRouter};
 use crate::config::DitConfig;
 use crate::kernels;
-use candle_core::{Module, Result, Tensor};
+use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 #[derive(Debug, Clone)]
@@ -42,14 +41,20 @@ pub struct MoeOutput {
 }
 
 /// One MoE layer call on x (N, T, D): `router` routes the flattened tokens (`labels` (N,) for
-/// conditional routers), the shared dispatch runs `experts[id]` on each token's picks and sums
-/// them with the router weights, and `shared` (if any) is added for every token.
-pub fn routed_forward<R: Router, M: Module>(router: &R, experts: &[M], shared: Option<&M>, x: &Tensor, labels: Option<&Tensor>) -> Result<MoeOutput> {
+/// conditional routers), `experts[id]` run on each token's picks and are summed with the router
+/// weights, and `shared` (if any) is added for every token. The expert-sorted dispatch is read
+/// back to the host (the routing losses use it); on CUDA the experts then run on the fused
+/// kernels ([`fused_routed`]), elsewhere on the candle dispatch.
+pub fn routed_forward<R: Router, M: StackedExperts>(router: &R, experts: &[M], shared: Option<&M>, x: &Tensor, labels: Option<&Tensor>) -> Result<MoeOutput> {
     let (n, t, d) = x.dims3()?;
     let flat = x.reshape((n * t, d))?;
     let routing = router.route(&flat, labels)?;
     let dispatch = ExpertDispatch::new(&routing.experts, router.num_experts())?;
-    let routed = dispatch.run(&flat, &routing.weights, experts)?.reshape((n, t, d))?;
+    let routed = match flat.device().is_cuda() {
+        true => fused_routed(&flat, &routing, experts)?.0,
+        false => dispatch.run(&flat, &routing.weights, experts)?,
+    }
+    .reshape((n, t, d))?;
     let shared = shared.map(|s| s.forward(x)).transpose()?;
     let out = match &shared {
         Some(s) => (&routed + s)?,
@@ -58,6 +63,15 @@ pub fn routed_forward<R: Router, M: Module>(router: &R, experts: &[M], shared: O
     let counts: Vec<u32> = dispatch.counts().into_iter().map(|c| c as u32).collect();
     let expert_counts = Tensor::from_vec(counts, router.num_experts(), x.device())?;
     Ok(MoeOutput { out, routed: Some(routed), shared, routing, expert_counts, dispatch: Some(dispatch) })
+}
+
+/// The routed experts of `routing` on the fused kernels, trainable: the expert sort of its
+/// picks (on the device) and [`kernels::routed_experts`] over the stacked expert weights, whose
+/// backward runs on the kernels too. flat (S, D) → the weighted sum (S, D) and the sort.
+fn fused_routed<M: StackedExperts>(flat: &Tensor, routing: &Routing, experts: &[M]) -> Result<(Tensor, kernels::Permutation)> {
+    let perm = kernels::permute_by_expert(&routing.experts.to_dtype(DType::U32)?, experts.len())?;
+    let routed = kernels::routed_experts(flat, &routing.weights, &M::stack(experts)?, &perm)?;
+    Ok((routed, perm))
 }
 
 impl SharedExpertMoe {
@@ -110,22 +124,22 @@ impl SharedExpertMoe {
     }
 
     /// The router as in the candle path (its gate weights carry the gradient to the router and
-    /// the balance loss), the routed experts through [`kernels::routed_swiglu`] on the expert
-    /// sort of its picks, the shared expert with candle ops. No host read-back in the
-    /// forward; the backward reads the per-expert offsets once (weight gradients).
+    /// the balance loss) and [`fused_routed`] experts, without [`routed_forward`]'s host-side
+    /// dispatch (DiT-MoE's losses need none): no host read-back in the forward; the backward
+    /// reads the per-expert offsets once (weight gradients).
     fn trainable_fused_forward(&self, x: &Tensor) -> Result<MoeOutput> {
         let (n, t, d) = x.dims3()?;
         let flat = x.reshape((n * t, d))?;
         let routing = self.gate.forward(&flat)?;
-        let perm = kernels::permute_by_expert(&routing.experts, self.experts.len())?;
-        let weights = stack_weights(&self.experts)?;
-        let routed = kernels::routed_swiglu(&flat, &routing.weights, &weights, &perm)?.reshape((n, t, d))?;
+        let (routed, perm) = fused_routed(&flat, &routing, &self.experts)?;
+        let routed = routed.reshape((n, t, d))?;
         let shared = self.shared.as_ref().map(|s| s.forward(x)).transpose()?;
         let out = match &shared {
             Some(s) => (&routed + s)?,
             None => routed.clone(),
         };
-        let expert_counts = (perm.offsets.narrow(0, 1, self.experts.len())? - perm.offsets.narrow(0, 0, self.experts.len())?)?;
+        let e = self.experts.len();
+        let expert_counts = (perm.offsets.narrow(0, 1, e)? - perm.offsets.narrow(0, 0, e)?)?;
         Ok(MoeOutput { out, routed: Some(routed), shared, routing, expert_counts, dispatch: None })
     }
 
