@@ -35,6 +35,8 @@ pub mod routed_grad;
 pub use routed_grad::{routed_experts, ExpertStacks, GeluExpertWeights};
 pub mod timing;
 #[cfg(feature = "cuda")]
+pub mod cublas_grouped;
+#[cfg(feature = "cuda")]
 pub mod cuda;
 #[cfg(feature = "cuda")]
 mod cuda_block;
