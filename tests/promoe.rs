@@ -472,3 +472,28 @@ fn promoe_models_use_their_flow_matching_timesteps() {
     assert_eq!(times(&promoe), vec![1000.0, 750.0, 500.0, 250.0]);
     assert_eq!(tiny_promoe().flow_time_scale(), 1000.0);
 }
+
+/// Frozen experts stacked once (what a ProMoE layer does on the GPU): the views compute what the
+/// experts compute, and the fused routed op over the stacks what the dispatch computes.
+#[test]
+fn frozen_gelu_experts_stack_once_into_views() {
+    use ditmoe::moe::{stack_frozen, StackedExperts};
+    let case = std::fs::read_dir(fixture_path("promoe")).unwrap().flatten().find(|e| e.path().join("model.safetensors").exists()).unwrap();
+    let (_, moe, _) = fixture_block(case.file_name().to_str().unwrap(), DType::F32);
+    let experts = moe.experts();
+    let (stacks, views) = stack_frozen(experts).unwrap();
+    let d = experts[0].weights()[0].dim(1).unwrap();
+    let x = Tensor::randn(0f32, 1.0, (37, d), &Device::Cpu).unwrap();
+    for (e, (view, expert)) in views.iter().zip(experts).enumerate() {
+        assert_close(&format!("expert {e} view"), &view.forward(&x).unwrap(), &expert.forward(&x).unwrap(), 0.0);
+    }
+    let k = 2;
+    let ids: Vec<u32> = (0..37 * k).map(|p| ((p * 7 + p / k) % experts.len()) as u32).collect();
+    let ids = Tensor::from_vec(ids, (37, k), &Device::Cpu).unwrap();
+    let w = Tensor::rand(0f32, 1.0, (37, k), &Device::Cpu).unwrap();
+    let perm = ditmoe::kernels::permute_by_expert(&ids, experts.len()).unwrap();
+    let fused = ditmoe::kernels::routed_experts(&x, &w, &stacks, &perm).unwrap();
+    let sparse = ExpertDispatch::new(&ids, experts.len()).unwrap().run(&x, &w, experts).unwrap();
+    assert_close("fused over the stacks vs dispatch", &fused, &sparse, 1e-5);
+    assert!(ditmoe::moe::SwigluExpert::views(&stacks).is_err(), "GELU stacks are not SwiGLU experts");
+}

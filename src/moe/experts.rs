@@ -53,14 +53,39 @@ fn stack_each<E>(experts: &[E], part: impl Fn(&E) -> &Tensor) -> Result<Tensor> 
 }
 
 /// Expert forms the fused routed op ([`crate::kernels::routed_experts`]) runs: stacked, per
-/// call, into its layout (differentiably, see [`stack_weights`]).
+/// call, into its layout (differentiably, see [`stack_weights`]), or once for frozen weights
+/// ([`stack_frozen`]).
 pub trait StackedExperts: Module + Sized {
     fn stack(experts: &[Self]) -> Result<ExpertStacks>;
+    /// The experts as views into `stacks` (expert `e`'s slice of each stacked tensor).
+    fn views(stacks: &ExpertStacks) -> Result<Vec<Self>>;
+}
+
+/// Frozen experts stacked once, and rebuilt as views into the stacks, so that the fused and the
+/// per-expert paths share one copy of the weights and no call stacks them again.
+pub fn stack_frozen<M: StackedExperts>(experts: &[M]) -> Result<(ExpertStacks, Vec<M>)> {
+    let stacks = M::stack(experts)?;
+    let views = M::views(&stacks)?;
+    Ok((stacks, views))
+}
+
+/// Expert `e`'s slice of a stacked tensor.
+fn slice(stack: &Tensor, e: usize) -> Result<Tensor> {
+    stack.narrow(0, e, 1)?.squeeze(0)
+}
+
+fn form_mismatch() -> candle_core::Error {
+    candle_core::Error::Msg("stacked experts of another form".into())
 }
 
 impl StackedExperts for SwigluExpert {
     fn stack(experts: &[Self]) -> Result<ExpertStacks> {
         Ok(ExpertStacks::Swiglu(stack_weights(experts)?))
+    }
+
+    fn views(stacks: &ExpertStacks) -> Result<Vec<Self>> {
+        let ExpertStacks::Swiglu(w) = stacks else { return Err(form_mismatch()) };
+        (0..w.gate.dim(0)?).map(|e| Ok(Self::from_weights(slice(&w.gate, e)?, slice(&w.up, e)?, slice(&w.down, e)?))).collect()
     }
 }
 
@@ -74,6 +99,12 @@ impl StackedExperts for GeluMlp {
             down: stack_each(experts, |e| e.down.weight())?,
             down_bias: Tensor::stack(&down_bias, 0)?,
         }))
+    }
+
+    fn views(stacks: &ExpertStacks) -> Result<Vec<Self>> {
+        let ExpertStacks::Gelu(w) = stacks else { return Err(form_mismatch()) };
+        let linear = |wt: &Tensor, b: &Tensor, e| -> Result<Linear> { Ok(Linear::from_weights(slice(wt, e)?, Some(slice(b, e)?))) };
+        (0..w.up.dim(0)?).map(|e| Ok(Self { up: linear(&w.up, &w.up_bias, e)?, down: linear(&w.down, &w.down_bias, e)? })).collect()
     }
 }
 

@@ -29,11 +29,8 @@ impl FusedSwiglu {
     /// rebuilt as views into them, so both paths share one copy of the weights; the shared
     /// expert (if any) runs on the grouped kernels as a single expert.
     pub fn stack(experts: &[SwigluExpert], shared: Option<&SwigluExpert>) -> Result<(Self, Vec<SwigluExpert>)> {
-        let weights = super::experts::stack_weights(experts)?;
-        let view = |w: &Tensor, e: usize| w.narrow(0, e, 1)?.squeeze(0);
-        let views = (0..experts.len())
-            .map(|e| Ok(SwigluExpert::from_weights(view(&weights.gate, e)?, view(&weights.up, e)?, view(&weights.down, e)?)))
-            .collect::<Result<Vec<_>>>()?;
+        let (stacks, views) = super::experts::stack_frozen(experts)?;
+        let kernels::ExpertStacks::Swiglu(weights) = stacks else { unreachable!("SwiGLU experts stack as SwiGLU") };
         let shared = shared.map(|s| {
             let [gate, up, down] = s.weights().map(Tensor::clone);
             kernels::SwigluWeights { gate, up, down }

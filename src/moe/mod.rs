@@ -16,7 +16,7 @@ pub mod sparse_moe;
 pub use balance_loss::balance_loss;
 pub use contrastive::RoutingContrastive;
 pub use dispatch::ExpertDispatch;
-pub use experts::{GeluMlp, StackedExperts, SwigluExpert};
+pub use experts::{stack_frozen, GeluMlp, StackedExperts, SwigluExpert};
 pub use fused::FusedSwiglu;
 pub use promoe_moe::ProMoeMoe;
 pub use prototypical::{normalize_rows, PrototypicalRouter, WeightMode};

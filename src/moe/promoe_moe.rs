@@ -8,7 +8,8 @@
 //! gradient-only `AddAuxiliaryLoss`): the routing contrastive loss ([`RoutingContrastive`]) and
 //! the optional balance loss on the conditional tokens (coefficient 0 in every released config).
 use super::sparse_moe::{routed_forward, MoeOutput};
-use super::{balance_loss, GeluMlp, PrototypicalRouter, Routing, RoutingContrastive, WeightMode};
+use super::{balance_loss, stack_frozen, GeluMlp, PrototypicalRouter, Routing, RoutingContrastive, WeightMode};
+use crate::kernels::ExpertStacks;
 use crate::config::DitConfig;
 use candle_core::{bail, Result, Tensor};
 use candle_nn::VarBuilder;
@@ -18,6 +19,8 @@ pub struct ProMoeMoe {
     router: PrototypicalRouter,
     /// The E routed experts, then the unconditional one (when enabled).
     experts: Vec<GeluMlp>,
+    /// The experts' weights stacked for the fused kernels, when they are frozen on the GPU.
+    stacked: Option<ExpertStacks>,
     shared: Option<GeluMlp>,
     balance_alpha: f64,
     seq_aux: bool,
@@ -35,9 +38,20 @@ impl ProMoeMoe {
         let d = cfg.hidden_size;
         let null_label = p.use_uncond_expert.then_some(cfg.null_class() as u32);
         let router = PrototypicalRouter::new(d, cfg.num_experts, cfg.num_experts_per_tok, p.router_weight_mode, null_label, vb.clone())?;
-        let experts = (0..cfg.num_experts + usize::from(p.use_uncond_expert))
+        let mut experts = (0..cfg.num_experts + usize::from(p.use_uncond_expert))
             .map(|e| GeluMlp::new(d, p.moe_intermediate_size, vb.pp(format!("experts.{e}"))))
             .collect::<Result<Vec<_>>>()?;
+        // Frozen weights on the GPU (inference): stacked once for the fused kernels, the
+        // experts kept as views into the stacks.
+        let w = experts[0].weights()[0];
+        let stacked = match w.device().is_cuda() && !w.is_variable() {
+            true => {
+                let (stacks, views) = stack_frozen(&experts)?;
+                experts = views;
+                Some(stacks)
+            }
+            false => None,
+        };
         let shared = match p.use_shared_expert {
             true => Some(GeluMlp::new(d, p.shared_expert_intermediate_size, vb.pp("shared_expert"))?),
             false => None,
@@ -47,7 +61,7 @@ impl ProMoeMoe {
             temperature: p.routing_contrastive_temperature,
             top_k_assignment: p.use_top_k_for_routing_contrastive,
         };
-        Ok(Self { router, experts, shared, balance_alpha: p.load_balance_loss_coef, seq_aux: cfg.seq_aux, contrastive })
+        Ok(Self { router, experts, stacked, shared, balance_alpha: p.load_balance_loss_coef, seq_aux: cfg.seq_aux, contrastive })
     }
 
     pub fn router(&self) -> &PrototypicalRouter {
@@ -66,7 +80,7 @@ impl ProMoeMoe {
 
     /// x: (N, T, D), labels: (N,) after label dropout. Same in training and eval mode.
     pub fn forward(&self, x: &Tensor, labels: &Tensor) -> Result<MoeOutput> {
-        routed_forward(&self.router, &self.experts, self.shared.as_ref(), x, Some(labels))
+        routed_forward(&self.router, &self.experts, self.stacked.as_ref(), self.shared.as_ref(), x, Some(labels))
     }
 
     /// The routing contrastive loss of one call (x its input, `moe` its output), lambda

@@ -6,7 +6,7 @@
 //! `gate.weight`, `experts.<i>.{gate,up,down}_proj.weight`, `shared_experts.*`.
 use super::{balance_loss, ExpertDispatch, FusedSwiglu, Router, Routing, StackedExperts, SwigluExpert, TopKRouter};
 use crate::config::DitConfig;
-use crate::kernels;
+use crate::kernels::{self, ExpertStacks};
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
@@ -44,14 +44,22 @@ pub struct MoeOutput {
 /// conditional routers), `experts[id]` run on each token's picks and are summed with the router
 /// weights, and `shared` (if any) is added for every token. The expert-sorted dispatch is read
 /// back to the host (the routing losses use it); on CUDA the experts then run on the fused
-/// kernels ([`fused_routed`]), elsewhere on the candle dispatch.
-pub fn routed_forward<R: Router, M: StackedExperts>(router: &R, experts: &[M], shared: Option<&M>, x: &Tensor, labels: Option<&Tensor>) -> Result<MoeOutput> {
+/// kernels ([`fused_routed`]; `stacked`: the experts' weights stacked once, when they are
+/// frozen), elsewhere on the candle dispatch.
+pub fn routed_forward<R: Router, M: StackedExperts>(
+    router: &R,
+    experts: &[M],
+    stacked: Option<&ExpertStacks>,
+    shared: Option<&M>,
+    x: &Tensor,
+    labels: Option<&Tensor>,
+) -> Result<MoeOutput> {
     let (n, t, d) = x.dims3()?;
     let flat = x.reshape((n * t, d))?;
     let routing = router.route(&flat, labels)?;
     let dispatch = ExpertDispatch::new(&routing.experts, router.num_experts())?;
     let routed = match flat.device().is_cuda() {
-        true => fused_routed(&flat, &routing, experts)?.0,
+        true => fused_routed(&flat, &routing, experts, stacked)?.0,
         false => dispatch.run(&flat, &routing.weights, experts)?,
     }
     .reshape((n, t, d))?;
@@ -68,9 +76,12 @@ pub fn routed_forward<R: Router, M: StackedExperts>(router: &R, experts: &[M], s
 /// The routed experts of `routing` on the fused kernels, trainable: the expert sort of its
 /// picks (on the device) and [`kernels::routed_experts`] over the stacked expert weights, whose
 /// backward runs on the kernels too. flat (S, D) → the weighted sum (S, D) and the sort.
-fn fused_routed<M: StackedExperts>(flat: &Tensor, routing: &Routing, experts: &[M]) -> Result<(Tensor, kernels::Permutation)> {
+fn fused_routed<M: StackedExperts>(flat: &Tensor, routing: &Routing, experts: &[M], stacked: Option<&ExpertStacks>) -> Result<(Tensor, kernels::Permutation)> {
     let perm = kernels::permute_by_expert(&routing.experts.to_dtype(DType::U32)?, experts.len())?;
-    let routed = kernels::routed_experts(flat, &routing.weights, &M::stack(experts)?, &perm)?;
+    let routed = match stacked {
+        Some(s) => kernels::routed_experts(flat, &routing.weights, s, &perm)?,
+        None => kernels::routed_experts(flat, &routing.weights, &M::stack(experts)?, &perm)?,
+    };
     Ok((routed, perm))
 }
 
@@ -119,7 +130,7 @@ impl SharedExpertMoe {
         match &self.fused {
             Some(f) => f.forward(&self.gate, x),
             None if x.device().is_cuda() => self.trainable_fused_forward(x),
-            None => routed_forward(&self.gate, &self.experts, self.shared.as_ref(), x, None),
+            None => routed_forward(&self.gate, &self.experts, None, self.shared.as_ref(), x, None),
         }
     }
 
@@ -131,7 +142,7 @@ impl SharedExpertMoe {
         let (n, t, d) = x.dims3()?;
         let flat = x.reshape((n * t, d))?;
         let routing = self.gate.forward(&flat)?;
-        let (routed, perm) = fused_routed(&flat, &routing, &self.experts)?;
+        let (routed, perm) = fused_routed(&flat, &routing, &self.experts, None)?;
         let routed = routed.reshape((n, t, d))?;
         let shared = self.shared.as_ref().map(|s| s.forward(x)).transpose()?;
         let out = match &shared {
