@@ -666,30 +666,60 @@ fn run_checks(dev: &Device, section: &str) -> Result<Table> {
         }
     }
 
-    if section == "promoe-layer" {
-        // ---------------- 8. ProMoE's whole MoE layer (prototypical router, GELU experts on the
-        // fused kernels over stacks built once, unconditional and shared experts) on the GPU
-        // against the same layer on the CPU (candle dispatch), from the same random weights
-        for (hidden, tokens, images) in [(160usize, 64usize, 12usize), (384, 256, 8)] {
+    if section == "moe-layers" {
+        // ---------------- 8. the model's MoE layers on the GPU against the same layers on the
+        // CPU (candle dispatch), from the same random weights (f32): DiT-MoE's layer with and
+        // without `norm_topk_prob`, frozen (the whole-layer fused path) and as training
+        // variables (`routed_experts`), and ProMoE's (prototypical router, GELU experts on
+        // stacks built once, unconditional and shared experts; a third of the images
+        // unconditional)
+        use ditmoe::moe::{ProMoeMoe, SharedExpertMoe};
+        for (kind, hidden, tokens, images) in [
+            ("topk", 160usize, 64usize, 12usize),
+            ("topk norm_topk_prob", 160, 64, 12),
+            ("topk trainable", 160, 64, 12),
+            ("promoe", 160, 64, 12),
+            ("promoe", 384, 256, 8),
+        ] {
             let mut cfg = ditmoe::DitConfig::from_file(std::path::Path::new("assets/fashion-mnist/config.json"))?;
             cfg.hidden_size = hidden;
-            cfg.promoe = Some(ditmoe::config::ProMoeConfig::released(hidden));
+            cfg.norm_topk_prob = kind.contains("norm_topk_prob");
+            if kind == "promoe" {
+                cfg.promoe = Some(ditmoe::config::ProMoeConfig::released(hidden));
+            }
             let varmap = candle_nn::VarMap::new();
-            ditmoe::moe::ProMoeMoe::new(&cfg, candle_nn::VarBuilder::from_varmap(&varmap, DType::F32, &cpu_dev))?;
+            let init = candle_nn::VarBuilder::from_varmap(&varmap, DType::F32, &cpu_dev);
+            match kind {
+                "promoe" => drop(ProMoeMoe::new(&cfg, init)?),
+                _ => drop(SharedExpertMoe::new(&cfg, init.pp("moe"))?),
+            }
             let weights: std::collections::HashMap<String, Tensor> = varmap.data().lock().unwrap().iter().map(|(k, v)| (k.clone(), v.as_tensor().detach())).collect();
             let x = Tensor::randn(0f32, 1.0, (images, tokens, hidden), &cpu_dev)?;
             // every third image unconditional (the null label goes to the unconditional expert)
             let labels: Vec<u32> = (0..images as u32).map(|n| if n % 3 == 0 { cfg.null_class() as u32 } else { n % 10 }).collect();
             let labels = Tensor::new(labels.as_slice(), &cpu_dev)?;
             let run = |on: &Device| -> Result<(Tensor, Tensor)> {
-                let moe = ditmoe::moe::ProMoeMoe::new(&cfg, candle_nn::VarBuilder::from_tensors(weights.clone(), DType::F32, on))?;
-                let o = moe.forward(&x.to_device(on)?, &labels.to_device(on)?)?;
+                let vb = match kind {
+                    // variables on the GPU take the trainable path
+                    "topk trainable" => {
+                        let vm = candle_nn::VarMap::new();
+                        for (k, v) in &weights {
+                            vm.data().lock().unwrap().insert(k.clone(), candle_core::Var::from_tensor(&v.to_device(on)?)?);
+                        }
+                        candle_nn::VarBuilder::from_varmap(&vm, DType::F32, on)
+                    }
+                    _ => candle_nn::VarBuilder::from_tensors(weights.clone(), DType::F32, on),
+                };
+                let o = match kind {
+                    "promoe" => ProMoeMoe::new(&cfg, vb)?.forward(&x.to_device(on)?, &labels.to_device(on)?)?,
+                    _ => SharedExpertMoe::new(&cfg, vb.pp("moe"))?.forward(&x.to_device(on)?)?,
+                };
                 Ok((o.out.to_device(&cpu_dev)?, o.routing.experts.to_dtype(DType::U32)?.to_device(&cpu_dev)?))
             };
             let ((gpu, gpu_ids), (cpu_out, cpu_ids)) = (run(dev)?, run(&cpu_dev)?);
-            let case = format!("D={hidden} {images}x{tokens} tokens f32");
-            tb.add("promoe layer GPU vs CPU", &case, "routing mismatches", mismatches(&gpu_ids, &cpu_ids)?, 0.0);
-            tb.add("promoe layer GPU vs CPU", &case, "rel", rel(&gpu, &cpu_out)?, 1e-5);
+            let case = format!("{kind} D={hidden} {images}x{tokens} tokens f32");
+            tb.add("MoE layer GPU vs CPU", &case, "routing mismatches", mismatches(&gpu_ids, &cpu_ids)?, 0.0);
+            tb.add("MoE layer GPU vs CPU", &case, "rel", rel(&gpu, &cpu_out)?, 1e-5);
         }
     }
 
@@ -846,7 +876,7 @@ const SECTIONS: &[&str] = &[
     "gemm-wgmma",
     "layer",
     "routed-grad",
-    "promoe-layer",
+    "moe-layers",
     "graph",
     "block-ops",
 ];

@@ -406,17 +406,16 @@ pub fn grouped_matmul(x: &Tensor, offsets: &Tensor, w: &Tensor) -> Result<Tensor
 }
 
 /// The weight gradient of a grouped GEMM: `out[e] = a[rows of e]ᵀ · b[rows of e]`, `a`
-/// `[R, M]`, `b` `[R, N]`, `offsets` `[E + 1]` → `[E, M, N]` (zeros for an expert without
-/// rows). The reduction runs over each expert's rows, so it is one matmul per expert on
-/// narrowed views, which needs the offsets on the host: the one host read of a training
-/// step's MoE backward (the forward keeps them on the device).
-pub fn grouped_weight_grad(a: &Tensor, b: &Tensor, offsets: &Tensor) -> Result<Tensor> {
+/// `[R, M]`, `b` `[R, N]`, `offsets` the `E + 1` row offsets **on the host** → `[E, M, N]`
+/// (zeros for an expert without rows). The reduction runs over each expert's rows, so it is
+/// one matmul per expert on narrowed views; a backward reads the offsets back once for all of
+/// its weight gradients (the forward keeps them on the device).
+pub fn grouped_weight_grad(a: &Tensor, b: &Tensor, offsets: &[u32]) -> Result<Tensor> {
     let ((r, m), (rb, n)) = (a.dims2()?, b.dims2()?);
-    let off: Vec<u32> = offsets.to_dtype(DType::U32)?.to_vec1()?;
-    if rb != r || off.first() != Some(&0) || off.last().map(|&o| o as usize) != Some(r) || off.windows(2).any(|w| w[1] < w[0]) {
-        candle_core::bail!("grouped_weight_grad: a {:?}, b {:?} and offsets {off:?} do not describe one partition of the rows", a.dims(), b.dims())
+    if rb != r || offsets.first() != Some(&0) || offsets.last().map(|&o| o as usize) != Some(r) || offsets.windows(2).any(|w| w[1] < w[0]) {
+        candle_core::bail!("grouped_weight_grad: a {:?}, b {:?} and offsets {offsets:?} do not describe one partition of the rows", a.dims(), b.dims())
     }
-    let per_expert = off
+    let per_expert = offsets
         .windows(2)
         .map(|w| match (w[1] - w[0]) as usize {
             0 => Tensor::zeros((m, n), a.dtype(), a.device()),

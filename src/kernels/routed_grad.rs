@@ -10,7 +10,7 @@
 //! - the expert MLP on its rows: grouped GEMMs over the transposed weight stacks for the data
 //!   gradients, the activation's derivative in between (activations are recomputed, not
 //!   stored), [`grouped_weight_grad`] for the weight gradients and per-expert row sums for the
-//!   biases;
+//!   biases (both on the host-read offsets: the backward's one synchronisation);
 //! - `dx[t] = sum_j dxs[inv[t*k + j]]`, the deterministic [`combine`] with unit weights.
 //!
 //! candle's custom ops see storages, not tensors, and the kernels take tensors; so the value is
@@ -159,8 +159,8 @@ fn expert_of_row(offsets: &Tensor, rows: usize) -> Result<Tensor> {
     r.broadcast_ge(&ends)?.to_dtype(DType::U32)?.sum(1)
 }
 
-/// Per expert, the sum of its rows of `a` `[R, N]` → `[E, N]` (a bias gradient).
-fn expert_row_sums(a: &Tensor, offsets: &Tensor) -> Result<Tensor> {
+/// Per expert, the sum of its rows of `a` `[R, N]` → `[E, N]` (a bias gradient); host offsets.
+fn expert_row_sums(a: &Tensor, offsets: &[u32]) -> Result<Tensor> {
     let ones = Tensor::ones((a.dim(0)?, 1), a.dtype(), a.device())?;
     grouped_weight_grad(&ones, a, offsets)?.squeeze(1)
 }
@@ -207,6 +207,9 @@ impl CustomOp3 for RoutedExpertsGrad {
 
     fn bwd(&self, x: &Tensor, weights: &Tensor, packed: &Tensor, _: &Tensor, dout: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (perm, off) = (&self.perm, &self.perm.offsets);
+        // the backward's one host read: the offsets, for the per-expert weight gradients
+        let off_host: Vec<u32> = off.to_dtype(DType::U32)?.to_vec1()?;
+        let wgrad = |a: &Tensor, b: &Tensor| grouped_weight_grad(a, b, &off_host);
         let (s, k) = weights.dims2()?;
         let stacks = self.unpack(&packed.detach())?;
         let (x, weights, dout) = (x.detach(), weights.detach(), dout.detach().to_dtype(x.dtype())?);
@@ -233,7 +236,7 @@ impl CustomOp3 for RoutedExpertsGrad {
                 // silu'(g) = sig * (1 + g * (1 - sig))
                 let dg = ((&dh * &u)? * (&sig * ((&g * sig.affine(-1.0, 1.0)?)? + 1.0)?)?)?;
                 let dxs = (grouped_matmul(&dg, off, &t(&w.gate)?)? + grouped_matmul(&du, off, &t(&w.up)?)?)?;
-                let dstacks = vec![grouped_weight_grad(&dg, &xs, off)?, grouped_weight_grad(&du, &xs, off)?, grouped_weight_grad(&dy, &h, off)?];
+                let dstacks = vec![wgrad(&dg, &xs)?, wgrad(&du, &xs)?, wgrad(&dy, &h)?];
                 (y, dxs, dstacks)
             }
             ExpertStacks::Gelu(w) => {
@@ -241,12 +244,7 @@ impl CustomOp3 for RoutedExpertsGrad {
                 let rows = GeluRows::new(&xs, w, off)?;
                 let dpre = (grouped_matmul(&dy, off, &t(&w.down)?)? * gelu_tanh_grad(&rows.pre)?)?;
                 let dxs = grouped_matmul(&dpre, off, &t(&w.up)?)?;
-                let dstacks = vec![
-                    grouped_weight_grad(&dpre, &xs, off)?,
-                    expert_row_sums(&dpre, off)?,
-                    grouped_weight_grad(&dy, &rows.h, off)?,
-                    expert_row_sums(&dy, off)?,
-                ];
+                let dstacks = vec![wgrad(&dpre, &xs)?, expert_row_sums(&dpre, &off_host)?, wgrad(&dy, &rows.h)?, expert_row_sums(&dy, &off_host)?];
                 (rows.y, dxs, dstacks)
             }
         };

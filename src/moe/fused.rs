@@ -4,9 +4,10 @@
 //! with [`super::TopKRouter`] and SwiGLU experts, without reading anything back to the host,
 //! so a forward pass never waits on the GPU.
 //!
-//! The kernels are forward-only, so the layer uses them only where no gradient must reach the
-//! expert weights: on CUDA, with weights that are not training variables, and without
-//! `norm_topk_prob` (the fused gating keeps the official unnormalised weights).
+//! This whole-layer path serves inference: on CUDA, with weights that are not training
+//! variables (training runs the routed experts through the differentiable
+//! [`kernels::routed_experts`] instead). `norm_topk_prob` renormalises the gating kernel's
+//! chosen scores with the router's own formula.
 use super::{MoeOutput, Routing, SwigluExpert, TopKRouter};
 use crate::kernels::{self, ExpertWeights};
 use candle_core::{DType, Result, Tensor};
@@ -20,9 +21,9 @@ pub struct FusedSwiglu {
 
 impl FusedSwiglu {
     /// Whether the fused path can serve these experts (see the module docs).
-    pub fn serves(experts: &[SwigluExpert], norm_topk_prob: bool) -> bool {
+    pub fn serves(experts: &[SwigluExpert]) -> bool {
         let w = experts[0].weights()[0];
-        w.device().is_cuda() && !w.is_variable() && !norm_topk_prob
+        w.device().is_cuda() && !w.is_variable()
     }
 
     /// Stacks the experts' weights into `[E, I, D]`/`[E, D, I]` tensors and returns experts
@@ -55,7 +56,9 @@ impl FusedSwiglu {
             DType::BF16 | DType::F32 => logits,
             _ => logits.to_dtype(DType::F32)?,
         };
-        let (g, perm) = kernels::fused_gating_permute(&logits, router.top_k())?;
+        let (mut g, perm) = kernels::fused_gating_permute(&logits, router.top_k())?;
+        // the kernel keeps the chosen scores; `norm_topk_prob` renormalises them on the device
+        g.weights = router.gate_weights(g.weights)?;
         let h = kernels::grouped_gate_up_gather(&flat, &perm, &self.weights.gate, &self.weights.up)?;
         let y = kernels::grouped_matmul(&h, &perm.offsets, &self.weights.down)?;
         let shared = shared.map(|p| p.join()).transpose()?;

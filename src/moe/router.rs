@@ -46,9 +46,6 @@ impl TopKRouter {
     pub fn num_experts(&self) -> usize {
         self.weight.dim(0).unwrap_or(0)
     }
-    pub fn norm_topk_prob(&self) -> bool {
-        self.norm_topk_prob
-    }
     pub fn top_k(&self) -> usize {
         self.top_k
     }
@@ -67,11 +64,18 @@ impl TopKRouter {
     pub fn route(&self, logits: &Tensor) -> Result<Routing> {
         let scores = crate::nn::softmax_last_dim(&logits.to_dtype(DType::F32)?)?;
         let experts = scores.arg_sort_last_dim(false)?.narrow(D::Minus1, 0, self.top_k)?.contiguous()?;
-        let mut weights = scores.gather(&experts, D::Minus1)?;
-        if self.top_k > 1 && self.norm_topk_prob {
-            weights = weights.broadcast_div(&(weights.sum_keepdim(D::Minus1)? + 1e-20)?)?;
-        }
+        let weights = self.gate_weights(scores.gather(&experts, D::Minus1)?)?;
         Ok(Routing { experts, weights, scores })
+    }
+
+    /// The chosen experts' softmax scores (S, k) as gate weights: renormalised to sum to one
+    /// when `norm_topk_prob` (official `topk_weight / (topk_weight.sum(-1) + 1e-20)`), else
+    /// as they are.
+    pub fn gate_weights(&self, top_scores: Tensor) -> Result<Tensor> {
+        match self.top_k > 1 && self.norm_topk_prob {
+            true => top_scores.broadcast_div(&(top_scores.sum_keepdim(D::Minus1)? + 1e-20)?),
+            false => Ok(top_scores),
+        }
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Routing> {

@@ -97,7 +97,7 @@ impl SharedExpertMoe {
             0 => None,
             n => Some(SwigluExpert::new(d, n * d, vb.pp("shared_experts"))?),
         };
-        let fused = if FusedSwiglu::serves(&experts, cfg.norm_topk_prob) {
+        let fused = if FusedSwiglu::serves(&experts) {
             let (fused, views) = FusedSwiglu::stack(&experts, shared.as_ref())?;
             experts = views;
             Some(fused)
