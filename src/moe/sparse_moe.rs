@@ -63,14 +63,20 @@ pub fn routed_forward<R: Router, M: StackedExperts>(
         false => dispatch.run(&flat, &routing.weights, experts)?,
     }
     .reshape((n, t, d))?;
-    let shared = shared.map(|s| s.forward(x)).transpose()?;
-    let out = match &shared {
-        Some(s) => (&routed + s)?,
-        None => routed.clone(),
-    };
+    let (out, shared) = add_shared(&routed, shared, x)?;
     let counts: Vec<u32> = dispatch.counts().into_iter().map(|c| c as u32).collect();
     let expert_counts = Tensor::from_vec(counts, router.num_experts(), x.device())?;
     Ok(MoeOutput { out, routed: Some(routed), shared, routing, expert_counts, dispatch: Some(dispatch) })
+}
+
+/// `routed + shared(x)` and the shared expert's output (the routed sum alone without one).
+fn add_shared<M: Module>(routed: &Tensor, shared: Option<&M>, x: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
+    let shared = shared.map(|s| s.forward(x)).transpose()?;
+    let out = match &shared {
+        Some(s) => (routed + s)?,
+        None => routed.clone(),
+    };
+    Ok((out, shared))
 }
 
 /// The routed experts of `routing` on the fused kernels, trainable: the expert sort of its
@@ -144,11 +150,7 @@ impl SharedExpertMoe {
         let routing = self.gate.forward(&flat)?;
         let (routed, perm) = fused_routed(&flat, &routing, &self.experts, None)?;
         let routed = routed.reshape((n, t, d))?;
-        let shared = self.shared.as_ref().map(|s| s.forward(x)).transpose()?;
-        let out = match &shared {
-            Some(s) => (&routed + s)?,
-            None => routed.clone(),
-        };
+        let (out, shared) = add_shared(&routed, self.shared.as_ref(), x)?;
         let e = self.experts.len();
         let expert_counts = (perm.offsets.narrow(0, 1, e)? - perm.offsets.narrow(0, 0, e)?)?;
         Ok(MoeOutput { out, routed: Some(routed), shared, routing, expert_counts, dispatch: None })
