@@ -10,7 +10,7 @@
 //!
 //! ```text
 //! ../shared/scripts/build-cuda.sh build --release --example bench_moe_train
-//! ./bench_moe_train [--device cuda|cpu] [--quick]
+//! ./bench_moe_train [--device cuda|cpu] [--quick] [--tf32]
 //! ```
 //! Each step includes stacking the per-expert weight variables (as the trainer's layer does) and
 //! the gradients reaching the router scores, the tokens and every expert weight. Timing: median
@@ -123,6 +123,12 @@ fn main() -> Result<()> {
         Some(other) => anyhow::bail!("--device {other}: expected cuda or cpu"),
     };
     let budget = if quick { 100.0 } else { 400.0 };
+    // --tf32: f32 matmuls on TF32 tensor cores, as `ditmoe train` runs them on CUDA (candle's
+    // cuBLAS matmuls and the grouped kernels alike)
+    let tf32 = args.iter().any(|a| a == "--tf32");
+    #[cfg(feature = "cuda")]
+    candle_core::cuda::set_gemm_reduced_precision_f32(tf32);
+    println!("f32 matmuls: {}\n", if tf32 { "TF32 (as ditmoe train)" } else { "full f32 (the grouped kernels 3xTF32)" });
     let big = if dev.is_cuda() { 16384 } else { 1024 };
     let cfg = |name, d, i, e, tokens, gemms| Cfg { name, d, i, e, k: 2, tokens, gemms };
     let swiglu = [

@@ -23,7 +23,8 @@
 // The multicast kernels (sm_90a, N tile 256 or 192, see "Multicast variant" below) run in
 // clusters of two blocks sharing each weight tile through a TMA multicast, warp-specialised;
 // A rows that are not gathered come by TMA as well.
-// f32 kernel: plain SIMT tiles (64 x 64 x 16, 4x4 per thread), exact f32 FMA accumulation.
+// f32 kernels: SIMT tiles (64 x 64 x 16 or 128 x 128), exact f32 FMA accumulation, and the
+// tensor-core ones (sm_80+, below): 3xTF32 (f32-level accuracy) or plain TF32 (training).
 
 typedef unsigned int u32;
 typedef unsigned short u16;
@@ -1249,10 +1250,13 @@ extern "C" __global__ void __launch_bounds__(256, 2) gg_f32b_swiglu(const float*
 // SWIGLU: B rows interleave gate and up in groups of 8 (as the bf16 kernels), so n8 tiles
 // alternate gate/up and each thread holds both for the same output columns.
 // ---------------------------------------------------------------------------------------
+template <bool SPLIT>
 __device__ __forceinline__ void split_tf32(float x, u32& big, u32& small) {
     asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(big) : "f"(x));
-    const float r = x - __uint_as_float(big);
-    asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(small) : "f"(r));
+    if constexpr (SPLIT) {
+        const float r = x - __uint_as_float(big);
+        asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(small) : "f"(r));
+    }
 }
 __device__ __forceinline__ void mma_tf32_1688(float* c, const u32* a, const u32* b) {
     asm volatile(
@@ -1263,7 +1267,10 @@ __device__ __forceinline__ void mma_tf32_1688(float* c, const u32* a, const u32*
 }
 
 #define TF_STAGES 3
-template <bool SWIGLU>
+// SPLIT = false: plain TF32 (one big·big product per pair, about 1e-3 relative), for callers
+// that ask for reduced-precision f32 matmuls (training: candle's
+// `set_gemm_reduced_precision_f32`, as cuBLAS does for every other matmul of the step).
+template <bool SWIGLU, bool SPLIT>
 __device__ __forceinline__ void gg_tf32x3_body(const float* __restrict__ A, const u32* __restrict__ gather, u32 gk,
                                                const u32* __restrict__ offsets, u32 E,
                                                const float* __restrict__ B0, const float* __restrict__ B1,
@@ -1331,21 +1338,23 @@ __device__ __forceinline__ void gg_tf32x3_body(const float* __restrict__ A, cons
 #pragma unroll
             for (int ni = 0; ni < 4; ++ni) {
                 const u32 n = wn * 32u + ni * 8u + g, k = kk * 8u + tg;
-                split_tf32(at(tB, n, k), bb[ni][0], bs[ni][0]);
-                split_tf32(at(tB, n, k + 4u), bb[ni][1], bs[ni][1]);
+                split_tf32<SPLIT>(at(tB, n, k), bb[ni][0], bs[ni][0]);
+                split_tf32<SPLIT>(at(tB, n, k + 4u), bb[ni][1], bs[ni][1]);
             }
 #pragma unroll
             for (int mi = 0; mi < 4; ++mi) {
                 u32 ab[4], as[4];
                 const u32 r = wm * 64u + mi * 16u + g, k = kk * 8u + tg;
-                split_tf32(at(tA, r, k), ab[0], as[0]);
-                split_tf32(at(tA, r + 8u, k), ab[1], as[1]);
-                split_tf32(at(tA, r, k + 4u), ab[2], as[2]);
-                split_tf32(at(tA, r + 8u, k + 4u), ab[3], as[3]);
+                split_tf32<SPLIT>(at(tA, r, k), ab[0], as[0]);
+                split_tf32<SPLIT>(at(tA, r + 8u, k), ab[1], as[1]);
+                split_tf32<SPLIT>(at(tA, r, k + 4u), ab[2], as[2]);
+                split_tf32<SPLIT>(at(tA, r + 8u, k + 4u), ab[3], as[3]);
 #pragma unroll
                 for (int ni = 0; ni < 4; ++ni) {
-                    mma_tf32_1688(part[mi][ni], as, bb[ni]);
-                    mma_tf32_1688(part[mi][ni], ab, bs[ni]);
+                    if constexpr (SPLIT) {
+                        mma_tf32_1688(part[mi][ni], as, bb[ni]);
+                        mma_tf32_1688(part[mi][ni], ab, bs[ni]);
+                    }
                     mma_tf32_1688(part[mi][ni], ab, bb[ni]);
                 }
             }
@@ -1387,12 +1396,14 @@ __device__ __forceinline__ void gg_tf32x3_body(const float* __restrict__ A, cons
         }
 }
 
-// name: gg_tf32x3_{plain|swiglu}; dynamic smem = TF_STAGES * 256 * 128 + 1024
-extern "C" __global__ void __launch_bounds__(256, 1) gg_tf32x3_plain(const float* A, const u32* gather, u32 gk,
-        const u32* offsets, u32 E, const float* B0, const float* B1, float* C, u32 N, u32 K) {
-    gg_tf32x3_body<false>(A, gather, gk, offsets, E, B0, B1, C, N, K);
-}
-extern "C" __global__ void __launch_bounds__(256, 1) gg_tf32x3_swiglu(const float* A, const u32* gather, u32 gk,
-        const u32* offsets, u32 E, const float* B0, const float* B1, float* C, u32 N, u32 K) {
-    gg_tf32x3_body<true>(A, gather, gk, offsets, E, B0, B1, C, N, K);
-}
+// name: gg_tf32x3_{plain|swiglu} (3xTF32), gg_tf32_{plain|swiglu} (plain TF32);
+// dynamic smem = TF_STAGES * 256 * 128 + 1024
+#define GG_TF32(NAME, SWIGLU, SPLIT) \
+    extern "C" __global__ void __launch_bounds__(256, 1) NAME(const float* A, const u32* gather, u32 gk, const u32* offsets, \
+                                                              u32 E, const float* B0, const float* B1, float* C, u32 N, u32 K) { \
+        gg_tf32x3_body<SWIGLU, SPLIT>(A, gather, gk, offsets, E, B0, B1, C, N, K); \
+    }
+GG_TF32(gg_tf32x3_plain, false, true)
+GG_TF32(gg_tf32x3_swiglu, true, true)
+GG_TF32(gg_tf32_plain, false, false)
+GG_TF32(gg_tf32_swiglu, true, false)

@@ -596,8 +596,12 @@ pub fn gemm_choice(dev: &CudaDevice, dtype: DType, swiglu: bool, n: usize, align
                     multicast: false,
                 }),
                 F32Kernel::Simt128 => Ok(simt128()),
-                F32Kernel::Tf32x3 | F32Kernel::Auto if m.has_mma && aligned => Ok(GemmChoice {
-                    name: format!("gg_tf32x3_{kind}"),
+                F32Kernel::Tf32x3 | F32Kernel::Tf32 | F32Kernel::Auto if m.has_mma && aligned => Ok(GemmChoice {
+                    name: match cfg.f32_kernel {
+                        F32Kernel::Tf32 => format!("gg_tf32_{kind}"),
+                        F32Kernel::Auto if candle_core::cuda::gemm_reduced_precision_f32() => format!("gg_tf32_{kind}"),
+                        _ => format!("gg_tf32x3_{kind}"),
+                    },
                     bm: 128,
                     out_per_tile: if swiglu { 64 } else { 128 },
                     // 3 stages of (128 + 128) rows of 128 bytes, 1024-byte aligned
@@ -605,7 +609,7 @@ pub fn gemm_choice(dev: &CudaDevice, dtype: DType, swiglu: bool, n: usize, align
                     persistent: None,
                     multicast: false,
                 }),
-                F32Kernel::Tf32x3 => bail!("3xTF32 needs sm_80+ and K % 4 == 0 with aligned rows"),
+                F32Kernel::Tf32x3 | F32Kernel::Tf32 => bail!("the TF32 kernels need sm_80+ and K % 4 == 0 with aligned rows"),
                 F32Kernel::Auto => Ok(simt128()),
             }
         }

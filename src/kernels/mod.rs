@@ -159,10 +159,16 @@ pub struct GemmConfig {
 /// Which kernel the f32 grouped GEMM uses on CUDA.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum F32Kernel {
-    /// 3xTF32 where it applies (sm_80+, K a multiple of 4, 16-byte aligned rows), else SIMT 128.
+    /// Where the tensor-core kernels apply (sm_80+, K a multiple of 4, 16-byte aligned rows):
+    /// plain TF32 when candle's matmuls are set to reduced-precision f32
+    /// (`candle_core::cuda::set_gemm_reduced_precision_f32`, as `ditmoe train` does on CUDA),
+    /// else 3xTF32; elsewhere SIMT 128.
     Auto,
     /// Tensor cores, 3xTF32 (f32-level accuracy: each operand split into two TF32 parts).
     Tf32x3,
+    /// Tensor cores, plain TF32 (operands rounded to TF32, about 1e-3 relative; a third of
+    /// 3xTF32's products).
+    Tf32,
     /// CUDA cores, 128x128 tiles, 8x8 outputs per thread.
     Simt128,
     /// CUDA cores, the simple 64x64 kernel.
@@ -243,6 +249,7 @@ pub fn gemm_variants(dtype: DType, wgmma: bool) -> Vec<(&'static str, GemmConfig
         let f = |k| GemmConfig { f32_kernel: k, ..Default::default() };
         return vec![
             ("f32 3xTF32", f(F32Kernel::Tf32x3)),
+            ("f32 TF32", f(F32Kernel::Tf32)),
             ("f32 128x128", f(F32Kernel::Simt128)),
             ("f32 64x64", f(F32Kernel::Simt64)),
         ];
