@@ -71,6 +71,17 @@ pub struct Trainer {
     warnings: Vec<String>,
 }
 
+/// Whether the wall-clock budget (seconds) would run out before the next step and the final
+/// save: the elapsed time plus room for a few steps like the latest one and 5 s. After the
+/// run's first step only one step is reserved: that step also paid for kernel compilation and
+/// loader start-up (about 88 s for a 0.45 s step on a fresh GPU machine, job 22 in
+/// docs/benchmarks.md: one-time kernel compilation), and
+/// reserving four of it would stop any budget under 6 minutes after one step.
+fn budget_runs_out(elapsed: f64, budget: f64, last_step: f64, steps_run: u64) -> bool {
+    let reserve = if steps_run <= 1 { 1.0 } else { 4.0 };
+    elapsed + reserve * last_step + 5.0 > budget
+}
+
 impl Trainer {
     /// Builds the model (official init from `seed`) and data stream; with `resume`, continues
     /// from the newest valid checkpoint in `<out>/checkpoints` (a fresh start if there is none).
@@ -291,14 +302,13 @@ impl Trainer {
         // loader start-up, so the slowest step would overstate what the next one costs.
         let mut last_step = 0f64;
         let mut saved_step = None;
+        let mut steps_run = 0u64;
         while self.step < self.cfg.steps {
-            if let Some(b) = budget {
-                // Leave room for the next step and the final save (a few steps' worth).
-                if start.elapsed().as_secs_f64() + 4.0 * last_step + 5.0 > b {
-                    stop = StopReason::TimeBudget;
-                    break;
-                }
+            if budget.is_some_and(|b| budget_runs_out(start.elapsed().as_secs_f64(), b, last_step, steps_run)) {
+                stop = StopReason::TimeBudget;
+                break;
             }
+            steps_run += 1;
             let t0 = Instant::now();
             let mut rec = self.train_step()?;
             last_step = t0.elapsed().as_secs_f64();
@@ -327,5 +337,24 @@ impl Trainer {
         self.export_ema(&ema_dir)?;
         bar.finish();
         Ok(RunSummary { steps: records, final_step: self.step, stop, resumed_from: self.resumed_from.clone(), warnings: self.warnings.clone(), ema_dir })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::budget_runs_out;
+
+    #[test]
+    fn a_slow_first_step_does_not_end_a_short_budget() {
+        // a 45 s first step (compilation) in a 180 s budget: one more step fits
+        assert!(!budget_runs_out(45.0, 180.0, 45.0, 1));
+        // later steps reserve four of the latest: stop when they would not fit
+        assert!(!budget_runs_out(100.0, 180.0, 0.5, 40));
+        assert!(budget_runs_out(170.0, 180.0, 2.0, 40));
+        // a slow first step that leaves no room for a second one still stops
+        assert!(budget_runs_out(100.0, 180.0, 100.0, 1));
+        // before any step: only the save margin
+        assert!(!budget_runs_out(0.0, 180.0, 0.0, 0));
+        assert!(budget_runs_out(176.0, 180.0, 0.0, 0));
     }
 }
