@@ -76,7 +76,8 @@ pub struct Trainer {
 /// run's first step only one step is reserved: that step also paid for kernel compilation and
 /// loader start-up (about 88 s for a 0.45 s step on a fresh GPU machine, job 22 in
 /// docs/benchmarks.md: one-time kernel compilation), and
-/// reserving four of it would stop any budget under 6 minutes after one step.
+/// reserving four of it stopped any budget under about 7.5 minutes (the bundled model's is 6)
+/// after one step.
 fn budget_runs_out(elapsed: f64, budget: f64, last_step: f64, steps_run: u64) -> bool {
     let reserve = if steps_run <= 1 { 1.0 } else { 4.0 };
     elapsed + reserve * last_step + 5.0 > budget
