@@ -183,9 +183,10 @@ fn balance_loss_covers_the_conditional_tokens_only() {
     }
 }
 
-/// The contrastive loss of the fixture's routing for prototypes `c` and tokens `h`.
-fn rcl(c: &Tensor, h: &Tensor, dispatch: &ExpertDispatch) -> Tensor {
-    RoutingContrastive { lambda: 1.0, temperature: 0.07, top_k_assignment: true }.loss(c, h, dispatch).unwrap()
+/// The contrastive loss of the fixture's routing (`ids` and their dispatch) for prototypes `c`
+/// and tokens `h`.
+fn rcl(c: &Tensor, h: &Tensor, ids: &Tensor, dispatch: &ExpertDispatch) -> Tensor {
+    RoutingContrastive { lambda: 1.0, temperature: 0.07, top_k_assignment: true }.loss(c, h, ids, dispatch).unwrap()
 }
 
 #[test]
@@ -201,7 +202,7 @@ fn contrastive_loss_gradients_reach_prototypes_and_tokens() {
     // f32 autograd through the loss alone.
     let c = Var::from_tensor(&weights["cluster_centers"]).unwrap();
     let h = Var::from_tensor(&io["hidden"].reshape((n * t, d)).unwrap()).unwrap();
-    let loss = rcl(c.as_tensor(), h.as_tensor(), &dispatch);
+    let loss = rcl(c.as_tensor(), h.as_tensor(), &ids, &dispatch);
     let want = io["routing_contrastive_loss"].reshape(()).unwrap();
     assert_close("loss from the recorded routing", &loss, &want, F32_TOL);
     let grads = loss.backward().unwrap();
@@ -220,7 +221,7 @@ fn contrastive_loss_gradients_reach_prototypes_and_tokens() {
     // Finite differences in f64 on one prototype element (the assignment is a constant).
     let c64 = Var::from_tensor(&weights["cluster_centers"].to_dtype(DType::F64).unwrap()).unwrap();
     let h64 = h.as_tensor().to_dtype(DType::F64).unwrap();
-    let g = rcl(c64.as_tensor(), &h64, &dispatch).backward().unwrap();
+    let g = rcl(c64.as_tensor(), &h64, &ids, &dispatch).backward().unwrap();
     // The largest gradient element (a prototype with tokens), so the check is not trivially 0.
     let gc64 = g.get(c64.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
     let at = (0..gc64.len()).max_by(|&a, &b| gc64[a].abs().total_cmp(&gc64[b].abs())).unwrap();
@@ -230,7 +231,7 @@ fn contrastive_loss_gradients_reach_prototypes_and_tokens() {
         let mut v = c64.as_tensor().flatten_all().unwrap().to_vec1::<f64>().unwrap();
         v[at] += delta;
         let c = Tensor::from_vec(v, (e, d), &Device::Cpu).unwrap();
-        rcl(&c, &h64, &dispatch).to_scalar::<f64>().unwrap()
+        rcl(&c, &h64, &ids, &dispatch).to_scalar::<f64>().unwrap()
     };
     let numeric = (bumped(eps) - bumped(-eps)) / (2.0 * eps);
     assert!(analytic.abs() > 1e-2, "a non-trivial gradient element: {analytic}");

@@ -10,7 +10,7 @@
 //! the token features through the means.
 use super::prototypical::normalize_rows;
 use super::ExpertDispatch;
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RoutingContrastive {
@@ -29,30 +29,36 @@ impl RoutingContrastive {
     }
 
     /// The loss (a scalar in h's dtype, lambda included) for the prototypes `centers` [E, D],
-    /// the MoE inputs `h` (S, D) and the assignment of the layer's `dispatch` (expert ids
-    /// `>= E`, the unconditional expert, are not prototypes and are skipped). Reusing the
-    /// dispatch's expert-sorted token lists costs no extra host read of the routing.
-    pub fn loss(&self, centers: &Tensor, h: &Tensor, dispatch: &ExpertDispatch) -> Result<Tensor> {
+    /// the MoE inputs `h` (S, D) and the layer's assignment: its expert ids `experts` (S, k)
+    /// and their `dispatch` (ids `>= E`, the unconditional expert, are not prototypes and are
+    /// skipped). The dispatch's host-side token lists say which prototypes have tokens (no
+    /// extra host read of the routing); the cluster means are one masked matmul on the device.
+    pub fn loss(&self, centers: &Tensor, h: &Tensor, experts: &Tensor, dispatch: &ExpertDispatch) -> Result<Tensor> {
         let dev = h.device();
         let dtype = h.dtype();
-        let mut valid = Vec::new();
-        let mut means = Vec::new();
-        for e in 0..centers.dim(0)? {
-            let tokens = dispatch.tokens_of(e, !self.top_k_assignment);
-            if tokens.is_empty() {
-                continue;
-            }
-            let n = tokens.len();
-            let rows = h.index_select(&Tensor::from_vec(tokens, n, dev)?, 0)?;
-            means.push(rows.mean_keepdim(0)?);
-            valid.push(e as u32);
-        }
+        let e = centers.dim(0)?;
+        let valid: Vec<u32> = (0..e).filter(|&p| !dispatch.tokens_of(p, !self.top_k_assignment).is_empty()).map(|p| p as u32).collect();
         let v = valid.len();
         if v < 2 {
             return Tensor::zeros((), dtype, dev);
         }
-        let means = normalize_rows(&Tensor::cat(&means, 0)?)?;
-        let centers = centers.to_dtype(dtype)?.index_select(&Tensor::from_vec(valid, v, dev)?, 0)?;
+        // (S, V) 0/1: token t belongs to valid prototype V_j (a token's k picks are distinct
+        // routed experts; the unconditional expert fills all k slots with id E, which lands in
+        // a column past the prototypes). The means as `maskᵀ h / counts`: an index_select per
+        // prototype would put candle's CUDA index_add, which loops over every token per
+        // column, into the backward.
+        let picks = match self.top_k_assignment {
+            true => experts.clone(),
+            false => experts.narrow(1, 0, 1)?,
+        }
+        .to_dtype(DType::U32)?
+        .contiguous()?;
+        let ones = Tensor::ones(picks.dims(), dtype, dev)?;
+        let idx = Tensor::from_vec(valid, v, dev)?;
+        let mask = Tensor::zeros((picks.dim(0)?, e + 1), dtype, dev)?.scatter_add(&picks, &ones, 1)?.index_select(&idx, 1)?;
+        let means = mask.t()?.matmul(h)?.broadcast_div(&mask.sum(0)?.unsqueeze(1)?)?;
+        let means = normalize_rows(&means)?;
+        let centers = centers.to_dtype(dtype)?.index_select(&idx, 0)?;
         let logits = (normalize_rows(&centers)?.matmul(&means.t()?)? / self.temperature)?;
         let targets = Tensor::arange(0u32, v as u32, dev)?;
         let ce = candle_nn::loss::cross_entropy(&logits, &targets)?;

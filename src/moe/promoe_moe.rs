@@ -90,7 +90,7 @@ impl ProMoeMoe {
             return Ok(None);
         }
         let (n, t, d) = x.dims3()?;
-        let loss = self.contrastive.loss(self.router.cluster_centers(), &x.reshape((n * t, d))?, dispatch_of(moe)?)?;
+        let loss = self.contrastive.loss(self.router.cluster_centers(), &x.reshape((n * t, d))?, &moe.routing.experts, dispatch_of(moe)?)?;
         Ok(Some(loss))
     }
 
