@@ -40,12 +40,10 @@ impl SwigluExpert {
     }
 }
 
-/// The experts' weights stacked as the grouped kernels take them, `[E, I, D]` gate and up,
-/// `[E, D, I]` down (a copy; differentiable, so each expert's slice of a stack's gradient
-/// reaches its own weights).
-pub fn stack_weights(experts: &[SwigluExpert]) -> Result<ExpertWeights> {
-    let stack = |i: usize| stack_each(experts, |e| e.weights()[i]);
-    Ok(ExpertWeights { gate: stack(0)?, up: stack(1)?, down: stack(2)? })
+/// Whether a weight is frozen on the GPU (not a training variable): the layers then stack
+/// their experts once ([`stack_frozen`]) for the fused inference path.
+pub fn frozen_on_gpu(w: &Tensor) -> bool {
+    w.device().is_cuda() && !w.is_variable()
 }
 
 fn stack_each<E>(experts: &[E], part: impl Fn(&E) -> &Tensor) -> Result<Tensor> {
@@ -53,9 +51,11 @@ fn stack_each<E>(experts: &[E], part: impl Fn(&E) -> &Tensor) -> Result<Tensor> 
 }
 
 /// Expert forms the fused routed op ([`crate::kernels::routed_experts`]) runs: stacked, per
-/// call, into its layout (differentiably, see [`stack_weights`]), or once for frozen weights
-/// ([`stack_frozen`]).
+/// call, into its layout, or once for frozen weights ([`stack_frozen`]).
 pub trait StackedExperts: Module + Sized {
+    /// The experts' weights stacked as the grouped kernels take them (SwiGLU: `[E, I, D]` gate
+    /// and up, `[E, D, I]` down); a copy, differentiable, so each expert's slice of a stack's
+    /// gradient reaches its own weights.
     fn stack(experts: &[Self]) -> Result<ExpertStacks>;
     /// The experts as views into `stacks` (expert `e`'s slice of each stacked tensor).
     fn views(stacks: &ExpertStacks) -> Result<Vec<Self>>;
@@ -80,7 +80,8 @@ fn form_mismatch() -> candle_core::Error {
 
 impl StackedExperts for SwigluExpert {
     fn stack(experts: &[Self]) -> Result<ExpertStacks> {
-        Ok(ExpertStacks::Swiglu(stack_weights(experts)?))
+        let stack = |i: usize| stack_each(experts, |e| e.weights()[i]);
+        Ok(ExpertStacks::Swiglu(ExpertWeights { gate: stack(0)?, up: stack(1)?, down: stack(2)? }))
     }
 
     fn views(stacks: &ExpertStacks) -> Result<Vec<Self>> {

@@ -22,8 +22,7 @@ pub struct FusedSwiglu {
 impl FusedSwiglu {
     /// Whether the fused path can serve these experts (see the module docs).
     pub fn serves(experts: &[SwigluExpert]) -> bool {
-        let w = experts[0].weights()[0];
-        w.device().is_cuda() && !w.is_variable()
+        super::experts::frozen_on_gpu(experts[0].weights()[0])
     }
 
     /// Stacks the experts' weights into `[E, I, D]`/`[E, D, I]` tensors and returns experts

@@ -8,6 +8,7 @@
 //! gradient-only `AddAuxiliaryLoss`): the routing contrastive loss ([`RoutingContrastive`]) and
 //! the optional balance loss on the conditional tokens (coefficient 0 in every released config).
 use super::sparse_moe::{routed_forward, MoeOutput};
+use super::experts::frozen_on_gpu;
 use super::{balance_loss, stack_frozen, GeluMlp, PrototypicalRouter, Routing, RoutingContrastive, WeightMode};
 use crate::kernels::ExpertStacks;
 use crate::config::DitConfig;
@@ -43,8 +44,7 @@ impl ProMoeMoe {
             .collect::<Result<Vec<_>>>()?;
         // Frozen weights on the GPU (inference): stacked once for the fused kernels, the
         // experts kept as views into the stacks.
-        let w = experts[0].weights()[0];
-        let stacked = match w.device().is_cuda() && !w.is_variable() {
+        let stacked = match frozen_on_gpu(experts[0].weights()[0]) {
             true => {
                 let (stacks, views) = stack_frozen(&experts)?;
                 experts = views;
