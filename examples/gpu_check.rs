@@ -492,6 +492,51 @@ fn run_checks(dev: &Device, section: &str) -> Result<Table> {
         }
     }
 
+    if section == "foreach" {
+        // ---------------- 9. the optimizer step's multi-tensor kernels (`kx::foreach`) against
+        // the candle ops of the CPU path: the global sum of squares, two AdamW updates (weight
+        // decay, clipping scale) and an EMA update, over tensors of awkward sizes (empty, one
+        // element, across the 4096-element block chunks, a million)
+        use ditmoe::kernels::foreach::{adamw_update, ema_update, sum_of_squares, AdamWUpdate};
+        let sizes = [0usize, 1, 7, 4095, 4097, 160 * 320, 1 << 20, 3];
+        let rand = |n: usize, std: f32| Tensor::randn(0f32, std, n, &cpu_dev);
+        let params: Vec<Tensor> = sizes.iter().map(|&n| rand(n, 0.5)).collect::<candle_core::Result<_>>()?;
+        let grads: Vec<Vec<Tensor>> = (0..2).map(|_| sizes.iter().map(|&n| rand(n, 2.0)).collect::<candle_core::Result<_>>()).collect::<candle_core::Result<_>>()?;
+        let on = |ts: &[Tensor], d: &Device| ts.iter().map(|t| t.to_device(d)).collect::<candle_core::Result<Vec<_>>>();
+        let ssq_gpu = sum_of_squares(&on(&grads[0], dev)?)? as f64;
+        let ssq_cpu = sum_of_squares(&grads[0])? as f64;
+        tb.add("foreach", "sum of squares, 8 tensors, 1.1 M elements", "rel", (ssq_gpu - ssq_cpu).abs() / ssq_cpu, 1e-5);
+        let run = |d: &Device| -> Result<Vec<Tensor>> {
+            let vars: Vec<candle_core::Var> = params.iter().map(|p| candle_core::Var::from_tensor(&p.to_device(d)?)).collect::<candle_core::Result<_>>()?;
+            let mut m: Vec<Tensor> = vars.iter().map(|v| v.zeros_like()).collect::<candle_core::Result<_>>()?;
+            let mut v = m.clone();
+            let mut ema: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().copy()).collect::<candle_core::Result<_>>()?;
+            for (step, g) in grads.iter().enumerate() {
+                let t = step as i32 + 1;
+                let u = AdamWUpdate {
+                    beta1: 0.9,
+                    beta2: 0.999,
+                    eps: 1e-8,
+                    decay: Some(1.0 - 1e-3 * 0.01),
+                    inv_bias_correction2: 1.0 / (1.0 - 0.999f64.powi(t)).sqrt(),
+                    step_size: 1e-3 / (1.0 - 0.9f64.powi(t)),
+                    grad_scale: (step == 1).then_some(0.37),
+                };
+                adamw_update(&vars, &on(g, d)?, &mut m, &mut v, &u)?;
+                let ps: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+                ema_update(&mut ema, &ps, 0.995)?;
+            }
+            let cat = |ts: &[Tensor]| Tensor::cat(ts, 0);
+            let ps: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+            Ok(vec![cat(&ps)?, cat(&m)?, cat(&v)?, cat(&ema)?])
+        };
+        let (gpu, cpu_ref) = (run(dev)?, run(&cpu_dev)?);
+        for (j, name) in ["parameters", "first moments", "second moments", "EMA"].iter().enumerate() {
+            tb.add("foreach AdamW + EMA, 2 steps", name, "rel", rel(&gpu[j], &cpu_ref[j])?, 1e-6);
+            tb.add("foreach AdamW + EMA, 2 steps", name, "max abs (same rounding as the candle ops)", max_abs(&gpu[j], &cpu_ref[j])?, 1e-6);
+        }
+    }
+
     if section == "block-ops" {
         // ---------------- the DiT block's fused memory-bound kernels vs their candle composites
         use ditmoe::kernels::block_ops as bo;
@@ -885,6 +930,7 @@ const SECTIONS: &[&str] = &[
     "moe-layers",
     "graph",
     "block-ops",
+    "foreach",
 ];
 
 #[cfg(feature = "cuda")]

@@ -67,6 +67,10 @@ pub struct TrainArgs {
     /// Hide the progress bar.
     #[arg(long)]
     quiet: bool,
+    /// Time each phase of every step (data, forward, backward, optimizer, EMA) and print a
+    /// table at the end; synchronises the device between phases.
+    #[arg(long)]
+    profile: bool,
 }
 
 fn build_config(a: &TrainArgs) -> anyhow::Result<TrainConfig> {
@@ -113,7 +117,13 @@ pub fn run(a: TrainArgs) -> anyhow::Result<()> {
         cfg.accumulation(),
         cfg.micro_batch()
     );
+    if a.profile {
+        trainer.enable_profile();
+    }
     let summary = trainer.run(!a.quiet)?;
+    if let Some(p) = trainer.profile() {
+        eprintln!("{}", p.table());
+    }
     if let Some(from) = &summary.resumed_from {
         eprintln!("resumed from {}", from.display());
     }

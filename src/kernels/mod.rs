@@ -31,6 +31,7 @@ use candle_core::{DType, Device, Result, Tensor};
 pub mod block_ops;
 pub mod cpu;
 pub mod cuda_graph;
+pub mod foreach;
 pub mod routed_grad;
 pub use routed_grad::{routed_experts, ExpertStacks, GeluExpertWeights};
 pub mod timing;
@@ -40,6 +41,8 @@ pub mod cublas_grouped;
 pub mod cuda;
 #[cfg(feature = "cuda")]
 mod cuda_block;
+#[cfg(feature = "cuda")]
+mod cuda_foreach;
 
 /// Output of [`fused_topk_gating`].
 #[derive(Debug, Clone)]

@@ -2,6 +2,7 @@
 //! checkpoint could not resume it). The update is `torch.optim.AdamW` step for step
 //! (`_single_tensor_adamw`): decoupled weight decay, then
 //! `p -= lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps)`.
+use crate::kernels::foreach::{adamw_update, AdamWUpdate};
 use candle_core::{bail, Result, Tensor, Var};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -37,32 +38,26 @@ impl AdamW {
         self.step
     }
 
-    /// One update with `grads[i]` the gradient of `vars()[i]`, at learning rate `lr`.
-    pub fn step(&mut self, grads: &[Tensor], lr: f64) -> Result<()> {
+    /// One update with `grads[i]` the gradient of `vars()[i]`, at learning rate `lr`, the
+    /// gradients first scaled by `grad_scale` (global-norm clipping) where given.
+    pub fn step(&mut self, grads: &[Tensor], lr: f64, grad_scale: Option<f64>) -> Result<()> {
         if grads.len() != self.vars.len() {
             bail!("AdamW: {} gradients for {} parameters", grads.len(), self.vars.len());
         }
         self.step += 1;
         let AdamWParams { weight_decay, beta1, beta2, eps } = self.params;
-        let bc1 = 1.0 - beta1.powi(self.step as i32);
-        let bc2_sqrt = (1.0 - beta2.powi(self.step as i32)).sqrt();
-        for (i, ((_, var), g)) in self.vars.iter().zip(grads).enumerate() {
-            // Detached: otherwise each moment would keep the previous one (and its gradient's
-            // graph) alive through candle's op tracking, and memory would grow every step.
-            let g = g.detach();
-            let m = ((&self.m[i] * beta1)? + (&g * (1.0 - beta1))?)?.detach();
-            let v = ((&self.v[i] * beta2)? + (g.sqr()? * (1.0 - beta2))?)?.detach();
-            let mut p = var.as_tensor().clone();
-            if weight_decay != 0.0 {
-                p = (p * (1.0 - lr * weight_decay))?;
-            }
-            let denom = ((v.sqrt()? / bc2_sqrt)? + eps)?;
-            let p = (p - ((&m / denom)? * (lr / bc1))?)?.detach();
-            var.set(&p)?;
-            self.m[i] = m;
-            self.v[i] = v;
-        }
-        Ok(())
+        let update = AdamWUpdate {
+            beta1,
+            beta2,
+            eps,
+            decay: (weight_decay != 0.0).then_some(1.0 - lr * weight_decay),
+            // candle's `t / x` is `t * (1 / x)`: the same constant as the division had.
+            inv_bias_correction2: 1.0 / (1.0 - beta2.powi(self.step as i32)).sqrt(),
+            step_size: lr / (1.0 - beta1.powi(self.step as i32)),
+            grad_scale,
+        };
+        let vars: Vec<Var> = self.vars.iter().map(|(_, v)| v.clone()).collect();
+        adamw_update(&vars, grads, &mut self.m, &mut self.v, &update)
     }
 
     /// The moments as named tensors (`m.<param>`, `v.<param>`) for a checkpoint.
@@ -83,7 +78,8 @@ impl AdamW {
                 if t.dims() != var.dims() {
                     bail!("optimizer state `{key}` has shape {:?}, the parameter {:?}", t.dims(), var.dims());
                 }
-                *slot = t.to_device(var.device())?.to_dtype(var.dtype())?;
+                // A copy: the fused update writes the moments in place.
+                *slot = t.to_device(var.device())?.to_dtype(var.dtype())?.copy()?;
             }
         }
         self.step = step;
@@ -103,8 +99,8 @@ mod tests {
         let p = AdamWParams { weight_decay: 0.1, beta1: 0.9, beta2: 0.999, eps: 1e-8 };
         let mut opt = AdamW::new(vec![("w".into(), var.clone())], p).unwrap();
         let (lr, g1, g2) = (0.01f64, 0.5f64, -0.25f64);
-        opt.step(&[Tensor::new(&[g1 as f32], &Device::Cpu).unwrap()], lr).unwrap();
-        opt.step(&[Tensor::new(&[g2 as f32], &Device::Cpu).unwrap()], lr).unwrap();
+        opt.step(&[Tensor::new(&[g1 as f32], &Device::Cpu).unwrap()], lr, None).unwrap();
+        opt.step(&[Tensor::new(&[g2 as f32], &Device::Cpu).unwrap()], lr, None).unwrap();
         let mut w = 1.0f64;
         let (mut m, mut v) = (0.0, 0.0);
         for (t, g) in [(1, g1), (2, g2)] {

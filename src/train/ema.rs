@@ -1,5 +1,6 @@
 //! Exponential moving average of the weights (official `train.update_ema`):
 //! `ema = decay * ema + (1 - decay) * param`, started as an exact copy (`update_ema(decay=0)`).
+use crate::kernels::foreach::ema_update;
 use candle_core::{Result, Tensor, Var};
 
 pub struct Ema {
@@ -16,9 +17,11 @@ impl Ema {
     }
 
     pub fn update(&mut self, vars: &[(String, Var)]) -> Result<()> {
-        for ((_, e), (_, v)) in self.tensors.iter_mut().zip(vars) {
-            // Detached so the average does not hold on to every earlier average (op tracking).
-            *e = ((&*e * self.decay)? + (v.as_tensor().detach() * (1.0 - self.decay))?)?.detach();
+        let params: Vec<Tensor> = vars.iter().map(|(_, v)| v.as_tensor().clone()).collect();
+        let mut avgs: Vec<Tensor> = self.tensors.iter().map(|(_, e)| e.clone()).collect();
+        ema_update(&mut avgs, &params, self.decay)?;
+        for ((_, e), a) in self.tensors.iter_mut().zip(avgs) {
+            *e = a;
         }
         Ok(())
     }
@@ -31,7 +34,8 @@ impl Ema {
     pub fn load(&mut self, named: &std::collections::HashMap<String, Tensor>) -> Result<()> {
         for (name, e) in self.tensors.iter_mut() {
             let t = named.get(name).ok_or_else(|| candle_core::Error::Msg(format!("EMA state lacks `{name}`")))?;
-            *e = t.to_device(e.device())?.to_dtype(e.dtype())?;
+            // A copy: the fused update writes the averages in place.
+            *e = t.to_device(e.device())?.to_dtype(e.dtype())?.copy()?;
         }
         Ok(())
     }

@@ -8,6 +8,7 @@ pub mod ema;
 pub mod init;
 pub mod log;
 pub mod pad;
+pub mod profile;
 pub mod rng;
 pub mod samples;
 pub mod trainer;

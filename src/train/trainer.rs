@@ -7,12 +7,14 @@ use super::data::open_dataset;
 use super::ema::Ema;
 use super::init::{initialize, is_frozen};
 use super::log::{JsonlLog, StepLog};
+use super::profile::StepProfile;
 use super::rng::{drop_labels, randn, step_rng, Stream};
 use super::samples::write_grid;
 use super::{Objective, TrainConfig};
 use crate::checkpoint::{write_atomic, write_safetensors_atomic};
 use crate::config::DitConfig;
 use crate::data::{DataLoader, LoaderConfig, LoaderState};
+use crate::kernels::foreach::sum_of_squares;
 use crate::diffusion::{GaussianDiffusion, RectifiedFlow};
 use crate::model::{DitMoe, ForwardMode, Trace};
 use candle_core::{bail, DType, Device, Result, Tensor, Var};
@@ -69,6 +71,8 @@ pub struct Trainer {
     step: u64,
     resumed_from: Option<PathBuf>,
     warnings: Vec<String>,
+    /// Per-phase step timings (`ditmoe train --profile`).
+    profile: Option<StepProfile>,
 }
 
 /// Whether the wall-clock budget (seconds) would run out before the next step and the final
@@ -146,11 +150,28 @@ impl Trainer {
             Objective::Ddpm => Loss::Ddpm(Box::new(GaussianDiffusion::create("", model_cfg.learn_sigma)?)),
             Objective::Rf => Loss::Rf(RectifiedFlow::flow_matching(model_cfg.learn_sigma, 1.0, model_cfg.flow_time_scale())?),
         };
-        Ok(Self { cfg, model_cfg, device: device.clone(), model, all_vars, opt, ema, loader, loss, class_names, step, resumed_from, warnings })
+        Ok(Self { cfg, model_cfg, device: device.clone(), model, all_vars, opt, ema, loader, loss, class_names, step, resumed_from, warnings, profile: None })
     }
 
     pub fn step(&self) -> u64 {
         self.step
+    }
+
+    /// Times every phase of each step from now on (the device is synchronised between phases).
+    pub fn enable_profile(&mut self) {
+        self.profile = Some(StepProfile::new(&self.device));
+    }
+
+    /// The per-phase timings, when [`Trainer::enable_profile`] was called.
+    pub fn profile(&self) -> Option<&StepProfile> {
+        self.profile.as_ref()
+    }
+
+    fn mark(&mut self, phase: &'static str) -> Result<()> {
+        match &mut self.profile {
+            Some(p) => p.mark(phase),
+            None => Ok(()),
+        }
     }
 
     pub fn model_config(&self) -> &DitConfig {
@@ -161,6 +182,7 @@ impl Trainer {
     /// diffusion loss, balance loss, contrastive loss, expert counts).
     fn micro_step(&mut self, step: u64, micro: usize) -> Result<MicroStep> {
         let batch = self.loader.next_batch()?;
+        self.mark("data")?;
         let seed = self.cfg.seed;
         let (x, n) = (batch.x, batch.y.dim(0)?);
         let labels = batch.y.to_vec1::<u32>()?;
@@ -201,7 +223,9 @@ impl Trainer {
         // ProMoE's routing contrastive loss (lambda already applied), beside the balance loss.
         let contrastive = sum(&contrastive_losses)?;
         let total = (((&loss + &aux)? + &contrastive)? / self.cfg.accumulation() as f64)?;
-        Ok((total, loss.to_scalar::<f32>()?, aux.to_scalar::<f32>()?, contrastive.to_scalar::<f32>()?, counts))
+        let step = (total, loss.to_scalar::<f32>()?, aux.to_scalar::<f32>()?, contrastive.to_scalar::<f32>()?, counts);
+        self.mark("forward + losses")?;
+        Ok(step)
     }
 
     /// One optimizer step: accumulate gradients over the micro-batches, check the loss and
@@ -212,6 +236,9 @@ impl Trainer {
         let (mut loss_sum, mut aux_sum, mut con_sum) = (0f32, 0f32, 0f32);
         let mut counts: Vec<Vec<usize>> = Vec::new();
         let mut grads: Vec<Tensor> = Vec::new();
+        if let Some(p) = &mut self.profile {
+            p.start_step()?;
+        }
         for micro in 0..accum {
             let (total, loss, aux, con, c) = self.micro_step(step, micro)?;
             if !loss.is_finite() || !aux.is_finite() || !con.is_finite() {
@@ -228,10 +255,13 @@ impl Trainer {
                 }
             }
             let store = total.backward()?;
+            self.mark("backward")?;
             for (i, (_, var)) in self.opt.vars().iter().enumerate() {
                 // A parameter no expert token reached this pass has no gradient: zero.
+                // Contiguous: the fused optimizer kernels take flat tensors (a matmul weight's
+                // gradient arrives transposed).
                 let g = match store.get(var.as_tensor()) {
-                    Some(g) => g.detach(),
+                    Some(g) => g.detach().contiguous()?,
                     None => var.zeros_like()?,
                 };
                 if micro == 0 {
@@ -240,22 +270,24 @@ impl Trainer {
                     grads[i] = (&grads[i] + g)?;
                 }
             }
+            self.mark("gradients collected")?;
         }
-        let sq: Vec<Tensor> = grads.iter().map(|g| g.sqr()?.sum_all()).collect::<Result<_>>()?;
-        let grad_norm = Tensor::stack(&sq, 0)?.sum_all()?.sqrt()?.to_scalar::<f32>()?;
+        let grad_norm = sum_of_squares(&grads)?.sqrt();
         if !grad_norm.is_finite() {
             bail!("non-finite gradient norm at step {step}");
         }
-        if let Some(max) = self.cfg.max_grad_norm {
-            // `clip_grad_norm_`: scale by max / (norm + 1e-6) when that is below 1.
-            let coef = max / (grad_norm as f64 + 1e-6);
-            if coef < 1.0 {
-                grads = grads.iter().map(|g| g * coef).collect::<Result<_>>()?;
-            }
-        }
+        self.mark("grad norm")?;
+        // `clip_grad_norm_`: scale by max / (norm + 1e-6) when that is below 1 (the scaling
+        // happens inside the AdamW update).
+        let grad_scale = self.cfg.max_grad_norm.map(|max| max / (grad_norm as f64 + 1e-6)).filter(|&c| c < 1.0);
         let lr = self.cfg.lr_at(step);
-        self.opt.step(&grads, lr)?;
+        self.opt.step(&grads, lr, grad_scale)?;
+        self.mark("AdamW")?;
         self.ema.update(&self.all_vars)?;
+        self.mark("EMA")?;
+        if let Some(p) = &mut self.profile {
+            p.end_step();
+        }
         self.step = step;
         Ok(StepLog {
             step,

@@ -1,0 +1,127 @@
+//! CUDA launches of `kernels/foreach.cu` (see [`super::foreach`] for the semantics): one table
+//! of device pointers per call, one launch for every tensor of the lists.
+use super::cuda::{cfg1, cuda_dev, drv, modules, nvrtc_cached};
+use super::foreach::AdamWUpdate;
+use candle_core::cuda_backend::{cudarc, CudaDevice};
+use candle_core::{bail, Result, Storage, Tensor};
+use cudarc::driver::{DevicePtr, PushKernelArg};
+use std::sync::OnceLock;
+
+const SRC: &str = include_str!("../../kernels/foreach.cu");
+/// Elements per block and threads per block (`CHUNK`, `THREADS` in the source).
+const CHUNK: usize = 4096;
+const THREADS: u32 = 256;
+
+type Func = (std::sync::Arc<cudarc::driver::CudaStream>, cudarc::driver::CudaFunction);
+
+fn func(dev: &CudaDevice, name: &str) -> Result<Func> {
+    static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
+    let arch = modules(dev)?.arch;
+    let ptx = PTX.get_or_init(|| nvrtc_cached(SRC, arch)).as_ref().map_err(|e| candle_core::Error::Msg(e.clone()))?;
+    let f = dev.get_or_load_custom_func(name, "ditmoe_foreach", ptx)?;
+    Ok((dev.cuda_stream(), f.into_cuda_function()))
+}
+
+/// The kernels' table for operand lists of equal length and matching sizes: the element
+/// offsets `starts[0..=n]`, then one array of n device pointers per list. Returns the table on
+/// the device, the element total and the list length.
+///
+/// The pointers stay valid while the caller holds the tensors (candle frees a storage only
+/// when its last tensor goes), and the kernels run on candle's stream, ordered after every
+/// op that produced them.
+fn table(dev: &CudaDevice, lists: &[&[Tensor]]) -> Result<(cudarc::driver::CudaSlice<u64>, usize, usize)> {
+    let n = lists[0].len();
+    let stream = dev.cuda_stream();
+    let mut tab = Vec::with_capacity((lists.len() + 1) * n + 1);
+    let mut total = 0usize;
+    tab.push(0u64);
+    for t in lists[0] {
+        total += t.elem_count();
+        tab.push(total as u64);
+    }
+    for list in lists {
+        if list.len() != n {
+            bail!("foreach: operand lists of {} and {n} tensors", list.len());
+        }
+        for (i, t) in list.iter().enumerate() {
+            if t.elem_count() != lists[0][i].elem_count() {
+                bail!("foreach: tensor {i} has {} elements in one list and {} in another", t.elem_count(), lists[0][i].elem_count());
+            }
+            let (g, l) = t.storage_and_layout();
+            let Some((o, e)) = l.contiguous_offsets() else { bail!("foreach: tensor {i} is not contiguous") };
+            let ptr = match &*g {
+                Storage::Cuda(c) => {
+                    let view = c.as_cuda_slice::<f32>()?.slice(o..e);
+                    let (p, _sync) = view.device_ptr(&stream);
+                    p
+                }
+                _ => bail!("foreach: tensor {i} is not on the GPU"),
+            };
+            tab.push(ptr);
+        }
+    }
+    Ok((stream.clone_htod(&tab).map_err(candle_core::Error::wrap)?, total, n))
+}
+
+fn blocks(total: usize) -> u32 {
+    total.div_ceil(CHUNK) as u32
+}
+
+pub fn sum_of_squares(ts: &[Tensor]) -> Result<f32> {
+    let dev = cuda_dev(&ts[0])?;
+    let (tab, total, n) = table(&dev, &[ts])?;
+    if total == 0 {
+        return Ok(0.0);
+    }
+    let nb = blocks(total);
+    let mut partial = unsafe { dev.alloc::<f32>(nb as usize)? };
+    let mut out = unsafe { dev.alloc::<f32>(1)? };
+    let n32 = n as i32;
+    let f = func(&dev, "foreach_sumsq_partial")?;
+    let mut b = f.0.launch_builder(&f.1);
+    b.arg(&tab).arg(&n32).arg(&mut partial);
+    drv(unsafe { b.launch(cfg1(nb, THREADS, 0)) })?;
+    let f = func(&dev, "foreach_sum_partials")?;
+    let nb32 = nb as i32;
+    let mut b = f.0.launch_builder(&f.1);
+    b.arg(&partial).arg(&nb32).arg(&mut out);
+    drv(unsafe { b.launch(cfg1(1, THREADS, 0)) })?;
+    let host = f.0.clone_dtoh(&out).map_err(candle_core::Error::wrap)?;
+    Ok(host[0])
+}
+
+pub fn adamw(params: &[Tensor], grads: &[Tensor], m: &[Tensor], v: &[Tensor], u: &AdamWUpdate) -> Result<()> {
+    let dev = cuda_dev(&params[0])?;
+    let (tab, total, n) = table(&dev, &[params, grads, m, v])?;
+    if total == 0 {
+        return Ok(());
+    }
+    let f = func(&dev, "foreach_adamw")?;
+    let n32 = n as i32;
+    // The constants as candle's scalar ops would pass them (f64 rounded to f32).
+    let (gscale, b1, omb1, b2, omb2) = (u.grad_scale.unwrap_or(1.0) as f32, u.beta1 as f32, (1.0 - u.beta1) as f32, u.beta2 as f32, (1.0 - u.beta2) as f32);
+    let (decay, apply_decay) = (u.decay.unwrap_or(1.0) as f32, u.decay.is_some() as i32);
+    let (inv_bc2, eps, step) = (u.inv_bias_correction2 as f32, u.eps as f32, u.step_size as f32);
+    let mut b = f.0.launch_builder(&f.1);
+    b.arg(&tab).arg(&n32).arg(&gscale).arg(&b1).arg(&omb1).arg(&b2).arg(&omb2).arg(&decay).arg(&apply_decay).arg(&inv_bc2).arg(&eps).arg(&step);
+    // SAFETY: the table holds n pointers per list into live f32 storages of the sizes its
+    // offsets give; p, m and v are written in place, which is what `Var::set` and the moment
+    // replacement of the candle path amount to (the caller owns m and v alone).
+    drv(unsafe { b.launch(cfg1(blocks(total), THREADS, 0)) })?;
+    Ok(())
+}
+
+pub fn ema(ema: &[Tensor], params: &[Tensor], decay: f64) -> Result<()> {
+    let dev = cuda_dev(&ema[0])?;
+    let (tab, total, n) = table(&dev, &[ema, params])?;
+    if total == 0 {
+        return Ok(());
+    }
+    let f = func(&dev, "foreach_ema")?;
+    let (n32, d, omd) = (n as i32, decay as f32, (1.0 - decay) as f32);
+    let mut b = f.0.launch_builder(&f.1);
+    b.arg(&tab).arg(&n32).arg(&d).arg(&omd);
+    // SAFETY: as in `adamw`; the averages are written in place (the caller owns them alone).
+    drv(unsafe { b.launch(cfg1(blocks(total), THREADS, 0)) })?;
+    Ok(())
+}
