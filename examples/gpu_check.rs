@@ -508,8 +508,8 @@ fn run_checks(dev: &Device, section: &str) -> Result<Table> {
         tb.add("foreach", "sum of squares, 8 tensors, 1.1 M elements", "rel", (ssq_gpu - ssq_cpu).abs() / ssq_cpu, 1e-5);
         let run = |d: &Device| -> Result<Vec<Tensor>> {
             let vars: Vec<candle_core::Var> = params.iter().map(|p| candle_core::Var::from_tensor(&p.to_device(d)?)).collect::<candle_core::Result<_>>()?;
-            let mut m: Vec<Tensor> = vars.iter().map(|v| v.zeros_like()).collect::<candle_core::Result<_>>()?;
-            let mut v = m.clone();
+            let zeros = || vars.iter().map(|v| v.zeros_like()).collect::<candle_core::Result<Vec<_>>>();
+            let (mut m, mut v) = (zeros()?, zeros()?);
             let mut ema: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().copy()).collect::<candle_core::Result<_>>()?;
             for (step, g) in grads.iter().enumerate() {
                 let t = step as i32 + 1;
@@ -534,6 +534,44 @@ fn run_checks(dev: &Device, section: &str) -> Result<Table> {
         for (j, name) in ["parameters", "first moments", "second moments", "EMA"].iter().enumerate() {
             tb.add("foreach AdamW + EMA, 2 steps", name, "rel", rel(&gpu[j], &cpu_ref[j])?, 1e-6);
             tb.add("foreach AdamW + EMA, 2 steps", name, "max abs (same rounding as the candle ops)", max_abs(&gpu[j], &cpu_ref[j])?, 1e-6);
+        }
+        // moments that share storage would be updated twice in place: refused
+        let var = candle_core::Var::from_tensor(&params[2].to_device(dev)?)?;
+        let mut m = vec![var.zeros_like()?];
+        let mut v = m.clone();
+        let u = AdamWUpdate { beta1: 0.9, beta2: 0.999, eps: 1e-8, decay: None, inv_bias_correction2: 1.0, step_size: 1e-3, grad_scale: None };
+        let refused = adamw_update(&[var], &on(&grads[0][2..3], dev)?, &mut m, &mut v, &u).is_err();
+        tb.add("foreach AdamW", "first and second moments sharing storage", "refused (0 = yes)", if refused { 0.0 } else { 1.0 }, 0.0);
+        // speed, for the trainer's step profile: 200 tensors of 50k elements (~ the bundled model)
+        let many: Vec<Tensor> = (0..200).map(|_| Tensor::randn(0f32, 1.0, 50_000, dev)).collect::<candle_core::Result<_>>()?;
+        sum_of_squares(&many)?;
+        let t0 = std::time::Instant::now();
+        for _ in 0..20 {
+            sum_of_squares(&many)?;
+        }
+        let ms = t0.elapsed().as_secs_f64() * 1e3 / 20.0;
+        println!("foreach timing: sum_of_squares over 200 x 50k f32 tensors: {ms:.3} ms per call (host wall, with the read-back)");
+    }
+
+    if section == "row-grad" {
+        // ---------------- 10. training's softmax and LayerNorm with their own backward
+        // (`kx::row_grad`): value and gradient of <op(x), probe> on the GPU against the CPU
+        for (name, shape) in [("softmax", (640usize, 64usize, 64usize)), ("softmax", (96, 256, 8)), ("softmax", (4, 33, 300)), ("layer norm", (2048, 64, 160)), ("layer norm", (64, 256, 1152)), ("layer norm", (3, 5, 7))] {
+            let x0 = (Tensor::randn(0f32, 2.0, shape, &cpu_dev)? + 0.5)?;
+            let probe = Tensor::randn(0f32, 1.0, shape, &cpu_dev)?;
+            let run = |on: &Device| -> Result<(Tensor, Tensor)> {
+                let x = candle_core::Var::from_tensor(&x0.to_device(on)?)?;
+                let y = match name {
+                    "softmax" => kx::row_grad::softmax_rows(x.as_tensor())?,
+                    _ => kx::row_grad::layer_norm_rows(x.as_tensor(), 1e-6)?,
+                };
+                let g = (&y * probe.to_device(on)?)?.sum_all()?.backward()?;
+                Ok((y, g.get(x.as_tensor()).ok_or_else(|| anyhow::anyhow!("no gradient"))?.clone()))
+            };
+            let ((y, g), (y_ref, g_ref)) = (run(dev)?, run(&cpu_dev)?);
+            let case = format!("{name} {shape:?}");
+            tb.add("row-grad GPU vs CPU", &case, "value rel", rel(&y, &y_ref)?, 1e-5);
+            tb.add("row-grad GPU vs CPU", &case, "gradient rel", rel(&g, &g_ref)?, 1e-5);
         }
     }
 
@@ -931,6 +969,7 @@ const SECTIONS: &[&str] = &[
     "graph",
     "block-ops",
     "foreach",
+    "row-grad",
 ];
 
 #[cfg(feature = "cuda")]

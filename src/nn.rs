@@ -65,15 +65,16 @@ pub fn linear_no_bias(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<L
 
 // candle-nn's fused `softmax_last_dim` and `layer_norm` kernels have no backward pass: under
 // autograd their outputs are constants, silently. So every softmax and LayerNorm of the
-// models goes through these two functions, which take the fused kernel for inference and a
-// composite of differentiable ops whenever the input belongs to an autograd graph.
+// models goes through these two functions, which take the fused kernel for inference and,
+// whenever the input belongs to an autograd graph, ops with their own backward
+// (`kernels::row_grad`, f32) or a composite of differentiable candle ops (other dtypes).
 
 /// Softmax over the last axis.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    if x.track_op() {
-        candle_nn::ops::softmax(x, candle_core::D::Minus1)
-    } else {
-        candle_nn::ops::softmax_last_dim(x)
+    match (x.track_op(), x.dtype()) {
+        (true, candle_core::DType::F32) => crate::kernels::row_grad::softmax_rows(x),
+        (true, _) => candle_nn::ops::softmax(x, candle_core::D::Minus1),
+        (false, _) => candle_nn::ops::softmax_last_dim(x),
     }
 }
 
@@ -81,10 +82,14 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 pub fn layer_norm(x: &Tensor, weight: Option<&Tensor>, bias: Option<&Tensor>, eps: f64) -> Result<Tensor> {
     use candle_core::D;
     if x.track_op() || weight.is_some_and(|w| w.track_op()) || bias.is_some_and(|b| b.track_op()) {
-        let mean = x.mean_keepdim(D::Minus1)?;
-        let centred = x.broadcast_sub(&mean)?;
-        let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
-        let mut y = centred.broadcast_div(&(var + eps)?.sqrt()?)?;
+        let mut y = if x.dtype() == candle_core::DType::F32 {
+            crate::kernels::row_grad::layer_norm_rows(x, eps)?
+        } else {
+            let mean = x.mean_keepdim(D::Minus1)?;
+            let centred = x.broadcast_sub(&mean)?;
+            let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
+            centred.broadcast_div(&(var + eps)?.sqrt()?)?
+        };
         if let Some(w) = weight {
             y = y.broadcast_mul(w)?;
         }

@@ -63,6 +63,28 @@ fn table(dev: &CudaDevice, lists: &[&[Tensor]]) -> Result<(cudarc::driver::CudaS
     Ok((stream.clone_htod(&tab).map_err(candle_core::Error::wrap)?, total, n))
 }
 
+/// Refuses in-place operands that overlap: an element updated twice in one launch (say, moments
+/// made as clones of one zero tensor) would silently corrupt the optimizer state.
+fn distinct_storages(what: &str, lists: &[&[Tensor]]) -> Result<()> {
+    let mut spans: Vec<(u64, u64)> = Vec::new();
+    for list in lists {
+        for t in list.iter().filter(|t| t.elem_count() > 0) {
+            let (g, l) = t.storage_and_layout();
+            if let Storage::Cuda(c) = &*g {
+                let stream = c.device.cuda_stream();
+                let (p, _sync) = c.as_cuda_slice::<f32>()?.device_ptr(&stream);
+                let start = p + 4 * l.start_offset() as u64;
+                spans.push((start, start + 4 * t.elem_count() as u64));
+            }
+        }
+    }
+    spans.sort_unstable();
+    if spans.windows(2).any(|w| w[1].0 < w[0].1) {
+        bail!("{what}: tensors updated in place share storage (make each one its own tensor, e.g. zeros_like per moment, not clones)")
+    }
+    Ok(())
+}
+
 fn blocks(total: usize) -> u32 {
     total.div_ceil(CHUNK) as u32
 }
@@ -92,6 +114,7 @@ pub fn sum_of_squares(ts: &[Tensor]) -> Result<f32> {
 
 pub fn adamw(params: &[Tensor], grads: &[Tensor], m: &[Tensor], v: &[Tensor], u: &AdamWUpdate) -> Result<()> {
     let dev = cuda_dev(&params[0])?;
+    distinct_storages("AdamW", &[params, m, v])?;
     let (tab, total, n) = table(&dev, &[params, grads, m, v])?;
     if total == 0 {
         return Ok(());
@@ -113,6 +136,7 @@ pub fn adamw(params: &[Tensor], grads: &[Tensor], m: &[Tensor], v: &[Tensor], u:
 
 pub fn ema(ema: &[Tensor], params: &[Tensor], decay: f64) -> Result<()> {
     let dev = cuda_dev(&ema[0])?;
+    distinct_storages("EMA", &[ema])?;
     let (tab, total, n) = table(&dev, &[ema, params])?;
     if total == 0 {
         return Ok(());

@@ -73,6 +73,11 @@ pub fn adamw_update(vars: &[Var], grads: &[Tensor], m: &mut [Tensor], v: &mut [T
         }
     }
     for (i, (var, g)) in vars.iter().zip(grads).enumerate() {
+        if var.elem_count() == 0 {
+            // nothing to update (and candle's ops hand an empty tensor's storage back, which
+            // `Var::set` refuses as derived from the variable)
+            continue;
+        }
         // Detached: otherwise each moment would keep the previous one (and its gradient's
         // graph) alive through candle's op tracking, and memory would grow every step.
         let mut g = g.detach();

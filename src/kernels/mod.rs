@@ -33,6 +33,7 @@ pub mod cpu;
 pub mod cuda_graph;
 pub mod foreach;
 pub mod routed_grad;
+pub mod row_grad;
 pub use routed_grad::{routed_experts, ExpertStacks, GeluExpertWeights};
 pub mod timing;
 #[cfg(feature = "cuda")]

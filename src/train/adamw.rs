@@ -25,8 +25,9 @@ pub struct AdamW {
 
 impl AdamW {
     pub fn new(vars: Vec<(String, Var)>, params: AdamWParams) -> Result<Self> {
-        let m = vars.iter().map(|(_, v)| v.zeros_like()).collect::<Result<Vec<_>>>()?;
-        let v = m.clone();
+        // Separate storages: the fused update writes each moment in place.
+        let zeros = || vars.iter().map(|(_, v)| v.zeros_like()).collect::<Result<Vec<_>>>();
+        let (m, v) = (zeros()?, zeros()?);
         Ok(Self { params, vars, m, v, step: 0 })
     }
 

@@ -271,6 +271,11 @@ impl Trainer {
                 }
             }
             self.mark("gradients collected")?;
+            // Freeing the step's activations and autograd graph (one device free per tensor)
+            // is a cost of its own: charge it to its own phase.
+            drop(store);
+            drop(total);
+            self.mark("autograd graph freed")?;
         }
         let grad_norm = sum_of_squares(&grads)?.sqrt();
         if !grad_norm.is_finite() {
