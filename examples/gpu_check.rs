@@ -573,6 +573,32 @@ fn run_checks(dev: &Device, section: &str) -> Result<Table> {
             tb.add("row-grad GPU vs CPU", &case, "value rel", rel(&y, &y_ref)?, 1e-5);
             tb.add("row-grad GPU vs CPU", &case, "gradient rel", rel(&g, &g_ref)?, 1e-5);
         }
+        // adaLN's modulate and gated residual (`kx::adaln_grad`): value and every gradient
+        for (name, (n, t, d)) in [("modulate", (2048usize, 64usize, 160usize)), ("modulate", (8, 256, 1152)), ("gated add", (2048, 64, 160)), ("gated add", (3, 5, 7))] {
+            let second = if name == "modulate" { vec![n, d] } else { vec![n, t, d] };
+            let inputs = [Tensor::randn(0f32, 1.0, (n, t, d), &cpu_dev)?, Tensor::randn(0f32, 1.0, second, &cpu_dev)?, Tensor::randn(0f32, 1.0, (n, d), &cpu_dev)?];
+            let probe = Tensor::randn(0f32, 1.0, (n, t, d), &cpu_dev)?;
+            let run = |on: &Device| -> Result<Vec<Tensor>> {
+                let vars = inputs.iter().map(|t| candle_core::Var::from_tensor(&t.to_device(on)?)).collect::<candle_core::Result<Vec<_>>>()?;
+                let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+                let y = match name {
+                    "modulate" => kx::adaln_grad::modulate(&ts[0], &ts[1], &ts[2])?,
+                    _ => kx::adaln_grad::gated_add(&ts[0], &ts[1], &ts[2])?,
+                };
+                let g = (&y * probe.to_device(on)?)?.sum_all()?.backward()?;
+                let mut all = vec![y];
+                for t in &ts {
+                    all.push(g.get(t).ok_or_else(|| anyhow::anyhow!("no gradient"))?.clone());
+                }
+                Ok(all)
+            };
+            let (gpu, cpu_ref) = (run(dev)?, run(&cpu_dev)?);
+            let case = format!("{name} ({n}, {t}, {d})");
+            tb.add("adaln-grad GPU vs CPU", &case, "value max abs (same rounding)", max_abs(&gpu[0], &cpu_ref[0])?, 0.0);
+            for (j, what) in ["d first", "d second", "d vector"].iter().enumerate() {
+                tb.add("adaln-grad GPU vs CPU", &case, &format!("{what} rel"), rel(&gpu[j + 1], &cpu_ref[j + 1])?, 1e-5);
+            }
+        }
     }
 
     if section == "block-ops" {

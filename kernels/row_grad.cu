@@ -70,24 +70,29 @@ __device__ __forceinline__ void row_stats(const float* xr, unsigned n, float eps
     *rstd = 1.f / sqrtf(warp_sum(q) / (float)n + eps);
 }
 
-extern "C" __global__ void layer_norm_rows_f32(const float* x, float* y, unsigned long long rows, unsigned n, float eps) {
+// The row's offset, mean and 1 / sqrt(var + eps) for this warp; false past the last row.
+__device__ __forceinline__ bool layer_norm_row(const float* x, unsigned long long rows, unsigned n, float eps,
+                                               unsigned long long* o, float* mean, float* rstd) {
     long long r = row_index(rows);
-    if (r < 0) return;
-    const unsigned lane = threadIdx.x & 31;
-    const unsigned long long o = (unsigned long long)r * n;
+    if (r < 0) return false;
+    *o = (unsigned long long)r * n;
+    row_stats(x + *o, n, eps, mean, rstd);
+    return true;
+}
+
+extern "C" __global__ void layer_norm_rows_f32(const float* x, float* y, unsigned long long rows, unsigned n, float eps) {
+    unsigned long long o;
     float mu, rstd;
-    row_stats(x + o, n, eps, &mu, &rstd);
-    for (unsigned i = lane; i < n; i += 32) y[o + i] = (x[o + i] - mu) * rstd;
+    if (!layer_norm_row(x, rows, n, eps, &o, &mu, &rstd)) return;
+    for (unsigned i = threadIdx.x & 31; i < n; i += 32) y[o + i] = (x[o + i] - mu) * rstd;
 }
 
 // With xh = (x - mean) * rstd: dx = rstd * (dy - mean(dy) - xh * mean(dy * xh)).
 extern "C" __global__ void layer_norm_rows_bwd_f32(const float* x, const float* dy, float* dx, unsigned long long rows, unsigned n, float eps) {
-    long long r = row_index(rows);
-    if (r < 0) return;
-    const unsigned lane = threadIdx.x & 31;
-    const unsigned long long o = (unsigned long long)r * n;
+    unsigned long long o;
     float mu, rstd;
-    row_stats(x + o, n, eps, &mu, &rstd);
+    if (!layer_norm_row(x, rows, n, eps, &o, &mu, &rstd)) return;
+    const unsigned lane = threadIdx.x & 31;
     float sg = 0.f, sgx = 0.f;
     for (unsigned i = lane; i < n; i += 32) {
         float g = dy[o + i];

@@ -51,8 +51,18 @@ pub fn ln_modulate(x: &Tensor, mods: &Tensor, shift: usize, scale: usize, out_dt
         return super::cuda_block::ln_modulate(x, mods, shift * d, scale * d, 1e-6, out_dtype);
     }
     let norm = crate::nn::layer_norm(x, None, None, 1e-6)?;
+    if trainable_f32(&[&norm, mods]) && norm.rank() == 3 {
+        // training: one op with its own backward (same values as the composite below)
+        return super::adaln_grad::modulate(&norm, &mods.narrow(1, shift * d, d)?, &mods.narrow(1, scale * d, d)?)?.to_dtype(out_dtype);
+    }
     let scale = (chunk(mods, scale, d)? + 1.0)?;
     norm.broadcast_mul(&scale)?.broadcast_add(&chunk(mods, shift, d)?)?.to_dtype(out_dtype)
+}
+
+/// Whether the training ops of [`super::adaln_grad`] serve these tensors: f32, and some of them
+/// in an autograd graph (untracked tensors keep the composites, the CPU reference).
+fn trainable_f32(ts: &[&Tensor]) -> bool {
+    ts.iter().all(|t| t.dtype() == DType::F32) && ts.iter().any(|t| t.track_op())
 }
 
 /// `x + gate * (y + bias)`: the gated residual of a DiT block, gate = chunk `gate` of `mods`.
@@ -67,7 +77,12 @@ pub fn gated_residual(x: &Tensor, y: &Tensor, bias: Option<&Tensor>, mods: &Tens
         Some(b) => y.broadcast_add(b)?,
         None => y.clone(),
     };
-    x + y.to_dtype(x.dtype())?.broadcast_mul(&chunk(mods, gate, d)?)?
+    let y = y.to_dtype(x.dtype())?;
+    if trainable_f32(&[x, &y, mods]) && x.rank() == 3 {
+        // training: one op with its own backward (same values as the composite below)
+        return super::adaln_grad::gated_add(x, &y, &mods.narrow(1, gate * d, d)?);
+    }
+    x + y.broadcast_mul(&chunk(mods, gate, d)?)?
 }
 
 /// [`gated_residual`] then [`ln_modulate`] of its result, one pass on the GPU: returns

@@ -66,6 +66,28 @@ pub(super) fn nvrtc_cached(src: &str, arch: &'static str) -> std::result::Result
     Ok(ptx)
 }
 
+/// A kernel source of `kernels/` compiled by NVRTC once per process (for the first device's
+/// generation) and loaded into each device under its module name.
+pub(super) struct NvrtcModule {
+    src: &'static str,
+    module: &'static str,
+    ptx: OnceLock<std::result::Result<String, String>>,
+}
+
+impl NvrtcModule {
+    pub(super) const fn new(src: &'static str, module: &'static str) -> Self {
+        Self { src, module, ptx: OnceLock::new() }
+    }
+
+    /// Kernel `name` on `dev`, with the stream to launch it on (candle's).
+    pub(super) fn func(&self, dev: &CudaDevice, name: &str) -> Result<Func> {
+        let arch = modules(dev)?.arch;
+        let ptx = self.ptx.get_or_init(|| nvrtc_cached(self.src, arch)).as_ref().map_err(|e| candle_core::Error::Msg(e.clone()))?;
+        let f = dev.get_or_load_custom_func(name, self.module, ptx)?;
+        Ok((dev.cuda_stream(), f.into_cuda_function()))
+    }
+}
+
 /// Compiles (once) and returns the kernel modules for `dev`'s compute capability.
 pub fn modules(dev: &CudaDevice) -> Result<&'static Modules> {
     let m = MODULES.get_or_init(|| {
@@ -104,7 +126,7 @@ pub fn modules(dev: &CudaDevice) -> Result<&'static Modules> {
     m.as_ref().map_err(|e| candle_core::Error::Msg(e.clone()))
 }
 
-type Func = (
+pub(super) type Func = (
     std::sync::Arc<cudarc::driver::CudaStream>,
     cudarc::driver::CudaFunction,
 );

@@ -1,23 +1,18 @@
 //! CUDA launches of `kernels/block_ops.cu` (see [`super::block_ops`] for the semantics).
 //! Compiled with NVRTC once per process, launched on candle's stream, no host copies.
 use super::block_ops::QkNormWeights;
-use super::cuda::{allow_dynamic_smem, arg_or_null, cfg1, cuda_dev, drv, grid_for, modules, nvrtc_cached, optional_view, view, view_of, wrap, NULL};
+use super::cuda::{allow_dynamic_smem, arg_or_null, cfg1, cuda_dev, drv, grid_for, optional_view, view, view_of, wrap, Func, NvrtcModule, NULL};
 use candle_core::cuda_backend::{cudarc, CudaDevice};
 use candle_core::{bail, DType, Result, Storage, Tensor};
 use cudarc::driver::{DeviceRepr, PushKernelArg};
 use half::bf16;
-use std::sync::OnceLock;
 
 const SRC: &str = include_str!("../../kernels/block_ops.cu");
 
-type Func = (std::sync::Arc<cudarc::driver::CudaStream>, cudarc::driver::CudaFunction);
+static MODULE: NvrtcModule = NvrtcModule::new(SRC, "ditmoe_block_ops");
 
 fn func(dev: &CudaDevice, name: &str) -> Result<Func> {
-    static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
-    let arch = modules(dev)?.arch;
-    let ptx = PTX.get_or_init(|| nvrtc_cached(SRC, arch)).as_ref().map_err(|e| candle_core::Error::Msg(e.clone()))?;
-    let f = dev.get_or_load_custom_func(name, "ditmoe_block_ops", ptx)?;
-    Ok((dev.cuda_stream(), f.into_cuda_function()))
+    MODULE.func(dev, name)
 }
 
 /// Contiguous, starting at a multiple of `elems` elements, for kernels that move `elems` elements

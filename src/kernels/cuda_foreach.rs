@@ -1,25 +1,20 @@
 //! CUDA launches of `kernels/foreach.cu` (see [`super::foreach`] for the semantics): one table
 //! of device pointers per call, one launch for every tensor of the lists.
-use super::cuda::{cfg1, cuda_dev, drv, modules, nvrtc_cached};
+use super::cuda::{cfg1, cuda_dev, drv, Func, NvrtcModule};
 use super::foreach::AdamWUpdate;
 use candle_core::cuda_backend::{cudarc, CudaDevice};
 use candle_core::{bail, Result, Storage, Tensor};
 use cudarc::driver::{DevicePtr, PushKernelArg};
-use std::sync::OnceLock;
 
 const SRC: &str = include_str!("../../kernels/foreach.cu");
 /// Elements per block and threads per block (`CHUNK`, `THREADS` in the source).
 const CHUNK: usize = 4096;
 const THREADS: u32 = 256;
 
-type Func = (std::sync::Arc<cudarc::driver::CudaStream>, cudarc::driver::CudaFunction);
+static MODULE: NvrtcModule = NvrtcModule::new(SRC, "ditmoe_foreach");
 
 fn func(dev: &CudaDevice, name: &str) -> Result<Func> {
-    static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
-    let arch = modules(dev)?.arch;
-    let ptx = PTX.get_or_init(|| nvrtc_cached(SRC, arch)).as_ref().map_err(|e| candle_core::Error::Msg(e.clone()))?;
-    let f = dev.get_or_load_custom_func(name, "ditmoe_foreach", ptx)?;
-    Ok((dev.cuda_stream(), f.into_cuda_function()))
+    MODULE.func(dev, name)
 }
 
 /// The kernels' table for operand lists of equal length and matching sizes: the element

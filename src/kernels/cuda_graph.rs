@@ -164,12 +164,43 @@ impl<F: FnMut(&Tensor, &Tensor, &Tensor) -> Result<Tensor>> GraphedForward<F> {
 /// stream) with cudarc's per-allocation event tracking off: candle issues all work on that one
 /// stream, so the events only cost two driver calls per tensor. On the CPU this is an error, as
 /// `Device::new_cuda` is.
+///
+/// Freed memory stays in the device's memory pool (see [`keep_freed_memory`]).
 pub fn cuda_device(ordinal: usize) -> Result<Device> {
     let device = Device::new_cuda_with_stream(ordinal)?;
     #[cfg(feature = "cuda")]
-    // Safety: every tensor of this device is used on its single stream.
-    unsafe {
-        device.as_cuda_device()?.disable_event_tracking()
-    };
+    {
+        // Safety: every tensor of this device is used on its single stream.
+        unsafe { device.as_cuda_device()?.disable_event_tracking() };
+        keep_freed_memory(device.as_cuda_device()?)?;
+    }
     Ok(device)
+}
+
+/// cudarc allocates with `cuMemAllocAsync` from the device's default memory pool, whose release
+/// threshold is 0: at every synchronisation (a loss read back, a training step's checks) the
+/// pool returns its free memory to the driver, and the next step's allocations map it again.
+/// A threshold of "all of it" keeps freed memory for reuse, as PyTorch's caching allocator and
+/// its `cudaMallocAsync` backend do. (Other processes on the GPU see that memory as in use.)
+#[cfg(feature = "cuda")]
+fn keep_freed_memory(dev: &candle_core::CudaDevice) -> Result<()> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let ctx = dev.cuda_stream().context().clone();
+    if !ctx.has_async_alloc() {
+        return Ok(());
+    }
+    ctx.bind_to_thread().map_err(candle_core::Error::wrap)?;
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    let mut threshold = u64::MAX;
+    // Safety: `pool` receives the device's default pool; the attribute takes a u64.
+    let status = unsafe {
+        match sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) {
+            sys::CUresult::CUDA_SUCCESS => sys::cuMemPoolSetAttribute(pool, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD, &mut threshold as *mut u64 as *mut std::ffi::c_void),
+            e => e,
+        }
+    };
+    match status {
+        sys::CUresult::CUDA_SUCCESS => Ok(()),
+        e => candle_core::bail!("cuda: keeping freed memory in the pool: {e:?}"),
+    }
 }

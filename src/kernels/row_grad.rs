@@ -176,24 +176,18 @@ impl CustomOp2 for LayerNormRowsBwd {
 
 #[cfg(feature = "cuda")]
 mod cuda {
-    use super::super::cuda::{cfg1, drv, modules, nvrtc_cached};
+    use super::super::cuda::{cfg1, drv, NvrtcModule};
     use super::rows_of;
-    use candle_core::cuda_backend::{cudarc, CudaDevice, CudaStorage};
+    use candle_core::cuda_backend::{cudarc, CudaStorage};
     use candle_core::backend::BackendStorage;
     use candle_core::{bail, Layout, Result, Shape};
     use cudarc::driver::PushKernelArg;
-    use std::sync::OnceLock;
 
     const SRC: &str = include_str!("../../kernels/row_grad.cu");
     /// One warp per row (`ROWS_PER_BLOCK` in the source).
     const ROWS_PER_BLOCK: usize = 8;
 
-    fn func(dev: &CudaDevice, name: &str) -> Result<cudarc::driver::CudaFunction> {
-        static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
-        let arch = modules(dev)?.arch;
-        let ptx = PTX.get_or_init(|| nvrtc_cached(SRC, arch)).as_ref().map_err(|e| candle_core::Error::Msg(e.clone()))?;
-        Ok(dev.get_or_load_custom_func(name, "ditmoe_row_grad", ptx)?.into_cuda_function())
-    }
+    static MODULE: NvrtcModule = NvrtcModule::new(SRC, "ditmoe_row_grad");
 
     /// `f(x) -> y`, row by row.
     pub fn unary(name: &str, s: &CudaStorage, l: &Layout, eps: Option<f32>) -> Result<(CudaStorage, Shape)> {
@@ -220,8 +214,7 @@ mod cuda {
             .collect::<Result<Vec<_>>>()?;
         let mut out = unsafe { dev.alloc::<f32>(rows * n)? };
         if rows > 0 && n > 0 {
-            let f = func(&dev, name)?;
-            let stream = dev.cuda_stream();
+            let (stream, f) = MODULE.func(&dev, name)?;
             let mut b = stream.launch_builder(&f);
             for v in &views {
                 b.arg(v);

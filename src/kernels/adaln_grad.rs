@@ -1,0 +1,286 @@
+//! adaLN's per-sample modulation as differentiable candle ops with their own backward, for
+//! training (f32): `modulate(h, shift, scale) = h * (1 + scale) + shift` and the gated
+//! residual `gated_add(x, y, gate) = x + y * gate`, with `h, x, y` `(N, T, D)` and the vectors
+//! `(N, D)` broadcast over the T tokens of each sample (official `modulate` and
+//! `x + gate.unsqueeze(1) * y`).
+//!
+//! As candle composites each was two or three broadcasting ops forward, and backward a
+//! broadcasting product, a reduction over the tokens and candle's gradient accumulation
+//! (a zero fill and an add per contribution) for each: full passes over the activations. Here
+//! each direction is one pass (`kernels/adaln_grad.cu` on CUDA, loops on the CPU); the
+//! forwards round as the composites do, so the values are the same bits.
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+
+/// `h * (1 + scale) + shift` with `h` `(N, T, D)` and `shift`, `scale` `(N, D)`, f32.
+pub fn modulate(h: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
+    check("modulate", h, &[("shift", shift), ("scale", scale)])?;
+    h.contiguous()?.apply_op3(&shift.contiguous()?, &scale.contiguous()?, Modulate)
+}
+
+/// `x + y * gate` with `x`, `y` `(N, T, D)` and `gate` `(N, D)`, f32.
+pub fn gated_add(x: &Tensor, y: &Tensor, gate: &Tensor) -> Result<Tensor> {
+    check("gated_add", x, &[("gate", gate)])?;
+    if y.dims() != x.dims() || y.dtype() != DType::F32 {
+        bail!("gated_add: y is {:?} {:?}, x {:?} f32", y.dims(), y.dtype(), x.dims())
+    }
+    x.contiguous()?.apply_op3(&y.contiguous()?, &gate.contiguous()?, GatedAdd)
+}
+
+fn check(what: &str, a: &Tensor, vectors: &[(&str, &Tensor)]) -> Result<()> {
+    let (n, _, d) = a.dims3().map_err(|_| candle_core::Error::Msg(format!("{what}: the activations must be (N, T, D), got {:?}", a.dims())))?;
+    if a.dtype() != DType::F32 {
+        bail!("{what}: f32 only, got {:?}", a.dtype())
+    }
+    for (name, v) in vectors {
+        if v.dims() != [n, d] || v.dtype() != DType::F32 {
+            bail!("{what}: {name} is {:?} {:?}, expected [{n}, {d}] f32", v.dims(), v.dtype())
+        }
+    }
+    Ok(())
+}
+
+/// The contiguous f32 data of a CPU operand.
+fn cpu<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
+    let Some((a, b)) = l.contiguous_offsets() else { bail!("adaln_grad: operands must be contiguous") };
+    match s {
+        CpuStorage::F32(v) => Ok(&v[a..b]),
+        s => bail!("adaln_grad: f32 only, got {:?}", s.dtype()),
+    }
+}
+
+/// Applies `f(activation element, vector element index)` over `(N, T, D)`.
+fn per_element(shape: &[usize], mut f: impl FnMut(usize, usize)) {
+    let (t, d) = (shape[1], shape[2]);
+    for i in 0..shape.iter().product() {
+        f(i, (i / (t * d)) * d + i % d);
+    }
+}
+
+/// Splits a backward's packed output into the data gradient `(N, T, D)` and its vector
+/// gradients `(N, D)`.
+fn unpack(packed: &Tensor, shape: &[usize], vectors: usize) -> Result<Vec<Tensor>> {
+    let (n, t, d) = (shape[0], shape[1], shape[2]);
+    let mut out = vec![packed.narrow(0, 0, n * t * d)?.reshape((n, t, d))?];
+    for j in 0..vectors {
+        out.push(packed.narrow(0, n * t * d + j * n * d, n * d)?.reshape((n, d))?);
+    }
+    Ok(out)
+}
+
+struct Modulate;
+
+impl CustomOp3 for Modulate {
+    fn name(&self) -> &'static str {
+        "modulate"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (h, shift, scale) = (cpu(s1, l1)?, cpu(s2, l2)?, cpu(s3, l3)?);
+        let mut out = vec![0f32; h.len()];
+        per_element(l1.dims(), |i, v| out[i] = h[i] * (scale[v] + 1.0) + shift[v]);
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s1: &candle_core::CudaStorage, l1: &Layout, s2: &candle_core::CudaStorage, l2: &Layout, s3: &candle_core::CudaStorage, l3: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda::launch("modulate_f32", [(s1, l1), (s2, l2), (s3, l3)], l1.dims(), 0)
+    }
+
+    fn bwd(&self, h: &Tensor, _shift: &Tensor, scale: &Tensor, _out: &Tensor, dout: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let packed = dout.contiguous()?.apply_op3_no_bwd(h, scale, &ModulateBwd)?;
+        let mut g = unpack(&packed, h.dims(), 2)?.into_iter();
+        Ok((g.next(), g.next(), g.next()))
+    }
+}
+
+/// (dout, h, scale) → [dh | dshift | dscale].
+struct ModulateBwd;
+
+impl CustomOp3 for ModulateBwd {
+    fn name(&self) -> &'static str {
+        "modulate-bwd"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (dout, h, scale) = (cpu(s1, l1)?, cpu(s2, l2)?, cpu(s3, l3)?);
+        let nv = scale.len();
+        let mut out = vec![0f32; dout.len() + 2 * nv];
+        let (dh, rest) = out.split_at_mut(dout.len());
+        let (dshift, dscale) = rest.split_at_mut(nv);
+        per_element(l1.dims(), |i, v| {
+            dh[i] = dout[i] * (scale[v] + 1.0);
+            dshift[v] += dout[i];
+            dscale[v] += dout[i] * h[i];
+        });
+        let len = out.len();
+        Ok((CpuStorage::F32(out), Shape::from(len)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s1: &candle_core::CudaStorage, l1: &Layout, s2: &candle_core::CudaStorage, l2: &Layout, s3: &candle_core::CudaStorage, l3: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda::launch("modulate_bwd_f32", [(s1, l1), (s2, l2), (s3, l3)], l1.dims(), 2)
+    }
+}
+
+struct GatedAdd;
+
+impl CustomOp3 for GatedAdd {
+    fn name(&self) -> &'static str {
+        "gated-add"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (x, y, gate) = (cpu(s1, l1)?, cpu(s2, l2)?, cpu(s3, l3)?);
+        let mut out = vec![0f32; x.len()];
+        per_element(l1.dims(), |i, v| out[i] = x[i] + y[i] * gate[v]);
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s1: &candle_core::CudaStorage, l1: &Layout, s2: &candle_core::CudaStorage, l2: &Layout, s3: &candle_core::CudaStorage, l3: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda::launch("gated_add_f32", [(s1, l1), (s2, l2), (s3, l3)], l1.dims(), 0)
+    }
+
+    fn bwd(&self, _x: &Tensor, y: &Tensor, gate: &Tensor, _out: &Tensor, dout: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dout = dout.contiguous()?;
+        let packed = dout.apply_op3_no_bwd(y, gate, &GatedAddBwd)?;
+        let mut g = unpack(&packed, y.dims(), 1)?.into_iter();
+        Ok((Some(dout), g.next(), g.next()))
+    }
+}
+
+/// (dout, y, gate) → [dy | dgate].
+struct GatedAddBwd;
+
+impl CustomOp3 for GatedAddBwd {
+    fn name(&self) -> &'static str {
+        "gated-add-bwd"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (dout, y, gate) = (cpu(s1, l1)?, cpu(s2, l2)?, cpu(s3, l3)?);
+        let mut out = vec![0f32; dout.len() + gate.len()];
+        let (dy, dgate) = out.split_at_mut(dout.len());
+        per_element(l1.dims(), |i, v| {
+            dy[i] = dout[i] * gate[v];
+            dgate[v] += dout[i] * y[i];
+        });
+        let len = out.len();
+        Ok((CpuStorage::F32(out), Shape::from(len)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s1: &candle_core::CudaStorage, l1: &Layout, s2: &candle_core::CudaStorage, l2: &Layout, s3: &candle_core::CudaStorage, l3: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda::launch("gated_add_bwd_f32", [(s1, l1), (s2, l2), (s3, l3)], l1.dims(), 1)
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use super::super::cuda::{cfg1, drv, grid_for, NvrtcModule};
+    use candle_core::cuda_backend::{cudarc, CudaStorage};
+    use candle_core::{bail, Layout, Result, Shape};
+    use cudarc::driver::PushKernelArg;
+
+    static MODULE: NvrtcModule = NvrtcModule::new(include_str!("../../kernels/adaln_grad.cu"), "ditmoe_adaln_grad");
+
+    /// Runs kernel `name` on three contiguous f32 operands, the first `(N, T, D)`. A forward
+    /// (`vectors` 0) writes `(N, T, D)` elementwise; a backward writes the data gradient and
+    /// `vectors` gradients of `(N, D)` packed, one block per sample.
+    pub fn launch(name: &str, ins: [(&CudaStorage, &Layout); 3], dims: &[usize], vectors: usize) -> Result<(CudaStorage, Shape)> {
+        let dev = ins[0].0.device.clone();
+        let (n, t, d) = (dims[0], dims[1], dims[2]);
+        let views = ins
+            .iter()
+            .map(|(s, l)| match l.contiguous_offsets() {
+                Some((a, b)) => Ok(s.as_cuda_slice::<f32>()?.slice(a..b)),
+                None => bail!("{name}: operands must be contiguous"),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let total = n * t * d;
+        let len = total + vectors * n * d;
+        let mut out = unsafe { dev.alloc::<f32>(len)? };
+        if total > 0 {
+            let (stream, f) = MODULE.func(&dev, name)?;
+            let mut b = stream.launch_builder(&f);
+            for v in &views {
+                b.arg(v);
+            }
+            b.arg(&mut out);
+            let (t32, d32, total64, n32) = (t as u32, d as u32, total as u64, n as u32);
+            let cfg = if vectors == 0 {
+                b.arg(&total64);
+                cfg1(grid_for(total), 256, 0)
+            } else {
+                b.arg(&n32);
+                cfg1(n32, (d.div_ceil(32) * 32).min(256) as u32, 0)
+            };
+            b.arg(&t32).arg(&d32);
+            drv(unsafe { b.launch(cfg) })?;
+        }
+        let shape = if vectors == 0 { Shape::from(dims) } else { Shape::from(len) };
+        Ok((CudaStorage::wrap_cuda_slice(out, dev), shape))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn rel(a: &Tensor, b: &Tensor) -> f32 {
+        let d = (a - b).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt();
+        d / b.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt().max(1e-30)
+    }
+
+    /// Value and every gradient of `<op, probe>` against the broadcasting candle composite.
+    fn check(op: impl Fn(&[Tensor]) -> Result<Tensor>, composite: impl Fn(&[Tensor]) -> Result<Tensor>, shapes: &[&[usize]]) {
+        let dev = Device::Cpu;
+        let inputs: Vec<Tensor> = shapes.iter().map(|s| Tensor::randn(0f32, 1.0, *s, &dev).unwrap()).collect();
+        let probe = Tensor::randn(0f32, 1.0, shapes[0], &dev).unwrap();
+        let run = |f: &dyn Fn(&[Tensor]) -> Result<Tensor>| {
+            let vars: Vec<Var> = inputs.iter().map(|t| Var::from_tensor(t).unwrap()).collect();
+            let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+            let y = f(&ts).unwrap();
+            let g = (&y * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+            let grads: Vec<Tensor> = ts.iter().map(|t| g.get(t).unwrap().clone()).collect();
+            (y, grads)
+        };
+        let ((y, g), (y_ref, g_ref)) = (run(&op), run(&composite));
+        assert_eq!(rel(&y, &y_ref), 0.0, "the forward rounds as the composite");
+        for (i, (a, b)) in g.iter().zip(&g_ref).enumerate() {
+            assert_eq!(a.dims(), b.dims());
+            assert!(rel(a, b) < 1e-5, "gradient {i}: rel {}", rel(a, b));
+        }
+    }
+
+    #[test]
+    fn modulate_matches_the_composite_with_gradients() {
+        for (n, t, d) in [(3, 64, 160), (2, 5, 7), (1, 1, 1)] {
+            check(
+                |v| modulate(&v[0], &v[1], &v[2]),
+                |v| v[0].broadcast_mul(&(v[2].unsqueeze(1)? + 1.0)?)?.broadcast_add(&v[1].unsqueeze(1)?),
+                &[&[n, t, d], &[n, d], &[n, d]],
+            );
+        }
+    }
+
+    #[test]
+    fn gated_add_matches_the_composite_with_gradients() {
+        for (n, t, d) in [(3, 64, 160), (2, 5, 7), (1, 1, 1)] {
+            check(|v| gated_add(&v[0], &v[1], &v[2]), |v| &v[0] + v[1].broadcast_mul(&v[2].unsqueeze(1)?)?, &[&[n, t, d], &[n, t, d], &[n, d]]);
+        }
+    }
+
+    #[test]
+    fn wrong_shapes_are_errors_naming_the_operand() {
+        let dev = Device::Cpu;
+        let h = Tensor::zeros((2, 3, 4), DType::F32, &dev).unwrap();
+        let bad = Tensor::zeros((2, 5), DType::F32, &dev).unwrap();
+        let e = modulate(&h, &bad, &bad).unwrap_err().to_string();
+        assert!(e.contains("modulate") && e.contains("shift"), "{e}");
+        let e = gated_add(&h, &h, &bad).unwrap_err().to_string();
+        assert!(e.contains("gate"), "{e}");
+    }
+}
