@@ -573,6 +573,24 @@ fn run_checks(dev: &Device, section: &str) -> Result<Table> {
             tb.add("row-grad GPU vs CPU", &case, "value rel", rel(&y, &y_ref)?, 1e-5);
             tb.add("row-grad GPU vs CPU", &case, "gradient rel", rel(&g, &g_ref)?, 1e-5);
         }
+        // the attention from the packed projection as one node (`kx::attention_grad`)
+        for (n, t, heads, hd) in [(512usize, 64usize, 5usize, 32usize), (8, 256, 6, 64)] {
+            let qkv0 = Tensor::randn(0f32, 1.0, (n, t, 3 * heads * hd), &cpu_dev)?;
+            let bias0 = Tensor::randn(0f32, 0.5, 3 * heads * hd, &cpu_dev)?;
+            let probe = Tensor::randn(0f32, 1.0, (n, t, heads * hd), &cpu_dev)?;
+            let run = |on: &Device| -> Result<Vec<Tensor>> {
+                let (qkv, bias) = (candle_core::Var::from_tensor(&qkv0.to_device(on)?)?, candle_core::Var::from_tensor(&bias0.to_device(on)?)?);
+                let out = kx::attention_grad::qkv_attention(qkv.as_tensor(), bias.as_tensor(), heads, 1.0 / (hd as f64).sqrt())?;
+                let g = (&out * probe.to_device(on)?)?.sum_all()?.backward()?;
+                let grad = |v: &candle_core::Var| g.get(v.as_tensor()).cloned().ok_or_else(|| anyhow::anyhow!("no gradient"));
+                Ok(vec![out.clone(), grad(&qkv)?, grad(&bias)?])
+            };
+            let (gpu, cpu_ref) = (run(dev)?, run(&cpu_dev)?);
+            let case = format!("attention N={n} T={t} H={heads} hd={hd}");
+            for (j, what) in ["value", "d qkv", "d bias"].iter().enumerate() {
+                tb.add("attention-grad GPU vs CPU", &case, &format!("{what} rel"), rel(&gpu[j], &cpu_ref[j])?, 1e-5);
+            }
+        }
         // adaLN's modulate and gated residual (`kx::adaln_grad`): value and every gradient
         for (name, (n, t, d)) in [("modulate", (2048usize, 64usize, 160usize)), ("modulate", (8, 256, 1152)), ("gated add", (2048, 64, 160)), ("gated add", (3, 5, 7))] {
             let second = if name == "modulate" { vec![n, d] } else { vec![n, t, d] };

@@ -192,6 +192,12 @@ pub fn qkv_attention(qkv: &Tensor, bias: Option<&Tensor>, norm: Option<QkNormWei
             return super::cuda_block::qkv_attention(qkv, bias, norm, heads, scale);
         }
     }
+    if let (Some(b), None) = (bias, &norm) {
+        if trainable_f32(&[qkv, b]) && qkv.rank() == 3 {
+            // training: one autograd node for the split and the attention
+            return super::attention_grad::qkv_attention(qkv, b, heads, scale);
+        }
+    }
     let (q, k, v) = split_qkv(qkv, bias, norm, heads)?;
     attention(&q, &k, &v, scale)
 }

@@ -29,6 +29,7 @@
 use candle_core::{DType, Device, Result, Tensor};
 
 pub mod adaln_grad;
+pub mod attention_grad;
 pub mod block_ops;
 pub mod cpu;
 pub mod cuda_graph;

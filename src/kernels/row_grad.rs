@@ -19,6 +19,12 @@ pub fn softmax_rows(x: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op1(SoftmaxRows)
 }
 
+/// The softmax's backward alone: `dy`'s gradient through `y = softmax(x)`, `y (dy - Σ dy y)`
+/// row by row (f32, no autograd history).
+pub fn softmax_rows_backward(y: &Tensor, dy: &Tensor) -> Result<Tensor> {
+    y.contiguous()?.apply_op2_no_bwd(&dy.contiguous()?, &SoftmaxRowsBwd)
+}
+
 /// `(x - mean) / sqrt(var + eps)` over the last axis (biased variance, no affine parameters);
 /// f32, differentiable.
 pub fn layer_norm_rows(x: &Tensor, eps: f64) -> Result<Tensor> {
@@ -84,7 +90,7 @@ impl CustomOp1 for SoftmaxRows {
     }
 
     fn bwd(&self, _x: &Tensor, y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(y.apply_op2_no_bwd(&dy.contiguous()?, &SoftmaxRowsBwd)?))
+        Ok(Some(softmax_rows_backward(y, dy)?))
     }
 }
 
