@@ -165,6 +165,52 @@ fn expert_row_sums(a: &Tensor, offsets: &[u32]) -> Result<Tensor> {
     grouped_weight_grad(&ones, a, offsets)?.squeeze(1)
 }
 
+/// From the gate and up projections `g`, `u` and the gradient `dh` of `h = silu(g) * u`:
+/// `(h, dg, du)` with `du = dh silu(g)` and `dg = dh u silu'(g)`,
+/// `silu'(g) = sig (1 + g (1 - sig))`. One kernel on CUDA for f32 (`kernels/swiglu_grad.cu`,
+/// rounding in the same order), candle ops elsewhere.
+fn swiglu_backward(g: &Tensor, u: &Tensor, dh: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+    #[cfg(feature = "cuda")]
+    if [g, u, dh].iter().all(|t| t.device().is_cuda() && t.dtype() == DType::F32) && g.dims() == u.dims() && g.dims() == dh.dims() {
+        return cuda_swiglu::backward(g, u, dh);
+    }
+    let sig = candle_nn::ops::sigmoid(g)?;
+    let act = (g * &sig)?;
+    let h = (&act * u)?;
+    let du = (dh * &act)?;
+    let dg = ((dh * u)? * (&sig * ((g * sig.affine(-1.0, 1.0)?)? + 1.0)?)?)?;
+    Ok((h, dg, du))
+}
+
+#[cfg(feature = "cuda")]
+mod cuda_swiglu {
+    use super::super::cuda::{cfg1, cuda_dev, drv, grid_for, view, wrap, NvrtcModule};
+    use candle_core::cuda_backend::cudarc;
+    use candle_core::{bail, Result, Storage, Tensor};
+    use cudarc::driver::PushKernelArg;
+
+    static MODULE: NvrtcModule = NvrtcModule::new(include_str!("../../kernels/swiglu_grad.cu"), "ditmoe_swiglu_grad");
+
+    pub fn backward(g: &Tensor, u: &Tensor, dh: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let dev = cuda_dev(g)?;
+        let (g, u, dh) = (g.contiguous()?, u.contiguous()?, dh.contiguous()?);
+        let n = g.elem_count();
+        view!(g, f32, _gg, gv);
+        view!(u, f32, _gu, uv);
+        view!(dh, f32, _gd, dv);
+        let (mut h, mut dg, mut du) = unsafe { (dev.alloc::<f32>(n)?, dev.alloc::<f32>(n)?, dev.alloc::<f32>(n)?) };
+        if n > 0 {
+            let (stream, f) = MODULE.func(&dev, "swiglu_bwd_f32")?;
+            let n64 = n as u64;
+            let mut b = stream.launch_builder(&f);
+            b.arg(&gv).arg(&uv).arg(&dv).arg(&mut h).arg(&mut dg).arg(&mut du).arg(&n64);
+            drv(unsafe { b.launch(cfg1(grid_for(n), 256, 0)) })?;
+        }
+        let shape = g.shape().clone();
+        Ok((wrap(h, &dev, shape.clone()), wrap(dg, &dev, shape.clone()), wrap(du, &dev, shape)))
+    }
+}
+
 /// d gelu_tanh(x) / dx, for candle's `gelu` (the tanh approximation):
 /// `0.5 (1 + t) + 0.5 x (1 - t²) c (1 + 3 a x²)` with `t = tanh(c (x + a x³))`, `c = sqrt(2/π)`.
 fn gelu_tanh_grad(x: &Tensor) -> Result<Tensor> {
@@ -227,14 +273,9 @@ impl CustomOp3 for RoutedExpertsGrad {
                 // h = silu(g) * u, g = x gateᵀ, u = x upᵀ, y = h downᵀ
                 let g = grouped_matmul(&xs, off, &w.gate)?;
                 let u = grouped_matmul(&xs, off, &w.up)?;
-                let sig = candle_nn::ops::sigmoid(&g)?;
-                let act = (&g * &sig)?;
-                let h = (&act * &u)?;
-                let y = grouped_matmul(&h, off, &w.down)?;
                 let dh = grouped_matmul(&dy, off, &t(&w.down)?)?;
-                let du = (&dh * &act)?;
-                // silu'(g) = sig * (1 + g * (1 - sig))
-                let dg = ((&dh * &u)? * (&sig * ((&g * sig.affine(-1.0, 1.0)?)? + 1.0)?)?)?;
+                let (h, dg, du) = swiglu_backward(&g, &u, &dh)?;
+                let y = grouped_matmul(&h, off, &w.down)?;
                 let dxs = (grouped_matmul(&dg, off, &t(&w.gate)?)? + grouped_matmul(&du, off, &t(&w.up)?)?)?;
                 let dstacks = vec![wgrad(&dg, &xs)?, wgrad(&du, &xs)?, wgrad(&dy, &h)?];
                 (y, dxs, dstacks)
