@@ -1,4 +1,5 @@
-// The SwiGLU experts' elementwise backward (src/kernels/routed_grad.rs), f32, one pass:
+// The routed experts' elementwise backwards (src/kernels/routed_grad.rs), f32, one pass each.
+// SwiGLU (DiT-MoE):
 // from the recomputed gate and up projections g, u and the gradient dh of h = silu(g) * u,
 //   h  = silu(g) * u                       (the down projection's input, for its gradient)
 //   du = dh * silu(g)
@@ -19,5 +20,22 @@ extern "C" __global__ void swiglu_bwd_f32(const float* g, const float* u, const 
         // ((dh * u) * (sig * ((g * (1 - sig)) + 1)))
         const float inner = __fadd_rn(__fmul_rn(gi, __fmaf_rn(sig, -1.f, 1.f)), 1.f);
         dg[i] = __fmul_rn(__fmul_rn(dhi, ui), __fmul_rn(sig, inner));
+    }
+}
+
+// ProMoE's GELU experts (candle's tanh-approximation `gelu`): dpre = dh * gelu'(pre),
+//   gelu'(x) = 0.5 (1 + t) + 0.5 c x (1 - t²)(1 + 3 a x²),  t = tanh(c (x + a x³)),
+// rounded in the order of `gelu_tanh_backward`'s candle ops; a = 0.044715, c = sqrt(2 / pi), and
+// the products a, 3a, c, 0.5 c come as f32 arguments (the constants of candle's affine ops).
+extern "C" __global__ void gelu_tanh_bwd_f32(const float* pre, const float* dh, float* dpre, unsigned long long n,
+                                             float a, float a3, float c, float half_c) {
+    for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (unsigned long long)gridDim.x * blockDim.x) {
+        const float x = pre[i];
+        const float x2 = __fmul_rn(x, x);
+        const float t = tanhf(__fmaf_rn(__fmul_rn(x, __fmaf_rn(x2, a, 1.f)), c, 0.f));
+        const float outer = __fmaf_rn(t, 0.5f, 0.5f);
+        const float inner = __fmul_rn(__fmul_rn(x, __fmaf_rn(__fmul_rn(t, t), -1.f, 1.f)), __fmaf_rn(x2, a3, 1.f));
+        dpre[i] = __fmul_rn(dh[i], __fadd_rn(outer, __fmaf_rn(inner, half_c, 0.f)));
     }
 }
