@@ -5,7 +5,7 @@
 //   gated residual: out = x + y * gate
 // The forwards round as the candle ops they replace (affine `scale + 1` is one fma; the
 // products and sums are separate IEEE operations), so training values do not move. The
-// backwards write one packed buffer: the (N, T, D) data gradient, then each vector's gradient
+// backward (one kernel for both) writes one packed buffer: the (N, T, D) data gradient, then each vector's gradient
 // (sums over the T tokens of a sample, in token order).
 // Header-free (NVRTC needs no include path).
 
@@ -18,30 +18,6 @@ extern "C" __global__ void modulate_f32(const float* h, const float* shift, cons
     }
 }
 
-// One block per sample; each thread walks its channels over the sample's tokens.
-// packed = [dh (N*T*D) | dshift (N*D) | dscale (N*D)].
-extern "C" __global__ void modulate_bwd_f32(const float* dout, const float* h, const float* scale, float* packed,
-                                            unsigned n, unsigned t, unsigned d) {
-    const unsigned s = blockIdx.x;
-    const unsigned long long base = (unsigned long long)s * t * d;
-    float* dh = packed;
-    float* dshift = packed + (unsigned long long)n * t * d;
-    float* dscale = dshift + (unsigned long long)n * d;
-    for (unsigned c = threadIdx.x; c < d; c += blockDim.x) {
-        const float s1 = __fadd_rn(scale[(unsigned long long)s * d + c], 1.f);
-        float gs = 0.f, gsc = 0.f;
-        for (unsigned k = 0; k < t; k++) {
-            const unsigned long long i = base + (unsigned long long)k * d + c;
-            const float g = dout[i];
-            dh[i] = __fmul_rn(g, s1);
-            gs += g;
-            gsc = fmaf(g, h[i], gsc);
-        }
-        dshift[(unsigned long long)s * d + c] = gs;
-        dscale[(unsigned long long)s * d + c] = gsc;
-    }
-}
-
 extern "C" __global__ void gated_add_f32(const float* x, const float* y, const float* gate, float* out,
                                          unsigned long long total, unsigned t, unsigned d) {
     for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; i < total;
@@ -51,21 +27,30 @@ extern "C" __global__ void gated_add_f32(const float* x, const float* y, const f
     }
 }
 
-// packed = [dy (N*T*D) | dgate (N*D)]; dx is dout itself.
-extern "C" __global__ void gated_add_bwd_f32(const float* dout, const float* y, const float* gate, float* packed,
-                                             unsigned n, unsigned t, unsigned d) {
+// The backward of both: out = a * f(v) (+ shift), f(v) = v + 1 (modulate: a = h, v = scale) or
+// v (gated residual: a = y, v = gate), the vector broadcast over each sample's T tokens. One
+// block per sample; each thread walks its channels over the sample's tokens.
+// packed = [da = dout * f(v) (N*T*D) | dshift = sum_t dout (N*D), if with_shift | dv = sum_t dout * a (N*D)];
+// the gated residual's dx is dout itself.
+extern "C" __global__ void broadcast_mul_bwd_f32(const float* dout, const float* a, const float* v, float* packed,
+                                                 unsigned n, unsigned t, unsigned d, int plus_one, int with_shift) {
     const unsigned s = blockIdx.x;
     const unsigned long long base = (unsigned long long)s * t * d;
-    float* dy = packed;
-    float* dgate = packed + (unsigned long long)n * t * d;
+    float* da = packed;
+    float* dshift = packed + (unsigned long long)n * t * d;
+    float* dv = dshift + (with_shift ? (unsigned long long)n * d : 0ull);
     for (unsigned c = threadIdx.x; c < d; c += blockDim.x) {
-        const float g = gate[(unsigned long long)s * d + c];
-        float acc = 0.f;
+        const float vc = v[(unsigned long long)s * d + c];
+        const float f = plus_one ? __fadd_rn(vc, 1.f) : vc;
+        float gs = 0.f, gv = 0.f;
         for (unsigned k = 0; k < t; k++) {
             const unsigned long long i = base + (unsigned long long)k * d + c;
-            dy[i] = __fmul_rn(dout[i], g);
-            acc = fmaf(dout[i], y[i], acc);
+            const float g = dout[i];
+            da[i] = __fmul_rn(g, f);
+            gs += g;
+            gv = fmaf(g, a[i], gv);
         }
-        dgate[(unsigned long long)s * d + c] = acc;
+        if (with_shift) dshift[(unsigned long long)s * d + c] = gs;
+        dv[(unsigned long long)s * d + c] = gv;
     }
 }

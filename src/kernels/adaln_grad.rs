@@ -84,42 +84,13 @@ impl CustomOp3 for Modulate {
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(&self, s1: &candle_core::CudaStorage, l1: &Layout, s2: &candle_core::CudaStorage, l2: &Layout, s3: &candle_core::CudaStorage, l3: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
-        cuda::launch("modulate_f32", [(s1, l1), (s2, l2), (s3, l3)], l1.dims(), 0)
+        cuda::launch("modulate_f32", [(s1, l1), (s2, l2), (s3, l3)], l1.dims(), None)
     }
 
     fn bwd(&self, h: &Tensor, _shift: &Tensor, scale: &Tensor, _out: &Tensor, dout: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let packed = dout.contiguous()?.apply_op3_no_bwd(h, scale, &ModulateBwd)?;
-        let mut g = unpack(&packed, h.dims(), 2)?.into_iter();
+        let bwd = BroadcastMulBwd { plus_one: true, with_shift: true };
+        let mut g = bwd.run(dout, h, scale)?.into_iter();
         Ok((g.next(), g.next(), g.next()))
-    }
-}
-
-/// (dout, h, scale) → [dh | dshift | dscale].
-struct ModulateBwd;
-
-impl CustomOp3 for ModulateBwd {
-    fn name(&self) -> &'static str {
-        "modulate-bwd"
-    }
-
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (dout, h, scale) = (cpu(s1, l1)?, cpu(s2, l2)?, cpu(s3, l3)?);
-        let nv = scale.len();
-        let mut out = vec![0f32; dout.len() + 2 * nv];
-        let (dh, rest) = out.split_at_mut(dout.len());
-        let (dshift, dscale) = rest.split_at_mut(nv);
-        per_element(l1.dims(), |i, v| {
-            dh[i] = dout[i] * (scale[v] + 1.0);
-            dshift[v] += dout[i];
-            dscale[v] += dout[i] * h[i];
-        });
-        let len = out.len();
-        Ok((CpuStorage::F32(out), Shape::from(len)))
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(&self, s1: &candle_core::CudaStorage, l1: &Layout, s2: &candle_core::CudaStorage, l2: &Layout, s3: &candle_core::CudaStorage, l3: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
-        cuda::launch("modulate_bwd_f32", [(s1, l1), (s2, l2), (s3, l3)], l1.dims(), 2)
     }
 }
 
@@ -139,32 +110,49 @@ impl CustomOp3 for GatedAdd {
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(&self, s1: &candle_core::CudaStorage, l1: &Layout, s2: &candle_core::CudaStorage, l2: &Layout, s3: &candle_core::CudaStorage, l3: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
-        cuda::launch("gated_add_f32", [(s1, l1), (s2, l2), (s3, l3)], l1.dims(), 0)
+        cuda::launch("gated_add_f32", [(s1, l1), (s2, l2), (s3, l3)], l1.dims(), None)
     }
 
     fn bwd(&self, _x: &Tensor, y: &Tensor, gate: &Tensor, _out: &Tensor, dout: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let dout = dout.contiguous()?;
-        let packed = dout.apply_op3_no_bwd(y, gate, &GatedAddBwd)?;
-        let mut g = unpack(&packed, y.dims(), 1)?.into_iter();
+        let mut g = BroadcastMulBwd { plus_one: false, with_shift: false }.run(&dout, y, gate)?.into_iter();
         Ok((Some(dout), g.next(), g.next()))
     }
 }
 
-/// (dout, y, gate) → [dy | dgate].
-struct GatedAddBwd;
+/// The backward of both ops: `out = a * f(v) (+ shift)` with `f(v) = v + 1` (modulate: `a = h`,
+/// `v = scale`, with the shift) or `v` (gated residual: `a = y`, `v = gate`). (dout, a, v) →
+/// packed `[da | dshift (if with_shift) | dv]`.
+struct BroadcastMulBwd {
+    plus_one: bool,
+    with_shift: bool,
+}
 
-impl CustomOp3 for GatedAddBwd {
+impl BroadcastMulBwd {
+    /// `[da (N, T, D), dshift (N, D) if with_shift, dv (N, D)]`.
+    fn run(&self, dout: &Tensor, a: &Tensor, v: &Tensor) -> Result<Vec<Tensor>> {
+        let packed = dout.contiguous()?.apply_op3_no_bwd(a, v, self)?;
+        unpack(&packed, a.dims(), 1 + self.with_shift as usize)
+    }
+}
+
+impl CustomOp3 for BroadcastMulBwd {
     fn name(&self) -> &'static str {
-        "gated-add-bwd"
+        "broadcast-mul-bwd"
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (dout, y, gate) = (cpu(s1, l1)?, cpu(s2, l2)?, cpu(s3, l3)?);
-        let mut out = vec![0f32; dout.len() + gate.len()];
-        let (dy, dgate) = out.split_at_mut(dout.len());
-        per_element(l1.dims(), |i, v| {
-            dy[i] = dout[i] * gate[v];
-            dgate[v] += dout[i] * y[i];
+        let (dout, a, v) = (cpu(s1, l1)?, cpu(s2, l2)?, cpu(s3, l3)?);
+        let nv = v.len();
+        let mut out = vec![0f32; dout.len() + (1 + self.with_shift as usize) * nv];
+        let (da, rest) = out.split_at_mut(dout.len());
+        let (dshift, dv) = rest.split_at_mut(if self.with_shift { nv } else { 0 });
+        per_element(l1.dims(), |i, j| {
+            da[i] = dout[i] * if self.plus_one { v[j] + 1.0 } else { v[j] };
+            if self.with_shift {
+                dshift[j] += dout[i];
+            }
+            dv[j] += dout[i] * a[i];
         });
         let len = out.len();
         Ok((CpuStorage::F32(out), Shape::from(len)))
@@ -172,7 +160,7 @@ impl CustomOp3 for GatedAddBwd {
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(&self, s1: &candle_core::CudaStorage, l1: &Layout, s2: &candle_core::CudaStorage, l2: &Layout, s3: &candle_core::CudaStorage, l3: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
-        cuda::launch("gated_add_bwd_f32", [(s1, l1), (s2, l2), (s3, l3)], l1.dims(), 1)
+        cuda::launch("broadcast_mul_bwd_f32", [(s1, l1), (s2, l2), (s3, l3)], l1.dims(), Some((self.plus_one, self.with_shift)))
     }
 }
 
@@ -186,9 +174,10 @@ mod cuda {
     static MODULE: NvrtcModule = NvrtcModule::new(include_str!("../../kernels/adaln_grad.cu"), "ditmoe_adaln_grad");
 
     /// Runs kernel `name` on three contiguous f32 operands, the first `(N, T, D)`. A forward
-    /// (`vectors` 0) writes `(N, T, D)` elementwise; a backward writes the data gradient and
-    /// `vectors` gradients of `(N, D)` packed, one block per sample.
-    pub fn launch(name: &str, ins: [(&CudaStorage, &Layout); 3], dims: &[usize], vectors: usize) -> Result<(CudaStorage, Shape)> {
+    /// (`backward` None) writes `(N, T, D)` elementwise; the backward (`backward` = `(plus_one,
+    /// with_shift)`) writes the data gradient and one or two `(N, D)` gradients packed, one
+    /// block per sample.
+    pub fn launch(name: &str, ins: [(&CudaStorage, &Layout); 3], dims: &[usize], backward: Option<(bool, bool)>) -> Result<(CudaStorage, Shape)> {
         let dev = ins[0].0.device.clone();
         let (n, t, d) = (dims[0], dims[1], dims[2]);
         let views = ins
@@ -199,6 +188,7 @@ mod cuda {
             })
             .collect::<Result<Vec<_>>>()?;
         let total = n * t * d;
+        let vectors = backward.map_or(0, |(_, with_shift)| 1 + with_shift as usize);
         let len = total + vectors * n * d;
         let mut out = unsafe { dev.alloc::<f32>(len)? };
         if total > 0 {
@@ -209,17 +199,20 @@ mod cuda {
             }
             b.arg(&mut out);
             let (t32, d32, total64, n32) = (t as u32, d as u32, total as u64, n as u32);
-            let cfg = if vectors == 0 {
-                b.arg(&total64);
-                cfg1(grid_for(total), 256, 0)
-            } else {
-                b.arg(&n32);
-                cfg1(n32, (d.div_ceil(32) * 32).min(256) as u32, 0)
+            let flags = backward.map(|(plus_one, with_shift)| (plus_one as i32, with_shift as i32));
+            let cfg = match &flags {
+                None => {
+                    b.arg(&total64).arg(&t32).arg(&d32);
+                    cfg1(grid_for(total), 256, 0)
+                }
+                Some((plus_one, with_shift)) => {
+                    b.arg(&n32).arg(&t32).arg(&d32).arg(plus_one).arg(with_shift);
+                    cfg1(n32, (d.div_ceil(32) * 32).min(256) as u32, 0)
+                }
             };
-            b.arg(&t32).arg(&d32);
             drv(unsafe { b.launch(cfg) })?;
         }
-        let shape = if vectors == 0 { Shape::from(dims) } else { Shape::from(len) };
+        let shape = if backward.is_none() { Shape::from(dims) } else { Shape::from(len) };
         Ok((CudaStorage::wrap_cuda_slice(out, dev), shape))
     }
 }

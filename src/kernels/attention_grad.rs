@@ -34,16 +34,8 @@ struct AttentionGrad {
     /// The softmax probabilities `(N, H, T, T)`.
     p: Tensor,
     scale: f64,
-    /// The forward value, computed before the op was applied (candle's custom ops see
-    /// storages; the op's forward hands over a copy).
+    /// The forward value, computed before the op was applied ([`super::precomputed`]).
     value: Tensor,
-}
-
-impl AttentionGrad {
-    fn value_storage(&self) -> Result<(candle_core::Storage, Shape)> {
-        let (storage, layout) = self.value.storage_and_layout();
-        Ok((storage.try_clone(layout)?, self.value.shape().clone()))
-    }
 }
 
 impl CustomOp2 for AttentionGrad {
@@ -52,18 +44,12 @@ impl CustomOp2 for AttentionGrad {
     }
 
     fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        match self.value_storage()? {
-            (candle_core::Storage::Cpu(s), shape) => Ok((s, shape)),
-            _ => bail!("qkv_attention: value on another device"),
-        }
+        super::precomputed::cpu_value("qkv_attention", &self.value)
     }
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(&self, _: &candle_core::CudaStorage, _: &Layout, _: &candle_core::CudaStorage, _: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
-        match self.value_storage()? {
-            (candle_core::Storage::Cuda(s), shape) => Ok((s, shape)),
-            _ => bail!("qkv_attention: value on another device"),
-        }
+        super::precomputed::cuda_value("qkv_attention", &self.value)
     }
 
     fn bwd(&self, _qkv: &Tensor, _bias: &Tensor, _out: &Tensor, dout: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {

@@ -21,10 +21,14 @@ fn func(dev: &CudaDevice, name: &str) -> Result<Func> {
 /// offsets `starts[0..=n]`, then one array of n device pointers per list. Returns the table on
 /// the device, the element total and the list length.
 ///
+/// The lists at indices `in_place` are written by the kernel: their tensors must not overlap
+/// (an element updated twice in one launch, say moments made as clones of one zero tensor,
+/// would silently corrupt the optimizer state), so the op `what` is refused if they do.
+///
 /// The pointers stay valid while the caller holds the tensors (candle frees a storage only
 /// when its last tensor goes), and the kernels run on candle's stream, ordered after every
 /// op that produced them.
-fn table(dev: &CudaDevice, lists: &[&[Tensor]]) -> Result<(cudarc::driver::CudaSlice<u64>, usize, usize)> {
+fn table(dev: &CudaDevice, what: &str, lists: &[&[Tensor]], in_place: &[usize]) -> Result<(cudarc::driver::CudaSlice<u64>, usize, usize)> {
     let n = lists[0].len();
     let stream = dev.cuda_stream();
     let mut tab = Vec::with_capacity((lists.len() + 1) * n + 1);
@@ -34,50 +38,36 @@ fn table(dev: &CudaDevice, lists: &[&[Tensor]]) -> Result<(cudarc::driver::CudaS
         total += t.elem_count();
         tab.push(total as u64);
     }
-    for list in lists {
+    let mut written: Vec<(u64, u64)> = Vec::new();
+    for (li, list) in lists.iter().enumerate() {
         if list.len() != n {
-            bail!("foreach: operand lists of {} and {n} tensors", list.len());
+            bail!("{what}: operand lists of {} and {n} tensors", list.len());
         }
         for (i, t) in list.iter().enumerate() {
             if t.elem_count() != lists[0][i].elem_count() {
-                bail!("foreach: tensor {i} has {} elements in one list and {} in another", t.elem_count(), lists[0][i].elem_count());
+                bail!("{what}: tensor {i} has {} elements in one list and {} in another", t.elem_count(), lists[0][i].elem_count());
             }
             let (g, l) = t.storage_and_layout();
-            let Some((o, e)) = l.contiguous_offsets() else { bail!("foreach: tensor {i} is not contiguous") };
+            let Some((o, e)) = l.contiguous_offsets() else { bail!("{what}: tensor {i} is not contiguous") };
             let ptr = match &*g {
                 Storage::Cuda(c) => {
                     let view = c.as_cuda_slice::<f32>()?.slice(o..e);
                     let (p, _sync) = view.device_ptr(&stream);
                     p
                 }
-                _ => bail!("foreach: tensor {i} is not on the GPU"),
+                _ => bail!("{what}: tensor {i} is not on the GPU"),
             };
+            if in_place.contains(&li) && e > o {
+                written.push((ptr, ptr + 4 * (e - o) as u64));
+            }
             tab.push(ptr);
         }
     }
-    Ok((stream.clone_htod(&tab).map_err(candle_core::Error::wrap)?, total, n))
-}
-
-/// Refuses in-place operands that overlap: an element updated twice in one launch (say, moments
-/// made as clones of one zero tensor) would silently corrupt the optimizer state.
-fn distinct_storages(what: &str, lists: &[&[Tensor]]) -> Result<()> {
-    let mut spans: Vec<(u64, u64)> = Vec::new();
-    for list in lists {
-        for t in list.iter().filter(|t| t.elem_count() > 0) {
-            let (g, l) = t.storage_and_layout();
-            if let Storage::Cuda(c) = &*g {
-                let stream = c.device.cuda_stream();
-                let (p, _sync) = c.as_cuda_slice::<f32>()?.device_ptr(&stream);
-                let start = p + 4 * l.start_offset() as u64;
-                spans.push((start, start + 4 * t.elem_count() as u64));
-            }
-        }
-    }
-    spans.sort_unstable();
-    if spans.windows(2).any(|w| w[1].0 < w[0].1) {
+    written.sort_unstable();
+    if written.windows(2).any(|w| w[1].0 < w[0].1) {
         bail!("{what}: tensors updated in place share storage (make each one its own tensor, e.g. zeros_like per moment, not clones)")
     }
-    Ok(())
+    Ok((stream.clone_htod(&tab).map_err(candle_core::Error::wrap)?, total, n))
 }
 
 fn blocks(total: usize) -> u32 {
@@ -86,7 +76,7 @@ fn blocks(total: usize) -> u32 {
 
 pub fn sum_of_squares(ts: &[Tensor]) -> Result<f32> {
     let dev = cuda_dev(&ts[0])?;
-    let (tab, total, n) = table(&dev, &[ts])?;
+    let (tab, total, n) = table(&dev, "sum_of_squares", &[ts], &[])?;
     if total == 0 {
         return Ok(0.0);
     }
@@ -109,8 +99,7 @@ pub fn sum_of_squares(ts: &[Tensor]) -> Result<f32> {
 
 pub fn adamw(params: &[Tensor], grads: &[Tensor], m: &[Tensor], v: &[Tensor], u: &AdamWUpdate) -> Result<()> {
     let dev = cuda_dev(&params[0])?;
-    distinct_storages("AdamW", &[params, m, v])?;
-    let (tab, total, n) = table(&dev, &[params, grads, m, v])?;
+    let (tab, total, n) = table(&dev, "AdamW", &[params, grads, m, v], &[0, 2, 3])?;
     if total == 0 {
         return Ok(());
     }
@@ -131,8 +120,7 @@ pub fn adamw(params: &[Tensor], grads: &[Tensor], m: &[Tensor], v: &[Tensor], u:
 
 pub fn ema(ema: &[Tensor], params: &[Tensor], decay: f64) -> Result<()> {
     let dev = cuda_dev(&ema[0])?;
-    distinct_storages("EMA", &[ema])?;
-    let (tab, total, n) = table(&dev, &[ema, params])?;
+    let (tab, total, n) = table(&dev, "EMA", &[ema, params], &[0])?;
     if total == 0 {
         return Ok(());
     }

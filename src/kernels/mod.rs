@@ -34,6 +34,7 @@ pub mod block_ops;
 pub mod cpu;
 pub mod cuda_graph;
 pub mod foreach;
+mod precomputed;
 pub mod routed_grad;
 pub mod row_grad;
 pub use routed_grad::{routed_experts, ExpertStacks, GeluExpertWeights};

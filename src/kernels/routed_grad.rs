@@ -107,19 +107,12 @@ struct RoutedExpertsGrad {
     form: Form,
     /// The stacked tensors' shapes, in [`ExpertStacks::tensors`] order.
     shapes: Vec<Shape>,
-    /// The forward value, computed by the kernels before the op was applied.
+    /// The forward value, computed by the kernels before the op was applied
+    /// ([`super::precomputed`]).
     value: Tensor,
 }
 
 impl RoutedExpertsGrad {
-    /// A copy of the value's storage, the op's output (the inputs' storages are not read: the
-    /// value was computed from the same tensors). `combine` returns a fresh contiguous tensor,
-    /// so its whole storage is the value.
-    fn value_storage(&self) -> Result<(candle_core::Storage, Shape)> {
-        let (storage, layout) = self.value.storage_and_layout();
-        Ok((storage.try_clone(layout)?, self.value.shape().clone()))
-    }
-
     /// The stacks, viewed from the packed vector.
     fn unpack(&self, packed: &Tensor) -> Result<ExpertStacks> {
         let mut at = 0;
@@ -253,10 +246,7 @@ impl CustomOp3 for RoutedExpertsGrad {
     }
 
     fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        match self.value_storage()? {
-            (candle_core::Storage::Cpu(s), shape) => Ok((s, shape)),
-            _ => candle_core::bail!("routed_experts: the value is not on the CPU"),
-        }
+        super::precomputed::cpu_value("routed_experts", &self.value)
     }
 
     #[cfg(feature = "cuda")]
@@ -269,10 +259,7 @@ impl CustomOp3 for RoutedExpertsGrad {
         _: &candle_core::CudaStorage,
         _: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        match self.value_storage()? {
-            (candle_core::Storage::Cuda(s), shape) => Ok((s, shape)),
-            _ => candle_core::bail!("routed_experts: the value is not on the GPU"),
-        }
+        super::precomputed::cuda_value("routed_experts", &self.value)
     }
 
     fn bwd(&self, x: &Tensor, weights: &Tensor, packed: &Tensor, _: &Tensor, dout: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
