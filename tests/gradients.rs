@@ -154,3 +154,36 @@ fn fused_gelu_experts_match_dispatch_values_and_gradients() {
     let scores = Var::from_tensor(&candle_nn::ops::softmax_last_dim(&Tensor::randn(0f32, 1.0, (s, e), &Device::Cpu).unwrap()).unwrap()).unwrap();
     fused_experts_against_dispatch(&experts, &params, &x, &ids, &scores, 4);
 }
+
+/// The vendored candle-core's backward (`vendor/README.md`) stores each node's first gradient
+/// contribution as it is instead of adding it to a tensor of zeroes. Gradients of tensors used
+/// several times, through subtraction (the first contribution negated), views and reductions
+/// must still sum every contribution, and arrive contiguous as the sums did.
+#[test]
+fn patched_backward_sums_every_contribution() {
+    let dev = Device::Cpu;
+    let x0 = Tensor::new(&[[1f32, -2., 3.], [0.5, 4., -1.]], &dev).unwrap(); // (2, 3)
+    let w0 = Tensor::new(&[[2f32, 1.], [0., -1.], [3., 0.5]], &dev).unwrap(); // (3, 2)
+    let (x, w) = (Var::from_tensor(&x0).unwrap(), Var::from_tensor(&w0).unwrap());
+    let (xt, wt) = (x.as_tensor(), w.as_tensor());
+    // L = Σ x w + Σ x² − Σ 3 xᵀ + Σ (2x − x), so
+    // dL/dx[i, j] = Σ_k w[j, k] + 2 x[i, j] − 3 + 1 and dL/dw[j, k] = Σ_i x[i, j].
+    let l = (xt.matmul(wt).unwrap().sum_all().unwrap() + (xt * xt).unwrap().sum_all().unwrap()).unwrap();
+    let l = (l - (xt.t().unwrap() * 3.0).unwrap().sum_all().unwrap()).unwrap();
+    let l = (l + ((xt * 2.0).unwrap() - xt).unwrap().sum_all().unwrap()).unwrap();
+    let g = l.backward().unwrap();
+    let dx = g.get(xt).unwrap();
+    let dw = g.get(wt).unwrap();
+    let want_dx = (w0.sum_keepdim(1).unwrap().t().unwrap().broadcast_as((2, 3)).unwrap() + ((&x0 * 2.0).unwrap() - 2.0).unwrap()).unwrap();
+    let want_dw = x0.sum_keepdim(0).unwrap().t().unwrap().broadcast_as((3, 2)).unwrap();
+    let max_err = |a: &Tensor, b: &Tensor| (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert_eq!(max_err(dx, &want_dx), 0.0, "dx {dx} want {want_dx}");
+    assert_eq!(max_err(dw, &want_dw), 0.0, "dw {dw} want {want_dw}");
+
+    // x's only contribution comes through a transposed view: stored contiguous.
+    let v = Tensor::new(&[[1f32], [2.]], &dev).unwrap();
+    let g = xt.t().unwrap().matmul(&v).unwrap().sum_all().unwrap().backward().unwrap();
+    let dx = g.get(xt).unwrap();
+    assert!(dx.is_contiguous(), "the gradient of a transposed view is stored contiguous");
+    assert_eq!(dx.to_vec2::<f32>().unwrap(), vec![vec![1f32; 3], vec![2f32; 3]]);
+}
