@@ -724,6 +724,25 @@ fn run_checks(dev: &Device, section: &str) -> Result<Table> {
             let r = p.broadcast_as((3, 5, 7))?.contiguous()?;
             let g = bo::broadcast_contiguous(&on(&p)?, &[3, 5, 7])?;
             tb.add("strided_copy", &format!("broadcast {dt:?}"), "max abs", max_abs(&g, &r)?, 0.0);
+            // views that the 16-byte kernel takes (heads transposed, the attention backward's
+            // merge of q, k, v, a narrow on a 16-byte boundary, a broadcast position table) and
+            // one it must leave to the generic kernel (a narrow off the boundary)
+            let h = Tensor::randn(0f32, 1.0, (3, 5, 7, 72), &cpu_dev)?.to_dtype(dt)?;
+            let s3 = Tensor::randn(0f32, 1.0, (3, 5, 3, 7, 16), &cpu_dev)?.to_dtype(dt)?;
+            let pos = Tensor::randn(0f32, 1.0, (1, 7, 72), &cpu_dev)?.to_dtype(dt)?;
+            type View = fn(&Tensor) -> candle_core::Result<Tensor>;
+            let views: [(&str, &Tensor, View); 5] = [
+                ("heads transposed (3, 5, 7, 72)", &h, |x| x.transpose(1, 2)),
+                ("q k v merge permute (0, 3, 2, 1, 4)", &s3, |x| x.permute((0, 3, 2, 1, 4))),
+                ("narrow on a 16-byte boundary", &h, |x| x.narrow(3, 8, 48)?.transpose(1, 2)),
+                ("broadcast (1, 7, 72) to (4, 7, 72)", &pos, |x| x.broadcast_as((4, 7, 72))),
+                ("narrow off the boundary (generic kernel)", &h, |x| x.narrow(3, 1, 48)?.transpose(1, 2)),
+            ];
+            for (name, x, view) in views {
+                let r = view(x)?.contiguous()?;
+                let g = bo::contiguous(&view(&on(x)?)?)?;
+                tb.add("strided_copy", &format!("{name} {dt:?}"), "max abs", max_abs(&g, &r)?, 0.0);
+            }
         }
     }
 

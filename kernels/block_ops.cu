@@ -447,6 +447,21 @@ __device__ void strided_copy_body(const E* __restrict__ src, View6 v, u64 total,
 }
 extern "C" __global__ void strided_copy_u16(const u16* src, View6 v, u64 n, u16* out) { strided_copy_body<u16>(src, v, n, out); }
 extern "C" __global__ void strided_copy_u32(const u32* src, View6 v, u64 n, u32* out) { strided_copy_body<u32>(src, v, n, out); }
+// The common case, 16 bytes at a time: the host has rewritten the view in 16-byte units (its
+// innermost dim contiguous, every stride, the offset and the innermost size multiples of 16
+// bytes) and checked that every index fits 32 bits. The generic kernel's 64-bit divisions
+// per dim and element made a (B, H, T, hd) f32 transpose ~7x slower than the copy itself.
+extern "C" __global__ void strided_copy_v16(const uint4* __restrict__ src, View6 v, u32 total, uint4* __restrict__ out) {
+    for (u32 i = blockIdx.x * blockDim.x + threadIdx.x; i < total; i += gridDim.x * blockDim.x) {
+        u32 rem = i, off = (u32)v.offset;
+        for (int d = (int)v.rank - 1; d >= 0; --d) {
+            const u32 idx = rem % v.dims[d];
+            rem /= v.dims[d];
+            off += idx * (u32)v.strides[d];
+        }
+        out[i] = src[off];
+    }
+}
 
 // ---------------------------------------------------------------------------------------------
 // Fused attention softmax(scale q kᵀ) v for bf16 q, k, v (FlashAttention-2's forward: online

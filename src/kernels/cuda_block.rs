@@ -483,14 +483,22 @@ pub fn strided_copy(t: &Tensor) -> Result<Tensor> {
     let n64 = total as u64;
     let (g, _) = t.storage_and_layout();
     let Storage::Cuda(c) = &*g else { bail!("strided_copy: expected a CUDA tensor") };
+    let vectors = vector_view(&v, t.dtype().size_in_bytes(), total);
     macro_rules! go {
         ($ty:ty, $name:expr) => {{
             let src = c.as_cuda_slice::<$ty>()?;
             let mut out = unsafe { dev.alloc::<$ty>(total)? };
-            let f = func(&dev, $name)?;
-            let mut b = f.0.launch_builder(&f.1);
-            b.arg(src).arg(&v).arg(&n64).arg(&mut out);
-            drv(unsafe { b.launch(cfg1(grid_for(total), 256, 0)) })?;
+            if let Some((vv, n)) = &vectors {
+                let f = func(&dev, "strided_copy_v16")?;
+                let mut b = f.0.launch_builder(&f.1);
+                b.arg(src).arg(vv).arg(n).arg(&mut out);
+                drv(unsafe { b.launch(cfg1(grid_for(*n as usize), 256, 0)) })?;
+            } else {
+                let f = func(&dev, $name)?;
+                let mut b = f.0.launch_builder(&f.1);
+                b.arg(src).arg(&v).arg(&n64).arg(&mut out);
+                drv(unsafe { b.launch(cfg1(grid_for(total), 256, 0)) })?;
+            }
             Ok(wrap(out, &dev, t.shape().clone()))
         }};
     }
@@ -501,4 +509,28 @@ pub fn strided_copy(t: &Tensor) -> Result<Tensor> {
         DType::U32 => go!(u32, "strided_copy_u32"),
         dt => bail!("strided_copy: unsupported dtype {dt:?}"),
     }
+}
+
+/// The view in 16-byte units for `strided_copy_v16`, with the number of units, when it is one:
+/// the innermost dim contiguous, its size, every other stride and the offset whole multiples of
+/// 16 bytes (so every unit is aligned), and all indices within 32 bits.
+fn vector_view(v: &View6, elem_bytes: usize, total: usize) -> Option<(View6, u32)> {
+    let per = (16 / elem_bytes) as u64;
+    let last = (v.rank as usize).checked_sub(1)?;
+    let aligned = v.strides[last] == 1
+        && (v.dims[last] as u64).is_multiple_of(per)
+        && v.offset.is_multiple_of(per)
+        && (0..last).all(|d| v.dims[d] == 1 || v.strides[d].is_multiple_of(per));
+    if !aligned || total == 0 {
+        return None;
+    }
+    let mut w = *v;
+    w.dims[last] = (v.dims[last] as u64 / per) as u32;
+    w.offset = v.offset / per;
+    for d in 0..last {
+        w.strides[d] = if v.dims[d] == 1 { 0 } else { v.strides[d] / per };
+    }
+    let units = total as u64 / per;
+    let max_off = w.offset + (0..=last).map(|d| (w.dims[d] as u64 - 1) * w.strides[d]).sum::<u64>();
+    (units <= u32::MAX as u64 && max_off <= u32::MAX as u64).then_some((w, units as u32))
 }
