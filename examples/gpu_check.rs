@@ -591,6 +591,27 @@ fn run_checks(dev: &Device, section: &str) -> Result<Table> {
                 tb.add("attention-grad GPU vs CPU", &case, &format!("{what} rel"), rel(&gpu[j], &cpu_ref[j])?, 1e-5);
             }
         }
+        // the shared expert's SwiGLU as one node (`kx::expert_act::swiglu`): GPU against CPU, and
+        // against candle's autograd through silu and the product on the GPU
+        for (rows, width) in [(131072usize, 320usize), (77, 5)] {
+            let g0 = Tensor::randn(0f32, 2.0, (rows, width), &cpu_dev)?;
+            let u0 = Tensor::randn(0f32, 1.0, (rows, width), &cpu_dev)?;
+            let probe = Tensor::randn(0f32, 1.0, (rows, width), &cpu_dev)?;
+            let run = |on: &Device, fused: bool| -> Result<Vec<Tensor>> {
+                let (g, u) = (candle_core::Var::from_tensor(&g0.to_device(on)?)?, candle_core::Var::from_tensor(&u0.to_device(on)?)?);
+                let h = if fused { kx::expert_act::swiglu(g.as_tensor(), u.as_tensor())? } else { (candle_nn::ops::silu(g.as_tensor())? * u.as_tensor())? };
+                let grads = (&h * probe.to_device(on)?)?.sum_all()?.backward()?;
+                let grad = |v: &candle_core::Var| grads.get(v.as_tensor()).cloned().ok_or_else(|| anyhow::anyhow!("no gradient"));
+                Ok(vec![h.clone(), grad(&g)?, grad(&u)?])
+            };
+            let (gpu, cpu_ref, composite) = (run(dev, true)?, run(&cpu_dev, true)?, run(dev, false)?);
+            let case = format!("swiglu ({rows}, {width})");
+            tb.add("swiglu-grad", &format!("{case} value vs the composite"), "max abs (same ops)", max_abs(&gpu[0], &composite[0])?, 0.0);
+            for (j, what) in ["value", "d gate", "d up"].iter().enumerate() {
+                tb.add("swiglu-grad", &format!("{case} GPU vs CPU"), &format!("{what} rel"), rel(&gpu[j], &cpu_ref[j])?, 1e-5);
+                tb.add("swiglu-grad", &format!("{case} vs candle autograd (GPU)"), &format!("{what} rel"), rel(&gpu[j], &composite[j])?, 1e-5);
+            }
+        }
         // adaLN's modulate and gated residual (`kx::adaln_grad`): value and every gradient
         for (name, (n, t, d)) in [("modulate", (2048usize, 64usize, 160usize)), ("modulate", (8, 256, 1152)), ("gated add", (2048, 64, 160)), ("gated add", (3, 5, 7))] {
             let second = if name == "modulate" { vec![n, d] } else { vec![n, t, d] };

@@ -43,8 +43,10 @@ extern "C" __global__ void softmax_rows_f32(const float* x, float* y, unsigned l
     for (unsigned i = lane; i < n; i += 32) yr[i] = yr[i] / s;
 }
 
-// dx = y * (dy - sum(dy * y)).
-extern "C" __global__ void softmax_rows_bwd_f32(const float* y, const float* dy, float* dx, unsigned long long rows, unsigned n) {
+// dx = (y * (dy - sum(dy * y))) * scale; the scale is the attention's 1 / sqrt(hd) when the
+// softmax's input was scaled (1 otherwise: exact), rounded as candle's affine after the product.
+extern "C" __global__ void softmax_rows_bwd_f32(const float* y, const float* dy, float* dx, unsigned long long rows, unsigned n,
+                                                float scale) {
     long long r = row_index(rows);
     if (r < 0) return;
     const unsigned lane = threadIdx.x & 31;
@@ -52,7 +54,7 @@ extern "C" __global__ void softmax_rows_bwd_f32(const float* y, const float* dy,
     float s = 0.f;
     for (unsigned i = lane; i < n; i += 32) s = fmaf(dy[o + i], y[o + i], s);
     s = warp_sum(s);
-    for (unsigned i = lane; i < n; i += 32) dx[o + i] = y[o + i] * (dy[o + i] - s);
+    for (unsigned i = lane; i < n; i += 32) dx[o + i] = __fmul_rn(__fmul_rn(y[o + i], dy[o + i] - s), scale);
 }
 
 // The row's mean and 1 / sqrt(var + eps), two passes as the composite computes them.

@@ -57,7 +57,7 @@ impl CustomOp2 for AttentionGrad {
         let d_o = contiguous(&dout.reshape((b, t, h, hd))?.transpose(1, 2)?)?; // (B, H, T, hd)
         let dv = self.p.t()?.matmul(&d_o)?;
         let dp = d_o.matmul(&self.v.t()?)?;
-        let ds = (super::row_grad::softmax_rows_backward(&self.p, &dp)? * self.scale)?;
+        let ds = super::row_grad::softmax_rows_backward(&self.p, &dp, self.scale)?;
         let dq = ds.matmul(&self.k)?;
         let dk = ds.t()?.matmul(&self.q)?;
         // (B, H, T, hd) x3 -> (B, T, 3, H, hd) = qkv's layout

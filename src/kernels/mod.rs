@@ -33,6 +33,7 @@ pub mod attention_grad;
 pub mod block_ops;
 pub mod cpu;
 pub mod cuda_graph;
+pub mod expert_act;
 pub mod foreach;
 mod precomputed;
 pub mod routed_grad;

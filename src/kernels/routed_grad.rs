@@ -16,6 +16,7 @@
 //! candle's custom ops see storages, not tensors, and the kernels take tensors; so the value is
 //! computed first and the op's forward only hands it over (one `[S, D]` copy), while the
 //! backward works on the tensors autograd gives it.
+use super::expert_act::{gelu_tanh_backward, swiglu_backward};
 use super::{combine, gather_rows, grouped_gate_up_gather, grouped_matmul, grouped_weight_grad, ExpertWeights, Permutation};
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
@@ -156,88 +157,6 @@ fn expert_of_row(offsets: &Tensor, rows: usize) -> Result<Tensor> {
 fn expert_row_sums(a: &Tensor, offsets: &[u32]) -> Result<Tensor> {
     let ones = Tensor::ones((a.dim(0)?, 1), a.dtype(), a.device())?;
     grouped_weight_grad(&ones, a, offsets)?.squeeze(1)
-}
-
-/// From the gate and up projections `g`, `u` and the gradient `dh` of `h = silu(g) * u`:
-/// `(h, dg, du)` with `du = dh silu(g)` and `dg = dh u silu'(g)`,
-/// `silu'(g) = sig (1 + g (1 - sig))`. One kernel on CUDA for f32 (`kernels/expert_act_grad.cu`,
-/// rounding in the same order), candle ops elsewhere.
-fn swiglu_backward(g: &Tensor, u: &Tensor, dh: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
-    #[cfg(feature = "cuda")]
-    if [g, u, dh].iter().all(|t| t.device().is_cuda() && t.dtype() == DType::F32) && g.dims() == u.dims() && g.dims() == dh.dims() {
-        return cuda_act::swiglu_backward(g, u, dh);
-    }
-    let sig = candle_nn::ops::sigmoid(g)?;
-    let act = (g * &sig)?;
-    let h = (&act * u)?;
-    let du = (dh * &act)?;
-    let dg = ((dh * u)? * (&sig * ((g * sig.affine(-1.0, 1.0)?)? + 1.0)?)?)?;
-    Ok((h, dg, du))
-}
-
-#[cfg(feature = "cuda")]
-mod cuda_act {
-    use super::super::cuda::{cfg1, cuda_dev, drv, grid_for, view, wrap, NvrtcModule};
-    use candle_core::cuda_backend::cudarc;
-    use candle_core::{bail, Result, Storage, Tensor};
-    use cudarc::driver::PushKernelArg;
-
-    static MODULE: NvrtcModule = NvrtcModule::new(include_str!("../../kernels/expert_act_grad.cu"), "ditmoe_expert_act_grad");
-
-    pub fn swiglu_backward(g: &Tensor, u: &Tensor, dh: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
-        let dev = cuda_dev(g)?;
-        let (g, u, dh) = (g.contiguous()?, u.contiguous()?, dh.contiguous()?);
-        let n = g.elem_count();
-        view!(g, f32, _gg, gv);
-        view!(u, f32, _gu, uv);
-        view!(dh, f32, _gd, dv);
-        let (mut h, mut dg, mut du) = unsafe { (dev.alloc::<f32>(n)?, dev.alloc::<f32>(n)?, dev.alloc::<f32>(n)?) };
-        if n > 0 {
-            let (stream, f) = MODULE.func(&dev, "swiglu_bwd_f32")?;
-            let n64 = n as u64;
-            let mut b = stream.launch_builder(&f);
-            b.arg(&gv).arg(&uv).arg(&dv).arg(&mut h).arg(&mut dg).arg(&mut du).arg(&n64);
-            drv(unsafe { b.launch(cfg1(grid_for(n), 256, 0)) })?;
-        }
-        let shape = g.shape().clone();
-        Ok((wrap(h, &dev, shape.clone()), wrap(dg, &dev, shape.clone()), wrap(du, &dev, shape)))
-    }
-
-    /// `dh * gelu_tanh'(pre)`; `consts` = (a, 3a, c, c / 2) as candle's affine ops round them.
-    pub fn gelu_tanh_backward(pre: &Tensor, dh: &Tensor, consts: [f32; 4]) -> Result<Tensor> {
-        let dev = cuda_dev(pre)?;
-        let (pre, dh) = (pre.contiguous()?, dh.contiguous()?);
-        let n = pre.elem_count();
-        view!(pre, f32, _gp, pv);
-        view!(dh, f32, _gd, dv);
-        let mut out = unsafe { dev.alloc::<f32>(n)? };
-        if n > 0 {
-            let (stream, f) = MODULE.func(&dev, "gelu_tanh_bwd_f32")?;
-            let n64 = n as u64;
-            let mut b = stream.launch_builder(&f);
-            b.arg(&pv).arg(&dv).arg(&mut out).arg(&n64).arg(&consts[0]).arg(&consts[1]).arg(&consts[2]).arg(&consts[3]);
-            drv(unsafe { b.launch(cfg1(grid_for(n), 256, 0)) })?;
-        }
-        Ok(wrap(out, &dev, pre.shape().clone()))
-    }
-}
-
-/// `dh * d gelu_tanh(x) / dx` for candle's `gelu` (the tanh approximation):
-/// `0.5 (1 + t) + 0.5 x (1 - t²) c (1 + 3 a x²)` with `t = tanh(c (x + a x³))`, `c = sqrt(2/π)`.
-/// One kernel on CUDA for f32 (`kernels/expert_act_grad.cu`, rounding in the same order),
-/// candle ops elsewhere.
-fn gelu_tanh_backward(x: &Tensor, dh: &Tensor) -> Result<Tensor> {
-    const A: f64 = 0.044715;
-    let c = (2.0 / std::f64::consts::PI).sqrt();
-    #[cfg(feature = "cuda")]
-    if [x, dh].iter().all(|t| t.device().is_cuda() && t.dtype() == DType::F32) && x.dims() == dh.dims() {
-        return cuda_act::gelu_tanh_backward(x, dh, [A as f32, (3.0 * A) as f32, c as f32, (0.5 * c) as f32]);
-    }
-    let x2 = x.sqr()?;
-    let t = ((x * (x2.affine(A, 1.0)?))? * c)?.tanh()?;
-    let outer = t.affine(0.5, 0.5)?;
-    let inner = ((x * t.sqr()?.affine(-1.0, 1.0)?)? * x2.affine(3.0 * A, 1.0)?)?;
-    dh * (outer + (inner * (0.5 * c))?)?
 }
 
 impl CustomOp3 for RoutedExpertsGrad {

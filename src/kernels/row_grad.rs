@@ -19,10 +19,11 @@ pub fn softmax_rows(x: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op1(SoftmaxRows)
 }
 
-/// The softmax's backward alone: `dy`'s gradient through `y = softmax(x)`, `y (dy - Σ dy y)`
-/// row by row (f32, no autograd history).
-pub fn softmax_rows_backward(y: &Tensor, dy: &Tensor) -> Result<Tensor> {
-    y.contiguous()?.apply_op2_no_bwd(&dy.contiguous()?, &SoftmaxRowsBwd)
+/// The softmax's backward alone: `dy`'s gradient through `y = softmax(scale · x)` with respect
+/// to `x`, `scale · y (dy - Σ dy y)` row by row (f32, no autograd history; the product by the
+/// scale is rounded last, as a separate multiplication would be).
+pub fn softmax_rows_backward(y: &Tensor, dy: &Tensor, scale: f64) -> Result<Tensor> {
+    y.contiguous()?.apply_op2_no_bwd(&dy.contiguous()?, &SoftmaxRowsBwd { scale: scale as f32 })
 }
 
 /// `(x - mean) / sqrt(var + eps)` over the last axis (biased variance, no affine parameters);
@@ -90,11 +91,13 @@ impl CustomOp1 for SoftmaxRows {
     }
 
     fn bwd(&self, _x: &Tensor, y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(softmax_rows_backward(y, dy)?))
+        Ok(Some(softmax_rows_backward(y, dy, 1.0)?))
     }
 }
 
-struct SoftmaxRowsBwd;
+struct SoftmaxRowsBwd {
+    scale: f32,
+}
 
 impl CustomOp2 for SoftmaxRowsBwd {
     fn name(&self) -> &'static str {
@@ -107,7 +110,7 @@ impl CustomOp2 for SoftmaxRowsBwd {
         if n > 0 {
             for ((yr, gr), dr) in y.chunks(n).zip(dy.chunks(n)).zip(dx.chunks_mut(n)) {
                 let s: f32 = yr.iter().zip(gr).map(|(a, b)| a * b).sum();
-                dr.iter_mut().zip(yr.iter().zip(gr)).for_each(|(d, (y, g))| *d = y * (g - s));
+                dr.iter_mut().zip(yr.iter().zip(gr)).for_each(|(d, (y, g))| *d = y * (g - s) * self.scale);
             }
         }
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
@@ -115,7 +118,7 @@ impl CustomOp2 for SoftmaxRowsBwd {
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(&self, s1: &candle_core::CudaStorage, l1: &Layout, s2: &candle_core::CudaStorage, l2: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
-        cuda::binary("softmax_rows_bwd_f32", (s1, l1), (s2, l2), None)
+        cuda::binary("softmax_rows_bwd_f32", (s1, l1), (s2, l2), Some(self.scale))
     }
 }
 
@@ -195,20 +198,21 @@ mod cuda {
 
     static MODULE: NvrtcModule = NvrtcModule::new(SRC, "ditmoe_row_grad");
 
-    /// `f(x) -> y`, row by row.
-    pub fn unary(name: &str, s: &CudaStorage, l: &Layout, eps: Option<f32>) -> Result<(CudaStorage, Shape)> {
-        launch(name, &[(s, l)], eps)
+    /// `f(x) -> y`, row by row; `param` is the kernel's trailing f32 argument, if it has one
+    /// (LayerNorm's eps, the softmax backward's scale).
+    pub fn unary(name: &str, s: &CudaStorage, l: &Layout, param: Option<f32>) -> Result<(CudaStorage, Shape)> {
+        launch(name, &[(s, l)], param)
     }
 
     /// `f(a, b) -> out` of two same-shape operands, row by row.
-    pub fn binary(name: &str, a: (&CudaStorage, &Layout), b: (&CudaStorage, &Layout), eps: Option<f32>) -> Result<(CudaStorage, Shape)> {
+    pub fn binary(name: &str, a: (&CudaStorage, &Layout), b: (&CudaStorage, &Layout), param: Option<f32>) -> Result<(CudaStorage, Shape)> {
         if a.1.dims() != b.1.dims() {
             bail!("{name}: operands of shapes {:?} and {:?}", a.1.dims(), b.1.dims())
         }
-        launch(name, &[a, b], eps)
+        launch(name, &[a, b], param)
     }
 
-    fn launch(name: &str, ins: &[(&CudaStorage, &Layout)], eps: Option<f32>) -> Result<(CudaStorage, Shape)> {
+    fn launch(name: &str, ins: &[(&CudaStorage, &Layout)], param: Option<f32>) -> Result<(CudaStorage, Shape)> {
         let dev = ins[0].0.device().clone();
         let (rows, n, _, _) = rows_of(name, ins[0].0.dtype(), ins[0].1)?;
         let views = ins
@@ -227,8 +231,8 @@ mod cuda {
             }
             let (rows64, n32) = (rows as u64, n as u32);
             b.arg(&mut out).arg(&rows64).arg(&n32);
-            if let Some(e) = &eps {
-                b.arg(e);
+            if let Some(p) = &param {
+                b.arg(p);
             }
             drv(unsafe { b.launch(cfg1(rows.div_ceil(ROWS_PER_BLOCK) as u32, (32 * ROWS_PER_BLOCK) as u32, 0)) })?;
         }

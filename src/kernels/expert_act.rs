@@ -1,0 +1,154 @@
+//! The expert activations' elementwise backwards, shared by the routed experts' op
+//! ([`super::routed_grad`]) and the shared expert ([`swiglu`]): one kernel each on CUDA for f32
+//! (`kernels/expert_act_grad.cu`), the same maths as candle ops elsewhere.
+use super::precomputed;
+use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+
+/// `silu(g) * u` (DiT-MoE's SwiGLU, the shared expert's activation) as one autograd node, for
+/// training: the value comes from candle's own ops (the same bits as the composite), the
+/// backward is [`swiglu_backward`]'s single pass instead of candle's autograd through `silu`
+/// and the product (ten elementwise kernels over the `[S, I]` activations).
+pub fn swiglu(g: &Tensor, u: &Tensor) -> Result<Tensor> {
+    let value = (candle_nn::ops::silu(&g.detach())? * u.detach())?;
+    if !g.track_op() && !u.track_op() {
+        return Ok(value);
+    }
+    g.apply_op2(u, SwigluGrad { value })
+}
+
+struct SwigluGrad {
+    /// The forward value, computed before the op was applied ([`precomputed`]).
+    value: Tensor,
+}
+
+impl CustomOp2 for SwigluGrad {
+    fn name(&self) -> &'static str {
+        "swiglu"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        precomputed::cpu_value("swiglu", &self.value)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, _: &candle_core::CudaStorage, _: &Layout, _: &candle_core::CudaStorage, _: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        precomputed::cuda_value("swiglu", &self.value)
+    }
+
+    fn bwd(&self, g: &Tensor, u: &Tensor, _out: &Tensor, dh: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (g, u) = (g.detach(), u.detach());
+        let dh = dh.detach().broadcast_as(g.shape())?.contiguous()?;
+        let (_, dg, du) = swiglu_backward(&g, &u, &dh)?;
+        Ok((Some(dg), Some(du)))
+    }
+}
+
+/// From the gate and up projections `g`, `u` and the gradient `dh` of `h = silu(g) * u`:
+/// `(h, dg, du)` with `du = dh silu(g)` and `dg = dh u silu'(g)`,
+/// `silu'(g) = sig (1 + g (1 - sig))`. One kernel on CUDA for f32 (`kernels/expert_act_grad.cu`,
+/// rounding in the same order), candle ops elsewhere.
+pub(crate) fn swiglu_backward(g: &Tensor, u: &Tensor, dh: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+    #[cfg(feature = "cuda")]
+    if [g, u, dh].iter().all(|t| t.device().is_cuda() && t.dtype() == candle_core::DType::F32) && g.dims() == u.dims() && g.dims() == dh.dims() {
+        return cuda_act::swiglu_backward(g, u, dh);
+    }
+    let sig = candle_nn::ops::sigmoid(g)?;
+    let act = (g * &sig)?;
+    let h = (&act * u)?;
+    let du = (dh * &act)?;
+    let dg = ((dh * u)? * (&sig * ((g * sig.affine(-1.0, 1.0)?)? + 1.0)?)?)?;
+    Ok((h, dg, du))
+}
+
+#[cfg(feature = "cuda")]
+mod cuda_act {
+    use super::super::cuda::{cfg1, cuda_dev, drv, grid_for, view, wrap, NvrtcModule};
+    use candle_core::cuda_backend::cudarc;
+    use candle_core::{bail, Result, Storage, Tensor};
+    use cudarc::driver::PushKernelArg;
+
+    static MODULE: NvrtcModule = NvrtcModule::new(include_str!("../../kernels/expert_act_grad.cu"), "ditmoe_expert_act_grad");
+
+    pub fn swiglu_backward(g: &Tensor, u: &Tensor, dh: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let dev = cuda_dev(g)?;
+        let (g, u, dh) = (g.contiguous()?, u.contiguous()?, dh.contiguous()?);
+        let n = g.elem_count();
+        view!(g, f32, _gg, gv);
+        view!(u, f32, _gu, uv);
+        view!(dh, f32, _gd, dv);
+        let (mut h, mut dg, mut du) = unsafe { (dev.alloc::<f32>(n)?, dev.alloc::<f32>(n)?, dev.alloc::<f32>(n)?) };
+        if n > 0 {
+            let (stream, f) = MODULE.func(&dev, "swiglu_bwd_f32")?;
+            let n64 = n as u64;
+            let mut b = stream.launch_builder(&f);
+            b.arg(&gv).arg(&uv).arg(&dv).arg(&mut h).arg(&mut dg).arg(&mut du).arg(&n64);
+            drv(unsafe { b.launch(cfg1(grid_for(n), 256, 0)) })?;
+        }
+        let shape = g.shape().clone();
+        Ok((wrap(h, &dev, shape.clone()), wrap(dg, &dev, shape.clone()), wrap(du, &dev, shape)))
+    }
+
+    /// `dh * gelu_tanh'(pre)`; `consts` = (a, 3a, c, c / 2) as candle's affine ops round them.
+    pub fn gelu_tanh_backward(pre: &Tensor, dh: &Tensor, consts: [f32; 4]) -> Result<Tensor> {
+        let dev = cuda_dev(pre)?;
+        let (pre, dh) = (pre.contiguous()?, dh.contiguous()?);
+        let n = pre.elem_count();
+        view!(pre, f32, _gp, pv);
+        view!(dh, f32, _gd, dv);
+        let mut out = unsafe { dev.alloc::<f32>(n)? };
+        if n > 0 {
+            let (stream, f) = MODULE.func(&dev, "gelu_tanh_bwd_f32")?;
+            let n64 = n as u64;
+            let mut b = stream.launch_builder(&f);
+            b.arg(&pv).arg(&dv).arg(&mut out).arg(&n64).arg(&consts[0]).arg(&consts[1]).arg(&consts[2]).arg(&consts[3]);
+            drv(unsafe { b.launch(cfg1(grid_for(n), 256, 0)) })?;
+        }
+        Ok(wrap(out, &dev, pre.shape().clone()))
+    }
+}
+
+/// `dh * d gelu_tanh(x) / dx` for candle's `gelu` (the tanh approximation):
+/// `0.5 (1 + t) + 0.5 x (1 - t²) c (1 + 3 a x²)` with `t = tanh(c (x + a x³))`, `c = sqrt(2/π)`.
+/// One kernel on CUDA for f32 (`kernels/expert_act_grad.cu`, rounding in the same order),
+/// candle ops elsewhere.
+pub(crate) fn gelu_tanh_backward(x: &Tensor, dh: &Tensor) -> Result<Tensor> {
+    const A: f64 = 0.044715;
+    let c = (2.0 / std::f64::consts::PI).sqrt();
+    #[cfg(feature = "cuda")]
+    if [x, dh].iter().all(|t| t.device().is_cuda() && t.dtype() == candle_core::DType::F32) && x.dims() == dh.dims() {
+        return cuda_act::gelu_tanh_backward(x, dh, [A as f32, (3.0 * A) as f32, c as f32, (0.5 * c) as f32]);
+    }
+    let x2 = x.sqr()?;
+    let t = ((x * (x2.affine(A, 1.0)?))? * c)?.tanh()?;
+    let outer = t.affine(0.5, 0.5)?;
+    let inner = ((x * t.sqr()?.affine(-1.0, 1.0)?)? * x2.affine(3.0 * A, 1.0)?)?;
+    dh * (outer + (inner * (0.5 * c))?)?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn swiglu_matches_the_composite_with_gradients() {
+        let dev = Device::Cpu;
+        let g0 = Tensor::randn(0f32, 2.0, (37, 24), &dev).unwrap();
+        let u0 = Tensor::randn(0f32, 1.0, (37, 24), &dev).unwrap();
+        let probe = Tensor::randn(0f32, 1.0, (37, 24), &dev).unwrap();
+        let run = |fused: bool| {
+            let (g, u) = (Var::from_tensor(&g0).unwrap(), Var::from_tensor(&u0).unwrap());
+            let h = if fused { swiglu(g.as_tensor(), u.as_tensor()) } else { candle_nn::ops::silu(g.as_tensor()).and_then(|a| a * u.as_tensor()) }.unwrap();
+            let grads = (&h * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+            (h, grads.get(g.as_tensor()).unwrap().clone(), grads.get(u.as_tensor()).unwrap().clone())
+        };
+        let ((h, dg, du), (h_ref, dg_ref, du_ref)) = (run(true), run(false));
+        let rel = |a: &Tensor, b: &Tensor| {
+            let d = (a - b).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt();
+            d / b.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt()
+        };
+        assert_eq!(rel(&h, &h_ref), 0.0, "the value is the composite's");
+        assert!(rel(&dg, &dg_ref) < 1e-6, "d gate {}", rel(&dg, &dg_ref));
+        assert!(rel(&du, &du_ref) < 1e-6, "d up {}", rel(&du, &du_ref));
+    }
+}
