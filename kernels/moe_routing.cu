@@ -554,6 +554,41 @@ extern "C" __global__ void combine_bf16(const u16* __restrict__ y, const u32* __
     }
 }
 
+// ---------------------------------------------------------------------------------------
+// 5. Combine's backward (training, f32), from the gradient g = dout [S, D] of its output:
+//    towards the expert outputs, dy[r, :] = w[order[r]] * g[order[r] / k, :] (the gathered,
+//    scaled rows: one product, rounded as the composite's broadcast multiply); towards the
+//    weights, dw[order[r]] = <g[order[r] / k, :], y[r, :]>, one warp per row (the dot product
+//    in lane order, then a butterfly: another summation order than the CPU's, same maths).
+// ---------------------------------------------------------------------------------------
+extern "C" __global__ void gather_rows_scaled_f32(const float* __restrict__ g, const u32* __restrict__ order,
+                                                  const float* __restrict__ w, u32 k, u32 R, u32 D,
+                                                  float* __restrict__ dy) {
+    const size_t total = (size_t)R * D;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
+        const size_t r = i / D, c = i % D;
+        const u32 slot = order[r];
+        dy[i] = __fmul_rn(g[(size_t)(slot / k) * D + c], w[slot]);
+    }
+}
+
+extern "C" __global__ void combine_weight_grad_f32(const float* __restrict__ g, const float* __restrict__ y,
+                                                   const u32* __restrict__ order, u32 k, u32 R, u32 D,
+                                                   float* __restrict__ dw) {
+    const u32 lane = threadIdx.x & 31u;
+    const size_t warps = ((size_t)gridDim.x * blockDim.x) >> 5;
+    for (size_t r = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5; r < R; r += warps) {
+        const u32 slot = order[r];
+        const float* gt = g + (size_t)(slot / k) * D;
+        const float* yr = y + r * D;
+        float acc = 0.f;
+        for (u32 c = lane; c < D; c += 32u) acc = fmaf(gt[c], yr[c], acc);
+#pragma unroll
+        for (int off = 16; off; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+        if (lane == 0) dw[slot] = acc;
+    }
+}
+
 // [0, s]: the offsets of a single "expert" owning all rows (dense SwiGLU through the grouped GEMM)
 extern "C" __global__ void dense_offsets(u32* o, u32 s) {
     if (threadIdx.x == 0) { o[0] = 0u; o[1] = s; }

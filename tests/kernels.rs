@@ -258,6 +258,40 @@ fn gather_and_combine_match_index_ops() -> Result<()> {
     Ok(())
 }
 
+/// The combine's gradients (training) against autograd through the composite combine: rows of
+/// `dout` scaled per slot towards the expert outputs, dot products towards the weights.
+#[test]
+fn combine_gradients_match_autograd() -> Result<()> {
+    let dev = Device::Cpu;
+    let mut rng = Lcg(5);
+    let (s, k, d, e) = (97usize, 2usize, 24usize, 5usize);
+    let ids = ids_from(s, k, e, &mut rng, |r| r.below(e as u32))?;
+    let p = kx::permute_by_expert(&ids, e)?;
+    let y0 = Tensor::randn(0f32, 1.0, (s * k, d), &dev)?;
+    let w0 = Tensor::rand(0f32, 1.0, (s, k), &dev)?;
+    let dout = Tensor::randn(0f32, 1.0, (s, d), &dev)?;
+    // composite combine: index_add of the weighted rows, differentiable in both
+    let (y, w) = (candle_core::Var::from_tensor(&y0)?, candle_core::Var::from_tensor(&w0)?);
+    let tok: Vec<u32> = p.order.to_vec1::<u32>()?.iter().map(|&q| q / k as u32).collect();
+    let w_rows = w.as_tensor().flatten_all()?.index_select(&p.order, 0)?.unsqueeze(1)?;
+    let out = Tensor::zeros((s, d), DType::F32, &dev)?.index_add(&Tensor::new(tok.as_slice(), &dev)?, &y.as_tensor().broadcast_mul(&w_rows)?, 0)?;
+    let g = (&out * &dout)?.sum_all()?.backward()?;
+    let (dy_ref, dw_ref) = (g.get(y.as_tensor()).unwrap(), g.get(w.as_tensor()).unwrap());
+    let dy = kx::gather_rows_scaled(&dout, &p, &w0)?;
+    let dw = kx::combine_weight_grad(&dout, &y0, &p)?;
+    assert_eq!(dw.dims(), [s, k]);
+    assert_eq!(max_abs(&dy, dy_ref)?, 0.0, "the same product as the composite");
+    assert!(rel(&dw, dw_ref)? < 1e-6, "dw rel {}", rel(&dw, dw_ref)?);
+    // f32 only, and shapes that do not fit the permutation are refused
+    let err = kx::gather_rows_scaled(&dout.to_dtype(DType::BF16)?, &p, &w0).unwrap_err().to_string();
+    assert!(err.contains("gather_rows_scaled") && err.contains("f32"), "{err}");
+    let err = kx::combine_weight_grad(&dout, &y0.narrow(0, 0, s * k - 1)?, &p).unwrap_err().to_string();
+    assert!(err.contains("combine_weight_grad") && err.contains("expert_out"), "{err}");
+    let err = kx::gather_rows_scaled(&dout, &p, &w0.narrow(1, 0, 1)?).unwrap_err().to_string();
+    assert!(err.contains("weights"), "{err}");
+    Ok(())
+}
+
 /// The official moe_infer structure with candle ops, from given ids/weights.
 fn naive_routed(x: &Tensor, ids: &Tensor, w: &Tensor, ex: &ExpertWeights) -> Result<Tensor> {
     let (s, k) = ids.dims2()?;

@@ -115,6 +115,30 @@ pub fn gather_rows(x: &Tensor, perm: &Permutation) -> Result<Tensor> {
     x.index_select(&Tensor::from_vec(tok, n, x.device())?, 0)
 }
 
+/// See [`super::gather_rows_scaled`].
+pub fn gather_rows_scaled(dout: &Tensor, perm: &Permutation, weights: &Tensor) -> Result<Tensor> {
+    let (g, w, d) = (f32_vec(dout)?, f32_vec(weights)?, dout.dim(1)?);
+    let order: Vec<u32> = perm.order.to_vec1()?;
+    let mut out = Vec::with_capacity(order.len() * d);
+    for &slot in &order {
+        let t = slot as usize / perm.k;
+        out.extend(g[t * d..(t + 1) * d].iter().map(|&v| v * w[slot as usize]));
+    }
+    Tensor::from_vec(out, (order.len(), d), &Device::Cpu)
+}
+
+/// See [`super::combine_weight_grad`]. Each dot product summed in column order.
+pub fn combine_weight_grad(dout: &Tensor, expert_out: &Tensor, perm: &Permutation) -> Result<Tensor> {
+    let (g, y, d) = (f32_vec(dout)?, f32_vec(expert_out)?, dout.dim(1)?);
+    let order: Vec<u32> = perm.order.to_vec1()?;
+    let mut dw = vec![0f32; order.len()];
+    for (r, &slot) in order.iter().enumerate() {
+        let t = slot as usize / perm.k;
+        dw[slot as usize] = g[t * d..(t + 1) * d].iter().zip(&y[r * d..(r + 1) * d]).map(|(a, b)| a * b).sum();
+    }
+    Tensor::from_vec(dw, (order.len() / perm.k.max(1), perm.k), &Device::Cpu)
+}
+
 /// See [`super::combine`]. f32 fused multiply-adds in slot order, like the CUDA kernel.
 pub fn combine(
     expert_out: &Tensor,

@@ -507,6 +507,45 @@ pub fn gather_rows(x: &Tensor, perm: &Permutation) -> Result<Tensor> {
 }
 
 /// See [`super::combine`].
+/// See [`super::gather_rows_scaled`].
+pub fn gather_rows_scaled(dout: &Tensor, perm: &Permutation, weights: &Tensor) -> Result<Tensor> {
+    let dev = cuda_dev(dout)?;
+    let (g, w, order) = (dout.contiguous()?, weights.contiguous()?, perm.order.contiguous()?);
+    let (r, d) = (perm.rows()?, g.dim(1)?);
+    let mut out = unsafe { dev.alloc::<f32>(r * d)? };
+    if r * d > 0 {
+        view!(g, f32, _gg, gv);
+        view!(w, f32, _gw, wv);
+        view!(order, u32, _go, ov);
+        let (k32, r32, d32) = (perm.k as u32, r as u32, d as u32);
+        let f = routing_fn(&dev, "gather_rows_scaled_f32")?;
+        let mut b = f.0.launch_builder(&f.1);
+        b.arg(&gv).arg(&ov).arg(&wv).arg(&k32).arg(&r32).arg(&d32).arg(&mut out);
+        drv(unsafe { b.launch(cfg1(grid_for(r * d), 256, 0)) })?;
+    }
+    Ok(wrap(out, &dev, (r, d)))
+}
+
+/// See [`super::combine_weight_grad`].
+pub fn combine_weight_grad(dout: &Tensor, expert_out: &Tensor, perm: &Permutation) -> Result<Tensor> {
+    let dev = cuda_dev(dout)?;
+    let (g, y, order) = (dout.contiguous()?, expert_out.contiguous()?, perm.order.contiguous()?);
+    let (r, d) = y.dims2()?;
+    let mut dw = unsafe { dev.alloc::<f32>(r)? };
+    if r > 0 {
+        view!(g, f32, _gg, gv);
+        view!(y, f32, _gy, yv);
+        view!(order, u32, _go, ov);
+        let (k32, r32, d32) = (perm.k as u32, r as u32, d as u32);
+        let f = routing_fn(&dev, "combine_weight_grad_f32")?;
+        let mut b = f.0.launch_builder(&f.1);
+        b.arg(&gv).arg(&yv).arg(&ov).arg(&k32).arg(&r32).arg(&d32).arg(&mut dw);
+        // one warp per row, eight per block
+        drv(unsafe { b.launch(cfg1(r.div_ceil(8).min(1 << 20) as u32, 256, 0)) })?;
+    }
+    Ok(wrap(dw, &dev, (r / perm.k.max(1), perm.k)))
+}
+
 pub fn combine(
     expert_out: &Tensor,
     perm: &Permutation,

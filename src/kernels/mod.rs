@@ -370,6 +370,48 @@ pub fn gather_rows(x: &Tensor, perm: &Permutation) -> Result<Tensor> {
     }
 }
 
+/// The gradient of [`combine`] (without `add`) towards the expert outputs: the token rows of
+/// `dout` `[S, D]` in expert-contiguous order, each scaled by its slot's weight,
+/// `dy[r] = weights[order[r]] * dout[order[r] / k]` `[R, D]`; f32, `weights` `[S, k]`.
+/// The same product as gathering and multiplying; one pass on CUDA.
+pub fn gather_rows_scaled(dout: &Tensor, perm: &Permutation, weights: &Tensor) -> Result<Tensor> {
+    check_gather_rows("gather_rows_scaled", dout, perm)?;
+    check_f32("gather_rows_scaled", &[dout, weights])?;
+    if weights.dims() != [perm.tokens()?, perm.k] {
+        candle_core::bail!("gather_rows_scaled: weights {:?} are not [{}, {}]", weights.dims(), perm.tokens()?, perm.k)
+    }
+    match dout.device() {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => cuda::gather_rows_scaled(dout, perm, weights),
+        _ => cpu::gather_rows_scaled(dout, perm, weights),
+    }
+}
+
+/// The gradient of [`combine`] towards its weights:
+/// `dw[t, j] = <dout[t], expert_out[inv[t*k + j]]>` `[S, k]`, f32, `dout` `[S, D]`,
+/// `expert_out` `[R, D]` in expert-contiguous order. One warp per row on CUDA, summing in
+/// another order than the CPU's sequential sum (the same maths to f32 rounding).
+pub fn combine_weight_grad(dout: &Tensor, expert_out: &Tensor, perm: &Permutation) -> Result<Tensor> {
+    check_gather_rows("combine_weight_grad", dout, perm)?;
+    if expert_out.dims() != [perm.rows()?, dout.dim(1)?] {
+        candle_core::bail!("combine_weight_grad: expert_out {:?} is not [{}, {}]", expert_out.dims(), perm.rows()?, dout.dim(1)?)
+    }
+    check_f32("combine_weight_grad", &[dout, expert_out])?;
+    match dout.device() {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => cuda::combine_weight_grad(dout, expert_out, perm),
+        _ => cpu::combine_weight_grad(dout, expert_out, perm),
+    }
+}
+
+/// f32 operands (the training path).
+fn check_f32(op: &str, ts: &[&Tensor]) -> Result<()> {
+    if ts.iter().any(|t| t.dtype() != DType::F32) {
+        candle_core::bail!("{op}: f32 only, got {:?}", ts.iter().map(|t| t.dtype()).collect::<Vec<_>>())
+    }
+    Ok(())
+}
+
 /// Weighted combine back to token order:
 /// `out[t] = add[t] + sum_{j=0..k-1} weights[t, j] * expert_out[inv[t*k + j]]`,
 /// accumulated in f32 in exactly that order (fused multiply-adds, no atomics), rounded once to

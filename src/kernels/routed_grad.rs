@@ -191,10 +191,8 @@ impl CustomOp3 for RoutedExpertsGrad {
         let (x, weights, dout) = (x.detach(), weights.detach(), dout.detach().to_dtype(x.dtype())?);
         let t = |w: &Tensor| w.transpose(1, 2)?.contiguous();
         let xs = gather_rows(&x, perm)?;
-        let dout_rows = gather_rows(&dout, perm)?;
-        let w_rows = weights.flatten_all()?.index_select(&perm.order, 0)?.to_dtype(x.dtype())?;
         // dy = w * dout per row: the combine's gradient towards the expert outputs
-        let dy = dout_rows.broadcast_mul(&w_rows.unsqueeze(1)?)?;
+        let dy = combine_grad::rows(&dout, perm, &weights)?;
 
         // The expert MLP on its rows, recomputed: y and, from dy, the rows' gradient dxs and the
         // stacks' gradients (in `ExpertStacks::tensors` order).
@@ -221,10 +219,35 @@ impl CustomOp3 for RoutedExpertsGrad {
         };
 
         // dw: each slot's gate weight scaled its expert's output row
-        let dw_rows = (&dout_rows.to_dtype(DType::F32)? * y.to_dtype(DType::F32)?)?.sum(1)?;
-        let dweights = dw_rows.index_select(&perm.inv, 0)?.reshape((s, k))?.to_dtype(weights.dtype())?;
+        let dweights = combine_grad::weights(&dout, &y, perm)?.to_dtype(weights.dtype())?;
         let dx = combine(&dxs, perm, &Tensor::ones((s, k), DType::F32, x.device())?, None)?;
         let dpacked = Tensor::cat(&dstacks.iter().map(|t| t.flatten_all()).collect::<Result<Vec<_>>>()?, 0)?;
         Ok((Some(dx), Some(dweights), Some(dpacked)))
     }
 }
+
+/// The combine's two gradients: the fused kernels for f32 (training's dtype), the composite of
+/// gathers, products and sums for other dtypes.
+mod combine_grad {
+    use super::super::{combine_weight_grad, gather_rows, gather_rows_scaled, Permutation};
+    use candle_core::{DType, Result, Tensor};
+
+    /// `w[slot(r)] * dout[token(r)]`, `[R, D]` in `dout`'s dtype.
+    pub fn rows(dout: &Tensor, perm: &Permutation, weights: &Tensor) -> Result<Tensor> {
+        if dout.dtype() == DType::F32 {
+            return gather_rows_scaled(dout, perm, &weights.to_dtype(DType::F32)?);
+        }
+        let w_rows = weights.flatten_all()?.index_select(&perm.order, 0)?.to_dtype(dout.dtype())?;
+        gather_rows(dout, perm)?.broadcast_mul(&w_rows.unsqueeze(1)?)
+    }
+
+    /// `<dout[token(r)], y[r]>` at each row's slot, `[S, k]` f32.
+    pub fn weights(dout: &Tensor, y: &Tensor, perm: &Permutation) -> Result<Tensor> {
+        if dout.dtype() == DType::F32 && y.dtype() == DType::F32 {
+            return combine_weight_grad(dout, y, perm);
+        }
+        let dw_rows = (gather_rows(dout, perm)?.to_dtype(DType::F32)? * y.to_dtype(DType::F32)?)?.sum(1)?;
+        dw_rows.index_select(&perm.inv, 0)?.reshape((perm.tokens()?, perm.k))
+    }
+}
+
