@@ -561,8 +561,8 @@ extern "C" __global__ void combine_bf16(const u16* __restrict__ y, const u32* __
 //    weights, dw[order[r]] = <g[order[r] / k, :], y[r, :]>, one warp per row (the dot product
 //    in lane order, then a butterfly: another summation order than the CPU's, same maths).
 // ---------------------------------------------------------------------------------------
-extern "C" __global__ void gather_rows_scaled_f32(const float* __restrict__ g, const u32* __restrict__ order,
-                                                  const float* __restrict__ w, u32 k, u32 R, u32 D,
+extern "C" __global__ void gather_rows_scaled_f32(const float* __restrict__ g, const float* __restrict__ w,
+                                                  const u32* __restrict__ order, u32 k, u32 R, u32 D,
                                                   float* __restrict__ dy) {
     const size_t total = (size_t)R * D;
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {

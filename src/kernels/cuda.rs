@@ -509,41 +509,35 @@ pub fn gather_rows(x: &Tensor, perm: &Permutation) -> Result<Tensor> {
 /// See [`super::combine`].
 /// See [`super::gather_rows_scaled`].
 pub fn gather_rows_scaled(dout: &Tensor, perm: &Permutation, weights: &Tensor) -> Result<Tensor> {
-    let dev = cuda_dev(dout)?;
-    let (g, w, order) = (dout.contiguous()?, weights.contiguous()?, perm.order.contiguous()?);
-    let (r, d) = (perm.rows()?, g.dim(1)?);
-    let mut out = unsafe { dev.alloc::<f32>(r * d)? };
-    if r * d > 0 {
-        view!(g, f32, _gg, gv);
-        view!(w, f32, _gw, wv);
-        view!(order, u32, _go, ov);
-        let (k32, r32, d32) = (perm.k as u32, r as u32, d as u32);
-        let f = routing_fn(&dev, "gather_rows_scaled_f32")?;
-        let mut b = f.0.launch_builder(&f.1);
-        b.arg(&gv).arg(&ov).arg(&wv).arg(&k32).arg(&r32).arg(&d32).arg(&mut out);
-        drv(unsafe { b.launch(cfg1(grid_for(r * d), 256, 0)) })?;
-    }
-    Ok(wrap(out, &dev, (r, d)))
+    let (r, d) = (perm.rows()?, dout.dim(1)?);
+    combine_grad("gather_rows_scaled_f32", dout, weights, perm, r * d, grid_for(r * d), (r, d))
 }
 
 /// See [`super::combine_weight_grad`].
 pub fn combine_weight_grad(dout: &Tensor, expert_out: &Tensor, perm: &Permutation) -> Result<Tensor> {
-    let dev = cuda_dev(dout)?;
-    let (g, y, order) = (dout.contiguous()?, expert_out.contiguous()?, perm.order.contiguous()?);
-    let (r, d) = y.dims2()?;
-    let mut dw = unsafe { dev.alloc::<f32>(r)? };
-    if r > 0 {
-        view!(g, f32, _gg, gv);
-        view!(y, f32, _gy, yv);
+    let r = perm.rows()?;
+    // one warp per row, eight per block
+    let blocks = r.div_ceil(8).min(1 << 20) as u32;
+    combine_grad("combine_weight_grad_f32", dout, expert_out, perm, r, blocks, (r / perm.k.max(1), perm.k))
+}
+
+/// Launches one of the combine's gradient kernels `(a, b, order, k, R, D, out)` over the
+/// permutation's R rows, `out` of `len` f32 (shaped `shape`), D the width of `a`.
+fn combine_grad(name: &str, a: &Tensor, b: &Tensor, perm: &Permutation, len: usize, blocks: u32, shape: (usize, usize)) -> Result<Tensor> {
+    let dev = cuda_dev(a)?;
+    let (a, b, order) = (a.contiguous()?, b.contiguous()?, perm.order.contiguous()?);
+    let mut out = unsafe { dev.alloc::<f32>(len)? };
+    if len > 0 {
+        view!(a, f32, _ga, av);
+        view!(b, f32, _gb, bv);
         view!(order, u32, _go, ov);
-        let (k32, r32, d32) = (perm.k as u32, r as u32, d as u32);
-        let f = routing_fn(&dev, "combine_weight_grad_f32")?;
-        let mut b = f.0.launch_builder(&f.1);
-        b.arg(&gv).arg(&yv).arg(&ov).arg(&k32).arg(&r32).arg(&d32).arg(&mut dw);
-        // one warp per row, eight per block
-        drv(unsafe { b.launch(cfg1(r.div_ceil(8).min(1 << 20) as u32, 256, 0)) })?;
+        let (k32, r32, d32) = (perm.k as u32, perm.rows()? as u32, a.dim(1)? as u32);
+        let f = routing_fn(&dev, name)?;
+        let mut l = f.0.launch_builder(&f.1);
+        l.arg(&av).arg(&bv).arg(&ov).arg(&k32).arg(&r32).arg(&d32).arg(&mut out);
+        drv(unsafe { l.launch(cfg1(blocks, 256, 0)) })?;
     }
-    Ok(wrap(dw, &dev, (r / perm.k.max(1), perm.k)))
+    Ok(wrap(out, &dev, shape))
 }
 
 pub fn combine(
