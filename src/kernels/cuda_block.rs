@@ -298,14 +298,21 @@ pub fn softmax_scaled(s: &Tensor, scale: f64) -> Result<Tensor> {
     let rows = s.elem_count() / cols.max(1);
     let dev = cuda_dev(s)?;
     let s = s.contiguous()?;
-    let f = func(&dev, &format!("softmax_scaled_{}", suffix(s.dtype(), "softmax_scaled")?))?;
-    let (sc, c32) = (scale as f32, cols as u32);
+    // rows up to 128 wide: one warp per row, eight rows per block (the same bits)
+    let warp = cols <= 128;
+    let f = func(&dev, &format!("softmax_scaled_{}{}", if warp { "warp_" } else { "" }, suffix(s.dtype(), "softmax_scaled")?))?;
+    let (sc, c32, r32) = (scale as f32, cols as u32, rows as u32);
     by_dtype!(s.dtype(), E, {
         view!(s, E, _gs, sv);
         let mut out = unsafe { dev.alloc::<E>(rows * cols)? };
         let mut b = f.0.launch_builder(&f.1);
-        b.arg(&sv).arg(&sc).arg(&c32).arg(&mut out);
-        drv(unsafe { b.launch(cfg1(rows as u32, 128, 0)) })?;
+        b.arg(&sv).arg(&sc).arg(&c32);
+        if warp {
+            b.arg(&r32);
+        }
+        b.arg(&mut out);
+        let cfg = if warp { cfg1(rows.div_ceil(8) as u32, 256, 0) } else { cfg1(rows as u32, 128, 0) };
+        drv(unsafe { b.launch(cfg) })?;
         Ok(wrap(out, &dev, s.shape().clone()))
     })
 }
