@@ -383,7 +383,8 @@ pub fn gather_rows_scaled(dout: &Tensor, perm: &Permutation, weights: &Tensor) -
     match dout.device() {
         #[cfg(feature = "cuda")]
         Device::Cuda(_) => cuda::gather_rows_scaled(dout, perm, weights),
-        _ => cpu::gather_rows_scaled(dout, perm, weights),
+        // the CPU reference reads any device's tensors; its result goes back to theirs
+        _ => cpu::gather_rows_scaled(dout, perm, weights)?.to_device(dout.device()),
     }
 }
 
@@ -400,7 +401,7 @@ pub fn combine_weight_grad(dout: &Tensor, expert_out: &Tensor, perm: &Permutatio
     match dout.device() {
         #[cfg(feature = "cuda")]
         Device::Cuda(_) => cuda::combine_weight_grad(dout, expert_out, perm),
-        _ => cpu::combine_weight_grad(dout, expert_out, perm),
+        _ => cpu::combine_weight_grad(dout, expert_out, perm)?.to_device(dout.device()),
     }
 }
 
