@@ -66,9 +66,19 @@ template <> struct Io<u16> {
     static __device__ __forceinline__ void store2(u16* p, u64 i, float a, float b) { *(u32*)(p + i) = (u32)f2bf(a) | ((u32)f2bf(b) << 16); }
 };
 
+// Warp-wide sum and max (a butterfly: every lane gets the result).
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
 // Block-wide sum of one float per thread (blockDim.x a multiple of 32, at most 1024).
 __device__ __forceinline__ float block_sum(float v, float* shared) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    v = warp_sum(v);
     const u32 lane = threadIdx.x & 31u, warp = threadIdx.x >> 5;
     __syncthreads();
     if (lane == 0) shared[warp] = v;
@@ -78,7 +88,7 @@ __device__ __forceinline__ float block_sum(float v, float* shared) {
     return t;
 }
 __device__ __forceinline__ float block_max(float v, float* shared) {
-    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    v = warp_max(v);
     const u32 lane = threadIdx.x & 31u, warp = threadIdx.x >> 5;
     __syncthreads();
     if (lane == 0) shared[warp] = v;
@@ -144,10 +154,6 @@ __device__ __forceinline__ float4 add_bias(const u16* b, u64 j, float4 h) {
     const u32 lo = pack_bf16(h.x + v.x, h.y + v.y), hi = pack_bf16(h.z + v.z, h.w + v.w);
     return make_float4(__uint_as_float(lo << 16), __uint_as_float(lo & 0xffff0000u), __uint_as_float(hi << 16),
                        __uint_as_float(hi & 0xffff0000u));
-}
-__device__ __forceinline__ float warp_sum(float v) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
 }
 
 // LayerNorm (no affine, eps) of each row, then modulate: out = n * (1 + scale) + shift. With
@@ -437,7 +443,7 @@ __device__ void softmax_scaled_warp_body(const E* __restrict__ s, float scale, u
     const u64 base = row * cols;
     float m = NEG_INF;
     for (u32 j = lane; j < cols; j += 32u) m = fmaxf(m, Io<E>::load(s, base + j) * scale);
-    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+    m = warp_max(m);
     float t = 0.f;
     for (u32 w = 0; w < 4u; ++w) {
         float sum = 0.f;

@@ -506,7 +506,6 @@ pub fn gather_rows(x: &Tensor, perm: &Permutation) -> Result<Tensor> {
     Ok(out)
 }
 
-/// See [`super::combine`].
 /// See [`super::gather_rows_scaled`].
 pub fn gather_rows_scaled(dout: &Tensor, perm: &Permutation, weights: &Tensor) -> Result<Tensor> {
     let (r, d) = (perm.rows()?, dout.dim(1)?);
@@ -540,6 +539,7 @@ fn combine_grad(name: &str, a: &Tensor, b: &Tensor, perm: &Permutation, len: usi
     Ok(wrap(out, &dev, shape))
 }
 
+/// See [`super::combine`].
 pub fn combine(
     expert_out: &Tensor,
     perm: &Permutation,

@@ -4,15 +4,16 @@
 use super::precomputed;
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 
-/// `silu(g) * u` (DiT-MoE's SwiGLU, the shared expert's activation) as one autograd node, for
-/// training: the value comes from candle's own ops (the same bits as the composite), the
-/// backward is [`swiglu_backward`]'s single pass instead of candle's autograd through `silu`
-/// and the product (ten elementwise kernels over the `[S, I]` activations).
+/// `silu(g) * u` (DiT-MoE's SwiGLU, the shared expert's activation). Under autograd in f32
+/// (training) it is one node: the value comes from candle's own ops (the same bits as the
+/// composite), the backward is [`swiglu_backward`]'s single pass instead of candle's autograd
+/// through `silu` and the product (ten elementwise kernels over the `[S, I]` activations).
+/// Otherwise it is the composite itself.
 pub fn swiglu(g: &Tensor, u: &Tensor) -> Result<Tensor> {
-    let value = (candle_nn::ops::silu(&g.detach())? * u.detach())?;
-    if !g.track_op() && !u.track_op() {
-        return Ok(value);
+    if !(g.track_op() || u.track_op()) || g.dtype() != candle_core::DType::F32 {
+        return candle_nn::ops::silu(g)? * u;
     }
+    let value = (candle_nn::ops::silu(&g.detach())? * u.detach())?;
     g.apply_op2(u, SwigluGrad { value })
 }
 

@@ -250,4 +250,3 @@ mod combine_grad {
         dw_rows.index_select(&perm.inv, 0)?.reshape((perm.tokens()?, perm.k))
     }
 }
-

@@ -111,13 +111,7 @@ impl StackedExperts for GeluMlp {
 
 impl Module for SwigluExpert {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (g, u) = (self.gate_proj.forward(x)?, self.up_proj.forward(x)?);
-        // Under autograd in f32 (training), one node with a one-pass backward.
-        let h = if (g.track_op() || u.track_op()) && g.dtype() == candle_core::DType::F32 {
-            crate::kernels::expert_act::swiglu(&g, &u)?
-        } else {
-            (candle_nn::ops::silu(&g)? * u)?
-        };
+        let h = crate::kernels::expert_act::swiglu(&self.gate_proj.forward(x)?, &self.up_proj.forward(x)?)?;
         self.down_proj.forward(&h)
     }
 }
