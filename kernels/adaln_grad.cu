@@ -7,7 +7,7 @@
 // products and sums are separate IEEE operations), so training values do not move. The
 // backward (one kernel for both) writes one packed buffer: the (N, T, D) data gradient, then each vector's gradient
 // (sums over the T tokens of a sample, in token order).
-// Header-free (NVRTC needs no include path).
+// Compiled after kernels/common.cuh, like every source here (it uses none of it).
 
 extern "C" __global__ void modulate_f32(const float* h, const float* shift, const float* scale, float* out,
                                         unsigned long long total, unsigned t, unsigned d) {

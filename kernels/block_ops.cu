@@ -20,19 +20,9 @@
 //                   flash_attn_qkn also applies the flash form's q/k LayerNorm (no split pass)
 //
 // Modulation vectors live in the adaLN output `mods` [N, C*D] f32 (chunk c at column c*D):
-// token row m belongs to image m / T. Header-free: bf16 is handled as raw u16 bits.
-typedef unsigned int u32;
-typedef unsigned short u16;
-typedef unsigned long long u64;
-#define NEG_INF __int_as_float(0xff800000)
+// token row m belongs to image m / T. Compiled after kernels/common.cuh (bf16 as raw u16 bits,
+// warp reductions).
 
-__device__ __forceinline__ float bf2f(u16 v) { return __uint_as_float(((u32)v) << 16); }
-// float -> bf16, round to nearest even, one cvt (sm_80+; NaN stays NaN)
-__device__ __forceinline__ u16 f2bf(float f) {
-    u16 r;
-    asm("cvt.rn.bf16.f32 %0, %1;\n" : "=h"(r) : "f"(f));
-    return r;
-}
 // float -> float16 -> float, round to nearest even, with float16's overflow to infinity and
 // its subnormals (as the CPU path's `to_dtype(F16)`): two cvts.
 __device__ __forceinline__ float round_f16(float f) {
@@ -66,16 +56,6 @@ template <> struct Io<u16> {
     static __device__ __forceinline__ void store2(u16* p, u64 i, float a, float b) { *(u32*)(p + i) = (u32)f2bf(a) | ((u32)f2bf(b) << 16); }
 };
 
-// Warp-wide sum and max (a butterfly: every lane gets the result).
-__device__ __forceinline__ float warp_sum(float v) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
-__device__ __forceinline__ float warp_max(float v) {
-    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-    return v;
-}
-
 // Block-wide sum of one float per thread (blockDim.x a multiple of 32, at most 1024).
 __device__ __forceinline__ float block_sum(float v, float* shared) {
     v = warp_sum(v);
@@ -107,13 +87,6 @@ __device__ __forceinline__ float4 ld4(const u16* p, u64 i) {
     return make_float4(bf2f((u16)(w.x & 0xffffu)), bf2f((u16)(w.x >> 16)), bf2f((u16)(w.y & 0xffffu)), bf2f((u16)(w.y >> 16)));
 }
 __device__ __forceinline__ void st4(float* p, u64 i, float4 v) { *(float4*)(p + i) = v; }
-// Two floats to packed bf16 (lo, hi), round to nearest even, in one cvt (sm_80+): the row
-// kernels' stores and the attention's P fragments, packed for every key tile.
-__device__ __forceinline__ u32 pack_bf16(float lo, float hi) {
-    u32 r;
-    asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
-    return r;
-}
 // Packed bf16 pairs (two to a u32), as the qkv split and the attention's q/k norm hold them.
 // x + b of bf16 pairs, rounded to bf16 (a bf16 add; both packed two to a word)
 __device__ __forceinline__ u32 add_bf16x2(u32 x, u32 b) {

@@ -6,7 +6,7 @@
 //   dg = dh * u * sig * (1 + g * (1 - sig))  with sig = sigmoid(g)
 // As candle ops this was ten passes over the [rows, I] tensors (~25 ms of a training step of the
 // bundled model, ncu job 30). The operations are rounded in the composite's order.
-// Header-free (NVRTC needs no include path).
+// Compiled after kernels/common.cuh, like every source here (it uses none of it).
 
 extern "C" __global__ void swiglu_bwd_f32(const float* g, const float* u, const float* dh, float* h, float* dg, float* du,
                                           unsigned long long n) {

@@ -12,12 +12,10 @@
 // the CPU path do (`affine` is one fma, `+ - * /` and sqrt are IEEE), so the fused update gives
 // the same bits as those ops on the GPU; the `__f*_rn` intrinsics keep the compiler from
 // contracting them into other fmas.
-// Header-free (NVRTC needs no include path).
+// Compiled after kernels/common.cuh (u64, warp_sum).
 
 #define CHUNK 4096
 #define THREADS 256
-
-typedef unsigned long long u64;
 
 // The tensor holding element i: the largest t with starts[t] <= i (empty tensors share their
 // start with the next one and are skipped).
@@ -50,12 +48,11 @@ __device__ __forceinline__ void for_each_element(const u64* starts, int n, F f) 
 
 __device__ __forceinline__ float block_sum(float s) {
     __shared__ float warp_sums[THREADS / 32];
-    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+    s = warp_sum(s);
     if ((threadIdx.x & 31) == 0) warp_sums[threadIdx.x >> 5] = s;
     __syncthreads();
     s = threadIdx.x < THREADS / 32 ? warp_sums[threadIdx.x] : 0.f;
-    if (threadIdx.x < 32)
-        for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+    if (threadIdx.x < 32) s = warp_sum(s);
     return s;
 }
 

@@ -1,6 +1,7 @@
 // Grouped expert GEMMs for ditmoe's MoE layer: one launch per projection over all experts.
 //
-// Compiled at run time with NVRTC (src/kernels/cuda.rs); header-free (bf16 as raw u16).
+// Compiled at run time with NVRTC (src/kernels/cuda.rs) after kernels/common.cuh; header-free
+// (bf16 as raw u16).
 //
 //   C[r, :] = A[src(r), :] . W_e^T      for the rows r of expert e, offsets[e] <= r < offsets[e+1]
 //   A [*, K] row-major, W [E, N, K] row-major (nn.Linear layout [out, in] per expert),
@@ -26,24 +27,12 @@
 // f32 kernels: SIMT tiles (64 x 64 x 16 or 128 x 128), exact f32 FMA accumulation, and the
 // tensor-core ones (sm_80+, below): 3xTF32 (f32-level accuracy) or plain TF32 (training).
 
-typedef unsigned int u32;
-typedef unsigned short u16;
-typedef unsigned long long u64;
-
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define GG_HAS_WGMMA 1
 #else
 #define GG_HAS_WGMMA 0
 #endif
 
-__device__ __forceinline__ float bf2f(u16 h) { return __uint_as_float(((u32)h) << 16); }
-// Two floats to packed bf16 (lo, hi), round to nearest even: one cvt instruction (sm_80+),
-// where the bit-twiddling version cost ~6 integer ops per value in every epilogue.
-__device__ __forceinline__ u32 pack_bf16x2(float lo, float hi) {
-    u32 r;
-    asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
-    return r;
-}
 __device__ __forceinline__ float silu_f(float g) { return g / (1.f + expf(-g)); }
 // Fast SiLU for the bf16 epilogues (the result is rounded to bf16 anyway) with one SFU op per
 // value: e^-g on the SFU, 1 / (1 + e^-g) by Newton's method on the FMA pipe. __fdividef's
@@ -399,7 +388,7 @@ __device__ __forceinline__ void gg_bf16_body(const u16* __restrict__ A, const u3
     auto put = [&](u32 rl, u32 oc, float v0, float v1) {
         if (rl < rows && oc < N) {
             const size_t grow = (size_t)seg + m0 + rl;
-            const u32 v = pack_bf16x2(v0, v1);
+            const u32 v = pack_bf16(v0, v1);
             *(u32*)(C + grow * N + oc) = v;
         }
     };
@@ -462,7 +451,7 @@ __device__ __forceinline__ void gg_put2(u16* __restrict__ C, const GgTile& T, u3
                                         float v1) {
     if (rl < T.rows && oc < N) {
         const size_t grow = (size_t)T.seg + T.m0 + rl;
-        const u32 v = pack_bf16x2(v0, v1);
+        const u32 v = pack_bf16(v0, v1);
         *(u32*)(C + grow * N + oc) = v;
     }
 }
@@ -493,10 +482,10 @@ __device__ __forceinline__ void gg_wg_store(const float* acc, const GgTile& T, u
                 const int j = 4 * g + t;
                 if (SWIGLU) {
                     const int gi = SPLIT ? j : 2 * j, ui = SPLIT ? j + BN / 16 : 2 * j + 1;
-                    v[t] = pack_bf16x2(silu_fast(acc[gi * 4 + 2 * h]) * acc[ui * 4 + 2 * h],
+                    v[t] = pack_bf16(silu_fast(acc[gi * 4 + 2 * h]) * acc[ui * 4 + 2 * h],
                                        silu_fast(acc[gi * 4 + 2 * h + 1]) * acc[ui * 4 + 2 * h + 1]);
                 } else {
-                    v[t] = pack_bf16x2(acc[j * 4 + 2 * h], acc[j * 4 + 2 * h + 1]);
+                    v[t] = pack_bf16(acc[j * 4 + 2 * h], acc[j * 4 + 2 * h + 1]);
                 }
             }
             // 4x4 transpose in the quad: lane q ends with tile 4 g + q's pairs from lanes 0..3

@@ -1,8 +1,8 @@
 // MoE routing kernels for ditmoe: fused top-k gating, stable counting sort by expert,
 // row gather and deterministic weighted combine.
 //
-// Compiled at run time with NVRTC (src/kernels/cuda.rs). Header-free on purpose: bf16 is
-// handled as raw 16-bit patterns, so no CUDA include directory is needed at run time.
+// Compiled at run time with NVRTC (src/kernels/cuda.rs), after kernels/common.cuh: header-free
+// on purpose (bf16 as raw 16-bit patterns), so no CUDA include directory is needed at run time.
 //
 // Conventions (shared with the Rust CPU reference in src/kernels/cpu.rs):
 //   S tokens, E experts, k experts per token, N = S*k slots; slot p = t*k + j.
@@ -11,19 +11,7 @@
 //   order[N]: slot index of each expert-contiguous row, ascending within an expert.
 //   inv[N]: inverse of order (row position of each slot).
 
-typedef unsigned int u32;
-typedef unsigned short u16;
-
-__device__ __forceinline__ float bf2f(u16 h) { return __uint_as_float(((u32)h) << 16); }
-__device__ __forceinline__ u16 f2bf(float f) {  // round to nearest even, NaN kept quiet
-    u32 u = __float_as_uint(f);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (u16)((u >> 16) | 0x40u);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (u16)(u >> 16);
-}
-
 struct alignas(16) U4 { u32 x, y, z, w; };
-#define NEG_INF __int_as_float(0xff800000)
 
 // ---------------------------------------------------------------------------------------
 // 1. Fused gating: softmax (f32) + top-k + per-expert counts and mean scores, one launch.

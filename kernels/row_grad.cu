@@ -4,19 +4,9 @@
 // every one a full pass over the activations (ncu: ~20% of a training step of the bundled
 // model). The maths is the composites': softmax exp(x - max) / sum; LayerNorm
 // (x - mean) / sqrt(var + eps) with the biased variance (torch.nn.LayerNorm).
-// Header-free (NVRTC needs no include path).
+// Compiled after kernels/common.cuh (warp_sum, warp_max).
 
 #define ROWS_PER_BLOCK 8
-
-__device__ __forceinline__ float warp_sum(float v) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
-
-__device__ __forceinline__ float warp_max(float v) {
-    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-    return v;
-}
 
 // This warp's row, or -1 past the end.
 __device__ __forceinline__ long long row_index(unsigned long long rows) {

@@ -171,7 +171,7 @@ mod cuda {
     use candle_core::{bail, Layout, Result, Shape};
     use cudarc::driver::PushKernelArg;
 
-    static MODULE: NvrtcModule = NvrtcModule::new(include_str!("../../kernels/adaln_grad.cu"), "ditmoe_adaln_grad");
+    static MODULE: NvrtcModule = NvrtcModule::new(nvrtc_source!("adaln_grad.cu"), "ditmoe_adaln_grad");
 
     /// Runs kernel `name` on three contiguous f32 operands, the first `(N, T, D)`. A forward
     /// (`backward` None) writes `(N, T, D)` elementwise; the backward (`backward` = `(plus_one,

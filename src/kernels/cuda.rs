@@ -8,8 +8,8 @@ use candle_core::{bail, DType, Device, Result, Shape, Storage, Tensor};
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use std::sync::OnceLock;
 
-const ROUTING_SRC: &str = include_str!("../../kernels/moe_routing.cu");
-const GEMM_SRC: &str = include_str!("../../kernels/grouped_gemm.cu");
+const ROUTING_SRC: &str = nvrtc_source!("moe_routing.cu");
+const GEMM_SRC: &str = nvrtc_source!("grouped_gemm.cu");
 
 /// NVRTC output for the current GPU generation.
 pub struct Modules {

@@ -7,7 +7,7 @@ use candle_core::{bail, DType, Result, Storage, Tensor};
 use cudarc::driver::{DeviceRepr, PushKernelArg};
 use half::bf16;
 
-const SRC: &str = include_str!("../../kernels/block_ops.cu");
+const SRC: &str = nvrtc_source!("block_ops.cu");
 
 static MODULE: NvrtcModule = NvrtcModule::new(SRC, "ditmoe_block_ops");
 

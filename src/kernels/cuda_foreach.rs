@@ -6,7 +6,7 @@ use candle_core::cuda_backend::{cudarc, CudaDevice};
 use candle_core::{bail, Result, Storage, Tensor};
 use cudarc::driver::{DevicePtr, PushKernelArg};
 
-const SRC: &str = include_str!("../../kernels/foreach.cu");
+const SRC: &str = nvrtc_source!("foreach.cu");
 /// Elements per block and threads per block (`CHUNK`, `THREADS` in the source).
 const CHUNK: usize = 4096;
 const THREADS: u32 = 256;

@@ -68,7 +68,7 @@ mod cuda_act {
     use candle_core::{bail, Result, Storage, Tensor};
     use cudarc::driver::PushKernelArg;
 
-    static MODULE: NvrtcModule = NvrtcModule::new(include_str!("../../kernels/expert_act_grad.cu"), "ditmoe_expert_act_grad");
+    static MODULE: NvrtcModule = NvrtcModule::new(nvrtc_source!("expert_act_grad.cu"), "ditmoe_expert_act_grad");
 
     pub fn swiglu_backward(g: &Tensor, u: &Tensor, dh: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
         let dev = cuda_dev(g)?;

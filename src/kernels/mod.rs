@@ -28,6 +28,15 @@
 //! ```
 use candle_core::{DType, Device, Result, Tensor};
 
+/// The NVRTC source of `kernels/<file>`: `kernels/common.cuh` (integer shorthands, bf16 as raw
+/// bits, warp reductions) followed by the file, so no source needs an include path at run time.
+#[cfg(feature = "cuda")]
+macro_rules! nvrtc_source {
+    ($file:literal) => {
+        concat!(include_str!("../../kernels/common.cuh"), include_str!(concat!("../../kernels/", $file)))
+    };
+}
+
 pub mod adaln_grad;
 pub mod attention_grad;
 pub mod block_ops;

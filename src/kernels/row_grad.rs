@@ -192,7 +192,7 @@ mod cuda {
     use candle_core::{bail, Layout, Result, Shape};
     use cudarc::driver::PushKernelArg;
 
-    const SRC: &str = include_str!("../../kernels/row_grad.cu");
+    const SRC: &str = nvrtc_source!("row_grad.cu");
     /// One warp per row (`ROWS_PER_BLOCK` in the source).
     const ROWS_PER_BLOCK: usize = 8;
 
