@@ -93,11 +93,13 @@ fn fill(img: &mut RgbImage, x0: u32, y0: u32, x1: u32, y1: u32, color: [u8; 3]) 
     }
 }
 
-/// One panel: bars on a log axis spanning the decades that hold every value.
+/// One panel: bars on a log axis spanning the decades that hold every value, starting at
+/// least a tenth of a decade below the smallest (a bar of exactly 1 ms on an axis starting at
+/// 1 ms would have no height).
 fn panel(title: &str, rows: &[Row]) -> RgbImage {
     let values = rows.iter().flat_map(|r| [r.ours_ms, r.official_range.0, r.official_range.1]);
     let (lo, hi) = values.fold((f64::MAX, f64::MIN), |(a, b), v| (a.min(v), b.max(v)));
-    let (d0, d1) = (lo.log10().floor(), hi.log10().ceil());
+    let (d0, d1) = ((lo.log10() - 0.1).floor(), hi.log10().ceil());
     let y_of = |ms: f64| TOP + PLOT_H - (((ms.log10() - d0) / (d1 - d0)) * PLOT_H as f64).round() as u32;
     let group_w = 2 * BAR_W + GROUP_GAP;
     let width = LEFT + rows.len() as u32 * group_w + 20;
