@@ -8,6 +8,7 @@
 // bundled model, ncu job 30). The operations are rounded in the composite's order.
 // Compiled after kernels/common.cuh, like every source here (it uses none of it).
 
+// h may be null (the shared expert's backward needs no recomputed h: its op kept the value).
 extern "C" __global__ void swiglu_bwd_f32(const float* g, const float* u, const float* dh, float* h, float* dg, float* du,
                                           unsigned long long n) {
     for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
@@ -15,7 +16,7 @@ extern "C" __global__ void swiglu_bwd_f32(const float* g, const float* u, const 
         const float gi = g[i], ui = u[i], dhi = dh[i];
         const float sig = 1.f / (1.f + expf(-gi));  // candle's sigmoid kernel
         const float act = __fmul_rn(gi, sig);
-        h[i] = __fmul_rn(act, ui);
+        if (h) h[i] = __fmul_rn(act, ui);
         du[i] = __fmul_rn(dhi, act);
         // ((dh * u) * (sig * ((g * (1 - sig)) + 1)))
         const float inner = __fadd_rn(__fmul_rn(gi, __fmaf_rn(sig, -1.f, 1.f)), 1.f);

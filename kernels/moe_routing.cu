@@ -571,8 +571,7 @@ extern "C" __global__ void combine_weight_grad_f32(const float* __restrict__ g, 
         const float* yr = y + r * D;
         float acc = 0.f;
         for (u32 c = lane; c < D; c += 32u) acc = fmaf(gt[c], yr[c], acc);
-#pragma unroll
-        for (int off = 16; off; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+        acc = warp_sum(acc);
         if (lane == 0) dw[slot] = acc;
     }
 }

@@ -211,6 +211,18 @@ fn permutation_is_a_stable_counting_sort() -> Result<()> {
     Ok(())
 }
 
+/// The token of each expert-contiguous row (`order[r] / k`).
+fn row_tokens(p: &kx::Permutation) -> Result<Vec<u32>> {
+    Ok(p.order.to_vec1::<u32>()?.iter().map(|&q| q / p.k as u32).collect())
+}
+
+/// The combine as index ops: `base` plus the rows of `y` scaled by their slot's weight, added at
+/// their tokens (`index_add`); differentiable in `y` and `w`.
+fn index_combine(base: &Tensor, y: &Tensor, p: &kx::Permutation, w: &Tensor) -> Result<Tensor> {
+    let w_rows = w.flatten_all()?.index_select(&p.order, 0)?.unsqueeze(1)?;
+    base.index_add(&Tensor::new(row_tokens(p)?.as_slice(), y.device())?, &y.broadcast_mul(&w_rows)?, 0)
+}
+
 #[test]
 fn gather_and_combine_match_index_ops() -> Result<()> {
     let dev = Device::Cpu;
@@ -220,25 +232,14 @@ fn gather_and_combine_match_index_ops() -> Result<()> {
     let p = kx::permute_by_expert(&ids, e)?;
     let x = Tensor::randn(0f32, 1.0, (s, d), &dev)?;
     let xr = kx::gather_rows(&x, &p)?;
-    let tok: Vec<u32> = p
-        .order
-        .to_vec1::<u32>()?
-        .iter()
-        .map(|&q| q / k as u32)
-        .collect();
-    let want = x.index_select(&Tensor::new(tok.as_slice(), &dev)?, 0)?;
+    let want = x.index_select(&Tensor::new(row_tokens(&p)?.as_slice(), &dev)?, 0)?;
     assert_eq!(max_abs(&xr, &want)?, 0.0);
     // combine == scatter back with index_add of weighted rows
     let y = Tensor::randn(0f32, 1.0, (s * k, d), &dev)?;
     let w = Tensor::rand(0f32, 1.0, (s, k), &dev)?;
     let add = Tensor::randn(0f32, 1.0, (s, d), &dev)?;
     let out = kx::combine(&y, &p, &w, Some(&add))?;
-    let wflat = w.flatten_all()?.index_select(&p.order, 0)?.unsqueeze(1)?;
-    let want = add.index_add(
-        &Tensor::new(tok.as_slice(), &dev)?,
-        &y.broadcast_mul(&wflat)?,
-        0,
-    )?;
+    let want = index_combine(&add, &y, &p, &w)?;
     assert!(max_abs(&out, &want)? < 1e-5);
     // deterministic: bit-identical on repeat, and the same in bf16 through the f32 path
     assert_eq!(max_abs(&out, &kx::combine(&y, &p, &w, Some(&add))?)?, 0.0);
@@ -272,9 +273,7 @@ fn combine_gradients_match_autograd() -> Result<()> {
     let dout = Tensor::randn(0f32, 1.0, (s, d), &dev)?;
     // composite combine: index_add of the weighted rows, differentiable in both
     let (y, w) = (candle_core::Var::from_tensor(&y0)?, candle_core::Var::from_tensor(&w0)?);
-    let tok: Vec<u32> = p.order.to_vec1::<u32>()?.iter().map(|&q| q / k as u32).collect();
-    let w_rows = w.as_tensor().flatten_all()?.index_select(&p.order, 0)?.unsqueeze(1)?;
-    let out = Tensor::zeros((s, d), DType::F32, &dev)?.index_add(&Tensor::new(tok.as_slice(), &dev)?, &y.as_tensor().broadcast_mul(&w_rows)?, 0)?;
+    let out = index_combine(&Tensor::zeros((s, d), DType::F32, &dev)?, y.as_tensor(), &p, w.as_tensor())?;
     let g = (&out * &dout)?.sum_all()?.backward()?;
     let (dy_ref, dw_ref) = (g.get(y.as_tensor()).unwrap(), g.get(w.as_tensor()).unwrap());
     let dy = kx::gather_rows_scaled(&dout, &p, &w0)?;

@@ -509,7 +509,7 @@ pub fn gather_rows(x: &Tensor, perm: &Permutation) -> Result<Tensor> {
 /// See [`super::gather_rows_scaled`].
 pub fn gather_rows_scaled(dout: &Tensor, perm: &Permutation, weights: &Tensor) -> Result<Tensor> {
     let (r, d) = (perm.rows()?, dout.dim(1)?);
-    combine_grad("gather_rows_scaled_f32", dout, weights, perm, r * d, grid_for(r * d), (r, d))
+    combine_grad("gather_rows_scaled_f32", dout, weights, perm, grid_for(r * d), (r, d))
 }
 
 /// See [`super::combine_weight_grad`].
@@ -517,14 +517,15 @@ pub fn combine_weight_grad(dout: &Tensor, expert_out: &Tensor, perm: &Permutatio
     let r = perm.rows()?;
     // one warp per row, eight per block
     let blocks = r.div_ceil(8).min(1 << 20) as u32;
-    combine_grad("combine_weight_grad_f32", dout, expert_out, perm, r, blocks, (r / perm.k.max(1), perm.k))
+    combine_grad("combine_weight_grad_f32", dout, expert_out, perm, blocks, (perm.tokens()?, perm.k))
 }
 
 /// Launches one of the combine's gradient kernels `(a, b, order, k, R, D, out)` over the
-/// permutation's R rows, `out` of `len` f32 (shaped `shape`), D the width of `a`.
-fn combine_grad(name: &str, a: &Tensor, b: &Tensor, perm: &Permutation, len: usize, blocks: u32, shape: (usize, usize)) -> Result<Tensor> {
+/// permutation's R rows, `out` f32 of `shape`, D the width of `a`.
+fn combine_grad(name: &str, a: &Tensor, b: &Tensor, perm: &Permutation, blocks: u32, shape: (usize, usize)) -> Result<Tensor> {
     let dev = cuda_dev(a)?;
     let (a, b, order) = (a.contiguous()?, b.contiguous()?, perm.order.contiguous()?);
+    let len = shape.0 * shape.1;
     let mut out = unsafe { dev.alloc::<f32>(len)? };
     if len > 0 {
         view!(a, f32, _ga, av);

@@ -39,23 +39,24 @@ impl CustomOp2 for SwigluGrad {
     fn bwd(&self, g: &Tensor, u: &Tensor, _out: &Tensor, dh: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (g, u) = (g.detach(), u.detach());
         let dh = dh.detach().broadcast_as(g.shape())?.contiguous()?;
-        let (_, dg, du) = swiglu_backward(&g, &u, &dh)?;
+        let (_, dg, du) = swiglu_backward(&g, &u, &dh, false)?;
         Ok((Some(dg), Some(du)))
     }
 }
 
 /// From the gate and up projections `g`, `u` and the gradient `dh` of `h = silu(g) * u`:
 /// `(h, dg, du)` with `du = dh silu(g)` and `dg = dh u silu'(g)`,
-/// `silu'(g) = sig (1 + g (1 - sig))`. One kernel on CUDA for f32 (`kernels/expert_act_grad.cu`,
-/// rounding in the same order), candle ops elsewhere.
-pub(crate) fn swiglu_backward(g: &Tensor, u: &Tensor, dh: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+/// `silu'(g) = sig (1 + g (1 - sig))`, `h` only `with_h` (the routed experts recompute it for
+/// the down projection's gradient; the shared expert's op kept its value). One kernel on CUDA
+/// for f32 (`kernels/expert_act_grad.cu`, rounding in the same order), candle ops elsewhere.
+pub(crate) fn swiglu_backward(g: &Tensor, u: &Tensor, dh: &Tensor, with_h: bool) -> Result<(Option<Tensor>, Tensor, Tensor)> {
     #[cfg(feature = "cuda")]
     if [g, u, dh].iter().all(|t| t.device().is_cuda() && t.dtype() == candle_core::DType::F32) && g.dims() == u.dims() && g.dims() == dh.dims() {
-        return cuda_act::swiglu_backward(g, u, dh);
+        return cuda_act::swiglu_backward(g, u, dh, with_h);
     }
     let sig = candle_nn::ops::sigmoid(g)?;
     let act = (g * &sig)?;
-    let h = (&act * u)?;
+    let h = with_h.then(|| &act * u).transpose()?;
     let du = (dh * &act)?;
     let dg = ((dh * u)? * (&sig * ((g * sig.affine(-1.0, 1.0)?)? + 1.0)?)?)?;
     Ok((h, dg, du))
@@ -63,30 +64,36 @@ pub(crate) fn swiglu_backward(g: &Tensor, u: &Tensor, dh: &Tensor) -> Result<(Te
 
 #[cfg(feature = "cuda")]
 mod cuda_act {
-    use super::super::cuda::{cfg1, cuda_dev, drv, grid_for, view, wrap, NvrtcModule};
+    use super::super::cuda::{cfg1, cuda_dev, drv, grid_for, view, wrap, NvrtcModule, NULL};
     use candle_core::cuda_backend::cudarc;
     use candle_core::{bail, Result, Storage, Tensor};
     use cudarc::driver::PushKernelArg;
 
     static MODULE: NvrtcModule = NvrtcModule::new(nvrtc_source!("expert_act_grad.cu"), "ditmoe_expert_act_grad");
 
-    pub fn swiglu_backward(g: &Tensor, u: &Tensor, dh: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+    pub fn swiglu_backward(g: &Tensor, u: &Tensor, dh: &Tensor, with_h: bool) -> Result<(Option<Tensor>, Tensor, Tensor)> {
         let dev = cuda_dev(g)?;
         let (g, u, dh) = (g.contiguous()?, u.contiguous()?, dh.contiguous()?);
         let n = g.elem_count();
         view!(g, f32, _gg, gv);
         view!(u, f32, _gu, uv);
         view!(dh, f32, _gd, dv);
-        let (mut h, mut dg, mut du) = unsafe { (dev.alloc::<f32>(n)?, dev.alloc::<f32>(n)?, dev.alloc::<f32>(n)?) };
+        let mut h = if with_h { Some(unsafe { dev.alloc::<f32>(n)? }) } else { None };
+        let (mut dg, mut du) = unsafe { (dev.alloc::<f32>(n)?, dev.alloc::<f32>(n)?) };
         if n > 0 {
             let (stream, f) = MODULE.func(&dev, "swiglu_bwd_f32")?;
             let n64 = n as u64;
             let mut b = stream.launch_builder(&f);
-            b.arg(&gv).arg(&uv).arg(&dv).arg(&mut h).arg(&mut dg).arg(&mut du).arg(&n64);
+            b.arg(&gv).arg(&uv).arg(&dv);
+            match h.as_mut() {
+                Some(h) => b.arg(h),
+                None => b.arg(&NULL),
+            };
+            b.arg(&mut dg).arg(&mut du).arg(&n64);
             drv(unsafe { b.launch(cfg1(grid_for(n), 256, 0)) })?;
         }
         let shape = g.shape().clone();
-        Ok((wrap(h, &dev, shape.clone()), wrap(dg, &dev, shape.clone()), wrap(du, &dev, shape)))
+        Ok((h.map(|h| wrap(h, &dev, shape.clone())), wrap(dg, &dev, shape.clone()), wrap(du, &dev, shape)))
     }
 
     /// `dh * gelu_tanh'(pre)`; `consts` = (a, 3a, c, c / 2) as candle's affine ops round them.

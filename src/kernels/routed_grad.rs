@@ -202,7 +202,7 @@ impl CustomOp3 for RoutedExpertsGrad {
                 let g = grouped_matmul(&xs, off, &w.gate)?;
                 let u = grouped_matmul(&xs, off, &w.up)?;
                 let dh = grouped_matmul(&dy, off, &t(&w.down)?)?;
-                let (h, dg, du) = swiglu_backward(&g, &u, &dh)?;
+                let (Some(h), dg, du) = swiglu_backward(&g, &u, &dh, true)? else { candle_core::bail!("routed_experts: swiglu_backward gave no h") };
                 let y = grouped_matmul(&h, off, &w.down)?;
                 let dxs = (grouped_matmul(&dg, off, &t(&w.gate)?)? + grouped_matmul(&du, off, &t(&w.up)?)?)?;
                 let dstacks = vec![wgrad(&dg, &xs)?, wgrad(&du, &xs)?, wgrad(&dy, &h)?];
