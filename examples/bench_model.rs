@@ -14,6 +14,8 @@
 //! block run alone. Timing: `ditmoe::kernels::timing::median_ms` (CUDA events, calls back to
 //! back). `--graph-probe STAGE` checks one piece of the forward under graph capture;
 //! `--gemm-variant NAME` runs every grouped GEMM with one kernel variant (tuning).
+//! `--matmul-floor` adds, per model and batch, the forward's matmuls alone as dense cuBLAS
+//! products (`matmul_floor`): what any implementation pays for its matmul FLOPs on this GPU.
 use anyhow::Result;
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
@@ -106,6 +108,64 @@ fn breakdown(name: &str, dtype_name: &str, model: &DitMoe, b: usize, device: &De
     Ok(())
 }
 
+/// `--matmul-floor`: the forward's matmul FLOPs as plain dense products (candle's matmul, i.e.
+/// cuBLAS), back to back and replayed as one CUDA graph, with nothing else: per block the qkv,
+/// out and router projections, the shared expert, the routed experts as one dense product over
+/// all k·S routed rows (the FLOPs of the grouped GEMMs without their gather or uneven
+/// segments), and the attention's q kᵀ and p v as batched products; the adaLN projection of
+/// all blocks once. No routing, norms, softmax, residuals or patch embedding: a floor for the
+/// forward of this model on this GPU, whoever implements it. One weight set serves every block
+/// (the products are compute-bound; an expert's weights do not fit in L2 either way).
+/// Returns the chain's ms and FLOPs, with and without the attention's products (cuBLAS is
+/// not at its best on T x hd = 256 x 72 batches; the chain without them bounds from below).
+fn matmul_floor(cfg: &DitConfig, dtype: DType, b: usize, device: &Device, budget: f64) -> Result<[(f64, f64); 2]> {
+    let (t, d, heads) = (cfg.num_patches(), cfg.hidden_size, cfg.num_heads);
+    let (hd, s) = (d / heads, b * t);
+    let (ri, si, k) = (cfg.mlp_ratio * d, cfg.n_shared_experts * d, cfg.num_experts_per_tok);
+    let rand = |shape: &[usize]| -> Result<Tensor> {
+        Ok(Tensor::randn(0f32, (1.0 / d as f32).sqrt(), shape, device)?.to_dtype(dtype)?)
+    };
+    // (activation [m, kk], weight [n, kk]) pairs, multiplied as activation · weightᵀ
+    let mut linears = vec![(rand(&[s, d])?, rand(&[3 * d, d])?), (rand(&[s, d])?, rand(&[d, d])?)];
+    linears.push((rand(&[s, d])?, rand(&[cfg.num_experts, d])?));
+    if si > 0 {
+        linears.push((rand(&[s, d])?, rand(&[2 * si, d])?));
+        linears.push((rand(&[s, si])?, rand(&[d, si])?));
+    }
+    linears.push((rand(&[k * s, d])?, rand(&[2 * ri, d])?));
+    linears.push((rand(&[k * s, ri])?, rand(&[d, ri])?));
+    let (q, kt, p, v) = (rand(&[b * heads, t, hd])?, rand(&[b * heads, hd, t])?, rand(&[b * heads, t, t])?, rand(&[b * heads, t, hd])?);
+    let (c, ada) = (rand(&[b, d])?, rand(&[6 * d, d])?);
+    let attention_flops = cfg.depth as f64 * 2.0 * 2.0 * (b * heads * t * t * hd) as f64;
+    let mut flops = 2.0 * (b * 6 * d * cfg.depth * d) as f64;
+    for (x, w) in &linears {
+        flops += cfg.depth as f64 * 2.0 * (x.dim(0)? * x.dim(1)? * w.dim(0)?) as f64;
+    }
+    let block = |attention: bool| -> candle_core::Result<Tensor> {
+        for (x, w) in &linears {
+            drop(x.matmul(&w.t()?)?);
+        }
+        if attention {
+            drop(q.matmul(&kt)?);
+            drop(p.matmul(&v)?);
+        }
+        c.matmul(&ada.t()?)
+    };
+    let z = Tensor::zeros(1, DType::F32, device)?;
+    let time = |attention: bool| -> Result<f64> {
+        let mut graphed = GraphedForward::new(|_: &Tensor, _: &Tensor, _: &Tensor| (1..cfg.depth).try_fold(block(attention)?, |_, _| block(attention)));
+        graphed.call(&z, &z, &z)?;
+        let ms = median_ms(device, budget, || graphed.call(&z, &z, &z).map(drop))?;
+        if let Some(e) = graphed.capture_error() {
+            println!("matmul floor: CUDA graph capture failed, eager: {e}");
+        }
+        Ok(ms)
+    };
+    // the adaLN product runs once per block here: depth x [B, D] x [D, 6D] has the FLOPs of
+    // the model's one [B, D] x [D, 6D depth] product
+    Ok([(time(true)?, flops + attention_flops), (time(false)?, flops)])
+}
+
 /// `--graph-probe STAGE`: one piece of the forward captured as a CUDA graph, replayed on
 /// fresh inputs and compared with its eager result (run each stage in its own process: a
 /// faulting replay poisons the context).
@@ -181,6 +241,10 @@ fn main() -> Result<()> {
         "| model | dtype | batch | ms / forward, eager | ms / forward, CUDA graph | images/s | TFLOP/s | graph vs eager |".to_string(),
         "|---|---|---:|---:|---:|---:|---:|---:|".to_string(),
     ];
+    let mut floor_rows = vec![
+        "| model | dtype | batch | ms / forward (best) | ms, its matmuls alone as dense cuBLAS | their TFLOP/s | forward / floor | TFLOP: floor / forward | ms without the attention's products | their TFLOP/s |".to_string(),
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|".to_string(),
+    ];
     for name in models.split(',') {
         let cfg = presets::get(name)?.config;
         for dtype_name in arg("--dtypes", "f32").split(',') {
@@ -229,9 +293,25 @@ fn main() -> Result<()> {
                 if flag("--breakdown") {
                     breakdown(name, dtype_name, &model, b, &device)?;
                 }
+                if flag("--matmul-floor") {
+                    let [(floor_ms, floor_flops), (proj_ms, proj_flops)] = matmul_floor(&cfg, dtype, b, &device, budget)?;
+                    let row = format!(
+                        "| {name} | {dtype_name} | {b} | {best:.2} | {floor_ms:.2} | {:.1} | {:.2}x | {:.2} / {:.2} | {proj_ms:.2} | {:.1} |",
+                        floor_flops / floor_ms / 1e9,
+                        best / floor_ms,
+                        floor_flops / 1e12,
+                        flops_per_image(&cfg) * b as f64 / 1e12,
+                        proj_flops / proj_ms / 1e9
+                    );
+                    println!("matmul floor {row}");
+                    floor_rows.push(row);
+                }
             }
         }
     }
     println!("\n{}", table.join("\n"));
+    if floor_rows.len() > 2 {
+        println!("\n{}", floor_rows.join("\n"));
+    }
     Ok(())
 }
