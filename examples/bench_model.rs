@@ -112,8 +112,8 @@ fn breakdown(name: &str, dtype_name: &str, model: &DitMoe, b: usize, device: &De
 /// cuBLAS), back to back and replayed as one CUDA graph, with nothing else: per block the qkv,
 /// out and router projections, the shared expert, the routed experts as one dense product over
 /// all k·S routed rows (the FLOPs of the grouped GEMMs without their gather or uneven
-/// segments), and the attention's q kᵀ and p v as batched products; the adaLN projection of
-/// all blocks once. No routing, norms, softmax, residuals or patch embedding: a floor for the
+/// segments), the attention's q kᵀ and p v as batched products and the block's adaLN
+/// projection. No routing, norms, softmax, residuals or patch embedding: a floor for the
 /// forward of this model on this GPU, whoever implements it. One weight set serves every block
 /// (the products are compute-bound; an expert's weights do not fit in L2 either way).
 /// Returns the chain's ms and FLOPs, with and without the attention's products (cuBLAS is
