@@ -388,6 +388,16 @@ fn run_checks(dev: &Device, section: &str) -> Result<Table> {
                 route: "skewed",
             },
             GCase {
+                // S's width: two 192-wide down tiles (the split-N kernel), some experts empty
+                name: "S-shape skewed",
+                s: 1500,
+                k: 2,
+                e: 8,
+                d: 384,
+                i: 1536,
+                route: "skewed",
+            },
+            GCase {
                 name: "all-on-one",
                 s: 1000,
                 k: 1,

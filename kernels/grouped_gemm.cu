@@ -772,7 +772,7 @@ __device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {
         "r"(parity)
         : "memory");
 }
-// a 64 (K) x BN / 2 (rows) box of a 2-D bf16 tensor map into both blocks of the pair
+// a 64 (K) x rows box of a 2-D bf16 tensor map (the map's box) into both blocks of the pair
 __device__ __forceinline__ void tma_load_multicast(u32 dst, const GgTmaMap* map, u32 k0, u32 row, u32 bar) {
     asm volatile(
         "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster "
@@ -780,7 +780,7 @@ __device__ __forceinline__ void tma_load_multicast(u32 dst, const GgTmaMap* map,
         "l"((u64)map), "r"(k0), "r"(row), "r"(bar), "h"((unsigned short)3)
         : "memory");
 }
-// a 64 (K) x 128 (rows) box of a 2-D bf16 tensor map into this block only
+// a 64 (K) x rows box of a 2-D bf16 tensor map (the map's box) into this block only
 __device__ __forceinline__ void tma_load(u32 dst, const GgTmaMap* map, u32 k0, u32 row, u32 bar) {
     asm volatile(
         "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes "
@@ -791,12 +791,20 @@ __device__ __forceinline__ void tma_load(u32 dst, const GgTmaMap* map, u32 k0, u
 
 // BN = 192 (plain only) is for output widths that 256 does not divide but 192 does (XL's
 // 1152, S's 384): 256-wide tiles there compute up to a third more columns than are stored.
-template <int BN, bool SWIGLU>
+// SPLIT_N (plain, A by TMA; suffix "mca"): the pair shares one 128-row A tile instead of a
+// weight tile. Each block loads half of the A rows, multicast into both, and its own whole
+// weight tile, and the two compute neighbouring N tiles (rank r the tile 2 j + r). Pair tiles
+// are then 128 rows of one expert instead of 256, so an expert's rows leave at most one
+// 128-row partial tile instead of one 256-row one, and the worst-case number of pair tiles
+// can drop by a wave (S's 384-wide down projection at 16384 tokens: 272 pair tiles on 66
+// clusters, five waves, against 264, four; docs/benchmarks.md).
+template <int BN, bool SWIGLU, bool SPLIT_N = false>
 __device__ __forceinline__ void gg_bf16_multicast(const u16* __restrict__ A, const u32* __restrict__ gather, u32 gk,
                                                   const u32* __restrict__ offsets, u32 E, const GgTmaMap* map0,
                                                   const GgTmaMap* map1, const GgTmaMap* map_a, u32 a_tma,
                                                   u16* __restrict__ C, u32 N, u32 K, u32 max_pairs) {
     static_assert(BN == 256 || (BN == 192 && !SWIGLU), "multicast N tile");
+    static_assert(!(SPLIT_N && SWIGLU), "SPLIT_N is for plain projections");
     constexpr int BM = GG_BM, BK = GG_BK, STAGES = 4;
     constexpr u32 A_BYTES = BM * BK * 2, B_BYTES = BN * BK * 2, STAGE_BYTES = A_BYTES + B_BYTES;
     constexpr u32 OUT_PER_TILE = SWIGLU ? BN / 2 : BN;
@@ -806,9 +814,12 @@ __device__ __forceinline__ void gg_bf16_multicast(const u16* __restrict__ A, con
 
     const u32 rank = cluster_rank(), cid = cluster_id(), ncl = cluster_count();
     const u32 n_tiles = (N + OUT_PER_TILE - 1) / OUT_PER_TILE;
-    // pair tiles: 256 rows of one expert; max_pairs = ceil(R / 256) + E from the host
-    const u32 total_p = min(gg_prefix<2 * BM>(offsets, E, s_ts), max_pairs);
-    const u32 total = total_p * n_tiles;
+    // pair tiles: 256 rows of one expert (SPLIT_N: 128 rows x two N tiles); max_pairs =
+    // ceil(R / pair rows) + E from the host
+    constexpr int PAIR_ROWS = SPLIT_N ? BM : 2 * BM;
+    const u32 n_units = SPLIT_N ? n_tiles / 2u : n_tiles;
+    const u32 total_p = min(gg_prefix<PAIR_ROWS>(offsets, E, s_ts), max_pairs);
+    const u32 total = total_p * n_units;
     if (cid >= total) return;  // both blocks of the cluster leave together
     const u32 tid = threadIdx.x, lane = tid & 31u, warp = tid >> 5;
     // the offsets in shared memory: decoding a tile then takes no global load, which would
@@ -831,18 +842,22 @@ __device__ __forceinline__ void gg_bf16_multicast(const u16* __restrict__ A, con
 
     // this block's half of a pair tile
     auto tile = [&](u32 t) {
-        GgTile T = gg_decode<2 * BM>(t, n_tiles, total_p, s_ts, s_off, E);
-        const u32 skip = rank * (u32)BM;
-        T.m0 += skip;
-        T.rows = T.rows > skip ? min(T.rows - skip, (u32)BM) : 0u;
+        GgTile T = gg_decode<PAIR_ROWS>(t, n_units, total_p, s_ts, s_off, E);
+        if (SPLIT_N) {
+            T.n_tile = 2u * T.n_tile + rank;
+        } else {
+            const u32 skip = rank * (u32)BM;
+            T.m0 += skip;
+            T.rows = T.rows > skip ? min(T.rows - skip, (u32)BM) : 0u;
+        }
         return T;
     };
 
     // the weight rows of this block's half of a tile's B (SWIGLU: the gate or up rows)
     auto b_row = [&](const GgTile& L) {
-        return L.e * N + L.n_tile * OUT_PER_TILE + (SWIGLU ? 0u : rank * (u32)(BN / 2));
+        return L.e * N + L.n_tile * OUT_PER_TILE + (SWIGLU || SPLIT_N ? 0u : rank * (u32)(BN / 2));
     };
-    if (warp < GG_PRODUCERS / 32 && a_tma) {
+    if (warp < GG_PRODUCERS / 32 && (a_tma || SPLIT_N)) {
         // ---- producer, A not gathered: one thread issues each stage as two TMA copies, the
         // 128 A rows into this block (rows past the expert's are read but not stored, rows past
         // A are zero-filled) and its half of the weight tile into both blocks
@@ -858,8 +873,13 @@ __device__ __forceinline__ void gg_bf16_multicast(const u16* __restrict__ A, con
                     const u32 s = it % STAGES, full = full0 + 8u * s, sa = smem0 + s * STAGE_BYTES;
                     if (it >= (u32)STAGES) mbar_wait(empty0 + 8u * s, (it / STAGES - 1u) & 1u);
                     mbar_expect_tx(full, A_BYTES + B_BYTES);
-                    tma_load(sa, map_a, k * BK, arow, full);
-                    tma_load_multicast(sa + A_BYTES + rank * (B_BYTES / 2), bmap, k * BK, brow, full);
+                    if (SPLIT_N) {
+                        tma_load_multicast(sa + rank * (A_BYTES / 2), map_a, k * BK, arow + rank * (u32)(BM / 2), full);
+                        tma_load(sa + A_BYTES, bmap, k * BK, brow, full);
+                    } else {
+                        tma_load(sa, map_a, k * BK, arow, full);
+                        tma_load_multicast(sa + A_BYTES + rank * (B_BYTES / 2), bmap, k * BK, brow, full);
+                    }
                 }
             }
         }
@@ -966,18 +986,21 @@ __device__ __forceinline__ void gg_bf16_multicast(const u16* __restrict__ A, con
 
 // name: gg_wgmma_{plain|swiglu}_n{BN}mc; clusters of 2, grid even, GG_PRODUCERS + 256 threads;
 // dynamic smem as n{BN}s4; weight tensor maps with boxes of BN / 2 rows (SWIGLU: 128), the A
-// map (read when a_tma = 1, gather null) with boxes of 128 rows
-#define GG_BF16_MCKERNEL(NAME, BN, SW)                                                                  \
+// map (read when a_tma = 1, gather null) with boxes of 128 rows. gg_wgmma_plain_n{BN}mca
+// (SPLIT_N): weight boxes of BN rows, A boxes of 64 rows, always read (a_tma ignored), an
+// even number of N tiles.
+#define GG_BF16_MCKERNEL(NAME, BN, SW, SPLIT)                                                           \
     extern "C" __global__ void __cluster_dims__(2, 1, 1) __launch_bounds__(GG_PRODUCERS + 256, 1)       \
         NAME(const u16* A, const u32* gather, u32 gk, const u32* offsets, u32 E,                        \
              const __grid_constant__ GgTmaMap map0, const __grid_constant__ GgTmaMap map1,              \
              const __grid_constant__ GgTmaMap map_a, u32 a_tma, u16* C, u32 N, u32 K, u32 max_pairs) {  \
-        gg_bf16_multicast<BN, SW>(A, gather, gk, offsets, E, &map0, &map1, &map_a, a_tma, C, N, K,      \
-                                  max_pairs);                                                           \
+        gg_bf16_multicast<BN, SW, SPLIT>(A, gather, gk, offsets, E, &map0, &map1, &map_a, a_tma, C, N,  \
+                                         K, max_pairs);                                                 \
     }
-GG_BF16_MCKERNEL(gg_wgmma_plain_n256mc, 256, false)
-GG_BF16_MCKERNEL(gg_wgmma_plain_n192mc, 192, false)
-GG_BF16_MCKERNEL(gg_wgmma_swiglu_n256mc, 256, true)
+GG_BF16_MCKERNEL(gg_wgmma_plain_n256mc, 256, false, false)
+GG_BF16_MCKERNEL(gg_wgmma_plain_n192mc, 192, false, false)
+GG_BF16_MCKERNEL(gg_wgmma_plain_n192mca, 192, false, true)
+GG_BF16_MCKERNEL(gg_wgmma_swiglu_n256mc, 256, true, false)
 #endif  // GG_HAS_WGMMA
 
 #define GG_BF16_KERNEL(NAME, BN, ST, WG, SW)                                                           \

@@ -909,14 +909,35 @@ impl GroupedGemm {
         use cudarc::driver::DevicePtr;
         let ch = &self.choice;
         let n_tiles = self.n.div_ceil(ch.out_per_tile);
-        let m_tiles_max = self.r.div_ceil(ch.bm) + self.e;
-        let f = gemm_fn(&self.dev, &ch.name)?.1;
+        let mut f = gemm_fn(&self.dev, &ch.name)?.1;
         allow_dynamic_smem(&f, ch.smem)?;
         // the multicast kernel adds a producer warpgroup to the two computing ones
         let block = if ch.multicast { 384 } else { 256 };
-        let mut grid = n_tiles * m_tiles_max;
+        let pairs = match ch.multicast {
+            true => max_active_pairs(&f, ch.smem, block, sm_count(&self.dev))? as usize,
+            false => 0,
+        };
+        // A rows not gathered (down projections, the shared expert) come by TMA
+        let tma_a = ch.multicast && self.order.is_none() && super::gemm_config().tma_a.unwrap_or(true);
+        // The 192-wide plain kernel's pair tiles are 256 rows of one expert, so each expert
+        // may leave a nearly empty one; with the A tile shared instead (128 rows, two N tiles)
+        // the worst-case count of pair tiles can need a wave fewer. Decided on the worst case:
+        // the expert sizes stay on the GPU.
+        let waves = |rows: usize, units_per_row_tile: usize| ((self.r.div_ceil(rows) + self.e) * units_per_row_tile).div_ceil(pairs);
+        let split_n = tma_a
+            && ch.name.ends_with("n192mc")
+            && n_tiles.is_multiple_of(2)
+            && self.x.layout().start_offset().is_multiple_of(8) // 16-byte aligned rows for the A map
+            && super::gemm_config().split_n.unwrap_or_else(|| waves(128, n_tiles / 2) < waves(256, n_tiles));
+        if split_n {
+            f = gemm_fn(&self.dev, &format!("{}a", ch.name))?.1;
+            allow_dynamic_smem(&f, ch.smem)?;
+        }
+        let (bm, units_per_row_tile) = if split_n { (128, n_tiles / 2) } else { (ch.bm, n_tiles) };
+        let m_tiles_max = self.r.div_ceil(bm) + self.e;
+        let mut grid = units_per_row_tile * m_tiles_max;
         if ch.multicast {
-            grid = 2 * grid.min(max_active_pairs(&f, ch.smem, block, sm_count(&self.dev))? as usize);
+            grid = 2 * grid.min(pairs);
         } else if let Some(per_sm) = ch.persistent {
             grid = grid.min(sm_count(&self.dev) as usize * per_sm as usize);
         }
@@ -944,15 +965,20 @@ impl GroupedGemm {
             _reads = Some((s0, s1, sa));
             let rows = self.e * self.n;
             // each block of the pair loads half of a plain weight tile, or SwiGLU's gate (rank
-            // 0) or up (rank 1) rows of a tile's outputs
-            let boxr = if self.swiglu { ch.out_per_tile } else { ch.out_per_tile / 2 };
+            // 0) or up (rank 1) rows of a tile's outputs, or (split N) a whole weight tile and
+            // half of the shared A tile
+            let boxr = if self.swiglu || split_n { ch.out_per_tile } else { ch.out_per_tile / 2 };
             let (m0, m1) = (
                 tensor_map_2d(p0, rows, self.kdim, boxr)?,
                 tensor_map_2d(p1, rows, self.kdim, boxr)?,
             );
-            let tma_a = self.order.is_none() && super::gemm_config().tma_a.unwrap_or(true);
-            // (an A that starts off 16-byte alignment keeps the cp.async loads)
-            let ma = if tma_a { tensor_map_2d(pa, self.r, self.kdim, 128).ok() } else { None };
+            // (an A that starts off 16-byte alignment keeps the cp.async loads; the split
+            // kernel needs the map)
+            let ma = match (tma_a, split_n) {
+                (_, true) => Some(tensor_map_2d(pa, self.r, self.kdim, 64)?),
+                (true, false) => tensor_map_2d(pa, self.r, self.kdim, 128).ok(),
+                (false, false) => None,
+            };
             Some((m0, m1, ma))
         } else {
             None

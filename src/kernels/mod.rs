@@ -169,6 +169,11 @@ pub struct GemmConfig {
     /// come by TMA, issued by one thread, instead of by the producer warpgroup's `cp.async`;
     /// `None` = automatic (yes).
     pub tma_a: Option<bool>,
+    /// Plain multicast kernels with 192-wide tiles and A by TMA: the pair shares a 128-row A
+    /// tile and computes two N tiles (`gg_wgmma_plain_n192mca`) instead of sharing a weight
+    /// tile over 256 rows; `None` = automatic (where it needs fewer waves of pair tiles in
+    /// the worst case).
+    pub split_n: Option<bool>,
     /// f32 kernel.
     pub f32_kernel: F32Kernel,
 }
@@ -201,6 +206,7 @@ impl Default for GemmConfig {
             persistent: None,
             multicast: None,
             tma_a: None,
+            split_n: None,
             f32_kernel: F32Kernel::Auto,
         }
     }
@@ -215,8 +221,8 @@ pub fn set_gemm_config(c: GemmConfig) {
 
 /// The grouped-GEMM kernel selection: what [`set_gemm_config`] set, else the default with the
 /// backend taken from the environment variable `DITMOE_GEMM` (`wgmma` or `mma`) and the
-/// multicast and TMA switches from `DITMOE_GEMM_MULTICAST` and `DITMOE_GEMM_TMA_A` (`0` or
-/// `1`) if present.
+/// multicast, TMA and split switches from `DITMOE_GEMM_MULTICAST`, `DITMOE_GEMM_TMA_A` and
+/// `DITMOE_GEMM_SPLIT_N` (`0` or `1`) if present.
 pub fn gemm_config() -> GemmConfig {
     if let Some(c) = *GEMM_CONFIG.read().unwrap_or_else(|e| e.into_inner()) {
         return c;
@@ -237,6 +243,7 @@ pub fn gemm_config() -> GemmConfig {
             backend,
             multicast: switch("DITMOE_GEMM_MULTICAST"),
             tma_a: switch("DITMOE_GEMM_TMA_A"),
+            split_n: switch("DITMOE_GEMM_SPLIT_N"),
             ..Default::default()
         }
     })
@@ -260,6 +267,7 @@ pub fn gemm_variants(dtype: DType, wgmma: bool) -> Vec<(&'static str, GemmConfig
         persistent: Some(persistent),
         multicast: Some(false),
         tma_a: None,
+        split_n: Some(false),
         f32_kernel: F32Kernel::Auto,
     };
     if dtype == DType::F32 {
@@ -284,6 +292,14 @@ pub fn gemm_variants(dtype: DType, wgmma: bool) -> Vec<(&'static str, GemmConfig
             "wgmma n192 multicast (gate/up n256)",
             GemmConfig {
                 multicast: Some(true),
+                ..c(GemmBackend::Wgmma, 192, 0, true)
+            },
+        ));
+        v.push((
+            "wgmma n192 multicast, A shared, N split (gate/up n256)",
+            GemmConfig {
+                multicast: Some(true),
+                split_n: Some(true),
                 ..c(GemmBackend::Wgmma, 192, 0, true)
             },
         ));
