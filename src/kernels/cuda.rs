@@ -608,6 +608,27 @@ pub struct GemmChoice {
     /// Clusters of two blocks that share each weight tile (TMA multicast): `bm` rows per
     /// cluster, the weights passed as tensor maps, the grid sized by cluster occupancy.
     pub multicast: bool,
+    /// Multicast with the A tile shared instead (`gg_wgmma_plain_n192mca`): `bm` rows per
+    /// cluster, whose two blocks compute neighbouring N tiles.
+    pub split_n: bool,
+}
+
+impl GemmChoice {
+    /// The split-N form of this kernel: the 192-wide plain multicast kernel has one.
+    fn with_split_n(&self) -> Option<Self> {
+        (self.multicast && !self.split_n && self.out_per_tile == 192).then(|| Self {
+            name: format!("{}a", self.name),
+            bm: 128,
+            split_n: true,
+            ..self.clone()
+        })
+    }
+
+    /// Pair (multicast) or block tiles in the worst case: each expert may leave a partial
+    /// `bm`-row tile.
+    fn max_units(&self, rows: usize, experts: usize, n_tiles: usize) -> usize {
+        (rows.div_ceil(self.bm) + experts) * if self.split_n { n_tiles / 2 } else { n_tiles }
+    }
 }
 
 fn sm_count(dev: &CudaDevice) -> u32 {
@@ -641,6 +662,7 @@ pub fn gemm_choice(dev: &CudaDevice, dtype: DType, swiglu: bool, n: usize, align
                 smem: 0,
                 persistent: None,
                 multicast: false,
+                split_n: false,
             };
             match cfg.f32_kernel {
                 F32Kernel::Simt64 => Ok(GemmChoice {
@@ -650,6 +672,7 @@ pub fn gemm_choice(dev: &CudaDevice, dtype: DType, swiglu: bool, n: usize, align
                     smem: 0,
                     persistent: None,
                     multicast: false,
+                    split_n: false,
                 }),
                 F32Kernel::Simt128 => Ok(simt128()),
                 F32Kernel::Tf32x3 | F32Kernel::Tf32 | F32Kernel::Auto if m.has_mma && aligned => Ok(GemmChoice {
@@ -664,6 +687,7 @@ pub fn gemm_choice(dev: &CudaDevice, dtype: DType, swiglu: bool, n: usize, align
                     smem: 3 * 256 * 128 + 1024,
                     persistent: None,
                     multicast: false,
+                    split_n: false,
                 }),
                 F32Kernel::Tf32x3 | F32Kernel::Tf32 => bail!("the TF32 kernels need sm_80+ and K % 4 == 0 with aligned rows"),
                 F32Kernel::Auto => Ok(simt128()),
@@ -756,6 +780,7 @@ pub fn gemm_choice(dev: &CudaDevice, dtype: DType, swiglu: bool, n: usize, align
                 smem: smem as u32,
                 persistent: if persistent { Some(per_sm) } else { None },
                 multicast,
+                split_n: false,
             })
         }
         dt => bail!("grouped GEMM: unsupported dtype {dt:?}"),
@@ -806,12 +831,16 @@ fn tensor_map_2d(ptr: cudarc::driver::sys::CUdeviceptr, rows: usize, k: usize, b
 /// How many clusters of two blocks of a multicast kernel fit on the device at once (its
 /// persistent grid): a cluster needs two SMs of one GPC, so this can be below SMs / 2. A
 /// host-side query (no stream), so it is safe inside a CUDA-graph capture. Both multicast
-/// kernels hold one block per SM (their shared memory), so the first answer serves both.
-fn max_active_pairs(f: &cudarc::driver::CudaFunction, smem: u32, block: u32, sms: u32) -> Result<u32> {
+/// kernels hold one block per SM (their shared memory), so the first answer serves both;
+/// kernel `name` is loaded for the question only the first time.
+fn max_active_pairs(dev: &CudaDevice, name: &str, smem: u32, block: u32) -> Result<u32> {
     static PAIRS: OnceLock<u32> = OnceLock::new();
     if let Some(p) = PAIRS.get() {
         return Ok(*p);
     }
+    let f = gemm_fn(dev, name)?.1;
+    allow_dynamic_smem(&f, smem)?;
+    let sms = sm_count(dev);
     let cfg = cudarc::driver::sys::CUlaunchConfig {
         gridDimX: sms.max(2) & !1,
         gridDimY: 1,
@@ -907,35 +936,32 @@ impl GroupedGemm {
     /// Launches on `stream`, writing the `[r, n]` product into `out`.
     fn launch<T: CudaDType + cudarc::driver::DeviceRepr>(&self, stream: &std::sync::Arc<cudarc::driver::CudaStream>, out: &mut CudaSlice<T>) -> Result<()> {
         use cudarc::driver::DevicePtr;
-        let ch = &self.choice;
-        let n_tiles = self.n.div_ceil(ch.out_per_tile);
-        let mut f = gemm_fn(&self.dev, &ch.name)?.1;
-        allow_dynamic_smem(&f, ch.smem)?;
+        let base = &self.choice;
+        let n_tiles = self.n.div_ceil(base.out_per_tile);
         // the multicast kernel adds a producer warpgroup to the two computing ones
-        let block = if ch.multicast { 384 } else { 256 };
-        let pairs = match ch.multicast {
-            true => max_active_pairs(&f, ch.smem, block, sm_count(&self.dev))? as usize,
+        let block = if base.multicast { 384 } else { 256 };
+        let pairs = match base.multicast {
+            true => max_active_pairs(&self.dev, &base.name, base.smem, block)? as usize,
             false => 0,
         };
         // A rows not gathered (down projections, the shared expert) come by TMA
-        let tma_a = ch.multicast && self.order.is_none() && super::gemm_config().tma_a.unwrap_or(true);
+        let tma_a = base.multicast && self.order.is_none() && super::gemm_config().tma_a.unwrap_or(true);
         // The 192-wide plain kernel's pair tiles are 256 rows of one expert, so each expert
         // may leave a nearly empty one; with the A tile shared instead (128 rows, two N tiles)
         // the worst-case count of pair tiles can need a wave fewer. Decided on the worst case:
         // the expert sizes stay on the GPU.
-        let waves = |rows: usize, units_per_row_tile: usize| ((self.r.div_ceil(rows) + self.e) * units_per_row_tile).div_ceil(pairs);
-        let split_n = tma_a
-            && ch.name.ends_with("n192mc")
-            && n_tiles.is_multiple_of(2)
-            && self.x.layout().start_offset().is_multiple_of(8) // 16-byte aligned rows for the A map
-            && super::gemm_config().split_n.unwrap_or_else(|| waves(128, n_tiles / 2) < waves(256, n_tiles));
-        if split_n {
-            f = gemm_fn(&self.dev, &format!("{}a", ch.name))?.1;
-            allow_dynamic_smem(&f, ch.smem)?;
-        }
-        let (bm, units_per_row_tile) = if split_n { (128, n_tiles / 2) } else { (ch.bm, n_tiles) };
-        let m_tiles_max = self.r.div_ceil(bm) + self.e;
-        let mut grid = units_per_row_tile * m_tiles_max;
+        let waves = |c: &GemmChoice| c.max_units(self.r, self.e, n_tiles).div_ceil(pairs);
+        let split = base.with_split_n().filter(|split| {
+            tma_a
+                && n_tiles.is_multiple_of(2)
+                && self.x.layout().start_offset().is_multiple_of(8) // 16-byte aligned rows for the A map
+                && super::gemm_config().split_n.unwrap_or_else(|| waves(split) < waves(base))
+        });
+        let ch = split.as_ref().unwrap_or(base);
+        let f = gemm_fn(&self.dev, &ch.name)?.1;
+        allow_dynamic_smem(&f, ch.smem)?;
+        let m_tiles_max = self.r.div_ceil(ch.bm) + self.e;
+        let mut grid = ch.max_units(self.r, self.e, n_tiles);
         if ch.multicast {
             grid = 2 * grid.min(pairs);
         } else if let Some(per_sm) = ch.persistent {
@@ -967,14 +993,14 @@ impl GroupedGemm {
             // each block of the pair loads half of a plain weight tile, or SwiGLU's gate (rank
             // 0) or up (rank 1) rows of a tile's outputs, or (split N) a whole weight tile and
             // half of the shared A tile
-            let boxr = if self.swiglu || split_n { ch.out_per_tile } else { ch.out_per_tile / 2 };
+            let boxr = if self.swiglu || ch.split_n { ch.out_per_tile } else { ch.out_per_tile / 2 };
             let (m0, m1) = (
                 tensor_map_2d(p0, rows, self.kdim, boxr)?,
                 tensor_map_2d(p1, rows, self.kdim, boxr)?,
             );
             // (an A that starts off 16-byte alignment keeps the cp.async loads; the split
             // kernel needs the map)
-            let ma = match (tma_a, split_n) {
+            let ma = match (tma_a, ch.split_n) {
                 (_, true) => Some(tensor_map_2d(pa, self.r, self.kdim, 64)?),
                 (true, false) => tensor_map_2d(pa, self.r, self.kdim, 128).ok(),
                 (false, false) => None,
