@@ -8,7 +8,7 @@
 //! Prints ms per forward run eagerly and replayed as one CUDA graph (`GraphedForward`, what
 //! the samplers use on a GPU; the replay is checked against the eager output), images/s and
 //! achieved TFLOP/s (matmul FLOPs, the count of shared/docs/baseline.md) of the faster one.
-//! The baseline is the official PyTorch code measured in the same job
+//! The baseline is the official PyTorch code measured in the same device command
 //! (`shared/tools/bench_official_ditmoe.py`); the per-expert loop path is measured per layer
 //! in `bench_moe`. `--breakdown` adds, per model and batch, the time of each stage of one
 //! block run alone. Timing: `ditmoe::kernels::timing::median_ms` (CUDA events, calls back to
@@ -23,8 +23,12 @@ use ditmoe::checkpoint::expected_parameters;
 use ditmoe::kernels::cuda_graph::GraphedForward;
 use ditmoe::kernels::timing::median_ms;
 use ditmoe::kernels::block_ops;
-use ditmoe::model::Ffn;
-use ditmoe::{presets, DitConfig, DitMoe};
+use ditmoe::moe::MoeInput;
+use ditmoe::{presets, DitConfig, DitMoe, ExecutionPlan, Precision};
+
+#[path = "support/gemm_variants.rs"]
+mod gemm_variants;
+use gemm_variants::gemm_variants;
 use std::collections::HashMap;
 
 /// Matmul FLOPs of one image's forward (2 x MACs), as in the official baseline's count.
@@ -49,8 +53,9 @@ fn flag(name: &str) -> bool {
     std::env::args().any(|a| a == name)
 }
 
-/// Frozen random weights (std 1/sqrt(fan_in)): what a loaded checkpoint gives.
-fn frozen_model(cfg: &DitConfig, dtype: DType, device: &Device) -> Result<DitMoe> {
+/// Frozen random weights (std 1/sqrt(fan_in)): what a loaded checkpoint gives, run by `plan`.
+fn frozen_model(cfg: &DitConfig, plan: &ExecutionPlan) -> Result<DitMoe> {
+    let (dtype, device) = (plan.weight_dtype(), &plan.device);
     let frozen: HashMap<String, Tensor> = expected_parameters(cfg)?
         .into_iter()
         .map(|(name, shape)| {
@@ -59,7 +64,7 @@ fn frozen_model(cfg: &DitConfig, dtype: DType, device: &Device) -> Result<DitMoe
             Ok((name, t))
         })
         .collect::<Result<_>>()?;
-    Ok(DitMoe::new(cfg, VarBuilder::from_tensors(frozen, dtype, device))?)
+    Ok(DitMoe::new(cfg, plan, VarBuilder::from_tensors(frozen, dtype, device))?)
 }
 
 /// Each stage of block 0 timed alone on (B, T, D) activations, then the whole block.
@@ -70,7 +75,6 @@ fn breakdown(name: &str, dtype_name: &str, model: &DitMoe, b: usize, device: &De
     let attn = block.attention();
     let x = Tensor::randn(0f32, 1.0, (b, t, d), device)?;
     let c = Tensor::randn(0f32, 1.0, (b, d), device)?;
-    let y = Tensor::zeros(b, DType::I64, device)?;
     let ada = block.ada_ln().forward(&candle_nn::ops::silu(&c)?)?;
     // What the block feeds its matmuls (the weights' dtype on the GPU path, f32 on the CPU).
     let h_dtype = block_ops::matmul_input_dtype(&[&x, &ada], model.dtype());
@@ -93,10 +97,11 @@ fn breakdown(name: &str, dtype_name: &str, model: &DitMoe, b: usize, device: &De
         block_ops::residual_ln_modulate(&x, &projected, attn.out_bias(), &ada, 2, 3, 4, h_dtype).map(|r| r.1)
     })?;
     time("gated residual", &mut || block_ops::gated_residual(&x, &merged, None, &ada, 5))?;
-    if let Ffn::TopK(moe) = block.ffn() {
-        time("MoE layer (routed + shared)", &mut || moe.forward(&h).map(|o| o.out))?;
+    if let Some(moe) = block.moe() {
+        let tokens = h.reshape((b * t, d))?;
+        time("MoE layer (routed + shared)", &mut || moe.forward(&MoeInput { tokens: &tokens, seq_len: t, unconditional: None, train: false }).map(|o| o.out))?;
     }
-    time("whole block", &mut || block.forward(&x, &c, &y, ditmoe::ForwardMode::Eval, 0, &mut Default::default()).map(|o| o.x))?;
+    time("whole block", &mut || block.forward(&x, &c, None, ditmoe::ForwardMode::Eval, 0, &mut Default::default()).map(|o| o.x))?;
     let whole = rows.last().map(|r| r.1).unwrap_or(f64::NAN);
     println!("\n{name} {dtype_name}, batch {b} ({} tokens), one block:\n", b * t);
     println!("| stage | ms | share of the block |");
@@ -169,8 +174,9 @@ fn matmul_floor(cfg: &DitConfig, dtype: DType, b: usize, device: &Device, budget
 /// `--graph-probe STAGE`: one piece of the forward captured as a CUDA graph, replayed on
 /// fresh inputs and compared with its eager result (run each stage in its own process: a
 /// faulting replay poisons the context).
-fn graph_probe(stage: &str, cfg: &DitConfig, dtype: DType, b: usize, device: &Device) -> Result<()> {
-    let model = frozen_model(cfg, dtype, device)?;
+fn graph_probe(stage: &str, cfg: &DitConfig, plan: &ExecutionPlan, b: usize) -> Result<()> {
+    let (dtype, device) = (plan.weight_dtype(), &plan.device);
+    let model = frozen_model(cfg, plan)?;
     let (t, d) = (cfg.num_patches(), cfg.hidden_size);
     let block = &model.blocks()[0];
     let moe = block.moe().expect("DiT-MoE block");
@@ -181,8 +187,8 @@ fn graph_probe(stage: &str, cfg: &DitConfig, dtype: DType, b: usize, device: &De
         "matmul" => Box::new(|x: &Tensor, _: &Tensor, _: &Tensor| x.reshape((b * t, d))?.to_dtype(dtype)?.matmul(&x.reshape((b * t, d))?.to_dtype(dtype)?.t()?)),
         "linear" => Box::new(|x: &Tensor, _: &Tensor, _: &Tensor| block.attention().project_out(x)),
         "broadcast" => Box::new(|x: &Tensor, c: &Tensor, _: &Tensor| x.broadcast_mul(&c.unsqueeze(1)?)),
-        "moe" => Box::new(|x: &Tensor, _: &Tensor, _: &Tensor| moe.forward(x).map(|o| o.out)),
-        "block" => Box::new(|x: &Tensor, c: &Tensor, y: &Tensor| block.forward(x, c, y, ditmoe::ForwardMode::Eval, 0, &mut Default::default()).map(|o| o.x)),
+        "moe" => Box::new(|x: &Tensor, _: &Tensor, _: &Tensor| moe.forward(&MoeInput { tokens: &x.reshape((b * t, d))?, seq_len: t, unconditional: None, train: false }).map(|o| o.out)),
+        "block" => Box::new(|x: &Tensor, c: &Tensor, _: &Tensor| block.forward(x, c, None, ditmoe::ForwardMode::Eval, 0, &mut Default::default()).map(|o| o.x)),
         "model" => Box::new(|x: &Tensor, c: &Tensor, y: &Tensor| model.forward(&x.reshape((b, t, d))?.narrow(2, 0, cfg.in_channels * cfg.input_size * cfg.input_size / t)?.reshape((b, cfg.in_channels, cfg.input_size, cfg.input_size))?, &c.narrow(1, 0, 1)?.squeeze(1)?, y)),
         other => anyhow::bail!("unknown probe stage {other}"),
     };
@@ -224,18 +230,28 @@ fn main() -> Result<()> {
     let models = arg("--models", "S/2-8E2A");
     let batches: Vec<usize> = arg("--batches", "1,8").split(',').map(|b| b.parse()).collect::<Result<_, _>>()?;
     let budget: f64 = arg("--budget-ms", "1000").parse()?;
-    // `--gemm-variant NAME`: one of `kernels::gemm_variants` for every grouped GEMM (tuning).
-    if flag("--gemm-variant") {
-        let want = arg("--gemm-variant", "");
-        let variants = ditmoe::kernels::gemm_variants(DType::BF16, true);
-        let Some((_, cfg)) = variants.iter().find(|(n, _)| *n == want) else {
-            anyhow::bail!("--gemm-variant: unknown `{want}`; one of {:?}", variants.iter().map(|v| v.0).collect::<Vec<_>>())
-        };
-        ditmoe::kernels::set_gemm_config(*cfg);
-    }
+    // `--gemm-variant NAME`: one of `support::gemm_variants` for every grouped GEMM (tuning).
+    let gemm = match flag("--gemm-variant") {
+        true => {
+            let want = arg("--gemm-variant", "");
+            let variants = gemm_variants(DType::BF16, true);
+            let Some((_, cfg)) = variants.iter().find(|(n, _)| *n == want) else {
+                anyhow::bail!("--gemm-variant: unknown `{want}`; one of {:?}", variants.iter().map(|v| v.0).collect::<Vec<_>>())
+            };
+            Some(*cfg)
+        }
+        false => None,
+    };
+    let plan_for = |dtype: DType| {
+        let plan = ExecutionPlan::inference(&device, Precision::of_dtype(dtype));
+        match gemm {
+            Some(g) => plan.with_gemm(g),
+            None => plan,
+        }
+    };
     if flag("--graph-probe") {
         let cfg = presets::get(&models)?.config;
-        return graph_probe(&arg("--graph-probe", ""), &cfg, DType::BF16, batches[0], &device);
+        return graph_probe(&arg("--graph-probe", ""), &cfg, &plan_for(DType::BF16), batches[0]);
     }
     let mut table = vec![
         "| model | dtype | batch | ms / forward, eager | ms / forward, CUDA graph | images/s | TFLOP/s | graph vs eager |".to_string(),
@@ -258,7 +274,7 @@ fn main() -> Result<()> {
                 let t = Tensor::arange(0i64, b as i64, &device)?;
                 Ok((x, t.clone(), t))
             };
-            let model = frozen_model(&cfg, dtype, &device)?;
+            let model = frozen_model(&cfg, &plan_for(dtype))?;
             for &b in &batches {
                 let (x, t, y) = inputs(b)?;
                 let eager_ms = median_ms(&device, budget, || model.forward(&x, &t, &y).map(drop))?;

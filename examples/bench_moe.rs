@@ -1,11 +1,10 @@
 //! Benchmark of the MoE layer on one GPU: the fused kernels (`ditmoe::kernels`) against the
 //! per-expert candle loop (the structure of the official `moe_infer`), candle-nn's WMMA
-//! `moe_gemm` (bf16 only), cuBLAS's grouped batched GEMM on the same expert rows (bf16) and
-//! dense cuBLAS GEMMs of the same FLOPs.
+//! `moe_gemm` (bf16 only) and dense cuBLAS GEMMs of the same FLOPs.
 //!
 //! ```text
 //! ../shared/scripts/build-cuda.sh build --release --example bench_moe
-//! ./bench_moe [--quick] [--configs S,XL,G] [--variants-only]   # or: gpu_check --bench-only
+//! ./bench_moe [--quick] [--configs S,XL,G] [--variants-only]
 //! ```
 //! Timing: CUDA events around each call, recorded back to back without synchronising between
 //! iterations (as in a model's forward pass), after warm-up; the median is reported.
@@ -14,7 +13,15 @@
 #![cfg_attr(not(feature = "cuda"), allow(dead_code, unused_imports))]
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
-use ditmoe::kernels::{self as kx, ExpertWeights, GemmConfig, SwigluWeights};
+use ditmoe::kernels::{self as kx, GemmConfig};
+use ditmoe::moe::MoeInput;
+use ditmoe::{ExecutionPlan, Precision};
+
+#[path = "support/gemm_variants.rs"]
+mod gemm_variants;
+#[path = "support/moe_layers.rs"]
+mod moe_layers;
+use moe_layers::{fused_layer, moe_forward_loop, random_layer};
 
 /// `ditmoe::kernels::timing::median_ms` for closures returning `anyhow::Result`.
 #[cfg(feature = "cuda")]
@@ -29,28 +36,6 @@ struct Cfg {
     k: usize,
     i: usize,
     i_shared: usize,
-}
-
-/// Random weights of one MoE layer (std 1/sqrt(fan_in)): E routed SwiGLU experts of width
-/// `i`, a shared expert of width `i_shared`, and the router `[E, D]`.
-pub fn random_layer(dev: &Device, dt: DType, d: usize, e: usize, i: usize, i_shared: usize) -> Result<(ExpertWeights, SwigluWeights, Tensor)> {
-    let mk = |shape: &[usize]| -> Result<Tensor> {
-        let fan_in = *shape.last().unwrap_or(&1) as f64;
-        Ok((Tensor::randn(0f32, 1.0, shape, dev)? / fan_in.sqrt())?.to_dtype(dt)?)
-    };
-    let experts = ExpertWeights { gate: mk(&[e, i, d])?, up: mk(&[e, i, d])?, down: mk(&[e, d, i])? };
-    let shared = SwigluWeights { gate: mk(&[i_shared, d])?, up: mk(&[i_shared, d])?, down: mk(&[d, i_shared])? };
-    Ok((experts, shared, mk(&[e, d])?))
-}
-
-/// ‖a − b‖ / ‖b‖ in f64.
-#[cfg(feature = "cuda")]
-fn rel_l2(a: &Tensor, b: &Tensor) -> Result<f64> {
-    let f = |t: &Tensor| -> Result<Tensor> { Ok(t.to_dtype(DType::F64)?) };
-    let (a, b) = (f(a)?, f(b)?);
-    let num = (&a - &b)?.sqr()?.sum_all()?.to_scalar::<f64>()?;
-    let den = b.sqr()?.sum_all()?.to_scalar::<f64>()?;
-    Ok((num / den.max(1e-300)).sqrt())
 }
 
 fn tflops(flop: f64, ms: f64) -> f64 {
@@ -103,12 +88,14 @@ pub fn run(dev: &Device, args: &[String]) -> Result<()> {
     let mut gemm_rows = Vec::new();
     let mut stage_rows = Vec::new();
     let mut variant_rows = Vec::new();
-    let mut cublas_rows = Vec::new();
     let t_all = std::time::Instant::now();
     for dt in [DType::BF16, DType::F32] {
         for &c in &cfgs {
             let (d, e, k, i, is) = (c.d, c.e, c.k, c.i, c.i_shared);
             let (experts, shared, router) = random_layer(dev, dt, d, e, i, is)?;
+            let plan = ExecutionPlan::inference(dev, Precision::of_dtype(dt));
+            let gemm = GemmConfig::default();
+            let layer = fused_layer(&router, &experts, Some(&shared), k, &plan)?;
             // candle-nn's moe_gemm wants gate and up stacked: [E, 2I, D]
             let w_gu = if dt == DType::BF16 {
                 Some(Tensor::cat(&[&experts.gate, &experts.up], 1)?)
@@ -133,7 +120,7 @@ pub fn run(dev: &Device, args: &[String]) -> Result<()> {
                 let logits = x.matmul(&router.t()?)?;
                 let g = kx::fused_topk_gating(&logits, k)?;
                 let p = kx::permute_by_expert(&g.ids, e)?;
-                let h = kx::grouped_gate_up_gather(&x, &p, &experts.gate, &experts.up)?;
+                let h = kx::grouped_gate_up_gather(&x, &p, &experts.gate, &experts.up, &gemm)?;
                 let xr = kx::gather_rows(&x, &p)?;
                 let t_dense_gu = time_ms(dev, budget, || {
                     let _ = xr.matmul(&w_gu0.t()?)?;
@@ -156,11 +143,11 @@ pub fn run(dev: &Device, args: &[String]) -> Result<()> {
                     );
                 } else {
                     let t_fused = time_ms(dev, budget, || {
-                        let _ = kx::moe_forward_fused(&x, &router, &experts, Some(&shared), k)?;
+                        let _ = layer.forward(&MoeInput { tokens: &x, seq_len: s, unconditional: None, train: false })?;
                         Ok(())
                     })?;
                     let t_loop = time_ms(dev, budget, || {
-                        let _ = kx::moe_forward_loop(&x, &router, &experts, Some(&shared), k)?;
+                        let _ = moe_forward_loop(&x, &router, &experts, Some(&shared), k)?;
                         Ok(())
                     })?;
                     let t_cnn = match &w_gu {
@@ -190,44 +177,22 @@ pub fn run(dev: &Device, args: &[String]) -> Result<()> {
                                 true,
                             )?;
                             let y = y.reshape((s, k, d))?.sum(1)?;
-                            let sh = kx::swiglu_mlp(&x, &shared)?;
+                            let sh = kx::swiglu_mlp(&x, &shared, &gemm)?;
                             let _ = (y + sh)?;
                             Ok(())
                         })?),
                         None => None,
                     };
                     // the routed experts alone: ours (gather fused into gate/up, then down) vs dense
-                    let y = kx::grouped_matmul(&h, &p.offsets, &experts.down)?;
+                    let y = kx::grouped_matmul(&h, &p.offsets, &experts.down, &gemm)?;
                     let t_gu = time_ms(dev, budget, || {
-                        let _ = kx::grouped_gate_up_gather(&x, &p, &experts.gate, &experts.up)?;
+                        let _ = kx::grouped_gate_up_gather(&x, &p, &experts.gate, &experts.up, &gemm)?;
                         Ok(())
                     })?;
                     let t_down = time_ms(dev, budget, || {
-                        let _ = kx::grouped_matmul(&h, &p.offsets, &experts.down)?;
+                        let _ = kx::grouped_matmul(&h, &p.offsets, &experts.down, &gemm)?;
                         Ok(())
                     })?;
-                    // cuBLAS's grouped batched GEMM on the same expert rows (bf16): host offsets
-                    // (read back here, outside the timing), pre-gathered rows, and no SwiGLU
-                    // epilogue, so its gate/up does less than ours
-                    if let Some(w_gu) = &w_gu {
-                        let off: Vec<usize> = p.offsets.to_vec1::<u32>()?.into_iter().map(|o| o as usize).collect();
-                        let t_cgu = time_ms(dev, budget, || {
-                            let _ = kx::cublas_grouped::grouped_matmul(&xr, &off, w_gu)?;
-                            Ok(())
-                        })?;
-                        let t_cdown = time_ms(dev, budget, || {
-                            let _ = kx::cublas_grouped::grouped_matmul(&h, &off, &experts.down)?;
-                            Ok(())
-                        })?;
-                        let diff = rel_l2(&kx::cublas_grouped::grouped_matmul(&h, &off, &experts.down)?, &y)?;
-                        let row = format!(
-                            "| {} | {s} | {t_gu:.3} | {t_cgu:.3} | {t_down:.3} | {t_cdown:.3} | {:.2}x | {diff:.1e} |",
-                            c.name,
-                            (t_cgu + t_cdown) / (t_gu + t_down)
-                        );
-                        println!("{row}");
-                        cublas_rows.push(row);
-                    }
                     // stage breakdown of the fused layer
                     let t_router = time_ms(dev, budget / 2.0, || {
                         let _ = x.matmul(&router.t()?)?;
@@ -242,10 +207,10 @@ pub fn run(dev: &Device, args: &[String]) -> Result<()> {
                         Ok(())
                     })?;
                     let t_shared = time_ms(dev, budget / 2.0, || {
-                        let _ = kx::swiglu_mlp(&x, &shared)?;
+                        let _ = kx::swiglu_mlp(&x, &shared, &gemm)?;
                         Ok(())
                     })?;
-                    let sh = kx::swiglu_mlp(&x, &shared)?;
+                    let sh = kx::swiglu_mlp(&x, &shared, &gemm)?;
                     let t_comb = time_ms(dev, budget / 2.0, || {
                         let _ = kx::combine(&y, &p, &g.weights, Some(&sh))?;
                         Ok(())
@@ -283,18 +248,18 @@ pub fn run(dev: &Device, args: &[String]) -> Result<()> {
                 }
                 // every kernel variant at the largest size
                 if s == *tokens.last().unwrap() {
-                    for (vname, cfg) in kx::gemm_variants(dt, m.has_wgmma) {
-                        kx::set_gemm_config(cfg);
+                    for (vname, cfg) in gemm_variants::gemm_variants(dt, m.has_wgmma) {
                         let a = time_ms(dev, budget / 2.0, || {
-                            let _ = kx::grouped_gate_up_gather(&x, &p, &experts.gate, &experts.up)?;
+                            let _ = kx::grouped_gate_up_gather(&x, &p, &experts.gate, &experts.up, &cfg)?;
                             Ok(())
                         })?;
                         let b = time_ms(dev, budget / 2.0, || {
-                            let _ = kx::grouped_matmul(&h, &p.offsets, &experts.down)?;
+                            let _ = kx::grouped_matmul(&h, &p.offsets, &experts.down, &cfg)?;
                             Ok(())
                         })?;
+                        let variant_layer = fused_layer(&router, &experts, Some(&shared), k, &plan.clone().with_gemm(cfg))?;
                         let lay = time_ms(dev, budget / 2.0, || {
-                            let _ = kx::moe_forward_fused(&x, &router, &experts, Some(&shared), k)?;
+                            let _ = variant_layer.forward(&MoeInput { tokens: &x, seq_len: s, unconditional: None, train: false })?;
                             Ok(())
                         })?;
                         let row = format!(
@@ -308,7 +273,6 @@ pub fn run(dev: &Device, args: &[String]) -> Result<()> {
                         println!("{row}");
                         variant_rows.push(row);
                     }
-                    kx::set_gemm_config(GemmConfig::default());
                 }
             }
         }
@@ -333,13 +297,6 @@ pub fn run(dev: &Device, args: &[String]) -> Result<()> {
     println!("| config | tokens | dtype | grouped ms (gate/up + down) | grouped TFLOP/s | dense ms | dense TFLOP/s | grouped / dense speed | gate/up / down TFLOP/s |");
     println!("|---|---:|---|---:|---:|---:|---:|---:|---:|");
     for r in &gemm_rows {
-        println!("{r}");
-    }
-    println!("\n## Routed experts: ours vs cuBLAS's grouped batched GEMM (`cublasGemmGroupedBatchedEx`, bf16)\n");
-    println!("cuBLAS gets the per-expert row counts on the host and pre-gathered rows, and its gate/up is the bare GEMM (ours also gathers and applies SiLU·mul). rel = ‖cuBLAS down − ours‖ / ‖ours‖.\n");
-    println!("| config | tokens | ours gate/up ms | cuBLAS gate/up ms | ours down ms | cuBLAS down ms | cuBLAS / ours | down rel |");
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
-    for r in &cublas_rows {
         println!("{r}");
     }
     println!("\n## Fused layer, stage by stage (ms)\n");

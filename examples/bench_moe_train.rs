@@ -18,7 +18,9 @@
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor, Var, D};
 use candle_nn::{VarBuilder, VarMap};
+use ditmoe::kernels::GemmConfig;
 use ditmoe::moe::{ExpertDispatch, GeluMlp, StackedExperts, SwigluExpert};
+use ditmoe::{ExecutionPlan, Precision};
 
 struct Cfg {
     name: &'static str,
@@ -39,11 +41,14 @@ struct Layer<M> {
     scores: Var,
     ids: Tensor,
     probe: Tensor,
+    /// The grouped-GEMM selection of the run's plan (its f32 kernel follows the precision).
+    gemm: GemmConfig,
 }
 
 impl<M: StackedExperts> Layer<M> {
     /// `make(vb)`: one expert with its parameters drawn by the variable map's initialisers.
-    fn new(c: &Cfg, dev: &Device, make: impl Fn(VarBuilder) -> candle_core::Result<M>) -> Result<Self> {
+    fn new(c: &Cfg, plan: &ExecutionPlan, make: impl Fn(VarBuilder) -> candle_core::Result<M>) -> Result<Self> {
+        let dev = &plan.device;
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, dev);
         let experts = (0..c.e).map(|e| make(vb.pp(e.to_string()))).collect::<candle_core::Result<Vec<_>>>()?;
@@ -55,6 +60,7 @@ impl<M: StackedExperts> Layer<M> {
             scores: Var::from_tensor(&scores)?,
             ids,
             probe: Tensor::randn(0f32, 1.0, (c.tokens, c.d), dev)?,
+            gemm: plan.gemm,
         })
     }
 
@@ -70,7 +76,7 @@ impl<M: StackedExperts> Layer<M> {
 
     fn fused(&self) -> Result<()> {
         let perm = ditmoe::kernels::permute_by_expert(&self.ids, self.experts.len())?;
-        self.step(ditmoe::kernels::routed_experts(self.x.as_tensor(), &self.weights()?, &M::stack(&self.experts)?, &perm)?)
+        self.step(ditmoe::kernels::routed_experts(self.x.as_tensor(), &self.weights()?, &M::stack(&self.experts)?, &perm, &self.gemm)?)
     }
 
     fn dense_masked(&self) -> Result<()> {
@@ -126,8 +132,8 @@ fn main() -> Result<()> {
     // --tf32: f32 matmuls on TF32 tensor cores, as `ditmoe train` runs them on CUDA (candle's
     // cuBLAS matmuls and the grouped kernels alike)
     let tf32 = args.iter().any(|a| a == "--tf32");
-    #[cfg(feature = "cuda")]
-    candle_core::cuda::set_gemm_reduced_precision_f32(tf32);
+    let plan = ExecutionPlan::training(&dev, if tf32 { Precision::Tf32 } else { Precision::F32 });
+    plan.apply_matmul_precision();
     println!("f32 matmuls: {}\n", if tf32 { "TF32 (as ditmoe train)" } else { "full f32 (the grouped kernels 3xTF32)" });
     let big = if dev.is_cuda() { 16384 } else { 1024 };
     let cfg = |name, d, i, e, tokens, gemms| Cfg { name, d, i, e, k: 2, tokens, gemms };
@@ -145,11 +151,11 @@ fn main() -> Result<()> {
     println!("|---|---:|---:|---:|---:|---:|---:|---:|");
     for c in swiglu.iter().take(if quick { 3 } else { swiglu.len() }) {
         let make = |vb: VarBuilder| SwigluExpert::new(c.d, c.i, vb);
-        println!("{}", Layer::new(c, &dev, make)?.row(c, &dev, budget, 2 * big)?);
+        println!("{}", Layer::new(c, &plan, make)?.row(c, &dev, budget, 2 * big)?);
     }
     for c in &gelu {
         let make = |vb: VarBuilder| GeluMlp::new(c.d, c.i, vb);
-        println!("{}", Layer::new(c, &dev, make)?.row(c, &dev, budget, 2 * big)?);
+        println!("{}", Layer::new(c, &plan, make)?.row(c, &dev, budget, 2 * big)?);
     }
     Ok(())
 }

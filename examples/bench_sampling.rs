@@ -19,14 +19,14 @@ use std::time::Instant;
 /// would send every token to the same experts and time an unrepresentative MoE.
 fn random_model(cfg: &DitConfig, device: &Device) -> Result<DitMoe> {
     let varmap = VarMap::new();
-    DitMoe::new(cfg, VarBuilder::from_varmap(&varmap, DType::F32, device))?;
+    DitMoe::new(cfg, &ditmoe::ExecutionPlan::training(device, ditmoe::Precision::F32), VarBuilder::from_varmap(&varmap, DType::F32, device))?;
     for var in varmap.all_vars() {
         let dims = var.dims().to_vec();
         let std = if dims.len() >= 2 { 1.0 / (dims[1..].iter().product::<usize>() as f32).sqrt() } else { 0.05 };
         var.set(&Tensor::randn(0f32, std, dims, device)?)?;
     }
     // Built again from the randomised variables (layers may copy weights at construction).
-    Ok(DitMoe::new(cfg, VarBuilder::from_varmap(&varmap, DType::F32, device))?)
+    Ok(DitMoe::new(cfg, &ditmoe::ExecutionPlan::training(device, ditmoe::Precision::F32), VarBuilder::from_varmap(&varmap, DType::F32, device))?)
 }
 
 fn tiny_config() -> Result<DitConfig> {

@@ -1,7 +1,7 @@
 //! `DitConfig`: every constructor argument of the official `models.DiT` plus the MoE attributes
 //! the official `SparseMoeBlock`/`MoEGate` hard-code, in the fixtures' `config.json` layout.
 //! An optional `promoe` section switches the model to the ProMoE family (`ProMoeConfig`).
-use crate::moe::WeightMode;
+use crate::moe::{BalanceForm, BalanceLossConfig, CapacityPolicy, ExpertForm, MoeConfig, ParamNames, RouterConfig, RoutingContrastive, WeightMode};
 use candle_core::{bail, Result};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -144,8 +144,6 @@ impl DitConfig {
     pub fn null_class(&self) -> usize {
         self.num_classes
     }
-    /// Whether block `i` has an MoE layer (official ProMoE `use_moe_flag`: odd blocks when
-    /// `interleave`); the others have a dense MLP. Every DiT-MoE block is MoE.
     /// What a rectified-flow model is fed for the time t in [0, 1]: `t` itself for DiT-MoE
     /// (official `RectifiedFlow`), `t * 1000` for ProMoE (its flow-matching scheduler's
     /// `num_train_timesteps`; shift 1.0 as released, so the grid itself is the same).
@@ -168,6 +166,52 @@ impl DitConfig {
         self.num_experts + usize::from(self.promoe.is_some())
     }
 
+    /// The engine's description of this model's MoE layers (every MoE block has the same).
+    /// DiT-MoE: top-k router, SwiGLU experts of width `mlp_ratio * D`, a shared SwiGLU expert of
+    /// width `n_shared_experts * D`, the balance loss with `aux_loss_alpha` (per image with
+    /// `seq_aux`). ProMoE: the prototypical router with its unconditional expert and contrastive
+    /// loss, GELU experts with biases, its balance loss coefficient (0 as released).
+    pub fn moe_config(&self) -> MoeConfig {
+        let form = |seq_aux: bool| if seq_aux { BalanceForm::PerSequence } else { BalanceForm::Batch };
+        let d = self.hidden_size;
+        match &self.promoe {
+            None => MoeConfig {
+                hidden_size: d,
+                num_experts: self.num_experts,
+                top_k: self.num_experts_per_tok,
+                expert_intermediate_size: self.mlp_ratio * d,
+                expert_form: ExpertForm::Swiglu,
+                shared_expert_intermediate_size: self.n_shared_experts * d,
+                router: RouterConfig::TopK { norm_topk_prob: self.norm_topk_prob },
+                balance_loss: BalanceLossConfig { coefficient: self.aux_loss_alpha, form: form(self.seq_aux) },
+                capacity: CapacityPolicy::Dropless,
+                names: ParamNames::default(),
+            },
+            Some(p) => MoeConfig {
+                hidden_size: d,
+                num_experts: self.num_experts,
+                top_k: self.num_experts_per_tok,
+                expert_intermediate_size: p.moe_intermediate_size,
+                expert_form: ExpertForm::GeluBias,
+                shared_expert_intermediate_size: if p.use_shared_expert { p.shared_expert_intermediate_size } else { 0 },
+                router: RouterConfig::Prototypical {
+                    weight_mode: p.router_weight_mode,
+                    unconditional_expert: p.use_uncond_expert,
+                    contrastive: RoutingContrastive {
+                        lambda: p.routing_contrastive_lam,
+                        temperature: p.routing_contrastive_temperature,
+                        top_k_assignment: p.use_top_k_for_routing_contrastive,
+                    },
+                },
+                balance_loss: BalanceLossConfig { coefficient: p.load_balance_loss_coef, form: form(self.seq_aux) },
+                capacity: CapacityPolicy::Dropless,
+                names: ParamNames { router: "gate".into(), experts: "experts".into(), shared_expert: "shared_expert".into() },
+            },
+        }
+    }
+
+    /// Whether block `i` has an MoE layer (official ProMoE `use_moe_flag`: odd blocks when
+    /// `interleave`); the others have a dense MLP. Every DiT-MoE block is MoE.
     pub fn is_moe_block(&self, i: usize) -> bool {
         match &self.promoe {
             Some(p) if p.interleave => i % 2 == 1,

@@ -9,9 +9,11 @@ pub mod kernels;
 pub mod model;
 pub mod moe;
 pub mod nn;
+pub mod plan;
 pub mod presets;
 pub mod sampling;
 pub mod train;
 
 pub use config::DitConfig;
 pub use model::{DitMoe, DitOutput, ForwardMode, Trace};
+pub use plan::{ExecutionPlan, Precision, Weights};

@@ -245,7 +245,7 @@ fn heatmap_colours_and_layout() {
 
 fn pixel_model() -> (ModelDir, ditmoe::DitMoe) {
     let dir = ModelDir::open(&fixture_path("models/pixel")).unwrap();
-    let model = dir.load(DType::F32, &Device::Cpu).unwrap();
+    let model = dir.load(&ditmoe::ExecutionPlan::inference(&Device::Cpu, ditmoe::Precision::F32)).unwrap();
     (dir, model)
 }
 

@@ -70,7 +70,7 @@ fn tiny_config() -> DitConfig {
 /// The tiny model's output from a state dict file, compared with the official output.
 fn check_tiny_output(weights: &Path) {
     let vb = load_state_dict(weights).unwrap().into_var_builder(&tiny_config(), DType::F32, &Device::Cpu).unwrap();
-    let model = ditmoe::DitMoe::new(&tiny_config(), vb).unwrap();
+    let model = ditmoe::DitMoe::new(&tiny_config(), &ditmoe::ExecutionPlan::inference(&Device::Cpu, ditmoe::Precision::F32), vb).unwrap();
     let io = load_fixture("models/tiny/io.safetensors");
     let out = model.forward(&io["x"], &io["t"], &io["y"]).unwrap();
     assert_close("tiny out", &out, &io["out"], 1e-4);
@@ -94,7 +94,7 @@ fn convert_writes_a_model_folder_that_reproduces_the_output() {
     // bf16 storage halves the file and stays within bf16 tolerance.
     let out16 = dir.join("model16");
     ModelDir::write(&out16, &tiny_config(), &fixture_path("pt/tiny-ema.pt"), DType::BF16, None).unwrap();
-    let model = ModelDir::open(&out16).unwrap().load(DType::BF16, &Device::Cpu).unwrap();
+    let model = ModelDir::open(&out16).unwrap().load(&ditmoe::ExecutionPlan::inference(&Device::Cpu, ditmoe::Precision::Bf16)).unwrap();
     let io = load_fixture("models/tiny/io.safetensors");
     let e = common::rel_l2(&model.forward(&io["x"], &io["t"], &io["y"]).unwrap(), &io["out"]);
     assert!(e < 1e-2, "bf16 converted model: {e}");
@@ -176,7 +176,7 @@ fn truncated_and_corrupt_files_are_named() {
 
 #[test]
 fn forward_rejects_wrong_shapes() {
-    let model = ModelDir::open(&fixture_path("models/tiny")).unwrap().load(DType::F32, &Device::Cpu).unwrap();
+    let model = ModelDir::open(&fixture_path("models/tiny")).unwrap().load(&ditmoe::ExecutionPlan::inference(&Device::Cpu, ditmoe::Precision::F32)).unwrap();
     let x = Tensor::zeros((2, 3, 8, 8), DType::F32, &Device::Cpu).unwrap();
     let t = Tensor::zeros(2, DType::F32, &Device::Cpu).unwrap();
     let y = Tensor::zeros(2, DType::I64, &Device::Cpu).unwrap();

@@ -15,7 +15,7 @@ use ditmoe::{DitConfig, DitMoe};
 fn check(case: &str) {
     let cfg = DitConfig::from_file(&fixture_path(&format!("models/{case}/config.json"))).unwrap();
     let varmap = VarMap::new();
-    let model = DitMoe::new(&cfg, VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu)).unwrap();
+    let model = DitMoe::new(&cfg, &ditmoe::ExecutionPlan::training(&Device::Cpu, ditmoe::Precision::F32), VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu)).unwrap();
     // The official fixture weights (no zero-initialised norms that would make some gradients
     // vanish for structural reasons), loaded into the variables in place.
     let mut varmap = varmap;
@@ -74,7 +74,7 @@ fn fused_experts_against_dispatch<M: StackedExperts>(experts: &[M], params: &[Ve
     let weights = scores.as_tensor().gather(ids, 1).unwrap();
     let sparse = ExpertDispatch::new(ids, experts.len()).unwrap().run(x.as_tensor(), &weights, experts).unwrap();
     let perm = ditmoe::kernels::permute_by_expert(ids, experts.len()).unwrap();
-    let fused = ditmoe::kernels::routed_experts(x.as_tensor(), &weights, &M::stack(experts).unwrap(), &perm).unwrap();
+    let fused = ditmoe::kernels::routed_experts(x.as_tensor(), &weights, &M::stack(experts).unwrap(), &perm, &Default::default()).unwrap();
     common::assert_close("fused vs dispatch", &fused, &sparse, 1e-5);
 
     let probe = Tensor::randn(0f32, 1.0, sparse.shape(), &Device::Cpu).unwrap();
@@ -104,18 +104,18 @@ fn fused_experts_against_dispatch<M: StackedExperts>(experts: &[M], params: &[Ve
 /// routes every token to experts 0 and 1 of 4, so two experts have no rows.
 fn swiglu_against_dispatch(only_two_experts: bool) {
     let dir = ditmoe::checkpoint::ModelDir::open(&fixture_path("models/tiny")).unwrap();
-    let model = dir.load(DType::F32, &Device::Cpu).unwrap();
+    let model = dir.load(&ditmoe::ExecutionPlan::inference(&Device::Cpu, ditmoe::Precision::F32)).unwrap();
     let moe = model.blocks()[0].moe().unwrap();
     let io = common::load_fixture("models/tiny/io.safetensors");
     let x = Var::from_tensor(&io["blocks.0.moe_in"].flatten_to(1).unwrap()).unwrap();
-    let mut routing = moe.router().forward(x.as_tensor()).unwrap();
+    let mut routing = moe.router().route(x.as_tensor(), None).unwrap();
     let (s, k) = routing.experts.dims2().unwrap();
     if only_two_experts {
         let ids: Vec<u32> = (0..s * k).map(|p| ((p + p / k) % 2) as u32).collect();
         routing.experts = Tensor::from_vec(ids, (s, k), &Device::Cpu).unwrap();
     }
     let scores = Var::from_tensor(&routing.scores).unwrap();
-    let params: Vec<Vec<Var>> = moe.experts().iter().map(|e| e.weights().iter().map(|w| Var::from_tensor(w).unwrap()).collect()).collect();
+    let params: Vec<Vec<Var>> = (0..moe.experts().len()).map(|e| moe.experts().weights(e).iter().map(|w| Var::from_tensor(w).unwrap()).collect()).collect();
     let experts: Vec<SwigluExpert> = params.iter().map(|p| SwigluExpert::from_weights(p[0].as_tensor().clone(), p[1].as_tensor().clone(), p[2].as_tensor().clone())).collect();
     fused_experts_against_dispatch(&experts, &params, &x, &routing.experts, &scores, if only_two_experts { 6 } else { 0 });
 }

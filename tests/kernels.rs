@@ -5,6 +5,18 @@
 use candle_core::{DType, Device, IndexOp, Result, Tensor};
 use ditmoe::kernels::{self as kx, cpu, ExpertWeights, SwigluWeights};
 
+/// The default grouped-GEMM selection (the CPU references ignore it).
+const GEMM: kx::GemmConfig = kx::GemmConfig {
+    backend: kx::GemmBackend::Auto,
+    block_n: 0,
+    stages: 0,
+    persistent: None,
+    multicast: None,
+    tma_a: None,
+    split_n: None,
+    f32_kernel: kx::F32Kernel::Auto,
+};
+
 fn max_abs(a: &Tensor, b: &Tensor) -> Result<f32> {
     (a.to_dtype(DType::F32)? - b.to_dtype(DType::F32)?)?
         .abs()?
@@ -106,7 +118,8 @@ fn gating_matches_softmax_and_sorted_topk() -> Result<()> {
         )? / (s * k) as f64)?;
         let official =
             ((scores.mean(0)? * (ce * e as f64)?)?.sum_all()? * 0.01)?.to_scalar::<f32>()?;
-        let ours = g.balance_loss(0.01)?.to_scalar::<f32>()?;
+        let routing = ditmoe::moe::Routing { experts: g.ids.clone(), weights: g.weights.clone(), scores: g.scores.clone() };
+        let ours = ditmoe::moe::balance_loss(&routing, s, 0.01, false)?.to_scalar::<f32>()?;
         assert!(
             (official - ours).abs() <= 1e-6 * official.abs().max(1.0),
             "balance loss {ours} vs {official}"
@@ -253,7 +266,7 @@ fn gather_and_combine_match_index_ops() -> Result<()> {
     let err = kx::gather_rows(&short, &p).unwrap_err().to_string();
     assert!(err.contains("x has 122 rows") && err.contains("123 tokens"), "{err}");
     let w3 = Tensor::zeros((e, 8, d), DType::F32, &dev)?;
-    assert!(kx::grouped_gate_up_gather(&short, &p, &w3, &w3).unwrap_err().to_string().contains("x has 122 rows"));
+    assert!(kx::grouped_gate_up_gather(&short, &p, &w3, &w3, &GEMM).unwrap_err().to_string().contains("x has 122 rows"));
     let err = kx::combine(&y.narrow(0, 0, s * k - 2)?, &p, &w, None).unwrap_err().to_string();
     assert!(err.contains("expert_out has 244 rows") && err.contains("246 slots"), "{err}");
     Ok(())
@@ -352,8 +365,8 @@ fn grouped_swiglu_matches_per_expert_loop() -> Result<()> {
         let x = Tensor::randn(0f32, 1.0, (s, d), &dev)?;
         let p = kx::permute_by_expert(&ids, e)?;
         let xr = kx::gather_rows(&x, &p)?;
-        let y1 = kx::grouped_swiglu(&xr, &p.offsets, &ex.gate, &ex.up, &ex.down)?;
-        let y2 = kx::grouped_swiglu_gather(&x, &p, &ex.gate, &ex.up, &ex.down)?;
+        let y1 = kx::grouped_swiglu(&xr, &p.offsets, &ex.gate, &ex.up, &ex.down, &GEMM)?;
+        let y2 = kx::grouped_swiglu_gather(&x, &p, &ex.gate, &ex.up, &ex.down, &GEMM)?;
         assert_eq!(max_abs(&y1, &y2)?, 0.0, "fused gather == explicit gather");
         let out = kx::combine(&y1, &p, &w, None)?;
         let want = naive_routed(&x, &ids, &w, &ex)?;
@@ -372,42 +385,37 @@ fn grouped_gemm_bf16_rounds_like_the_kernels() -> Result<()> {
     let ids = ids_from(s, k, e, &mut rng, |r| r.below(4))?;
     let x = Tensor::randn(0f32, 1.0, (s, d), &dev)?.to_dtype(DType::BF16)?;
     let p = kx::permute_by_expert(&ids, e)?;
-    let h = kx::grouped_gate_up_gather(&x, &p, &ex.gate, &ex.up)?;
+    let h = kx::grouped_gate_up_gather(&x, &p, &ex.gate, &ex.up, &GEMM)?;
     assert_eq!(h.dtype(), DType::BF16);
     assert_eq!(h.dims(), &[s * k, i]);
     // f32 computation of the same bf16 values, hidden state not rounded: within bf16 rounding
     let f = |t: &Tensor| t.to_dtype(DType::F32);
-    let hf = kx::grouped_gate_up_gather(&f(&x)?, &p, &f(&ex.gate)?, &f(&ex.up)?)?;
+    let hf = kx::grouped_gate_up_gather(&f(&x)?, &p, &f(&ex.gate)?, &f(&ex.up)?, &GEMM)?;
     assert!(rel(&h, &hf)? < 1e-2);
-    let y = kx::grouped_matmul(&h, &p.offsets, &ex.down)?;
-    let yf = kx::grouped_matmul(&hf, &p.offsets, &f(&ex.down)?)?;
+    let y = kx::grouped_matmul(&h, &p.offsets, &ex.down, &GEMM)?;
+    let yf = kx::grouped_matmul(&hf, &p.offsets, &f(&ex.down)?, &GEMM)?;
     assert!(rel(&y, &yf)? < 1e-2);
     Ok(())
 }
 
+/// The shared expert's kernel helper against candle ops, and the public API's CPU path against
+/// the reference module.
 #[test]
-fn fused_layer_matches_loop_layer() -> Result<()> {
+fn shared_expert_helper_and_cpu_dispatch() -> Result<()> {
     let dev = Device::Cpu;
-    let (s, d, e, k, i) = (96usize, 32usize, 8usize, 2usize, 64usize);
-    let ex = experts(e, d, i, DType::F32)?;
+    let (s, d, e, k) = (96usize, 32usize, 8usize, 2usize);
     let sh = SwigluWeights {
         gate: (Tensor::randn(0f32, 1.0, (2 * d, d), &dev)? * 0.2)?,
         up: (Tensor::randn(0f32, 1.0, (2 * d, d), &dev)? * 0.2)?,
         down: (Tensor::randn(0f32, 1.0, (d, 2 * d), &dev)? * 0.2)?,
     };
-    let router = Tensor::randn(0f32, 0.3, (e, d), &dev)?;
     let x = Tensor::randn(0f32, 1.0, (s, d), &dev)?;
-    let (yf, g) = kx::moe_forward_fused(&x, &router, &ex, Some(&sh), k)?;
-    let (yl, ids, w) = kx::moe_forward_loop(&x, &router, &ex, Some(&sh), k)?;
-    assert_eq!(g.ids.to_vec2::<u32>()?, ids.to_vec2::<u32>()?);
-    assert!(max_abs(&g.weights, &w)? < 1e-6);
-    let r = rel(&yf, &yl)?;
-    assert!(r < 1e-5, "rel {r:e}");
-    // the shared expert helper
     let want =
         (x.matmul(&sh.gate.t()?)?.silu()? * x.matmul(&sh.up.t()?)?)?.matmul(&sh.down.t()?)?;
-    assert!(rel(&kx::swiglu_mlp(&x, &sh)?, &want)? < 1e-5);
-    // the CPU path of the public API is the reference module
+    assert!(rel(&kx::swiglu_mlp(&x, &sh, &GEMM)?, &want)? < 1e-5);
+    let mut rng = Lcg(3);
+    let ids = ids_from(s, k, e, &mut rng, |r| r.below(8))?;
+    let w = Tensor::rand(0f32, 1.0, (s, k), &dev)?;
     let p = kx::permute_by_expert(&ids, e)?;
     let yr = Tensor::randn(0f32, 1.0, (s * k, d), &dev)?;
     let a = cpu::combine(&yr, &p, &w, None)?;
@@ -443,6 +451,7 @@ fn cuda_kernels_match_cpu_reference() -> Result<()> {
             &pg,
             &ex.gate.to_device(&gpu)?,
             &ex.up.to_device(&gpu)?,
+            &GEMM,
         )?;
         let tol = if dt == DType::F32 { 1e-5 } else { 1e-2 };
         assert!(rel(&hg.to_device(&cpu_dev)?, &hc)? < tol);

@@ -16,7 +16,7 @@ const BF16_TOL: f64 = 1e-2;
 fn check_case(case: &str) {
     let dir = ModelDir::open(&fixture_path(&format!("models/{case}"))).unwrap();
     let cfg = dir.config.clone();
-    let model = dir.load(DType::F32, &Device::Cpu).unwrap();
+    let model = dir.load(&ditmoe::ExecutionPlan::inference(&Device::Cpu, ditmoe::Precision::F32)).unwrap();
     let io = load_fixture(&format!("models/{case}/io.safetensors"));
     let (x, t, y) = (&io["x"], &io["t"], &io["y"]);
 
@@ -48,8 +48,8 @@ fn check_case(case: &str) {
         );
         note("weights", assert_close(&format!("{case} routing.{l}.weights"), &r.weights, &io[&format!("routing.{l}.weights")], F32_TOL));
         note("scores", assert_close(&format!("{case} routing.{l}.scores"), &r.scores, &io[&format!("routing.{l}.scores")], F32_TOL));
-        let n = x.dim(0).unwrap();
-        let seq = balance_loss(&ditmoe::moe::Routing { experts: r.experts.clone(), weights: r.weights.clone(), scores: r.scores.clone() }, n, cfg.aux_loss_alpha, true).unwrap();
+        // DiT-MoE's `seq_aux` groups by image: sequences of num_patches tokens
+        let seq = balance_loss(&ditmoe::moe::Routing { experts: r.experts.clone(), weights: r.weights.clone(), scores: r.scores.clone() }, cfg.num_patches(), cfg.aux_loss_alpha, true).unwrap();
         let want_seq = io["aux_loss_seq"].narrow(0, l, 1).unwrap().squeeze(0).unwrap();
         note("aux_loss_seq", assert_close(&format!("{case} aux_loss_seq[{l}]"), &seq, &want_seq, F32_TOL));
     }
@@ -72,7 +72,7 @@ fn check_case(case: &str) {
     // 1e-2 in relative L2 norm. Routing may flip on near ties in reduced precision.
     // Patches whose tokens picked other experts than the official run (in any layer) are left
     // out of the comparison, and their number is bounded.
-    let bf16 = dir.load(DType::BF16, &Device::Cpu).unwrap();
+    let bf16 = dir.load(&ditmoe::ExecutionPlan::inference(&Device::Cpu, ditmoe::Precision::Bf16)).unwrap();
     let mut trace16 = Trace::routing();
     let out_bf16 = bf16.forward_full(x, t, y, ForwardMode::Eval, &mut trace16).unwrap().out;
     let tokens = x.dim(0).unwrap() * cfg.num_patches();

@@ -1,4 +1,4 @@
-//! ProMoE: parity of the MoE layer (`ProMoeMoe`: prototypical router, unconditional expert,
+//! ProMoE: parity of the MoE layer (the engine's `MoeLayer` with the prototypical router, unconditional expert,
 //! GELU experts, shared expert, routing contrastive loss) with the official
 //! `models_ProMoE_TC.py::SparseMoeBlock` on both fixture cases; gradients of the contrastive
 //! loss (autograd reaches prototypes and tokens, finite differences agree); the ProMoE DiT
@@ -11,11 +11,14 @@ use common::{assert_close, fixture_path, load_fixture};
 use ditmoe::checkpoint::{expected_parameters, ShapeRecorder};
 use ditmoe::diffusion::{sample_euler, shift_time, FlowTimeGrid, RectifiedFlow};
 use ditmoe::model::{ForwardMode, Trace};
-use ditmoe::moe::{ExpertDispatch, ProMoeMoe, PrototypicalRouter, RoutingContrastive, WeightMode};
+use ditmoe::moe::{ExpertDispatch, MoeInput, MoeLayer, MoeOutput, PrototypicalRouter, RoutingContrastive, WeightMode};
+use ditmoe::{ExecutionPlan, Precision};
 use ditmoe::{presets, DitConfig, DitMoe};
 use std::collections::HashMap;
 
 const F32_TOL: f64 = 1e-4;
+/// The released routing contrastive loss settings.
+const RCL: RoutingContrastive = RoutingContrastive { lambda: 1.0, temperature: 0.07, top_k_assignment: true };
 const CASES: [&str; 2] = ["official-top1-identity", "top2-softmax"];
 /// The official code's hard-coded null label, the fixtures' null class.
 const NULL: i64 = 1000;
@@ -39,11 +42,33 @@ fn block_config(case: &str) -> DitConfig {
     DitConfig::from_json_str(&serde_json::Value::Object(top).to_string(), case).unwrap()
 }
 
-fn fixture_block(case: &str, dtype: DType) -> (DitConfig, ProMoeMoe, HashMap<String, Tensor>) {
+fn cpu_plan() -> ExecutionPlan {
+    ExecutionPlan::inference(&Device::Cpu, Precision::F32)
+}
+
+fn fixture_block(case: &str, dtype: DType) -> (DitConfig, MoeLayer, HashMap<String, Tensor>) {
     let cfg = block_config(case);
     let weights = load_fixture(&format!("promoe/{case}/model.safetensors"));
     let vb = VarBuilder::from_tensors(weights.clone(), dtype, &Device::Cpu);
-    (cfg.clone(), ProMoeMoe::new(&cfg, vb).unwrap(), weights)
+    (cfg.clone(), MoeLayer::new(&cfg.moe_config(), &cpu_plan(), vb).unwrap(), weights)
+}
+
+/// The layer on hidden (N, T, D) with the null-label images' tokens marked unconditional; the
+/// output reshaped to (N, T, D).
+fn run(moe: &MoeLayer, hidden: &Tensor, labels: &Tensor, train: bool) -> MoeOutput {
+    let (n, t, d) = hidden.dims3().unwrap();
+    let uncond = unconditional_mask(labels, t);
+    let tokens = hidden.reshape((n * t, d)).unwrap();
+    let mut o = moe.forward(&MoeInput { tokens: &tokens, seq_len: t, unconditional: Some(&uncond), train }).unwrap();
+    o.out = o.out.reshape((n, t, d)).unwrap();
+    o
+}
+
+/// `[S]` u8: the tokens of null-label images.
+fn unconditional_mask(labels: &Tensor, tokens_per_image: usize) -> Tensor {
+    let v: Vec<u8> = labels.to_vec1::<i64>().unwrap().iter().flat_map(|&l| std::iter::repeat_n(u8::from(l == NULL), tokens_per_image)).collect();
+    let n = v.len();
+    Tensor::from_vec(v, n, &Device::Cpu).unwrap()
 }
 
 /// Rows of the tokens of images whose label is not the null label, in token order.
@@ -60,7 +85,7 @@ fn block_parameter_names_are_the_official_ones() {
     for case in CASES {
         let cfg = block_config(case);
         let rec = ShapeRecorder::default();
-        ProMoeMoe::new(&cfg, VarBuilder::from_backend(Box::new(rec.clone()), DType::F32, Device::Cpu)).unwrap();
+        MoeLayer::new(&cfg.moe_config(), &cpu_plan(), VarBuilder::from_backend(Box::new(rec.clone()), DType::F32, Device::Cpu)).unwrap();
         let mut ours: Vec<(String, Vec<usize>)> = rec.recorded();
         let weights = load_fixture(&format!("promoe/{case}/model.safetensors"));
         let mut official: Vec<(String, Vec<usize>)> = weights.iter().map(|(n, t)| (n.clone(), t.dims().to_vec())).collect();
@@ -81,7 +106,7 @@ fn block_matches_official_in_eval_and_training_mode() {
         let e = cfg.num_experts;
         assert_eq!(k, cfg.num_experts_per_tok);
 
-        let o = moe.forward(hidden, labels).unwrap();
+        let o = run(&moe, hidden, labels, false);
         let ids = o.routing.experts.to_dtype(DType::I64).unwrap().reshape((n, t, k)).unwrap();
         assert_eq!(ids.to_vec3::<i64>().unwrap(), io["expert_indices"].to_vec3::<i64>().unwrap(), "{case}: expert ids");
         // The null-label images use the unconditional expert E with weight 1 (both fixtures have two).
@@ -96,12 +121,13 @@ fn block_matches_official_in_eval_and_training_mode() {
         let cos = o.routing.scores.index_select(&Tensor::new(cond.as_slice(), &Device::Cpu).unwrap(), 0).unwrap();
         check("cos_sim_cond", &cos, &io["cos_sim_cond"]);
         check("out", &o.out, &io["out"]);
-        assert!(moe.contrastive_loss(hidden, &o).unwrap().is_some() && moe.balance_loss(&o).unwrap().is_none(), "{case}: losses of the config");
+        assert!(o.contrastive_loss.is_none() && o.aux_loss.is_none(), "{case}: no losses in eval mode");
 
         // Training mode: the same forward plus the router losses (balance coefficient 0 -> none).
-        let train = moe.forward(hidden, labels).unwrap();
+        let train = run(&moe, hidden, labels, true);
         check("train.out", &train.out, &io["train.out"]);
-        let rcl = moe.contrastive_loss(hidden, &train).unwrap().unwrap();
+        assert!(train.aux_loss.is_none(), "{case}: balance coefficient 0");
+        let rcl = train.contrastive_loss.clone().expect("contrastive loss in training mode");
         let want = io["routing_contrastive_loss"].reshape(()).unwrap();
         check("routing_contrastive_loss", &rcl, &want);
         assert!(rcl.to_scalar::<f32>().unwrap() > 0.0, "{case}: a nonzero contrastive loss");
@@ -118,10 +144,11 @@ fn weight_modes_pick_the_same_experts_and_transform_the_cosines() {
     let x = io["hidden"].reshape((n * t, d)).unwrap();
     let router = |mode| {
         let vb = VarBuilder::from_tensors(weights.clone(), DType::F32, &Device::Cpu);
-        PrototypicalRouter::new(d, 5, 2, mode, Some(NULL as u32), vb).unwrap()
+        PrototypicalRouter::new(d, 5, 2, mode, true, RCL, vb).unwrap()
     };
-    let id = router(WeightMode::Identity).forward(&x, Some(&io["labels"])).unwrap();
-    let sig = router(WeightMode::Sigmoid).forward(&x, Some(&io["labels"])).unwrap();
+    let uncond = unconditional_mask(&io["labels"], t);
+    let id = router(WeightMode::Identity).forward(&x, Some(&uncond)).unwrap();
+    let sig = router(WeightMode::Sigmoid).forward(&x, Some(&uncond)).unwrap();
     assert_eq!(id.experts.to_vec2::<u32>().unwrap(), sig.experts.to_vec2::<u32>().unwrap());
     let cond = Tensor::new(conditional_tokens(&io["labels"], t).as_slice(), &Device::Cpu).unwrap();
     let chosen = |r: &ditmoe::moe::Routing| r.weights.index_select(&cond, 0).unwrap();
@@ -132,7 +159,7 @@ fn weight_modes_pick_the_same_experts_and_transform_the_cosines() {
     assert_close("identity top-1 = max cosine", &chosen(&id).narrow(1, 0, 1).unwrap(), &cos_max, 0.0);
     // Without the unconditional expert every token is routed by the prototypes, labels unused.
     let vb = VarBuilder::from_tensors(weights.clone(), DType::F32, &Device::Cpu);
-    let plain = PrototypicalRouter::new(d, 5, 2, WeightMode::Identity, None, vb).unwrap().forward(&x, None).unwrap();
+    let plain = PrototypicalRouter::new(d, 5, 2, WeightMode::Identity, false, RCL, vb).unwrap().forward(&x, None).unwrap();
     assert!(plain.experts.flatten_all().unwrap().to_vec1::<u32>().unwrap().iter().all(|&e| e < 5));
 }
 
@@ -147,10 +174,10 @@ fn balance_loss_covers_the_conditional_tokens_only() {
             cfg.seq_aux = seq_aux;
             cfg.promoe.as_mut().unwrap().load_balance_loss_coef = 0.3;
             let weights = load_fixture(&format!("promoe/{case}/model.safetensors"));
-            let moe = ProMoeMoe::new(&cfg, VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu)).unwrap();
+            let moe = MoeLayer::new(&cfg.moe_config(), &cpu_plan(), VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu)).unwrap();
             let io = load_fixture(&format!("promoe/{case}/io.safetensors"));
-            let o = moe.forward(&io["hidden"], &io["labels"]).unwrap();
-            let ours = moe.balance_loss(&o).unwrap().expect("coefficient > 0").to_scalar::<f32>().unwrap() as f64;
+            let o = run(&moe, &io["hidden"], &io["labels"], true);
+            let ours = o.aux_loss.expect("coefficient > 0").to_scalar::<f32>().unwrap() as f64;
 
             let (e, k, t) = (cfg.num_experts, cfg.num_experts_per_tok, io["hidden"].dim(1).unwrap());
             let cos = io["cos_sim_cond"].to_dtype(DType::F64).unwrap().to_vec2::<f64>().unwrap();
@@ -186,7 +213,7 @@ fn balance_loss_covers_the_conditional_tokens_only() {
 /// The contrastive loss of the fixture's routing (`ids` and their dispatch) for prototypes `c`
 /// and tokens `h`.
 fn rcl(c: &Tensor, h: &Tensor, ids: &Tensor, dispatch: &ExpertDispatch) -> Tensor {
-    RoutingContrastive { lambda: 1.0, temperature: 0.07, top_k_assignment: true }.loss(c, h, ids, dispatch).unwrap()
+    RCL.loss(c, h, ids, dispatch).unwrap()
 }
 
 #[test]
@@ -248,11 +275,10 @@ fn block_contrastive_loss_backpropagates_to_its_parameters_and_input() {
     let weights = load_fixture(&format!("promoe/{case}/model.safetensors"));
     let vars: HashMap<String, Var> = weights.iter().map(|(n, t)| (n.clone(), Var::from_tensor(t).unwrap())).collect();
     let vb = VarBuilder::from_tensors(vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect(), DType::F32, &Device::Cpu);
-    let moe = ProMoeMoe::new(&cfg, vb).unwrap();
+    let moe = MoeLayer::new(&cfg.moe_config(), &ExecutionPlan::training(&Device::Cpu, Precision::F32), vb).unwrap();
     let io = load_fixture(&format!("promoe/{case}/io.safetensors"));
     let x = Var::from_tensor(&io["hidden"]).unwrap();
-    let o = moe.forward(x.as_tensor(), &io["labels"]).unwrap();
-    let loss = moe.contrastive_loss(x.as_tensor(), &o).unwrap().unwrap();
+    let loss = run(&moe, x.as_tensor(), &io["labels"], true).contrastive_loss.unwrap();
     let grads = loss.backward().unwrap();
     let norm = |t: &Tensor| t.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
     assert!(norm(grads.get(vars["cluster_centers"].as_tensor()).expect("prototypes")) > 0.0);
@@ -318,7 +344,7 @@ fn tiny_promoe_dit_lists_official_names_and_runs() {
     assert_eq!(cfg.param_counts().0, total, "param_counts agrees with the built model");
 
     let tensors: HashMap<String, Tensor> = params.iter().enumerate().map(|(i, (n, s))| (n.clone(), pseudo_random(s, i as u64, 0.2))).collect();
-    let model = DitMoe::new(&cfg, VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu)).unwrap();
+    let model = DitMoe::new(&cfg, &cpu_plan(), VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu)).unwrap();
     let x = pseudo_random(&[4, 4, 8, 8], 99, 1.0);
     let t = Tensor::new(&[999f32, 500.0, 250.0, 10.0], &Device::Cpu).unwrap();
     // 10 = num_classes is the model's null class (not the official hard-coded 1000).
@@ -451,7 +477,7 @@ fn promoe_trajectory_records_moe_blocks_and_the_unconditional_expert() {
     use ditmoe::analysis::{record_trajectory, RecordRequest, SamplerKind};
     let cfg = tiny_promoe();
     let varmap = candle_nn::VarMap::new();
-    let model = ditmoe::DitMoe::new(&cfg, candle_nn::VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu)).unwrap();
+    let model = ditmoe::DitMoe::new(&cfg, &ditmoe::ExecutionPlan::training(&Device::Cpu, ditmoe::Precision::F32), candle_nn::VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu)).unwrap();
     let req = RecordRequest { classes: vec![1, 2], seed: 0, sampler: SamplerKind::Euler, steps: 3, guidance: 2.0, batch_size: 2 };
     let traj = record_trajectory(&model, "tiny ProMoE", None, &req, &Device::Cpu, &mut |_| {}).unwrap();
     let d = traj.dims();
@@ -474,15 +500,16 @@ fn promoe_models_use_their_flow_matching_timesteps() {
     assert_eq!(tiny_promoe().flow_time_scale(), 1000.0);
 }
 
-/// Frozen experts stacked once (what a ProMoE layer does on the GPU): the views compute what the
-/// experts compute, and the fused routed op over the stacks what the dispatch computes.
+/// Frozen experts stacked once (what a ProMoE layer does on the kernel pipeline): the views
+/// compute what the experts compute, and the fused routed op over the stacks what the dispatch
+/// computes.
 #[test]
 fn frozen_gelu_experts_stack_once_into_views() {
-    use ditmoe::moe::{stack_frozen, StackedExperts};
+    use ditmoe::moe::{stack_frozen, Experts, StackedExperts};
     let case = std::fs::read_dir(fixture_path("promoe")).unwrap().flatten().find(|e| e.path().join("model.safetensors").exists()).unwrap();
     let (_, moe, _) = fixture_block(case.file_name().to_str().unwrap(), DType::F32);
-    let experts = moe.experts();
-    let (stacks, views) = stack_frozen(experts).unwrap();
+    let (stacks, views) = stack_frozen(moe.experts()).unwrap();
+    let (Experts::Gelu(experts), Experts::Gelu(views)) = (moe.experts(), &views) else { panic!("ProMoE experts are GELU MLPs") };
     let d = experts[0].weights()[0].dim(1).unwrap();
     let x = Tensor::randn(0f32, 1.0, (37, d), &Device::Cpu).unwrap();
     for (e, (view, expert)) in views.iter().zip(experts).enumerate() {
@@ -493,7 +520,7 @@ fn frozen_gelu_experts_stack_once_into_views() {
     let ids = Tensor::from_vec(ids, (37, k), &Device::Cpu).unwrap();
     let w = Tensor::rand(0f32, 1.0, (37, k), &Device::Cpu).unwrap();
     let perm = ditmoe::kernels::permute_by_expert(&ids, experts.len()).unwrap();
-    let fused = ditmoe::kernels::routed_experts(&x, &w, &stacks, &perm).unwrap();
+    let fused = ditmoe::kernels::routed_experts(&x, &w, &stacks, &perm, &Default::default()).unwrap();
     let sparse = ExpertDispatch::new(&ids, experts.len()).unwrap().run(&x, &w, experts).unwrap();
     assert_close("fused over the stacks vs dispatch", &fused, &sparse, 1e-5);
     assert!(ditmoe::moe::SwigluExpert::views(&stacks).is_err(), "GELU stacks are not SwiGLU experts");

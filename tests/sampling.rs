@@ -27,7 +27,7 @@ use ditmoe::DitMoe;
 const LOOP_TOL: f64 = 1e-4;
 
 fn tiny() -> DitMoe {
-    ModelDir::open(&fixture_path("models/tiny")).unwrap().load(DType::F32, &Device::Cpu).unwrap()
+    ModelDir::open(&fixture_path("models/tiny")).unwrap().load(&ditmoe::ExecutionPlan::inference(&Device::Cpu, ditmoe::Precision::F32)).unwrap()
 }
 
 fn official_guidance(scale: f64) -> Guidance {

@@ -68,7 +68,7 @@ fn config(f: &Fixture, out: &str, steps: u64) -> TrainConfig {
 }
 
 fn losses(cfg: TrainConfig, resume: bool) -> Vec<f32> {
-    let mut t = Trainer::new(cfg, &Device::Cpu, resume).unwrap();
+    let mut t = Trainer::new(cfg, &ditmoe::ExecutionPlan::training(&Device::Cpu, ditmoe::Precision::F32), resume).unwrap();
     t.run(false).unwrap().steps.iter().map(|s| s.loss).collect()
 }
 
@@ -138,7 +138,7 @@ fn truncated_checkpoint_falls_back() {
     file.set_len(len / 2).unwrap();
     drop(file);
 
-    let t = Trainer::new(config(&f, "run", 8), &Device::Cpu, true).unwrap();
+    let t = Trainer::new(config(&f, "run", 8), &ditmoe::ExecutionPlan::training(&Device::Cpu, ditmoe::Precision::F32), true).unwrap();
     assert_eq!(t.step(), 4, "resume should fall back to step 4");
     let (_, warnings) = checkpoint::load_latest(&root, &Device::Cpu).unwrap();
     assert_eq!(warnings.len(), 1);
@@ -152,7 +152,7 @@ fn nan_stops_with_step_and_keeps_last_checkpoint() {
     cfg.lr = 1e30; // the first update blows the weights up; the next loss is not finite
     cfg.max_grad_norm = None;
     cfg.ckpt_every = 1;
-    let mut t = Trainer::new(cfg, &Device::Cpu, false).unwrap();
+    let mut t = Trainer::new(cfg, &ditmoe::ExecutionPlan::training(&Device::Cpu, ditmoe::Precision::F32), false).unwrap();
     let err = t.run(false).unwrap_err().to_string();
     assert!(err.contains("non-finite"), "{err}");
     let root = checkpoint::checkpoints_dir(&f.root.join("run"));
@@ -190,11 +190,11 @@ fn bad_inputs_are_named() {
 
     // A class folder without images.
     std::fs::create_dir_all(f.root.join("data/class3")).unwrap();
-    let e = Trainer::new(config(&f, "run", 2), &Device::Cpu, false).err().expect("empty class folder must fail").to_string();
+    let e = Trainer::new(config(&f, "run", 2), &ditmoe::ExecutionPlan::training(&Device::Cpu, ditmoe::Precision::F32), false).err().expect("empty class folder must fail").to_string();
     assert!(e.contains("class3"), "{e}");
     // Four classes for a three-class model.
     std::fs::copy(f.root.join("data/class0/0.png"), f.root.join("data/class3/0.png")).unwrap();
-    let e = Trainer::new(config(&f, "run", 2), &Device::Cpu, false).err().expect("class count mismatch must fail").to_string();
+    let e = Trainer::new(config(&f, "run", 2), &ditmoe::ExecutionPlan::training(&Device::Cpu, ditmoe::Precision::F32), false).err().expect("class count mismatch must fail").to_string();
     assert!(e.contains("4 classes") && e.contains("num_classes 3"), "{e}");
 }
 
@@ -212,7 +212,7 @@ fn init_from_starts_from_given_weights() {
     assert!(continued[0] < fresh[0], "init_from loss {} should be below a fresh start {} (trained run ended at {})", continued[0], fresh[0], trained[39]);
     let mut bad = config(&f, "bad", 1);
     bad.init_from = Some(f.root.join("model.json"));
-    let e = Trainer::new(bad, &Device::Cpu, false).err().expect("a non-checkpoint must fail").to_string();
+    let e = Trainer::new(bad, &ditmoe::ExecutionPlan::training(&Device::Cpu, ditmoe::Precision::F32), false).err().expect("a non-checkpoint must fail").to_string();
     assert!(e.contains("model.json"), "{e}");
 }
 

@@ -3,7 +3,8 @@
 use super::{load_state_dict, write_atomic, write_safetensors_atomic};
 use crate::config::DitConfig;
 use crate::model::DitMoe;
-use candle_core::{DType, Device, Result};
+use crate::plan::ExecutionPlan;
+use candle_core::{DType, Result};
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone)]
@@ -42,9 +43,10 @@ impl ModelDir {
         Ok(Self { dir: dir.into(), config, weights, class_names })
     }
 
-    pub fn load(&self, dtype: DType, device: &Device) -> Result<DitMoe> {
-        let vb = load_state_dict(&self.weights)?.into_var_builder(&self.config, dtype, device)?;
-        DitMoe::new(&self.config, vb)
+    /// The model, its weights in the plan's dtype on its device.
+    pub fn load(&self, plan: &ExecutionPlan) -> Result<DitMoe> {
+        let vb = load_state_dict(&self.weights)?.into_var_builder(&self.config, plan.weight_dtype(), &plan.device)?;
+        DitMoe::new(&self.config, plan, vb)
     }
 
     /// Writes a model folder: validated weights (in `dtype`) as safetensors, config and class

@@ -39,6 +39,6 @@ impl SimpleBackend for ShapeRecorder {
 pub fn expected_parameters(cfg: &DitConfig) -> Result<Vec<ParamShape>> {
     let rec = ShapeRecorder::default();
     let vb = VarBuilder::from_backend(Box::new(rec.clone()), DType::F32, Device::Cpu);
-    DitMoe::new(cfg, vb)?;
+    DitMoe::new(cfg, &crate::plan::ExecutionPlan::inference(&Device::Cpu, crate::plan::Precision::F32), vb)?;
     Ok(rec.recorded())
 }

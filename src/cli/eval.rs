@@ -81,7 +81,7 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
         .unwrap_or_default();
     let steps = a.steps.or(defaults["steps"].as_u64().map(|s| s as usize)).unwrap_or(30);
     let cfg_scale = a.cfg_scale.or(defaults["cfg_scale"].as_f64()).unwrap_or(1.5);
-    let model = dir.load(candle_core::DType::F32, &device)?;
+    let model = dir.load(&ditmoe::ExecutionPlan::inference(&device, ditmoe::Precision::F32))?;
     let opts = SampleOptions { per_class: a.per_class, steps, cfg_scale, seed: a.seed, batch: a.batch };
     let t = Instant::now();
     let samples = generate(&model, &opts, &device)?;

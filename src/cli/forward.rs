@@ -32,10 +32,10 @@ pub struct ForwardArgs {
 }
 
 pub fn run(a: ForwardArgs) -> anyhow::Result<()> {
-    let device = super::device(&a.device)?;
-    let dtype = super::dtype(&a.dtype)?;
+    let plan = super::inference_plan(&a.device, &a.dtype)?;
+    let device = plan.device.clone();
     let dir = ModelDir::open(&a.model)?;
-    let model = dir.load(dtype, &device)?;
+    let model = dir.load(&plan)?;
     let inputs = candle_core::safetensors::load(&a.inputs, &device)
         .map_err(|e| super::usage(format!("--inputs {}: {e}", a.inputs.display())))?;
     let get = |name: &str| -> anyhow::Result<&Tensor> {

@@ -184,12 +184,12 @@ impl ModelSource {
         }
     }
 
-    fn load(&self, dtype: candle_core::DType, device: &candle_core::Device) -> anyhow::Result<DitMoe> {
+    fn load(&self, plan: &ditmoe::ExecutionPlan) -> anyhow::Result<DitMoe> {
         Ok(match self {
-            Self::Folder(dir) => dir.load(dtype, device)?,
+            Self::Folder(dir) => dir.load(plan)?,
             Self::Preset { config, weights } => {
-                let vb = load_state_dict(weights)?.into_var_builder(config, dtype, device)?;
-                DitMoe::new(config, vb)?
+                let vb = load_state_dict(weights)?.into_var_builder(config, plan.weight_dtype(), &plan.device)?;
+                DitMoe::new(config, plan, vb)?
             }
         })
     }
@@ -357,10 +357,10 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
     };
     let sampler = build_sampler(sampler_name, steps, &steps_from, &cfg, vae.is_none())?;
     let output = Output::check(a.out.clone(), a.separate)?;
-    let device = super::device(&a.device)?;
-    let dtype = super::dtype(&a.dtype)?;
+    let plan = super::inference_plan(&a.device, &a.dtype)?;
+    let device = plan.device.clone();
 
-    let model = source.load(dtype, &device)?;
+    let model = source.load(&plan)?;
     let decoder = match &vae {
         Some(spec) => Decoder::Vae(Box::new(spec.load(&device).map_err(|e| super::usage(format!("--vae: {e}")))?)),
         None => Decoder::PixelSpace,

@@ -44,6 +44,14 @@ pub fn device(name: &str) -> anyhow::Result<Device> {
 }
 
 /// `--dtype f32|bf16|f16`.
+/// The execution plan of an inference command: `--device` and `--dtype` (f32, bf16, f16),
+/// its matmul precision applied.
+pub fn inference_plan(device: &str, dtype: &str) -> anyhow::Result<ditmoe::ExecutionPlan> {
+    let plan = ditmoe::ExecutionPlan::inference(&self::device(device)?, ditmoe::Precision::of_dtype(self::dtype(dtype)?));
+    plan.apply_matmul_precision();
+    Ok(plan)
+}
+
 pub fn dtype(name: &str) -> anyhow::Result<candle_core::DType> {
     use candle_core::DType;
     match name {

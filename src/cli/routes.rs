@@ -86,8 +86,9 @@ pub fn run(a: RoutesArgs) -> anyhow::Result<()> {
         return Err(super::usage(format!("--cfg-scale {}: the model has no null class; use --cfg-scale 1", req.guidance)));
     }
     std::fs::create_dir_all(&a.out).map_err(|e| super::usage(format!("--out {}: {e}", a.out.display())))?;
-    let device = super::device(&a.device)?;
-    let model = dir.load(super::dtype(&a.dtype)?, &device)?;
+    let plan = super::inference_plan(&a.device, &a.dtype)?;
+    let device = plan.device.clone();
+    let model = dir.load(&plan)?;
 
     let bar = ProgressBar::new(0);
     bar.set_style(

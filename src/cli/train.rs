@@ -98,11 +98,11 @@ fn build_config(a: &TrainArgs) -> anyhow::Result<TrainConfig> {
 pub fn run(a: TrainArgs) -> anyhow::Result<()> {
     let cfg = build_config(&a)?;
     let device = super::device(&a.device)?;
-    if device.is_cuda() {
-        // f32 master weights with TF32 tensor-core matmuls: see docs/quality.md.
-        candle_core::cuda::set_gemm_reduced_precision_f32(true);
-    }
-    let mut trainer = Trainer::new(cfg.clone(), &device, a.resume)?;
+    // f32 master weights; on CUDA with TF32 tensor-core matmuls (see docs/quality.md).
+    let precision = if device.is_cuda() { ditmoe::Precision::Tf32 } else { ditmoe::Precision::F32 };
+    let plan = ditmoe::ExecutionPlan::training(&device, precision);
+    plan.apply_matmul_precision();
+    let mut trainer = Trainer::new(cfg.clone(), &plan, a.resume)?;
     let mc = trainer.model_config();
     let (total, active) = mc.param_counts();
     eprintln!(

@@ -1,7 +1,7 @@
 //! CUDA implementations: the kernels of `kernels/*.cu`, compiled once per process with NVRTC
 //! (header-free sources, so no CUDA include directory is needed at run time) and launched on
 //! candle's stream. Nothing here reads device memory back to the host.
-use super::{Gating, GemmBackend, Permutation};
+use super::{Gating, GemmBackend, GemmConfig, Permutation};
 use candle_core::cuda_backend::{cudarc, CudaDType, CudaDevice, CudaStorage};
 use candle_core::op::BackpropOp;
 use candle_core::{bail, DType, Device, Result, Shape, Storage, Tensor};
@@ -644,13 +644,12 @@ fn sm_count(dev: &CudaDevice) -> u32 {
     })
 }
 
-/// See [`GemmChoice`]; follows [`super::gemm_config`].
+/// See [`GemmChoice`]; follows `cfg`.
 /// `aligned`: K is a multiple of 4 and every operand starts 16-byte aligned (the 3xTF32 f32
 /// kernel loads 16-byte chunks). `m_tiles`: the expected number of 128-row tiles (routing
 /// balanced over the experts).
-pub fn gemm_choice(dev: &CudaDevice, dtype: DType, swiglu: bool, n: usize, aligned: bool, m_tiles: usize) -> Result<GemmChoice> {
+pub fn gemm_choice(dev: &CudaDevice, cfg: &GemmConfig, dtype: DType, swiglu: bool, n: usize, aligned: bool, m_tiles: usize) -> Result<GemmChoice> {
     let m = modules(dev)?;
-    let cfg = super::gemm_config();
     match dtype {
         DType::F32 => {
             use super::F32Kernel;
@@ -675,10 +674,9 @@ pub fn gemm_choice(dev: &CudaDevice, dtype: DType, swiglu: bool, n: usize, align
                     split_n: false,
                 }),
                 F32Kernel::Simt128 => Ok(simt128()),
-                F32Kernel::Tf32x3 | F32Kernel::Tf32 | F32Kernel::Auto if m.has_mma && aligned => Ok(GemmChoice {
+                F32Kernel::Tf32x3 | F32Kernel::Tf32 | F32Kernel::Auto | F32Kernel::AutoTf32 if m.has_mma && aligned => Ok(GemmChoice {
                     name: match cfg.f32_kernel {
-                        F32Kernel::Tf32 => format!("gg_tf32_{kind}"),
-                        F32Kernel::Auto if candle_core::cuda::gemm_reduced_precision_f32() => format!("gg_tf32_{kind}"),
+                        F32Kernel::Tf32 | F32Kernel::AutoTf32 => format!("gg_tf32_{kind}"),
                         _ => format!("gg_tf32x3_{kind}"),
                     },
                     bm: 128,
@@ -690,7 +688,7 @@ pub fn gemm_choice(dev: &CudaDevice, dtype: DType, swiglu: bool, n: usize, align
                     split_n: false,
                 }),
                 F32Kernel::Tf32x3 | F32Kernel::Tf32 => bail!("the TF32 kernels need sm_80+ and K % 4 == 0 with aligned rows"),
-                F32Kernel::Auto => Ok(simt128()),
+                F32Kernel::Auto | F32Kernel::AutoTf32 => Ok(simt128()),
             }
         }
         DType::BF16 => {
@@ -870,6 +868,7 @@ struct GroupedGemm {
     b0: Tensor,
     b1: Tensor,
     choice: GemmChoice,
+    cfg: GemmConfig,
     dev: CudaDevice,
     swiglu: bool,
     /// rows, output columns, K, experts
@@ -881,7 +880,7 @@ struct GroupedGemm {
 
 impl GroupedGemm {
     /// `None` where the product is all zeros (no rows, no columns or K = 0).
-    fn new(x: &Tensor, gather: Option<&Permutation>, offsets: &Tensor, b0: &Tensor, b1: Option<&Tensor>) -> Result<Option<Self>> {
+    fn new(x: &Tensor, gather: Option<&Permutation>, offsets: &Tensor, b0: &Tensor, b1: Option<&Tensor>, cfg: &GemmConfig) -> Result<Option<Self>> {
         let dev = cuda_dev(x)?;
         let dtype = x.dtype();
         let x = x.contiguous()?;
@@ -915,7 +914,7 @@ impl GroupedGemm {
         };
         let aligned = kdim % 4 == 0 && [&x, &b0, &b1].iter().all(|t| t.layout().start_offset() % 4 == 0);
         let m_tiles = e * r.div_ceil(128 * e);
-        let choice = gemm_choice(&dev, dtype, swiglu, n, aligned, m_tiles)?;
+        let choice = gemm_choice(&dev, cfg, dtype, swiglu, n, aligned, m_tiles)?;
         Ok(Some(Self {
             order: gather.map(|p| p.order.contiguous()).transpose()?,
             gk: gather.map(|p| p.k).unwrap_or(1) as u32,
@@ -924,6 +923,7 @@ impl GroupedGemm {
             b0,
             b1,
             choice,
+            cfg: *cfg,
             dev,
             swiglu,
             r,
@@ -945,7 +945,7 @@ impl GroupedGemm {
             false => 0,
         };
         // A rows not gathered (down projections, the shared expert) come by TMA
-        let tma_a = base.multicast && self.order.is_none() && super::gemm_config().tma_a.unwrap_or(true);
+        let tma_a = base.multicast && self.order.is_none() && self.cfg.tma_a.unwrap_or(true);
         // The 192-wide plain kernel's pair tiles are 256 rows of one expert, so each expert
         // may leave a nearly empty one; with the A tile shared instead (128 rows, two N tiles)
         // the worst-case count of pair tiles can need a wave fewer. Decided on the worst case:
@@ -955,7 +955,7 @@ impl GroupedGemm {
             tma_a
                 && n_tiles.is_multiple_of(2)
                 && self.x.layout().start_offset().is_multiple_of(8) // 16-byte aligned rows for the A map
-                && super::gemm_config().split_n.unwrap_or_else(|| waves(split) < waves(base))
+                && self.cfg.split_n.unwrap_or_else(|| waves(split) < waves(base))
         });
         let ch = split.as_ref().unwrap_or(base);
         let f = gemm_fn(&self.dev, &ch.name)?.1;
@@ -1044,8 +1044,8 @@ impl GroupedGemm {
 }
 
 /// See [`super::grouped_matmul`] and [`super::grouped_gate_up`].
-pub fn grouped_gemm(x: &Tensor, gather: Option<&Permutation>, offsets: &Tensor, b0: &Tensor, b1: Option<&Tensor>) -> Result<Tensor> {
-    match GroupedGemm::new(x, gather, offsets, b0, b1)? {
+pub fn grouped_gemm(x: &Tensor, gather: Option<&Permutation>, offsets: &Tensor, b0: &Tensor, b1: Option<&Tensor>, cfg: &GemmConfig) -> Result<Tensor> {
+    match GroupedGemm::new(x, gather, offsets, b0, b1, cfg)? {
         Some(g) => g.run(),
         None => {
             let r = gather.map(|p| p.rows()).transpose()?.unwrap_or(x.dim(0)?);
@@ -1112,7 +1112,7 @@ impl Drop for Beside {
 /// and sort are small, latency-bound launches that leave most SMs idle). Every buffer it
 /// writes is allocated on the main stream before the fork, so the stream-ordered allocator
 /// cannot hand the side stream memory that pending main-stream work still uses.
-pub fn swiglu_mlp_beside(x: &Tensor, w: &super::SwigluWeights) -> Result<Beside> {
+pub fn swiglu_mlp_beside(x: &Tensor, w: &super::SwigluWeights, cfg: &GemmConfig) -> Result<Beside> {
     let dev = cuda_dev(x)?;
     let side = side_stream(&dev)?;
     let main = dev.cuda_stream();
@@ -1122,7 +1122,7 @@ pub fn swiglu_mlp_beside(x: &Tensor, w: &super::SwigluWeights) -> Result<Beside>
     }
     let offsets = dense_offsets(x.device(), s)?;
     let (gate, up, down) = (w.gate.unsqueeze(0)?, w.up.unsqueeze(0)?, w.down.unsqueeze(0)?);
-    let gu = GroupedGemm::new(x, None, &offsets, &gate, Some(&up))?;
+    let gu = GroupedGemm::new(x, None, &offsets, &gate, Some(&up), cfg)?;
     let i = w.gate.dim(0)?;
     let d = w.down.dim(0)?;
     macro_rules! go {
@@ -1137,7 +1137,7 @@ pub fn swiglu_mlp_beside(x: &Tensor, w: &super::SwigluWeights) -> Result<Beside>
             // (host-side only: h, offsets and the weights are contiguous already, so building
             // the down projection enqueues nothing on the main stream)
             let h = wrap(h, &dev, (s, i));
-            let dn = GroupedGemm::new(&h, None, &offsets, &down, None)?;
+            let dn = GroupedGemm::new(&h, None, &offsets, &down, None, cfg)?;
             match &dn {
                 Some(dn) => dn.launch(&side.stream, &mut out)?,
                 None => bail!("swiglu_mlp_beside: empty shared expert {:?}", w.down.dims()),

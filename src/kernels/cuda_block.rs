@@ -357,12 +357,8 @@ fn launch_flash(
 ) -> Result<Tensor> {
     let hdp = flash_hdp(hd)?;
     // Queries per block: 16 per warp. 8 warps share each key tile among twice the queries;
-    // 4 give more blocks for short sequences. `DITMOE_FLASH_WARPS` overrides (benchmarks).
-    let warps = match std::env::var("DITMOE_FLASH_WARPS").ok().and_then(|w| w.parse::<usize>().ok()) {
-        Some(w @ (4 | 8)) => w,
-        _ if t >= 256 => 8,
-        _ => 4,
-    };
+    // 4 give more blocks for short sequences.
+    let warps = if t >= 256 { 8 } else { 4 };
     let kind = if norm.is_some() { "qkn_bf16" } else { "bf16" };
     let f = func(dev, &format!("flash_attn_{kind}_hd{hdp}_w{warps}"))?;
     let mut out = unsafe { dev.alloc::<bf16>(b * t * h * hd)? };
@@ -430,12 +426,6 @@ pub fn qkv_attention(qkv: &Tensor, bias: Option<&Tensor>, norm: Option<QkNormWei
     let (b, t, d, hd) = qkv_dims(qkv, heads)?;
     if !rows_kernel(qkv.dtype(), hd) {
         bail!("qkv_attention: needs bf16 and a head size that is a multiple of 8 up to 128, got {:?} and {hd}", qkv.dtype())
-    }
-    // `DITMOE_QKNORM_SPLIT=1`: the split pass, then attention (the path before the kernel
-    // normalised q and k itself; benchmarks)
-    if norm.is_some() && std::env::var("DITMOE_QKNORM_SPLIT").as_deref() == Ok("1") {
-        let (q, k, v) = split_qkv(qkv, bias, norm, heads)?;
-        return flash_attention(&q, &k, &v, scale);
     }
     let dev = cuda_dev(qkv)?;
     let qkv = aligned(qkv, 8)?;

@@ -17,13 +17,13 @@
 //! `R = S * k` routed rows, `I` expert intermediate width. Slot `p = t * k + j` is token `t`'s
 //! `j`-th choice.
 //!
-//! A typical forward pass (what [`moe_forward_fused`] does):
+//! A typical forward pass (what [`crate::moe::MoeLayer`] runs on CUDA for inference):
 //! ```ignore
 //! let logits = x.matmul(&router_w.t()?)?;                   // [S, E]
 //! let g = fused_topk_gating(&logits, k)?;                    // ids/weights [S, k]
 //! let perm = permute_by_expert(&g.ids, n_experts)?;          // order/inv [R], offsets [E+1]
-//! let h = grouped_gate_up_gather(&x, &perm, &w_gate, &w_up)?; // [R, I]  silu(gate) * up
-//! let y = grouped_matmul(&h, &perm.offsets, &w_down)?;       // [R, D]
+//! let h = grouped_gate_up_gather(&x, &perm, &w_gate, &w_up, &gemm)?; // [R, I] silu(gate) * up
+//! let y = grouped_matmul(&h, &perm.offsets, &w_down, &gemm)?;       // [R, D]
 //! let out = combine(&y, &perm, &g.weights, Some(&shared))?;  // [S, D]
 //! ```
 use candle_core::{DType, Device, Result, Tensor};
@@ -50,8 +50,6 @@ pub mod row_grad;
 pub use routed_grad::{routed_experts, ExpertStacks, GeluExpertWeights};
 pub mod timing;
 #[cfg(feature = "cuda")]
-pub mod cublas_grouped;
-#[cfg(feature = "cuda")]
 pub mod cuda;
 #[cfg(feature = "cuda")]
 mod cuda_block;
@@ -71,18 +69,6 @@ pub struct Gating {
     pub expert_counts: Tensor,
     /// `[E]` f32: mean over tokens of `scores[:, e]` (the official `Pi`).
     pub mean_scores: Tensor,
-}
-
-impl Gating {
-    /// The official (non-sequence) balance loss value,
-    /// `alpha * sum_e mean_scores[e] * counts[e] * E / (S * k)`, as a scalar f32 tensor.
-    /// Forward value only: it carries no gradient (see the module docs).
-    pub fn balance_loss(&self, alpha: f64) -> Result<Tensor> {
-        let (s, k) = self.ids.dims2()?;
-        let e = self.mean_scores.dim(0)?;
-        let fi = (self.expert_counts.to_dtype(DType::F32)? * (e as f64 / (s * k).max(1) as f64))?;
-        (self.mean_scores.mul(&fi)?.sum_all()? * alpha)?.to_dtype(DType::F32)
-    }
 }
 
 /// Output of [`permute_by_expert`]: a stable counting sort of the `R = S * k` slots by expert.
@@ -146,8 +132,10 @@ pub enum GemmBackend {
     MmaSync,
 }
 
-/// Kernel selection for the grouped GEMMs on CUDA (process-wide; for benchmarks and tests).
-/// The defaults are the fastest variants measured on an H100 (see `docs/benchmarks.md`).
+/// The grouped-GEMM kernel selection on CUDA: one options value, held by the execution plan
+/// (`crate::plan::ExecutionPlan::gemm`) and passed to every grouped GEMM. `Default` is the
+/// measured best on H100/H200 (`docs/design.md` says why each choice wins); the explicit
+/// settings exist so that kernel tests check every kernel and benchmarks compare them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GemmConfig {
     /// bf16 tensor-core path.
@@ -182,10 +170,10 @@ pub struct GemmConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum F32Kernel {
     /// Where the tensor-core kernels apply (sm_80+, K a multiple of 4, 16-byte aligned rows):
-    /// plain TF32 when candle's matmuls are set to reduced-precision f32
-    /// (`candle_core::cuda::set_gemm_reduced_precision_f32`, as `ditmoe train` does on CUDA),
-    /// else 3xTF32; elsewhere SIMT 128.
+    /// 3xTF32; elsewhere SIMT 128.
     Auto,
+    /// [`Self::Auto`] with plain TF32 on tensor cores (the plan's TF32 precision).
+    AutoTf32,
     /// Tensor cores, 3xTF32 (f32-level accuracy: each operand split into two TF32 parts).
     Tf32x3,
     /// Tensor cores, plain TF32 (operands rounded to TF32, about 1e-3 relative; a third of
@@ -212,114 +200,16 @@ impl Default for GemmConfig {
     }
 }
 
-static GEMM_CONFIG: std::sync::RwLock<Option<GemmConfig>> = std::sync::RwLock::new(None);
-
-/// Sets the grouped-GEMM kernel selection (process-wide).
-pub fn set_gemm_config(c: GemmConfig) {
-    *GEMM_CONFIG.write().unwrap_or_else(|e| e.into_inner()) = Some(c);
-}
-
-/// The grouped-GEMM kernel selection: what [`set_gemm_config`] set, else the default with the
-/// backend taken from the environment variable `DITMOE_GEMM` (`wgmma` or `mma`) and the
-/// multicast, TMA and split switches from `DITMOE_GEMM_MULTICAST`, `DITMOE_GEMM_TMA_A` and
-/// `DITMOE_GEMM_SPLIT_N` (`0` or `1`) if present.
-pub fn gemm_config() -> GemmConfig {
-    if let Some(c) = *GEMM_CONFIG.read().unwrap_or_else(|e| e.into_inner()) {
-        return c;
-    }
-    static ENV: std::sync::OnceLock<GemmConfig> = std::sync::OnceLock::new();
-    *ENV.get_or_init(|| {
-        let backend = match std::env::var("DITMOE_GEMM").as_deref() {
-            Ok("wgmma") => GemmBackend::Wgmma,
-            Ok("mma") => GemmBackend::MmaSync,
-            _ => GemmBackend::Auto,
+impl GemmConfig {
+    /// The default selection for a plan's matmul precision: TF32 plans take the TF32 f32
+    /// kernel, every other the f32-accurate one.
+    pub fn for_precision(precision: crate::plan::Precision) -> Self {
+        let f32_kernel = match precision {
+            crate::plan::Precision::Tf32 => F32Kernel::AutoTf32,
+            _ => F32Kernel::Auto,
         };
-        let switch = |name| match std::env::var(name).as_deref() {
-            Ok("0") => Some(false),
-            Ok("1") => Some(true),
-            _ => None,
-        };
-        GemmConfig {
-            backend,
-            multicast: switch("DITMOE_GEMM_MULTICAST"),
-            tma_a: switch("DITMOE_GEMM_TMA_A"),
-            split_n: switch("DITMOE_GEMM_SPLIT_N"),
-            ..Default::default()
-        }
-    })
-}
-
-/// Selects the bf16 grouped-GEMM path, keeping the rest of [`gemm_config`].
-pub fn set_gemm_backend(b: GemmBackend) {
-    set_gemm_config(GemmConfig {
-        backend: b,
-        ..gemm_config()
-    })
-}
-
-/// Every grouped-GEMM kernel variant for `dtype` (bf16: wgmma ones only when `wgmma`), with a
-/// short name; for tests and benchmarks (`set_gemm_config(cfg)` selects one).
-pub fn gemm_variants(dtype: DType, wgmma: bool) -> Vec<(&'static str, GemmConfig)> {
-    let c = |backend, block_n, stages, persistent: bool| GemmConfig {
-        backend,
-        block_n,
-        stages,
-        persistent: Some(persistent),
-        multicast: Some(false),
-        tma_a: None,
-        split_n: Some(false),
-        f32_kernel: F32Kernel::Auto,
-    };
-    if dtype == DType::F32 {
-        let f = |k| GemmConfig { f32_kernel: k, ..Default::default() };
-        return vec![
-            ("f32 3xTF32", f(F32Kernel::Tf32x3)),
-            ("f32 TF32", f(F32Kernel::Tf32)),
-            ("f32 128x128", f(F32Kernel::Simt128)),
-            ("f32 64x64", f(F32Kernel::Simt64)),
-        ];
+        Self { f32_kernel, ..Self::default() }
     }
-    let mut v = Vec::new();
-    if wgmma {
-        v.push((
-            "wgmma n256 multicast",
-            GemmConfig {
-                multicast: Some(true),
-                ..c(GemmBackend::Wgmma, 256, 0, true)
-            },
-        ));
-        v.push((
-            "wgmma n192 multicast (gate/up n256)",
-            GemmConfig {
-                multicast: Some(true),
-                ..c(GemmBackend::Wgmma, 192, 0, true)
-            },
-        ));
-        v.push((
-            "wgmma n192 multicast, A shared, N split (gate/up n256)",
-            GemmConfig {
-                multicast: Some(true),
-                split_n: Some(true),
-                ..c(GemmBackend::Wgmma, 192, 0, true)
-            },
-        ));
-        v.push(("wgmma n256 persistent", c(GemmBackend::Wgmma, 256, 0, true)));
-        v.push(("wgmma n128 persistent", c(GemmBackend::Wgmma, 128, 0, true)));
-        v.push((
-            "wgmma n128 3-stage persistent",
-            c(GemmBackend::Wgmma, 128, 3, true),
-        ));
-        v.push(("wgmma n256", c(GemmBackend::Wgmma, 256, 0, false)));
-        v.push(("wgmma n128", c(GemmBackend::Wgmma, 128, 0, false)));
-        v.push(("wgmma n128 3-stage", c(GemmBackend::Wgmma, 128, 3, false)));
-    }
-    v.push((
-        "mma.sync n256 persistent",
-        c(GemmBackend::MmaSync, 256, 0, true),
-    ));
-    v.push(("mma.sync n256", c(GemmBackend::MmaSync, 256, 0, false)));
-    v.push(("mma.sync n128", c(GemmBackend::MmaSync, 128, 0, false)));
-    v
 }
 
 fn on_cpu(t: &Tensor) -> Result<Tensor> {
@@ -484,8 +374,8 @@ pub fn combine(
 /// Grouped GEMM over expert-contiguous rows: `out[r] = x[r] · w[e]ᵀ` for the rows of expert `e`.
 /// `x` `[R, K]`, `offsets` `[E + 1]` u32, `w` `[E, N, K]` → `[R, N]`; bf16 (f32 accumulation)
 /// or f32. bf16 needs `K % 8 == 0` and `N % 8 == 0`.
-pub fn grouped_matmul(x: &Tensor, offsets: &Tensor, w: &Tensor) -> Result<Tensor> {
-    grouped_dispatch(x, None, offsets, w, None)
+pub fn grouped_matmul(x: &Tensor, offsets: &Tensor, w: &Tensor, gemm: &GemmConfig) -> Result<Tensor> {
+    grouped_dispatch(x, None, offsets, w, None, gemm)
 }
 
 /// The weight gradient of a grouped GEMM: `out[e] = a[rows of e]ᵀ · b[rows of e]`, `a`
@@ -516,8 +406,9 @@ pub fn grouped_gate_up(
     offsets: &Tensor,
     w_gate: &Tensor,
     w_up: &Tensor,
+    gemm: &GemmConfig,
 ) -> Result<Tensor> {
-    grouped_dispatch(x, None, offsets, w_gate, Some(w_up))
+    grouped_dispatch(x, None, offsets, w_gate, Some(w_up), gemm)
 }
 
 /// [`grouped_gate_up`] reading the token matrix `x` `[S, D]` directly: row `r` is
@@ -527,8 +418,9 @@ pub fn grouped_gate_up_gather(
     perm: &Permutation,
     w_gate: &Tensor,
     w_up: &Tensor,
+    gemm: &GemmConfig,
 ) -> Result<Tensor> {
-    grouped_dispatch(x, Some(perm), &perm.offsets, w_gate, Some(w_up))
+    grouped_dispatch(x, Some(perm), &perm.offsets, w_gate, Some(w_up), gemm)
 }
 
 /// All experts' SwiGLU MLPs over expert-contiguous rows `x_perm` `[R, D]`:
@@ -539,9 +431,10 @@ pub fn grouped_swiglu(
     w_gate: &Tensor,
     w_up: &Tensor,
     w_down: &Tensor,
+    gemm: &GemmConfig,
 ) -> Result<Tensor> {
-    let h = grouped_gate_up(x_perm, offsets, w_gate, w_up)?;
-    grouped_matmul(&h, offsets, w_down)
+    let h = grouped_gate_up(x_perm, offsets, w_gate, w_up, gemm)?;
+    grouped_matmul(&h, offsets, w_down, gemm)
 }
 
 /// [`grouped_swiglu`] on the token matrix `x` `[S, D]` with the row gather fused in.
@@ -551,22 +444,24 @@ pub fn grouped_swiglu_gather(
     w_gate: &Tensor,
     w_up: &Tensor,
     w_down: &Tensor,
+    gemm: &GemmConfig,
 ) -> Result<Tensor> {
-    let h = grouped_gate_up_gather(x, perm, w_gate, w_up)?;
-    grouped_matmul(&h, &perm.offsets, w_down)
+    let h = grouped_gate_up_gather(x, perm, w_gate, w_up, gemm)?;
+    grouped_matmul(&h, &perm.offsets, w_down, gemm)
 }
 
 /// A dense SwiGLU MLP `down · (silu(gate · x) * (up · x))`, `x` `[S, D]`. On CUDA it runs the
 /// grouped kernels with one expert (SiLU·mul fused into the gate/up GEMM); elsewhere candle ops
 /// with the same rounding (the hidden state is rounded once to the input dtype).
-pub fn swiglu_mlp(x: &Tensor, w: &SwigluWeights) -> Result<Tensor> {
+#[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+pub fn swiglu_mlp(x: &Tensor, w: &SwigluWeights, gemm: &GemmConfig) -> Result<Tensor> {
     match x.device() {
         #[cfg(feature = "cuda")]
         Device::Cuda(_) => {
             let s = x.dim(0)?;
             let offsets = cuda::dense_offsets(x.device(), s)?;
-            let h = grouped_gate_up(x, &offsets, &w.gate.unsqueeze(0)?, &w.up.unsqueeze(0)?)?;
-            grouped_matmul(&h, &offsets, &w.down.unsqueeze(0)?)
+            let h = grouped_gate_up(x, &offsets, &w.gate.unsqueeze(0)?, &w.up.unsqueeze(0)?, gemm)?;
+            grouped_matmul(&h, &offsets, &w.down.unsqueeze(0)?, gemm)
         }
         _ => cpu::swiglu_dense(x, &w.gate, &w.up, &w.down),
     }
@@ -592,16 +487,13 @@ impl PendingMlp {
 
 /// [`swiglu_mlp`] started without waiting for it: on CUDA on a second stream, where it runs
 /// beside whatever the main stream does until [`PendingMlp::join`] (the MoE layer's routing);
-/// elsewhere at once. `DITMOE_SHARED_BESIDE=0` keeps it on the main stream (benchmarks).
-pub fn swiglu_mlp_start(x: &Tensor, w: &SwigluWeights) -> Result<PendingMlp> {
+/// elsewhere at once.
+pub fn swiglu_mlp_start(x: &Tensor, w: &SwigluWeights, gemm: &GemmConfig) -> Result<PendingMlp> {
     #[cfg(feature = "cuda")]
     if x.device().is_cuda() {
-        static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        if *ON.get_or_init(|| std::env::var("DITMOE_SHARED_BESIDE").as_deref() != Ok("0")) {
-            return Ok(PendingMlp::Beside(cuda::swiglu_mlp_beside(x, w)?));
-        }
+        return Ok(PendingMlp::Beside(cuda::swiglu_mlp_beside(x, w, gemm)?));
     }
-    Ok(PendingMlp::Ready(swiglu_mlp(x, w)?))
+    Ok(PendingMlp::Ready(swiglu_mlp(x, w, gemm)?))
 }
 
 /// A gather reads `x[order[r] / k]`: `x` must have the permutation's token count of rows (the
@@ -624,12 +516,14 @@ fn perm_on_cpu(p: &Permutation) -> Result<Permutation> {
     })
 }
 
+#[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
 fn grouped_dispatch(
     x: &Tensor,
     gather: Option<&Permutation>,
     offsets: &Tensor,
     b0: &Tensor,
     b1: Option<&Tensor>,
+    gemm: &GemmConfig,
 ) -> Result<Tensor> {
     let (_, kdim) = x.dims2()?;
     let (_, _, kw) = b0.dims3()?;
@@ -647,7 +541,7 @@ fn grouped_dispatch(
     match x.device() {
         Device::Cpu => cpu::grouped_gemm(x, gather, offsets, b0, b1),
         #[cfg(feature = "cuda")]
-        Device::Cuda(_) => cuda::grouped_gemm(x, gather, offsets, b0, b1),
+        Device::Cuda(_) => cuda::grouped_gemm(x, gather, offsets, b0, b1, gemm),
         #[allow(unreachable_patterns)]
         dev => {
             let g = gather.map(perm_on_cpu).transpose()?;
@@ -662,81 +556,4 @@ fn grouped_dispatch(
             .to_device(dev)
         }
     }
-}
-
-/// The whole routed MoE layer with the fused kernels (inference / forward only):
-/// router logits `x · router_wᵀ`, [`fused_topk_gating`], [`permute_by_expert`], the grouped
-/// SwiGLU experts with the gather fused in, the optional shared expert ([`swiglu_mlp`]) and
-/// [`combine`] (which adds the shared expert's output). `x` `[S, D]`, `router_w` `[E, D]`.
-/// No host synchronisation on CUDA. Returns the output `[S, D]` and the gating.
-pub fn moe_forward_fused(
-    x: &Tensor,
-    router_w: &Tensor,
-    experts: &ExpertWeights,
-    shared: Option<&SwigluWeights>,
-    k: usize,
-) -> Result<(Tensor, Gating)> {
-    let n_experts = router_w.dim(0)?;
-    let logits = x.matmul(&router_w.t()?)?;
-    let g = fused_topk_gating(&logits, k)?;
-    let perm = permute_by_expert(&g.ids, n_experts)?;
-    let h = grouped_gate_up_gather(x, &perm, &experts.gate, &experts.up)?;
-    let y = grouped_matmul(&h, &perm.offsets, &experts.down)?;
-    let sh = shared.map(|s| swiglu_mlp(x, s)).transpose()?;
-    let out = combine(&y, &perm, &g.weights, sh.as_ref())?;
-    Ok((out, g))
-}
-
-/// The plain candle path, structured like the official `moe_infer`: softmax + top-k with candle
-/// ops, one host read of the routing, then per expert `index_select`, three matmuls, SiLU·mul,
-/// scaling by the gate weight and `index_add` back; plus the shared expert (candle matmuls).
-/// Works on every device; used as the baseline in the benchmark and as a test oracle.
-/// Returns the output `[S, D]`, the ids `[S, k]` and the weights `[S, k]`.
-pub fn moe_forward_loop(
-    x: &Tensor,
-    router_w: &Tensor,
-    experts: &ExpertWeights,
-    shared: Option<&SwigluWeights>,
-    k: usize,
-) -> Result<(Tensor, Tensor, Tensor)> {
-    let dev = x.device();
-    let (s, d) = x.dims2()?;
-    let n_experts = router_w.dim(0)?;
-    let logits = x.matmul(&router_w.t()?)?.to_dtype(DType::F32)?;
-    let scores = candle_nn::ops::softmax_last_dim(&logits)?;
-    // top-k by descending score (ties: the CPU sort is stable, the CUDA bitonic sort is not)
-    let sorted = scores.arg_sort_last_dim(false)?;
-    let ids = sorted.narrow(1, 0, k)?.contiguous()?;
-    let weights = scores.gather(&ids, 1)?;
-    // the one host read per layer, as in the official moe_infer (bincount().cpu())
-    let ids_host: Vec<u32> = ids.flatten_all()?.to_vec1()?;
-    let mut rows: Vec<Vec<u32>> = vec![Vec::new(); n_experts];
-    for (p, &e) in ids_host.iter().enumerate() {
-        rows[e as usize].push(p as u32);
-    }
-    let flat_w = weights.flatten_all()?;
-    let mut out = Tensor::zeros((s, d), DType::F32, dev)?;
-    for (e, slots) in rows.iter().enumerate() {
-        if slots.is_empty() {
-            continue;
-        }
-        let slot_idx = Tensor::new(slots.as_slice(), dev)?;
-        let tok: Vec<u32> = slots.iter().map(|&p| p / k as u32).collect();
-        let tok_idx = Tensor::new(tok.as_slice(), dev)?;
-        let xe = x.index_select(&tok_idx, 0)?;
-        let g = xe.matmul(&experts.gate.get(e)?.t()?)?;
-        let u = xe.matmul(&experts.up.get(e)?.t()?)?;
-        let h = (g.silu()? * u)?;
-        let y = h.matmul(&experts.down.get(e)?.t()?)?.to_dtype(DType::F32)?;
-        let we = flat_w.index_select(&slot_idx, 0)?.unsqueeze(1)?;
-        let y = y.broadcast_mul(&we)?;
-        out = out.index_add(&tok_idx, &y, 0)?;
-    }
-    if let Some(sh) = shared {
-        let g = x.matmul(&sh.gate.t()?)?;
-        let u = x.matmul(&sh.up.t()?)?;
-        let y = (g.silu()? * u)?.matmul(&sh.down.t()?)?;
-        out = (out + y.to_dtype(DType::F32)?)?;
-    }
-    Ok((out.to_dtype(x.dtype())?, ids, weights))
 }

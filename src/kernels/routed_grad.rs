@@ -17,7 +17,7 @@
 //! computed first and the op's forward only hands it over (one `[S, D]` copy), while the
 //! backward works on the tensors autograd gives it.
 use super::expert_act::{gelu_tanh_backward, swiglu_backward};
-use super::{combine, gather_rows, grouped_gate_up_gather, grouped_matmul, grouped_weight_grad, ExpertWeights, Permutation};
+use super::{combine, gather_rows, grouped_gate_up_gather, grouped_matmul, grouped_weight_grad, ExpertWeights, GemmConfig, Permutation};
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
 /// Stacked weights of E GELU experts (ProMoE's `MoeMLP`, `nn.Linear` layout per expert):
@@ -50,6 +50,14 @@ enum Form {
 }
 
 impl ExpertStacks {
+    /// The weights' dtype, in which the grouped GEMMs run.
+    pub fn dtype(&self) -> DType {
+        match self {
+            Self::Swiglu(w) => w.gate.dtype(),
+            Self::Gelu(w) => w.up.dtype(),
+        }
+    }
+
     fn form(&self) -> Form {
         match self {
             Self::Swiglu(_) => Form::Swiglu,
@@ -74,11 +82,11 @@ impl ExpertStacks {
     }
 
     /// The expert outputs of the expert-sorted rows, `[R, D]` (the forward value's rows).
-    fn forward(&self, x: &Tensor, perm: &Permutation) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, perm: &Permutation, gemm: &GemmConfig) -> Result<Tensor> {
         match self {
             // the gather runs inside the gate/up GEMM's loads
-            Self::Swiglu(w) => grouped_matmul(&grouped_gate_up_gather(x, perm, &w.gate, &w.up)?, &perm.offsets, &w.down),
-            Self::Gelu(w) => Ok(GeluRows::new(&gather_rows(x, perm)?, w, &perm.offsets)?.y),
+            Self::Swiglu(w) => grouped_matmul(&grouped_gate_up_gather(x, perm, &w.gate, &w.up, gemm)?, &perm.offsets, &w.down, gemm),
+            Self::Gelu(w) => Ok(GeluRows::new(&gather_rows(x, perm)?, w, &perm.offsets, gemm)?.y),
         }
     }
 }
@@ -86,12 +94,13 @@ impl ExpertStacks {
 /// The routed experts' weighted sum, `[S, D]`: `x` `[S, D]`, `weights` `[S, k]` (the router's
 /// gate weights, any float dtype), `experts` stacked in `x`'s dtype, `perm` the expert sort of
 /// the ids the weights belong to. Differentiable in `x`, `weights` and every stacked tensor
-/// whenever any of them is in an autograd graph.
-pub fn routed_experts(x: &Tensor, weights: &Tensor, experts: &ExpertStacks, perm: &Permutation) -> Result<Tensor> {
+/// whenever any of them is in an autograd graph. `gemm`: the plan's grouped-GEMM selection,
+/// for the forward and the backward.
+pub fn routed_experts(x: &Tensor, weights: &Tensor, experts: &ExpertStacks, perm: &Permutation, gemm: &GemmConfig) -> Result<Tensor> {
     if weights.dims() != [perm.tokens()?, perm.k] {
         candle_core::bail!("routed_experts: weights {:?} are not [{}, {}] like the permutation's slots", weights.dims(), perm.tokens()?, perm.k)
     }
-    let value = combine(&experts.forward(x, perm)?, perm, weights, None)?;
+    let value = combine(&experts.forward(x, perm, gemm)?, perm, weights, None)?;
     let stacks = experts.tensors();
     if !x.track_op() && !weights.track_op() && !stacks.iter().any(|t| t.track_op()) {
         return Ok(value);
@@ -100,7 +109,7 @@ pub fn routed_experts(x: &Tensor, weights: &Tensor, experts: &ExpertStacks, perm
     // flattened stacks passes each its slice of the gradient.
     let packed = Tensor::cat(&stacks.iter().map(|t| t.flatten_all()).collect::<Result<Vec<_>>>()?, 0)?;
     let shapes = stacks.iter().map(|t| t.shape().clone()).collect();
-    x.apply_op3(weights, &packed, RoutedExpertsGrad { perm: perm.clone(), form: experts.form(), shapes, value })
+    x.apply_op3(weights, &packed, RoutedExpertsGrad { perm: perm.clone(), form: experts.form(), shapes, value, gemm: *gemm })
 }
 
 struct RoutedExpertsGrad {
@@ -111,6 +120,7 @@ struct RoutedExpertsGrad {
     /// The forward value, computed by the kernels before the op was applied
     /// ([`super::precomputed`]).
     value: Tensor,
+    gemm: GemmConfig,
 }
 
 impl RoutedExpertsGrad {
@@ -134,12 +144,12 @@ struct GeluRows {
 }
 
 impl GeluRows {
-    fn new(xs: &Tensor, w: &GeluExpertWeights, offsets: &Tensor) -> Result<Self> {
+    fn new(xs: &Tensor, w: &GeluExpertWeights, offsets: &Tensor, gemm: &GemmConfig) -> Result<Self> {
         // each row's expert picks its bias rows
         let expert = expert_of_row(offsets, xs.dim(0)?)?;
-        let pre = (grouped_matmul(xs, offsets, &w.up)? + w.up_bias.index_select(&expert, 0)?)?;
+        let pre = (grouped_matmul(xs, offsets, &w.up, gemm)? + w.up_bias.index_select(&expert, 0)?)?;
         let h = pre.gelu()?;
-        let y = (grouped_matmul(&h, offsets, &w.down)? + w.down_bias.index_select(&expert, 0)?)?;
+        let y = (grouped_matmul(&h, offsets, &w.down, gemm)? + w.down_bias.index_select(&expert, 0)?)?;
         Ok(Self { pre, h, y })
     }
 }
@@ -182,7 +192,8 @@ impl CustomOp3 for RoutedExpertsGrad {
     }
 
     fn bwd(&self, x: &Tensor, weights: &Tensor, packed: &Tensor, _: &Tensor, dout: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (perm, off) = (&self.perm, &self.perm.offsets);
+        let (perm, off, gemm) = (&self.perm, &self.perm.offsets, &self.gemm);
+        let grouped = |a: &Tensor, w: &Tensor| grouped_matmul(a, off, w, gemm);
         // the backward's one host read: the offsets, for the per-expert weight gradients
         let off_host: Vec<u32> = off.to_dtype(DType::U32)?.to_vec1()?;
         let wgrad = |a: &Tensor, b: &Tensor| grouped_weight_grad(a, b, &off_host);
@@ -199,20 +210,20 @@ impl CustomOp3 for RoutedExpertsGrad {
         let (y, dxs, dstacks) = match &stacks {
             ExpertStacks::Swiglu(w) => {
                 // h = silu(g) * u, g = x gateᵀ, u = x upᵀ, y = h downᵀ
-                let g = grouped_matmul(&xs, off, &w.gate)?;
-                let u = grouped_matmul(&xs, off, &w.up)?;
-                let dh = grouped_matmul(&dy, off, &t(&w.down)?)?;
+                let g = grouped(&xs, &w.gate)?;
+                let u = grouped(&xs, &w.up)?;
+                let dh = grouped(&dy, &t(&w.down)?)?;
                 let (Some(h), dg, du) = swiglu_backward(&g, &u, &dh, true)? else { candle_core::bail!("routed_experts: swiglu_backward gave no h") };
-                let y = grouped_matmul(&h, off, &w.down)?;
-                let dxs = (grouped_matmul(&dg, off, &t(&w.gate)?)? + grouped_matmul(&du, off, &t(&w.up)?)?)?;
+                let y = grouped(&h, &w.down)?;
+                let dxs = (grouped(&dg, &t(&w.gate)?)? + grouped(&du, &t(&w.up)?)?)?;
                 let dstacks = vec![wgrad(&dg, &xs)?, wgrad(&du, &xs)?, wgrad(&dy, &h)?];
                 (y, dxs, dstacks)
             }
             ExpertStacks::Gelu(w) => {
                 // y = gelu(pre) downᵀ + b_down, pre = x upᵀ + b_up
-                let rows = GeluRows::new(&xs, w, off)?;
-                let dpre = gelu_tanh_backward(&rows.pre, &grouped_matmul(&dy, off, &t(&w.down)?)?)?;
-                let dxs = grouped_matmul(&dpre, off, &t(&w.up)?)?;
+                let rows = GeluRows::new(&xs, w, off, gemm)?;
+                let dpre = gelu_tanh_backward(&rows.pre, &grouped(&dy, &t(&w.down)?)?)?;
+                let dxs = grouped(&dpre, &t(&w.up)?)?;
                 let dstacks = vec![wgrad(&dpre, &xs)?, expert_row_sums(&dpre, &off_host)?, wgrad(&dy, &rows.h)?, expert_row_sums(&dy, &off_host)?];
                 (rows.y, dxs, dstacks)
             }

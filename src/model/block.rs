@@ -1,11 +1,12 @@
 //! `DitBlock`: the official adaLN-Zero `DiTBlock` with a feed-forward layer that is, per
-//! family and block index: DiT-MoE's sparse MoE (`moe`, every block), ProMoE's MoE (`mlp`, odd
-//! blocks with `interleave`) or ProMoE's dense timm `Mlp` (`mlp.fc1/fc2`, even blocks):
+//! family and block index, the engine's [`MoeLayer`] (DiT-MoE: `moe`, every block; ProMoE:
+//! `mlp`, odd blocks with `interleave`) or ProMoE's dense timm `Mlp` (`mlp.fc1/fc2`, even blocks):
 //! `x = x + gate_msa * attn(modulate(norm1(x)))`, `x = x + gate_mlp * ffn(modulate(norm2(x)))`.
 use super::{Attention, ForwardMode, LayerRouting, Trace};
 use crate::kernels::block_ops;
 use crate::config::DitConfig;
-use crate::moe::{GeluMlp, MoeOutput, ProMoeMoe, SharedExpertMoe};
+use crate::moe::{GeluMlp, MoeInput, MoeLayer, MoeOutput};
+use crate::plan::ExecutionPlan;
 use crate::nn::Linear;
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
@@ -13,10 +14,9 @@ use candle_nn::VarBuilder;
 /// The block's feed-forward layer.
 #[derive(Debug, Clone)]
 pub enum Ffn {
-    /// DiT-MoE: top-k router, SwiGLU experts (`blocks.<i>.moe`).
-    TopK(SharedExpertMoe),
-    /// ProMoE: prototypical router, GELU experts (`blocks.<i>.mlp`).
-    ProMoe(ProMoeMoe),
+    /// The MoE layer, built from `DitConfig::moe_config` (DiT-MoE: `blocks.<i>.moe`; ProMoE:
+    /// `blocks.<i>.mlp`).
+    Moe(MoeLayer),
     /// ProMoE's dense blocks: timm `Mlp(D, mlp_ratio D)`, GELU-tanh (`blocks.<i>.mlp`).
     Dense(GeluMlp),
 }
@@ -57,12 +57,12 @@ pub struct Modulation<'a> {
 
 impl DitBlock {
     /// Block `index` of the model (ProMoE alternates dense and MoE blocks).
-    pub fn new(cfg: &DitConfig, index: usize, vb: VarBuilder) -> Result<Self> {
+    pub fn new(cfg: &DitConfig, plan: &ExecutionPlan, index: usize, vb: VarBuilder) -> Result<Self> {
         let d = cfg.hidden_size;
         let attn = Attention::new(cfg, vb.pp("attn"))?;
         let ffn = match (&cfg.promoe, cfg.is_moe_block(index)) {
-            (None, _) => Ffn::TopK(SharedExpertMoe::new(cfg, vb.pp("moe"))?),
-            (Some(_), true) => Ffn::ProMoe(ProMoeMoe::new(cfg, vb.pp("mlp"))?),
+            (None, _) => Ffn::Moe(MoeLayer::new(&cfg.moe_config(), plan, vb.pp("moe"))?),
+            (Some(_), true) => Ffn::Moe(MoeLayer::new(&cfg.moe_config(), plan, vb.pp("mlp"))?),
             (Some(_), false) => Ffn::Dense(GeluMlp::timm(d, cfg.mlp_ratio * d, vb.pp("mlp"))?),
         };
         let ada_ln = crate::nn::linear(d, 6 * d, vb.pp("adaLN_modulation.1"))?;
@@ -88,19 +88,21 @@ impl DitBlock {
         &self.ffn
     }
 
-    /// The DiT-MoE layer, when this is a DiT-MoE block.
-    pub fn moe(&self) -> Option<&SharedExpertMoe> {
+    /// The MoE layer, when this block has one.
+    pub fn moe(&self) -> Option<&MoeLayer> {
         match &self.ffn {
-            Ffn::TopK(m) => Some(m),
-            _ => None,
+            Ffn::Moe(m) => Some(m),
+            Ffn::Dense(_) => None,
         }
     }
 
-    /// x: (N, T, D), c: (N, D), y: (N,) labels after label dropout (ProMoE's router reads
-    /// them). `layer` names the trace entries (`blocks.<layer>.*`).
-    pub fn forward(&self, x: &Tensor, c: &Tensor, y: &Tensor, mode: ForwardMode, layer: usize, trace: &mut Trace) -> Result<BlockOutput> {
+    /// x: (N, T, D), c: (N, D), `unconditional` (N·T,) u8: the tokens of samples whose label
+    /// was dropped (ProMoE's router sends them to its unconditional expert; see
+    /// [`super::DitMoe::unconditional_tokens`]). `layer` names the trace entries
+    /// (`blocks.<layer>.*`).
+    pub fn forward(&self, x: &Tensor, c: &Tensor, unconditional: Option<&Tensor>, mode: ForwardMode, layer: usize, trace: &mut Trace) -> Result<BlockOutput> {
         let ada = self.ada_ln.forward(&candle_nn::ops::silu(c)?)?;
-        self.forward_modulated(x, None, Modulation { mods: &ada, first: 0, next: None }, y, mode, layer, trace)
+        self.forward_modulated(x, None, Modulation { mods: &ada, first: 0, next: None }, unconditional, mode, layer, trace)
     }
 
     /// [`Self::forward`] with this block's adaLN output already computed (see [`Modulation`]);
@@ -113,12 +115,12 @@ impl DitBlock {
         x: &Tensor,
         attn_in: Option<Tensor>,
         m: Modulation,
-        y: &Tensor,
+        unconditional: Option<&Tensor>,
         mode: ForwardMode,
         layer: usize,
         trace: &mut Trace,
     ) -> Result<BlockOutput> {
-        let (n, _, d) = x.dims3()?;
+        let (n, t, d) = x.dims3()?;
         let (ada, first) = (m.mods, m.first);
         let compute = self.ada_ln.weight().dtype();
         let attn_dtype = block_ops::matmul_input_dtype(&[x, ada], compute);
@@ -128,28 +130,26 @@ impl DitBlock {
         };
         // the attention output before its projection's bias, which goes into the residual pass
         let attn_y = self.attn.forward_before_out_bias(&attn_in)?;
-        // Only the fused DiT-MoE layer takes its input in the matmul dtype; ProMoE's routers
-        // compare f32 token features with their prototypes.
+        // Only the fused MoE layer takes its input in the matmul dtype (its grouped GEMMs run
+        // in it); the other paths keep f32 tokens (ProMoE's routers compare f32 token features
+        // with their prototypes).
         let ffn_dtype = match &self.ffn {
-            Ffn::TopK(m) if m.is_fused() => block_ops::matmul_input_dtype(&[x, ada], compute),
+            Ffn::Moe(m) if m.is_fused() => block_ops::matmul_input_dtype(&[x, ada], compute),
             _ => DType::F32,
         };
         // x_mid = x + gate_msa * attn_out, and the MLP's input from it, in one pass.
         let (x_mid, ffn_in) = block_ops::residual_ln_modulate(x, &attn_y, self.attn.out_bias(), ada, first + 2, first + 3, first + 4, ffn_dtype)?;
         let train = mode == ForwardMode::Train;
-        let (ffn_out, moe, aux_loss, contrastive_loss) = match &self.ffn {
-            Ffn::TopK(moe) => {
-                let o = moe.forward(&ffn_in)?;
-                let aux = if train { Some(moe.balance_loss(&o.routing, n)?) } else { None };
-                (o.out.clone(), Some(o), aux, None)
+        let (ffn_out, moe) = match &self.ffn {
+            Ffn::Moe(moe) => {
+                let tokens = ffn_in.reshape((n * t, d))?;
+                let o = moe.forward(&MoeInput { tokens: &tokens, seq_len: t, unconditional, train })?;
+                (o.out.reshape((n, t, d))?, Some(o))
             }
-            Ffn::ProMoe(moe) => {
-                let o = moe.forward(&ffn_in, y)?;
-                let (aux, rcl) = if train { (moe.balance_loss(&o)?, moe.contrastive_loss(&ffn_in, &o)?) } else { (None, None) };
-                (o.out.clone(), Some(o), aux, rcl)
-            }
-            Ffn::Dense(mlp) => (mlp.forward(&ffn_in)?, None, None, None),
+            Ffn::Dense(mlp) => (mlp.forward(&ffn_in)?, None),
         };
+        let aux_loss = moe.as_ref().and_then(|o| o.aux_loss.clone());
+        let contrastive_loss = moe.as_ref().and_then(|o| o.contrastive_loss.clone());
         let (out, next_attn_in) = match m.next {
             // the next block's x is `out`, as f32 as this block's x, so its input dtype is ours
             Some(next) => {
@@ -167,7 +167,7 @@ impl DitBlock {
         }
         trace.keep(name("x_mid"), &x_mid);
         let counts = match moe {
-            Some(moe) => Some(record_moe(moe, &ffn_in, layer, trace)),
+            Some(moe) => Some(record_moe(moe, &ffn_in, layer, trace)?),
             None => {
                 trace.keep(name("mlp_in"), &ffn_in);
                 trace.keep(name("mlp_out"), &ffn_out);
@@ -179,20 +179,22 @@ impl DitBlock {
     }
 }
 
-/// The trace entries and routing record of an MoE layer; returns its expert counts.
-fn record_moe(moe: MoeOutput, moe_in: &Tensor, layer: usize, trace: &mut Trace) -> Tensor {
+/// The trace entries (`[N, T, D]`, the block's token layout) and routing record of an MoE
+/// layer; returns its expert counts.
+fn record_moe(moe: MoeOutput, moe_in: &Tensor, layer: usize, trace: &mut Trace) -> Result<Tensor> {
     let name = |what: &'static str| move || format!("blocks.{layer}.{what}");
+    let shape = moe_in.shape();
     trace.keep(name("moe_in"), moe_in);
     if let Some(routed) = &moe.routed {
-        trace.keep(name("moe_routed"), routed);
+        trace.keep(name("moe_routed"), &routed.reshape(shape)?);
     }
     if let Some(shared) = &moe.shared {
-        trace.keep(name("moe_shared"), shared);
+        trace.keep(name("moe_shared"), &shared.reshape(shape)?);
     }
-    trace.keep(name("moe_out"), &moe.out);
+    trace.keep(name("moe_out"), &moe.out.reshape(shape)?);
     if trace.record_routing {
         let r = moe.routing;
         trace.routing.push(LayerRouting { layer, experts: r.experts, weights: r.weights, scores: r.scores });
     }
-    moe.expert_counts
+    Ok(moe.expert_counts)
 }

@@ -5,6 +5,7 @@
 use super::{DitBlock, FinalLayer, ForwardMode, LabelEmbedder, Modulation, PatchEmbed, TimestepEmbedder, Trace};
 use crate::config::DitConfig;
 use crate::kernels::block_ops;
+use crate::plan::ExecutionPlan;
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
@@ -49,7 +50,9 @@ impl DitOutput {
 }
 
 impl DitMoe {
-    pub fn new(cfg: &DitConfig, vb: VarBuilder) -> Result<Self> {
+    /// The model of `cfg`, run as `plan` says (device, frozen or trainable weights, precision);
+    /// `vb` holds the weights (in `plan`'s weight dtype).
+    pub fn new(cfg: &DitConfig, plan: &ExecutionPlan, vb: VarBuilder) -> Result<Self> {
         cfg.validate()?;
         // `pos_embed` first: the official state dict lists the module's own parameter first.
         // Activations (and so the position table) stay f32 whatever the weights' dtype.
@@ -59,9 +62,12 @@ impl DitMoe {
         let x_embedder = PatchEmbed::new(cfg, vb.pp("x_embedder"))?;
         let t_embedder = TimestepEmbedder::new(cfg, vb.pp("t_embedder"))?;
         let y_embedder = LabelEmbedder::new(cfg, vb.pp("y_embedder"))?;
-        let mut blocks = (0..cfg.depth).map(|i| DitBlock::new(cfg, i, vb.pp(format!("blocks.{i}")))).collect::<Result<Vec<_>>>()?;
+        let mut blocks = (0..cfg.depth).map(|i| DitBlock::new(cfg, plan, i, vb.pp(format!("blocks.{i}")))).collect::<Result<Vec<_>>>()?;
         let final_layer = FinalLayer::new(cfg, vb.pp("final_layer"))?;
-        let ada_all = Self::stack_ada_ln(&mut blocks)?;
+        let ada_all = match plan.fused_inference() {
+            true => Some(Self::stack_ada_ln(&mut blocks)?),
+            false => None,
+        };
         Ok(Self {
             cfg: cfg.clone(),
             dtype,
@@ -78,12 +84,8 @@ impl DitMoe {
 
     /// See [`Self::ada_all`]: only for frozen weights on a GPU (training keeps one variable
     /// per block; the CPU path stays as checked against the official code).
-    fn stack_ada_ln(blocks: &mut [DitBlock]) -> Result<Option<crate::nn::Linear>> {
-        let w0 = blocks[0].ada_ln().weight();
-        if !w0.device().is_cuda() || w0.is_variable() {
-            return Ok(None);
-        }
-        let rows = w0.dim(0)?;
+    fn stack_ada_ln(blocks: &mut [DitBlock]) -> Result<crate::nn::Linear> {
+        let rows = blocks[0].ada_ln().weight().dim(0)?;
         let weight = Tensor::cat(&blocks.iter().map(|b| b.ada_ln().weight()).collect::<Vec<_>>(), 0)?;
         let bias = blocks.iter().map(|b| b.ada_ln().bias().cloned()).collect::<Option<Vec<_>>>();
         let bias = bias.map(|b| Tensor::cat(&b, 0)).transpose()?;
@@ -91,7 +93,7 @@ impl DitMoe {
             let b = bias.as_ref().map(|b| b.narrow(0, i * rows, rows)).transpose()?;
             block.set_ada_ln(crate::nn::Linear::from_weights(weight.narrow(0, i * rows, rows)?, b));
         }
-        Ok(Some(crate::nn::Linear::from_weights(weight, bias)))
+        Ok(crate::nn::Linear::from_weights(weight, bias))
     }
 
     pub fn config(&self) -> &DitConfig {
@@ -101,15 +103,23 @@ impl DitMoe {
         &self.blocks
     }
     /// Whether an eval forward never reads from the device, so that it can be captured as a
-    /// CUDA graph: every MoE layer runs the fused kernels (DiT-MoE, frozen weights on a GPU).
-    /// ProMoE layers and training variables use the candle dispatch, which reads the routing
-    /// back to the host.
+    /// CUDA graph: every MoE layer runs the fused inference path (DiT-MoE, frozen weights on a
+    /// GPU; see `MoeLayer::is_fused`).
     pub fn forward_is_capturable(&self) -> bool {
-        self.blocks.iter().all(|b| match b.ffn() {
-            super::Ffn::TopK(m) => m.is_fused(),
-            super::Ffn::Dense(_) => true,
-            super::Ffn::ProMoe(_) => false,
-        })
+        self.ada_all.is_some() && self.blocks.iter().all(|b| b.moe().is_none_or(|m| m.is_fused()))
+    }
+
+    /// `[N·T]` u8, 1 for the tokens of samples labelled with the null class, when a block's
+    /// router needs it (ProMoE's unconditional expert); None otherwise.
+    pub fn unconditional_tokens(&self, y: &Tensor) -> Result<Option<Tensor>> {
+        if !self.blocks.iter().any(|b| b.moe().is_some_and(|m| m.needs_unconditional_mask())) {
+            return Ok(None);
+        }
+        let n = y.elem_count();
+        let null = Tensor::full(self.cfg.null_class() as u32, n, y.device())?;
+        let is_null = y.flatten_all()?.to_dtype(DType::U32)?.eq(&null)?;
+        let t = self.cfg.num_patches();
+        Ok(Some(is_null.reshape((n, 1))?.broadcast_as((n, t))?.flatten_all()?.contiguous()?))
     }
 
     /// The weights' dtype, in which the matmuls run.
@@ -155,14 +165,16 @@ impl DitMoe {
             Some(ada) => Some(ada.forward(&candle_nn::ops::silu(&c)?)?),
             None => None,
         };
+        let unconditional = self.unconditional_tokens(y)?;
+        let unconditional = unconditional.as_ref();
         let mut attn_in = None;
         for (i, block) in self.blocks.iter().enumerate() {
             let b = match &mods_all {
                 Some(mods) => {
                     let next = (i + 1 < self.blocks.len()).then_some(6 * (i + 1));
-                    block.forward_modulated(&x, attn_in.take(), Modulation { mods, first: 6 * i, next }, y, mode, i, trace)?
+                    block.forward_modulated(&x, attn_in.take(), Modulation { mods, first: 6 * i, next }, unconditional, mode, i, trace)?
                 }
-                None => block.forward(&x, &c, y, mode, i, trace)?,
+                None => block.forward(&x, &c, unconditional, mode, i, trace)?,
             };
             x = b.x;
             attn_in = b.next_attn_in;

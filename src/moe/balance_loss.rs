@@ -4,21 +4,25 @@ use candle_core::{DType, Result, Tensor, D};
 
 /// `alpha * sum_i P_i * f_i` with `f_i = E * count_i / (S k)` (fraction of the S*k slots sent to
 /// expert i, times E) and `P_i` = mean over the S tokens of the softmax score of expert i.
-/// `seq_aux` is the per-sample variant: per image n, `ce_{n,i} = count_{n,i} / (T k / E)` and
-/// the loss is `alpha * mean_n sum_i ce_{n,i} * mean_t scores[n, t, i]`.
+/// `per_sequence` is DiT-MoE's `seq_aux` variant over the caller's sequences of `seq_len`
+/// tokens (the DiT: an image's patches): per sequence n, `ce_{n,i} = count_{n,i} / (T k / E)`
+/// and the loss is `alpha * mean_n sum_i ce_{n,i} * mean_t scores[n, t, i]`.
 /// Counts are constants (no gradient), the scores carry the gradient to the router, as the
 /// official one-hot/scatter_add construction does.
-pub fn balance_loss(routing: &Routing, n_images: usize, alpha: f64, seq_aux: bool) -> Result<Tensor> {
+pub fn balance_loss(routing: &Routing, seq_len: usize, alpha: f64, per_sequence: bool) -> Result<Tensor> {
     let (s, e) = routing.scores.dims2()?;
     let k = routing.experts.dim(1)?;
     let dev = routing.scores.device();
-    if seq_aux {
-        let t = s / n_images;
-        let ids = routing.experts.reshape((n_images, t * k))?.to_dtype(DType::U32)?;
-        let ones = Tensor::ones((n_images, t * k), DType::F32, dev)?;
-        let ce = Tensor::zeros((n_images, e), DType::F32, dev)?.scatter_add(&ids, &ones, 1)?;
+    if per_sequence {
+        if seq_len == 0 || s % seq_len != 0 {
+            candle_core::bail!("balance loss: {s} tokens do not split into sequences of {seq_len}")
+        }
+        let (n, t) = (s / seq_len, seq_len);
+        let ids = routing.experts.reshape((n, t * k))?.to_dtype(DType::U32)?;
+        let ones = Tensor::ones((n, t * k), DType::F32, dev)?;
+        let ce = Tensor::zeros((n, e), DType::F32, dev)?.scatter_add(&ids, &ones, 1)?;
         let ce = (ce / ((t * k) as f64 / e as f64))?;
-        let mean_scores = routing.scores.reshape((n_images, t, e))?.mean(1)?;
+        let mean_scores = routing.scores.reshape((n, t, e))?.mean(1)?;
         (ce * mean_scores)?.sum(D::Minus1)?.mean(0)? * alpha
     } else {
         let counts = expert_slot_mask(routing)?.sum(0)?;

@@ -11,8 +11,10 @@
 use super::prototypical::normalize_rows;
 use super::ExpertDispatch;
 use candle_core::{DType, Result, Tensor};
+use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RoutingContrastive {
     /// `routing_contrastive_lam` (0 = off, as the official `lam > 0` test).
     pub lambda: f64,

@@ -18,26 +18,14 @@ pub struct ExpertDispatch {
 }
 
 impl ExpertDispatch {
-    /// `experts`: (S, k) expert ids.
+    /// `experts`: (S, k) expert ids; the kernels' stable counting sort
+    /// ([`crate::kernels::permute_by_expert`]), read back to the host.
     pub fn new(experts: &Tensor, num_experts: usize) -> Result<Self> {
         let (_, k) = experts.dims2()?;
-        let ids = experts.to_dtype(DType::U32)?.flatten_all()?.to_vec1::<u32>()?;
-        let mut offsets = vec![0usize; num_experts + 1];
-        for &e in &ids {
-            if e as usize >= num_experts {
-                candle_core::bail!("expert id {e} out of range for {num_experts} experts")
-            }
-            offsets[e as usize + 1] += 1;
-        }
-        for e in 0..num_experts {
-            offsets[e + 1] += offsets[e];
-        }
-        let mut next = offsets.clone();
-        let mut order = vec![0u32; ids.len()];
-        for (slot, &e) in ids.iter().enumerate() {
-            order[next[e as usize]] = slot as u32;
-            next[e as usize] += 1;
-        }
+        let ids = experts.to_device(&Device::Cpu)?.to_dtype(DType::U32)?;
+        let perm = crate::kernels::permute_by_expert(&ids, num_experts)?;
+        let order = perm.order.to_vec1::<u32>()?;
+        let offsets = perm.offsets.to_vec1::<u32>()?.into_iter().map(|o| o as usize).collect();
         Ok(Self { order, offsets, top_k: k })
     }
 

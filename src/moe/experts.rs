@@ -6,6 +6,8 @@
 //! - [`GeluMlp`]: ProMoE's `modules.MoeMLP`, `down_proj(gelu_tanh(up_proj(x)))` with biases,
 //!   for the routed, unconditional and shared experts; the same maths is timm's `Mlp`
 //!   (`fc1`, `fc2`) of ProMoE's dense blocks, so one type serves both under their names.
+use super::config::ExpertForm;
+use super::ExpertDispatch;
 use crate::kernels::{ExpertStacks, ExpertWeights, GeluExpertWeights};
 use crate::nn::Linear;
 use candle_core::{Module, Result, Tensor};
@@ -27,8 +29,8 @@ impl SwigluExpert {
         })
     }
 
-    /// An expert over existing `[out, in]` weights (views into the stacked tensors of
-    /// [`super::fused::FusedSwiglu`], so the two paths share one copy of the weights).
+    /// An expert over existing `[out, in]` weights (views into the layer's stacked tensors,
+    /// so the two paths share one copy of the weights).
     pub fn from_weights(gate: Tensor, up: Tensor, down: Tensor) -> Self {
         let l = |w| Linear::from_weights(w, None);
         Self { gate_proj: l(gate), up_proj: l(up), down_proj: l(down) }
@@ -38,12 +40,6 @@ impl SwigluExpert {
     pub fn weights(&self) -> [&Tensor; 3] {
         [self.gate_proj.weight(), self.up_proj.weight(), self.down_proj.weight()]
     }
-}
-
-/// Whether a weight is frozen on the GPU (not a training variable): the layers then stack
-/// their experts once ([`stack_frozen`]) for the fused inference path.
-pub fn frozen_on_gpu(w: &Tensor) -> bool {
-    w.device().is_cuda() && !w.is_variable()
 }
 
 fn stack_each<E>(experts: &[E], part: impl Fn(&E) -> &Tensor) -> Result<Tensor> {
@@ -61,12 +57,94 @@ pub trait StackedExperts: Module + Sized {
     fn views(stacks: &ExpertStacks) -> Result<Vec<Self>>;
 }
 
+/// A layer's routed experts, in one of the engine's expert forms.
+#[derive(Debug, Clone)]
+pub enum Experts {
+    Swiglu(Vec<SwigluExpert>),
+    Gelu(Vec<GeluMlp>),
+}
+
+impl Experts {
+    /// `count` experts of `form`, `experts.<e>` under `vb`.
+    pub fn new(form: ExpertForm, hidden: usize, intermediate: usize, count: usize, vb: VarBuilder) -> Result<Self> {
+        let pp = |e: usize| vb.pp(e.to_string());
+        Ok(match form {
+            ExpertForm::Swiglu => Self::Swiglu((0..count).map(|e| SwigluExpert::new(hidden, intermediate, pp(e))).collect::<Result<_>>()?),
+            ExpertForm::GeluBias => Self::Gelu((0..count).map(|e| GeluMlp::new(hidden, intermediate, pp(e))).collect::<Result<_>>()?),
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        match self {
+            Self::Swiglu(v) => v.len(),
+            Self::Gelu(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Expert `e`'s weights, `[out, in]` (SwiGLU: gate, up, down; GELU: up, down).
+    pub fn weights(&self, e: usize) -> Vec<&Tensor> {
+        match self {
+            Self::Swiglu(v) => v[e].weights().to_vec(),
+            Self::Gelu(v) => v[e].weights().to_vec(),
+        }
+    }
+
+    /// The dispatch's weighted sum of the experts over x `[S, d]` (the CPU reference).
+    pub fn run(&self, dispatch: &ExpertDispatch, x: &Tensor, weights: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Swiglu(v) => dispatch.run(x, weights, v),
+            Self::Gelu(v) => dispatch.run(x, weights, v),
+        }
+    }
+
+    /// The weights stacked for the grouped kernels: a differentiable copy (see
+    /// [`StackedExperts::stack`]).
+    pub fn stack(&self) -> Result<ExpertStacks> {
+        match self {
+            Self::Swiglu(v) => SwigluExpert::stack(v),
+            Self::Gelu(v) => GeluMlp::stack(v),
+        }
+    }
+}
+
 /// Frozen experts stacked once, and rebuilt as views into the stacks, so that the fused and the
 /// per-expert paths share one copy of the weights and no call stacks them again.
-pub fn stack_frozen<M: StackedExperts>(experts: &[M]) -> Result<(ExpertStacks, Vec<M>)> {
-    let stacks = M::stack(experts)?;
-    let views = M::views(&stacks)?;
+pub fn stack_frozen(experts: &Experts) -> Result<(ExpertStacks, Experts)> {
+    let stacks = experts.stack()?;
+    let views = match experts {
+        Experts::Swiglu(_) => Experts::Swiglu(SwigluExpert::views(&stacks)?),
+        Experts::Gelu(_) => Experts::Gelu(GeluMlp::views(&stacks)?),
+    };
     Ok((stacks, views))
+}
+
+/// The always-on shared expert, in the layer's expert form.
+#[derive(Debug, Clone)]
+pub enum SharedExpert {
+    Swiglu(SwigluExpert),
+    Gelu(GeluMlp),
+}
+
+impl SharedExpert {
+    pub fn new(form: ExpertForm, hidden: usize, intermediate: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(match form {
+            ExpertForm::Swiglu => Self::Swiglu(SwigluExpert::new(hidden, intermediate, vb)?),
+            ExpertForm::GeluBias => Self::Gelu(GeluMlp::new(hidden, intermediate, vb)?),
+        })
+    }
+}
+
+impl Module for SharedExpert {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Swiglu(m) => m.forward(x),
+            Self::Gelu(m) => m.forward(x),
+        }
+    }
 }
 
 /// Expert `e`'s slice of a stacked tensor.

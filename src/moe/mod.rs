@@ -1,24 +1,23 @@
-//! The mixture-of-experts engine shared by every model that uses it (the image DiT, and the
-//! language-model path): routing, experts, dispatch and the layers that combine them. Two
-//! routers share the dispatch and expert forms: DiT-MoE's top-k softmax router
-//! ([`TopKRouter`], [`SharedExpertMoe`]) and ProMoE's prototypical router with an
-//! unconditional expert ([`PrototypicalRouter`], [`ProMoeMoe`], [`RoutingContrastive`]).
+//! The mixture-of-experts engine. It knows no model: a [`MoeConfig`] (experts, top-k, shared
+//! expert, expert form, router, balance loss, capacity) and an execution plan build a
+//! [`MoeLayer`], which maps tokens `[S, d]` to its output, its routing record and, in training,
+//! its auxiliary losses. Two routers share the dispatch, the expert forms and the kernels:
+//! DiT-MoE's top-k softmax router ([`TopKRouter`]) and ProMoE's prototypical router with an
+//! unconditional expert ([`PrototypicalRouter`], [`RoutingContrastive`]).
 pub mod balance_loss;
+pub mod config;
 pub mod contrastive;
 pub mod dispatch;
 pub mod experts;
-pub mod fused;
-pub mod promoe_moe;
+pub mod layer;
 pub mod prototypical;
 pub mod router;
-pub mod sparse_moe;
 
 pub use balance_loss::balance_loss;
+pub use config::{BalanceForm, BalanceLossConfig, CapacityPolicy, ExpertForm, MoeConfig, ParamNames, RouterConfig};
 pub use contrastive::RoutingContrastive;
 pub use dispatch::ExpertDispatch;
-pub use experts::{stack_frozen, GeluMlp, StackedExperts, SwigluExpert};
-pub use fused::FusedSwiglu;
-pub use promoe_moe::ProMoeMoe;
+pub use experts::{stack_frozen, Experts, GeluMlp, SharedExpert, StackedExperts, SwigluExpert};
+pub use layer::{MoeInput, MoeLayer, MoeOutput, MoeRouter};
 pub use prototypical::{normalize_rows, PrototypicalRouter, WeightMode};
-pub use router::{Router, Routing, TopKRouter};
-pub use sparse_moe::{routed_forward, MoeOutput, SharedExpertMoe};
+pub use router::{Routing, TopKRouter};

@@ -1,13 +1,14 @@
 //! `PrototypicalRouter`: ProMoE's router (official `models_ProMoE_TC.py`,
 //! `SparseMoeBlock.compute_router`; docs/promoe.md "Router").
 //!
-//! 1. Conditional routing: every token of an image whose label (after label dropout) is the
-//!    null class goes to the unconditional expert, id `E` (one past the routed experts), in all
-//!    k slots, with weights `[1, 0, ..., 0]`.
+//! 1. Conditional routing: every token the caller marks unconditional (the DiT: a token of an
+//!    image whose label, after label dropout, is the null class) goes to the unconditional
+//!    expert, id `E` (one past the routed experts), in all k slots, with weights `[1, 0, ..., 0]`.
 //! 2. Prototypical routing of the other tokens: `cos = normalize(h) normalize(C)^T` against the
 //!    E learnable prototypes `cluster_centers` [E, D]; weights `w = cos` (identity, released),
 //!    `softmax(cos)` or `sigmoid(cos)`; `topk(w, k)` sorted descending, no renormalisation.
-use super::router::{Router, Routing};
+use super::router::Routing;
+use super::RoutingContrastive;
 use candle_core::{bail, DType, Result, Tensor, D};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
@@ -49,22 +50,22 @@ pub struct PrototypicalRouter {
     cluster_centers: Tensor, // [E, D]
     top_k: usize,
     mode: WeightMode,
-    /// The label whose tokens go to the unconditional expert; None = no unconditional expert
-    /// (official `use_uncond_expert=False`). The official code hard-codes 1000; the model uses
-    /// its own null class (`num_classes`), which is 1000 for ImageNet.
-    null_label: Option<u32>,
+    /// Whether tokens marked unconditional go to the extra expert `E` (official
+    /// `use_uncond_expert`).
+    unconditional_expert: bool,
+    contrastive: RoutingContrastive,
 }
 
 impl PrototypicalRouter {
     /// Reads `cluster_centers` [num_routed, hidden] from `vb` (the MoE block's own prefix, as in
     /// the official state dict). A fresh variable starts as the official `N(0, 0.02^2)`.
-    pub fn new(hidden: usize, num_routed: usize, top_k: usize, mode: WeightMode, null_label: Option<u32>, vb: VarBuilder) -> Result<Self> {
+    pub fn new(hidden: usize, num_routed: usize, top_k: usize, mode: WeightMode, unconditional_expert: bool, contrastive: RoutingContrastive, vb: VarBuilder) -> Result<Self> {
         if top_k == 0 || top_k > num_routed {
             bail!("prototypical router: top_k {top_k} must be in 1..={num_routed}")
         }
         let init = candle_nn::Init::Randn { mean: 0.0, stdev: 0.02 };
         let cluster_centers = vb.get_with_hints((num_routed, hidden), "cluster_centers", init)?;
-        Ok(Self { cluster_centers, top_k, mode, null_label })
+        Ok(Self { cluster_centers, top_k, mode, unconditional_expert, contrastive })
     }
 
     /// The prototypes [E, D].
@@ -75,18 +76,21 @@ impl PrototypicalRouter {
     pub fn num_routed(&self) -> usize {
         self.cluster_centers.dim(0).unwrap_or(0)
     }
+    pub fn has_unconditional_expert(&self) -> bool {
+        self.unconditional_expert
+    }
     /// The unconditional expert's id (`E`), when there is one.
     pub fn uncond_expert(&self) -> Option<usize> {
-        self.null_label.map(|_| self.num_routed())
-    }
-    pub fn null_label(&self) -> Option<u32> {
-        self.null_label
+        self.unconditional_expert.then(|| self.num_routed())
     }
     pub fn top_k(&self) -> usize {
         self.top_k
     }
     pub fn weight_mode(&self) -> WeightMode {
         self.mode
+    }
+    pub fn contrastive(&self) -> &RoutingContrastive {
+        &self.contrastive
     }
 
     /// Cosines between the tokens x (S, D) and the prototypes, (S, E), computed in f32 whatever
@@ -98,29 +102,28 @@ impl PrototypicalRouter {
         x.matmul(&c.t()?)
     }
 
-    /// Routes x (S, D), the S = N*T tokens of N images; `labels` (N,) any integer dtype.
-    /// Every token gets prototype cosines in `scores` (null-label rows included, for analysis);
-    /// only the conditional tokens are routed by them. No host synchronisation.
-    pub fn forward(&self, x: &Tensor, labels: Option<&Tensor>) -> Result<Routing> {
+    /// Routes the tokens x (S, D); `unconditional` (S,) any integer dtype, nonzero for a token
+    /// that goes to the unconditional expert (required when there is one). Every token gets
+    /// prototype cosines in `scores` (unconditional rows included, for analysis); only the
+    /// conditional tokens are routed by them. No host synchronisation.
+    pub fn forward(&self, x: &Tensor, unconditional: Option<&Tensor>) -> Result<Routing> {
         let cos = self.cosines(x)?;
         let w = self.mode.apply(&cos)?;
         // All three modes are increasing in cos, so this is `torch.topk(w, k)` (sorted).
         let experts = w.arg_sort_last_dim(false)?.narrow(D::Minus1, 0, self.top_k)?.contiguous()?;
         let weights = w.gather(&experts, D::Minus1)?;
-        let Some(null) = self.null_label else {
+        if !self.unconditional_expert {
             return Ok(Routing { experts, weights, scores: cos });
-        };
-        let Some(labels) = labels else {
-            bail!("prototypical router: the unconditional expert needs the labels")
+        }
+        let Some(unconditional) = unconditional else {
+            bail!("prototypical router: the unconditional expert needs the unconditional-token mask")
         };
         let (s, k) = experts.dims2()?;
-        let n = labels.elem_count();
-        if n == 0 || s % n != 0 {
-            bail!("prototypical router: {s} tokens do not split into {n} images")
+        if unconditional.elem_count() != s {
+            bail!("prototypical router: the unconditional-token mask has {} entries for {s} tokens", unconditional.elem_count())
         }
         let dev = x.device();
-        let is_null = labels.flatten_all()?.to_dtype(DType::U32)?.eq(&Tensor::full(null, n, dev)?)?;
-        let mask = is_null.reshape((n, 1))?.broadcast_as((n, s / n))?.reshape((s, 1))?.broadcast_as((s, k))?;
+        let mask = unconditional.flatten_all()?.to_dtype(DType::U8)?.reshape((s, 1))?.broadcast_as((s, k))?;
         let uncond_ids = Tensor::full(self.num_routed() as u32, (s, k), dev)?;
         let first_slot: Vec<f32> = (0..k).map(|j| if j == 0 { 1.0 } else { 0.0 }).collect();
         let uncond_w = Tensor::from_vec(first_slot, (1, k), dev)?.broadcast_as((s, k))?;
@@ -129,15 +132,5 @@ impl PrototypicalRouter {
             weights: mask.where_cond(&uncond_w, &weights)?,
             scores: cos,
         })
-    }
-}
-
-impl Router for PrototypicalRouter {
-    /// The routed experts plus the unconditional one.
-    fn num_experts(&self) -> usize {
-        self.num_routed() + usize::from(self.null_label.is_some())
-    }
-    fn route(&self, x: &Tensor, labels: Option<&Tensor>) -> Result<Routing> {
-        self.forward(x, labels)
     }
 }

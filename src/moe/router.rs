@@ -1,21 +1,12 @@
-//! Routing: the decision record every router produces ([`Routing`]), the interface the MoE
-//! layer calls ([`Router`]), and DiT-MoE's router. The prototypical router of ProMoE is
-//! [`super::PrototypicalRouter`]; both feed the same dispatch and experts.
+//! Routing: the decision record every router produces ([`Routing`]) and DiT-MoE's router. The
+//! prototypical router of ProMoE is [`super::PrototypicalRouter`]; both feed the same dispatch
+//! and experts ([`super::MoeLayer`]).
 //!
 //! `TopKRouter`: the official `MoEGate` scoring: `logits = h W^T` (no bias), softmax over
 //! **all** routed experts, top-k; the weights are the chosen softmax scores, not renormalised
 //! unless `norm_topk_prob` (official default false).
 use candle_core::{DType, Result, Tensor, D};
 use candle_nn::VarBuilder;
-
-/// What the MoE layer asks of a router (see [`super::sparse_moe::routed_forward`]).
-pub trait Router {
-    /// Expert ids the routing can produce, `0..num_experts()`: the dispatch's expert count.
-    fn num_experts(&self) -> usize;
-    /// Routes S = N*T flattened tokens x (S, D). `labels` (N,) are the per-image class labels
-    /// after label dropout, for routers that route by condition (ignored by the others).
-    fn route(&self, x: &Tensor, labels: Option<&Tensor>) -> Result<Routing>;
-}
 
 #[derive(Debug, Clone)]
 pub struct TopKRouter {
@@ -80,14 +71,5 @@ impl TopKRouter {
 
     pub fn forward(&self, x: &Tensor) -> Result<Routing> {
         self.route(&self.logits(x)?)
-    }
-}
-
-impl Router for TopKRouter {
-    fn num_experts(&self) -> usize {
-        TopKRouter::num_experts(self)
-    }
-    fn route(&self, x: &Tensor, _labels: Option<&Tensor>) -> Result<Routing> {
-        self.forward(x)
     }
 }

@@ -6,7 +6,8 @@ use super::Objective;
 use crate::config::DitConfig;
 use crate::model::DitMoe;
 use crate::sampling::{DdimSampler, Guidance, GuidedModel, ImageNoise, Images, RectifiedFlowSampler, Sampler};
-use candle_core::{DType, Device, Result, Tensor};
+use crate::plan::ExecutionPlan;
+use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 use std::path::Path;
 
@@ -16,9 +17,11 @@ const CFG_SCALE: f64 = 4.0;
 
 /// Samples a class grid with the `ema` weights and writes it to `path` as a PNG. Pixel models
 /// only: a latent model's samples would need the VAE to be viewable.
-pub fn write_grid(cfg: &DitConfig, objective: Objective, ema: &[(String, Tensor)], path: &Path, seed: u64, device: &Device) -> Result<()> {
-    let vb = VarBuilder::from_tensors(ema.iter().cloned().collect(), DType::F32, device);
-    let model = DitMoe::new(cfg, vb)?;
+/// `plan`: the training run's, frozen.
+pub fn write_grid(cfg: &DitConfig, objective: Objective, ema: &[(String, Tensor)], path: &Path, seed: u64, plan: &ExecutionPlan) -> Result<()> {
+    let device = &plan.device;
+    let vb = VarBuilder::from_tensors(ema.iter().cloned().collect(), plan.weight_dtype(), device);
+    let model = DitMoe::new(cfg, plan, vb)?;
     let classes: Vec<usize> = (0..cfg.num_classes.min(MAX_CLASSES)).flat_map(|c| std::iter::repeat_n(c, PER_CLASS)).collect();
     let sampler = match objective {
         Objective::Rf => Sampler::RectifiedFlow(RectifiedFlowSampler::for_model(cfg, 30, false)?),

@@ -1,6 +1,7 @@
 //! The training loop (official `train.py` / `train_rf.py` main loop): label dropout, the
 //! diffusion or rectified-flow loss plus the expert balance loss, gradient accumulation,
 //! global-norm clipping, AdamW, EMA, logging, checkpoints and exact resume.
+use crate::plan::ExecutionPlan;
 use super::adamw::{AdamW, AdamWParams};
 use super::checkpoint::{self, SaveRequest};
 use super::data::open_dataset;
@@ -59,6 +60,7 @@ enum Loss {
 pub struct Trainer {
     cfg: TrainConfig,
     model_cfg: DitConfig,
+    plan: ExecutionPlan,
     device: Device,
     model: DitMoe,
     /// Every variable (sorted by name): what checkpoints and the EMA hold.
@@ -90,7 +92,13 @@ fn budget_runs_out(elapsed: f64, budget: f64, last_step: f64, steps_run: u64) ->
 impl Trainer {
     /// Builds the model (official init from `seed`) and data stream; with `resume`, continues
     /// from the newest valid checkpoint in `<out>/checkpoints` (a fresh start if there is none).
-    pub fn new(cfg: TrainConfig, device: &Device, resume: bool) -> Result<Self> {
+    /// `plan`: a training plan (trainable weights; its precision sets the matmuls', the master
+    /// weights stay f32).
+    pub fn new(cfg: TrainConfig, plan: &ExecutionPlan, resume: bool) -> Result<Self> {
+        if !plan.trainable() || plan.weight_dtype() != DType::F32 {
+            candle_core::bail!("the trainer needs a training plan with f32 master weights")
+        }
+        let device = &plan.device;
         cfg.validate()?;
         let model_cfg = cfg.model_config()?;
         let dataset = open_dataset(&cfg, &model_cfg)?;
@@ -99,7 +107,7 @@ impl Trainer {
 
         // Master weights are f32 on every device (see docs/quality.md for why not bf16).
         let varmap = VarMap::new();
-        let model = DitMoe::new(&model_cfg, VarBuilder::from_varmap(&varmap, DType::F32, device))?;
+        let model = DitMoe::new(&model_cfg, plan, VarBuilder::from_varmap(&varmap, DType::F32, device))?;
         let mut all_vars: Vec<(String, Var)> = varmap.data().lock().expect("varmap lock").iter().map(|(n, v)| (n.clone(), v.clone())).collect();
         all_vars.sort_by(|a, b| a.0.cmp(&b.0));
         initialize(&all_vars, &model_cfg, cfg.seed)?;
@@ -150,7 +158,7 @@ impl Trainer {
             Objective::Ddpm => Loss::Ddpm(Box::new(GaussianDiffusion::create("", model_cfg.learn_sigma)?)),
             Objective::Rf => Loss::Rf(RectifiedFlow::flow_matching(model_cfg.learn_sigma, 1.0, model_cfg.flow_time_scale())?),
         };
-        Ok(Self { cfg, model_cfg, device: device.clone(), model, all_vars, opt, ema, loader, loss, class_names, step, resumed_from, warnings, profile: None })
+        Ok(Self { cfg, model_cfg, plan: plan.clone(), device: device.clone(), model, all_vars, opt, ema, loader, loss, class_names, step, resumed_from, warnings, profile: None })
     }
 
     pub fn step(&self) -> u64 {
@@ -360,7 +368,7 @@ impl Trainer {
             bar.set_position(self.step);
             if self.cfg.sample_every > 0 && self.step.is_multiple_of(self.cfg.sample_every) {
                 let path = self.cfg.out.join("samples").join(format!("step-{:08}.png", self.step));
-                write_grid(&self.model_cfg, self.cfg.objective, self.ema.tensors(), &path, self.cfg.seed, &self.device)?;
+                write_grid(&self.model_cfg, self.cfg.objective, self.ema.tensors(), &path, self.cfg.seed, &self.plan.frozen())?;
             }
             if self.step.is_multiple_of(self.cfg.ckpt_every) {
                 self.save_checkpoint()?;

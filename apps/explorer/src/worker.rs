@@ -55,7 +55,7 @@ impl Run {
             let result = (|| -> candle_core::Result<_> {
                 let loaded = match loaded.filter(|l| l.dir.dir == dir.dir && l.device.same_device(&device) && l.dtype == dtype) {
                     Some(l) => l,
-                    None => LoadedModel { model: Arc::new(dir.load(dtype, &device)?), dir: dir.clone(), device: device.clone(), dtype },
+                    None => LoadedModel { model: Arc::new(dir.load(&ditmoe::ExecutionPlan::inference(&device, ditmoe::Precision::of_dtype(dtype)))?), dir: dir.clone(), device: device.clone(), dtype },
                 };
                 let label = loaded.dir.dir.display().to_string();
                 let traj = record_trajectory(&loaded.model, &label, loaded.dir.class_names.clone(), &req, &loaded.device, &mut |p| {

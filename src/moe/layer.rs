@@ -1,0 +1,305 @@
+//! `MoeLayer`: one mixture-of-experts layer for any model. Tokens `[S, d]` (and, for routers
+//! that route by condition, a per-token mask) go in; the output `[S, d]`, the routing record
+//! and, in training, the auxiliary losses come out.
+//!
+//! The layer runs one of two forwards, chosen by its execution plan:
+//! - the CPU reference ([`MoeLayer::forward`] on a CPU plan): the router's candle ops, a host
+//!   counting sort ([`ExpertDispatch`]) and each expert once on its rows, the structure of the
+//!   official `moe_infer`; every step is differentiable;
+//! - the kernel pipeline (the plan's `moe_kernels`, on by default on CUDA; on the CPU it runs
+//!   the kernels' CPU references): the kernels of [`crate::kernels`]. With frozen weights the top-k router
+//!   runs the fused gating + sort and SwiGLU experts the grouped GEMMs with the gather fused in,
+//!   the shared expert on a second stream and added inside the combine, with no host read (so a
+//!   forward can be captured as a CUDA graph); with trainable weights (or other routers and
+//!   expert forms) the routed experts run as one differentiable op
+//!   ([`crate::kernels::routed_experts`]) whose backward runs on the kernels too.
+use super::config::{BalanceForm, MoeConfig, RouterConfig};
+use super::experts::{stack_frozen, Experts, SharedExpert};
+use super::{balance_loss, ExpertDispatch, PrototypicalRouter, Routing, TopKRouter, WeightMode};
+use crate::kernels::{self, ExpertStacks, GemmConfig, SwigluWeights};
+use crate::plan::ExecutionPlan;
+use candle_core::{DType, Module, Result, Tensor};
+use candle_nn::VarBuilder;
+
+/// The layer's router.
+#[derive(Debug, Clone)]
+pub enum MoeRouter {
+    TopK(TopKRouter),
+    Prototypical(PrototypicalRouter),
+}
+
+impl MoeRouter {
+    /// Routes the tokens x `[S, d]`; `unconditional` `[S]` marks the tokens that go to the
+    /// prototypical router's unconditional expert.
+    pub fn route(&self, x: &Tensor, unconditional: Option<&Tensor>) -> Result<Routing> {
+        match self {
+            Self::TopK(r) => r.forward(x),
+            Self::Prototypical(r) => r.forward(x, unconditional),
+        }
+    }
+}
+
+/// One call's input.
+#[derive(Debug, Clone, Copy)]
+pub struct MoeInput<'a> {
+    /// `[S, d]`, the tokens of `S / seq_len` sequences, sequence-major.
+    pub tokens: &'a Tensor,
+    /// Tokens per sequence, for the per-sequence balance loss.
+    pub seq_len: usize,
+    /// `[S]` u8, 1 for a token the router must treat as unconditional (ProMoE: a token of a
+    /// sample whose label was dropped). Required by a router with an unconditional expert.
+    pub unconditional: Option<&'a Tensor>,
+    /// Compute the auxiliary losses (training mode).
+    pub train: bool,
+}
+
+/// Everything one call produces; the caller decides what to keep.
+#[derive(Debug, Clone)]
+pub struct MoeOutput {
+    /// routed + shared, `[S, d]`: f32 (or the tokens' dtype) except on the fused inference
+    /// path, whose combine writes the weights' dtype.
+    pub out: Tensor,
+    /// The weighted routed sum alone, `[S, d]`; None on the fused inference path, whose
+    /// combine adds the shared expert in the same pass.
+    pub routed: Option<Tensor>,
+    /// The shared expert's output, `[S, d]`, when there is one.
+    pub shared: Option<Tensor>,
+    pub routing: Routing,
+    /// Slots routed to each expert, `[E]` u32 on the layer's device (the unconditional expert
+    /// last). Read it back only when needed: the CUDA path never waits on the device.
+    pub expert_counts: Tensor,
+    /// The balance loss, in training mode when its coefficient is > 0.
+    pub aux_loss: Option<Tensor>,
+    /// The prototypical router's routing contrastive loss (lambda included), in training mode.
+    pub contrastive_loss: Option<Tensor>,
+}
+
+#[derive(Debug, Clone)]
+pub struct MoeLayer {
+    cfg: MoeConfig,
+    router: MoeRouter,
+    /// The routed experts (then the unconditional one), as modules: the CPU reference runs
+    /// them; on the fused path they are views into `stacks`.
+    experts: Experts,
+    /// Frozen experts on CUDA, stacked once for the grouped kernels.
+    stacks: Option<ExpertStacks>,
+    shared: Option<SharedExpert>,
+    /// Run the kernel pipeline (else the reference dispatch).
+    kernels: bool,
+    frozen: bool,
+    gemm: GemmConfig,
+}
+
+impl MoeLayer {
+    pub fn new(cfg: &MoeConfig, plan: &ExecutionPlan, vb: VarBuilder) -> Result<Self> {
+        cfg.validate()?;
+        let (d, names) = (cfg.hidden_size, &cfg.names);
+        let experts_vb = vb.pp(&names.experts);
+        let build_experts = || Experts::new(cfg.expert_form, d, cfg.expert_intermediate_size, cfg.total_experts(), experts_vb.clone());
+        // Parameters are created in each family's state-dict order (DiT-MoE: experts, gate,
+        // shared experts; ProMoE: prototypes, experts, shared expert).
+        let (router, mut experts) = match &cfg.router {
+            RouterConfig::TopK { norm_topk_prob } => {
+                let experts = build_experts()?;
+                (MoeRouter::TopK(TopKRouter::new(d, cfg.num_experts, cfg.top_k, *norm_topk_prob, vb.pp(&names.router))?), experts)
+            }
+            RouterConfig::Prototypical { weight_mode, unconditional_expert, contrastive } => {
+                let router = PrototypicalRouter::new(d, cfg.num_experts, cfg.top_k, *weight_mode, *unconditional_expert, *contrastive, vb.clone())?;
+                (MoeRouter::Prototypical(router), build_experts()?)
+            }
+        };
+        let shared = match cfg.shared_expert_intermediate_size {
+            0 => None,
+            width => Some(SharedExpert::new(cfg.expert_form, d, width, vb.pp(&names.shared_expert))?),
+        };
+        let frozen = !plan.trainable();
+        let stacks = match plan.moe_kernels && frozen {
+            true => {
+                let (stacks, views) = stack_frozen(&experts)?;
+                experts = views;
+                Some(stacks)
+            }
+            false => None,
+        };
+        Ok(Self { cfg: cfg.clone(), router, experts, stacks, shared, kernels: plan.moe_kernels, frozen, gemm: plan.gemm })
+    }
+
+    pub fn config(&self) -> &MoeConfig {
+        &self.cfg
+    }
+    pub fn router(&self) -> &MoeRouter {
+        &self.router
+    }
+    /// The routed experts, then the unconditional one.
+    pub fn experts(&self) -> &Experts {
+        &self.experts
+    }
+    pub fn shared_expert(&self) -> Option<&SharedExpert> {
+        self.shared.as_ref()
+    }
+
+    /// Whether a forward runs the fused inference path end to end: no host read, so on CUDA
+    /// the caller may capture it as a CUDA graph, and its input is best given in the weights'
+    /// dtype (the grouped GEMMs run in it).
+    pub fn is_fused(&self) -> bool {
+        self.kernels && self.frozen && matches!(self.router, MoeRouter::TopK(_)) && matches!(self.stacks, Some(ExpertStacks::Swiglu(_)))
+    }
+
+    /// Whether a call needs [`MoeInput::unconditional`].
+    pub fn needs_unconditional_mask(&self) -> bool {
+        self.cfg.unconditional_expert()
+    }
+
+    pub fn forward(&self, input: &MoeInput) -> Result<MoeOutput> {
+        let (s, _) = input.tokens.dims2()?;
+        if input.seq_len == 0 || s % input.seq_len != 0 {
+            candle_core::bail!("moe: {s} tokens do not split into sequences of {}", input.seq_len)
+        }
+        if self.needs_unconditional_mask() && input.unconditional.is_none() {
+            candle_core::bail!("moe: a router with an unconditional expert needs the unconditional-token mask")
+        }
+        let mut o = match (self.kernels, self.is_fused()) {
+            (true, true) => self.forward_fused_inference(input.tokens)?,
+            (true, false) => self.forward_kernels(input)?,
+            (false, _) => self.forward_reference(input)?,
+        };
+        if input.train {
+            o.aux_loss = self.balance_loss(&o.routing, input)?;
+            o.contrastive_loss = self.contrastive_loss(input, &o.routing)?;
+        }
+        Ok(o)
+    }
+
+    /// The CPU reference: router, host counting sort, each expert once on its rows.
+    fn forward_reference(&self, input: &MoeInput) -> Result<MoeOutput> {
+        let x = input.tokens;
+        let routing = self.router.route(x, input.unconditional)?;
+        let dispatch = ExpertDispatch::new(&routing.experts, self.cfg.total_experts())?;
+        let routed = self.experts.run(&dispatch, x, &routing.weights)?;
+        let counts: Vec<u32> = dispatch.counts().into_iter().map(|c| c as u32).collect();
+        let expert_counts = Tensor::from_vec(counts, self.cfg.total_experts(), x.device())?;
+        self.finish(x, routed, routing, expert_counts)
+    }
+
+    /// The kernel pipeline for trainable weights or a router/expert form without a fused
+    /// inference path: the
+    /// router's candle ops (its gradient reaches the router), the expert sort on the device and
+    /// the routed experts as one differentiable op. No host read in the forward; the backward
+    /// reads the per-expert offsets once.
+    fn forward_kernels(&self, input: &MoeInput) -> Result<MoeOutput> {
+        let x = input.tokens;
+        let routing = self.router.route(x, input.unconditional)?;
+        let e = self.cfg.total_experts();
+        let perm = kernels::permute_by_expert(&routing.experts.to_dtype(DType::U32)?, e)?;
+        let per_call;
+        let stacks = match &self.stacks {
+            Some(s) => s,
+            None => {
+                per_call = self.experts.stack()?;
+                &per_call
+            }
+        };
+        // the grouped GEMMs run in the weights' dtype, as every other matmul (`crate::nn::Linear`)
+        let compute = stacks.dtype();
+        let routed = kernels::routed_experts(&x.to_dtype(compute)?, &routing.weights, stacks, &perm, &self.gemm)?.to_dtype(x.dtype())?;
+        let expert_counts = (perm.offsets.narrow(0, 1, e)? - perm.offsets.narrow(0, 0, e)?)?;
+        self.finish(x, routed, routing, expert_counts)
+    }
+
+    /// routed + shared.
+    fn finish(&self, x: &Tensor, routed: Tensor, routing: Routing, expert_counts: Tensor) -> Result<MoeOutput> {
+        let shared = self.shared.as_ref().map(|s| s.forward(x)).transpose()?;
+        let out = match &shared {
+            Some(s) => (&routed + s)?,
+            None => routed.clone(),
+        };
+        Ok(MoeOutput { out, routed: Some(routed), shared, routing, expert_counts, aux_loss: None, contrastive_loss: None })
+    }
+
+    /// The kernel pipeline of a frozen top-k SwiGLU layer: the whole layer on the fused
+    /// kernels, no host read.
+    fn forward_fused_inference(&self, x: &Tensor) -> Result<MoeOutput> {
+        let (MoeRouter::TopK(router), Some(ExpertStacks::Swiglu(w))) = (&self.router, &self.stacks) else {
+            candle_core::bail!("moe: the fused inference path serves top-k SwiGLU layers")
+        };
+        // The grouped GEMMs run in the weights' dtype (bf16 on tensor cores), like every
+        // other matmul of the model (`crate::nn::Linear`).
+        let flat = x.to_dtype(w.gate.dtype())?;
+        // The shared expert needs no routing: it runs on a second stream while the router,
+        // gating and sort (small, latency-bound launches) run on the main one.
+        let shared = self.shared_swiglu_weights().map(|sw| kernels::swiglu_mlp_start(&flat, &sw, &self.gemm)).transpose()?;
+        let logits = router.logits(&flat)?;
+        // The gating kernel reads bf16 or f32 logits and does its softmax in f32 either way.
+        let logits = match logits.dtype() {
+            DType::BF16 | DType::F32 => logits,
+            _ => logits.to_dtype(DType::F32)?,
+        };
+        let (mut g, perm) = kernels::fused_gating_permute(&logits, router.top_k())?;
+        // the kernel keeps the chosen scores; `norm_topk_prob` renormalises them on the device
+        g.weights = router.gate_weights(g.weights)?;
+        let h = kernels::grouped_gate_up_gather(&flat, &perm, &w.gate, &w.up, &self.gemm)?;
+        let y = kernels::grouped_matmul(&h, &perm.offsets, &w.down, &self.gemm)?;
+        let shared = shared.map(|p| p.join()).transpose()?;
+        // the combine adds the shared expert's output while it sums the routed rows, in f32,
+        // rounding once
+        let out = kernels::combine(&y, &perm, &g.weights, shared.as_ref())?;
+        let routing = Routing { experts: g.ids, weights: g.weights, scores: g.scores };
+        Ok(MoeOutput { out, routed: None, shared, routing, expert_counts: g.expert_counts, aux_loss: None, contrastive_loss: None })
+    }
+
+    fn shared_swiglu_weights(&self) -> Option<SwigluWeights> {
+        match &self.shared {
+            Some(SharedExpert::Swiglu(s)) => {
+                let [gate, up, down] = s.weights().map(Tensor::clone);
+                Some(SwigluWeights { gate, up, down })
+            }
+            _ => None,
+        }
+    }
+
+    /// The balance loss of one call (None when its coefficient is 0). Top-k router: over every
+    /// token. Prototypical router: over the conditional tokens only, with scores
+    /// `softmax(weight_mode(cos))` (`weight_mode(cos)` itself in softmax mode), as ProMoE's
+    /// `SparseMoeBlock.forward`.
+    fn balance_loss(&self, routing: &Routing, input: &MoeInput) -> Result<Option<Tensor>> {
+        let bl = self.cfg.balance_loss;
+        if bl.coefficient == 0.0 {
+            return Ok(None);
+        }
+        let per_sequence = bl.form == BalanceForm::PerSequence;
+        let MoeRouter::Prototypical(router) = &self.router else {
+            return Ok(Some(balance_loss(routing, input.seq_len, bl.coefficient, per_sequence)?));
+        };
+        let dev = routing.scores.device();
+        let cond: Vec<u32> = match input.unconditional.filter(|_| router.has_unconditional_expert()) {
+            Some(mask) => mask.to_dtype(DType::U32)?.to_vec1::<u32>()?.iter().enumerate().filter(|(_, &m)| m == 0).map(|(t, _)| t as u32).collect(),
+            None => (0..routing.scores.dim(0)? as u32).collect(),
+        };
+        if cond.is_empty() {
+            // No conditional token, nothing to balance (the official code would fail here).
+            return Ok(Some(Tensor::zeros((), routing.scores.dtype(), dev)?));
+        }
+        let n_cond = cond.len();
+        let idx = Tensor::from_vec(cond, n_cond, dev)?;
+        let mode = router.weight_mode();
+        let w = mode.apply(&routing.scores.index_select(&idx, 0)?)?;
+        let scores = match mode {
+            WeightMode::Softmax => w,
+            _ => crate::nn::softmax_last_dim(&w)?,
+        };
+        let cond_routing = Routing { experts: routing.experts.index_select(&idx, 0)?, weights: routing.weights.index_select(&idx, 0)?, scores };
+        Ok(Some(balance_loss(&cond_routing, input.seq_len, bl.coefficient, per_sequence)?))
+    }
+
+    /// The prototypical router's routing contrastive loss (None for other routers or lambda 0).
+    /// Which prototypes have tokens is read back once from the routing.
+    fn contrastive_loss(&self, input: &MoeInput, routing: &Routing) -> Result<Option<Tensor>> {
+        let MoeRouter::Prototypical(router) = &self.router else { return Ok(None) };
+        let contrastive = router.contrastive();
+        if !contrastive.enabled() {
+            return Ok(None);
+        }
+        let dispatch = ExpertDispatch::new(&routing.experts, self.cfg.total_experts())?;
+        Ok(Some(contrastive.loss(router.cluster_centers(), input.tokens, &routing.experts, &dispatch)?))
+    }
+}

@@ -1,0 +1,137 @@
+//! The execution plan: every decision about *how* a model runs, made once where the model is
+//! loaded for inference or built for training, and passed down to every layer.
+//!
+//! Layers never infer these from their tensors (whether a weight is a training variable, which
+//! device a tensor sits on) or from process-wide switches: the same weights can be run by two
+//! plans (a trainer's model and its frozen teacher or EMA copy), and a test can build the plan
+//! it means to check.
+use crate::kernels::GemmConfig;
+use candle_core::{DType, Device};
+
+/// Whether the weights are trained.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Weights {
+    /// Inference: weights are constants. On CUDA the layers stack them once for the fused
+    /// kernels and a forward never reads from the device, so it can be captured as a CUDA graph.
+    Frozen,
+    /// Training: weights are `Var`s; every op on them records autograd history.
+    Trainable,
+}
+
+/// The precision of the matmuls. Activations, LayerNorm statistics, softmaxes and losses stay
+/// f32 in every mode, as under `torch.autocast`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Precision {
+    /// f32 weights and f32-accurate products (on CUDA tensor cores: 3xTF32 in the grouped GEMMs).
+    F32,
+    /// f32 weights, products with TF32 operands (about 1e-3 relative): candle's matmuls and the
+    /// grouped GEMMs alike.
+    Tf32,
+    /// bf16 weights, bf16 products with f32 accumulation.
+    Bf16,
+    /// f16 weights, f16 products with f32 accumulation.
+    F16,
+}
+
+impl Precision {
+    /// The weights' dtype, in which the matmuls run.
+    pub fn weight_dtype(self) -> DType {
+        match self {
+            Self::F32 | Self::Tf32 => DType::F32,
+            Self::Bf16 => DType::BF16,
+            Self::F16 => DType::F16,
+        }
+    }
+
+    /// The plain precision of a weight dtype (`--dtype`).
+    pub fn of_dtype(dtype: DType) -> Self {
+        match dtype {
+            DType::BF16 => Self::Bf16,
+            DType::F16 => Self::F16,
+            _ => Self::F32,
+        }
+    }
+}
+
+/// See the module docs.
+#[derive(Debug, Clone)]
+pub struct ExecutionPlan {
+    pub device: Device,
+    pub weights: Weights,
+    pub precision: Precision,
+    /// Whether the MoE layers run the kernel pipeline (fused gating, permutation, grouped
+    /// GEMMs, combine) instead of the reference dispatch. On by default on CUDA. On the CPU
+    /// the kernels run their CPU references, which is how tests check the pipeline without a
+    /// GPU.
+    pub moe_kernels: bool,
+    /// The grouped-GEMM kernel selection on CUDA (tuning data; the default is the measured
+    /// best, `docs/design.md`). Its f32 kernel follows `precision`.
+    pub gemm: GemmConfig,
+}
+
+impl ExecutionPlan {
+    /// Frozen weights in `precision` on `device`.
+    pub fn inference(device: &Device, precision: Precision) -> Self {
+        Self::new(device, Weights::Frozen, precision)
+    }
+
+    /// Trainable weights in `precision` on `device`.
+    pub fn training(device: &Device, precision: Precision) -> Self {
+        Self::new(device, Weights::Trainable, precision)
+    }
+
+    fn new(device: &Device, weights: Weights, precision: Precision) -> Self {
+        Self { device: device.clone(), weights, precision, moe_kernels: device.is_cuda(), gemm: GemmConfig::for_precision(precision) }
+    }
+
+    /// The same plan with frozen weights (a training run's sample grids, a frozen teacher).
+    pub fn frozen(&self) -> Self {
+        Self { weights: Weights::Frozen, ..self.clone() }
+    }
+
+    /// The same plan with the MoE layers on the kernel pipeline (`true`) or the reference
+    /// dispatch.
+    pub fn with_moe_kernels(mut self, on: bool) -> Self {
+        self.moe_kernels = on;
+        self
+    }
+
+    /// The same plan with another grouped-GEMM selection (benchmarks and kernel tests).
+    pub fn with_gemm(mut self, gemm: GemmConfig) -> Self {
+        self.gemm = gemm;
+        self
+    }
+
+    pub fn weight_dtype(&self) -> DType {
+        self.precision.weight_dtype()
+    }
+
+    pub fn trainable(&self) -> bool {
+        self.weights == Weights::Trainable
+    }
+
+    /// Whether the layers run the CUDA kernels (else the CPU reference).
+    pub fn on_cuda(&self) -> bool {
+        self.device.is_cuda()
+    }
+
+    /// Whether layers run their fused inference forms: CUDA with frozen weights.
+    pub fn fused_inference(&self) -> bool {
+        self.on_cuda() && !self.trainable()
+    }
+
+    /// Applies the plan's one process-wide consequence: candle's own cuBLAS matmuls take their
+    /// TF32 switch from a global (`candle_core::cuda::set_gemm_reduced_precision_f32`), so a
+    /// TF32 plan sets it, and any other plan clears it. Called where a plan is built for a run
+    /// (the CLI), not by layers.
+    #[cfg(feature = "cuda")]
+    pub fn apply_matmul_precision(&self) {
+        if self.on_cuda() {
+            candle_core::cuda::set_gemm_reduced_precision_f32(self.precision == Precision::Tf32);
+        }
+    }
+
+    /// Without CUDA there is no global to set.
+    #[cfg(not(feature = "cuda"))]
+    pub fn apply_matmul_precision(&self) {}
+}
