@@ -1,26 +1,38 @@
-//! Draws one benchmark job of `docs/bench-logs/` as a PNG: milliseconds per forward of the
+//! Draws one benchmark run as a PNG: milliseconds per forward of the
 //! official PyTorch code (grey, with its min–max over the timed forwards) and of ditmoe (blue,
 //! the faster of eager and CUDA graph) for each model and batch, one log-scale panel per
 //! precision, with the speed-up over each pair. `docs/benchmarks.md`'s tables as a picture.
 //!
-//! cargo run --example bench_chart -- docs/bench-logs/2026-11-24/job14 docs/benchmarks-job14.png
+//! cargo run --example bench_chart -- RUN_DIR docs/benchmarks-forward.png ["NVIDIA H100 80GB HBM3"]
 //!
-//! The job folder holds `official.json` (`bench_official_ditmoe.py --out`) and `ditmoe.txt`
-//! (`bench_model`'s output), as every job of the GPU runs does.
-use anyhow::{bail, Context, Result};
-use ditmoe::analysis::glyphs::{draw_text, text_width, GLYPH_H};
-use ditmoe::analysis::heatmap::{save_png, tile, BACKGROUND, INK};
-use image::{Rgb, RgbImage};
+//! The run folder holds `official.json` (`bench_official_ditmoe.py --out`) and `ditmoe.txt`
+//! (`bench_model`'s output), as the device command of `docs/benchmarks.md` writes them; the
+//! third argument names the GPU in the title.
+//!
+//! Drawn with plotters' `ChartBuilder` (axes, log scale, ticks, labels) and the bundled font
+//! that [`register_bundled_font`] gives it, so the chart needs no system fonts.
+use anyhow::{anyhow, bail, Context, Result};
+use ditmoe::analysis::heatmap::{save_png, BACKGROUND, INK};
+use ditmoe::analysis::text::register_bundled_font;
+use image::RgbImage;
+use plotters::coord::ranged1d::{KeyPointHint, NoDefaultFormatting, Ranged, ValueFormatter};
+use plotters::coord::Shift;
+use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
+use std::ops::Range;
 use std::path::Path;
 
-const OFFICIAL: [u8; 3] = [160, 160, 160];
-const OURS: [u8; 3] = [31, 119, 180];
-const GRID: [u8; 3] = [225, 225, 225];
-const BAR_W: u32 = 22;
-const GROUP_GAP: u32 = 26;
-const PLOT_H: u32 = 300;
-const LEFT: u32 = 64;
-const TOP: u32 = 46;
+const OFFICIAL: RGBColor = RGBColor(160, 160, 160);
+const OURS: RGBColor = RGBColor(31, 119, 180);
+const GRID: RGBColor = RGBColor(225, 225, 225);
+const PAPER: RGBColor = RGBColor(BACKGROUND[0], BACKGROUND[1], BACKGROUND[2]);
+const TEXT: RGBColor = RGBColor(INK[0], INK[1], INK[2]);
+/// Horizontal room per model-and-batch group, and the figure's fixed parts, in pixels.
+const GROUP_W: u32 = 78;
+const Y_AXIS_W: u32 = 72;
+const PANEL_H: u32 = 380;
+const LEGEND_H: u32 = 30;
+const FONT: &str = "sans-serif";
 
 /// One model and batch of one precision.
 struct Row {
@@ -85,71 +97,151 @@ fn rows(dir: &Path, prec: &str, dtype: &str) -> Result<Vec<Row>> {
         .collect()
 }
 
-fn fill(img: &mut RgbImage, x0: u32, y0: u32, x1: u32, y1: u32, color: [u8; 3]) {
-    for y in y0.min(y1)..y0.max(y1).min(img.height()) {
-        for x in x0..x1.min(img.width()) {
-            img.put_pixel(x, y, Rgb(color));
-        }
+/// A tick label of the log axis: whole milliseconds as integers, fractions without trailing
+/// zeros.
+fn ms_label(v: f64) -> String {
+    if v >= 1.0 {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.3}").trim_end_matches('0').trim_end_matches('.').to_string()
+    }
+}
+
+fn speedup_label(x: f64) -> String {
+    if x >= 10.0 {
+        format!("{x:.0}x")
+    } else {
+        format!("{x:.2}x")
+    }
+}
+
+/// The two series' swatches and names, once for the whole figure.
+fn legend<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>) -> Result<()>
+where
+    DB::ErrorType: 'static,
+{
+    let font = (FONT, 14).into_font().color(&TEXT);
+    let mut x = Y_AXIS_W as i32;
+    for (color, name) in [(OFFICIAL, "official PyTorch (median, min–max)"), (OURS, "ditmoe (faster of eager and CUDA graph)")] {
+        area.draw(&Rectangle::new([(x, 8), (x + 14, 22)], color.filled()))?;
+        area.draw(&Text::new(name, (x + 20, 15), font.pos(Pos::new(HPos::Left, VPos::Center))))?;
+        x += 20 + area.estimate_text_size(name, &font)?.0 as i32 + 28;
+    }
+    Ok(())
+}
+
+/// The x axis: `n` model-and-batch groups, group `i` spanning `i..i + 1` with its bars at
+/// fractions of that and its one tick, labelled with its model and batch, at the middle.
+struct Groups(usize);
+
+impl Ranged for Groups {
+    type FormatOption = NoDefaultFormatting;
+    type ValueType = f64;
+    fn map(&self, v: &f64, (from, to): (i32, i32)) -> i32 {
+        from + ((to - from) as f64 * v / self.0.max(1) as f64).round() as i32
+    }
+    fn key_points<Hint: KeyPointHint>(&self, _: Hint) -> Vec<f64> {
+        (0..self.0).map(|i| i as f64 + 0.5).collect()
+    }
+    fn range(&self) -> Range<f64> {
+        0.0..self.0 as f64
+    }
+}
+
+/// Tick labels come from the chart's `x_label_formatter`; this is only its fallback.
+impl ValueFormatter<f64> for Groups {
+    fn format(v: &f64) -> String {
+        format!("{}", v.floor())
     }
 }
 
 /// One panel: bars on a log axis spanning the decades that hold every value, starting at
 /// least a tenth of a decade below the smallest (a bar of exactly 1 ms on an axis starting at
-/// 1 ms would have no height).
-fn panel(title: &str, rows: &[Row]) -> RgbImage {
+/// 1 ms would have no height) and ending at least a third of a decade above the largest, so
+/// the speed-up over the tallest bar has room.
+fn panel<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, title: &str, rows: &[Row]) -> Result<()>
+where
+    DB::ErrorType: 'static,
+{
     let values = rows.iter().flat_map(|r| [r.ours_ms, r.official_range.0, r.official_range.1]);
     let (lo, hi) = values.fold((f64::MAX, f64::MIN), |(a, b), v| (a.min(v), b.max(v)));
-    let (d0, d1) = ((lo.log10() - 0.1).floor(), hi.log10().ceil());
-    let y_of = |ms: f64| TOP + PLOT_H - (((ms.log10() - d0) / (d1 - d0)) * PLOT_H as f64).round() as u32;
-    let group_w = 2 * BAR_W + GROUP_GAP;
-    let width = LEFT + rows.len() as u32 * group_w + 20;
-    let mut img = RgbImage::from_pixel(width.max(text_width(title, 2) + 20), TOP + PLOT_H + 40, Rgb(BACKGROUND));
-    draw_text(&mut img, 10, 10, title, 2, INK);
-    // decades: grid line and label
-    for e in d0 as i32..=d1 as i32 {
-        let y = y_of(10f64.powi(e));
-        fill(&mut img, LEFT, y, width - 10, y + 1, GRID);
-        let label = if e >= 0 { format!("{}", 10u64.pow(e as u32)) } else { format!("{}", 10f64.powi(e)) };
-        draw_text(&mut img, (LEFT - 8 - text_width(&label, 1)) as i64, y as i64 - 3, &label, 1, INK);
+    if !(lo > 0.0 && hi.is_finite()) {
+        bail!("{title}: no positive times to draw")
     }
-    draw_text(&mut img, 4, (TOP - 12) as i64, "MS", 1, INK);
+    let (bottom, top) = (10f64.powf((lo.log10() - 0.1).floor()), 10f64.powf((hi.log10() + 0.3).ceil()));
+    // A hair wider, so that plotters' log-axis ticks (found through ln(start) / ln(10), which
+    // rounds to just above -1 for 0.1) include both end decades.
+    let (bottom, top) = (bottom * (1.0 - 1e-9), top * (1.0 + 1e-9));
+    let mut chart = ChartBuilder::on(area)
+        .caption(title, (FONT, 17).into_font().color(&TEXT))
+        .margin(10)
+        .x_label_area_size(28)
+        .y_label_area_size(Y_AXIS_W - 10)
+        .build_cartesian_2d(Groups(rows.len()), (bottom..top).log_scale())?;
+    let x_label = |x: &f64| rows.get(x.floor() as usize).map(|r| r.label.clone()).unwrap_or_default();
+    let y_label = |y: &f64| ms_label(*y);
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .bold_line_style(GRID)
+        .light_line_style(PAPER)
+        .axis_style(TEXT)
+        .x_label_formatter(&x_label)
+        .y_label_formatter(&y_label)
+        .y_desc("ms per forward (log scale)")
+        .label_style((FONT, 13).into_font().color(&TEXT))
+        .axis_desc_style((FONT, 14).into_font().color(&TEXT))
+        .draw()?;
+
+    let bar = |i: usize, from: f64, to: f64, ms: f64, color: RGBColor| Rectangle::new([(i as f64 + from, bottom), (i as f64 + to, ms)], color.filled());
+    chart.draw_series(rows.iter().enumerate().map(|(i, r)| bar(i, 0.12, 0.5, r.official_ms, OFFICIAL)))?;
+    chart.draw_series(rows.iter().enumerate().map(|(i, r)| bar(i, 0.5, 0.88, r.ours_ms, OURS)))?;
+    // The official time's spread over its timed forwards: a whisker with caps.
     for (i, r) in rows.iter().enumerate() {
-        let x = LEFT + 10 + i as u32 * group_w;
-        let base = TOP + PLOT_H;
-        fill(&mut img, x, y_of(r.official_ms), x + BAR_W, base, OFFICIAL);
-        // the official time's spread over its timed forwards
-        let (ylo, yhi) = (y_of(r.official_range.0), y_of(r.official_range.1));
-        fill(&mut img, x + BAR_W / 2 - 1, yhi, x + BAR_W / 2 + 1, ylo + 1, INK);
-        fill(&mut img, x + 5, yhi, x + BAR_W - 5, yhi + 1, INK);
-        fill(&mut img, x + 5, ylo, x + BAR_W - 5, ylo + 1, INK);
-        fill(&mut img, x + BAR_W, y_of(r.ours_ms), x + 2 * BAR_W, base, OURS);
-        let speedup = r.official_ms / r.ours_ms;
-        let s = if speedup >= 10.0 { format!("{speedup:.0}X") } else { format!("{speedup:.2}X") };
-        let sx = x + BAR_W - text_width(&s, 1) / 2;
-        draw_text(&mut img, sx as i64, y_of(r.official_range.1.max(r.official_ms)) as i64 - 12, &s, 1, INK);
-        let lx = (x + BAR_W).saturating_sub(text_width(&r.label, 1) / 2);
-        draw_text(&mut img, lx as i64, (base + 8) as i64, &r.label, 1, INK);
+        let (x, (min, max)) = (i as f64 + 0.31, r.official_range);
+        let whisker = [vec![(x, min), (x, max)], vec![(x - 0.09, min), (x + 0.09, min)], vec![(x - 0.09, max), (x + 0.09, max)]];
+        chart.draw_series(whisker.into_iter().map(|p| PathElement::new(p, TEXT.stroke_width(1))))?;
     }
-    // legend
-    let ly = (TOP + PLOT_H + 24) as i64;
-    fill(&mut img, LEFT, ly as u32, LEFT + 10, ly as u32 + GLYPH_H, OFFICIAL);
-    draw_text(&mut img, (LEFT + 14) as i64, ly, "OFFICIAL PYTORCH (MEDIAN, MIN-MAX)", 1, INK);
-    let x2 = LEFT + 24 + text_width("OFFICIAL PYTORCH (MEDIAN, MIN-MAX)", 1);
-    fill(&mut img, x2, ly as u32, x2 + 10, ly as u32 + GLYPH_H, OURS);
-    draw_text(&mut img, (x2 + 14) as i64, ly, "DITMOE", 1, INK);
-    img
+    let above = (FONT, 13).into_font().color(&TEXT).pos(Pos::new(HPos::Center, VPos::Bottom));
+    chart.draw_series(rows.iter().enumerate().map(|(i, r)| {
+        EmptyElement::at((i as f64 + 0.5, r.official_range.1.max(r.official_ms).max(r.ours_ms)))
+            + Text::new(speedup_label(r.official_ms / r.ours_ms), (0, -5), above.clone())
+    }))?;
+    Ok(())
+}
+
+/// The figure: title, legend, then one panel per precision, stacked.
+fn chart(title: &str, panels: &[(&str, Vec<Row>)]) -> Result<RgbImage> {
+    register_bundled_font();
+    let groups = panels.iter().map(|(_, r)| r.len()).max().unwrap_or(1) as u32;
+    let (w, h) = ((Y_AXIS_W + groups * GROUP_W + 30).max(760), 40 + LEGEND_H + PANEL_H * panels.len() as u32);
+    let mut buf = vec![0u8; (w * h * 3) as usize];
+    {
+        let root = BitMapBackend::with_buffer(&mut buf, (w, h)).into_drawing_area();
+        root.fill(&PAPER)?;
+        let body = root.titled(title, (FONT, 22).into_font().color(&TEXT))?;
+        let (legend_area, body) = body.split_vertically(LEGEND_H);
+        legend(&legend_area)?;
+        for (area, (name, rows)) in body.split_evenly((panels.len(), 1)).iter().zip(panels) {
+            panel(area, name, rows)?;
+        }
+        root.present()?;
+    }
+    RgbImage::from_raw(w, h, buf).ok_or_else(|| anyhow!("a {w}x{h} RGB buffer of the wrong size"))
 }
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let (dir, out) = match args.as_slice() {
-        [d, o] => (Path::new(d), Path::new(o)),
-        _ => bail!("usage: bench_chart JOB_DIR OUT.png   (JOB_DIR holds official.json and ditmoe.txt)"),
+    let (dir, out, gpu) = match args.as_slice() {
+        [d, o] => (Path::new(d), Path::new(o), "NVIDIA H100 80GB HBM3"),
+        [d, o, g] => (Path::new(d), Path::new(o), g.as_str()),
+        _ => bail!("usage: bench_chart RUN_DIR OUT.png [GPU]   (RUN_DIR holds official.json and ditmoe.txt)"),
     };
-    let job = dir.file_name().map(|n| n.to_string_lossy().to_uppercase()).unwrap_or_default();
-    let bf16 = panel("BF16: MS PER FORWARD, LOWER IS BETTER", &rows(dir, "bf16-autocast", "bf16")?);
-    let f32 = panel("FP32: MS PER FORWARD, LOWER IS BETTER", &rows(dir, "fp32", "f32")?);
-    let img = tile(&[bf16, f32], 1, &format!("DIT-MOE FORWARD, ONE H100 ({job}): OFFICIAL VS DITMOE"));
+    let panels = [
+        ("bf16: ms per forward, lower is better", rows(dir, "bf16-autocast", "bf16")?),
+        ("fp32: ms per forward, lower is better", rows(dir, "fp32", "f32")?),
+    ];
+    let img = chart(&format!("DiT-MoE forward on one {gpu}: official vs ditmoe"), &panels)?;
     save_png(&img, out)?;
     println!("wrote {}", out.display());
     Ok(())

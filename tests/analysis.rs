@@ -243,6 +243,55 @@ fn heatmap_colours_and_layout() {
     assert!(decoded.width() > 3 && decoded.height() > 4);
 }
 
+/// A rendered heatmap, through PNG and back, has the size its layout gives (8-pixel margins,
+/// 4-pixel gaps, a 15-pixel title line, 12-pixel tick and axis-label lines, cells at their
+/// size, the colour bar on the right) and its label areas hold text of the right extent.
+#[test]
+fn heatmap_png_size_and_labels() {
+    use ditmoe::analysis::text::{line_height, text_width};
+    let rows: Vec<Vec<f64>> = (0..4).map(|r| (0..6).map(|c| (r * 6 + c) as f64).collect()).collect();
+    let m = Matrix::from_rows(&rows).unwrap();
+    let fig = Heatmap::values(&m, Scale::Range(0.0, 30.0))
+        .title("Routing by step")
+        .labels("timestep", "expert")
+        .x_tick_labels((0..6).map(|c| format!("t{c}")))
+        .y_tick_labels((0..4).map(|r| format!("E{r}")))
+        .cell(20, 16);
+    let png = heatmap::png_bytes(&fig.render()).unwrap();
+    let img = image::load_from_memory(&png).unwrap().to_rgb8();
+
+    let (line, title_line) = (line_height(12.0), line_height(15.0));
+    let tick_w = (0..4).map(|r| text_width(&format!("E{r}"), 12.0)).max().unwrap();
+    let (left, top) = (8 + line + 4 + tick_w + 4, 8 + title_line + 4);
+    let legend_w = 12 + 4 + text_width("30", 12.0).max(text_width("0", 12.0));
+    assert_eq!(img.dimensions(), (left + 120 + 8 + legend_w + 8, top + 64 + 4 + 2 * (line + 4) + 8));
+    // The cells, 20x16 each, start at (left, top).
+    assert_eq!(img.get_pixel(left, top).0, viridis(0.0));
+    assert_eq!(img.get_pixel(left + 119, top + 63).0, viridis(23.0 / 30.0));
+    assert_eq!(img.get_pixel(left + 20, top + 16).0, viridis(7.0 / 30.0));
+    assert_ne!(img.get_pixel(left - 1, top).0, viridis(0.0));
+
+    // Dark (text) pixels in a band, and the columns they span.
+    let ink = |x0: u32, y0: u32, x1: u32, y1: u32| {
+        let dark: Vec<u32> = (y0..y1).flat_map(|y| (x0..x1).map(move |x| (x, y))).filter(|&(x, y)| img.get_pixel(x, y).0.iter().all(|&c| c < 128)).map(|(x, _)| x).collect();
+        (dark.len(), dark.iter().min().copied(), dark.iter().max().copied())
+    };
+    let (n, x_min, x_max) = ink(0, 0, img.width(), top);
+    let title_w = text_width("Routing by step", 15.0);
+    assert!(n > 100, "title band holds {n} dark pixels");
+    assert!(x_min.unwrap() >= 8 && x_min.unwrap() <= 10 && x_max.unwrap() <= 8 + title_w && x_max.unwrap() + 4 >= 8 + title_w, "title ink spans {x_min:?}..={x_max:?}, its text {title_w} pixels from 8");
+    let (n, ..) = ink(8, top, 8 + line, top + 64);
+    assert!(n > 40, "y axis label column holds {n} dark pixels");
+    let (n, ..) = ink(8 + line + 4, top, left, top + 64);
+    assert!(n > 40, "y tick column holds {n} dark pixels");
+    let (n, ..) = ink(left, top + 64 + 4, left + 120, top + 64 + 4 + line);
+    assert!(n > 40, "x tick row holds {n} dark pixels");
+    let (n, ..) = ink(left, top + 64 + 4 + line + 4, left + 120, img.height());
+    assert!(n > 40, "x axis label row holds {n} dark pixels");
+    let (n, ..) = ink(left + 120 + 8 + 16, top, img.width(), top + line);
+    assert!(n > 10, "colour bar's top value holds {n} dark pixels");
+}
+
 fn pixel_model() -> (ModelDir, ditmoe::DitMoe) {
     let dir = ModelDir::open(&fixture_path("models/pixel")).unwrap();
     let model = dir.load(&ditmoe::ExecutionPlan::inference(&Device::Cpu, ditmoe::Precision::F32)).unwrap();

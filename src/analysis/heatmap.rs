@@ -2,23 +2,29 @@
 //! expert-id maps) with a title, axis labels, thinned tick labels and a legend (colour bar or
 //! expert swatches), plus tiling panels into one figure as the official scripts' 2 x 6
 //! subplot layout does. The explorer shows [`Heatmap::cells_image`] as a texture and exports
-//! [`Heatmap::render`].
+//! [`Heatmap::render`]. Cells are filled pixel by pixel at exact sizes; all text is drawn by
+//! plotters through [`super::text`].
 use super::colormap::{expert_color, viridis};
-use super::glyphs::{draw_text, text_width, GLYPH_H};
+use super::text::{draw_text, draw_text_up, line_height, text_width};
 use super::Matrix;
 use crate::checkpoint::write_atomic;
 use candle_core::{bail, Result};
 use image::{imageops, ImageEncoder, Rgb, RgbImage};
 use std::path::Path;
 
-/// The figures' paper and text colours (heatmaps, their panels and other charts drawn with
-/// [`super::glyphs`]).
+/// The figures' paper and text colours (heatmaps, their panels and other figures labelled
+/// with [`super::text`]).
 pub const BACKGROUND: [u8; 3] = [255, 255, 255];
 pub const INK: [u8; 3] = [20, 20, 20];
 const MARK: [u8; 3] = [230, 30, 30];
 const MARGIN: u32 = 8;
 const GAP: u32 = 4;
 const COLORBAR_W: u32 = 12;
+/// Pixel sizes of tick, axis-label and legend text, of a heatmap's title (both times
+/// [`Heatmap::text_scale`]) and of a tiled figure's title.
+const TICK_PX: f64 = 12.0;
+const TITLE_PX: f64 = 15.0;
+const FIGURE_TITLE_PX: f64 = 20.0;
 
 /// How values map onto the colour map.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -52,7 +58,7 @@ pub struct Heatmap {
     pub cell: (u32, u32),
     /// A column outlined in red (the current timestep).
     pub marked_col: Option<usize>,
-    /// Integer scale of tick and label text (titles are twice this).
+    /// Integer scale of all text: ticks, axis labels and legends are 12 px at 1, titles 15 px.
     pub text_scale: u32,
 }
 
@@ -137,27 +143,36 @@ impl Heatmap {
     /// The decorated figure: title, y label and ticks on the left, cells, x ticks and label
     /// below, legend on the right.
     pub fn render(&self) -> RgbImage {
-        let ts = self.text_scale.max(1);
-        let line = GLYPH_H * ts;
+        let ts = self.text_scale.max(1) as f64;
+        let (tick_px, title_px) = (TICK_PX * ts, TITLE_PX * ts);
+        let line = line_height(tick_px);
         let (cw, ch) = self.cell;
         let (plot_w, plot_h) = (self.cols as u32 * cw, self.rows as u32 * ch);
-        let y_ticks = thin(&self.y_ticks, ch, line + 2);
-        let tick_w = y_ticks.iter().map(|(_, l)| text_width(l, ts)).max().unwrap_or(0);
-        let x_tick_w = self.x_ticks.iter().map(|(_, l)| text_width(l, ts)).max().unwrap_or(0);
+        // Labels may sit one font size apart, their line boxes overlapping by the anti-aliasing
+        // pixels: the font's room above capitals and below the baseline keeps rows' ink apart.
+        let y_ticks = thin(&self.y_ticks, ch, line - 2);
+        let tick_w = y_ticks.iter().map(|(_, l)| text_width(l, tick_px)).max().unwrap_or(0);
+        let x_tick_w = self.x_ticks.iter().map(|(_, l)| text_width(l, tick_px)).max().unwrap_or(0);
         let x_ticks = thin(&self.x_ticks, cw, x_tick_w + 2 * GAP);
 
-        let title_h = if self.title.is_empty() { 0 } else { 2 * line + GAP };
+        let title_h = if self.title.is_empty() { 0 } else { line_height(title_px) + GAP };
         let y_label_w = if self.y_label.is_empty() { 0 } else { line + GAP };
         let left = MARGIN + y_label_w + if tick_w > 0 { tick_w + GAP } else { 0 };
         let top = MARGIN + title_h;
         let x_tick_h = if x_ticks.is_empty() { 0 } else { line + GAP };
         let x_label_h = if self.x_label.is_empty() { 0 } else { line + GAP };
-        let legend = self.legend_image(ts, plot_h);
-        let width = (left + plot_w + GAP * 2 + legend.width() + MARGIN).max(MARGIN * 2 + text_width(&self.title, 2 * ts));
-        let height = top + plot_h.max(legend.height()) + GAP + x_tick_h + x_label_h + MARGIN;
+        let legend = self.legend_image(tick_px, plot_h);
+        // The y label, read bottom to top, is centred on the cells but may be taller than them,
+        // as the legend may be.
+        let y_label_len = text_width(&self.y_label, tick_px);
+        let y_label_top = (top + plot_h / 2).saturating_sub(y_label_len / 2).max(top);
+        let below = top + plot_h + GAP;
+        let bottom = (below + x_tick_h + x_label_h).max(top + legend.height()).max(y_label_top + y_label_len);
+        let width = (left + plot_w + GAP * 2 + legend.width() + MARGIN).max(MARGIN * 2 + text_width(&self.title, title_px));
+        let height = bottom + MARGIN;
         let mut img = RgbImage::from_pixel(width, height, Rgb(BACKGROUND));
 
-        draw_text(&mut img, MARGIN as i64, MARGIN as i64, &self.title, 2 * ts, INK);
+        draw_text(&mut img, MARGIN as i64, MARGIN as i64, &self.title, title_px, INK);
         for r in 0..self.rows {
             for c in 0..self.cols {
                 let color = Rgb(self.color(r, c));
@@ -173,58 +188,51 @@ impl Heatmap {
         }
         for (r, label) in &y_ticks {
             let y = top + *r as u32 * ch + ch / 2;
-            draw_text(&mut img, (left - GAP - text_width(label, ts)) as i64, y as i64 - line as i64 / 2, label, ts, INK);
+            draw_text(&mut img, (left - GAP - text_width(label, tick_px)) as i64, y as i64 - line as i64 / 2, label, tick_px, INK);
         }
-        let below = top + plot_h + GAP;
         for (c, label) in &x_ticks {
             let x = left + *c as u32 * cw + cw / 2;
-            draw_text(&mut img, x as i64 - text_width(label, ts) as i64 / 2, below as i64, label, ts, INK);
+            draw_text(&mut img, x as i64 - text_width(label, tick_px) as i64 / 2, below as i64, label, tick_px, INK);
         }
         if !self.x_label.is_empty() {
             let x = left + plot_w / 2;
-            draw_text(&mut img, x as i64 - text_width(&self.x_label, ts) as i64 / 2, (below + x_tick_h) as i64, &self.x_label, ts, INK);
+            draw_text(&mut img, x as i64 - text_width(&self.x_label, tick_px) as i64 / 2, (below + x_tick_h) as i64, &self.x_label, tick_px, INK);
         }
-        if !self.y_label.is_empty() {
-            let mut label = RgbImage::from_pixel(text_width(&self.y_label, ts).max(1), line, Rgb(BACKGROUND));
-            draw_text(&mut label, 0, 0, &self.y_label, ts, INK);
-            let label = imageops::rotate270(&label);
-            let y = (top + plot_h / 2).saturating_sub(label.height() / 2);
-            imageops::overlay(&mut img, &label, MARGIN as i64, y as i64);
-        }
+        draw_text_up(&mut img, MARGIN as i64, y_label_top as i64, &self.y_label, tick_px, INK);
         imageops::overlay(&mut img, &legend, (left + plot_w + 2 * GAP) as i64, top as i64);
         img
     }
 
     /// The colour bar (min and max values beside it) or the expert swatches, in columns
     /// no taller than the plot where possible.
-    fn legend_image(&self, ts: u32, plot_h: u32) -> RgbImage {
-        let line = GLYPH_H * ts;
+    fn legend_image(&self, px: f64, plot_h: u32) -> RgbImage {
+        let line = line_height(px);
         match self.legend {
             Legend::Colorbar { lo, hi } => {
                 let (hi_s, lo_s) = (format_value(hi), format_value(lo));
                 let h = plot_h.max(2 * line + 8);
-                let w = COLORBAR_W + GAP + text_width(&hi_s, ts).max(text_width(&lo_s, ts));
+                let w = COLORBAR_W + GAP + text_width(&hi_s, px).max(text_width(&lo_s, px));
                 let mut img = RgbImage::from_pixel(w, h, Rgb(BACKGROUND));
                 for y in 0..h {
                     let c = Rgb(viridis(1.0 - y as f64 / (h - 1).max(1) as f64));
                     (0..COLORBAR_W).for_each(|x| img.put_pixel(x, y, c));
                 }
-                draw_text(&mut img, (COLORBAR_W + GAP) as i64, 0, &hi_s, ts, INK);
-                draw_text(&mut img, (COLORBAR_W + GAP) as i64, (h - line) as i64, &lo_s, ts, INK);
+                draw_text(&mut img, (COLORBAR_W + GAP) as i64, 0, &hi_s, px, INK);
+                draw_text(&mut img, (COLORBAR_W + GAP) as i64, (h - line) as i64, &lo_s, px, INK);
                 img
             }
             Legend::Experts(n) => {
                 let row_h = line + 3;
                 let per_col = ((plot_h / row_h) as usize).max(1).min(n);
                 let ncols = n.div_ceil(per_col) as u32;
-                let col_w = line + GAP + text_width(&format!("E{}", n - 1), ts) + 2 * GAP;
+                let col_w = line + GAP + text_width(&format!("E{}", n - 1), px) + 2 * GAP;
                 let mut img = RgbImage::from_pixel(ncols * col_w, per_col as u32 * row_h, Rgb(BACKGROUND));
                 for e in 0..n {
                     let (x, y) = ((e / per_col) as u32 * col_w, (e % per_col) as u32 * row_h);
                     for dy in 0..line {
                         (0..line).for_each(|dx| img.put_pixel(x + dx, y + dy, Rgb(expert_color(e))));
                     }
-                    draw_text(&mut img, (x + line + GAP) as i64, y as i64, &format!("E{e}"), ts, INK);
+                    draw_text(&mut img, (x + line + GAP) as i64, y as i64, &format!("E{e}"), px, INK);
                 }
                 img
             }
@@ -267,10 +275,10 @@ pub fn tile(panels: &[RgbImage], cols: usize, title: &str) -> RgbImage {
     let cols = cols.max(1);
     let pw = panels.iter().map(|p| p.width()).max().unwrap_or(1);
     let row_heights: Vec<u32> = panels.chunks(cols).map(|row| row.iter().map(|p| p.height()).max().unwrap_or(1)).collect();
-    let title_h = if title.is_empty() { 0 } else { 3 * GLYPH_H + 2 * MARGIN };
-    let width = (cols.min(panels.len().max(1)) as u32 * pw).max(text_width(title, 3) + 2 * MARGIN);
+    let title_h = if title.is_empty() { 0 } else { line_height(FIGURE_TITLE_PX) + 2 * MARGIN };
+    let width = (cols.min(panels.len().max(1)) as u32 * pw).max(text_width(title, FIGURE_TITLE_PX) + 2 * MARGIN);
     let mut img = RgbImage::from_pixel(width, title_h + row_heights.iter().sum::<u32>().max(1), Rgb(BACKGROUND));
-    draw_text(&mut img, MARGIN as i64, MARGIN as i64, title, 3, INK);
+    draw_text(&mut img, MARGIN as i64, MARGIN as i64, title, FIGURE_TITLE_PX, INK);
     let mut y = title_h;
     for (row, height) in panels.chunks(cols).zip(&row_heights) {
         for (c, p) in row.iter().enumerate() {

@@ -8,17 +8,18 @@
 //! * [`store`]: saving and reloading a trajectory (safetensors + JSON), no model needed.
 //! * [`matrix`]: [`Matrix`], the table every aggregation returns.
 //! * [`aggregate`]: the aggregations (load per step/patch/class, entropy).
-//! * [`colormap`], [`glyphs`], [`heatmap`]: heatmap PNG rendering.
+//! * [`colormap`], [`heatmap`]: heatmap PNG rendering.
+//! * [`text`]: labels on figures, drawn by plotters with the bundled DejaVu Sans.
 //! * [`figures`]: the labelled per-layer figures the CLI writes and the explorer shows.
 pub mod aggregate;
 pub mod colormap;
 pub mod defaults;
 pub mod figures;
-pub mod glyphs;
 pub mod heatmap;
 pub mod matrix;
 pub mod record;
 pub mod store;
+pub mod text;
 pub mod trajectory;
 
 pub use defaults::RunDefaults;

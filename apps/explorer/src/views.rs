@@ -3,21 +3,25 @@
 use crate::pictures::{state_picture, upscale};
 use ditmoe::analysis::aggregate::first_choice;
 use ditmoe::analysis::figures::{class_figure, patch_figure, step_figure, timestep_label};
-use ditmoe::analysis::glyphs::{draw_text, text_width, GLYPH_H};
-use ditmoe::analysis::heatmap::tile;
+use ditmoe::analysis::heatmap::{tile, BACKGROUND, INK};
+use ditmoe::analysis::text::{draw_text, line_height, text_width};
 use ditmoe::analysis::{Heatmap, RoutingTrajectory};
 use image::{imageops, Rgb, RgbImage};
 
 /// Side in pixels of the state and patch-map pictures.
 pub const PICTURE_SIDE: u32 = 256;
 
-/// `img` with `caption` above it, on white.
+/// Pixel size of captions, as the heatmaps' tick and axis labels.
+const CAPTION_PX: f64 = 12.0;
+
+/// `img` with `caption` above it, on the figures' paper.
 pub fn captioned(img: &RgbImage, caption: &str) -> RgbImage {
     let pad = 6;
-    let width = img.width().max(text_width(caption, 1)) + 2 * pad;
-    let mut out = RgbImage::from_pixel(width, img.height() + GLYPH_H + 3 * pad, Rgb([255, 255, 255]));
-    draw_text(&mut out, pad as i64, pad as i64, caption, 1, [20, 20, 20]);
-    imageops::overlay(&mut out, img, pad as i64, (GLYPH_H + 2 * pad) as i64);
+    let line = line_height(CAPTION_PX);
+    let width = img.width().max(text_width(caption, CAPTION_PX)) + 2 * pad;
+    let mut out = RgbImage::from_pixel(width, img.height() + line + 3 * pad, Rgb(BACKGROUND));
+    draw_text(&mut out, pad as i64, pad as i64, caption, CAPTION_PX, INK);
+    imageops::overlay(&mut out, img, pad as i64, (line + 2 * pad) as i64);
     out
 }
 
