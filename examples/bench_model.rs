@@ -11,7 +11,7 @@
 //! The baseline is the official PyTorch code measured in the same device command
 //! (`shared/tools/bench_official_ditmoe.py`); the per-expert loop path is measured per layer
 //! in `bench_moe`. `--breakdown` adds, per model and batch, the time of each stage of one
-//! block run alone. Timing: `ditmoe::kernels::timing::median_ms` (CUDA events, calls back to
+//! block run alone. Timing: `ditmoe::runtime::timing::median_ms` (CUDA events, calls back to
 //! back). `--graph-probe STAGE` checks one piece of the forward under graph capture;
 //! `--gemm-variant NAME` runs every grouped GEMM with one kernel variant (tuning).
 //! `--matmul-floor` adds, per model and batch, the forward's matmuls alone as dense cuBLAS
@@ -20,9 +20,10 @@ use anyhow::Result;
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
 use ditmoe::checkpoint::expected_parameters;
-use ditmoe::kernels::cuda_graph::GraphedForward;
-use ditmoe::kernels::timing::median_ms;
-use ditmoe::kernels::block_ops;
+use ditmoe::runtime::graph::GraphedForward;
+use ditmoe::runtime::timing::median_ms;
+use ditmoe::model::kernels::block_ops;
+use ditmoe::nn::ops;
 use ditmoe::moe::MoeInput;
 use ditmoe::{presets, DitConfig, DitMoe, ExecutionPlan, Precision};
 
@@ -77,7 +78,7 @@ fn breakdown(name: &str, dtype_name: &str, model: &DitMoe, b: usize, device: &De
     let c = Tensor::randn(0f32, 1.0, (b, d), device)?;
     let ada = block.ada_ln().forward(&candle_nn::ops::silu(&c)?)?;
     // What the block feeds its matmuls (the weights' dtype on the GPU path, f32 on the CPU).
-    let h_dtype = block_ops::matmul_input_dtype(&[&x, &ada], model.dtype());
+    let h_dtype = ops::matmul_input_dtype(&[&x, &ada], model.dtype());
     let h = block_ops::ln_modulate(&x, &ada, 0, 1, h_dtype)?;
     let qkv = attn.qkv_projection(&h)?;
     let merged = attn.attend(&qkv)?.to_dtype(h_dtype)?;
@@ -224,7 +225,7 @@ fn gpu_used_gib(_: &Device) -> Option<f64> {
 
 fn main() -> Result<()> {
     let device = match arg("--device", "cpu").as_str() {
-        "cuda" => ditmoe::kernels::cuda_graph::cuda_device(0)?,
+        "cuda" => ditmoe::runtime::graph::cuda_device(0)?,
         _ => Device::Cpu,
     };
     let models = arg("--models", "S/2-8E2A");

@@ -1,4 +1,4 @@
-//! Benchmark of the MoE layer on one GPU: the fused kernels (`ditmoe::kernels`) against the
+//! Benchmark of the MoE layer on one GPU: the fused kernels (`ditmoe::moe::kernels`) against the
 //! per-expert candle loop (the structure of the official `moe_infer`), candle-nn's WMMA
 //! `moe_gemm` (bf16 only) and dense cuBLAS GEMMs of the same FLOPs.
 //!
@@ -13,7 +13,7 @@
 #![cfg_attr(not(feature = "cuda"), allow(dead_code, unused_imports))]
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
-use ditmoe::kernels::{self as kx, GemmConfig};
+use ditmoe::moe::kernels::{self as kx, GemmConfig};
 use ditmoe::moe::MoeInput;
 use ditmoe::{ExecutionPlan, Precision};
 
@@ -23,10 +23,10 @@ mod gemm_variants;
 mod moe_layers;
 use moe_layers::{fused_layer, moe_forward_loop, random_layer};
 
-/// `ditmoe::kernels::timing::median_ms` for closures returning `anyhow::Result`.
+/// `ditmoe::runtime::timing::median_ms` for closures returning `anyhow::Result`.
 #[cfg(feature = "cuda")]
 fn time_ms<F: FnMut() -> Result<()>>(dev: &Device, budget_ms: f64, mut f: F) -> Result<f64> {
-    Ok(ditmoe::kernels::timing::median_ms(dev, budget_ms, || f().map_err(candle_core::Error::wrap))?)
+    Ok(ditmoe::runtime::timing::median_ms(dev, budget_ms, || f().map_err(candle_core::Error::wrap))?)
 }
 
 struct Cfg {
@@ -83,7 +83,7 @@ pub fn run(dev: &Device, args: &[String]) -> Result<()> {
     } else {
         &[256, 4096, 16384]
     };
-    let m = kx::cuda::modules(dev.as_cuda_device()?)?;
+    let m = ditmoe::runtime::cuda::target(dev.as_cuda_device()?)?;
     let mut layer_rows = Vec::new();
     let mut gemm_rows = Vec::new();
     let mut stage_rows = Vec::new();

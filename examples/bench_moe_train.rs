@@ -18,7 +18,7 @@
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor, Var, D};
 use candle_nn::{VarBuilder, VarMap};
-use ditmoe::kernels::GemmConfig;
+use ditmoe::moe::kernels::GemmConfig;
 use ditmoe::moe::{ExpertDispatch, GeluMlp, StackedExperts, SwigluExpert};
 use ditmoe::{ExecutionPlan, Precision};
 
@@ -75,8 +75,8 @@ impl<M: StackedExperts> Layer<M> {
     }
 
     fn fused(&self) -> Result<()> {
-        let perm = ditmoe::kernels::permute_by_expert(&self.ids, self.experts.len())?;
-        self.step(ditmoe::kernels::routed_experts(self.x.as_tensor(), &self.weights()?, &M::stack(&self.experts)?, &perm, &self.gemm)?)
+        let perm = ditmoe::moe::kernels::permute_by_expert(&self.ids, self.experts.len())?;
+        self.step(ditmoe::moe::kernels::routed_experts(self.x.as_tensor(), &self.weights()?, &M::stack(&self.experts)?, &perm, &self.gemm)?)
     }
 
     fn dense_masked(&self) -> Result<()> {
@@ -98,7 +98,7 @@ impl<M: StackedExperts> Layer<M> {
 
     /// One table row: fused, dense masked and (up to `dispatch_max` tokens) dispatch steps.
     fn row(&self, c: &Cfg, dev: &Device, budget: f64, dispatch_max: usize) -> Result<String> {
-        let time = |f: &dyn Fn() -> Result<()>| ditmoe::kernels::timing::median_ms(dev, budget, || f().map_err(candle_core::Error::wrap));
+        let time = |f: &dyn Fn() -> Result<()>| ditmoe::runtime::timing::median_ms(dev, budget, || f().map_err(candle_core::Error::wrap));
         let fused = time(&|| self.fused())?;
         let dense = time(&|| self.dense_masked())?;
         // the dispatch's index_add backward is the slow one: not run at the largest size

@@ -10,12 +10,10 @@
 //  gated_residual   x + gate * (y + bias)             (`x = x + gate_msa.unsqueeze(1) * attn(..)`)
 //                   with y a Linear's output before its bias, y + bias rounded to y's dtype as
 //                   the Linear's own output would be (so the bias costs no separate pass)
-//  bias_cast        y + bias, converted               (`nn.Linear`'s bias, then the caller's dtype)
 //  split_qkv        packed qkv [B,T,3,H,hd] (+bias) -> q,k,v [B,H,T,hd], with the flash form's
 //                   per-head LayerNorm on q and k and its float16 rounding (a thread-per-row
 //                   kernel for bf16 with hd % 8 == 0, a warp-per-row one otherwise)
 //  softmax_scaled   softmax(scale * s) over rows, f32 maths
-//  strided_copy     any view (permute, narrow, broadcast) made contiguous
 //  flash_attn       softmax(scale q kᵀ) v without the T x T scores in memory (bf16, mma.sync);
 //                   flash_attn_qkn also applies the flash form's q/k LayerNorm (no split pass)
 //
@@ -32,29 +30,6 @@ __device__ __forceinline__ float round_f16(float f) {
     asm("cvt.f32.f16 %0, %1;\n" : "=f"(r) : "h"(h));
     return r;
 }
-
-template <typename T> struct Io;
-// load2/store2: elements i and i + 1 in one access (i even, so 4- or 8-byte aligned).
-template <> struct Io<float> {
-    static __device__ __forceinline__ float load(const float* p, u64 i) { return p[i]; }
-    static __device__ __forceinline__ void store(float* p, u64 i, float v) { p[i] = v; }
-    static __device__ __forceinline__ void load2(const float* p, u64 i, float& a, float& b) {
-        const float2 w = *(const float2*)(p + i);
-        a = w.x;
-        b = w.y;
-    }
-    static __device__ __forceinline__ void store2(float* p, u64 i, float a, float b) { *(float2*)(p + i) = make_float2(a, b); }
-};
-template <> struct Io<u16> {
-    static __device__ __forceinline__ float load(const u16* p, u64 i) { return bf2f(p[i]); }
-    static __device__ __forceinline__ void store(u16* p, u64 i, float v) { p[i] = f2bf(v); }
-    static __device__ __forceinline__ void load2(const u16* p, u64 i, float& a, float& b) {
-        const u32 w = *(const u32*)(p + i);
-        a = bf2f((u16)(w & 0xffffu));
-        b = bf2f((u16)(w >> 16));
-    }
-    static __device__ __forceinline__ void store2(u16* p, u64 i, float a, float b) { *(u32*)(p + i) = (u32)f2bf(a) | ((u32)f2bf(b) << 16); }
-};
 
 // Block-wide sum of one float per thread (blockDim.x a multiple of 32, at most 1024).
 __device__ __forceinline__ float block_sum(float v, float* shared) {
@@ -117,7 +92,7 @@ __device__ __forceinline__ void st4(u16* p, u64 i, float4 v) {
     *(uint2*)(p + i) = make_uint2(pack_bf16(v.x, v.y), pack_bf16(v.z, v.w));
 }
 // y + bias (four columns), rounded to Y's dtype: the value a Linear with that bias would have
-// stored in it (RNE for bf16, as bias_cast).
+// stored in it (RNE for bf16, as tensor_ops.cu's bias_cast).
 __device__ __forceinline__ float4 add_bias(const float* b, u64 j, float4 h) {
     const float4 v = ld4(b, j);
     return make_float4(h.x + v.x, h.y + v.y, h.z + v.z, h.w + v.w);
@@ -229,18 +204,6 @@ extern "C" __global__ void gated_residual_bf16(const float* x, const u16* y, con
     gated_residual_body<u16>(x, y, b, mods, ms, g, T, D, n, out);
 }
 
-// out = y + bias[col] over [rows, N], converted from IN to OUT (f32 maths).
-template <typename IN, typename OUT>
-__device__ void bias_cast_body(const IN* __restrict__ y, const IN* __restrict__ bias, u32 N, u64 total, OUT* __restrict__ out) {
-    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (u64)gridDim.x * blockDim.x) {
-        float v = Io<IN>::load(y, i);
-        if (bias) v += Io<IN>::load(bias, i % N);
-        Io<OUT>::store(out, i, v);
-    }
-}
-extern "C" __global__ void bias_cast_bf16_f32(const u16* y, const u16* b, u32 N, u64 n, float* out) { bias_cast_body<u16, float>(y, b, N, n, out); }
-extern "C" __global__ void bias_cast_bf16_bf16(const u16* y, const u16* b, u32 N, u64 n, u16* out) { bias_cast_body<u16, u16>(y, b, N, n, out); }
-extern "C" __global__ void bias_cast_f32_f32(const float* y, const float* b, u32 N, u64 n, float* out) { bias_cast_body<float, float>(y, b, N, n, out); }
 
 // One warp per (token, head) pair: reads the q, k and v rows of that head from the packed
 // [B, T, 3, H, hd] projection, adds the bias, optionally LayerNorms q and k over hd (affine
@@ -429,42 +392,6 @@ __device__ void softmax_scaled_warp_body(const E* __restrict__ s, float scale, u
 extern "C" __global__ void softmax_scaled_warp_bf16(const u16* s, float scale, u32 cols, u32 rows, u16* out) { softmax_scaled_warp_body<u16>(s, scale, cols, rows, out); }
 extern "C" __global__ void softmax_scaled_warp_f32(const float* s, float scale, u32 cols, u32 rows, float* out) { softmax_scaled_warp_body<float>(s, scale, cols, rows, out); }
 
-// A view of up to 6 dims (shape, element strides, start offset) copied to a contiguous buffer.
-struct View6 {
-    u32 dims[6];
-    u64 strides[6];
-    u64 offset;
-    u32 rank;
-};
-template <typename E>
-__device__ void strided_copy_body(const E* __restrict__ src, View6 v, u64 total, E* __restrict__ out) {
-    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (u64)gridDim.x * blockDim.x) {
-        u64 rem = i, off = v.offset;
-        for (int d = (int)v.rank - 1; d >= 0; --d) {
-            const u64 idx = rem % v.dims[d];
-            rem /= v.dims[d];
-            off += idx * v.strides[d];
-        }
-        out[i] = src[off];
-    }
-}
-extern "C" __global__ void strided_copy_u16(const u16* src, View6 v, u64 n, u16* out) { strided_copy_body<u16>(src, v, n, out); }
-extern "C" __global__ void strided_copy_u32(const u32* src, View6 v, u64 n, u32* out) { strided_copy_body<u32>(src, v, n, out); }
-// The common case, 16 bytes at a time: the host has rewritten the view in 16-byte units (its
-// innermost dim contiguous, every stride, the offset and the innermost size multiples of 16
-// bytes) and checked that every index fits 32 bits. The generic kernel's 64-bit divisions
-// per dim and element made a (B, H, T, hd) f32 transpose ~7x slower than the copy itself.
-extern "C" __global__ void strided_copy_v16(const uint4* __restrict__ src, View6 v, u32 total, uint4* __restrict__ out) {
-    for (u32 i = blockIdx.x * blockDim.x + threadIdx.x; i < total; i += gridDim.x * blockDim.x) {
-        u32 rem = i, off = (u32)v.offset;
-        for (int d = (int)v.rank - 1; d >= 0; --d) {
-            const u32 idx = rem % v.dims[d];
-            rem /= v.dims[d];
-            off += idx * (u32)v.strides[d];
-        }
-        out[i] = src[off];
-    }
-}
 
 // ---------------------------------------------------------------------------------------------
 // Fused attention softmax(scale q kᵀ) v for bf16 q, k, v (FlashAttention-2's forward: online

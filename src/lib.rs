@@ -1,11 +1,12 @@
 //! ditmoe: DiT-MoE (Fei et al. 2024) mixture-of-experts diffusion transformers on candle.
+#[macro_use]
+pub mod runtime;
 pub mod analysis;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod diffusion;
 pub mod eval;
-pub mod kernels;
 pub mod model;
 pub mod moe;
 pub mod nn;

@@ -5,7 +5,7 @@
 //! device a tensor sits on) or from process-wide switches: the same weights can be run by two
 //! plans (a trainer's model and its frozen teacher or EMA copy), and a test can build the plan
 //! it means to check.
-use crate::kernels::GemmConfig;
+use crate::moe::kernels::GemmConfig;
 use candle_core::{DType, Device};
 
 /// Whether the weights are trained.

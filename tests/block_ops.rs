@@ -1,8 +1,8 @@
 //! The block ops' CPU path (the reference the GPU kernels are checked against in
-//! `examples/gpu_check`) against direct formulas, and the CUDA-graph wrapper's CPU behaviour.
+//! `tests/gpu.rs`) against direct formulas, and the CUDA-graph wrapper's CPU behaviour.
 use candle_core::{DType, Device, IndexOp, Tensor, D};
-use ditmoe::kernels::block_ops as bo;
-use ditmoe::kernels::cuda_graph::GraphedForward;
+use ditmoe::model::kernels::block_ops as bo;
+use ditmoe::runtime::graph::GraphedForward;
 
 fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
     (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap()).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
@@ -113,10 +113,10 @@ fn contiguous_copies_views_and_softmax_scales_in_f32() {
     let dev = Device::Cpu;
     let x = Tensor::arange(0f32, 24.0, &dev).unwrap().reshape((2, 3, 4)).unwrap();
     let p = x.permute((2, 0, 1)).unwrap();
-    let c = bo::contiguous(&p).unwrap();
+    let c = ditmoe::nn::ops::contiguous(&p).unwrap();
     assert!(c.is_contiguous());
     assert_eq!(c.to_vec3::<f32>().unwrap(), p.to_vec3::<f32>().unwrap());
-    assert_eq!(bo::broadcast_contiguous(&x.i(0).unwrap(), &[2, 3, 4]).unwrap().i(1).unwrap().to_vec2::<f32>().unwrap(), x.i(0).unwrap().to_vec2::<f32>().unwrap());
+    assert_eq!(ditmoe::nn::ops::broadcast_contiguous(&x.i(0).unwrap(), &[2, 3, 4]).unwrap().i(1).unwrap().to_vec2::<f32>().unwrap(), x.i(0).unwrap().to_vec2::<f32>().unwrap());
     let s = Tensor::new(&[[0f32, 1.0, 2.0]], &dev).unwrap();
     let got = bo::softmax_scaled(&s, 2.0).unwrap().to_vec2::<f32>().unwrap()[0].clone();
     let e: Vec<f32> = [0f32, 2.0, 4.0].iter().map(|v| v.exp()).collect();
@@ -151,7 +151,7 @@ fn median_ms_times_cpu_work() {
     let dev = Device::Cpu;
     let x = Tensor::randn(0f32, 1.0, (64, 64), &dev).unwrap();
     let mut n = 0;
-    let ms = ditmoe::kernels::timing::median_ms(&dev, 5.0, || {
+    let ms = ditmoe::runtime::timing::median_ms(&dev, 5.0, || {
         n += 1;
         x.matmul(&x).map(drop)
     })

@@ -14,7 +14,7 @@
 #![cfg_attr(not(feature = "cuda"), allow(dead_code, unused_imports))]
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
-use ditmoe::kernels::{self as kx, cpu, ExpertWeights, GemmBackend, GemmConfig};
+use ditmoe::moe::kernels::{self as kx, cpu, ExpertWeights, GemmBackend, GemmConfig};
 use ditmoe::moe::MoeInput;
 use ditmoe::{ExecutionPlan, Precision};
 
@@ -418,7 +418,7 @@ fn run_checks(dev: &Device, section: &str) -> Result<Table> {
                 route: "uniform",
             },
         ];
-        let has_wgmma = ditmoe::kernels::cuda::modules(dev.as_cuda_device()?)?.has_wgmma;
+        let has_wgmma = ditmoe::runtime::cuda::target(dev.as_cuda_device()?)?.has_wgmma;
         let variants: Vec<(&str, GemmConfig)> = match section {
             "gemm-f32" => gemm_variants::gemm_variants(DType::F32, false),
             "gemm-wgmma" => gemm_variants::gemm_variants(DType::BF16, has_wgmma)
@@ -507,7 +507,7 @@ fn run_checks(dev: &Device, section: &str) -> Result<Table> {
         // the candle ops of the CPU path: the global sum of squares, two AdamW updates (weight
         // decay, clipping scale) and an EMA update, over tensors of awkward sizes (empty, one
         // element, across the 4096-element block chunks, a million)
-        use ditmoe::kernels::foreach::{adamw_update, ema_update, sum_of_squares, AdamWUpdate};
+        use ditmoe::train::kernels::foreach::{adamw_update, ema_update, sum_of_squares, AdamWUpdate};
         let sizes = [0usize, 1, 7, 4095, 4097, 160 * 320, 1 << 20, 3];
         let rand = |n: usize, std: f32| Tensor::randn(0f32, std, n, &cpu_dev);
         let params: Vec<Tensor> = sizes.iter().map(|&n| rand(n, 0.5)).collect::<candle_core::Result<_>>()?;
@@ -572,8 +572,8 @@ fn run_checks(dev: &Device, section: &str) -> Result<Table> {
             let run = |on: &Device| -> Result<(Tensor, Tensor)> {
                 let x = candle_core::Var::from_tensor(&x0.to_device(on)?)?;
                 let y = match name {
-                    "softmax" => kx::row_grad::softmax_rows(x.as_tensor())?,
-                    _ => kx::row_grad::layer_norm_rows(x.as_tensor(), 1e-6)?,
+                    "softmax" => ditmoe::nn::row_grad::softmax_rows(x.as_tensor())?,
+                    _ => ditmoe::nn::row_grad::layer_norm_rows(x.as_tensor(), 1e-6)?,
                 };
                 let g = (&y * probe.to_device(on)?)?.sum_all()?.backward()?;
                 Ok((y, g.get(x.as_tensor()).ok_or_else(|| anyhow::anyhow!("no gradient"))?.clone()))
@@ -590,7 +590,7 @@ fn run_checks(dev: &Device, section: &str) -> Result<Table> {
             let probe = Tensor::randn(0f32, 1.0, (n, t, heads * hd), &cpu_dev)?;
             let run = |on: &Device| -> Result<Vec<Tensor>> {
                 let (qkv, bias) = (candle_core::Var::from_tensor(&qkv0.to_device(on)?)?, candle_core::Var::from_tensor(&bias0.to_device(on)?)?);
-                let out = kx::attention_grad::qkv_attention(qkv.as_tensor(), bias.as_tensor(), heads, 1.0 / (hd as f64).sqrt())?;
+                let out = ditmoe::model::kernels::attention_grad::qkv_attention(qkv.as_tensor(), bias.as_tensor(), heads, 1.0 / (hd as f64).sqrt())?;
                 let g = (&out * probe.to_device(on)?)?.sum_all()?.backward()?;
                 let grad = |v: &candle_core::Var| g.get(v.as_tensor()).cloned().ok_or_else(|| anyhow::anyhow!("no gradient"));
                 Ok(vec![out.clone(), grad(&qkv)?, grad(&bias)?])
@@ -631,8 +631,8 @@ fn run_checks(dev: &Device, section: &str) -> Result<Table> {
                 let vars = inputs.iter().map(|t| candle_core::Var::from_tensor(&t.to_device(on)?)).collect::<candle_core::Result<Vec<_>>>()?;
                 let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
                 let y = match name {
-                    "modulate" => kx::adaln_grad::modulate(&ts[0], &ts[1], &ts[2])?,
-                    _ => kx::adaln_grad::gated_add(&ts[0], &ts[1], &ts[2])?,
+                    "modulate" => ditmoe::model::kernels::adaln_grad::modulate(&ts[0], &ts[1], &ts[2])?,
+                    _ => ditmoe::model::kernels::adaln_grad::gated_add(&ts[0], &ts[1], &ts[2])?,
                 };
                 let g = (&y * probe.to_device(on)?)?.sum_all()?.backward()?;
                 let mut all = vec![y];
@@ -652,7 +652,7 @@ fn run_checks(dev: &Device, section: &str) -> Result<Table> {
 
     if section == "block-ops" {
         // ---------------- the DiT block's fused memory-bound kernels vs their candle composites
-        use ditmoe::kernels::block_ops as bo;
+        use ditmoe::model::kernels::block_ops as bo;
         let tol = |dt: DType| if dt == DType::F32 { 1e-5 } else { 1e-2 };
         let on = |t: &Tensor| t.to_device(dev);
         for &(n, t, d) in &[(3usize, 17usize, 72usize), (2, 256, 1152), (1, 3, 2048), (2, 5, 100), (1, 4, 70)] {
@@ -679,8 +679,8 @@ fn run_checks(dev: &Device, section: &str) -> Result<Table> {
                     }
                 }
                 for out in [DType::F32, dt] {
-                    let r = bo::bias_cast(&y, Some(&bias), out)?;
-                    let g = bo::bias_cast(&on(&y)?, Some(&on(&bias)?), out)?;
+                    let r = ditmoe::nn::ops::bias_cast(&y, Some(&bias), out)?;
+                    let g = ditmoe::nn::ops::bias_cast(&on(&y)?, Some(&on(&bias)?), out)?;
                     tb.add("bias_cast", &format!("{case} -> {out:?}"), "rel", rel(&g, &r)?, tol(dt));
                 }
             }
@@ -749,11 +749,11 @@ fn run_checks(dev: &Device, section: &str) -> Result<Table> {
             let x = Tensor::randn(0f32, 1.0, (2, 4, 8, 2, 8, 2), &cpu_dev)?.to_dtype(dt)?;
             let view = |x: &Tensor| x.permute((0, 2, 4, 1, 3, 5))?.narrow(1, 1, 6);
             let r = view(&x)?.contiguous()?;
-            let g = bo::contiguous(&view(&on(&x)?)?)?;
+            let g = ditmoe::nn::ops::contiguous(&view(&on(&x)?)?)?;
             tb.add("strided_copy", &format!("permute+narrow 6-D {dt:?}"), "max abs", max_abs(&g, &r)?, 0.0);
             let p = Tensor::randn(0f32, 1.0, (1, 5, 7), &cpu_dev)?.to_dtype(dt)?;
             let r = p.broadcast_as((3, 5, 7))?.contiguous()?;
-            let g = bo::broadcast_contiguous(&on(&p)?, &[3, 5, 7])?;
+            let g = ditmoe::nn::ops::broadcast_contiguous(&on(&p)?, &[3, 5, 7])?;
             tb.add("strided_copy", &format!("broadcast {dt:?}"), "max abs", max_abs(&g, &r)?, 0.0);
             // views that the 16-byte kernel takes (heads transposed, the attention backward's
             // merge of q, k, v, a narrow on a 16-byte boundary, a broadcast position table) and
@@ -771,7 +771,7 @@ fn run_checks(dev: &Device, section: &str) -> Result<Table> {
             ];
             for (name, x, view) in views {
                 let r = view(x)?.contiguous()?;
-                let g = bo::contiguous(&view(&on(x)?)?)?;
+                let g = ditmoe::nn::ops::contiguous(&view(&on(x)?)?)?;
                 tb.add("strided_copy", &format!("{name} {dt:?}"), "max abs", max_abs(&g, &r)?, 0.0);
             }
         }
@@ -1059,14 +1059,13 @@ fn device_info() -> Result<Device> {
     let dev = Device::new_cuda(0)?;
     let cd = dev.as_cuda_device()?.clone();
     let ctx = cd.cuda_stream().context().clone();
-    let m = ditmoe::kernels::cuda::modules(&cd)?;
+    let m = ditmoe::runtime::cuda::target(&cd)?;
     println!(
-        "device: {} cc {:?}; nvrtc arch {}, wgmma {}, kernels ready in {:.2} s",
+        "device: {} cc {:?}; nvrtc arch {}, wgmma {}",
         ctx.name()?,
         ctx.compute_capability()?,
         m.arch,
-        m.has_wgmma,
-        m.compile_s
+        m.has_wgmma
     );
     Ok(dev)
 }
@@ -1087,7 +1086,7 @@ fn run_section(section: &str) -> Result<usize> {
         });
     }
     let dev = device_info()?;
-    if section == "gemm-wgmma" && !ditmoe::kernels::cuda::modules(dev.as_cuda_device()?)?.has_wgmma
+    if section == "gemm-wgmma" && !ditmoe::runtime::cuda::target(dev.as_cuda_device()?)?.has_wgmma
     {
         println!("gemm-wgmma | skipped: no sm_90a");
         return Ok(0);

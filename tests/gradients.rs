@@ -73,8 +73,8 @@ fn fused_experts_against_dispatch<M: StackedExperts>(experts: &[M], params: &[Ve
     // Gradients are compared at the router scores, through the top-k weight selection.
     let weights = scores.as_tensor().gather(ids, 1).unwrap();
     let sparse = ExpertDispatch::new(ids, experts.len()).unwrap().run(x.as_tensor(), &weights, experts).unwrap();
-    let perm = ditmoe::kernels::permute_by_expert(ids, experts.len()).unwrap();
-    let fused = ditmoe::kernels::routed_experts(x.as_tensor(), &weights, &M::stack(experts).unwrap(), &perm, &Default::default()).unwrap();
+    let perm = ditmoe::moe::kernels::permute_by_expert(ids, experts.len()).unwrap();
+    let fused = ditmoe::moe::kernels::routed_experts(x.as_tensor(), &weights, &M::stack(experts).unwrap(), &perm, &Default::default()).unwrap();
     common::assert_close("fused vs dispatch", &fused, &sparse, 1e-5);
 
     let probe = Tensor::randn(0f32, 1.0, sparse.shape(), &Device::Cpu).unwrap();

@@ -1,9 +1,9 @@
-//! CPU checks of the fused-MoE kernel references (`ditmoe::kernels`) against plain candle
+//! CPU checks of the fused-MoE kernel references (`ditmoe::moe::kernels`) against plain candle
 //! computations: softmax + sort top-k, stable counting sort, per-expert index_select / matmul /
 //! index_add loops. The CUDA kernels are checked against these references by
-//! `examples/gpu_check.rs` on a GPU machine (and by the `cuda`-only test at the end).
+//! `tests/gpu.rs` on a GPU machine (and by the `cuda`-only test at the end).
 use candle_core::{DType, Device, IndexOp, Result, Tensor};
-use ditmoe::kernels::{self as kx, cpu, ExpertWeights, SwigluWeights};
+use ditmoe::moe::kernels::{self as kx, cpu, ExpertWeights, SwigluWeights};
 
 /// The default grouped-GEMM selection (the CPU references ignore it).
 const GEMM: kx::GemmConfig = kx::GemmConfig {

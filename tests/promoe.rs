@@ -519,8 +519,8 @@ fn frozen_gelu_experts_stack_once_into_views() {
     let ids: Vec<u32> = (0..37 * k).map(|p| ((p * 7 + p / k) % experts.len()) as u32).collect();
     let ids = Tensor::from_vec(ids, (37, k), &Device::Cpu).unwrap();
     let w = Tensor::rand(0f32, 1.0, (37, k), &Device::Cpu).unwrap();
-    let perm = ditmoe::kernels::permute_by_expert(&ids, experts.len()).unwrap();
-    let fused = ditmoe::kernels::routed_experts(&x, &w, &stacks, &perm, &Default::default()).unwrap();
+    let perm = ditmoe::moe::kernels::permute_by_expert(&ids, experts.len()).unwrap();
+    let fused = ditmoe::moe::kernels::routed_experts(&x, &w, &stacks, &perm, &Default::default()).unwrap();
     let sparse = ExpertDispatch::new(&ids, experts.len()).unwrap().run(&x, &w, experts).unwrap();
     assert_close("fused over the stacks vs dispatch", &fused, &sparse, 1e-5);
     assert!(ditmoe::moe::SwigluExpert::views(&stacks).is_err(), "GELU stacks are not SwiGLU experts");

@@ -2,7 +2,7 @@
 //! checked against the CPU reference) and the benchmarks that compare them. The library's
 //! default selection (`GemmConfig::default`) is one of these.
 use candle_core::DType;
-use ditmoe::kernels::{F32Kernel, GemmBackend, GemmConfig};
+use ditmoe::moe::kernels::{F32Kernel, GemmBackend, GemmConfig};
 
 /// bf16: the wgmma variants only when `wgmma` (sm_90).
 pub fn gemm_variants(dtype: DType, wgmma: bool) -> Vec<(&'static str, GemmConfig)> {

@@ -10,7 +10,7 @@
 //!   against it.
 #![allow(dead_code)]
 use candle_core::{DType, Device, Result, Tensor};
-use ditmoe::kernels::{ExpertWeights, SwigluWeights};
+use ditmoe::moe::kernels::{ExpertWeights, SwigluWeights};
 use ditmoe::moe::{ExpertForm, MoeConfig, MoeLayer, RouterConfig};
 use ditmoe::ExecutionPlan;
 use std::collections::HashMap;

@@ -38,7 +38,7 @@ pub fn exit_with(e: anyhow::Error) -> ! {
 pub fn device(name: &str) -> anyhow::Result<Device> {
     match name {
         "cpu" => Ok(Device::Cpu),
-        "cuda" => ditmoe::kernels::cuda_graph::cuda_device(0).map_err(|e| usage(format!("--device cuda: {e}"))),
+        "cuda" => ditmoe::runtime::graph::cuda_device(0).map_err(|e| usage(format!("--device cuda: {e}"))),
         other => Err(usage(format!("--device: unknown device `{other}` (cpu or cuda)"))),
     }
 }

@@ -4,7 +4,8 @@
 //!   dimension (`q_norm`, `k_norm`, affine, eps 1e-6) -> q, k cast to float16 (`.half()`) ->
 //!   attention -> `out_proj`.
 use crate::config::DitConfig;
-use crate::kernels::block_ops;
+use crate::model::kernels::block_ops;
+use crate::nn::ops;
 use candle_core::{DType, Module, Result, Tensor};
 use crate::nn::Linear;
 use crate::nn::LayerNorm;
@@ -107,7 +108,7 @@ impl Attention {
     /// [`Self::project_out_before_bias`]'s result with the bias added, in `dtype`: what
     /// [`Self::forward`] returns.
     pub fn add_out_bias(&self, y: &Tensor, dtype: DType) -> Result<Tensor> {
-        block_ops::bias_cast(y, self.out_bias(), dtype)
+        ops::bias_cast(y, self.out_bias(), dtype)
     }
 
     /// [`Self::forward`] without the output projection's bias (see

@@ -3,7 +3,8 @@
 //! `mlp`, odd blocks with `interleave`) or ProMoE's dense timm `Mlp` (`mlp.fc1/fc2`, even blocks):
 //! `x = x + gate_msa * attn(modulate(norm1(x)))`, `x = x + gate_mlp * ffn(modulate(norm2(x)))`.
 use super::{Attention, ForwardMode, LayerRouting, Trace};
-use crate::kernels::block_ops;
+use crate::model::kernels::block_ops;
+use crate::nn::ops;
 use crate::config::DitConfig;
 use crate::moe::{GeluMlp, MoeInput, MoeLayer, MoeOutput};
 use crate::plan::ExecutionPlan;
@@ -123,7 +124,7 @@ impl DitBlock {
         let (n, t, d) = x.dims3()?;
         let (ada, first) = (m.mods, m.first);
         let compute = self.ada_ln.weight().dtype();
-        let attn_dtype = block_ops::matmul_input_dtype(&[x, ada], compute);
+        let attn_dtype = ops::matmul_input_dtype(&[x, ada], compute);
         let attn_in = match attn_in {
             Some(a) => a,
             None => block_ops::ln_modulate(x, ada, first, first + 1, attn_dtype)?,
@@ -134,7 +135,7 @@ impl DitBlock {
         // in it); the other paths keep f32 tokens (ProMoE's routers compare f32 token features
         // with their prototypes).
         let ffn_dtype = match &self.ffn {
-            Ffn::Moe(m) if m.is_fused() => block_ops::matmul_input_dtype(&[x, ada], compute),
+            Ffn::Moe(m) if m.is_fused() => ops::matmul_input_dtype(&[x, ada], compute),
             _ => DType::F32,
         };
         // x_mid = x + gate_msa * attn_out, and the MLP's input from it, in one pass.

@@ -4,7 +4,7 @@
 //! attention, adaLN and final layer and differ in the blocks' feed-forward layers.
 use super::{DitBlock, FinalLayer, ForwardMode, LabelEmbedder, Modulation, PatchEmbed, TimestepEmbedder, Trace};
 use crate::config::DitConfig;
-use crate::kernels::block_ops;
+use crate::nn::ops;
 use crate::plan::ExecutionPlan;
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
@@ -145,7 +145,7 @@ impl DitMoe {
         }
         let x = x.to_dtype(DType::F32)?;
         let patch = self.x_embedder.forward(&x)?;
-        let mut x = (&patch + block_ops::broadcast_contiguous(&self.pos_embed, patch.dims())?)?;
+        let mut x = (&patch + ops::broadcast_contiguous(&self.pos_embed, patch.dims())?)?;
         let t_freq = TimestepEmbedder::frequencies_with(t, &self.t_freq_table)?;
         let t_emb = self.t_embedder.forward_freq(&t_freq)?;
         let y_emb = self.y_embedder.forward(y)?;
@@ -211,7 +211,7 @@ impl DitMoe {
     pub fn unpatchify(&self, x: &Tensor) -> Result<Tensor> {
         let (n, _, _) = x.dims3()?;
         let (g, p, c) = (self.cfg.grid_size(), self.cfg.patch_size, self.cfg.out_channels());
-        block_ops::contiguous(&x.reshape((n, g, g, p, p, c))?.permute((0, 5, 1, 3, 2, 4))?)?.reshape((n, c, g * p, g * p))
+        ops::contiguous(&x.reshape((n, g, g, p, p, c))?.permute((0, 5, 1, 3, 2, 4))?)?.reshape((n, c, g * p, g * p))
     }
 }
 

@@ -1,6 +1,6 @@
 //! Input embeddings: patches, the fixed 2-D sin-cos positions, timesteps and class labels.
 use crate::config::DitConfig;
-use crate::kernels::block_ops;
+use crate::nn::ops;
 use candle_core::{DType, Device, Result, Tensor, D};
 use crate::nn::Linear;
 use candle_nn::{Embedding, Module, VarBuilder};
@@ -27,11 +27,11 @@ impl PatchEmbed {
         let (n, c, h, w) = x.dims4()?;
         let p = self.patch;
         let (gh, gw) = (h / p, w / p);
-        let patches = block_ops::contiguous(&x.reshape((n, c, gh, p, gw, p))?.permute((0, 2, 4, 1, 3, 5))?)?
+        let patches = ops::contiguous(&x.reshape((n, c, gh, p, gw, p))?.permute((0, 2, 4, 1, 3, 5))?)?
             .reshape((n * gh * gw, c * p * p))?;
         // Computed in the weights' dtype, returned in the input's (see `crate::nn::Linear`).
         let out = patches.to_dtype(self.weight.dtype())?.matmul(&self.weight.t()?)?;
-        block_ops::bias_cast(&out, Some(&self.bias), x.dtype())?.reshape((n, gh * gw, ()))
+        ops::bias_cast(&out, Some(&self.bias), x.dtype())?.reshape((n, gh * gw, ()))
     }
 }
 
@@ -89,8 +89,8 @@ impl TimestepEmbedder {
     /// [`Self::frequencies`] with a table from [`Self::frequency_table`].
     pub fn frequencies_with(t: &Tensor, table: &Tensor) -> Result<Tensor> {
         let shape = [t.dim(0)?, table.dim(1)?];
-        let t = block_ops::broadcast_contiguous(&t.to_dtype(DType::F32)?.unsqueeze(1)?, &shape)?;
-        let args = (t * block_ops::broadcast_contiguous(table, &shape)?)?;
+        let t = ops::broadcast_contiguous(&t.to_dtype(DType::F32)?.unsqueeze(1)?, &shape)?;
+        let args = (t * ops::broadcast_contiguous(table, &shape)?)?;
         Tensor::cat(&[args.cos()?, args.sin()?], D::Minus1)
     }
 

@@ -1,6 +1,7 @@
 //! `FinalLayer`: adaLN (shift, scale) modulation of a LayerNorm, then a linear map to
 //! `patch * patch * out_channels` values per token (official `FinalLayer`).
-use crate::kernels::block_ops;
+use crate::model::kernels::block_ops;
+use crate::nn::ops;
 use crate::config::DitConfig;
 use candle_core::{DType, Module, Result, Tensor};
 use crate::nn::Linear;
@@ -25,7 +26,7 @@ impl FinalLayer {
     /// x (N, T, D) f32, c (N, D) -> (N, T, p*p*out_channels) f32.
     pub fn forward(&self, x: &Tensor, c: &Tensor) -> Result<Tensor> {
         let mods = self.ada_ln.forward(&candle_nn::ops::silu(c)?)?; // shift, scale
-        let h_dtype = block_ops::matmul_input_dtype(&[x, &mods], self.linear.weight().dtype());
+        let h_dtype = ops::matmul_input_dtype(&[x, &mods], self.linear.weight().dtype());
         self.linear.forward(&block_ops::ln_modulate(x, &mods, 0, 1, h_dtype)?)?.to_dtype(DType::F32)
     }
 }

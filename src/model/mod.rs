@@ -5,6 +5,7 @@ pub mod block;
 pub mod dit;
 pub mod embed;
 pub mod final_layer;
+pub mod kernels;
 pub mod record;
 
 pub use attention::Attention;

@@ -19,11 +19,11 @@ pub struct ExpertDispatch {
 
 impl ExpertDispatch {
     /// `experts`: (S, k) expert ids; the kernels' stable counting sort
-    /// ([`crate::kernels::permute_by_expert`]), read back to the host.
+    /// ([`crate::moe::kernels::permute_by_expert`]), read back to the host.
     pub fn new(experts: &Tensor, num_experts: usize) -> Result<Self> {
         let (_, k) = experts.dims2()?;
         let ids = experts.to_device(&Device::Cpu)?.to_dtype(DType::U32)?;
-        let perm = crate::kernels::permute_by_expert(&ids, num_experts)?;
+        let perm = crate::moe::kernels::permute_by_expert(&ids, num_experts)?;
         let order = perm.order.to_vec1::<u32>()?;
         let offsets = perm.offsets.to_vec1::<u32>()?.into_iter().map(|o| o as usize).collect();
         Ok(Self { order, offsets, top_k: k })

@@ -8,7 +8,7 @@
 //!   (`fc1`, `fc2`) of ProMoE's dense blocks, so one type serves both under their names.
 use super::config::ExpertForm;
 use super::ExpertDispatch;
-use crate::kernels::{ExpertStacks, ExpertWeights, GeluExpertWeights};
+use crate::moe::kernels::{ExpertStacks, ExpertWeights, GeluExpertWeights};
 use crate::nn::Linear;
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
@@ -46,7 +46,7 @@ fn stack_each<E>(experts: &[E], part: impl Fn(&E) -> &Tensor) -> Result<Tensor> 
     Tensor::stack(&experts.iter().map(part).collect::<Vec<_>>(), 0)
 }
 
-/// Expert forms the fused routed op ([`crate::kernels::routed_experts`]) runs: stacked, per
+/// Expert forms the fused routed op ([`crate::moe::kernels::routed_experts`]) runs: stacked, per
 /// call, into its layout, or once for frozen weights ([`stack_frozen`]).
 pub trait StackedExperts: Module + Sized {
     /// The experts' weights stacked as the grouped kernels take them (SwiGLU: `[E, I, D]` gate
@@ -189,7 +189,7 @@ impl StackedExperts for GeluMlp {
 
 impl Module for SwigluExpert {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = crate::kernels::expert_act::swiglu(&self.gate_proj.forward(x)?, &self.up_proj.forward(x)?)?;
+        let h = crate::moe::kernels::expert_act::swiglu(&self.gate_proj.forward(x)?, &self.up_proj.forward(x)?)?;
         self.down_proj.forward(&h)
     }
 }

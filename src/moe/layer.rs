@@ -7,16 +7,16 @@
 //!   counting sort ([`ExpertDispatch`]) and each expert once on its rows, the structure of the
 //!   official `moe_infer`; every step is differentiable;
 //! - the kernel pipeline (the plan's `moe_kernels`, on by default on CUDA; on the CPU it runs
-//!   the kernels' CPU references): the kernels of [`crate::kernels`]. With frozen weights the top-k router
+//!   the kernels' CPU references): the kernels of [`crate::moe::kernels`]. With frozen weights the top-k router
 //!   runs the fused gating + sort and SwiGLU experts the grouped GEMMs with the gather fused in,
 //!   the shared expert on a second stream and added inside the combine, with no host read (so a
 //!   forward can be captured as a CUDA graph); with trainable weights (or other routers and
 //!   expert forms) the routed experts run as one differentiable op
-//!   ([`crate::kernels::routed_experts`]) whose backward runs on the kernels too.
+//!   ([`crate::moe::kernels::routed_experts`]) whose backward runs on the kernels too.
 use super::config::{BalanceForm, MoeConfig, RouterConfig};
 use super::experts::{stack_frozen, Experts, SharedExpert};
 use super::{balance_loss, ExpertDispatch, PrototypicalRouter, Routing, TopKRouter, WeightMode};
-use crate::kernels::{self, ExpertStacks, GemmConfig, SwigluWeights};
+use crate::moe::kernels::{self, ExpertStacks, GemmConfig, SwigluWeights};
 use crate::plan::ExecutionPlan;
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;

@@ -9,6 +9,7 @@ pub mod config;
 pub mod contrastive;
 pub mod dispatch;
 pub mod experts;
+pub mod kernels;
 pub mod layer;
 pub mod prototypical;
 pub mod router;

@@ -15,7 +15,7 @@
 use crate::config::DitConfig;
 use crate::model::dit::apply_cfg;
 use crate::model::{DitMoe, ForwardMode, LayerRouting, Trace};
-use crate::kernels::cuda_graph::GraphedForward;
+use crate::runtime::graph::GraphedForward;
 use candle_core::{bail, Device, Result, Tensor};
 use std::sync::Mutex;
 

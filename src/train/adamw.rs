@@ -2,7 +2,7 @@
 //! checkpoint could not resume it). The update is `torch.optim.AdamW` step for step
 //! (`_single_tensor_adamw`): decoupled weight decay, then
 //! `p -= lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps)`.
-use crate::kernels::foreach::{adamw_update, AdamWUpdate};
+use crate::train::kernels::foreach::{adamw_update, AdamWUpdate};
 use candle_core::{bail, Result, Tensor, Var};
 
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -1,6 +1,6 @@
 //! Exponential moving average of the weights (official `train.update_ema`):
 //! `ema = decay * ema + (1 - decay) * param`, started as an exact copy (`update_ema(decay=0)`).
-use crate::kernels::foreach::ema_update;
+use crate::train::kernels::foreach::ema_update;
 use candle_core::{Result, Tensor, Var};
 
 pub struct Ema {

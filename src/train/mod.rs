@@ -6,6 +6,7 @@ pub mod config;
 pub mod data;
 pub mod ema;
 pub mod init;
+pub mod kernels;
 pub mod log;
 pub mod pad;
 pub mod profile;

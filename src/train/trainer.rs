@@ -15,7 +15,7 @@ use super::{Objective, TrainConfig};
 use crate::checkpoint::{write_atomic, write_safetensors_atomic};
 use crate::config::DitConfig;
 use crate::data::{DataLoader, LoaderConfig, LoaderState};
-use crate::kernels::foreach::sum_of_squares;
+use crate::train::kernels::foreach::sum_of_squares;
 use crate::diffusion::{GaussianDiffusion, RectifiedFlow};
 use crate::model::{DitMoe, ForwardMode, Trace};
 use candle_core::{bail, DType, Device, Result, Tensor, Var};
@@ -80,8 +80,8 @@ pub struct Trainer {
 /// Whether the wall-clock budget (seconds) would run out before the next step and the final
 /// save: the elapsed time plus room for a few steps like the latest one and 5 s. After the
 /// run's first step only one step is reserved: that step also paid for kernel compilation and
-/// loader start-up (about 88 s for a 0.45 s step on a fresh GPU machine, job 22 in
-/// docs/benchmarks.md: one-time kernel compilation), and
+/// loader start-up (about 88 s for a 0.45 s step on a fresh GPU machine, most of it the
+/// one-time kernel compilation), and
 /// reserving four of it stopped any budget under about 7.5 minutes (the bundled model's is 6)
 /// after one step.
 fn budget_runs_out(elapsed: f64, budget: f64, last_step: f64, steps_run: u64) -> bool {

@@ -204,7 +204,7 @@ impl ExplorerApp {
         };
         let device = match self.settings.device {
             DeviceChoice::Cpu => Device::Cpu,
-            DeviceChoice::Cuda => match ditmoe::kernels::cuda_graph::cuda_device(0) {
+            DeviceChoice::Cuda => match ditmoe::runtime::graph::cuda_device(0) {
                 Ok(d) => d,
                 Err(e) => {
                     self.status = format!("error: cuda: {e}");

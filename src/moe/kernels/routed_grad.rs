@@ -118,7 +118,7 @@ struct RoutedExpertsGrad {
     /// The stacked tensors' shapes, in [`ExpertStacks::tensors`] order.
     shapes: Vec<Shape>,
     /// The forward value, computed by the kernels before the op was applied
-    /// ([`super::precomputed`]).
+    /// ([`crate::runtime::precomputed`]).
     value: Tensor,
     gemm: GemmConfig,
 }
@@ -175,7 +175,7 @@ impl CustomOp3 for RoutedExpertsGrad {
     }
 
     fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        super::precomputed::cpu_value("routed_experts", &self.value)
+        crate::runtime::precomputed::cpu_value("routed_experts", &self.value)
     }
 
     #[cfg(feature = "cuda")]
@@ -188,7 +188,7 @@ impl CustomOp3 for RoutedExpertsGrad {
         _: &candle_core::CudaStorage,
         _: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        super::precomputed::cuda_value("routed_experts", &self.value)
+        crate::runtime::precomputed::cuda_value("routed_experts", &self.value)
     }
 
     fn bwd(&self, x: &Tensor, weights: &Tensor, packed: &Tensor, _: &Tensor, dout: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {

@@ -1,6 +1,6 @@
 //! CUDA launches of `kernels/foreach.cu` (see [`super::foreach`] for the semantics): one table
 //! of device pointers per call, one launch for every tensor of the lists.
-use super::cuda::{cfg1, cuda_dev, drv, Func, NvrtcModule};
+use crate::runtime::cuda::{cfg1, cuda_dev, drv, Func, NvrtcModule};
 use super::foreach::AdamWUpdate;
 use candle_core::cuda_backend::{cudarc, CudaDevice};
 use candle_core::{bail, Result, Storage, Tensor};

@@ -10,7 +10,8 @@
 //! keeps q, k, v and the probabilities P; the backward is the textbook one:
 //! `dV = Pᵀ dO`, `dP = dO Vᵀ`, `dS = scale · P (dP - Σ dP P)`, `dQ = dS K`, `dK = dSᵀ Q`,
 //! the three merged back into `qkv`'s layout, and the bias gradient as its column sums.
-use super::block_ops::{contiguous, softmax_scaled, split_qkv};
+use super::block_ops::{softmax_scaled, split_qkv};
+use crate::nn::ops::contiguous;
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 
 /// `(N, T, 3·H·hd)` projection and its `(3·H·hd)` bias → `(N, T, H·hd)`; f32, differentiable
@@ -34,7 +35,7 @@ struct AttentionGrad {
     /// The softmax probabilities `(N, H, T, T)`.
     p: Tensor,
     scale: f64,
-    /// The forward value, computed before the op was applied ([`super::precomputed`]).
+    /// The forward value, computed before the op was applied ([`crate::runtime::precomputed`]).
     value: Tensor,
 }
 
@@ -44,12 +45,12 @@ impl CustomOp2 for AttentionGrad {
     }
 
     fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        super::precomputed::cpu_value("qkv_attention", &self.value)
+        crate::runtime::precomputed::cpu_value("qkv_attention", &self.value)
     }
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(&self, _: &candle_core::CudaStorage, _: &Layout, _: &candle_core::CudaStorage, _: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
-        super::precomputed::cuda_value("qkv_attention", &self.value)
+        crate::runtime::precomputed::cuda_value("qkv_attention", &self.value)
     }
 
     fn bwd(&self, _qkv: &Tensor, _bias: &Tensor, _out: &Tensor, dout: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
@@ -57,7 +58,7 @@ impl CustomOp2 for AttentionGrad {
         let d_o = contiguous(&dout.reshape((b, t, h, hd))?.transpose(1, 2)?)?; // (B, H, T, hd)
         let dv = self.p.t()?.matmul(&d_o)?;
         let dp = d_o.matmul(&self.v.t()?)?;
-        let ds = super::row_grad::softmax_rows_backward(&self.p, &dp, self.scale)?;
+        let ds = crate::nn::row_grad::softmax_rows_backward(&self.p, &dp, self.scale)?;
         let dq = ds.matmul(&self.k)?;
         let dk = ds.t()?.matmul(&self.q)?;
         // (B, H, T, hd) x3 -> (B, T, 3, H, hd) = qkv's layout

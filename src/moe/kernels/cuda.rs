@@ -1,245 +1,32 @@
-//! CUDA implementations: the kernels of `kernels/*.cu`, compiled once per process with NVRTC
-//! (header-free sources, so no CUDA include directory is needed at run time) and launched on
-//! candle's stream. Nothing here reads device memory back to the host.
+//! CUDA launches of the MoE kernels (`kernels/moe_routing.cu`: gating, counting sort, gather,
+//! combine; `kernels/grouped_gemm.cu`: the grouped expert GEMMs) and the grouped-GEMM kernel
+//! choice, on candle's stream. Nothing here reads device memory back to the host.
 use super::{Gating, GemmBackend, GemmConfig, Permutation};
-use candle_core::cuda_backend::{cudarc, CudaDType, CudaDevice, CudaStorage};
-use candle_core::op::BackpropOp;
-use candle_core::{bail, DType, Device, Result, Shape, Storage, Tensor};
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use crate::runtime::cuda::{allow_dynamic_smem, arg_or_null, cfg1, cuda_dev, drv, grid_for, optional_view, target, view, wrap, Func, NvrtcModule, NULL};
+use candle_core::cuda_backend::{cudarc, CudaDType, CudaDevice};
+use candle_core::{bail, DType, Device, Result, Storage, Tensor};
+use cudarc::driver::{CudaSlice, PushKernelArg};
 use std::sync::OnceLock;
 
-const ROUTING_SRC: &str = nvrtc_source!("moe_routing.cu");
-const GEMM_SRC: &str = nvrtc_source!("grouped_gemm.cu");
-
-/// NVRTC output for the current GPU generation.
-pub struct Modules {
-    /// NVRTC target, e.g. `sm_90a`.
-    pub arch: &'static str,
-    /// Whether the wgmma kernels exist (sm_90a).
-    pub has_wgmma: bool,
-    /// Whether the bf16 tensor-core kernels exist (sm_80+).
-    pub has_mma: bool,
-    routing_ptx: String,
-    gemm_ptx: Option<String>,
-    /// Seconds spent in NVRTC.
-    pub compile_s: f64,
-}
-
-static MODULES: OnceLock<std::result::Result<Modules, String>> = OnceLock::new();
-
-fn nvrtc(src: &str, arch: &'static str) -> std::result::Result<String, String> {
-    let opts = cudarc::nvrtc::CompileOptions {
-        arch: Some(arch),
-        options: vec!["--std=c++17".into()],
-        ..Default::default()
-    };
-    cudarc::nvrtc::compile_ptx_with_opts(src, opts)
-        .map(|p| p.to_src())
-        .map_err(|e| format!("nvrtc ({arch}): {e:?}"))
-}
-
-/// NVRTC with an on-disk cache of the PTX (`$DITMOE_KERNEL_CACHE`, default
-/// `<tmp>/ditmoe-kernels`), keyed by the source, the target and the NVRTC version, so that a
-/// process started again skips the few seconds of compilation.
-pub(super) fn nvrtc_cached(src: &str, arch: &'static str) -> std::result::Result<String, String> {
-    use std::hash::{Hash, Hasher};
-    let (mut maj, mut min) = (0i32, 0i32);
-    unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut maj, &mut min) };
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    (src, arch, maj, min).hash(&mut h);
-    let dir = std::env::var_os("DITMOE_KERNEL_CACHE")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| std::env::temp_dir().join("ditmoe-kernels"));
-    let path = dir.join(format!("{:016x}-{arch}.ptx", h.finish()));
-    if let Ok(p) = std::fs::read_to_string(&path) {
-        if p.contains(".entry") {
-            return Ok(p);
-        }
-    }
-    let ptx = nvrtc(src, arch)?;
-    if std::fs::create_dir_all(&dir).is_ok() {
-        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-        if std::fs::write(&tmp, &ptx).is_ok() {
-            let _ = std::fs::rename(&tmp, &path);
-        }
-    }
-    Ok(ptx)
-}
-
-/// A kernel source of `kernels/` compiled by NVRTC once per process (for the first device's
-/// generation) and loaded into each device under its module name.
-pub(super) struct NvrtcModule {
-    src: &'static str,
-    module: &'static str,
-    ptx: OnceLock<std::result::Result<String, String>>,
-}
-
-impl NvrtcModule {
-    pub(super) const fn new(src: &'static str, module: &'static str) -> Self {
-        Self { src, module, ptx: OnceLock::new() }
-    }
-
-    /// Kernel `name` on `dev`, with the stream to launch it on (candle's).
-    pub(super) fn func(&self, dev: &CudaDevice, name: &str) -> Result<Func> {
-        let arch = modules(dev)?.arch;
-        let ptx = self.ptx.get_or_init(|| nvrtc_cached(self.src, arch)).as_ref().map_err(|e| candle_core::Error::Msg(e.clone()))?;
-        let f = dev.get_or_load_custom_func(name, self.module, ptx)?;
-        Ok((dev.cuda_stream(), f.into_cuda_function()))
-    }
-}
-
-/// Compiles (once) and returns the kernel modules for `dev`'s compute capability.
-pub fn modules(dev: &CudaDevice) -> Result<&'static Modules> {
-    let m = MODULES.get_or_init(|| {
-        let t0 = std::time::Instant::now();
-        let (maj, min) = dev
-            .cuda_stream()
-            .context()
-            .compute_capability()
-            .map_err(|e| format!("{e:?}"))?;
-        let arch: &'static str = match (maj, min) {
-            (9, 0) => "sm_90a",
-            (8, 0) => "sm_80",
-            (8, 6) => "sm_86",
-            (8, 7) => "sm_87",
-            (8, 9) => "sm_89",
-            (m, _) if m >= 9 => "sm_90",
-            (8, _) => "sm_80",
-            _ => "sm_70",
-        };
-        let routing_ptx = nvrtc_cached(ROUTING_SRC, arch)?;
-        let has_mma = maj >= 8;
-        let gemm_ptx = if has_mma {
-            Some(nvrtc_cached(GEMM_SRC, arch)?)
-        } else {
-            None
-        };
-        Ok(Modules {
-            arch,
-            has_wgmma: arch == "sm_90a",
-            has_mma,
-            routing_ptx,
-            gemm_ptx,
-            compile_s: t0.elapsed().as_secs_f64(),
-        })
-    });
-    m.as_ref().map_err(|e| candle_core::Error::Msg(e.clone()))
-}
-
-pub(super) type Func = (
-    std::sync::Arc<cudarc::driver::CudaStream>,
-    cudarc::driver::CudaFunction,
-);
+static ROUTING: NvrtcModule = NvrtcModule::new(nvrtc_source!("moe_routing.cu"), "ditmoe_moe_routing");
+static GEMM: NvrtcModule = NvrtcModule::new(nvrtc_source!("grouped_gemm.cu"), "ditmoe_grouped_gemm");
 
 fn routing_fn(dev: &CudaDevice, name: &str) -> Result<Func> {
-    let m = modules(dev)?;
-    let f = dev.get_or_load_custom_func(name, "ditmoe_moe_routing", &m.routing_ptx)?;
-    Ok((dev.cuda_stream(), f.into_cuda_function()))
+    ROUTING.func(dev, name)
 }
 
 fn gemm_fn(dev: &CudaDevice, name: &str) -> Result<Func> {
-    let m = modules(dev)?;
-    match &m.gemm_ptx {
-        Some(p) => {
-            let f = dev.get_or_load_custom_func(name, "ditmoe_grouped_gemm", p)?;
-            Ok((dev.cuda_stream(), f.into_cuda_function()))
-        }
-        None => bail!("grouped GEMM kernels need sm_80 or newer (have {})", m.arch),
+    let t = target(dev)?;
+    if !t.has_mma {
+        bail!("grouped GEMM kernels need sm_80 or newer (have {})", t.arch)
     }
-}
-
-pub(super) fn drv<T>(r: std::result::Result<T, cudarc::driver::DriverError>) -> Result<T> {
-    r.map_err(|e| candle_core::Error::Msg(format!("cuda: {e:?}")))
-}
-
-pub(super) fn cuda_dev(t: &Tensor) -> Result<CudaDevice> {
-    match t.device() {
-        Device::Cuda(d) => Ok(d.clone()),
-        d => bail!("expected a CUDA tensor, got {d:?}"),
-    }
-}
-
-pub(super) fn wrap<T: CudaDType>(s: CudaSlice<T>, dev: &CudaDevice, shape: impl Into<Shape>) -> Tensor {
-    Tensor::from_storage(
-        Storage::Cuda(CudaStorage::wrap_cuda_slice(s, dev.clone())),
-        shape,
-        BackpropOp::none(),
-        false,
-    )
-}
-
-/// `let (guard, view, byte_offset) = ...`: a contiguous view of a CUDA tensor's storage.
-macro_rules! view {
-    ($t:expr, $ty:ty, $g:ident, $v:ident) => {
-        let ($g, layout) = $t.storage_and_layout();
-        let (o, e) = match layout.contiguous_offsets() {
-            Some(x) => x,
-            None => bail!("expected a contiguous tensor"),
-        };
-        let $v = match &*$g {
-            Storage::Cuda(c) => c.as_cuda_slice::<$ty>()?.slice(o..e),
-            _ => bail!("expected a CUDA tensor"),
-        };
-    };
-}
-
-pub(super) use view;
-
-/// The null pointer passed for an absent optional kernel argument.
-pub(super) const NULL: u64 = 0;
-
-/// The first `len` elements of a tensor's storage (`storage_and_layout`'s guard) as a kernel
-/// argument.
-pub(super) fn view_of<'a, T: CudaDType + cudarc::driver::DeviceRepr, G: std::ops::Deref<Target = Storage>>(
-    (g, l): &'a (G, &'a candle_core::Layout),
-    len: usize,
-    what: &str,
-) -> Result<cudarc::driver::CudaView<'a, T>> {
-    match &**g {
-        Storage::Cuda(c) => Ok(c.as_cuda_slice::<T>()?.slice(l.start_offset()..l.start_offset() + len)),
-        _ => bail!("{what} must be on the GPU"),
-    }
-}
-
-/// [`view_of`] an optional tensor (None: the kernel gets a null pointer, see [`arg_or_null`]).
-pub(super) fn optional_view<'a, T: CudaDType + cudarc::driver::DeviceRepr, G: std::ops::Deref<Target = Storage>>(
-    guard: Option<&'a (G, &'a candle_core::Layout)>,
-    len: usize,
-    what: &str,
-) -> Result<Option<cudarc::driver::CudaView<'a, T>>> {
-    guard.map(|g| view_of(g, len, what)).transpose()
-}
-
-/// Pushes an optional view, or [`NULL`] where it is absent.
-pub(super) fn arg_or_null<'a, 'b: 'a, 'c: 'b, T>(b: &mut cudarc::driver::LaunchArgs<'a>, v: Option<&'b cudarc::driver::CudaView<'c, T>>) {
-    match v {
-        Some(v) => b.arg(v),
-        None => b.arg(&NULL),
-    };
-}
-
-/// Lets `f` use `bytes` of dynamic shared memory (beyond the default 48 KiB it must opt in).
-pub(super) fn allow_dynamic_smem(f: &cudarc::driver::CudaFunction, bytes: u32) -> Result<()> {
-    if bytes > 48 * 1024 {
-        drv(f.set_attribute(
-            cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            bytes as i32,
-        ))?;
-    }
-    Ok(())
+    GEMM.func(dev, name)
 }
 
 fn start_offset_bytes(t: &Tensor) -> usize {
     t.layout().start_offset() * t.dtype().size_in_bytes()
 }
 
-pub(super) fn cfg1(grid: u32, block: u32, smem: u32) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: (grid.max(1), 1, 1),
-        block_dim: (block, 1, 1),
-        shared_mem_bytes: smem,
-    }
-}
 
 /// `[0, s]` as a `[2]` u32 device tensor, written by a kernel (no host copy).
 pub fn dense_offsets(dev: &Device, s: usize) -> Result<Tensor> {
@@ -448,9 +235,6 @@ pub fn permute_by_expert(ids: &Tensor, n_experts: usize) -> Result<Permutation> 
     })
 }
 
-pub(super) fn grid_for(total: usize) -> u32 {
-    total.div_ceil(256).clamp(1, 1 << 20) as u32
-}
 
 /// See [`super::gather_rows`].
 pub fn gather_rows(x: &Tensor, perm: &Permutation) -> Result<Tensor> {
@@ -649,7 +433,7 @@ fn sm_count(dev: &CudaDevice) -> u32 {
 /// kernel loads 16-byte chunks). `m_tiles`: the expected number of 128-row tiles (routing
 /// balanced over the experts).
 pub fn gemm_choice(dev: &CudaDevice, cfg: &GemmConfig, dtype: DType, swiglu: bool, n: usize, aligned: bool, m_tiles: usize) -> Result<GemmChoice> {
-    let m = modules(dev)?;
+    let m = target(dev)?;
     match dtype {
         DType::F32 => {
             use super::F32Kernel;

@@ -8,28 +8,14 @@
 //!
 //! Besides saving passes over memory, the kernels take their layouts as scalar arguments:
 //! candle's strided kernels copy dims and strides from the host on every call, which a CUDA
-//! graph cannot replay (see [`super::cuda_graph`]).
+//! graph cannot replay (see [`crate::runtime::graph`]).
 //!
 //! Modulation vectors come from the adaLN output `mods` `(N, C·D)` f32: chunk `c` is columns
 //! `c·D .. (c+1)·D` (official `adaLN_modulation(c).chunk(C, dim=1)`).
+use crate::nn::ops::contiguous;
+#[cfg(feature = "cuda")]
+use crate::nn::ops::fused;
 use candle_core::{DType, Result, Tensor, D};
-
-/// Whether the fused kernels serve these tensors: all on a CUDA device, none tracked by autograd.
-pub fn fused(ts: &[&Tensor]) -> bool {
-    ts.iter().all(|t| t.device().is_cuda() && !t.track_op())
-}
-
-/// The dtype to store a matmul's input in: the weights' dtype on the fused path (every
-/// `Linear` casts its input to it anyway, so a fused producer writes it directly and the
-/// activations between matmuls stay in it, as under autocast), f32 elsewhere (which keeps the
-/// CPU path identical to the one checked against the official code).
-pub fn matmul_input_dtype(inputs: &[&Tensor], weights: DType) -> DType {
-    if fused(inputs) {
-        weights
-    } else {
-        DType::F32
-    }
-}
 
 /// The row kernels hold a row in one warp's registers, four elements at a time.
 #[cfg(feature = "cuda")]
@@ -48,7 +34,7 @@ pub fn ln_modulate(x: &Tensor, mods: &Tensor, shift: usize, scale: usize, out_dt
     let d = x.dim(D::Minus1)?;
     #[cfg(feature = "cuda")]
     if fused(&[x, mods]) && rows_fit(d) {
-        return super::cuda_block::ln_modulate(x, mods, shift * d, scale * d, 1e-6, out_dtype);
+        return super::cuda::ln_modulate(x, mods, shift * d, scale * d, 1e-6, out_dtype);
     }
     let norm = crate::nn::layer_norm(x, None, None, 1e-6)?;
     if trainable_f32(&[&norm, mods]) && norm.rank() == 3 {
@@ -71,7 +57,7 @@ pub fn gated_residual(x: &Tensor, y: &Tensor, bias: Option<&Tensor>, mods: &Tens
     let d = x.dim(D::Minus1)?;
     #[cfg(feature = "cuda")]
     if fused(&[x, y, mods]) && bias.is_none_or(|b| fused(&[b])) && d % 4 == 0 {
-        return super::cuda_block::gated_residual(x, y, bias, mods, gate * d);
+        return super::cuda::gated_residual(x, y, bias, mods, gate * d);
     }
     let y = match bias {
         Some(b) => y.broadcast_add(b)?,
@@ -94,23 +80,11 @@ pub fn residual_ln_modulate(x: &Tensor, y: &Tensor, bias: Option<&Tensor>, mods:
     #[cfg(feature = "cuda")]
     if fused(&[x, y, mods]) && bias.is_none_or(|b| fused(&[b])) && matches!(y.dtype(), DType::F32 | DType::BF16) && rows_fit(x.dim(D::Minus1)?) {
         let d = x.dim(D::Minus1)?;
-        return super::cuda_block::residual_ln_modulate(x, y, bias, mods, (gate * d, shift * d, scale * d), 1e-6, out_dtype);
+        return super::cuda::residual_ln_modulate(x, y, bias, mods, (gate * d, shift * d, scale * d), 1e-6, out_dtype);
     }
     let x_mid = gated_residual(x, y, bias, mods, gate)?;
     let h = ln_modulate(&x_mid, mods, shift, scale, out_dtype)?;
     Ok((x_mid, h))
-}
-
-/// `y + bias` over the last axis, converted to `out_dtype` (a Linear's bias and output cast).
-pub fn bias_cast(y: &Tensor, bias: Option<&Tensor>, out_dtype: DType) -> Result<Tensor> {
-    #[cfg(feature = "cuda")]
-    if fused(&[y]) && bias.is_none_or(|b| fused(&[b])) && matches!((y.dtype(), out_dtype), (DType::BF16, _) | (DType::F32, DType::F32)) {
-        return super::cuda_block::bias_cast(y, bias, out_dtype);
-    }
-    match bias {
-        Some(b) => y.broadcast_add(b)?.to_dtype(out_dtype),
-        None => y.to_dtype(out_dtype),
-    }
 }
 
 /// The flash-attention form's per-head LayerNorms on q and k (affine, f32 weights), after
@@ -132,7 +106,7 @@ pub fn split_qkv(qkv: &Tensor, bias: Option<&Tensor>, norm: Option<QkNormWeights
     let hd = d3 / 3 / heads;
     #[cfg(feature = "cuda")]
     if fused(&[qkv]) && bias.is_none_or(|b| fused(&[b])) && matches!(qkv.dtype(), DType::BF16 | DType::F32) && hd.is_multiple_of(2) && hd <= 256 {
-        return super::cuda_block::split_qkv(qkv, bias, norm, heads);
+        return super::cuda::split_qkv(qkv, bias, norm, heads);
     }
     let qkv = match bias {
         Some(bias) => qkv.broadcast_add(bias)?,
@@ -159,7 +133,7 @@ pub fn split_qkv(qkv: &Tensor, bias: Option<&Tensor>, norm: Option<QkNormWeights
 pub fn softmax_scaled(s: &Tensor, scale: f64) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if fused(&[s]) && matches!(s.dtype(), DType::BF16 | DType::F32) {
-        return super::cuda_block::softmax_scaled(s, scale);
+        return super::cuda::softmax_scaled(s, scale);
     }
     crate::nn::softmax_last_dim(&(s * scale)?.to_dtype(DType::F32)?)?.to_dtype(s.dtype())
 }
@@ -172,7 +146,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tenso
     let (b, h, t, hd) = q.dims4()?;
     #[cfg(feature = "cuda")]
     if fused(&[q, k, v]) && q.dtype() == DType::BF16 && hd % 2 == 0 && hd <= 128 {
-        return super::cuda_block::flash_attention(q, k, v, scale);
+        return super::cuda::flash_attention(q, k, v, scale);
     }
     let att = softmax_scaled(&q.matmul(&k.t()?)?, scale)?;
     contiguous(&att.matmul(v)?.transpose(1, 2)?)?.reshape((b, t, h * hd))
@@ -189,7 +163,7 @@ pub fn qkv_attention(qkv: &Tensor, bias: Option<&Tensor>, norm: Option<QkNormWei
     {
         let hd = qkv.dim(candle_core::D::Minus1)? / 3 / heads.max(1);
         if fused(&[qkv]) && bias.is_none_or(|b| fused(&[b])) && qkv.dtype() == DType::BF16 && hd.is_multiple_of(8) && hd <= 128 {
-            return super::cuda_block::qkv_attention(qkv, bias, norm, heads, scale);
+            return super::cuda::qkv_attention(qkv, bias, norm, heads, scale);
         }
     }
     if let (Some(b), None) = (bias, &norm) {
@@ -200,19 +174,4 @@ pub fn qkv_attention(qkv: &Tensor, bias: Option<&Tensor>, norm: Option<QkNormWei
     }
     let (q, k, v) = split_qkv(qkv, bias, norm, heads)?;
     attention(&q, &k, &v, scale)
-}
-
-/// `t.contiguous()`, through a kernel that takes the view's layout as arguments on CUDA (any
-/// permute, narrow or broadcast of up to 6 dims, 2- or 4-byte elements).
-pub fn contiguous(t: &Tensor) -> Result<Tensor> {
-    #[cfg(feature = "cuda")]
-    if !t.is_contiguous() && fused(&[t]) && t.rank() <= 6 && matches!(t.dtype().size_in_bytes(), 2 | 4) {
-        return super::cuda_block::strided_copy(t);
-    }
-    t.contiguous()
-}
-
-/// `x` broadcast to `shape` and made contiguous (see [`contiguous`]).
-pub fn broadcast_contiguous(x: &Tensor, shape: &[usize]) -> Result<Tensor> {
-    contiguous(&x.broadcast_as(shape)?)
 }

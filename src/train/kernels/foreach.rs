@@ -40,7 +40,7 @@ pub fn sum_of_squares(ts: &[Tensor]) -> Result<f32> {
     }
     #[cfg(feature = "cuda")]
     if fused(&[ts]) {
-        return super::cuda_foreach::sum_of_squares(ts);
+        return super::cuda::sum_of_squares(ts);
     }
     let sq: Vec<Tensor> = ts.iter().map(|g| g.sqr()?.sum_all()).collect::<Result<_>>()?;
     Tensor::stack(&sq, 0)?.sum_all()?.to_scalar::<f32>()
@@ -69,7 +69,7 @@ pub fn adamw_update(vars: &[Var], grads: &[Tensor], m: &mut [Tensor], v: &mut [T
     {
         let params: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
         if fused(&[&params, grads, m, v]) {
-            return super::cuda_foreach::adamw(&params, grads, m, v, u);
+            return super::cuda::adamw(&params, grads, m, v, u);
         }
     }
     for (i, (var, g)) in vars.iter().zip(grads).enumerate() {
@@ -110,7 +110,7 @@ pub fn ema_update(ema: &mut [Tensor], params: &[Tensor], decay: f64) -> Result<(
     }
     #[cfg(feature = "cuda")]
     if fused(&[ema, params]) {
-        return super::cuda_foreach::ema(ema, params, decay);
+        return super::cuda::ema(ema, params, decay);
     }
     for (e, p) in ema.iter_mut().zip(params) {
         // Detached so the average does not hold on to every earlier average (op tracking).

@@ -1,4 +1,5 @@
-//! Fused MoE kernels: top-k gating, token permutation, grouped expert GEMMs, combine.
+//! The MoE engine's kernels: top-k gating, token permutation, grouped expert GEMMs, combine,
+//! the expert activations and the routed experts' backward.
 //!
 //! Every function here takes and returns candle [`Tensor`]s and works on any device:
 //! * on the CPU it runs the Rust reference in [`cpu`] (the semantics below, bit for bit where
@@ -28,33 +29,12 @@
 //! ```
 use candle_core::{DType, Device, Result, Tensor};
 
-/// The NVRTC source of `kernels/<file>`: `kernels/common.cuh` (integer shorthands, bf16 as raw
-/// bits, warp reductions) followed by the file, so no source needs an include path at run time.
-#[cfg(feature = "cuda")]
-macro_rules! nvrtc_source {
-    ($file:literal) => {
-        concat!(include_str!("../../kernels/common.cuh"), include_str!(concat!("../../kernels/", $file)))
-    };
-}
-
-pub mod adaln_grad;
-pub mod attention_grad;
-pub mod block_ops;
 pub mod cpu;
-pub mod cuda_graph;
-pub mod expert_act;
-pub mod foreach;
-mod precomputed;
-pub mod routed_grad;
-pub mod row_grad;
-pub use routed_grad::{routed_experts, ExpertStacks, GeluExpertWeights};
-pub mod timing;
 #[cfg(feature = "cuda")]
 pub mod cuda;
-#[cfg(feature = "cuda")]
-mod cuda_block;
-#[cfg(feature = "cuda")]
-mod cuda_foreach;
+pub mod expert_act;
+pub mod routed_grad;
+pub use routed_grad::{routed_experts, ExpertStacks, GeluExpertWeights};
 
 /// Output of [`fused_topk_gating`].
 #[derive(Debug, Clone)]

@@ -185,7 +185,7 @@ impl CustomOp2 for LayerNormRowsBwd {
 
 #[cfg(feature = "cuda")]
 mod cuda {
-    use super::super::cuda::{cfg1, drv, NvrtcModule};
+    use crate::runtime::cuda::{cfg1, drv, NvrtcModule};
     use super::rows_of;
     use candle_core::cuda_backend::{cudarc, CudaStorage};
     use candle_core::backend::BackendStorage;

@@ -166,7 +166,7 @@ impl CustomOp3 for BroadcastMulBwd {
 
 #[cfg(feature = "cuda")]
 mod cuda {
-    use super::super::cuda::{cfg1, drv, grid_for, NvrtcModule};
+    use crate::runtime::cuda::{cfg1, drv, grid_for, NvrtcModule};
     use candle_core::cuda_backend::{cudarc, CudaStorage};
     use candle_core::{bail, Layout, Result, Shape};
     use cudarc::driver::PushKernelArg;

@@ -1,7 +1,7 @@
 //! The expert activations' elementwise backwards, shared by the routed experts' op
 //! ([`super::routed_grad`]) and the shared expert ([`swiglu`]): one kernel each on CUDA for f32
 //! (`kernels/expert_act_grad.cu`), the same maths as candle ops elsewhere.
-use super::precomputed;
+use crate::runtime::precomputed;
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 
 /// `silu(g) * u` (DiT-MoE's SwiGLU, the shared expert's activation). Under autograd in f32
@@ -64,7 +64,7 @@ pub(crate) fn swiglu_backward(g: &Tensor, u: &Tensor, dh: &Tensor, with_h: bool)
 
 #[cfg(feature = "cuda")]
 mod cuda_act {
-    use super::super::cuda::{cfg1, cuda_dev, drv, grid_for, view, wrap, NvrtcModule, NULL};
+    use crate::runtime::cuda::{cfg1, cuda_dev, drv, grid_for, view, wrap, NvrtcModule, NULL};
     use candle_core::cuda_backend::cudarc;
     use candle_core::{bail, Result, Storage, Tensor};
     use cudarc::driver::PushKernelArg;

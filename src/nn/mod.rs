@@ -3,7 +3,12 @@
 //! matmuls run in bf16 (f32 accumulation), while the residual stream, LayerNorms, modulation
 //! and softmaxes stay in f32. Keeping the activations in f32 is what keeps a bf16 model within
 //! 1e-2 of the f32 reference.
-use crate::kernels::block_ops;
+
+#[cfg(feature = "cuda")]
+mod cuda;
+pub mod ops;
+pub mod row_grad;
+
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
@@ -38,19 +43,19 @@ impl Linear {
         }
         out_shape[last] = out_dim;
         let rows = x.elem_count() / in_dim.max(1);
-        let xc = block_ops::contiguous(&x.to_dtype(w.dtype())?)?.reshape((rows, in_dim))?;
+        let xc = ops::contiguous(&x.to_dtype(w.dtype())?)?.reshape((rows, in_dim))?;
         xc.matmul(&w.t()?)?.reshape(out_shape)
     }
 }
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        // The bias and the cast back in one pass (`block_ops::bias_cast`: a fused kernel on the
+        // The bias and the cast back in one pass ([`ops::bias_cast`]: a fused kernel on the
         // GPU, candle ops elsewhere).
         let y = self.matmul(x)?;
         match self.inner.bias() {
             None if x.dtype() == y.dtype() => Ok(y),
-            bias => block_ops::bias_cast(&y, bias, x.dtype()),
+            bias => ops::bias_cast(&y, bias, x.dtype()),
         }
     }
 }
@@ -67,12 +72,12 @@ pub fn linear_no_bias(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<L
 // autograd their outputs are constants, silently. So every softmax and LayerNorm of the
 // models goes through these two functions, which take the fused kernel for inference and,
 // whenever the input belongs to an autograd graph, ops with their own backward
-// (`kernels::row_grad`, f32) or a composite of differentiable candle ops (other dtypes).
+// ([`row_grad`], f32) or a composite of differentiable candle ops (other dtypes).
 
 /// Softmax over the last axis.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     match (x.track_op(), x.dtype()) {
-        (true, candle_core::DType::F32) => crate::kernels::row_grad::softmax_rows(x),
+        (true, candle_core::DType::F32) => row_grad::softmax_rows(x),
         (true, _) => candle_nn::ops::softmax(x, candle_core::D::Minus1),
         (false, _) => candle_nn::ops::softmax_last_dim(x),
     }
@@ -83,7 +88,7 @@ pub fn layer_norm(x: &Tensor, weight: Option<&Tensor>, bias: Option<&Tensor>, ep
     use candle_core::D;
     if x.track_op() || weight.is_some_and(|w| w.track_op()) || bias.is_some_and(|b| b.track_op()) {
         let mut y = if x.dtype() == candle_core::DType::F32 {
-            crate::kernels::row_grad::layer_norm_rows(x, eps)?
+            row_grad::layer_norm_rows(x, eps)?
         } else {
             let mean = x.mean_keepdim(D::Minus1)?;
             let centred = x.broadcast_sub(&mean)?;
