@@ -274,6 +274,90 @@ struct GgSources {
     }
 };
 
+#if GG_HAS_WGMMA
+// One K slice (BK) of the wgmma path: each of the two warpgroups multiplies its 64 rows of the
+// stage at sA by the BN columns at sB, adding to acc (or, without `accumulate`, overwriting it
+// on the slice's first k16 step, so a new tile needs no zeroing), one wgmma group in flight.
+template <int BN, int BK>
+__device__ __forceinline__ void gg_wgmma_step(float* acc, u32 sA, u32 sB, u32 warp, bool accumulate) {
+    const u32 wg = warp >> 2;
+#pragma unroll
+    for (int i = 0; i < BN / 2; ++i) fence_operand(acc[i]);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < BK / 16; ++kk) {
+        const u64 da = make_desc_sw128(sA + wg * 64u * 128u + kk * 32u);
+        const u64 db = make_desc_sw128(sB + kk * 32u);
+        wgmma_m64k16<BN>(acc, da, db, (accumulate || kk > 0) ? 1u : 0u);
+    }
+    wgmma_commit();
+    wgmma_wait<1>();
+#pragma unroll
+    for (int i = 0; i < BN / 2; ++i) fence_operand(acc[i]);
+}
+#endif
+
+// One K slice (BK) of the mma.sync path: 8 warps as 2 x 4 over the 128 x BN tile, A and B
+// fragments by ldmatrix from the 128-byte-swizzled stage at sA / sB. Shared by the one-tile and
+// the persistent kernels.
+template <int BN, int BK>
+__device__ __forceinline__ void gg_mma_step(float* acc, u32 sA, u32 sB, u32 warp, u32 lane) {
+        constexpr int WN = BN / 4, NT = WN / 8;
+        const u32 wm = warp >> 2, wn = warp & 3u;
+#pragma unroll
+        for (int kk = 0; kk < BK / 16; ++kk) {
+            u32 af[4][4];
+#pragma unroll
+            for (int mi = 0; mi < 4; ++mi) {
+                const u32 row = wm * 64u + mi * 16u + (lane & 15u);
+                const u32 ch = kk * 2u + (lane >> 4);
+                ldmatrix_x4(af[mi][0], af[mi][1], af[mi][2], af[mi][3], sA + row * 128u + ((ch ^ (row & 7u)) << 4));
+            }
+            u32 bfr[NT][2];
+#pragma unroll
+            for (int np = 0; np < NT / 2; ++np) {
+                const u32 row = wn * WN + np * 16u + (lane & 7u) + ((lane >> 4) << 3);
+                const u32 ch = kk * 2u + ((lane >> 3) & 1u);
+                ldmatrix_x4(bfr[2 * np][0], bfr[2 * np][1], bfr[2 * np + 1][0], bfr[2 * np + 1][1],
+                            sB + row * 128u + ((ch ^ (row & 7u)) << 4));
+            }
+#pragma unroll
+            for (int mi = 0; mi < 4; ++mi)
+#pragma unroll
+                for (int ni = 0; ni < NT; ++ni) mma_bf16_16816(&acc[(mi * NT + ni) * 4], af[mi], bfr[ni]);
+        }
+}
+
+// The mma.sync path's epilogue: pairs (row, col), (row, col + 1) of the m16n8 accumulator
+// layout to `put`, SwiGLU tiles as act(gate) * up (gate and up interleaved by 8 columns).
+template <int BN, bool SWIGLU, typename Put, typename Act>
+__device__ __forceinline__ void gg_mma_store(const float* acc, u32 n_tile, u32 warp, u32 lane, Put put, Act act) {
+    constexpr int WN = BN / 4, NT = WN / 8;
+    const u32 wm = warp >> 2, wn = warp & 3u;
+#pragma unroll
+    for (int mi = 0; mi < 4; ++mi)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const u32 rl = wm * 64u + mi * 16u + (lane >> 2) + 8u * h;
+            if (SWIGLU) {
+#pragma unroll
+                for (int ni = 0; ni < NT; ni += 2) {
+                    const u32 oc = n_tile * (BN / 2) + ((wn * WN) / 16u + ni / 2) * 8u + (lane & 3u) * 2u;
+                    const float* g = &acc[(mi * NT + ni) * 4];
+                    const float* u = &acc[(mi * NT + ni + 1) * 4];
+                    put(rl, oc, act(g[2 * h]) * u[2 * h], act(g[2 * h + 1]) * u[2 * h + 1]);
+                }
+            } else {
+#pragma unroll
+                for (int ni = 0; ni < NT; ++ni) {
+                    const u32 oc = n_tile * BN + wn * WN + ni * 8u + (lane & 3u) * 2u;
+                    const float* c = &acc[(mi * NT + ni) * 4];
+                    put(rl, oc, c[2 * h], c[2 * h + 1]);
+                }
+            }
+        }
+}
+
 template <int BN, int STAGES, bool WG, bool SWIGLU>
 __device__ __forceinline__ void gg_bf16_body(const u16* __restrict__ A, const u32* __restrict__ gather, u32 gk,
                                              const u32* __restrict__ offsets, u32 E,
@@ -331,48 +415,12 @@ __device__ __forceinline__ void gg_bf16_body(const u16* __restrict__ A, const u3
         const u32 sB = sA + A_BYTES;
         if (WG) {
 #if GG_HAS_WGMMA
-            const u32 wg = warp >> 2;
-#pragma unroll
-            for (int i = 0; i < BN / 2; ++i) fence_operand(acc[i]);
-            wgmma_fence();
-#pragma unroll
-            for (int kk = 0; kk < BK / 16; ++kk) {
-                const u64 da = make_desc_sw128(sA + wg * 64u * 128u + kk * 32u);
-                const u64 db = make_desc_sw128(sB + kk * 32u);
-                wgmma_m64k16<BN>(acc, da, db, 1u);
-            }
-            wgmma_commit();
-            wgmma_wait<1>();
-#pragma unroll
-            for (int i = 0; i < BN / 2; ++i) fence_operand(acc[i]);
+            gg_wgmma_step<BN, BK>(acc, sA, sB, warp, true);
 #else
             __trap();
 #endif
         } else {
-            constexpr int WN = BN / 4, NT = WN / 8;
-            const u32 wm = warp >> 2, wn = warp & 3u;
-#pragma unroll
-            for (int kk = 0; kk < BK / 16; ++kk) {
-                u32 af[4][4];
-#pragma unroll
-                for (int mi = 0; mi < 4; ++mi) {
-                    const u32 row = wm * 64u + mi * 16u + (lane & 15u);
-                    const u32 ch = kk * 2u + (lane >> 4);
-                    ldmatrix_x4(af[mi][0], af[mi][1], af[mi][2], af[mi][3], sA + row * 128u + ((ch ^ (row & 7u)) << 4));
-                }
-                u32 bfr[NT][2];
-#pragma unroll
-                for (int np = 0; np < NT / 2; ++np) {
-                    const u32 row = wn * WN + np * 16u + (lane & 7u) + ((lane >> 4) << 3);
-                    const u32 ch = kk * 2u + ((lane >> 3) & 1u);
-                    ldmatrix_x4(bfr[2 * np][0], bfr[2 * np][1], bfr[2 * np + 1][0], bfr[2 * np + 1][1],
-                                sB + row * 128u + ((ch ^ (row & 7u)) << 4));
-                }
-#pragma unroll
-                for (int mi = 0; mi < 4; ++mi)
-#pragma unroll
-                    for (int ni = 0; ni < NT; ++ni) mma_bf16_16816(&acc[(mi * NT + ni) * 4], af[mi], bfr[ni]);
-            }
+            gg_mma_step<BN, BK>(acc, sA, sB, warp, lane);
         }
     } while (++kt < KT);
     cp_async_wait<0>();
@@ -413,30 +461,7 @@ __device__ __forceinline__ void gg_bf16_body(const u16* __restrict__ A, const u3
             }
         }
     } else {
-        constexpr int WN = BN / 4, NT = WN / 8;
-        const u32 wm = warp >> 2, wn = warp & 3u;
-#pragma unroll
-        for (int mi = 0; mi < 4; ++mi)
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                const u32 rl = wm * 64u + mi * 16u + (lane >> 2) + 8u * h;
-                if (SWIGLU) {
-#pragma unroll
-                    for (int ni = 0; ni < NT; ni += 2) {
-                        const u32 oc = n_tile * (BN / 2) + ((wn * WN) / 16u + ni / 2) * 8u + (lane & 3u) * 2u;
-                        const float* g = &acc[(mi * NT + ni) * 4];
-                        const float* u = &acc[(mi * NT + ni + 1) * 4];
-                        put(rl, oc, silu_f(g[2 * h]) * u[2 * h], silu_f(g[2 * h + 1]) * u[2 * h + 1]);
-                    }
-                } else {
-#pragma unroll
-                    for (int ni = 0; ni < NT; ++ni) {
-                        const u32 oc = n_tile * BN + wn * WN + ni * 8u + (lane & 3u) * 2u;
-                        const float* c = &acc[(mi * NT + ni) * 4];
-                        put(rl, oc, c[2 * h], c[2 * h + 1]);
-                    }
-                }
-            }
+        gg_mma_store<BN, SWIGLU>(acc, n_tile, warp, lane, put, [](float g) { return silu_f(g); });
     }
 }
 
@@ -571,30 +596,7 @@ __device__ __forceinline__ void gg_bf16_persist(const u16* __restrict__ A, const
         if (WG) {
             gg_wg_store<BN, SWIGLU>(acc, T, C, N, warp >> 2, warp & 3u, lane);
         } else {
-            constexpr int WN = BN / 4, NT = WN / 8;
-            const u32 wm = warp >> 2, wn = warp & 3u;
-#pragma unroll
-            for (int mi = 0; mi < 4; ++mi)
-#pragma unroll
-                for (int h = 0; h < 2; ++h) {
-                    const u32 rl = wm * 64u + mi * 16u + (lane >> 2) + 8u * h;
-                    if (SWIGLU) {
-#pragma unroll
-                        for (int ni = 0; ni < NT; ni += 2) {
-                            const u32 oc = T.n_tile * (BN / 2) + ((wn * WN) / 16u + ni / 2) * 8u + (lane & 3u) * 2u;
-                            const float* g = &acc[(mi * NT + ni) * 4];
-                            const float* u = &acc[(mi * NT + ni + 1) * 4];
-                            put(rl, oc, silu_fast(g[2 * h]) * u[2 * h], silu_fast(g[2 * h + 1]) * u[2 * h + 1]);
-                        }
-                    } else {
-#pragma unroll
-                        for (int ni = 0; ni < NT; ++ni) {
-                            const u32 oc = T.n_tile * BN + wn * WN + ni * 8u + (lane & 3u) * 2u;
-                            const float* c = &acc[(mi * NT + ni) * 4];
-                            put(rl, oc, c[2 * h], c[2 * h + 1]);
-                        }
-                    }
-                }
+            gg_mma_store<BN, SWIGLU>(acc, T.n_tile, warp, lane, put, [](float g) { return silu_fast(g); });
         }
     };
 
@@ -612,49 +614,12 @@ __device__ __forceinline__ void gg_bf16_persist(const u16* __restrict__ A, const
         const u32 sB = sA + A_BYTES;
         if (WG) {
 #if GG_HAS_WGMMA
-            const u32 wg = warp >> 2;
-#pragma unroll
-            for (int i = 0; i < BN / 2; ++i) fence_operand(acc[i]);
-            wgmma_fence();
-#pragma unroll
-            for (int kk = 0; kk < BK / 16; ++kk) {
-                const u64 da = make_desc_sw128(sA + wg * 64u * 128u + kk * 32u);
-                const u64 db = make_desc_sw128(sB + kk * 32u);
-                const u32 scale_d = (c_k > 0u || kk > 0) ? 1u : 0u;  // a new tile starts from zero
-                wgmma_m64k16<BN>(acc, da, db, scale_d);
-            }
-            wgmma_commit();
-            wgmma_wait<1>();
-#pragma unroll
-            for (int i = 0; i < BN / 2; ++i) fence_operand(acc[i]);
+            gg_wgmma_step<BN, BK>(acc, sA, sB, warp, c_k > 0u);  // a new tile starts from zero
 #else
             __trap();
 #endif
         } else {
-            constexpr int WN = BN / 4, NT = WN / 8;
-            const u32 wm = warp >> 2, wn = warp & 3u;
-#pragma unroll
-            for (int kk = 0; kk < BK / 16; ++kk) {
-                u32 af[4][4];
-#pragma unroll
-                for (int mi = 0; mi < 4; ++mi) {
-                    const u32 row = wm * 64u + mi * 16u + (lane & 15u);
-                    const u32 ch = kk * 2u + (lane >> 4);
-                    ldmatrix_x4(af[mi][0], af[mi][1], af[mi][2], af[mi][3], sA + row * 128u + ((ch ^ (row & 7u)) << 4));
-                }
-                u32 bfr[NT][2];
-#pragma unroll
-                for (int np = 0; np < NT / 2; ++np) {
-                    const u32 row = wn * WN + np * 16u + (lane & 7u) + ((lane >> 4) << 3);
-                    const u32 ch = kk * 2u + ((lane >> 3) & 1u);
-                    ldmatrix_x4(bfr[2 * np][0], bfr[2 * np][1], bfr[2 * np + 1][0], bfr[2 * np + 1][1],
-                                sB + row * 128u + ((ch ^ (row & 7u)) << 4));
-                }
-#pragma unroll
-                for (int mi = 0; mi < 4; ++mi)
-#pragma unroll
-                    for (int ni = 0; ni < NT; ++ni) mma_bf16_16816(&acc[(mi * NT + ni) * 4], af[mi], bfr[ni]);
-            }
+            gg_mma_step<BN, BK>(acc, sA, sB, warp, lane);
         }
         ++g;
         if (++c_k == KT) {

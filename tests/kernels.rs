@@ -6,16 +6,7 @@ use candle_core::{DType, Device, IndexOp, Result, Tensor};
 use ditmoe::moe::kernels::{self as kx, cpu, ExpertWeights, SwigluWeights};
 
 /// The default grouped-GEMM selection (the CPU references ignore it).
-const GEMM: kx::GemmConfig = kx::GemmConfig {
-    backend: kx::GemmBackend::Auto,
-    block_n: 0,
-    stages: 0,
-    persistent: None,
-    multicast: None,
-    tma_a: None,
-    split_n: None,
-    f32_kernel: kx::F32Kernel::Auto,
-};
+const GEMM: kx::GemmConfig = kx::GemmConfig::DEFAULT;
 
 fn max_abs(a: &Tensor, b: &Tensor) -> Result<f32> {
     (a.to_dtype(DType::F32)? - b.to_dtype(DType::F32)?)?

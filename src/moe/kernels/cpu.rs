@@ -140,12 +140,7 @@ pub fn combine_weight_grad(dout: &Tensor, expert_out: &Tensor, perm: &Permutatio
 }
 
 /// See [`super::combine`]. f32 fused multiply-adds in slot order, like the CUDA kernel.
-pub fn combine(
-    expert_out: &Tensor,
-    perm: &Permutation,
-    weights: &Tensor,
-    add: Option<&Tensor>,
-) -> Result<Tensor> {
+pub fn combine(expert_out: &Tensor, perm: &Permutation, weights: &Tensor, add: Option<&Tensor>) -> Result<Tensor> {
     // shapes checked by `super::combine`
     let (r, d) = expert_out.dims2()?;
     let k = perm.k;

@@ -325,12 +325,7 @@ fn combine_grad(name: &str, a: &Tensor, b: &Tensor, perm: &Permutation, blocks: 
 }
 
 /// See [`super::combine`].
-pub fn combine(
-    expert_out: &Tensor,
-    perm: &Permutation,
-    weights: &Tensor,
-    add: Option<&Tensor>,
-) -> Result<Tensor> {
+pub fn combine(expert_out: &Tensor, perm: &Permutation, weights: &Tensor, add: Option<&Tensor>) -> Result<Tensor> {
     let dev = cuda_dev(expert_out)?;
     let y = expert_out.contiguous()?;
     let (r, d) = y.dims2()?;

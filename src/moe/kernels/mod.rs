@@ -167,20 +167,23 @@ pub enum F32Kernel {
 
 impl Default for GemmConfig {
     fn default() -> Self {
-        Self {
-            backend: GemmBackend::Auto,
-            block_n: 0,
-            stages: 0,
-            persistent: None,
-            multicast: None,
-            tma_a: None,
-            split_n: None,
-            f32_kernel: F32Kernel::Auto,
-        }
+        Self::DEFAULT
     }
 }
 
 impl GemmConfig {
+    /// Every choice automatic: the measured best for the shapes at hand.
+    pub const DEFAULT: Self = Self {
+        backend: GemmBackend::Auto,
+        block_n: 0,
+        stages: 0,
+        persistent: None,
+        multicast: None,
+        tma_a: None,
+        split_n: None,
+        f32_kernel: F32Kernel::Auto,
+    };
+
     /// The default selection for a plan's matmul precision: TF32 plans take the TF32 f32
     /// kernel, every other the f32-accurate one.
     pub fn for_precision(precision: crate::plan::Precision) -> Self {
@@ -314,12 +317,7 @@ fn check_f32(op: &str, ts: &[&Tensor]) -> Result<()> {
 /// the dtype of `expert_out`. Deterministic; CPU and CUDA agree bit for bit.
 /// `expert_out` `[R, D]` in permuted order, `weights` `[S, k]` (any float dtype, used as f32),
 /// `add` `[S, D]` of the same dtype as `expert_out` (e.g. the shared expert's output).
-pub fn combine(
-    expert_out: &Tensor,
-    perm: &Permutation,
-    weights: &Tensor,
-    add: Option<&Tensor>,
-) -> Result<Tensor> {
+pub fn combine(expert_out: &Tensor, perm: &Permutation, weights: &Tensor, add: Option<&Tensor>) -> Result<Tensor> {
     let (r, d) = expert_out.dims2()?;
     if r != perm.rows()? {
         candle_core::bail!("combine: expert_out has {r} rows, the permutation sorts {} slots", perm.rows()?)
