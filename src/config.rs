@@ -126,6 +126,11 @@ impl DitConfig {
             self.in_channels
         }
     }
+    /// Whether the model works on pixels (1 or 3 channels) rather than VAE latents; the
+    /// Gaussian samplers clamp x_0 for pixel models only.
+    pub fn is_pixel_space(&self) -> bool {
+        matches!(self.in_channels, 1 | 3)
+    }
     /// Tokens per image side.
     pub fn grid_size(&self) -> usize {
         self.input_size / self.patch_size

@@ -340,7 +340,7 @@ fn recorded_routing_is_the_models() {
     }
 
     // Recording does not change the samples: the same run without the record.
-    let sampler = SamplerKind::Ddim.build(5, &cfg).unwrap();
+    let sampler = SamplerKind::Ddim.build(5, &cfg, true).unwrap();
     let guided = GuidedModel::new(&model, &[1, 4, 4], Guidance { scale: 2.0, guide_all_channels: false }, &Device::Cpu).unwrap();
     let plain = sampler.sample_seeded(&guided, &mut ImageNoise::new(3, 0..3), &mut |_| {}).unwrap();
     let plain = plain.flatten_all().unwrap().to_vec1::<f32>().unwrap();

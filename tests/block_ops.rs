@@ -1,12 +1,11 @@
 //! The block ops' CPU path (the reference the GPU kernels are checked against in
 //! `tests/gpu.rs`) against direct formulas, and the CUDA-graph wrapper's CPU behaviour.
+mod common;
+
 use candle_core::{DType, Device, IndexOp, Tensor, D};
+use common::max_abs;
 use ditmoe::model::kernels::block_ops as bo;
 use ditmoe::runtime::graph::GraphedForward;
-
-fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-    (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap()).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
-}
 
 fn layer_norm_rows(x: &Tensor) -> Tensor {
     let mean = x.mean_keepdim(D::Minus1).unwrap();

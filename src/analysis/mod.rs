@@ -25,6 +25,7 @@ pub mod trajectory;
 pub use defaults::RunDefaults;
 pub use heatmap::{Heatmap, Scale};
 pub use matrix::Matrix;
-pub use record::{record_trajectory, Progress, RecordRequest, SamplerKind};
+pub use crate::sampling::SamplerKind;
+pub use record::{record_trajectory, Progress, RecordRequest};
 pub use store::is_trajectory_dir;
 pub use trajectory::{Dims, ImageRecord, RoutingTrajectory, TrajectoryMeta};

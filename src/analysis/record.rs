@@ -3,65 +3,8 @@
 use super::trajectory::{ImageRecord, RoutingTrajectory, TrajectoryMeta};
 use crate::config::DitConfig;
 use crate::model::DitMoe;
-use crate::sampling::{Evaluation, Guidance, GuidedModel, ImageNoise, Sampler};
+use crate::sampling::{Evaluation, Guidance, GuidedModel, ImageNoise, SamplerKind};
 use candle_core::{bail, DType, Device, Result, Tensor};
-
-/// Which sampling process to run; the model's training objective decides which are right
-/// (DDPM/DDIM for the Gaussian `train.py`, Euler/Heun for rectified flow).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SamplerKind {
-    Ddpm,
-    Ddim,
-    Euler,
-    Heun,
-}
-
-impl SamplerKind {
-    pub const ALL: [Self; 4] = [Self::Ddpm, Self::Ddim, Self::Euler, Self::Heun];
-
-    /// The names `ditmoe generate --sampler` takes.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Ddpm => "ddpm",
-            Self::Ddim => "ddim",
-            Self::Euler => "rf-euler",
-            Self::Heun => "rf-heun",
-        }
-    }
-
-    pub fn is_gaussian(self) -> bool {
-        matches!(self, Self::Ddpm | Self::Ddim)
-    }
-
-    /// The sampler for `cfg` with `steps` steps. Gaussian samplers clamp the predicted x_0 to
-    /// [-1, 1] for pixel-space (1- or 3-channel, as `ditmoe generate` decides) models only:
-    /// `sample.py` passes `clip_denoised=False` for its latents, whose tails run well past 1.
-    pub fn build(self, steps: usize, cfg: &DitConfig) -> Result<Sampler> {
-        let clip = matches!(cfg.in_channels, 1 | 3);
-        Ok(match self {
-            Self::Ddpm => Sampler::Ddpm(crate::sampling::DdpmSampler::with_steps(steps, cfg.learn_sigma, clip)?),
-            Self::Ddim => Sampler::Ddim(crate::sampling::DdimSampler::with_steps(steps, cfg.learn_sigma, 0.0, clip)?),
-            Self::Euler => Sampler::RectifiedFlow(crate::sampling::RectifiedFlowSampler::for_model(cfg, steps, false)?),
-            Self::Heun => Sampler::RectifiedFlow(crate::sampling::RectifiedFlowSampler::for_model(cfg, steps, true)?),
-        })
-    }
-}
-
-impl std::str::FromStr for SamplerKind {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        Self::ALL
-            .into_iter()
-            .find(|k| k.name().eq_ignore_ascii_case(s))
-            .ok_or_else(|| format!("unknown sampler `{s}` (ddpm, ddim, rf-euler or rf-heun)"))
-    }
-}
-
-impl std::fmt::Display for SamplerKind {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
-    }
-}
 
 /// One recording run: which images, how they are sampled.
 #[derive(Debug, Clone, PartialEq)]
@@ -100,7 +43,7 @@ pub fn record_trajectory(
         bail!("a recording needs at least one image and a batch size of at least 1")
     }
     let cfg = model.config();
-    let sampler = req.sampler.build(req.steps, cfg)?;
+    let sampler = req.sampler.build(req.steps, cfg, cfg.is_pixel_space())?;
     let batches: Vec<_> = (0..req.classes.len()).step_by(req.batch_size).map(|s| s..(s + req.batch_size).min(req.classes.len())).collect();
     let total = sampler.evaluations() * batches.len();
     let mut done = 0;

@@ -10,7 +10,7 @@ use anyhow::Context;
 use clap::Args;
 use ditmoe::checkpoint::{load_state_dict, ModelDir};
 use ditmoe::sampling::{
-    DdimSampler, DdpmSampler, Decoder, Guidance, GuidedModel, ImageNoise, Images, RectifiedFlowSampler, Sampler,
+    Decoder, Guidance, GuidedModel, ImageNoise, Images, Sampler, SamplerKind,
     VaeSpec, DIFFUSION_STEPS,
 };
 use ditmoe::{presets, DitConfig, DitMoe};
@@ -77,38 +77,13 @@ pub struct GenerateArgs {
     separate: bool,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum SamplerName {
-    Ddpm,
-    Ddim,
-    RfEuler,
-    RfHeun,
-}
-
-impl SamplerName {
-    const ALL: [(&'static str, SamplerName); 4] =
-        [("ddpm", Self::Ddpm), ("ddim", Self::Ddim), ("rf-euler", Self::RfEuler), ("rf-heun", Self::RfHeun)];
-
-    fn parse(s: &str) -> Result<Self, String> {
-        Self::ALL.iter().find(|(n, _)| n.eq_ignore_ascii_case(s)).map(|&(_, v)| v).ok_or_else(|| {
-            format!("unknown sampler `{s}` (one of {})", Self::ALL.map(|(n, _)| n).join(", "))
-        })
-    }
-
-    fn name(self) -> &'static str {
-        Self::ALL.iter().find(|(_, v)| *v == self).map(|(n, _)| *n).unwrap_or("?")
-    }
-
-    fn is_gaussian(self) -> bool {
-        matches!(self, Self::Ddpm | Self::Ddim)
-    }
-
-    fn default_steps(self) -> i64 {
-        if self.is_gaussian() {
-            250
-        } else {
-            50
-        }
+/// The steps a sampler takes unless told: the official `sample.py`'s 250 for the Gaussian
+/// samplers, 50 for rectified flow.
+fn default_steps(kind: SamplerKind) -> i64 {
+    if kind.is_gaussian() {
+        250
+    } else {
+        50
     }
 }
 
@@ -205,21 +180,17 @@ fn positive(value: i64, what: &str) -> anyhow::Result<usize> {
 
 /// The sampler the flags (or generate.json) ask for. DDPM/DDIM clamp x_0 to [-1, 1] only for
 /// pixel-space models (see `DdimSampler` on why clamping latents corrupts DDIM samples).
-fn build_sampler(name: SamplerName, steps: usize, steps_from: &str, cfg: &DitConfig, pixel_space: bool) -> anyhow::Result<Sampler> {
-    if name.is_gaussian() && steps > DIFFUSION_STEPS {
+fn build_sampler(kind: SamplerKind, steps: usize, steps_from: &str, cfg: &DitConfig, pixel_space: bool) -> anyhow::Result<Sampler> {
+    if kind.is_gaussian() && steps > DIFFUSION_STEPS {
         return Err(super::usage(format!(
             "{steps_from}: {steps} is more than the {DIFFUSION_STEPS} steps of the diffusion schedule"
         )));
     }
-    let bad_steps = |e: candle_core::Error| super::usage(format!("{steps_from}: {e}"));
-    let bad_ddim_steps = |e: candle_core::Error| {
-        super::usage(format!("{steps_from}: {e} (DDIM strides the schedule evenly: 10, 20, 25, 40, 50, 100, 125, 200, 250, 500, 1000, ...)"))
-    };
-    Ok(match name {
-        SamplerName::Ddpm => Sampler::Ddpm(DdpmSampler::with_steps(steps, cfg.learn_sigma, pixel_space).map_err(bad_steps)?),
-        SamplerName::Ddim => Sampler::Ddim(DdimSampler::with_steps(steps, cfg.learn_sigma, 0.0, pixel_space).map_err(bad_ddim_steps)?),
-        SamplerName::RfEuler => Sampler::RectifiedFlow(RectifiedFlowSampler::for_model(cfg, steps, false).map_err(bad_steps)?),
-        SamplerName::RfHeun => Sampler::RectifiedFlow(RectifiedFlowSampler::for_model(cfg, steps, true).map_err(bad_steps)?),
+    kind.build(steps, cfg, pixel_space).map_err(|e| match kind {
+        SamplerKind::Ddim => {
+            super::usage(format!("{steps_from}: {e} (DDIM strides the schedule evenly: 10, 20, 25, 40, 50, 100, 125, 200, 250, 500, 1000, ...)"))
+        }
+        _ => super::usage(format!("{steps_from}: {e}")),
     })
 }
 
@@ -308,13 +279,13 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
         (None, Some(s)) => (s.clone(), from_file("sampler")),
         (None, None) => ("ddpm".to_string(), "--sampler".to_string()),
     };
-    let sampler_name = SamplerName::parse(&sampler_name).map_err(|e| super::usage(format!("{sampler_from}: {e}")))?;
+    let sampler_name = sampler_name.parse::<SamplerKind>().map_err(|e| super::usage(format!("{sampler_from}: {e}")))?;
     // generate.json's steps belong to its sampler; another sampler takes its own default.
-    let json_steps_apply = defaults.sampler.as_deref().is_none_or(|s| SamplerName::parse(s) == Ok(sampler_name));
+    let json_steps_apply = defaults.sampler.as_deref().is_none_or(|s| s.parse::<SamplerKind>() == Ok(sampler_name));
     let (steps, steps_from) = match (a.steps, defaults.steps.filter(|_| json_steps_apply)) {
         (Some(s), _) => (s, "--steps".to_string()),
         (None, Some(s)) => (s, from_file("steps")),
-        (None, None) => (sampler_name.default_steps(), "--steps".to_string()),
+        (None, None) => (default_steps(sampler_name), "--steps".to_string()),
     };
     let steps = positive(steps, &steps_from)?;
     let (cfg_scale, scale_from) = match (a.cfg_scale, defaults.cfg_scale) {

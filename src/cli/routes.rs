@@ -81,7 +81,7 @@ pub fn run(a: RoutesArgs) -> anyhow::Result<()> {
         batch_size: a.batch_size,
     };
     // Sampler and guidance problems (DDIM stride, missing null class) before the model loads.
-    req.sampler.build(req.steps, &cfg).map_err(|e| super::usage(format!("--steps: {}", first_line(e))))?;
+    req.sampler.build(req.steps, &cfg, cfg.is_pixel_space()).map_err(|e| super::usage(format!("--steps: {}", first_line(e))))?;
     if req.guidance != 1.0 && cfg.label_table_rows() == cfg.num_classes {
         return Err(super::usage(format!("--cfg-scale {}: the model has no null class; use --cfg-scale 1", req.guidance)));
     }

@@ -13,6 +13,7 @@ pub mod flow;
 pub mod gaussian;
 pub mod guidance;
 pub mod image_grid;
+pub mod kind;
 pub mod noise;
 pub mod sampler;
 
@@ -21,5 +22,6 @@ pub use flow::RectifiedFlowSampler;
 pub use gaussian::{DdimSampler, DdpmSampler, DIFFUSION_STEPS};
 pub use guidance::{Evaluation, Guidance, GuidedModel};
 pub use image_grid::Images;
+pub use kind::SamplerKind;
 pub use noise::ImageNoise;
 pub use sampler::Sampler;

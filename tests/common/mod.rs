@@ -15,12 +15,11 @@ pub fn load_fixture(rel: &str) -> HashMap<String, Tensor> {
     candle_core::safetensors::load(&path, &Device::Cpu).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
-/// max |a - b| / max |b| (max-norm relative error), computed in f64.
+/// max |a - b| / max |b| (max-norm relative error), computed in f64; NaN gives infinity.
 pub fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
     assert_eq!(a.dims(), b.dims(), "shape mismatch");
-    let a = a.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
-    let b = b.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
-    let diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
+    let (a, b) = (f64s(a), f64s(b));
+    let diff = abs_diffs(&a, &b).fold(0.0, f64::max);
     let scale = b.iter().map(|y| y.abs()).fold(0.0, f64::max).max(1e-30);
     diff / scale
 }
@@ -28,11 +27,26 @@ pub fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
 /// ||a - b||_2 / ||b||_2, computed in f64.
 pub fn rel_l2(a: &Tensor, b: &Tensor) -> f64 {
     assert_eq!(a.dims(), b.dims(), "shape mismatch");
-    let a = a.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
-    let b = b.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+    let (a, b) = (f64s(a), f64s(b));
     let num: f64 = a.iter().zip(&b).map(|(x, y)| (x - y).powi(2)).sum();
     let den: f64 = b.iter().map(|y| y * y).sum();
     (num / den.max(1e-300)).sqrt()
+}
+
+/// max |a - b| (any dtype, any device), computed in f64; NaN gives infinity.
+pub fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.dims(), b.dims(), "shape mismatch");
+    abs_diffs(&f64s(a), &f64s(b)).fold(0.0, f64::max)
+}
+
+/// |x - y| elementwise, a NaN on either side counting as an infinite difference (`f64::max`
+/// would otherwise skip it, and a NaN output would pass).
+fn abs_diffs<'a>(a: &'a [f64], b: &'a [f64]) -> impl Iterator<Item = f64> + 'a {
+    a.iter().zip(b).map(|(x, y)| if x.is_nan() || y.is_nan() { f64::INFINITY } else { (x - y).abs() })
+}
+
+fn f64s(t: &Tensor) -> Vec<f64> {
+    t.to_device(&Device::Cpu).unwrap().to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap()
 }
 
 /// Asserts `rel_err(a, b) <= tol` and returns the error, naming the tensor on failure.
