@@ -158,10 +158,9 @@ impl MoeLayer {
         if self.needs_unconditional_mask() && input.unconditional.is_none() {
             candle_core::bail!("moe: a router with an unconditional expert needs the unconditional-token mask")
         }
-        let mut o = match (self.kernels, self.is_fused()) {
-            (true, true) => self.forward_fused_inference(input.tokens)?,
-            (true, false) => self.forward_kernels(input)?,
-            (false, _) => self.forward_reference(input)?,
+        let mut o = match self.kernels {
+            true => self.forward_kernels(input)?,
+            false => self.forward_reference(input)?,
         };
         if input.train {
             o.aux_loss = self.balance_loss(&o.routing, input)?;
@@ -181,16 +180,13 @@ impl MoeLayer {
         self.finish(x, routed, routing, expert_counts)
     }
 
-    /// The kernel pipeline for trainable weights or a router/expert form without a fused
-    /// inference path: the
-    /// router's candle ops (its gradient reaches the router), the expert sort on the device and
-    /// the routed experts as one differentiable op. No host read in the forward; the backward
-    /// reads the per-expert offsets once.
+    /// The kernel pipeline (the CUDA forward; on the CPU, the kernels' references). A frozen top-k
+    /// SwiGLU layer ([`Self::is_fused`]) runs whole on the fused kernels with no host read; any
+    /// other runs the router's candle ops (its gradient reaches the router), the expert sort on
+    /// the device and the routed experts as one differentiable op, whose backward reads the
+    /// per-expert offsets once.
     fn forward_kernels(&self, input: &MoeInput) -> Result<MoeOutput> {
         let x = input.tokens;
-        let routing = self.router.route(x, input.unconditional)?;
-        let e = self.cfg.total_experts();
-        let perm = kernels::permute_by_expert(&routing.experts.to_dtype(DType::U32)?, e)?;
         let per_call;
         let stacks = match &self.stacks {
             Some(s) => s,
@@ -199,9 +195,35 @@ impl MoeLayer {
                 &per_call
             }
         };
-        // the grouped GEMMs run in the weights' dtype, as every other matmul (`crate::nn::Linear`)
-        let compute = stacks.dtype();
-        let routed = kernels::routed_experts(&x.to_dtype(compute)?, &routing.weights, stacks, &perm, &self.gemm)?.to_dtype(x.dtype())?;
+        // The grouped GEMMs run in the weights' dtype (bf16 on tensor cores), like every other
+        // matmul of the model (`crate::nn::Linear`).
+        let tokens = x.to_dtype(stacks.dtype())?;
+        if let (true, MoeRouter::TopK(router), ExpertStacks::Swiglu(w)) = (self.is_fused(), &self.router, stacks) {
+            // The shared expert needs no routing: it runs on a second stream while the router,
+            // gating and sort (small, latency-bound launches) run on the main one.
+            let shared = self.shared_swiglu_weights().map(|sw| kernels::swiglu_mlp_start(&tokens, &sw, &self.gemm)).transpose()?;
+            let logits = router.logits(&tokens)?;
+            // The gating kernel reads bf16 or f32 logits and does its softmax in f32 either way.
+            let logits = match logits.dtype() {
+                DType::BF16 | DType::F32 => logits,
+                _ => logits.to_dtype(DType::F32)?,
+            };
+            let (mut g, perm) = kernels::fused_gating_permute(&logits, router.top_k())?;
+            // the kernel keeps the chosen scores; `norm_topk_prob` renormalises them on the device
+            g.weights = router.gate_weights(g.weights)?;
+            let h = kernels::grouped_gate_up_gather(&tokens, &perm, &w.gate, &w.up, &self.gemm)?;
+            let y = kernels::grouped_matmul(&h, &perm.offsets, &w.down, &self.gemm)?;
+            let shared = shared.map(|p| p.join()).transpose()?;
+            // the combine adds the shared expert's output while it sums the routed rows, in f32,
+            // rounding once
+            let out = kernels::combine(&y, &perm, &g.weights, shared.as_ref())?;
+            let routing = Routing { experts: g.ids, weights: g.weights, scores: g.scores };
+            return Ok(MoeOutput { out, routed: None, shared, routing, expert_counts: g.expert_counts, aux_loss: None, contrastive_loss: None });
+        }
+        let routing = self.router.route(x, input.unconditional)?;
+        let e = self.cfg.total_experts();
+        let perm = kernels::permute_by_expert(&routing.experts.to_dtype(DType::U32)?, e)?;
+        let routed = kernels::routed_experts(&tokens, &routing.weights, stacks, &perm, &self.gemm)?.to_dtype(x.dtype())?;
         let expert_counts = (perm.offsets.narrow(0, 1, e)? - perm.offsets.narrow(0, 0, e)?)?;
         self.finish(x, routed, routing, expert_counts)
     }
@@ -214,37 +236,6 @@ impl MoeLayer {
             None => routed.clone(),
         };
         Ok(MoeOutput { out, routed: Some(routed), shared, routing, expert_counts, aux_loss: None, contrastive_loss: None })
-    }
-
-    /// The kernel pipeline of a frozen top-k SwiGLU layer: the whole layer on the fused
-    /// kernels, no host read.
-    fn forward_fused_inference(&self, x: &Tensor) -> Result<MoeOutput> {
-        let (MoeRouter::TopK(router), Some(ExpertStacks::Swiglu(w))) = (&self.router, &self.stacks) else {
-            candle_core::bail!("moe: the fused inference path serves top-k SwiGLU layers")
-        };
-        // The grouped GEMMs run in the weights' dtype (bf16 on tensor cores), like every
-        // other matmul of the model (`crate::nn::Linear`).
-        let flat = x.to_dtype(w.gate.dtype())?;
-        // The shared expert needs no routing: it runs on a second stream while the router,
-        // gating and sort (small, latency-bound launches) run on the main one.
-        let shared = self.shared_swiglu_weights().map(|sw| kernels::swiglu_mlp_start(&flat, &sw, &self.gemm)).transpose()?;
-        let logits = router.logits(&flat)?;
-        // The gating kernel reads bf16 or f32 logits and does its softmax in f32 either way.
-        let logits = match logits.dtype() {
-            DType::BF16 | DType::F32 => logits,
-            _ => logits.to_dtype(DType::F32)?,
-        };
-        let (mut g, perm) = kernels::fused_gating_permute(&logits, router.top_k())?;
-        // the kernel keeps the chosen scores; `norm_topk_prob` renormalises them on the device
-        g.weights = router.gate_weights(g.weights)?;
-        let h = kernels::grouped_gate_up_gather(&flat, &perm, &w.gate, &w.up, &self.gemm)?;
-        let y = kernels::grouped_matmul(&h, &perm.offsets, &w.down, &self.gemm)?;
-        let shared = shared.map(|p| p.join()).transpose()?;
-        // the combine adds the shared expert's output while it sums the routed rows, in f32,
-        // rounding once
-        let out = kernels::combine(&y, &perm, &g.weights, shared.as_ref())?;
-        let routing = Routing { experts: g.ids, weights: g.weights, scores: g.scores };
-        Ok(MoeOutput { out, routed: None, shared, routing, expert_counts: g.expert_counts, aux_loss: None, contrastive_loss: None })
     }
 
     fn shared_swiglu_weights(&self) -> Option<SwigluWeights> {
