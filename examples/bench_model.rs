@@ -159,9 +159,9 @@ fn matmul_floor(cfg: &DitConfig, dtype: DType, b: usize, device: &Device, budget
     };
     let z = Tensor::zeros(1, DType::F32, device)?;
     let time = |attention: bool| -> Result<f64> {
-        let mut graphed = GraphedForward::new(|_: &Tensor, _: &Tensor, _: &Tensor| (1..cfg.depth).try_fold(block(attention)?, |_, _| block(attention)));
-        graphed.call(&z, &z, &z)?;
-        let ms = median_ms(device, budget, || graphed.call(&z, &z, &z).map(drop))?;
+        let mut graphed = GraphedForward::new(|_: &[&Tensor]| (1..cfg.depth).try_fold(block(attention)?, |_, _| block(attention)));
+        graphed.call(&[&z])?;
+        let ms = median_ms(device, budget, || graphed.call(&[&z]).map(drop))?;
         if let Some(e) = graphed.capture_error() {
             println!("matmul floor: CUDA graph capture failed, eager: {e}");
         }
@@ -201,9 +201,9 @@ fn graph_probe(stage: &str, cfg: &DitConfig, plan: &ExecutionPlan, b: usize) -> 
     for (x, c, y) in &sets {
         eager.push(f(x, c, y)?);
     }
-    let mut graphed = GraphedForward::new(f);
+    let mut graphed = GraphedForward::new(|ins: &[&Tensor]| f(ins[0], ins[1], ins[2]));
     for (i, ((x, c, y), e)) in sets.iter().zip(&eager).enumerate() {
-        let out = graphed.call(x, c, y)?;
+        let out = graphed.call(&[x, c, y])?;
         device.synchronize()?;
         let diff = (out.to_dtype(DType::F32)? - e.to_dtype(DType::F32)?)?.abs()?.max_all()?.to_scalar::<f32>()?;
         println!("probe {stage}: call {i} replays {} max |graph - eager| {diff:.3e} capture error {:?}", graphed.replays(), graphed.capture_error());
@@ -282,11 +282,11 @@ fn main() -> Result<()> {
                 // The same forward replayed as one CUDA graph (what the samplers do on a GPU),
                 // checked against the eager output on a second input set.
                 let graph_ms = if device.is_cuda() {
-                    let mut graphed = GraphedForward::new(|x: &Tensor, t: &Tensor, y: &Tensor| model.forward(x, t, y));
-                    graphed.call(&x, &t, &y)?;
-                    let ms = median_ms(&device, budget, || graphed.call(&x, &t, &y).map(drop))?;
+                    let mut graphed = GraphedForward::new(|ins: &[&Tensor]| model.forward(ins[0], ins[1], ins[2]));
+                    graphed.call(&[&x, &t, &y])?;
+                    let ms = median_ms(&device, budget, || graphed.call(&[&x, &t, &y]).map(drop))?;
                     let (x2, t2, y2) = inputs(b)?;
-                    let diff = (graphed.call(&x2, &t2, &y2)? - model.forward(&x2, &t2, &y2)?)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                    let diff = (graphed.call(&[&x2, &t2, &y2])? - model.forward(&x2, &t2, &y2)?)?.abs()?.max_all()?.to_scalar::<f32>()?;
                     if let Some(e) = graphed.capture_error() {
                         println!("CUDA graph capture failed, eager fallback: {e}");
                     }

@@ -1,4 +1,5 @@
-//! `GraphedForward`: a forward function of three tensors replayed as one CUDA graph.
+//! `GraphedForward`: a forward function of any number of input tensors replayed as one CUDA
+//! graph (a DiT step takes x, t and labels; a decoder step its tokens and positions).
 //!
 //! A DiT-MoE forward issues a few hundred small kernels; at batch 1 a GPU finishes each long
 //! before the host has launched the next, so the pass is bound by launch overhead (the official
@@ -39,7 +40,7 @@ pub struct GraphedForward<F> {
 #[cfg(feature = "cuda")]
 struct Captured {
     key: Key,
-    inputs: [Tensor; 3],
+    inputs: Vec<Tensor>,
     out: Tensor,
     exec: Option<candle_core::cuda_backend::cudarc::driver::CudaGraph>,
 }
@@ -64,11 +65,11 @@ impl<F> std::fmt::Debug for GraphedForward<F> {
     }
 }
 
-fn key_of(inputs: [&Tensor; 3]) -> Key {
+fn key_of(inputs: &[&Tensor]) -> Key {
     inputs.iter().map(|t| (t.shape().clone(), t.dtype())).collect()
 }
 
-impl<F: FnMut(&Tensor, &Tensor, &Tensor) -> Result<Tensor>> GraphedForward<F> {
+impl<F: FnMut(&[&Tensor]) -> Result<Tensor>> GraphedForward<F> {
     pub fn new(f: F) -> Self {
         Self {
             f,
@@ -90,13 +91,15 @@ impl<F: FnMut(&Tensor, &Tensor, &Tensor) -> Result<Tensor>> GraphedForward<F> {
         self.replays
     }
 
-    /// `f(a, b, c)`, through the captured graph where there is one for these inputs.
-    pub fn call(&mut self, a: &Tensor, b: &Tensor, c: &Tensor) -> Result<Tensor> {
-        let device = a.device().clone();
+    /// `f(inputs)`, through the captured graph where there is one for these inputs' shapes and
+    /// dtypes. The inputs must sit on one device.
+    pub fn call(&mut self, inputs: &[&Tensor]) -> Result<Tensor> {
+        let Some(first) = inputs.first() else { candle_core::bail!("GraphedForward::call needs at least one input") };
+        let device = first.device().clone();
         if !device.is_cuda() || self.capture_error.is_some() {
-            return (self.f)(a, b, c);
+            return (self.f)(inputs);
         }
-        let key = key_of([a, b, c]);
+        let key = key_of(inputs);
         // candle's strided kernels upload their layout from the host on every call; with this
         // cache on, those uploads go to persistent device buffers keyed by content (filled by
         // the eager warm-up call), so a captured graph replays valid layouts.
@@ -105,33 +108,33 @@ impl<F: FnMut(&Tensor, &Tensor, &Tensor) -> Result<Tensor>> GraphedForward<F> {
         #[cfg(feature = "cuda")]
         {
             if self.graph.as_ref().is_some_and(|g| g.key == key) {
-                return self.replay(a, b, c);
+                return self.replay(inputs);
             }
             if let Some((warm_key, out_shape, out_dtype)) = self.warmed.take() {
                 if warm_key == key {
                     self.graph = None; // free the old graph's buffers before capturing anew
-                    match self.capture(&device, [a, b, c], key, out_shape, out_dtype) {
+                    match self.capture(&device, inputs, key, out_shape, out_dtype) {
                         Ok(g) => {
                             self.graph = Some(g);
-                            return self.replay(a, b, c);
+                            return self.replay(inputs);
                         }
                         Err(e) => {
                             self.capture_error = Some(e.to_string());
-                            return (self.f)(a, b, c);
+                            return (self.f)(inputs);
                         }
                     }
                 }
             }
         }
-        let out = (self.f)(a, b, c)?;
+        let out = (self.f)(inputs)?;
         self.warmed = Some((key, out.shape().clone(), out.dtype()));
         Ok(out)
     }
 
     #[cfg(feature = "cuda")]
-    fn capture(&mut self, device: &Device, inputs: [&Tensor; 3], key: Key, out_shape: Shape, out_dtype: DType) -> Result<Captured> {
+    fn capture(&mut self, device: &Device, inputs: &[&Tensor], key: Key, out_shape: Shape, out_dtype: DType) -> Result<Captured> {
         use candle_core::cuda_backend::cudarc::driver::sys;
-        let statics = [inputs[0].contiguous()?.copy()?, inputs[1].contiguous()?.copy()?, inputs[2].contiguous()?.copy()?];
+        let statics = inputs.iter().map(|t| t.contiguous()?.copy()).collect::<Result<Vec<_>>>()?;
         let out = Tensor::zeros(out_shape, out_dtype, device)?;
         device.synchronize()?;
         let stream = device.as_cuda_device()?.cuda_stream();
@@ -139,7 +142,7 @@ impl<F: FnMut(&Tensor, &Tensor, &Tensor) -> Result<Tensor>> GraphedForward<F> {
             .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
             .map_err(candle_core::Error::wrap)?;
         // Every intermediate is dropped before the capture ends, so its free is in the graph.
-        let result = (self.f)(&statics[0], &statics[1], &statics[2]).and_then(|o| out.slice_set(&o, 0, 0));
+        let result = (self.f)(&statics.iter().collect::<Vec<_>>()).and_then(|o| out.slice_set(&o, 0, 0));
         let exec = stream.end_capture(sys::CUgraphInstantiate_flags(0)).map_err(candle_core::Error::wrap);
         result?;
         let exec = exec?.ok_or_else(|| candle_core::Error::Msg("CUDA graph capture recorded nothing".into()))?;
@@ -148,9 +151,9 @@ impl<F: FnMut(&Tensor, &Tensor, &Tensor) -> Result<Tensor>> GraphedForward<F> {
     }
 
     #[cfg(feature = "cuda")]
-    fn replay(&mut self, a: &Tensor, b: &Tensor, c: &Tensor) -> Result<Tensor> {
+    fn replay(&mut self, inputs: &[&Tensor]) -> Result<Tensor> {
         let g = self.graph.as_ref().expect("replay needs a captured graph");
-        for (dst, src) in g.inputs.iter().zip([a, b, c]) {
+        for (dst, src) in g.inputs.iter().zip(inputs) {
             dst.slice_set(&src.contiguous()?, 0, 0)?;
         }
         g.exec.as_ref().expect("a captured graph").launch().map_err(candle_core::Error::wrap)?;

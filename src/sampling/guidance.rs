@@ -20,7 +20,7 @@ use candle_core::{bail, Device, Result, Tensor};
 use std::sync::Mutex;
 
 /// The model's eval forward `(x, t, labels) -> out` as [`GraphedForward`] replays it.
-type ForwardFn<'a> = Box<dyn FnMut(&Tensor, &Tensor, &Tensor) -> Result<Tensor> + Send + 'a>;
+type ForwardFn<'a> = Box<dyn FnMut(&[&Tensor]) -> Result<Tensor> + Send + 'a>;
 
 /// The official `forward_with_cfg` guides `eps[:, :3]` (kept from DiT for reproducibility).
 const OFFICIAL_GUIDED_CHANNELS: usize = 3;
@@ -102,7 +102,10 @@ impl<'a> GuidedModel<'a> {
         }
         let labels = Tensor::new(labels, device)?;
         let graphed = model.forward_is_capturable().then(|| {
-            let f: ForwardFn<'a> = Box::new(move |x: &Tensor, t: &Tensor, y: &Tensor| model.forward(x, t, y));
+            let f: ForwardFn<'a> = Box::new(move |inputs: &[&Tensor]| match inputs {
+                [x, t, y] => model.forward(x, t, y),
+                _ => bail!("the model's forward takes x, t and labels"),
+            });
             Mutex::new(GraphedForward::new(f))
         });
         Ok(Self { model, labels, n: classes.len(), guidance, routing: None, graphed })
@@ -196,7 +199,7 @@ impl<'a> GuidedModel<'a> {
     fn model_forward(&self, x: &Tensor, t: &Tensor) -> Result<Tensor> {
         let Some(slot) = &self.routing else {
             return match &self.graphed {
-                Some(g) => g.lock().unwrap_or_else(|e| e.into_inner()).call(x, t, &self.labels),
+                Some(g) => g.lock().unwrap_or_else(|e| e.into_inner()).call(&[x, t, &self.labels]),
                 None => self.model.forward(x, t, &self.labels),
             };
         };
