@@ -39,7 +39,7 @@ fn eval_reports_accuracy_and_frechet_distance() {
         "objective": "rf", "image_size": 28, "global_batch": 12, "steps": 3, "lr": 1e-3, "num_workers": 0,
     }))
     .unwrap();
-    let model_dir = Trainer::new(cfg, &ditmoe::ExecutionPlan::training(&Device::Cpu, ditmoe::Precision::F32), false).unwrap().run(false).unwrap().ema_dir;
+    let model_dir = Trainer::new(cfg, &ditmoe::ExecutionPlan::training(&Device::Cpu, ditmoe::Precision::F32), ditmoe::train::RunStart::New).unwrap().run(false).unwrap().ema_dir;
 
     let (clf, report) = (root.join("clf"), root.join("report.json"));
     let grid = root.join("grid.png");

@@ -2,7 +2,8 @@
 //! resume is bitwise exact, a damaged checkpoint is skipped, a NaN stops training, and bad
 //! inputs fail with messages that name the problem.
 use candle_core::Device;
-use ditmoe::train::{checkpoint, JsonlLog, Objective, TrainConfig, Trainer, LOG_FILE};
+use ditmoe::train::{checkpoint, JsonlLog, Objective, RunStart, TrainConfig, Trainer, LOG_FILE};
+use ditmoe::{ExecutionPlan, Precision};
 use std::path::{Path, PathBuf};
 
 mod common;
@@ -68,7 +69,7 @@ fn config(f: &Fixture, out: &str, steps: u64) -> TrainConfig {
 }
 
 fn losses(cfg: TrainConfig, resume: bool) -> Vec<f32> {
-    let mut t = Trainer::new(cfg, &ditmoe::ExecutionPlan::training(&Device::Cpu, ditmoe::Precision::F32), resume).unwrap();
+    let mut t = Trainer::new(cfg, &ditmoe::ExecutionPlan::training(&Device::Cpu, ditmoe::Precision::F32), if resume { ditmoe::train::RunStart::Resume } else { ditmoe::train::RunStart::New }).unwrap();
     t.run(false).unwrap().steps.iter().map(|s| s.loss).collect()
 }
 
@@ -138,7 +139,7 @@ fn truncated_checkpoint_falls_back() {
     file.set_len(len / 2).unwrap();
     drop(file);
 
-    let t = Trainer::new(config(&f, "run", 8), &ditmoe::ExecutionPlan::training(&Device::Cpu, ditmoe::Precision::F32), true).unwrap();
+    let t = Trainer::new(config(&f, "run", 8), &ditmoe::ExecutionPlan::training(&Device::Cpu, ditmoe::Precision::F32), ditmoe::train::RunStart::Resume).unwrap();
     assert_eq!(t.step(), 4, "resume should fall back to step 4");
     let (_, warnings) = checkpoint::load_latest(&root, &Device::Cpu).unwrap();
     assert_eq!(warnings.len(), 1);
@@ -152,7 +153,7 @@ fn nan_stops_with_step_and_keeps_last_checkpoint() {
     cfg.lr = 1e30; // the first update blows the weights up; the next loss is not finite
     cfg.max_grad_norm = None;
     cfg.ckpt_every = 1;
-    let mut t = Trainer::new(cfg, &ditmoe::ExecutionPlan::training(&Device::Cpu, ditmoe::Precision::F32), false).unwrap();
+    let mut t = Trainer::new(cfg, &ditmoe::ExecutionPlan::training(&Device::Cpu, ditmoe::Precision::F32), ditmoe::train::RunStart::New).unwrap();
     let err = t.run(false).unwrap_err().to_string();
     assert!(err.contains("non-finite"), "{err}");
     let root = checkpoint::checkpoints_dir(&f.root.join("run"));
@@ -190,11 +191,11 @@ fn bad_inputs_are_named() {
 
     // A class folder without images.
     std::fs::create_dir_all(f.root.join("data/class3")).unwrap();
-    let e = Trainer::new(config(&f, "run", 2), &ditmoe::ExecutionPlan::training(&Device::Cpu, ditmoe::Precision::F32), false).err().expect("empty class folder must fail").to_string();
+    let e = Trainer::new(config(&f, "run", 2), &ditmoe::ExecutionPlan::training(&Device::Cpu, ditmoe::Precision::F32), ditmoe::train::RunStart::New).err().expect("empty class folder must fail").to_string();
     assert!(e.contains("class3"), "{e}");
     // Four classes for a three-class model.
     std::fs::copy(f.root.join("data/class0/0.png"), f.root.join("data/class3/0.png")).unwrap();
-    let e = Trainer::new(config(&f, "run", 2), &ditmoe::ExecutionPlan::training(&Device::Cpu, ditmoe::Precision::F32), false).err().expect("class count mismatch must fail").to_string();
+    let e = Trainer::new(config(&f, "run", 2), &ditmoe::ExecutionPlan::training(&Device::Cpu, ditmoe::Precision::F32), ditmoe::train::RunStart::New).err().expect("class count mismatch must fail").to_string();
     assert!(e.contains("4 classes") && e.contains("num_classes 3"), "{e}");
 }
 
@@ -212,7 +213,7 @@ fn init_from_starts_from_given_weights() {
     assert!(continued[0] < fresh[0], "init_from loss {} should be below a fresh start {} (trained run ended at {})", continued[0], fresh[0], trained[39]);
     let mut bad = config(&f, "bad", 1);
     bad.init_from = Some(f.root.join("model.json"));
-    let e = Trainer::new(bad, &ditmoe::ExecutionPlan::training(&Device::Cpu, ditmoe::Precision::F32), false).err().expect("a non-checkpoint must fail").to_string();
+    let e = Trainer::new(bad, &ditmoe::ExecutionPlan::training(&Device::Cpu, ditmoe::Precision::F32), ditmoe::train::RunStart::New).err().expect("a non-checkpoint must fail").to_string();
     assert!(e.contains("model.json"), "{e}");
 }
 
@@ -238,4 +239,55 @@ fn promoe_router_trains() {
     assert!(log.iter().all(|r| r.contrastive.is_finite() && r.contrastive > 0.0), "{:?}", log.iter().map(|r| r.contrastive).collect::<Vec<_>>());
     // interleave: block 1 is the only MoE layer; E routed experts + the unconditional one.
     assert!(log.iter().all(|r| r.expert_counts.len() == 1 && r.expert_counts[0].len() == 5), "{:?}", log[0].expert_counts);
+}
+
+fn cpu_training() -> ExecutionPlan {
+    ExecutionPlan::training(&Device::Cpu, Precision::F32)
+}
+
+/// A run folder belongs to one run: a new run refuses a folder that holds one (and leaves it as
+/// it was), `--overwrite` moves it aside, and `--resume` on a folder without a checkpoint says it
+/// starts anew.
+#[test]
+fn a_run_folder_holds_one_run() {
+    let f = fixture("runfolder");
+    let out = f.root.join("run");
+    losses(config(&f, "run", 4), false);
+    let log_before = std::fs::read(out.join(LOG_FILE)).unwrap();
+    let err = Trainer::new(config(&f, "run", 4), &cpu_training(), RunStart::New).err().expect("a second run into the same folder must be refused").to_string();
+    assert!(err.contains("holds a run") && err.contains("--resume") && err.contains("--overwrite"), "{err}");
+    assert!(err.contains(&out.display().to_string()), "{err}");
+    assert_eq!(std::fs::read(out.join(LOG_FILE)).unwrap(), log_before, "the refused run left the old run's log as it was");
+    assert_eq!(checkpoint::list(&checkpoint::checkpoints_dir(&out)).unwrap().len(), 1);
+
+    // --overwrite: the old run moves aside whole, the new one starts at step 0
+    let t = Trainer::new(config(&f, "run", 4), &cpu_training(), RunStart::Overwrite).unwrap();
+    assert_eq!(t.step(), 0);
+    let aside = f.root.join("run.old-1");
+    assert_eq!(std::fs::read(aside.join(LOG_FILE)).unwrap(), log_before, "the old run is kept aside");
+    assert!(checkpoint::list(&checkpoint::checkpoints_dir(&aside)).unwrap().len() == 1);
+    assert!(!out.join(LOG_FILE).exists());
+
+    // --resume where there is nothing to resume: a fresh start, said in the warnings
+    let fresh = config(&f, "fresh", 4);
+    let t = Trainer::new(fresh, &cpu_training(), RunStart::Resume).unwrap();
+    assert_eq!(t.step(), 0);
+    let summary = { let mut t = t; t.run(false).unwrap() };
+    assert!(summary.warnings.iter().any(|w| w.contains("no valid checkpoint") && w.contains("starting at step 0")), "{:?}", summary.warnings);
+}
+
+/// The exported EMA model carries the `generate.json` of its objective, so `ditmoe generate
+/// --model RUN/ema` samples a rectified-flow model as one.
+#[test]
+fn exported_model_says_how_to_sample_it() {
+    let f = fixture("export");
+    for (objective, sampler, steps) in [(Objective::Rf, "rf-euler", 50), (Objective::Ddpm, "ddpm", 250)] {
+        let mut cfg = config(&f, &format!("run-{sampler}"), 2);
+        cfg.objective = objective;
+        let ema = Trainer::new(cfg, &cpu_training(), RunStart::New).unwrap().run(false).unwrap().ema_dir;
+        let g: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(ema.join("generate.json")).unwrap()).unwrap();
+        assert_eq!(g["sampler"], sampler);
+        assert_eq!(g["steps"], steps);
+        assert_eq!(g["cfg_scale"], 4.0, "the model has a null class: guided");
+    }
 }

@@ -8,9 +8,6 @@ use std::path::Path;
 
 pub const DEFAULTS_FILE: &str = "generate.json";
 
-/// DDPM/DDIM: `sample.py`'s 250 steps; flow: its 50.
-pub const GAUSSIAN_STEPS: usize = 250;
-pub const FLOW_STEPS: usize = 50;
 /// Official `sample.py`'s `--cfg-scale` default (as `ditmoe generate`).
 pub const CFG_SCALE: f64 = 4.0;
 
@@ -47,10 +44,9 @@ impl RunDefaults {
         };
         let chosen = sampler.or(from_file).unwrap_or(SamplerKind::Ddpm);
         let steps_apply = from_file.is_none_or(|f| f == chosen);
-        let official = if chosen.is_gaussian() { GAUSSIAN_STEPS } else { FLOW_STEPS };
         Ok(Self {
             sampler: chosen,
-            steps: file.steps.filter(|_| steps_apply).unwrap_or(official),
+            steps: file.steps.filter(|_| steps_apply).unwrap_or(chosen.official_steps()),
             cfg_scale: file.cfg_scale.unwrap_or(CFG_SCALE),
         })
     }

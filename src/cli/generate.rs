@@ -77,16 +77,6 @@ pub struct GenerateArgs {
     separate: bool,
 }
 
-/// The steps a sampler takes unless told: the official `sample.py`'s 250 for the Gaussian
-/// samplers, 50 for rectified flow.
-fn default_steps(kind: SamplerKind) -> i64 {
-    if kind.is_gaussian() {
-        250
-    } else {
-        50
-    }
-}
-
 /// `generate.json`: defaults for flags the user did not give.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -285,7 +275,7 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
     let (steps, steps_from) = match (a.steps, defaults.steps.filter(|_| json_steps_apply)) {
         (Some(s), _) => (s, "--steps".to_string()),
         (None, Some(s)) => (s, from_file("steps")),
-        (None, None) => (default_steps(sampler_name), "--steps".to_string()),
+        (None, None) => (sampler_name.official_steps() as i64, "--steps".to_string()),
     };
     let steps = positive(steps, &steps_from)?;
     let (cfg_scale, scale_from) = match (a.cfg_scale, defaults.cfg_scale) {

@@ -2,7 +2,7 @@
 //! training loop; `--resume` continues from the newest valid checkpoint in the run folder.
 use super::usage;
 use clap::Args;
-use ditmoe::train::{Objective, Router, StopReason, TrainConfig, Trainer};
+use ditmoe::train::{Objective, Router, RunStart, StopReason, TrainConfig, Trainer};
 use std::path::PathBuf;
 
 #[derive(Args, Debug)]
@@ -58,9 +58,12 @@ pub struct TrainArgs {
     /// Start from these weights instead of the official initialisation.
     #[arg(long)]
     init_from: Option<PathBuf>,
-    /// Continue from the newest valid checkpoint in the run folder.
-    #[arg(long)]
+    /// Continue the run in --out from its newest valid checkpoint.
+    #[arg(long, conflicts_with = "overwrite")]
     resume: bool,
+    /// Start a new run in an --out that holds one, moving the old run aside to `<out>.old-<n>`.
+    #[arg(long)]
+    overwrite: bool,
     /// cpu or cuda. On CUDA, f32 matmuls use TF32 (see docs/quality.md).
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -102,7 +105,12 @@ pub fn run(a: TrainArgs) -> anyhow::Result<()> {
     let precision = if device.is_cuda() { ditmoe::Precision::Tf32 } else { ditmoe::Precision::F32 };
     let plan = ditmoe::ExecutionPlan::training(&device, precision);
     plan.apply_matmul_precision();
-    let mut trainer = Trainer::new(cfg.clone(), &plan, a.resume)?;
+    let start = match (a.resume, a.overwrite) {
+        (true, _) => RunStart::Resume,
+        (_, true) => RunStart::Overwrite,
+        _ => RunStart::New,
+    };
+    let mut trainer = Trainer::new(cfg.clone(), &plan, start)?;
     let mc = trainer.model_config();
     let (total, active) = mc.param_counts();
     eprintln!(

@@ -31,6 +31,16 @@ impl SamplerKind {
         matches!(self, Self::Ddpm | Self::Ddim)
     }
 
+    /// The steps the official `sample.py` takes: 250 for the Gaussian samplers, 50 for
+    /// rectified flow.
+    pub fn official_steps(self) -> usize {
+        if self.is_gaussian() {
+            250
+        } else {
+            50
+        }
+    }
+
     /// The sampler for `cfg` with `steps` steps. `clip_x0`: Gaussian samplers clamp the
     /// predicted x_0 to [-1, 1], right for pixel-space models only (`sample.py` passes
     /// `clip_denoised=False` for its latents, whose tails run well past 1; see `DdimSampler`).

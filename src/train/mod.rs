@@ -11,9 +11,11 @@ pub mod log;
 pub mod pad;
 pub mod profile;
 pub mod rng;
+pub mod run_dir;
 pub mod samples;
 pub mod trainer;
 
 pub use config::{Objective, Router, TrainConfig};
 pub use log::{JsonlLog, StepLog, LOG_FILE};
+pub use run_dir::RunStart;
 pub use trainer::{RunSummary, StopReason, Trainer};

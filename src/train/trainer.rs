@@ -11,7 +11,9 @@ use super::log::{JsonlLog, StepLog};
 use super::profile::StepProfile;
 use super::rng::{drop_labels, randn, step_rng, Stream};
 use super::samples::write_grid;
+use super::run_dir::{self, RunStart};
 use super::{Objective, TrainConfig};
+use crate::sampling::SamplerKind;
 use crate::checkpoint::{write_atomic, write_safetensors_atomic};
 use crate::config::DitConfig;
 use crate::data::{DataLoader, LoaderConfig, LoaderState};
@@ -46,7 +48,7 @@ pub struct RunSummary {
     pub stop: StopReason,
     /// The checkpoint this run resumed from.
     pub resumed_from: Option<PathBuf>,
-    /// Damaged checkpoints skipped while resuming.
+    /// Damaged checkpoints skipped while resuming, or a resume that found no checkpoint.
     pub warnings: Vec<String>,
     /// The exported EMA model folder (`config.json`, `model.safetensors`, `class_names.json`).
     pub ema_dir: PathBuf,
@@ -91,10 +93,12 @@ fn budget_runs_out(elapsed: f64, budget: f64, last_step: f64, steps_run: u64) ->
 
 impl Trainer {
     /// Builds the model (official init from `seed`) and data stream; with `resume`, continues
-    /// from the newest valid checkpoint in `<out>/checkpoints` (a fresh start if there is none).
-    /// `plan`: a training plan (trainable weights; its precision sets the matmuls', the master
-    /// weights stay f32).
-    pub fn new(cfg: TrainConfig, plan: &ExecutionPlan, resume: bool) -> Result<Self> {
+    /// from the newest valid checkpoint in `<out>/checkpoints` (a fresh start if there is none,
+    /// said in the warnings). A new run refuses a run folder that holds a run, unless `start`
+    /// moves it aside ([`run_dir::prepare`]). `plan`: a training plan (trainable weights; its
+    /// precision sets the matmuls', the master weights stay f32).
+    pub fn new(cfg: TrainConfig, plan: &ExecutionPlan, start: RunStart) -> Result<Self> {
+        let resume = start == RunStart::Resume;
         if !plan.trainable() || plan.weight_dtype() != DType::F32 {
             candle_core::bail!("the trainer needs a training plan with f32 master weights")
         }
@@ -103,6 +107,9 @@ impl Trainer {
         let model_cfg = cfg.model_config()?;
         let dataset = open_dataset(&cfg, &model_cfg)?;
         let class_names = dataset.class_names().to_vec();
+        if let Some(aside) = run_dir::prepare(&cfg.out, start)? {
+            eprintln!("moved the earlier run in {} aside to {}", cfg.out.display(), aside.display());
+        }
         std::fs::create_dir_all(&cfg.out).map_err(|e| candle_core::Error::Msg(format!("{}: {e}", cfg.out.display())))?;
 
         // Master weights are f32 on every device (see docs/quality.md for why not bf16).
@@ -130,6 +137,11 @@ impl Trainer {
                 eprintln!("warning: {w}");
             }
             warnings = warns;
+            if ckpt.is_none() {
+                let w = format!("{}: no valid checkpoint to resume from, starting at step 0", checkpoint::checkpoints_dir(&cfg.out).display());
+                eprintln!("warning: {w}");
+                warnings.push(w);
+            }
             if let Some(ckpt) = ckpt {
                 if ckpt.state.seed != cfg.seed {
                     bail!("{}: checkpoint was trained with seed {}, the config says {}", ckpt.dir.display(), ckpt.state.seed, cfg.seed);
@@ -322,13 +334,23 @@ impl Trainer {
         checkpoint::save(&checkpoint::checkpoints_dir(&self.cfg.out), &req, self.cfg.keep_last)
     }
 
-    /// Writes the EMA weights as a model folder (`ditmoe generate --model` reads it).
+    /// Writes the EMA weights as a model folder (`ditmoe generate --model` reads it), with the
+    /// `generate.json` that samples it by its objective: a rectified-flow model under a DDPM
+    /// sampler gives noise.
     pub fn export_ema(&self, dir: &Path) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|e| candle_core::Error::Msg(format!("{}: {e}", dir.display())))?;
         write_safetensors_atomic(&dir.join("model.safetensors"), self.ema.tensors())?;
         write_atomic(&dir.join("config.json"), self.model_cfg.to_json().as_bytes())?;
         let names = serde_json::to_string(&self.class_names).expect("names serialise");
-        write_atomic(&dir.join("class_names.json"), names.as_bytes())
+        write_atomic(&dir.join("class_names.json"), names.as_bytes())?;
+        let sampler = match self.cfg.objective {
+            Objective::Rf => SamplerKind::Euler,
+            Objective::Ddpm => SamplerKind::Ddpm,
+        };
+        // guidance needs the null class, which exists only when labels were dropped in training
+        let cfg_scale = if self.model_cfg.class_dropout_prob > 0.0 { 4.0 } else { 1.0 };
+        let defaults = serde_json::json!({"sampler": sampler.name(), "steps": sampler.official_steps(), "cfg_scale": cfg_scale});
+        write_atomic(&dir.join("generate.json"), defaults.to_string().as_bytes())
     }
 
     /// Trains until `steps` or the time budget; saves a checkpoint every `ckpt_every` steps and
