@@ -183,3 +183,66 @@ fn forward_rejects_wrong_shapes() {
     let err = model.forward(&x, &t, &y).unwrap_err().to_string();
     assert!(err.contains("(2, 3, 8, 8)") && err.contains("(N, 4, 8, 8)"), "{err}");
 }
+
+#[test]
+fn non_finite_weights_are_refused_by_name() {
+    let (err, file) = load_error("nan", |t| {
+        let i = t.iter().position(|(n, _)| n == "blocks.0.attn.proj.weight").unwrap();
+        let mut v = t[i].1.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        v[3] = f32::NAN;
+        v[7] = f32::INFINITY;
+        t[i].1 = Tensor::from_vec(v, t[i].1.shape(), &Device::Cpu).unwrap();
+    });
+    assert!(err.contains(&file) && err.contains("`blocks.0.attn.proj.weight` holds 2 non-finite values"), "{err}");
+}
+
+/// A write killed midway leaves `.{name}.{pid}.tmp`; the next completed write of the file, or
+/// the next checkpoint saved beside it, removes it (and only such files).
+#[test]
+fn completed_writes_remove_stale_temp_files() {
+    let dir = scratch_dir("stale-temps");
+    let stale = dir.join(".model.safetensors.4242.tmp");
+    let other = dir.join(".state.json.4242.tmp");
+    let keep = dir.join("notes.tmp");
+    for p in [&stale, &other, &keep] {
+        std::fs::write(p, b"partial").unwrap();
+    }
+    ditmoe::checkpoint::write_atomic(&dir.join("model.safetensors"), b"complete").unwrap();
+    assert!(!stale.exists(), "the stale temp of the written file is gone");
+    assert!(other.exists() && keep.exists(), "other files' temps and unrelated files stay");
+    ditmoe::checkpoint::remove_stale_temps_in(&dir);
+    assert!(!other.exists() && keep.exists());
+    assert_eq!(std::fs::read(dir.join("model.safetensors")).unwrap(), b"complete");
+}
+
+fn ditmoe_cli(args: &[&str]) -> (bool, String) {
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_ditmoe")).args(args).env_remove("RUST_BACKTRACE").output().unwrap();
+    (o.status.success(), String::from_utf8_lossy(&o.stderr).into_owned())
+}
+
+#[test]
+fn forward_and_convert_refuse_to_destroy_their_inputs() {
+    let dir = scratch_dir("cli-guards");
+    let model = fixture_path("models/tiny");
+    let io = dir.join("io.safetensors");
+    std::fs::copy(fixture_path("models/tiny/io.safetensors"), &io).unwrap();
+    let before = std::fs::read(&io).unwrap();
+    let (ok, err) = ditmoe_cli(&["forward", "--model", model.to_str().unwrap(), "--inputs", io.to_str().unwrap(), "--output", io.to_str().unwrap()]);
+    assert!(!ok && err.contains("--output") && err.contains("overwrite the inputs"), "{err}");
+    assert_eq!(std::fs::read(&io).unwrap(), before, "the inputs are untouched");
+    let (ok, err) = ditmoe_cli(&["forward", "--model", model.to_str().unwrap(), "--inputs", io.to_str().unwrap(), "--output", dir.join("o.safetensors").to_str().unwrap(), "--cfg-scale", "nan"]);
+    assert!(!ok && err.contains("--cfg-scale NaN") && err.contains("finite"), "{err}");
+    assert!(!dir.join("o.safetensors").exists());
+
+    // convert into a folder that holds a model: refused without --overwrite, replaced with it
+    let out = dir.join("converted");
+    let weights = fixture_path("models/tiny/model.safetensors");
+    let config = fixture_path("models/tiny/config.json");
+    let args = ["convert", "--weights", weights.to_str().unwrap(), "--config", config.to_str().unwrap(), "--out", out.to_str().unwrap()];
+    assert!(ditmoe_cli(&args).0);
+    let (ok, err) = ditmoe_cli(&args);
+    assert!(!ok && err.contains("already holds a model") && err.contains("--overwrite"), "{err}");
+    let mut again = args.to_vec();
+    again.push("--overwrite");
+    assert!(ditmoe_cli(&again).0);
+}

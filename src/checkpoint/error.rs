@@ -15,6 +15,8 @@ pub enum CheckpointError {
     Shape { file: PathBuf, tensor: String, expected: Vec<usize>, found: Vec<usize> },
     #[error("{file}: tensor `{tensor}` has dtype {dtype:?}; weights must be f32, bf16 or f16")]
     DType { file: PathBuf, tensor: String, dtype: candle_core::DType },
+    #[error("{file}: tensor `{tensor}` holds {count} non-finite values (NaN or infinity){more}")]
+    NonFinite { file: PathBuf, tensor: String, count: usize, more: String },
 }
 
 impl From<CheckpointError> for candle_core::Error {

@@ -108,6 +108,17 @@ impl StateDict {
                 return Err(CheckpointError::DType { file, tensor: name.clone(), dtype: t.dtype() }.into());
             }
         }
+        // A NaN or infinite weight makes every sample black or NaN: refuse it at load, named.
+        let mut non_finite = Vec::new();
+        for (name, _) in &expected {
+            let count = non_finite_count(&self.tensors[name])?;
+            if count > 0 {
+                non_finite.push((name.clone(), count));
+            }
+        }
+        if let Some((tensor, count)) = non_finite.first().cloned() {
+            return Err(CheckpointError::NonFinite { file, tensor, count, more: and_more(non_finite.len()) }.into());
+        }
         Ok(())
     }
 
@@ -121,4 +132,10 @@ impl StateDict {
             .collect::<Result<HashMap<_, _>>>()?;
         Ok(VarBuilder::from_tensors(tensors, dtype, device))
     }
+}
+
+/// How many elements of a float tensor are NaN or infinite.
+fn non_finite_count(t: &Tensor) -> Result<usize> {
+    let v = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    Ok(v.iter().filter(|x| !x.is_finite()).count())
 }

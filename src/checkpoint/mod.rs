@@ -7,7 +7,7 @@ pub mod load;
 pub mod model_dir;
 pub mod shapes;
 
-pub use atomic::{write_atomic, write_safetensors_atomic};
+pub use atomic::{remove_stale_temps_in, write_atomic, write_safetensors_atomic};
 pub use error::CheckpointError;
 pub use load::{load_state_dict, StateDict};
 pub use model_dir::ModelDir;

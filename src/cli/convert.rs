@@ -20,9 +20,12 @@ pub struct ConvertArgs {
     /// Use the timm attention names (`attn.qkv`/`attn.proj`) for XL/G presets, as train.py builds them.
     #[arg(long)]
     timm_attn: bool,
-    /// Output folder.
+    /// Output model folder (a new one, unless --overwrite).
     #[arg(long)]
     out: PathBuf,
+    /// Replace the model in an existing --out folder.
+    #[arg(long)]
+    overwrite: bool,
     /// Stored dtype of the converted weights.
     #[arg(long, default_value = "f32")]
     dtype: String,
@@ -38,6 +41,10 @@ pub fn run(a: ConvertArgs) -> anyhow::Result<()> {
         cfg.use_flash_attn = false;
     }
     let dtype = super::dtype(&a.dtype)?;
+    let holds_model = ["config.json", "model.safetensors"].iter().any(|f| a.out.join(f).exists());
+    if holds_model && !a.overwrite {
+        return Err(super::usage(format!("--out {}: already holds a model; pass --overwrite to replace it, or choose another folder", a.out.display())));
+    }
     let dir = ModelDir::write(&a.out, &cfg, &a.weights, dtype, None)?;
     let (total, _) = cfg.param_counts();
     println!("wrote {} ({:.1}M parameters, {:?})", dir.dir.display(), total as f64 / 1e6, dtype);

@@ -32,6 +32,14 @@ pub struct ForwardArgs {
 }
 
 pub fn run(a: ForwardArgs) -> anyhow::Result<()> {
+    if let Some(s) = a.cfg_scale.filter(|s| !s.is_finite()) {
+        return Err(super::usage(format!("--cfg-scale {s}: must be a finite number")));
+    }
+    // the same file, named twice or through another path: writing the outputs would destroy the inputs
+    let same_file = a.inputs == a.output || std::fs::canonicalize(&a.inputs).ok().is_some_and(|i| std::fs::canonicalize(&a.output).ok() == Some(i));
+    if same_file {
+        return Err(super::usage(format!("--output {}: is the --inputs file; writing there would overwrite the inputs", a.output.display())));
+    }
     let plan = super::inference_plan(&a.device, &a.dtype)?;
     let device = plan.device.clone();
     let dir = ModelDir::open(&a.model)?;

@@ -80,6 +80,10 @@ pub fn save(root: &Path, req: &SaveRequest, keep_last: usize) -> Result<PathBuf>
     for (_, old) in list(root)?.iter().rev().skip(keep_last) {
         std::fs::remove_dir_all(old).map_err(|e| io(old, e))?;
     }
+    // what a save killed mid-write left in the checkpoints that remain
+    for (_, kept) in list(root)? {
+        crate::checkpoint::remove_stale_temps_in(&kept);
+    }
     Ok(dir)
 }
 
