@@ -864,3 +864,40 @@ fn fashion_mnist_conversion_rejects_malformed_packages() {
         .to_string();
     assert!(err.contains(&three.display().to_string()), "{err}");
 }
+
+/// Every image is probed as the dataset opens: all unreadable files are listed (not only the
+/// first), a link to nothing is one of them, hidden folders are no class, and with
+/// `BadImages::Skip` the rest of the data opens without them.
+#[test]
+fn unreadable_images_are_all_listed_before_work_starts() {
+    use ditmoe::data::BadImages;
+    let tmp = scratch_dir("data-bad-images");
+    let root = tmp.join("train");
+    for class in ["a", "b"] {
+        fs::create_dir_all(root.join(class)).unwrap();
+        for i in 0..3 {
+            image::RgbImage::from_pixel(5, 5, image::Rgb([i * 60, 10, 200])).save(root.join(class).join(format!("{i}.png"))).unwrap();
+        }
+    }
+    fs::create_dir_all(root.join(".ipynb_checkpoints")).unwrap();
+    fs::write(root.join(".ipynb_checkpoints").join("x.png"), b"junk").unwrap();
+    fs::write(root.join("a").join("broken.png"), b"not a png at all").unwrap();
+    fs::write(root.join("b").join("cut.jpg"), [0xFF, 0xD8, 0xFF]).unwrap();
+    #[cfg(unix)]
+    std::os::unix::fs::symlink(root.join("nowhere.png"), root.join("b").join("link.png")).unwrap();
+    let pre = Preprocess::new(4, 3).unwrap();
+
+    let err = ClassFolderDataset::open(&root, pre.clone()).unwrap_err().to_string();
+    for name in ["a/broken.png", "b/cut.jpg"] {
+        assert!(err.contains(name), "{name} missing from: {err}");
+    }
+    #[cfg(unix)]
+    assert!(err.contains("b/link.png: a link to nothing"), "{err}");
+    assert!(err.contains("--skip-bad-images"), "{err}");
+    assert!(!err.contains(".ipynb_checkpoints"), "hidden folders are not read: {err}");
+
+    let ds = ClassFolderDataset::open_with(&root, pre, BadImages::Skip).unwrap();
+    assert_eq!(ds.folder_names(), ["a", "b"], "the hidden folder is no class");
+    assert_eq!(ds.len(), 6);
+    assert_eq!(ds.skipped().len(), if cfg!(unix) { 3 } else { 2 });
+}

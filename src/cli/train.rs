@@ -55,6 +55,9 @@ pub struct TrainArgs {
     keep_last: Option<usize>,
     #[arg(long)]
     num_workers: Option<usize>,
+    /// Leave out class-folder images that cannot be read (listed) instead of refusing the data.
+    #[arg(long)]
+    skip_bad_images: bool,
     /// Start from these weights instead of the official initialisation.
     #[arg(long)]
     init_from: Option<PathBuf>,
@@ -90,6 +93,9 @@ fn build_config(a: &TrainArgs) -> anyhow::Result<TrainConfig> {
     };
     macro_rules! flag {
         ($($f:ident),*) => {$( if let Some(x) = &a.$f { set(stringify!($f), serde_json::to_value(x).expect("flag serialises")); } )*};
+    }
+    if a.skip_bad_images {
+        set("skip_bad_images", serde_json::Value::Bool(true));
     }
     flag!(model, data, out, objective, router, image_size, global_batch, micro_batch, steps, max_minutes, lr, warmup_steps, max_grad_norm, ema_decay, seed, log_every, ckpt_every, keep_last, num_workers, init_from);
     let origin = a.config.as_ref().map_or("train flags".to_string(), |p| p.display().to_string());

@@ -20,6 +20,17 @@ pub const CLASS_NAMES_FILE: &str = "class_names.json";
 
 const IMAGE_EXTENSIONS: [&str; 4] = ["png", "jpg", "jpeg", "webp"];
 
+/// What opening a dataset does with images whose header does not decode, or links that lead
+/// nowhere.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BadImages {
+    /// Refuse the dataset, listing every bad file.
+    #[default]
+    Refuse,
+    /// Leave them out (listed in [`ClassFolderDataset::skipped`]).
+    Skip,
+}
+
 /// Images in class folders, preprocessed on access.
 #[derive(Clone, Debug)]
 pub struct ClassFolderDataset {
@@ -28,13 +39,22 @@ pub struct ClassFolderDataset {
     class_names: Vec<String>,
     items: Vec<(PathBuf, u32)>,
     preprocess: Preprocess,
+    /// Files left out by [`BadImages::Skip`], with why.
+    skipped: Vec<String>,
 }
 
 impl ClassFolderDataset {
-    /// Scans `root`. Fails, naming the path, when `root` is missing or not a directory, has no
-    /// class folder, a class folder has no image, or `class_names.json` is malformed or does
-    /// not list exactly one name per folder.
+    /// Scans `root` and probes every image's header once (a bad file found at step 2 of a run
+    /// would end it after its first checkpoint). Fails, naming the path, when `root` is missing
+    /// or not a directory, has no class folder, a class folder has no image, `class_names.json`
+    /// is malformed or does not list exactly one name per folder, or (see [`BadImages`]) an
+    /// image does not decode. Hidden entries (`.ipynb_checkpoints`, `.DS_Store`) are ignored.
     pub fn open(root: &Path, preprocess: Preprocess) -> Result<Self> {
+        Self::open_with(root, preprocess, BadImages::Refuse)
+    }
+
+    /// [`Self::open`] with a choice for undecodable images.
+    pub fn open_with(root: &Path, preprocess: Preprocess, bad_images: BadImages) -> Result<Self> {
         if !root.is_dir() {
             bail!(
                 "dataset root {} does not exist or is not a directory",
@@ -43,7 +63,7 @@ impl ClassFolderDataset {
         }
         let mut folder_names = Vec::new();
         for entry in read_dir(root)? {
-            if entry.is_dir() {
+            if entry.is_dir() && !is_hidden(&entry) {
                 folder_names.push(utf8_name(&entry)?);
             }
         }
@@ -56,13 +76,19 @@ impl ClassFolderDataset {
         folder_names.sort();
 
         let mut items = Vec::new();
+        let mut bad = Vec::new();
         for (label, folder) in folder_names.iter().enumerate() {
             let dir = root.join(folder);
-            let mut files: Vec<(OsString, PathBuf)> = read_dir(&dir)?
-                .into_iter()
-                .filter(|p| p.is_file() && has_image_extension(p))
-                .filter_map(|p| Some((p.file_name()?.to_owned(), p)))
-                .collect();
+            let mut files: Vec<(OsString, PathBuf)> = Vec::new();
+            for p in read_dir(&dir)? {
+                if is_hidden(&p) || !has_image_extension(&p) {
+                    continue;
+                }
+                match probe(&p) {
+                    Ok(()) => files.extend(p.file_name().map(|n| (n.to_owned(), p.clone()))),
+                    Err(why) => bad.push(format!("{}: {why}", p.display())),
+                }
+            }
             if files.is_empty() {
                 bail!(
                     "class folder {} contains no .png/.jpg/.jpeg/.webp images",
@@ -89,12 +115,22 @@ impl ClassFolderDataset {
             }
             None => folder_names.clone(),
         };
+        bad.sort();
+        if !bad.is_empty() && bad_images == BadImages::Refuse {
+            bail!(
+                "{}: {} image(s) cannot be read (pass --skip-bad-images to leave them out):\n  {}",
+                root.display(),
+                bad.len(),
+                bad.join("\n  ")
+            );
+        }
         Ok(Self {
             root: root.to_path_buf(),
             folder_names,
             class_names,
             items,
             preprocess,
+            skipped: bad,
         })
     }
 
@@ -115,6 +151,29 @@ impl ClassFolderDataset {
     pub fn preprocess(&self) -> &Preprocess {
         &self.preprocess
     }
+
+    /// The files [`BadImages::Skip`] left out, each with why.
+    pub fn skipped(&self) -> &[String] {
+        &self.skipped
+    }
+}
+
+/// Whether the header of an image decodes (its format and size), without decoding the pixels.
+/// A link that leads nowhere is reported as such.
+fn probe(path: &Path) -> std::result::Result<(), String> {
+    if !path.is_file() {
+        return Err(match fs::symlink_metadata(path) {
+            Ok(m) if m.file_type().is_symlink() => "a link to nothing".into(),
+            _ => "not a regular file".into(),
+        });
+    }
+    let reader = image::ImageReader::open(path).map_err(|e| e.to_string())?;
+    let reader = reader.with_guessed_format().map_err(|e| e.to_string())?;
+    reader.into_dimensions().map(|_| ()).map_err(|e| e.to_string())
+}
+
+fn is_hidden(path: &Path) -> bool {
+    path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with('.'))
 }
 
 impl Dataset for ClassFolderDataset {

@@ -10,7 +10,7 @@ mod loader;
 mod preprocess;
 mod resample;
 
-pub use class_folder::{read_class_names, write_class_names, ClassFolderDataset, CLASS_NAMES_FILE};
+pub use class_folder::{read_class_names, write_class_names, BadImages, ClassFolderDataset, CLASS_NAMES_FILE};
 pub use dataset::{Dataset, Sample};
 pub use fashion_mnist::{
     convert_fashion_mnist, fashion_mnist_folder_name, FashionMnistSummary, FASHION_MNIST_CLASSES,

@@ -107,6 +107,10 @@ pub struct TrainConfig {
     pub image_size: Option<usize>,
     #[serde(default = "d_true")]
     pub random_flip: bool,
+    /// Leave out class-folder images whose header does not decode (listed as the run starts)
+    /// instead of refusing the dataset.
+    #[serde(default)]
+    pub skip_bad_images: bool,
     /// Images per optimizer step (official `global_batch_size`).
     #[serde(default = "d_batch")]
     pub global_batch: usize,

@@ -2,7 +2,7 @@
 use super::pad::PadDataset;
 use super::TrainConfig;
 use crate::config::DitConfig;
-use crate::data::{read_class_names, ClassFolderDataset, Dataset, LatentShardDataset, Preprocess, CLASS_NAMES_FILE};
+use crate::data::{read_class_names, BadImages, ClassFolderDataset, Dataset, LatentShardDataset, Preprocess, CLASS_NAMES_FILE};
 use candle_core::{bail, Result};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -50,7 +50,12 @@ pub fn open_dataset(cfg: &TrainConfig, model: &DitConfig) -> Result<Arc<dyn Data
                 bail!("image_size {size} is larger than the model's input_size {}", model.input_size);
             }
             let pre = Preprocess::new(size, model.in_channels)?.with_random_flip(cfg.random_flip);
-            let folders: Arc<dyn Dataset> = Arc::new(ClassFolderDataset::open(root, pre)?);
+            let bad_images = if cfg.skip_bad_images { BadImages::Skip } else { BadImages::Refuse };
+            let folders = ClassFolderDataset::open_with(root, pre, bad_images)?;
+            if !folders.skipped().is_empty() {
+                eprintln!("warning: left out {} image(s) that cannot be read:\n  {}", folders.skipped().len(), folders.skipped().join("\n  "));
+            }
+            let folders: Arc<dyn Dataset> = Arc::new(folders);
             if size < model.input_size {
                 Arc::new(PadDataset::new(folders, model.input_size)?)
             } else {
