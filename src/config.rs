@@ -239,6 +239,25 @@ impl DitConfig {
         if self.num_experts == 0 {
             return fail("num_experts", "must be at least 1".into());
         }
+        // Bounds far above every published model, below sizes whose parameter count could
+        // overflow, and the MoE kernels' expert limit: a config beyond them is a typo, refused
+        // before anything is built (the memory check then compares the weights' bytes with
+        // what the device has).
+        let experts_max = if self.promoe.as_ref().is_some_and(|p| p.use_uncond_expert) { 255 } else { 256 };
+        for (field, v, max) in [
+            ("num_experts", self.num_experts, experts_max),
+            ("depth", self.depth, 512),
+            ("hidden_size", self.hidden_size, 16384),
+            ("mlp_ratio", self.mlp_ratio, 16),
+            ("n_shared_experts", self.n_shared_experts, 16),
+            ("in_channels", self.in_channels, 64),
+            ("input_size", self.input_size, 4096),
+            ("num_classes", self.num_classes, 1 << 20),
+        ] {
+            if v > max {
+                return fail(field, format!("{v} is more than {max}, the most ditmoe builds"));
+            }
+        }
         if self.num_experts_per_tok == 0 || self.num_experts_per_tok > self.num_experts {
             return fail(
                 "num_experts_per_tok",
@@ -290,6 +309,11 @@ impl DitConfig {
 
     pub fn to_json(&self) -> String {
         serde_json::to_string_pretty(self).expect("config serialises")
+    }
+
+    /// The bytes of the model's weights stored in `dtype`.
+    pub fn weight_bytes(&self, dtype: candle_core::DType) -> u64 {
+        self.param_counts().0 as u64 * dtype.size_in_bytes() as u64
     }
 
     /// Total and activated (per token: shared + k routed experts) parameter counts. For ProMoE,

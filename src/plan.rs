@@ -120,6 +120,38 @@ impl ExecutionPlan {
         self.on_cuda() && !self.trainable()
     }
 
+    /// Memory the plan's device has available now, in bytes: the GPU's free memory on CUDA,
+    /// the system's `MemAvailable` on the CPU (Linux); None where it cannot be told.
+    pub fn available_memory(&self) -> Option<u64> {
+        match &self.device {
+            #[cfg(feature = "cuda")]
+            Device::Cuda(d) => d.cuda_stream().context().mem_get_info().ok().map(|(free, _)| free as u64),
+            Device::Cpu => {
+                let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+                let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+                let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+                Some(kib * 1024)
+            }
+            #[allow(unreachable_patterns)]
+            _ => None,
+        }
+    }
+
+    /// Refuses, before anything is allocated, work whose estimated memory exceeds what the
+    /// device has available, naming the estimate (`what` says what needs it).
+    pub fn check_fits(&self, what: &str, bytes: u64) -> candle_core::Result<()> {
+        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+        match self.available_memory() {
+            Some(avail) if bytes > avail => candle_core::bail!(
+                "{what} needs about {:.1} GiB, but the {} has {:.1} GiB available",
+                gib(bytes),
+                if self.on_cuda() { "GPU" } else { "machine" },
+                gib(avail)
+            ),
+            _ => Ok(()),
+        }
+    }
+
     /// Applies the plan's one process-wide consequence: candle's own cuBLAS matmuls take their
     /// TF32 switch from a global (`candle_core::cuda::set_gemm_reduced_precision_f32`), so a
     /// TF32 plan sets it, and any other plan clears it. Called where a plan is built for a run

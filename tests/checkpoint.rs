@@ -246,3 +246,33 @@ fn forward_and_convert_refuse_to_destroy_their_inputs() {
     again.push("--overwrite");
     assert!(ditmoe_cli(&again).0);
 }
+
+/// Config sizes are bounded before anything is built: a typo'd size is refused by its field,
+/// and a model larger than the device's memory by its estimate, at once.
+#[test]
+fn oversized_configs_are_refused_before_allocating() {
+    let mut cfg = tiny_config();
+    cfg.num_experts = 1_000_000;
+    let err = cfg.validate().unwrap_err().to_string();
+    assert!(err.contains("`num_experts`") && err.contains("1000000"), "{err}");
+    let mut cfg = tiny_config();
+    cfg.depth = 100_000;
+    let t = std::time::Instant::now();
+    let err = cfg.validate().unwrap_err().to_string();
+    assert!(err.contains("`depth`") && t.elapsed().as_secs_f64() < 1.0, "{err}");
+
+    // within the bounds but far beyond this machine: refused with the estimate
+    let mut big = tiny_config();
+    big.depth = 512;
+    big.hidden_size = 16384;
+    big.num_heads = 16;
+    big.num_experts = 64;
+    big.mlp_ratio = 8;
+    big.validate().unwrap();
+    let plan = ditmoe::ExecutionPlan::inference(&Device::Cpu, ditmoe::Precision::F32);
+    let bytes = big.weight_bytes(DType::F32);
+    assert!(bytes > 1 << 45, "{bytes}");
+    let err = plan.check_fits("the model's weights", bytes).unwrap_err().to_string();
+    assert!(err.contains("the model's weights needs about") && err.contains("GiB available"), "{err}");
+    plan.check_fits("a small thing", 1024).unwrap();
+}

@@ -105,6 +105,9 @@ impl Trainer {
         let device = &plan.device;
         cfg.validate()?;
         let model_cfg = cfg.model_config()?;
+        // f32 weights, their gradients, AdamW's two moments and the EMA copy: 20 bytes a
+        // parameter before any activation
+        plan.check_fits("training the model (weights, gradients, optimizer state, EMA)", model_cfg.param_counts().0 as u64 * 20)?;
         let dataset = open_dataset(&cfg, &model_cfg)?;
         let class_names = dataset.class_names().to_vec();
         if let Some(aside) = run_dir::prepare(&cfg.out, start)? {
