@@ -276,3 +276,34 @@ fn oversized_configs_are_refused_before_allocating() {
     assert!(err.contains("the model's weights needs about") && err.contains("GiB available"), "{err}");
     plan.check_fits("a small thing", 1024).unwrap();
 }
+
+/// A safetensors file whose header is JSON but whose byte ranges are wrong: the error names
+/// the tensor at fault (safetensors' own message does not).
+#[test]
+fn bad_header_ranges_name_their_tensor() {
+    let dir = scratch_dir("header-ranges");
+    let write = |name: &str, header: &str, data_len: usize| {
+        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(header.as_bytes());
+        bytes.extend(std::iter::repeat_n(0u8, data_len));
+        let path = dir.join(name);
+        std::fs::write(&path, bytes).unwrap();
+        load_state_dict(&path).unwrap_err().to_string()
+    };
+    let err = write("overlap.safetensors", r#"{"a.weight":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b.weight":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}"#, 12);
+    assert!(err.contains("overlap.safetensors") && err.contains("tensor `b.weight`") && err.contains("overlaps"), "{err}");
+    let err = write("size.safetensors", r#"{"a.weight":{"dtype":"I64","shape":[3],"data_offsets":[0,8]}}"#, 8);
+    assert!(err.contains("tensor `a.weight`") && err.contains("needs 24 bytes"), "{err}");
+    let err = write("past.safetensors", r#"{"a.weight":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}"#, 8);
+    assert!(err.contains("tensor `a.weight`") && err.contains("run past"), "{err}");
+}
+
+/// `.pt` files without a state dict say where they looked, in words.
+#[test]
+fn pt_without_state_dict_names_where_it_looked() {
+    let dir = scratch_dir("pt-keys");
+    let path = dir.join("empty.pt");
+    std::fs::write(&path, b"PK\x05\x06\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0").unwrap();
+    let err = load_state_dict(&path).unwrap_err().to_string();
+    assert!(err.contains("empty.pt") && !err.contains("Some(") && !err.contains("None"), "{err}");
+}

@@ -48,8 +48,14 @@ pub fn load_state_dict(path: &Path) -> Result<StateDict> {
 
 fn load_safetensors(path: &Path) -> Result<HashMap<String, Tensor>> {
     let bytes = std::fs::read(path).map_err(|e| CheckpointError::Unreadable { file: path.into(), reason: e.to_string() })?;
-    let st = safetensors::SafeTensors::deserialize(&bytes)
-        .map_err(|e| CheckpointError::Corrupt { file: path.into(), reason: e.to_string() })?;
+    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| {
+        // safetensors' own error does not say which tensor is at fault: find it in the header
+        let reason = match header_fault(&bytes) {
+            Some(fault) => fault,
+            None => e.to_string(),
+        };
+        CheckpointError::Corrupt { file: path.into(), reason }
+    })?;
     let mut out = HashMap::new();
     for (name, view) in st.tensors() {
         let t = candle_core::safetensors::Load::load(&view, &Device::Cpu)
@@ -75,7 +81,12 @@ fn load_pth(path: &Path) -> Result<HashMap<String, Tensor>> {
                 }
                 return Ok(out);
             }
-            Ok(_) => last_err = format!("no tensors under key {key:?}"),
+            Ok(_) => {
+                last_err = match key {
+                    Some(k) => format!("no tensors under `{k}`"),
+                    None => "no tensors at the top level".to_string(),
+                }
+            }
             Err(e) => last_err = e.to_string(),
         }
     }
@@ -138,4 +149,48 @@ impl StateDict {
 fn non_finite_count(t: &Tensor) -> Result<usize> {
     let v = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
     Ok(v.iter().filter(|x| !x.is_finite()).count())
+}
+
+/// The first fault of a safetensors header, naming its tensor: an unknown dtype, a byte range
+/// that does not match the tensor's shape and dtype, ranges that overlap or leave gaps (in
+/// offset order), or data past the end of the file. None when the header is not even JSON (the
+/// caller keeps safetensors' own message then) or has no such fault.
+fn header_fault(bytes: &[u8]) -> Option<String> {
+    let len = u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?);
+    let header_end = usize::try_from(len).ok()?.checked_add(8)?;
+    let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(bytes.get(8..header_end)?).ok()?;
+    let data_len = (bytes.len() - header_end) as u64;
+    let mut ranges = Vec::new();
+    for (name, info) in header.iter().filter(|(n, _)| n.as_str() != "__metadata__") {
+        let dtype = info.get("dtype").and_then(|d| d.as_str()).unwrap_or("");
+        let size: u64 = match dtype {
+            "F64" | "I64" | "U64" => 8,
+            "F32" | "I32" | "U32" => 4,
+            "F16" | "BF16" | "I16" | "U16" => 2,
+            "I8" | "U8" | "BOOL" | "F8_E4M3" | "F8_E5M2" => 1,
+            other => return Some(format!("tensor `{name}`: unknown dtype `{other}`")),
+        };
+        let shape: Option<Vec<u64>> = info.get("shape").and_then(|s| s.as_array()).map(|a| a.iter().filter_map(|d| d.as_u64()).collect());
+        let offsets: Option<Vec<u64>> = info.get("data_offsets").and_then(|s| s.as_array()).map(|a| a.iter().filter_map(|d| d.as_u64()).collect());
+        let (Some(shape), Some(offsets)) = (shape, offsets) else { return Some(format!("tensor `{name}`: no shape or data_offsets")) };
+        let [begin, end] = offsets[..] else { return Some(format!("tensor `{name}`: data_offsets must be [begin, end]")) };
+        let want = shape.iter().try_fold(size, |acc, &d| acc.checked_mul(d));
+        if end < begin || want != Some(end - begin) {
+            return Some(format!("tensor `{name}`: {dtype} {shape:?} needs {} bytes, its data_offsets [{begin}, {end}] hold {}", want.map_or("too many".into(), |w| w.to_string()), end.saturating_sub(begin)));
+        }
+        if end > data_len {
+            return Some(format!("tensor `{name}`: data_offsets [{begin}, {end}] run past the {data_len} bytes of data (truncated file?)"));
+        }
+        ranges.push((begin, end, name));
+    }
+    ranges.sort();
+    let mut expected = 0;
+    for (begin, end, name) in ranges {
+        if begin != expected {
+            let why = if begin < expected { "overlaps the tensor before it" } else { "leaves a gap after the tensor before it" };
+            return Some(format!("tensor `{name}`: data_offsets [{begin}, {end}] {why}"));
+        }
+        expected = end;
+    }
+    None
 }
