@@ -282,3 +282,32 @@ fn encode_writes_latent_shards_the_trainer_reads() {
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("--image-size"), "{err}");
 }
+
+/// Every file `--separate` will write is checked before sampling: a class name too long for a
+/// file name is refused at once, and nothing is written.
+#[test]
+fn separate_file_names_are_checked_before_sampling() {
+    let dir = scratch_dir("gen-long-name");
+    let m = pixel_model_with_extras(&dir.join("model"), None);
+    let mut names: Vec<String> = (0..10).map(|c| format!("class {c}")).collect();
+    names[3] = "x".repeat(300);
+    std::fs::write(dir.join("model").join("class_names.json"), serde_json::to_string(&names).unwrap()).unwrap();
+    let out = dir.join("sep");
+    let t = std::time::Instant::now();
+    assert_usage_error(&["--model", &m, "--class", "3", "--num", "1", "--steps", "50", "--separate", "--out", &s(&out)], &out, &["--separate", "class 3", "longer than the file system allows"]);
+    assert!(t.elapsed().as_secs_f64() < 20.0, "refused before sampling");
+}
+
+/// A model that diverges (here through an absurd guidance scale) is reported image by image
+/// instead of written as black PNGs.
+#[test]
+fn non_finite_samples_are_reported_not_written() {
+    let dir = scratch_dir("gen-nonfinite");
+    let m = pixel_model_with_extras(&dir.join("model"), None);
+    let out = dir.join("grid.png");
+    let result = ditmoe(&["--model", &m, "--class", "0,1", "--num", "1", "--sampler", "rf-euler", "--steps", "4", "--cfg-scale", "1e40", "--out", &s(&out)]);
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert!(!result.status.success(), "{stderr}");
+    assert!(stderr.contains("NaN or infinite") && stderr.contains("image 0 (class 0, sample 0)"), "{stderr}");
+    assert!(!out.exists(), "nothing is written");
+}

@@ -233,6 +233,32 @@ impl Output {
     }
 }
 
+/// The file `--separate` writes for each image, `<class>-<name>-<k>.png`, each checked against
+/// the file-system limits before any sampling (a name too long would fail after it).
+fn separate_file_names(dir: &Path, labels: &[usize], num: usize, names: Option<&[String]>) -> anyhow::Result<Vec<String>> {
+    // POSIX NAME_MAX and PATH_MAX
+    const NAME_MAX: usize = 255;
+    const PATH_MAX: usize = 4096;
+    let dir_len = std::path::absolute(dir).map(|p| p.as_os_str().len()).unwrap_or(0);
+    labels
+        .iter()
+        .enumerate()
+        .map(|(i, &class)| {
+            let name = match names {
+                Some(names) => format!("{class}-{}-{}.png", slug(&names[class]), i % num),
+                None => format!("{class}-{}.png", i % num),
+            };
+            if name.len() > NAME_MAX || dir_len + 1 + name.len() > PATH_MAX {
+                return Err(super::usage(format!(
+                    "--separate: the file name for class {class} ({} bytes) is longer than the file system allows; shorten its name in class_names.json",
+                    name.len()
+                )));
+            }
+            Ok(name)
+        })
+        .collect()
+}
+
 /// A file-name-safe form of a class name: lowercase, runs of other characters as one `-`.
 fn slug(name: &str) -> String {
     let mut out = String::new();
@@ -319,6 +345,13 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
     };
     let sampler = build_sampler(sampler_name, steps, &steps_from, &cfg, vae.is_none())?;
     let output = Output::check(a.out.clone(), a.separate)?;
+    // Class-major order: image i is sample i % num of class classes[i / num] (grid row i / num).
+    let labels: Vec<usize> = classes.iter().flat_map(|&c| std::iter::repeat_n(c, num)).collect();
+    // every file --separate will write, checked before any sampling
+    let file_names = match &output {
+        Output::Separate(dir) => separate_file_names(dir, &labels, num, source.class_names())?,
+        Output::Grid(_) => Vec::new(),
+    };
     let plan = super::inference_plan(&a.device, &a.dtype)?;
     let device = plan.device.clone();
 
@@ -329,11 +362,10 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
     };
     let guidance = Guidance { scale: cfg_scale, guide_all_channels: a.guide_all_channels };
 
-    // Class-major order: image i is sample i % num of class classes[i / num] (grid row i / num).
-    let labels: Vec<usize> = classes.iter().flat_map(|&c| std::iter::repeat_n(c, num)).collect();
     let bar = progress_bar(labels.len().div_ceil(batch_size) * sampler.evaluations());
     let start = Instant::now();
     let mut images: Option<Images> = None;
+    let mut broken = Vec::new();
     let mut graph_warned = false;
     for (b, batch) in labels.chunks(batch_size).enumerate() {
         let first = b * batch_size;
@@ -347,7 +379,11 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
                 graph_warned = true;
             }
         }
-        let decoded = Images::from_tensor(&decoder.decode(&samples).context("decoding")?)?;
+        let decoded = decoder.decode(&samples).context("decoding")?;
+        // a NaN or infinity would come out black: find which images have one
+        let values = decoded.flatten_from(1)?.to_dtype(candle_core::DType::F32)?.to_vec2::<f32>()?;
+        broken.extend(values.iter().enumerate().filter(|(_, v)| v.iter().any(|x| !x.is_finite())).map(|(j, _)| first + j));
+        let decoded = Images::from_tensor(&decoded)?;
         match &mut images {
             Some(all) => all.append(decoded)?,
             None => images = Some(decoded),
@@ -356,16 +392,21 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
     bar.finish_and_clear();
     let seconds = start.elapsed().as_secs_f64();
     let images = images.context("no images were sampled")?;
+    if !broken.is_empty() {
+        let which: Vec<String> = broken.iter().map(|&i| format!("image {} (class {}, sample {})", i, labels[i], i % num)).collect();
+        anyhow::bail!(
+            "{} of {} images came out NaN or infinite, so nothing was written: {}. The weights or --cfg-scale {cfg_scale} make the model diverge.",
+            broken.len(),
+            labels.len(),
+            which.join(", ")
+        );
+    }
 
     match &output {
         Output::Grid(path) => images.grid(num)?.write_png(path)?,
         Output::Separate(dir) => {
             std::fs::create_dir_all(dir).with_context(|| format!("--out {}", dir.display()))?;
-            for (i, &class) in labels.iter().enumerate() {
-                let name = match source.class_names() {
-                    Some(names) => format!("{class}-{}-{}.png", slug(&names[class]), i % num),
-                    None => format!("{class}-{}.png", i % num),
-                };
+            for (i, name) in file_names.iter().enumerate() {
                 images.get(i)?.write_png(&dir.join(name))?;
             }
         }
