@@ -291,3 +291,74 @@ fn exported_model_says_how_to_sample_it() {
         assert_eq!(g["cfg_scale"], 4.0, "the model has a null class: guided");
     }
 }
+
+/// `ditmoe train` killed at pseudo-random moments (most of a step here is checkpoint writing:
+/// a checkpoint every step), then `--resume`d until done: every run ends with the weights and
+/// the log of a run that was never interrupted.
+#[test]
+fn killed_runs_resume_exactly() {
+    let f = fixture("kill");
+    let write_config = |out: &str| {
+        let mut cfg = serde_json::to_value(config(&f, out, 24)).unwrap();
+        cfg["ckpt_every"] = 1.into();
+        cfg["keep_last"] = 2.into();
+        let path = f.root.join(format!("{out}.json"));
+        std::fs::write(&path, cfg.to_string()).unwrap();
+        path
+    };
+    let train = |cfg: &Path, resume: bool| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_ditmoe"));
+        cmd.args(["train", "--config", cfg.to_str().unwrap(), "--quiet"]).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
+        if resume {
+            cmd.arg("--resume");
+        }
+        cmd
+    };
+    assert!(train(&write_config("straight"), false).status().unwrap().success());
+    let want_ema = std::fs::read(f.root.join("straight/ema/model.safetensors")).unwrap();
+    let want_log: Vec<u32> = JsonlLog::read(&f.root.join("straight").join(LOG_FILE)).unwrap().iter().map(|r| r.loss.to_bits()).collect();
+
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut total_kills = 0;
+    for round in 0..3 {
+        let cfg = write_config(&format!("killed-{round}"));
+        let out = f.root.join(format!("killed-{round}"));
+        let mut kills = 0;
+        // kill the run a few times at pseudo-random moments, resuming each time
+        for attempt in 0..4 {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let delay = std::time::Duration::from_millis(150 + state % 900);
+            let mut child = train(&cfg, attempt > 0).spawn().unwrap();
+            std::thread::sleep(delay);
+            if child.try_wait().unwrap().is_none() {
+                child.kill().unwrap();
+                kills += 1;
+            }
+            child.wait().unwrap();
+        }
+        // then let it finish
+        assert!(train(&cfg, true).status().unwrap().success(), "round {round}: the resumed run failed");
+        let log: Vec<u32> = JsonlLog::read(&out.join(LOG_FILE)).unwrap().iter().map(|r| r.loss.to_bits()).collect();
+        assert_eq!(log, want_log, "round {round} ({kills} kills): the log differs from the uninterrupted run's");
+        assert!(std::fs::read(out.join("ema/model.safetensors")).unwrap() == want_ema, "round {round} ({kills} kills): the EMA weights differ");
+        let temps: Vec<_> = walk(&out).into_iter().filter(|p| p.extension().is_some_and(|e| e == "tmp")).collect();
+        assert!(temps.is_empty(), "round {round}: temp files left: {temps:?}");
+        total_kills += kills;
+    }
+    assert!(total_kills >= 3, "the runs were killed {total_kills} times: too few to test anything");
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
