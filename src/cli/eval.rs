@@ -24,6 +24,7 @@ pub struct EvalArgs {
     /// Train the classifier on these class folders first (and write it to --classifier).
     #[arg(long)]
     fit_classifier: Option<PathBuf>,
+    /// Epochs of classifier training with --fit-classifier.
     #[arg(long, default_value_t = 4)]
     epochs: usize,
     /// Generated samples per class.
@@ -35,8 +36,10 @@ pub struct EvalArgs {
     /// Guidance scale [default: generate.json's, else 1.5].
     #[arg(long)]
     cfg_scale: Option<f64>,
+    /// Seed of the sampling noise.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Images sampled per forward batch.
     #[arg(long, default_value_t = 100)]
     batch: usize,
     /// Write a grid (one row per class, 8 samples) here.
@@ -48,6 +51,7 @@ pub struct EvalArgs {
     /// Only (fit and) test the classifier; generate nothing.
     #[arg(long)]
     classifier_only: bool,
+    /// cpu or cuda.
     #[arg(long, default_value = "cpu")]
     device: String,
 }

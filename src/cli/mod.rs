@@ -43,7 +43,6 @@ pub fn device(name: &str) -> anyhow::Result<Device> {
     }
 }
 
-/// `--dtype f32|bf16|f16`.
 /// The execution plan of an inference command: `--device` and `--dtype` (f32, bf16, f16),
 /// its matmul precision applied.
 pub fn inference_plan(device: &str, dtype: &str) -> anyhow::Result<ditmoe::ExecutionPlan> {
@@ -52,6 +51,7 @@ pub fn inference_plan(device: &str, dtype: &str) -> anyhow::Result<ditmoe::Execu
     Ok(plan)
 }
 
+/// `--dtype f32|bf16|f16`.
 pub fn dtype(name: &str) -> anyhow::Result<candle_core::DType> {
     use candle_core::DType;
     match name {

@@ -10,49 +10,62 @@ pub struct TrainArgs {
     /// JSON training config (the fields of `TrainConfig`); flags below override it.
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Preset name (see `ditmoe presets`) or a model config.json.
+    /// Preset name (see `ditmoe presets`) or a model config.json (required, here or in --config)
     #[arg(long)]
     model: Option<String>,
-    /// Class folders root, latent shard file, or folder of shards.
+    /// Class folders root, latent shard file, or folder of shards (required, here or in --config)
     #[arg(long)]
     data: Option<PathBuf>,
-    /// Run folder (checkpoints, log.jsonl, ema/).
+    /// Run folder: checkpoints, log.jsonl, the exported ema/ model (required, here or in --config)
     #[arg(long)]
     out: Option<PathBuf>,
-    /// ddpm or rf.
+    /// Training objective: ddpm (Gaussian diffusion, train.py) or rf (rectified flow) (required, here or in --config)
     #[arg(long)]
     objective: Option<Objective>,
     /// topk (the model config's DiT-MoE gate, default) or promoe (ProMoE's prototypical
     /// router, released settings for the model's width).
     #[arg(long)]
     router: Option<Router>,
+    /// Side the images are resized to, then padded to the model's input_size [default: input_size]
     #[arg(long)]
     image_size: Option<usize>,
+    /// Images per optimizer step [default: 256]
     #[arg(long)]
     global_batch: Option<usize>,
+    /// Images per forward/backward pass, accumulated to the global batch [default: global batch]
     #[arg(long)]
     micro_batch: Option<usize>,
+    /// Optimizer steps to train to [default: 400000]
     #[arg(long)]
     steps: Option<u64>,
     /// Stop (checkpoint + EMA export) before this many minutes have passed.
     #[arg(long)]
     max_minutes: Option<f64>,
+    /// AdamW learning rate, constant after warm-up [default: 1e-4]
     #[arg(long)]
     lr: Option<f64>,
+    /// Steps of linear learning-rate warm-up [default: 0]
     #[arg(long)]
     warmup_steps: Option<u64>,
+    /// Clip the global gradient norm to this [default: no clipping]
     #[arg(long)]
     max_grad_norm: Option<f64>,
+    /// EMA decay of the exported weights [default: 0.9999]
     #[arg(long)]
     ema_decay: Option<f64>,
+    /// Seed of the initialisation, data order, noise and label dropout [default: 0]
     #[arg(long)]
     seed: Option<u64>,
+    /// Write a log.jsonl record every this many steps [default: 10]
     #[arg(long)]
     log_every: Option<u64>,
+    /// Save a checkpoint every this many steps (and at the end) [default: 1000]
     #[arg(long)]
     ckpt_every: Option<u64>,
+    /// Checkpoints kept, newest first [default: 3]
     #[arg(long)]
     keep_last: Option<usize>,
+    /// Data-loading threads [default: the available cores]
     #[arg(long)]
     num_workers: Option<usize>,
     /// Leave out class-folder images that cannot be read (listed) instead of refusing the data.
