@@ -307,3 +307,11 @@ fn pt_without_state_dict_names_where_it_looked() {
     let err = load_state_dict(&path).unwrap_err().to_string();
     assert!(err.contains("empty.pt") && !err.contains("Some(") && !err.contains("None"), "{err}");
 }
+
+/// Inputs the fuzzers found crashing the loaders: each now fails with an error naming the file.
+#[test]
+fn fuzz_regressions_fail_with_named_errors() {
+    let path = fixture_path("fuzz/pickle-short-rebuild-args.pt");
+    let err = load_state_dict(&path).unwrap_err().to_string();
+    assert!(err.contains("pickle-short-rebuild-args.pt"), "{err}");
+}

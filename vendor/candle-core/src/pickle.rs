@@ -224,8 +224,8 @@ impl Object {
                 class_name,
             } if module_name == "torch._tensor" && class_name == "_rebuild_from_type_v2" => {
                 let mut args = args.tuple()?;
-                let callable = args.remove(0);
-                let args = args.remove(1);
+                let callable = take(&mut args, 0, "_rebuild_from_type_v2 arguments")?;
+                let args = take(&mut args, 1, "_rebuild_from_type_v2 arguments")?;
                 (callable, args)
             }
             Object::Class {
@@ -233,7 +233,7 @@ impl Object {
                 class_name,
             } if module_name == "torch._utils" && class_name == "_rebuild_parameter" => {
                 let mut args = args.tuple()?;
-                args.remove(0).reduce()?
+                take(&mut args, 0, "_rebuild_parameter arguments")?.reduce()?
             }
             _ => (callable, args),
         };
@@ -621,18 +621,30 @@ impl From<Object> for E {
     }
 }
 
+/// `v.remove(i)`, or an error naming `what` where a malformed pickle has too few items (the
+/// upstream `remove` panics).
+fn take(v: &mut Vec<Object>, i: usize, what: &str) -> Result<Object> {
+    if i >= v.len() {
+        crate::bail!("{what}: expected at least {} items, found {}", i + 1, v.len())
+    }
+    Ok(v.remove(i))
+}
+
 // https://github.com/pytorch/pytorch/blob/4eac43d046ded0f0a5a5fa8db03eb40f45bf656e/torch/_utils.py#L198
 // Arguments: storage, storage_offset, size, stride, requires_grad, backward_hooks
 fn rebuild_args(args: Object) -> Result<(Layout, DType, String, usize)> {
     let mut args = args.tuple()?;
-    let stride = Vec::<usize>::try_from(args.remove(3))?;
-    let size = Vec::<usize>::try_from(args.remove(2))?;
-    let offset = args.remove(1).int_or_long()? as usize;
-    let storage = args.remove(0).persistent_load()?;
+    let stride = Vec::<usize>::try_from(take(&mut args, 3, "_rebuild_tensor_v2 arguments")?)?;
+    let size = Vec::<usize>::try_from(take(&mut args, 2, "_rebuild_tensor_v2 arguments")?)?;
+    let offset = take(&mut args, 1, "_rebuild_tensor_v2 arguments")?.int_or_long()? as usize;
+    let storage = take(&mut args, 0, "_rebuild_tensor_v2 arguments")?.persistent_load()?;
     let mut storage = storage.tuple()?;
-    let storage_size = storage.remove(4).int_or_long()? as usize;
-    let path = storage.remove(2).unicode()?;
-    let (_module_name, class_name) = storage.remove(1).class()?;
+    let storage_size = take(&mut storage, 4, "a tensor's storage")?.int_or_long()? as usize;
+    let path = take(&mut storage, 2, "a tensor's storage")?.unicode()?;
+    let (_module_name, class_name) = take(&mut storage, 1, "a tensor's storage")?.class()?;
+    if size.len() != stride.len() {
+        crate::bail!("a tensor's size {size:?} and stride {stride:?} differ in rank")
+    }
     let dtype = match class_name.as_str() {
         "FloatStorage" => DType::F32,
         "DoubleStorage" => DType::F64,
