@@ -352,3 +352,28 @@ fn flag_line(line: &str) -> Option<&str> {
     };
     Some(after_value)
 }
+
+/// Errors read like the CLI: flag names rather than serde's field names, a non-finite number
+/// named by its flag, and no backtrace for bad input even with RUST_BACKTRACE set.
+#[test]
+fn train_errors_name_flags_and_carry_no_backtrace() {
+    let dir = scratch_dir("train-errors");
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture_path("models/tiny/config.json")).unwrap()).unwrap();
+    let model = dir.join("model.json");
+    std::fs::write(&model, cfg.to_string()).unwrap();
+    let base = ["train", "--model", model.to_str().unwrap(), "--data", dir.to_str().unwrap(), "--out", "/nonexistent/run"];
+    let (code, err) = run(&base);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("missing --objective") && !err.contains("missing field"), "{err}");
+    let mut args = base.to_vec();
+    args.extend(["--objective", "rf", "--lr", "nan"]);
+    let (_, err) = run(&args);
+    assert!(err.contains("--lr NaN: must be a finite number") && !err.contains("null"), "{err}");
+
+    cfg["patch_size"] = 3.into();
+    std::fs::write(&model, cfg.to_string()).unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_ditmoe")).args(&base).args(["--objective", "rf"]).env("RUST_BACKTRACE", "1").output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(err.lines().count(), 1, "one line, no backtrace: {err}");
+    assert!(err.contains("`patch_size`"), "{err}");
+}

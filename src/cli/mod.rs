@@ -22,13 +22,21 @@ impl std::fmt::Display for UsageError {
 }
 impl std::error::Error for UsageError {}
 
+/// `msg` up to the backtrace candle's `Error::bt` appends (its first frame is a line `   0: ...`).
+fn without_backtrace(msg: &str) -> String {
+    let lines: Vec<&str> = msg.lines().take_while(|l| !l.trim_start().starts_with("0: ")).collect();
+    lines.join("\n")
+}
+
 pub fn usage(msg: impl Into<String>) -> anyhow::Error {
     UsageError(msg.into()).into()
 }
 
 /// Prints the error chain on one line; exit code 2 for usage errors and bad files, 1 otherwise.
+/// A backtrace that candle attaches to its errors under `RUST_BACKTRACE` is left out: the
+/// message names the fault, the frames are for debugging the program, not the input.
 pub fn exit_with(e: anyhow::Error) -> ! {
-    let msg = e.chain().map(|c| c.to_string()).collect::<Vec<_>>().join(": ");
+    let msg = e.chain().map(|c| without_backtrace(&c.to_string())).collect::<Vec<_>>().join(": ");
     eprintln!("error: {msg}");
     let code = if e.downcast_ref::<UsageError>().is_some() || e.downcast_ref::<candle_core::Error>().is_some() { 2 } else { 1 };
     std::process::exit(code)

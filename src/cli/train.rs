@@ -104,15 +104,33 @@ fn build_config(a: &TrainArgs) -> anyhow::Result<TrainConfig> {
     let mut set = |k: &str, val: serde_json::Value| {
         obj.insert(k.to_string(), val);
     };
+    // A flag's value as JSON; a non-finite number has none (JSON's null), so it is refused by
+    // its flag name here rather than as a type error about null later.
+    let mut bad_flag = None;
     macro_rules! flag {
-        ($($f:ident),*) => {$( if let Some(x) = &a.$f { set(stringify!($f), serde_json::to_value(x).expect("flag serialises")); } )*};
+        ($($f:ident),*) => {$( if let Some(x) = &a.$f {
+            match serde_json::to_value(x).expect("flag serialises") {
+                serde_json::Value::Null => bad_flag = Some(format!("--{} {x:?}: must be a finite number", stringify!($f).replace('_', "-"))),
+                value => set(stringify!($f), value),
+            }
+        } )*};
     }
     if a.skip_bad_images {
         set("skip_bad_images", serde_json::Value::Bool(true));
     }
     flag!(model, data, out, objective, router, image_size, global_batch, micro_batch, steps, max_minutes, lr, warmup_steps, max_grad_norm, ema_decay, seed, log_every, ckpt_every, keep_last, num_workers, init_from);
+    if let Some(msg) = bad_flag {
+        return Err(usage(msg));
+    }
     let origin = a.config.as_ref().map_or("train flags".to_string(), |p| p.display().to_string());
-    let cfg: TrainConfig = serde_json::from_value(v).map_err(|e| usage(format!("{origin}: {e}")))?;
+    let cfg: TrainConfig = serde_json::from_value(v).map_err(|e| {
+        // serde names the config field; a user of the flags needs the flag's name too
+        let msg = e.to_string();
+        match msg.strip_prefix("missing field `").and_then(|r| r.split_once('`')) {
+            Some((field, _)) => usage(format!("missing --{}: give the flag, or `{field}` in --config", field.replace('_', "-"))),
+            None => usage(format!("{origin}: {msg}")),
+        }
+    })?;
     cfg.validate().map_err(|e| usage(e.to_string()))?;
     Ok(cfg)
 }
