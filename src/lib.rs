@@ -12,6 +12,7 @@ pub mod moe;
 pub mod nn;
 pub mod plan;
 pub mod presets;
+pub mod progress;
 pub mod sampling;
 pub mod train;
 

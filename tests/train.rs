@@ -362,3 +362,19 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
     }
     out
 }
+
+/// With stderr not a terminal (a pipe, as in CI or under nohup), progress still shows, as plain
+/// log lines.
+#[test]
+fn progress_is_logged_when_stderr_is_not_a_terminal() {
+    let f = fixture("progress");
+    let cfg = serde_json::to_value(config(&f, "run", 6)).unwrap();
+    let path = f.root.join("cfg.json");
+    std::fs::write(&path, cfg.to_string()).unwrap();
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_ditmoe")).args(["train", "--config", path.to_str().unwrap()]).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    let progress: Vec<&str> = err.lines().filter(|l| l.contains("/6 [")).collect();
+    assert!(!progress.is_empty(), "no progress line in: {err}");
+    assert!(progress.iter().all(|l| !l.contains('\u{1b}')), "plain lines, no terminal escapes: {progress:?}");
+}

@@ -5,7 +5,7 @@ use candle_core::{DType, Tensor};
 use clap::Args;
 use ditmoe::data::{write_class_names, write_latent_shard, ClassFolderDataset, Dataset, Preprocess, CLASS_NAMES_FILE};
 use ditmoe::sampling::VaeSpec;
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressStyle;
 use rand::SeedableRng;
 use std::path::PathBuf;
 
@@ -50,7 +50,7 @@ pub fn run(a: EncodeArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&a.out).with_context(|| format!("--out {}", a.out.display()))?;
     write_class_names(&a.out.join(CLASS_NAMES_FILE), ds.class_names())?;
 
-    let bar = ProgressBar::new(ds.len() as u64);
+    let bar = ditmoe::progress::bar(ds.len() as u64);
     bar.set_style(ProgressStyle::with_template("{bar:40} {pos}/{len} images {per_sec} eta {eta}").expect("template"));
     let mut rng = rand::rngs::StdRng::seed_from_u64(0); // unused: no random flip
     let [c, h, w] = ds.sample_shape();

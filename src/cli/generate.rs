@@ -273,7 +273,7 @@ fn slug(name: &str) -> String {
 }
 
 fn progress_bar(total: usize) -> ProgressBar {
-    let bar = ProgressBar::new(total as u64);
+    let bar = ditmoe::progress::bar(total as u64);
     let style = ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} steps, {rate} it/s, eta {eta}")
         .expect("valid progress template")
         .with_key("rate", |s: &ProgressState, w: &mut dyn std::fmt::Write| {

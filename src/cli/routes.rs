@@ -13,7 +13,7 @@ use ditmoe::analysis::store::{DATA_FILE, META_FILE};
 use ditmoe::analysis::{record_trajectory, RecordRequest, RoutingTrajectory, RunDefaults, SamplerKind};
 use ditmoe::checkpoint::{write_atomic, ModelDir};
 use ditmoe::sampling::Images;
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressStyle;
 use serde_json::json;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -90,7 +90,7 @@ pub fn run(a: RoutesArgs) -> anyhow::Result<()> {
     let device = plan.device.clone();
     let model = dir.load(&plan)?;
 
-    let bar = ProgressBar::new(0);
+    let bar = ditmoe::progress::bar(0);
     bar.set_style(
         ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} evaluations, eta {eta}")
             .expect("template")

@@ -20,7 +20,7 @@
 use super::class_folder::{write_class_names, CLASS_NAMES_FILE};
 use candle_core::{bail, Result};
 use image::ExtendedColorType;
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressStyle;
 use serde::Deserialize;
 use std::fmt;
 use std::fs;
@@ -106,7 +106,7 @@ pub fn convert_fashion_mnist(from: &Path, out: &Path) -> Result<FashionMnistSumm
         );
     };
 
-    let reading = ProgressBar::new(FASHION_MNIST_CLASSES.len() as u64)
+    let reading = crate::progress::bar(FASHION_MNIST_CLASSES.len() as u64)
         .with_style(style("reading {pos}/{len} class files {wide_bar} {msg}"));
     let mut classes = Vec::with_capacity(FASHION_MNIST_CLASSES.len());
     let mut dropped_empty = 0;
@@ -124,7 +124,7 @@ pub fn convert_fashion_mnist(from: &Path, out: &Path) -> Result<FashionMnistSumm
         .map(fashion_mnist_folder_name)
         .collect();
     let total = classes.iter().map(Vec::len).sum::<usize>();
-    let writing = ProgressBar::new(total as u64)
+    let writing = crate::progress::bar(total as u64)
         .with_style(style("writing {pos}/{len} PNGs {wide_bar} {eta}"));
     let (mut train, mut test) = (0, 0);
     for (images, folder) in classes.iter().zip(&folders) {

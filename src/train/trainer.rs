@@ -363,7 +363,7 @@ impl Trainer {
         let start = Instant::now();
         let budget = self.cfg.max_minutes.map(|m| m * 60.0);
         let mut log = JsonlLog::open(&self.cfg.out, self.step)?;
-        let bar = if progress { ProgressBar::new(self.cfg.steps) } else { ProgressBar::hidden() };
+        let bar = if progress { crate::progress::bar(self.cfg.steps) } else { ProgressBar::hidden() };
         bar.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}").expect("template"));
         bar.set_position(self.step);
         let mut records = Vec::new();
