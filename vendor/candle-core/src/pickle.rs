@@ -603,6 +603,9 @@ impl Stack {
             }
             OpCode::Long1 => {
                 let n_bytes = r.read_u8()?;
+                if n_bytes > 8 {
+                    crate::bail!("a LONG1 of {n_bytes} bytes does not fit 64 bits")
+                }
                 let mut v = 0;
                 // Decode the next n bytes in little endian
                 for i in 0..n_bytes {
