@@ -378,3 +378,19 @@ fn progress_is_logged_when_stderr_is_not_a_terminal() {
     assert!(!progress.is_empty(), "no progress line in: {err}");
     assert!(progress.iter().all(|l| !l.contains('\u{1b}')), "plain lines, no terminal escapes: {progress:?}");
 }
+
+/// `--model` takes a model folder too, as `generate --model` does.
+#[test]
+fn model_folder_is_a_model() {
+    let f = fixture("modelfolder");
+    let folder = f.root.join("model-folder");
+    std::fs::create_dir_all(&folder).unwrap();
+    std::fs::copy(f.root.join("model.json"), folder.join("config.json")).unwrap();
+    let mut cfg = config(&f, "run", 2);
+    cfg.model = folder.display().to_string();
+    let from_folder = cfg.model_config().unwrap();
+    assert_eq!(from_folder, config(&f, "run", 2).model_config().unwrap());
+    cfg.model = f.root.join("missing-folder").display().to_string();
+    let err = cfg.model_config().unwrap_err().to_string();
+    assert!(err.contains("neither a model folder"), "{err}");
+}

@@ -10,7 +10,7 @@ pub struct TrainArgs {
     /// JSON training config (the fields of `TrainConfig`); flags below override it.
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Preset name (see `ditmoe presets`) or a model config.json (required, here or in --config)
+    /// Preset name (see `ditmoe presets`), a model folder or a model config.json (required, here or in --config)
     #[arg(long)]
     model: Option<String>,
     /// Class folders root, latent shard file, or folder of shards (required, here or in --config)

@@ -88,7 +88,7 @@ fn d_steps() -> u64 {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TrainConfig {
-    /// A preset name (`DiT-MoE-S/2-8E2A`) or the path of a model `config.json`.
+    /// A preset name (`DiT-MoE-S/2-8E2A`), a model folder, or the path of a model `config.json`.
     pub model: String,
     /// Class folders (`root/<class>/<image>`), or a latent shard `.safetensors` file, or a
     /// folder of shards (as `ditmoe encode` writes).
@@ -178,10 +178,14 @@ impl TrainConfig {
         let p = Path::new(&self.model);
         let mut cfg = if p.extension().is_some_and(|e| e == "json") || p.is_file() {
             DitConfig::from_file(p)?
+        } else if p.is_dir() {
+            // a model folder, as `generate --model` takes (its config; start from its weights
+            // with --init-from)
+            DitConfig::from_file(&p.join("config.json"))?
         } else {
-            presets::get(&self.model)
-                .map(|p| p.config)
-                .map_err(|e| candle_core::Error::Msg(format!("model `{}` is neither a config.json file nor a preset: {e}", self.model)))?
+            presets::get(&self.model).map(|p| p.config).map_err(|e| {
+                candle_core::Error::Msg(format!("model `{}` is neither a model folder, a config.json file nor a preset: {e}", self.model))
+            })?
         };
         if self.router == Router::Promoe {
             cfg.promoe = Some(ProMoeConfig::released(cfg.hidden_size));
