@@ -144,6 +144,7 @@ fn truncated_checkpoint_falls_back() {
     let (_, warnings) = checkpoint::load_latest(&root, &Device::Cpu).unwrap();
     assert_eq!(warnings.len(), 1);
     assert!(warnings[0].contains(&damaged.display().to_string()), "warning does not name the file: {}", warnings[0]);
+    assert!(warnings[0].contains("bytes, the checkpoint recorded") && !warnings[0].contains("Some("), "{}", warnings[0]);
 }
 
 #[test]
@@ -393,4 +394,16 @@ fn model_folder_is_a_model() {
     cfg.model = f.root.join("missing-folder").display().to_string();
     let err = cfg.model_config().unwrap_err().to_string();
     assert!(err.contains("neither a model folder"), "{err}");
+}
+
+/// An empty data folder says so, rather than failing later on the model's channel count.
+#[test]
+fn empty_data_folder_is_named() {
+    let f = fixture("emptydata");
+    let empty = f.root.join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let mut cfg = config(&f, "run", 2);
+    cfg.data = empty.clone();
+    let err = Trainer::new(cfg, &cpu_training(), RunStart::New).err().expect("an empty data folder must fail").to_string();
+    assert!(err.contains("is empty") && err.contains(&empty.display().to_string()), "{err}");
 }

@@ -114,8 +114,10 @@ pub fn load(dir: &Path, device: &Device) -> Result<Checkpoint> {
         let path = dir.join(name);
         let want = state.files.get(name).copied();
         let have = std::fs::metadata(&path).map_err(|e| io(&path, e))?.len();
-        if want != Some(have) {
-            bail!("{}: {have} bytes, the checkpoint recorded {want:?} (truncated or replaced)", path.display());
+        match want {
+            Some(w) if w != have => bail!("{}: {have} bytes, the checkpoint recorded {w} (truncated or replaced)", path.display()),
+            None => bail!("{}: the checkpoint's {STATE_FILE} does not list this file", path.display()),
+            Some(_) => {}
         }
         candle_core::safetensors::load(&path, device).map_err(|e| candle_core::Error::Msg(format!("{}: {e}", path.display())))
     };

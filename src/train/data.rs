@@ -33,6 +33,9 @@ pub fn open_dataset(cfg: &TrainConfig, model: &DitConfig) -> Result<Arc<dyn Data
     if !root.exists() {
         bail!("data root {} does not exist", root.display());
     }
+    if root.is_dir() && std::fs::read_dir(root).map_err(|e| candle_core::Error::Msg(format!("{}: {e}", root.display())))?.next().is_none() {
+        bail!("data folder {} is empty (expected class folders, or .safetensors latent shards)", root.display());
+    }
     let ds: Arc<dyn Dataset> = match shard_files(root)? {
         Some(shards) => {
             let dir = if root.is_dir() { root.clone() } else { root.parent().unwrap_or(Path::new(".")).to_path_buf() };
