@@ -32,7 +32,7 @@ gpu)
 ship)
     run=${2:?usage: train-default.sh ship RUN_DIR_WITH_ema.part.*}
     cat "$run"/ema.part.* > /tmp/ema.safetensors
-    cargo run -- convert --weights /tmp/ema.safetensors --config assets/fashion-mnist/config.json --out /tmp/fm-bf16 --dtype bf16
+    cargo run -- convert --weights /tmp/ema.safetensors --config assets/fashion-mnist/config.json --out /tmp/fm-bf16 --dtype bf16 --overwrite
     cp /tmp/fm-bf16/model.safetensors assets/fashion-mnist/model.safetensors
     cp "$run/log.jsonl" assets/fashion-mnist/train-log.jsonl
     ;;
