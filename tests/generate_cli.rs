@@ -372,7 +372,7 @@ fn train_errors_name_flags_and_carry_no_backtrace() {
 
     cfg["patch_size"] = 3.into();
     std::fs::write(&model, cfg.to_string()).unwrap();
-    let o = Command::new(env!("CARGO_BIN_EXE_ditmoe")).args(&base).args(["--objective", "rf"]).env("RUST_BACKTRACE", "1").output().unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_ditmoe")).args(base).args(["--objective", "rf"]).env("RUST_BACKTRACE", "1").output().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(err.lines().count(), 1, "one line, no backtrace: {err}");
     assert!(err.contains("`patch_size`"), "{err}");

@@ -17,7 +17,8 @@ use candle_nn::VarBuilder;
 pub enum Ffn {
     /// The MoE layer, built from `DitConfig::moe_config` (DiT-MoE: `blocks.<i>.moe`; ProMoE:
     /// `blocks.<i>.mlp`).
-    Moe(MoeLayer),
+    /// Boxed: a layer with its config is much larger than a dense MLP.
+    Moe(Box<MoeLayer>),
     /// ProMoE's dense blocks: timm `Mlp(D, mlp_ratio D)`, GELU-tanh (`blocks.<i>.mlp`).
     Dense(GeluMlp),
 }
@@ -62,8 +63,8 @@ impl DitBlock {
         let d = cfg.hidden_size;
         let attn = Attention::new(cfg, vb.pp("attn"))?;
         let ffn = match (&cfg.promoe, cfg.is_moe_block(index)) {
-            (None, _) => Ffn::Moe(MoeLayer::new(&cfg.moe_config(), plan, vb.pp("moe"))?),
-            (Some(_), true) => Ffn::Moe(MoeLayer::new(&cfg.moe_config(), plan, vb.pp("mlp"))?),
+            (None, _) => Ffn::Moe(Box::new(MoeLayer::new(&cfg.moe_config(), plan, vb.pp("moe"))?)),
+            (Some(_), true) => Ffn::Moe(Box::new(MoeLayer::new(&cfg.moe_config(), plan, vb.pp("mlp"))?)),
             (Some(_), false) => Ffn::Dense(GeluMlp::timm(d, cfg.mlp_ratio * d, vb.pp("mlp"))?),
         };
         let ada_ln = crate::nn::linear(d, 6 * d, vb.pp("adaLN_modulation.1"))?;
