@@ -875,7 +875,8 @@ fn run_checks(dev: &Device, section: &str) -> Result<Table> {
             let case = format!("XL S={s} {dt:?} +shared");
             let layer = moe_layers::fused_layer(&router, &experts, Some(&shared), k, &ExecutionPlan::inference(dev, Precision::of_dtype(dt)))?;
             let fused = || layer.forward(&MoeInput { tokens: &x, seq_len: s, unconditional: None, train: false });
-            let (yf, gf) = (fused()?.out, fused()?.routing);
+            let first = fused()?;
+            let (yf, gf) = (first.out, first.routing);
             let yf2 = fused()?.out;
             let (yl, ids_l, _) = moe_layers::moe_forward_loop(&x, &router, &experts, Some(&shared), k)?;
             // Rows whose top-k differs only because of exactly tied logits (common in bf16; CUDA's

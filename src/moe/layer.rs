@@ -158,26 +158,30 @@ impl MoeLayer {
         if self.needs_unconditional_mask() && input.unconditional.is_none() {
             candle_core::bail!("moe: a router with an unconditional expert needs the unconditional-token mask")
         }
-        let mut o = match self.kernels {
-            true => self.forward_kernels(input)?,
-            false => self.forward_reference(input)?,
+        let (mut o, dispatch) = match self.kernels {
+            true => (self.forward_kernels(input)?, None),
+            false => {
+                let (o, dispatch) = self.forward_reference(input)?;
+                (o, Some(dispatch))
+            }
         };
         if input.train {
             o.aux_loss = self.balance_loss(&o.routing, input)?;
-            o.contrastive_loss = self.contrastive_loss(input, &o.routing)?;
+            o.contrastive_loss = self.contrastive_loss(input, &o.routing, dispatch)?;
         }
         Ok(o)
     }
 
-    /// The CPU reference: router, host counting sort, each expert once on its rows.
-    fn forward_reference(&self, input: &MoeInput) -> Result<MoeOutput> {
+    /// The CPU reference: router, host counting sort, each expert once on its rows. The sort is
+    /// handed back for the losses that read the assignment.
+    fn forward_reference(&self, input: &MoeInput) -> Result<(MoeOutput, ExpertDispatch)> {
         let x = input.tokens;
         let routing = self.router.route(x, input.unconditional)?;
         let dispatch = ExpertDispatch::new(&routing.experts, self.cfg.total_experts())?;
         let routed = self.experts.run(&dispatch, x, &routing.weights)?;
         let counts: Vec<u32> = dispatch.counts().into_iter().map(|c| c as u32).collect();
         let expert_counts = Tensor::from_vec(counts, self.cfg.total_experts(), x.device())?;
-        self.finish(x, routed, routing, expert_counts)
+        Ok((self.finish(x, routed, routing, expert_counts)?, dispatch))
     }
 
     /// The kernel pipeline (the CUDA forward; on the CPU, the kernels' references). A frozen top-k
@@ -283,14 +287,18 @@ impl MoeLayer {
     }
 
     /// The prototypical router's routing contrastive loss (None for other routers or lambda 0).
-    /// Which prototypes have tokens is read back once from the routing.
-    fn contrastive_loss(&self, input: &MoeInput, routing: &Routing) -> Result<Option<Tensor>> {
+    /// Which prototypes have tokens comes from the reference forward's sort, or on the kernel
+    /// pipeline (which keeps the sort on the device) from the routing read back once.
+    fn contrastive_loss(&self, input: &MoeInput, routing: &Routing, dispatch: Option<ExpertDispatch>) -> Result<Option<Tensor>> {
         let MoeRouter::Prototypical(router) = &self.router else { return Ok(None) };
         let contrastive = router.contrastive();
         if !contrastive.enabled() {
             return Ok(None);
         }
-        let dispatch = ExpertDispatch::new(&routing.experts, self.cfg.total_experts())?;
+        let dispatch = match dispatch {
+            Some(d) => d,
+            None => ExpertDispatch::new(&routing.experts, self.cfg.total_experts())?,
+        };
         Ok(Some(contrastive.loss(router.cluster_centers(), input.tokens, &routing.experts, &dispatch)?))
     }
 }
