@@ -187,6 +187,8 @@ impl DitConfig {
                 expert_intermediate_size: self.mlp_ratio * d,
                 expert_form: ExpertForm::Swiglu,
                 shared_expert_intermediate_size: self.n_shared_experts * d,
+                shared_expert_gate: false,
+                residual_intermediate_size: 0,
                 router: RouterConfig::TopK { norm_topk_prob: self.norm_topk_prob },
                 balance_loss: BalanceLossConfig { coefficient: self.aux_loss_alpha, form: form(self.seq_aux) },
                 capacity: CapacityPolicy::Dropless,
@@ -199,6 +201,8 @@ impl DitConfig {
                 expert_intermediate_size: p.moe_intermediate_size,
                 expert_form: ExpertForm::GeluBias,
                 shared_expert_intermediate_size: if p.use_shared_expert { p.shared_expert_intermediate_size } else { 0 },
+                shared_expert_gate: false,
+                residual_intermediate_size: 0,
                 router: RouterConfig::Prototypical {
                     weight_mode: p.router_weight_mode,
                     unconditional_expert: p.use_uncond_expert,
@@ -210,7 +214,7 @@ impl DitConfig {
                 },
                 balance_loss: BalanceLossConfig { coefficient: p.load_balance_loss_coef, form: form(self.seq_aux) },
                 capacity: CapacityPolicy::Dropless,
-                names: ParamNames { router: "gate".into(), experts: "experts".into(), shared_expert: "shared_expert".into() },
+                names: ParamNames { shared_expert: "shared_expert".into(), ..ParamNames::default() },
             },
         }
     }

@@ -98,8 +98,8 @@ fn gating_matches_softmax_and_sorted_topk() -> Result<()> {
         )? / (s * k) as f64)?;
         let official =
             ((scores.mean(0)? * (ce * e as f64)?)?.sum_all()? * 0.01)?.to_scalar::<f32>()?;
-        let routing = ditmoe::moe::Routing { experts: g.ids.clone(), weights: g.weights.clone(), scores: g.scores.clone() };
-        let ours = ditmoe::moe::balance_loss(&routing, s, 0.01, false)?.to_scalar::<f32>()?;
+        let routing = ditmoe::moe::Routing { experts: g.ids.clone(), weights: g.weights.clone(), scores: g.scores.clone(), logits: logits.clone() };
+        let ours = ditmoe::moe::balance_loss(&routing, s, 0.01, ditmoe::moe::BalanceForm::Batch)?.to_scalar::<f32>()?;
         assert!(
             (official - ours).abs() <= 1e-6 * official.abs().max(1.0),
             "balance loss {ours} vs {official}"

@@ -49,7 +49,7 @@ fn check_case(case: &str) {
         note("weights", assert_close(&format!("{case} routing.{l}.weights"), &r.weights, &io[&format!("routing.{l}.weights")], F32_TOL));
         note("scores", assert_close(&format!("{case} routing.{l}.scores"), &r.scores, &io[&format!("routing.{l}.scores")], F32_TOL));
         // DiT-MoE's `seq_aux` groups by image: sequences of num_patches tokens
-        let seq = balance_loss(&ditmoe::moe::Routing { experts: r.experts.clone(), weights: r.weights.clone(), scores: r.scores.clone() }, cfg.num_patches(), cfg.aux_loss_alpha, true).unwrap();
+        let seq = balance_loss(&ditmoe::moe::Routing { experts: r.experts.clone(), weights: r.weights.clone(), scores: r.scores.clone(), logits: r.scores.clone() }, cfg.num_patches(), cfg.aux_loss_alpha, ditmoe::moe::BalanceForm::PerSequence).unwrap();
         let want_seq = io["aux_loss_seq"].narrow(0, l, 1).unwrap().squeeze(0).unwrap();
         note("aux_loss_seq", assert_close(&format!("{case} aux_loss_seq[{l}]"), &seq, &want_seq, F32_TOL));
     }

@@ -22,6 +22,8 @@ fn config(form: ExpertForm, top_k: usize, norm_topk_prob: bool, shared: usize) -
         expert_intermediate_size: 48,
         expert_form: form,
         shared_expert_intermediate_size: shared,
+        shared_expert_gate: false,
+        residual_intermediate_size: 0,
         router: RouterConfig::TopK { norm_topk_prob },
         balance_loss: BalanceLossConfig { coefficient: 0.01, form: BalanceForm::PerSequence },
         capacity: Default::default(),
@@ -50,13 +52,14 @@ fn mlp(cfg: &MoeConfig, vm: &VarMap, prefix: &str, x: &Tensor) -> Result<Tensor>
     let lin = |name: &str, x: &Tensor| -> Result<Tensor> {
         let y = x.matmul(&var(vm, &format!("{prefix}.{name}.weight")).t()?)?;
         match cfg.expert_form {
-            ExpertForm::GeluBias => y.broadcast_add(&var(vm, &format!("{prefix}.{name}.bias"))),
+            ExpertForm::GeluBias | ExpertForm::GeluErfBias => y.broadcast_add(&var(vm, &format!("{prefix}.{name}.bias"))),
             ExpertForm::Swiglu => Ok(y),
         }
     };
     match cfg.expert_form {
         ExpertForm::Swiglu => lin("down_proj", &(lin("gate_proj", x)?.silu()? * lin("up_proj", x)?)?),
         ExpertForm::GeluBias => lin("down_proj", &lin("up_proj", x)?.gelu()?),
+        ExpertForm::GeluErfBias => lin("down_proj", &lin("up_proj", x)?.gelu_erf()?),
     }
 }
 
@@ -150,6 +153,7 @@ fn swiglu_layer_matches_the_dense_reference_forward_and_backward() {
 #[test]
 fn gelu_layer_matches_the_dense_reference_forward_and_backward() {
     check_against_dense(ExpertForm::GeluBias, 2, false, 40);
+    check_against_dense(ExpertForm::GeluErfBias, 1, false, 0);
 }
 
 /// The kernel pipeline (fused gating + sort + grouped GEMMs + combine for frozen weights, the
@@ -157,7 +161,7 @@ fn gelu_layer_matches_the_dense_reference_forward_and_backward() {
 /// against the reference dispatch: the same choices, values and gradients.
 #[test]
 fn kernel_pipeline_matches_the_reference_dispatch() {
-    for form in [ExpertForm::Swiglu, ExpertForm::GeluBias] {
+    for form in [ExpertForm::Swiglu, ExpertForm::GeluBias, ExpertForm::GeluErfBias] {
         let cfg = config(form, 2, true, 40);
         let train = ExecutionPlan::training(&Device::Cpu, Precision::F32);
         let (reference, vm) = layer(&cfg, &train);

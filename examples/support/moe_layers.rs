@@ -48,6 +48,8 @@ pub fn fused_layer(router: &Tensor, experts: &ExpertWeights, shared: Option<&Swi
         expert_intermediate_size: i,
         expert_form: ExpertForm::Swiglu,
         shared_expert_intermediate_size: shared.map_or(0, |s| s.gate.dim(0).unwrap_or(0)),
+        shared_expert_gate: false,
+        residual_intermediate_size: 0,
         router: RouterConfig::TopK { norm_topk_prob: false },
         balance_loss: Default::default(),
         capacity: Default::default(),

@@ -5,8 +5,13 @@
 //!   (`pretraining_tp` only slices these matmuls: same maths, another summation order.)
 //! - [`GeluMlp`]: ProMoE's `modules.MoeMLP`, `down_proj(gelu_tanh(up_proj(x)))` with biases,
 //!   for the routed, unconditional and shared experts; the same maths is timm's `Mlp`
-//!   (`fc1`, `fc2`) of ProMoE's dense blocks, so one type serves both under their names.
-use super::config::ExpertForm;
+//!   (`fc1`, `fc2`) of ProMoE's dense blocks, so one type serves both under their names; with
+//!   the exact GELU it is Megatron's `ParallelMLP`, DeepSpeed-MoE's expert.
+//!
+//! Projections load by the layer's [`ParamNames`] (`gate_proj`/`up_proj`/`down_proj`, Mixtral's
+//! `w1`/`w3`/`w2`, Megatron's `dense_h_to_4h`/`dense_4h_to_h`).
+use super::config::{ExpertForm, ParamNames};
+use crate::moe::kernels::expert_act::GeluKind;
 use super::ExpertDispatch;
 use crate::moe::kernels::{ExpertStacks, ExpertWeights, GeluExpertWeights};
 use crate::nn::Linear;
@@ -21,11 +26,16 @@ pub struct SwigluExpert {
 }
 
 impl SwigluExpert {
+    /// The expert under DiT-MoE's names (`gate_proj`, `up_proj`, `down_proj`).
     pub fn new(hidden: usize, intermediate: usize, vb: VarBuilder) -> Result<Self> {
+        Self::named(hidden, intermediate, &ParamNames::default(), vb)
+    }
+
+    pub fn named(hidden: usize, intermediate: usize, names: &ParamNames, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
-            gate_proj: crate::nn::linear_no_bias(hidden, intermediate, vb.pp("gate_proj"))?,
-            up_proj: crate::nn::linear_no_bias(hidden, intermediate, vb.pp("up_proj"))?,
-            down_proj: crate::nn::linear_no_bias(intermediate, hidden, vb.pp("down_proj"))?,
+            gate_proj: crate::nn::linear_no_bias(hidden, intermediate, vb.pp(&names.gate_proj))?,
+            up_proj: crate::nn::linear_no_bias(hidden, intermediate, vb.pp(&names.up_proj))?,
+            down_proj: crate::nn::linear_no_bias(intermediate, hidden, vb.pp(&names.down_proj))?,
         })
     }
 
@@ -65,12 +75,12 @@ pub enum Experts {
 }
 
 impl Experts {
-    /// `count` experts of `form`, `experts.<e>` under `vb`.
-    pub fn new(form: ExpertForm, hidden: usize, intermediate: usize, count: usize, vb: VarBuilder) -> Result<Self> {
+    /// `count` experts of `form`, `<e>.<proj>` under `vb`.
+    pub fn new(form: ExpertForm, hidden: usize, intermediate: usize, count: usize, names: &ParamNames, vb: VarBuilder) -> Result<Self> {
         let pp = |e: usize| vb.pp(e.to_string());
-        Ok(match form {
-            ExpertForm::Swiglu => Self::Swiglu((0..count).map(|e| SwigluExpert::new(hidden, intermediate, pp(e))).collect::<Result<_>>()?),
-            ExpertForm::GeluBias => Self::Gelu((0..count).map(|e| GeluMlp::new(hidden, intermediate, pp(e))).collect::<Result<_>>()?),
+        Ok(match form.gelu() {
+            None => Self::Swiglu((0..count).map(|e| SwigluExpert::named(hidden, intermediate, names, pp(e))).collect::<Result<_>>()?),
+            Some(act) => Self::Gelu((0..count).map(|e| GeluMlp::named(hidden, intermediate, act, &names.up_proj, &names.down_proj, pp(e))).collect::<Result<_>>()?),
         })
     }
 
@@ -122,7 +132,7 @@ pub fn stack_frozen(experts: &Experts) -> Result<(ExpertStacks, Experts)> {
     Ok((stacks, views))
 }
 
-/// The always-on shared expert, in the layer's expert form.
+/// The always-on shared expert (and PR-MoE's residual MLP), in the layer's expert form.
 #[derive(Debug, Clone)]
 pub enum SharedExpert {
     Swiglu(SwigluExpert),
@@ -130,10 +140,10 @@ pub enum SharedExpert {
 }
 
 impl SharedExpert {
-    pub fn new(form: ExpertForm, hidden: usize, intermediate: usize, vb: VarBuilder) -> Result<Self> {
-        Ok(match form {
-            ExpertForm::Swiglu => Self::Swiglu(SwigluExpert::new(hidden, intermediate, vb)?),
-            ExpertForm::GeluBias => Self::Gelu(GeluMlp::new(hidden, intermediate, vb)?),
+    pub fn new(form: ExpertForm, hidden: usize, intermediate: usize, names: &ParamNames, vb: VarBuilder) -> Result<Self> {
+        Ok(match form.gelu() {
+            None => Self::Swiglu(SwigluExpert::named(hidden, intermediate, names, vb)?),
+            Some(act) => Self::Gelu(GeluMlp::named(hidden, intermediate, act, &names.up_proj, &names.down_proj, vb)?),
         })
     }
 }
@@ -177,13 +187,14 @@ impl StackedExperts for GeluMlp {
             up_bias: Tensor::stack(&up_bias, 0)?,
             down: stack_each(experts, |e| e.down.weight())?,
             down_bias: Tensor::stack(&down_bias, 0)?,
+            activation: experts.first().map_or(GeluKind::Tanh, |e| e.activation),
         }))
     }
 
     fn views(stacks: &ExpertStacks) -> Result<Vec<Self>> {
         let ExpertStacks::Gelu(w) = stacks else { return Err(form_mismatch()) };
         let linear = |wt: &Tensor, b: &Tensor, e| -> Result<Linear> { Ok(Linear::from_weights(slice(wt, e)?, Some(slice(b, e)?))) };
-        (0..w.up.dim(0)?).map(|e| Ok(Self { up: linear(&w.up, &w.up_bias, e)?, down: linear(&w.down, &w.down_bias, e)? })).collect()
+        (0..w.up.dim(0)?).map(|e| Ok(Self { up: linear(&w.up, &w.up_bias, e)?, down: linear(&w.down, &w.down_bias, e)?, activation: w.activation })).collect()
     }
 }
 
@@ -194,28 +205,30 @@ impl Module for SwigluExpert {
     }
 }
 
-/// `Linear(D, I) -> GELU(approximate="tanh") -> Linear(I, D)`, both with bias.
+/// `Linear(D, I) -> GELU -> Linear(I, D)`, both with bias.
 #[derive(Debug, Clone)]
 pub struct GeluMlp {
     up: Linear,
     down: Linear,
+    activation: GeluKind,
 }
 
 impl GeluMlp {
-    /// ProMoE's `MoeMLP` names: `up_proj`, `down_proj`.
+    /// ProMoE's `MoeMLP`: names `up_proj`, `down_proj`, tanh GELU.
     pub fn new(hidden: usize, intermediate: usize, vb: VarBuilder) -> Result<Self> {
-        Self::named(hidden, intermediate, vb, "up_proj", "down_proj")
+        Self::named(hidden, intermediate, GeluKind::Tanh, "up_proj", "down_proj", vb)
     }
 
-    /// timm `Mlp` names: `fc1`, `fc2` (the dense blocks of ProMoE; dropout is 0 there).
+    /// timm `Mlp` names: `fc1`, `fc2`, tanh GELU (the dense blocks of ProMoE; dropout is 0 there).
     pub fn timm(hidden: usize, intermediate: usize, vb: VarBuilder) -> Result<Self> {
-        Self::named(hidden, intermediate, vb, "fc1", "fc2")
+        Self::named(hidden, intermediate, GeluKind::Tanh, "fc1", "fc2", vb)
     }
 
-    fn named(hidden: usize, intermediate: usize, vb: VarBuilder, up: &str, down: &str) -> Result<Self> {
+    pub fn named(hidden: usize, intermediate: usize, activation: GeluKind, up: &str, down: &str, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
             up: crate::nn::linear(hidden, intermediate, vb.pp(up))?,
             down: crate::nn::linear(intermediate, hidden, vb.pp(down))?,
+            activation,
         })
     }
 
@@ -227,7 +240,6 @@ impl GeluMlp {
 
 impl Module for GeluMlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        // candle's `gelu` is the tanh approximation (`gelu_erf` is the exact one).
-        self.down.forward(&self.up.forward(x)?.gelu()?)
+        self.down.forward(&self.activation.apply(&self.up.forward(x)?)?)
     }
 }

@@ -13,10 +13,11 @@
 //!   forward can be captured as a CUDA graph); with trainable weights (or other routers and
 //!   expert forms) the routed experts run as one differentiable op
 //!   ([`crate::moe::kernels::routed_experts`]) whose backward runs on the kernels too.
-use super::config::{BalanceForm, MoeConfig, RouterConfig};
+use super::config::{CapacityPolicy, MoeConfig, RouterConfig};
 use super::experts::{stack_frozen, Experts, SharedExpert};
 use super::{balance_loss, ExpertDispatch, PrototypicalRouter, Routing, TopKRouter, WeightMode};
 use crate::moe::kernels::{self, ExpertStacks, GemmConfig, SwigluWeights};
+use crate::nn::Linear;
 use crate::plan::ExecutionPlan;
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
@@ -72,6 +73,26 @@ pub struct MoeOutput {
     pub aux_loss: Option<Tensor>,
     /// The prototypical router's routing contrastive loss (lambda included), in training mode.
     pub contrastive_loss: Option<Tensor>,
+    /// Slots dropped by the capacity ([`CapacityPolicy::Capacity`]); None when dropless.
+    pub dropped_slots: Option<usize>,
+}
+
+/// PR-MoE's residual form: a dense MLP beside the MoE and the per-token mixing coefficient
+/// (DeepSpeed `MoE.forward` with `use_residual`: `output * coef[..., 0:1] + output_mlp *
+/// coef[..., 1:]`, `coef = softmax(coefficient(x))`).
+#[derive(Debug, Clone)]
+pub struct ResidualMlp {
+    mlp: SharedExpert,
+    coefficient: Linear,
+}
+
+impl ResidualMlp {
+    fn mix(&self, x: &Tensor, moe_out: &Tensor) -> Result<Tensor> {
+        let c = crate::nn::softmax_last_dim(&self.coefficient.forward(x)?)?;
+        let mlp = self.mlp.forward(x)?;
+        let moe_out = moe_out.to_dtype(mlp.dtype())?;
+        moe_out.broadcast_mul(&c.narrow(1, 0, 1)?)? + mlp.broadcast_mul(&c.narrow(1, 1, 1)?)?
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -84,6 +105,9 @@ pub struct MoeLayer {
     /// Frozen experts on CUDA, stacked once for the grouped kernels.
     stacks: Option<ExpertStacks>,
     shared: Option<SharedExpert>,
+    /// Qwen2-MoE's shared-expert gate, `Linear(d, 1)` without bias.
+    shared_gate: Option<Linear>,
+    residual: Option<ResidualMlp>,
     /// Run the kernel pipeline (else the reference dispatch).
     kernels: bool,
     frozen: bool,
@@ -95,7 +119,7 @@ impl MoeLayer {
         cfg.validate()?;
         let (d, names) = (cfg.hidden_size, &cfg.names);
         let experts_vb = vb.pp(&names.experts);
-        let build_experts = || Experts::new(cfg.expert_form, d, cfg.expert_intermediate_size, cfg.total_experts(), experts_vb.clone());
+        let build_experts = || Experts::new(cfg.expert_form, d, cfg.expert_intermediate_size, cfg.total_experts(), names, experts_vb.clone());
         // Parameters are created in each family's state-dict order (DiT-MoE: experts, gate,
         // shared experts; ProMoE: prototypes, experts, shared expert).
         let (router, mut experts) = match &cfg.router {
@@ -110,7 +134,18 @@ impl MoeLayer {
         };
         let shared = match cfg.shared_expert_intermediate_size {
             0 => None,
-            width => Some(SharedExpert::new(cfg.expert_form, d, width, vb.pp(&names.shared_expert))?),
+            width => Some(SharedExpert::new(cfg.expert_form, d, width, names, vb.pp(&names.shared_expert))?),
+        };
+        let shared_gate = match cfg.shared_expert_gate {
+            true => Some(crate::nn::linear_no_bias(d, 1, vb.pp(&names.shared_expert_gate))?),
+            false => None,
+        };
+        let residual = match cfg.residual_intermediate_size {
+            0 => None,
+            width => Some(ResidualMlp {
+                mlp: SharedExpert::new(cfg.expert_form, d, width, names, vb.pp(&names.residual_mlp))?,
+                coefficient: crate::nn::linear(d, 2, vb.pp(&names.residual_coefficient))?,
+            }),
         };
         let frozen = !plan.trainable();
         let stacks = match plan.moe_kernels && frozen {
@@ -121,7 +156,7 @@ impl MoeLayer {
             }
             false => None,
         };
-        Ok(Self { cfg: cfg.clone(), router, experts, stacks, shared, kernels: plan.moe_kernels, frozen, gemm: plan.gemm })
+        Ok(Self { cfg: cfg.clone(), router, experts, stacks, shared, shared_gate, residual, kernels: plan.moe_kernels, frozen, gemm: plan.gemm })
     }
 
     pub fn config(&self) -> &MoeConfig {
@@ -142,7 +177,12 @@ impl MoeLayer {
     /// the caller may capture it as a CUDA graph, and its input is best given in the weights'
     /// dtype (the grouped GEMMs run in it).
     pub fn is_fused(&self) -> bool {
-        self.kernels && self.frozen && matches!(self.router, MoeRouter::TopK(_)) && matches!(self.stacks, Some(ExpertStacks::Swiglu(_)))
+        !self.drops_tokens() && self.kernels && self.frozen && matches!(self.router, MoeRouter::TopK(_)) && matches!(self.stacks, Some(ExpertStacks::Swiglu(_)))
+    }
+
+    /// Whether the capacity may drop slots (the drop decision reads the routing on the host).
+    fn drops_tokens(&self) -> bool {
+        matches!(self.cfg.capacity, CapacityPolicy::Capacity { drop_tokens: true, .. })
     }
 
     /// Whether a call needs [`MoeInput::unconditional`].
@@ -169,6 +209,9 @@ impl MoeLayer {
             o.aux_loss = self.balance_loss(&o.routing, input)?;
             o.contrastive_loss = self.contrastive_loss(input, &o.routing, dispatch)?;
         }
+        if let Some(r) = &self.residual {
+            o.out = r.mix(input.tokens, &o.out)?;
+        }
         Ok(o)
     }
 
@@ -176,12 +219,49 @@ impl MoeLayer {
     /// handed back for the losses that read the assignment.
     fn forward_reference(&self, input: &MoeInput) -> Result<(MoeOutput, ExpertDispatch)> {
         let x = input.tokens;
-        let routing = self.router.route(x, input.unconditional)?;
+        let (routing, dropped) = self.route(input)?;
         let dispatch = ExpertDispatch::new(&routing.experts, self.cfg.total_experts())?;
         let routed = self.experts.run(&dispatch, x, &routing.weights)?;
         let counts: Vec<u32> = dispatch.counts().into_iter().map(|c| c as u32).collect();
         let expert_counts = Tensor::from_vec(counts, self.cfg.total_experts(), x.device())?;
-        Ok((self.finish(x, routed, routing, expert_counts)?, dispatch))
+        Ok((self.finish(x, routed, routing, expert_counts, dropped)?, dispatch))
+    }
+
+    /// The router's decision, then the capacity's drops (see [`Self::apply_capacity`]).
+    fn route(&self, input: &MoeInput) -> Result<(Routing, Option<usize>)> {
+        let routing = self.router.route(input.tokens, input.unconditional)?;
+        self.apply_capacity(routing, input.train)
+    }
+
+    /// DeepSpeed's capacity (`top1gating`/`top2gating` with `drop_tokens`): each expert keeps
+    /// its first `capacity` slots, counting every first choice before any second choice and
+    /// tokens in order within a choice (DeepSpeed's `locations2 += sum(mask1)`); a dropped slot
+    /// keeps its expert id (so the expert counts are DeepSpeed's `exp_counts`, before dropping)
+    /// and gets gate weight 0, and the router renormalises what is kept (top-2's `gates1_s /
+    /// denom_s`). One host read of the expert ids.
+    fn apply_capacity(&self, routing: Routing, train: bool) -> Result<(Routing, Option<usize>)> {
+        let (s, k) = routing.experts.dims2()?;
+        let Some(capacity) = self.cfg.capacity.capacity(s, self.cfg.num_experts, k, train) else { return Ok((routing, None)) };
+        let ids: Vec<u32> = routing.experts.to_dtype(DType::U32)?.flatten_all()?.to_vec1()?;
+        let mut filled = vec![0usize; self.cfg.total_experts()];
+        let mut keep = vec![0f32; s * k];
+        for slot in 0..k {
+            for t in 0..s {
+                let e = ids[t * k + slot] as usize;
+                if filled[e] < capacity {
+                    keep[t * k + slot] = 1.0;
+                }
+                filled[e] += 1;
+            }
+        }
+        let dropped = keep.iter().filter(|&&m| m == 0.0).count();
+        let keep = Tensor::from_vec(keep, (s, k), routing.weights.device())?.to_dtype(routing.weights.dtype())?;
+        let kept = (&routing.weights * keep)?;
+        let weights = match &self.router {
+            MoeRouter::TopK(r) => r.gate_weights(kept)?,
+            MoeRouter::Prototypical(_) => kept,
+        };
+        Ok((Routing { weights, ..routing }, Some(dropped)))
     }
 
     /// The kernel pipeline (the CUDA forward; on the CPU, the kernels' references). A frozen top-k
@@ -217,29 +297,38 @@ impl MoeLayer {
             g.weights = router.gate_weights(g.weights)?;
             let h = kernels::grouped_gate_up_gather(&tokens, &perm, &w.gate, &w.up, &self.gemm)?;
             let y = kernels::grouped_matmul(&h, &perm.offsets, &w.down, &self.gemm)?;
-            let shared = shared.map(|p| p.join()).transpose()?;
+            let shared = shared.map(|p| p.join()).transpose()?.map(|s| self.gate_shared(&tokens, s)).transpose()?;
             // the combine adds the shared expert's output while it sums the routed rows, in f32,
             // rounding once
             let out = kernels::combine(&y, &perm, &g.weights, shared.as_ref())?;
-            let routing = Routing { experts: g.ids, weights: g.weights, scores: g.scores };
-            return Ok(MoeOutput { out, routed: None, shared, routing, expert_counts: g.expert_counts, aux_loss: None, contrastive_loss: None });
+            let routing = Routing { experts: g.ids, weights: g.weights, scores: g.scores, logits };
+            return Ok(MoeOutput { out, routed: None, shared, routing, expert_counts: g.expert_counts, aux_loss: None, contrastive_loss: None, dropped_slots: None });
         }
-        let routing = self.router.route(x, input.unconditional)?;
+        let (routing, dropped) = self.route(input)?;
         let e = self.cfg.total_experts();
         let perm = kernels::permute_by_expert(&routing.experts.to_dtype(DType::U32)?, e)?;
         let routed = kernels::routed_experts(&tokens, &routing.weights, stacks, &perm, &self.gemm)?.to_dtype(x.dtype())?;
         let expert_counts = (perm.offsets.narrow(0, 1, e)? - perm.offsets.narrow(0, 0, e)?)?;
-        self.finish(x, routed, routing, expert_counts)
+        self.finish(x, routed, routing, expert_counts, dropped)
     }
 
     /// routed + shared.
-    fn finish(&self, x: &Tensor, routed: Tensor, routing: Routing, expert_counts: Tensor) -> Result<MoeOutput> {
-        let shared = self.shared.as_ref().map(|s| s.forward(x)).transpose()?;
+    fn finish(&self, x: &Tensor, routed: Tensor, routing: Routing, expert_counts: Tensor, dropped_slots: Option<usize>) -> Result<MoeOutput> {
+        let shared = self.shared.as_ref().map(|s| self.gate_shared(x, s.forward(x)?)).transpose()?;
         let out = match &shared {
             Some(s) => (&routed + s)?,
             None => routed.clone(),
         };
-        Ok(MoeOutput { out, routed: Some(routed), shared, routing, expert_counts, aux_loss: None, contrastive_loss: None })
+        Ok(MoeOutput { out, routed: Some(routed), shared, routing, expert_counts, aux_loss: None, contrastive_loss: None, dropped_slots })
+    }
+
+    /// The shared expert's output scaled by its gate, `sigmoid(x · w_g) * shared` (Qwen2-MoE's
+    /// `F.sigmoid(self.shared_expert_gate(hidden_states)) * shared_expert_output`).
+    fn gate_shared(&self, x: &Tensor, shared: Tensor) -> Result<Tensor> {
+        match &self.shared_gate {
+            Some(g) => shared.broadcast_mul(&candle_nn::ops::sigmoid(&g.forward(x)?)?.to_dtype(shared.dtype())?),
+            None => Ok(shared),
+        }
     }
 
     fn shared_swiglu_weights(&self) -> Option<SwigluWeights> {
@@ -261,9 +350,8 @@ impl MoeLayer {
         if bl.coefficient == 0.0 {
             return Ok(None);
         }
-        let per_sequence = bl.form == BalanceForm::PerSequence;
         let MoeRouter::Prototypical(router) = &self.router else {
-            return Ok(Some(balance_loss(routing, input.seq_len, bl.coefficient, per_sequence)?));
+            return Ok(Some(balance_loss(routing, input.seq_len, bl.coefficient, bl.form)?));
         };
         let dev = routing.scores.device();
         let cond: Vec<u32> = match input.unconditional.filter(|_| router.has_unconditional_expert()) {
@@ -282,8 +370,8 @@ impl MoeLayer {
             WeightMode::Softmax => w,
             _ => crate::nn::softmax_last_dim(&w)?,
         };
-        let cond_routing = Routing { experts: routing.experts.index_select(&idx, 0)?, weights: routing.weights.index_select(&idx, 0)?, scores };
-        Ok(Some(balance_loss(&cond_routing, input.seq_len, bl.coefficient, per_sequence)?))
+        let cond_routing = Routing { experts: routing.experts.index_select(&idx, 0)?, weights: routing.weights.index_select(&idx, 0)?, scores, logits: routing.logits.index_select(&idx, 0)? };
+        Ok(Some(balance_loss(&cond_routing, input.seq_len, bl.coefficient, bl.form)?))
     }
 
     /// The prototypical router's routing contrastive loss (None for other routers or lambda 0).

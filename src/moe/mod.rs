@@ -14,11 +14,12 @@ pub mod layer;
 pub mod prototypical;
 pub mod router;
 
-pub use balance_loss::balance_loss;
+pub use balance_loss::{balance_loss, hf_load_balancing_loss};
 pub use config::{BalanceForm, BalanceLossConfig, CapacityPolicy, ExpertForm, MoeConfig, ParamNames, RouterConfig};
 pub use contrastive::RoutingContrastive;
 pub use dispatch::ExpertDispatch;
+pub use kernels::expert_act::GeluKind;
 pub use experts::{stack_frozen, Experts, GeluMlp, SharedExpert, StackedExperts, SwigluExpert};
-pub use layer::{MoeInput, MoeLayer, MoeOutput, MoeRouter};
+pub use layer::{MoeInput, MoeLayer, MoeOutput, MoeRouter, ResidualMlp};
 pub use prototypical::{normalize_rows, PrototypicalRouter, WeightMode};
 pub use router::{Routing, TopKRouter};

@@ -113,7 +113,7 @@ impl PrototypicalRouter {
         let experts = w.arg_sort_last_dim(false)?.narrow(D::Minus1, 0, self.top_k)?.contiguous()?;
         let weights = w.gather(&experts, D::Minus1)?;
         if !self.unconditional_expert {
-            return Ok(Routing { experts, weights, scores: cos });
+            return Ok(Routing { experts, weights, logits: cos.clone(), scores: cos });
         }
         let Some(unconditional) = unconditional else {
             bail!("prototypical router: the unconditional expert needs the unconditional-token mask")
@@ -130,6 +130,7 @@ impl PrototypicalRouter {
         Ok(Routing {
             experts: mask.where_cond(&uncond_ids, &experts)?,
             weights: mask.where_cond(&uncond_w, &weights)?,
+            logits: cos.clone(),
             scores: cos,
         })
     }

@@ -26,6 +26,9 @@ pub struct Routing {
     /// [`TopKRouter`] (what the balance loss averages), prototype cosines for
     /// [`super::PrototypicalRouter`].
     pub scores: Tensor,
+    /// (S, E) the router's logits before the softmax, in the model dtype (HF's
+    /// `router_logits`); the prototype cosines for [`super::PrototypicalRouter`].
+    pub logits: Tensor,
 }
 
 impl TopKRouter {
@@ -56,7 +59,7 @@ impl TopKRouter {
         let scores = crate::nn::softmax_last_dim(&logits.to_dtype(DType::F32)?)?;
         let experts = scores.arg_sort_last_dim(false)?.narrow(D::Minus1, 0, self.top_k)?.contiguous()?;
         let weights = self.gate_weights(scores.gather(&experts, D::Minus1)?)?;
-        Ok(Routing { experts, weights, scores })
+        Ok(Routing { experts, weights, scores, logits: logits.clone() })
     }
 
     /// The chosen experts' softmax scores (S, k) as gate weights: renormalised to sum to one

@@ -115,11 +115,45 @@ mod cuda_act {
     }
 }
 
+/// The GELU of a GELU expert form: candle's `gelu` is the tanh approximation (timm's and
+/// ProMoE's `GELU(approximate="tanh")`), `gelu_erf` the exact one (PyTorch's default `F.gelu`,
+/// Megatron's `ParallelMLP` in DeepSpeed-MoE's experts).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GeluKind {
+    Tanh,
+    Erf,
+}
+
+impl GeluKind {
+    pub fn apply(self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Tanh => x.gelu(),
+            Self::Erf => x.gelu_erf(),
+        }
+    }
+
+    /// `dh * gelu'(x)`.
+    pub(crate) fn backward(self, x: &Tensor, dh: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Tanh => gelu_tanh_backward(x, dh),
+            Self::Erf => gelu_erf_backward(x, dh),
+        }
+    }
+}
+
+/// `dh * (Φ(x) + x φ(x))`, the exact GELU's derivative, in candle ops (in f32 and above
+/// `erf` is exact to the dtype's rounding).
+fn gelu_erf_backward(x: &Tensor, dh: &Tensor) -> Result<Tensor> {
+    let cdf = (x / std::f64::consts::SQRT_2)?.erf()?.affine(0.5, 0.5)?;
+    let pdf = (x.sqr()? * -0.5)?.exp()? * (1.0 / (2.0 * std::f64::consts::PI).sqrt());
+    dh * (cdf + (x * pdf?)?)?
+}
+
 /// `dh * d gelu_tanh(x) / dx` for candle's `gelu` (the tanh approximation):
 /// `0.5 (1 + t) + 0.5 x (1 - t²) c (1 + 3 a x²)` with `t = tanh(c (x + a x³))`, `c = sqrt(2/π)`.
 /// One kernel on CUDA for f32 (`kernels/expert_act_grad.cu`, rounding in the same order),
 /// candle ops elsewhere.
-pub(crate) fn gelu_tanh_backward(x: &Tensor, dh: &Tensor) -> Result<Tensor> {
+fn gelu_tanh_backward(x: &Tensor, dh: &Tensor) -> Result<Tensor> {
     const A: f64 = 0.044715;
     let c = (2.0 / std::f64::consts::PI).sqrt();
     #[cfg(feature = "cuda")]

@@ -16,12 +16,13 @@
 //! candle's custom ops see storages, not tensors, and the kernels take tensors; so the value is
 //! computed first and the op's forward only hands it over (one `[S, D]` copy), while the
 //! backward works on the tensors autograd gives it.
-use super::expert_act::{gelu_tanh_backward, swiglu_backward};
+use super::expert_act::{swiglu_backward, GeluKind};
 use super::{combine, gather_rows, grouped_gate_up_gather, grouped_matmul, grouped_weight_grad, ExpertWeights, GemmConfig, Permutation};
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
-/// Stacked weights of E GELU experts (ProMoE's `MoeMLP`, `nn.Linear` layout per expert):
-/// expert `e` computes `down[e] · gelu_tanh(up[e] · x + up_bias[e]) + down_bias[e]`.
+/// Stacked weights of E GELU experts (ProMoE's `MoeMLP`, DeepSpeed-MoE's Megatron MLP;
+/// `nn.Linear` layout per expert): expert `e` computes
+/// `down[e] · gelu(up[e] · x + up_bias[e]) + down_bias[e]`.
 #[derive(Debug, Clone)]
 pub struct GeluExpertWeights {
     /// `[E, I, D]`
@@ -32,6 +33,7 @@ pub struct GeluExpertWeights {
     pub down: Tensor,
     /// `[E, D]`
     pub down_bias: Tensor,
+    pub activation: GeluKind,
 }
 
 /// The routed experts of a layer, stacked, in one of the engine's two expert forms.
@@ -39,14 +41,14 @@ pub struct GeluExpertWeights {
 pub enum ExpertStacks {
     /// DiT-MoE: `down(silu(gate x) * up x)`, no biases.
     Swiglu(ExpertWeights),
-    /// ProMoE: `down(gelu_tanh(up x + b_up)) + b_down`.
+    /// ProMoE, DeepSpeed-MoE: `down(gelu(up x + b_up)) + b_down`.
     Gelu(GeluExpertWeights),
 }
 
 #[derive(Debug, Clone, Copy)]
 enum Form {
     Swiglu,
-    Gelu,
+    Gelu(GeluKind),
 }
 
 impl ExpertStacks {
@@ -61,7 +63,7 @@ impl ExpertStacks {
     fn form(&self) -> Form {
         match self {
             Self::Swiglu(_) => Form::Swiglu,
-            Self::Gelu(_) => Form::Gelu,
+            Self::Gelu(w) => Form::Gelu(w.activation),
         }
     }
 
@@ -77,7 +79,7 @@ impl ExpertStacks {
         let mut next = || t.next().expect("one tensor per stack");
         match form {
             Form::Swiglu => Self::Swiglu(ExpertWeights { gate: next(), up: next(), down: next() }),
-            Form::Gelu => Self::Gelu(GeluExpertWeights { up: next(), up_bias: next(), down: next(), down_bias: next() }),
+            Form::Gelu(activation) => Self::Gelu(GeluExpertWeights { up: next(), up_bias: next(), down: next(), down_bias: next(), activation }),
         }
     }
 
@@ -148,7 +150,7 @@ impl GeluRows {
         // each row's expert picks its bias rows
         let expert = expert_of_row(offsets, xs.dim(0)?)?;
         let pre = (grouped_matmul(xs, offsets, &w.up, gemm)? + w.up_bias.index_select(&expert, 0)?)?;
-        let h = pre.gelu()?;
+        let h = w.activation.apply(&pre)?;
         let y = (grouped_matmul(&h, offsets, &w.down, gemm)? + w.down_bias.index_select(&expert, 0)?)?;
         Ok(Self { pre, h, y })
     }
@@ -222,7 +224,7 @@ impl CustomOp3 for RoutedExpertsGrad {
             ExpertStacks::Gelu(w) => {
                 // y = gelu(pre) downᵀ + b_down, pre = x upᵀ + b_up
                 let rows = GeluRows::new(&xs, w, off, gemm)?;
-                let dpre = gelu_tanh_backward(&rows.pre, &grouped(&dy, &t(&w.down)?)?)?;
+                let dpre = w.activation.backward(&rows.pre, &grouped(&dy, &t(&w.down)?)?)?;
                 let dxs = grouped(&dpre, &t(&w.up)?)?;
                 let dstacks = vec![wgrad(&dpre, &xs)?, expert_row_sums(&dpre, &off_host)?, wgrad(&dy, &rows.h)?, expert_row_sums(&dy, &off_host)?];
                 (rows.y, dxs, dstacks)
