@@ -18,7 +18,7 @@ pub fn balance_loss(routing: &Routing, seq_len: usize, alpha: f64, form: Balance
     let k = routing.experts.dim(1)?;
     let dev = routing.scores.device();
     if form == BalanceForm::FirstChoice {
-        let first = Routing { experts: routing.experts.narrow(1, 0, 1)?, ..routing.clone() };
+        let first = Routing { experts: routing.experts.narrow(1, 0, 1)?.contiguous()?, ..routing.clone() };
         let f = (expert_slot_mask(&first)?.sum(0)? * (e as f64 / s as f64))?;
         return (routing.scores.mean(0)? * f)?.sum_all()? * alpha;
     }

@@ -233,28 +233,19 @@ impl MoeLayer {
         self.apply_capacity(routing, input.train)
     }
 
-    /// DeepSpeed's capacity (`top1gating`/`top2gating` with `drop_tokens`): each expert keeps
-    /// its first `capacity` slots, counting every first choice before any second choice and
-    /// tokens in order within a choice (DeepSpeed's `locations2 += sum(mask1)`); a dropped slot
-    /// keeps its expert id (so the expert counts are DeepSpeed's `exp_counts`, before dropping)
-    /// and gets gate weight 0, and the router renormalises what is kept (top-2's `gates1_s /
-    /// denom_s`). One host read of the expert ids.
+    /// DeepSpeed's capacity (`top1gating`/`top2gating` with `drop_tokens`, see
+    /// [`super::capacity`]): a dropped slot keeps its expert id (so the expert counts are
+    /// DeepSpeed's `exp_counts`, before dropping) and gets gate weight 0, and the router
+    /// renormalises what is kept (top-2's `gates1_s / denom_s`). One host read of the ids.
     fn apply_capacity(&self, routing: Routing, train: bool) -> Result<(Routing, Option<usize>)> {
         let (s, k) = routing.experts.dims2()?;
         let Some(capacity) = self.cfg.capacity.capacity(s, self.cfg.num_experts, k, train) else { return Ok((routing, None)) };
         let ids: Vec<u32> = routing.experts.to_dtype(DType::U32)?.flatten_all()?.to_vec1()?;
-        let mut filled = vec![0usize; self.cfg.total_experts()];
-        let mut keep = vec![0f32; s * k];
-        for slot in 0..k {
-            for t in 0..s {
-                let e = ids[t * k + slot] as usize;
-                if filled[e] < capacity {
-                    keep[t * k + slot] = 1.0;
-                }
-                filled[e] += 1;
-            }
-        }
+        let keep: Vec<f32> = super::capacity::kept_slots(&ids, k, self.cfg.total_experts(), capacity).into_iter().map(f32::from).collect();
         let dropped = keep.iter().filter(|&&m| m == 0.0).count();
+        if dropped == 0 {
+            return Ok((routing, Some(0)));
+        }
         let keep = Tensor::from_vec(keep, (s, k), routing.weights.device())?.to_dtype(routing.weights.dtype())?;
         let kept = (&routing.weights * keep)?;
         let weights = match &self.router {

@@ -5,6 +5,7 @@
 //! DiT-MoE's top-k softmax router ([`TopKRouter`]) and ProMoE's prototypical router with an
 //! unconditional expert ([`PrototypicalRouter`], [`RoutingContrastive`]).
 pub mod balance_loss;
+pub mod capacity;
 pub mod config;
 pub mod contrastive;
 pub mod dispatch;
