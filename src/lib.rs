@@ -7,6 +7,7 @@ pub mod config;
 pub mod data;
 pub mod diffusion;
 pub mod eval;
+pub mod lm;
 pub mod model;
 pub mod moe;
 pub mod nn;

@@ -1,0 +1,90 @@
+//! `LmAttention`: grouped-query causal self-attention of transformers' `MixtralAttention`,
+//! `Qwen2MoeAttention` (q/k/v biases) and `OlmoeAttention` (q/k RMSNorm over the whole
+//! projections, before the head split): q/k/v projections, RoPE, the KV cache, `repeat_kv`,
+//! `softmax(q kᵀ / √head_dim + causal mask)` in f32 (`eager_attention_forward`), `o_proj`.
+use super::{KvCache, LmConfig, RmsNorm, RotaryEmbedding};
+use crate::nn::Linear;
+use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_nn::VarBuilder;
+
+#[derive(Debug, Clone)]
+pub struct LmAttention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    /// OLMoE's `q_norm` (`[heads · head_dim]`) and `k_norm` (`[kv_heads · head_dim]`).
+    qk_norm: Option<(RmsNorm, RmsNorm)>,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+}
+
+impl LmAttention {
+    /// `self_attn.{q,k,v,o}_proj` (and `self_attn.{q,k}_norm`) under `vb`.
+    pub fn new(cfg: &LmConfig, vb: VarBuilder) -> Result<Self> {
+        let (d, hd) = (cfg.hidden_size, cfg.head_dim);
+        let (q_out, kv_out) = (cfg.num_heads * hd, cfg.num_kv_heads * hd);
+        let proj = |out: usize, name: &str| match cfg.attention_bias {
+            true => crate::nn::linear(d, out, vb.pp(name)),
+            false => crate::nn::linear_no_bias(d, out, vb.pp(name)),
+        };
+        let q_proj = proj(q_out, "q_proj")?;
+        let k_proj = proj(kv_out, "k_proj")?;
+        let v_proj = proj(kv_out, "v_proj")?;
+        let o_proj = crate::nn::linear_no_bias(q_out, d, vb.pp("o_proj"))?;
+        let qk_norm = match cfg.qk_norm {
+            true => Some((RmsNorm::new(q_out, cfg.rms_norm_eps, vb.pp("q_norm"))?, RmsNorm::new(kv_out, cfg.rms_norm_eps, vb.pp("k_norm"))?)),
+            false => None,
+        };
+        Ok(Self { q_proj, k_proj, v_proj, o_proj, qk_norm, num_heads: cfg.num_heads, num_kv_heads: cfg.num_kv_heads, head_dim: hd })
+    }
+
+    /// x `[B, T, d]` f32 at positions `offset .. offset + T` -> `[B, T, d]` f32. With a cache,
+    /// this call's keys and values are appended to layer `layer`'s and the queries attend to
+    /// all of them; `offset` is then the cache's length before the call.
+    pub fn forward(&self, x: &Tensor, rope: &RotaryEmbedding, offset: usize, cache: Option<(&mut KvCache, usize)>) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let (mut q, mut k) = (self.q_proj.forward(x)?, self.k_proj.forward(x)?);
+        let v = self.v_proj.forward(x)?;
+        if let Some((qn, kn)) = &self.qk_norm {
+            q = qn.forward(&q)?;
+            k = kn.forward(&k)?;
+        }
+        let heads = |x: Tensor, h: usize| x.reshape((b, t, h, self.head_dim))?.transpose(1, 2)?.contiguous();
+        let q = rope.forward(&heads(q, self.num_heads)?, offset)?;
+        let k = rope.forward(&heads(k, self.num_kv_heads)?, offset)?;
+        let v = heads(v, self.num_kv_heads)?.to_dtype(DType::F32)?;
+        let (k, v) = match cache {
+            Some((cache, layer)) => cache.append(layer, &k, &v)?,
+            None => (k, v),
+        };
+        let groups = self.num_heads / self.num_kv_heads;
+        let (k, v) = (repeat_kv(&k, groups)?, repeat_kv(&v, groups)?);
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let mut scores = (q.matmul(&k.t()?)? * scale)?;
+        if t > 1 {
+            scores = scores.broadcast_add(&causal_mask(t, k.dim(2)?, offset, x.device())?)?;
+        }
+        let p = crate::nn::softmax_last_dim(&scores)?;
+        let y = p.matmul(&v)?.transpose(1, 2)?.reshape((b, t, self.num_heads * self.head_dim))?;
+        self.o_proj.forward(&y)
+    }
+}
+
+/// transformers' `repeat_kv`: `[B, kv, L, hd]` -> `[B, kv · n, L, hd]`, each kv head repeated
+/// n times in place (heads `h · n .. (h + 1) · n` share kv head h).
+pub fn repeat_kv(x: &Tensor, n: usize) -> Result<Tensor> {
+    if n == 1 {
+        return Ok(x.clone());
+    }
+    let (b, kv, l, hd) = x.dims4()?;
+    Tensor::cat(&vec![x; n], 2)?.reshape((b, kv * n, l, hd))
+}
+
+/// `[T, L]` f32: 0 where query i (position `offset + i`) may see key j (j <= offset + i),
+/// -inf elsewhere.
+pub fn causal_mask(t: usize, l: usize, offset: usize, device: &Device) -> Result<Tensor> {
+    let mask: Vec<f32> = (0..t).flat_map(|i| (0..l).map(move |j| if j > offset + i { f32::NEG_INFINITY } else { 0.0 })).collect();
+    Tensor::from_vec(mask, (t, l), device)
+}
