@@ -15,6 +15,7 @@ pub mod plan;
 pub mod presets;
 pub mod progress;
 pub mod sampling;
+pub mod text;
 pub mod train;
 
 pub use config::DitConfig;
