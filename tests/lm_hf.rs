@@ -190,7 +190,7 @@ fn missing_tensor_is_named() {
     write_folder("hf-mixtral", &dir, |t| {
         t.remove(name).unwrap();
     });
-    let err = load_hf(&dir, &plan()).err().expect("refused").to_string();
+    let err = load_hf(&dir, &plan()).expect_err("refused").to_string();
     assert!(err.contains(name) && err.contains("model.safetensors"), "{err}");
 }
 
@@ -201,7 +201,7 @@ fn misshaped_tensor_is_named() {
     write_folder("hf-olmoe", &dir, |t| {
         t.insert(name.into(), Tensor::zeros((17, 32), DType::F32, &Device::Cpu).unwrap());
     });
-    let err = load_hf(&dir, &plan()).err().expect("refused").to_string();
+    let err = load_hf(&dir, &plan()).expect_err("refused").to_string();
     assert!(err.contains(name) && err.contains("[17, 32]") && err.contains("model.safetensors"), "{err}");
 }
 
@@ -211,7 +211,7 @@ fn unused_tensor_is_named() {
     write_folder("hf-qwen2-moe", &dir, |t| {
         t.insert("model.layers.0.self_attn.q_norm.weight".into(), Tensor::ones(16, DType::F32, &Device::Cpu).unwrap());
     });
-    let err = load_hf(&dir, &plan()).err().expect("refused").to_string();
+    let err = load_hf(&dir, &plan()).expect_err("refused").to_string();
     assert!(err.contains("model.layers.0.self_attn.q_norm.weight"), "{err}");
 }
 
@@ -291,4 +291,45 @@ fn training_plan_gives_gradients() {
     for (v, name) in vars.iter().zip(names).filter(|(_, n)| !n.contains(".experts.")) {
         assert!(grads.get(v.as_tensor()).is_some(), "no gradient for {name}");
     }
+}
+
+/// The layer-plan helpers and `validate`'s named errors.
+#[test]
+fn layer_plans_and_validation() {
+    use ditmoe::lm::LayerMlp;
+    let base = LmConfig::from_hf_config(&hf_json("hf-qwen2-moe")).unwrap();
+    let moe = base.layers[0].moe().unwrap().clone();
+    // a pyramid: more experts in later layers, MoE every second layer
+    let layers = LayerMlp::moe_every_nth(4, 2, |i| ditmoe::moe::MoeConfig { num_experts: 4 * (i + 1), ..moe.clone() });
+    assert_eq!(layers.iter().map(|l| l.moe().map(|m| m.num_experts)).collect::<Vec<_>>(), vec![None, Some(8), None, Some(16)]);
+    let cfg = LmConfig { num_layers: 4, layers, ..base.clone() };
+    cfg.validate().unwrap();
+    assert!(cfg.to_hf_config().is_none(), "uneven MoE layers are no transformers family");
+    // built and run from fresh variables, its dense and MoE layers side by side
+    let varmap = candle_nn::VarMap::new();
+    let vb = candle_nn::VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    let model = LmModel::new(&cfg, &ExecutionPlan::training(&Device::Cpu, Precision::F32), vb).unwrap();
+    let ids = Tensor::new(&[[1u32, 2, 3, 4]], &Device::Cpu).unwrap();
+    let out = model.forward(&ids, None, true).unwrap();
+    assert_eq!(out.router_logits.iter().map(|r| r.dims().to_vec()).collect::<Vec<_>>(), vec![vec![4, 8], vec![4, 16]]);
+    assert_eq!(model.vars().unwrap().len(), varmap.all_vars().len());
+
+    let all = LayerMlp::moe_every_layer(3, |_| moe.clone());
+    assert!(all.iter().all(|l| l.moe().is_some()));
+
+    let bad = |edit: &dyn Fn(&mut LmConfig)| {
+        let mut c = base.clone();
+        edit(&mut c);
+        c.validate().unwrap_err().to_string()
+    };
+    assert!(bad(&|c| c.num_kv_heads = 3).contains("num_kv_heads"));
+    assert!(bad(&|c| c.vocab_size = 0).contains("vocab_size"));
+    assert!(bad(&|c| c.layers.pop().map(drop).unwrap_or(())).contains("layers"));
+    assert!(bad(&|c| c.moe_prefix = "moe".into()).contains("moe_prefix"));
+    let e = bad(&|c| {
+        if let LayerMlp::Moe(m) = &mut c.layers[1] {
+            m.top_k = 9;
+        }
+    });
+    assert!(e.contains("layer 1") && e.contains("top_k"), "{e}");
 }

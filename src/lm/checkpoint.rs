@@ -95,7 +95,7 @@ impl HfCheckpoint {
             .weights
             .index
             .iter()
-            .filter(|(n, _)| !used.contains(n.as_str()) && !n.ends_with("rotary_emb.inv_freq") && !(self.config.tie_word_embeddings && n.as_str() == "lm_head.weight"))
+            .filter(|(n, _)| !(used.contains(n.as_str()) || n.ends_with("rotary_emb.inv_freq") || self.config.tie_word_embeddings && n.as_str() == "lm_head.weight"))
             .map(|(n, &f)| (n, f))
             .collect();
         unused.sort();

@@ -12,6 +12,8 @@ use serde_json::Value;
 /// The MLP of one decoder layer.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+// A config, built once per model: not boxed, so plans are written `LayerMlp::Moe(cfg)`.
+#[allow(clippy::large_enum_variant)]
 pub enum LayerMlp {
     /// A dense SwiGLU MLP of [`LmConfig::intermediate_size`] (`mlp.{gate,up,down}_proj`,
     /// transformers' `Qwen2MoeMLP`).
@@ -178,7 +180,7 @@ impl HfFields<'_> {
 
     /// RoPE θ: transformers 5's `rope_parameters.rope_theta` or 4's top-level `rope_theta`;
     /// only the default rotary (no scaling) is supported.
-    fn rope_theta(&self) -> Result<f64, HfConfigError> {
+    fn rope_theta(&self, default: f64) -> Result<f64, HfConfigError> {
         for field in ["rope_parameters", "rope_scaling"] {
             if let Some(p) = self.get(field) {
                 let kind = p.get("rope_type").or_else(|| p.get("type")).and_then(Value::as_str).unwrap_or("default");
@@ -191,7 +193,7 @@ impl HfFields<'_> {
         if let Some(t) = self.get("rope_parameters").and_then(|p| p.get("rope_theta")) {
             return t.as_f64().ok_or_else(|| self.invalid("rope_parameters", t, "rope_theta must be a number"));
         }
-        self.f64("rope_theta")
+        self.f64_or("rope_theta", default)
     }
 
     /// `hidden_act` must be SiLU (the SwiGLU experts).
@@ -225,6 +227,14 @@ impl LmConfig {
             }
         }
         let f = HfFields { json, model_type: model_type.clone() };
+        // The families' config-class defaults for fields a config.json may leave out
+        // (`MixtralConfig`, `Qwen2MoeConfig`, `OlmoeConfig`): rope_theta, rms_norm_eps,
+        // router_aux_loss_coef.
+        let (rope_theta, rms_norm_eps, aux_coef) = match model_type.as_str() {
+            "mixtral" => (1e6, 1e-5, 0.001),
+            "qwen2_moe" => (10000.0, 1e-6, 0.001),
+            _ => (10000.0, 1e-5, 0.01),
+        };
         f.silu()?;
         let hidden_size = f.usize("hidden_size")?;
         let num_heads = f.usize("num_attention_heads")?;
@@ -270,7 +280,7 @@ impl LmConfig {
                     return Err(f.unsupported("use_sliding_window", &Value::Bool(true), "sliding-window attention is not implemented"));
                 }
                 let mut moe = top_k(hf_names("shared_expert"), f.usize("num_experts")?, f.usize("moe_intermediate_size")?, f.bool_or("norm_topk_prob", false)?);
-                moe.shared_expert_intermediate_size = f.usize_or("shared_expert_intermediate_size", 0)?;
+                moe.shared_expert_intermediate_size = f.usize("shared_expert_intermediate_size")?;
                 moe.shared_expert_gate = moe.shared_expert_intermediate_size > 0;
                 // `Qwen2MoeDecoderLayer`: sparse when not in mlp_only_layers and
                 // (layer_idx + 1) % decoder_sparse_step == 0 (and num_experts > 0).
@@ -307,15 +317,15 @@ impl LmConfig {
             num_heads,
             num_kv_heads: f.usize_or("num_key_value_heads", num_heads)?,
             head_dim,
-            rope_theta: f.rope_theta()?,
-            rms_norm_eps: f.f64_or("rms_norm_eps", 1e-6)?,
+            rope_theta: f.rope_theta(rope_theta)?,
+            rms_norm_eps: f.f64_or("rms_norm_eps", rms_norm_eps)?,
             max_position_embeddings,
             tie_word_embeddings: f.bool_or("tie_word_embeddings", false)?,
             attention_bias,
             qk_norm,
             intermediate_size,
             layers,
-            router_aux_loss_coef: f.f64_or("router_aux_loss_coef", 0.001)?,
+            router_aux_loss_coef: f.f64_or("router_aux_loss_coef", aux_coef)?,
             moe_prefix: moe_prefix.into(),
         })
     }
@@ -415,10 +425,10 @@ impl LmConfig {
                 return Err(LmConfigError::Zero { field });
             }
         }
-        if self.num_heads % self.num_kv_heads != 0 {
+        if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return Err(LmConfigError::KvHeads { num_heads: self.num_heads, num_kv_heads: self.num_kv_heads });
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return Err(LmConfigError::OddHeadDim(self.head_dim));
         }
         if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {

@@ -20,7 +20,8 @@ pub struct LmOutput {
     /// Per MoE layer, tokens routed to each expert, `[E]` u32.
     pub expert_counts: Vec<Tensor>,
     /// transformers' `load_balancing_loss_func` over every MoE layer's router logits, without
-    /// `router_aux_loss_coef`; None without MoE layers. HF computes it whenever
+    /// `router_aux_loss_coef`; layers of unequal expert counts or top-k are grouped by (E, k),
+    /// each group's loss weighted by its share of the MoE layers. None without MoE layers. HF computes it whenever
     /// `output_router_logits` is set, in eval mode too.
     pub aux_loss: Option<Tensor>,
     /// The sum of the MoE layers' own balance losses, coefficients included (training mode,
@@ -109,16 +110,39 @@ impl LmModel {
             }
         }
         let logits = self.lm_head.forward(&self.norm.forward(&x)?)?.to_dtype(DType::F32)?;
-        let top_k = self.cfg.layers.iter().find_map(|l| l.moe()).map_or(1, |m| m.top_k);
-        let aux_loss = match router_logits.is_empty() {
-            true => None,
-            false => Some(hf_load_balancing_loss(&router_logits, top_k)?),
-        };
+        let aux_loss = self.load_balancing_loss(&router_logits)?;
         let layer_aux_loss = match layer_losses.split_first() {
             None => None,
             Some((first, rest)) => Some(rest.iter().try_fold(first.clone(), |acc, l| acc + l)?),
         };
         Ok(LmOutput { logits, router_logits, expert_counts, aux_loss, layer_aux_loss })
+    }
+
+    /// transformers' `load_balancing_loss_func` over the MoE layers' router logits (in layer
+    /// order). Layers of different expert counts or top-k (a pyramid; no HF family has them)
+    /// are grouped by (E, k): each group's loss, weighted by its share of the MoE layers, summed;
+    /// with one group this is exactly transformers' loss.
+    fn load_balancing_loss(&self, router_logits: &[Tensor]) -> Result<Option<Tensor>> {
+        let moes: Vec<_> = self.cfg.layers.iter().filter_map(|l| l.moe()).collect();
+        let mut groups: Vec<((usize, usize), Vec<Tensor>)> = vec![];
+        for (m, logits) in moes.iter().zip(router_logits) {
+            let key = (m.num_experts, m.top_k);
+            match groups.iter_mut().find(|(k, _)| *k == key) {
+                Some((_, g)) => g.push(logits.clone()),
+                None => groups.push((key, vec![logits.clone()])),
+            }
+        }
+        let total = router_logits.len() as f64;
+        let mut loss: Option<Tensor> = None;
+        for ((_, top_k), g) in &groups {
+            let l = hf_load_balancing_loss(g, *top_k)?;
+            let l = if groups.len() == 1 { l } else { (l * (g.len() as f64 / total))? };
+            loss = Some(match loss {
+                None => l,
+                Some(acc) => (acc + l)?,
+            });
+        }
+        Ok(loss)
     }
 
     /// transformers' causal-LM loss: the mean next-token cross-entropy of the shifted logits
