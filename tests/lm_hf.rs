@@ -78,6 +78,20 @@ fn parity(case: &str) -> Vec<(String, f64)> {
     assert_eq!(generated, reference, "{case}: greedy continuation differs from transformers'");
     rows.push(("generated (tokens differing)".into(), differ as f64));
 
+    // The MoE layers on the kernel pipeline (on the CPU, the kernels' references; frozen
+    // experts stacked once): the same logits, and the saved weights are the checkpoint's.
+    let kernels = load_hf(&fixture_path(&format!("lm/{case}")), &plan().with_moe_kernels(true)).unwrap();
+    let k_out = kernels.forward(&input_ids, None, false).unwrap();
+    rows.push(("logits, kernel pipeline".into(), rel_err(&k_out.logits, &io["logits"])));
+    let dir = scratch_dir(&format!("lm-kernels-save-{case}"));
+    kernels.save_hf(&dir).unwrap();
+    let saved = candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
+    let original = candle_core::safetensors::load(fixture_path(&format!("lm/{case}/model.safetensors")), &Device::Cpu).unwrap();
+    assert_eq!(saved.len(), original.len());
+    for (name, t) in &original {
+        assert_eq!(max_abs(&saved[name], t), 0.0, "{case}: saved {name}");
+    }
+
     println!("\n| case | quantity | max error |\n|---|---|---:|");
     for (q, e) in &rows {
         println!("| {case} | {q} | {e:.3e} |");

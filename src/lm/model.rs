@@ -59,7 +59,8 @@ impl LmModel {
             false => crate::nn::linear_no_bias(cfg.hidden_size, cfg.vocab_size, vb.pp("lm_head"))?,
         };
         let rope = RotaryEmbedding::new(cfg.head_dim, cfg.rope_theta, cfg.max_position_embeddings, &plan.device)?;
-        let params = std::mem::take(&mut *seen.lock().map_err(|_| candle_core::Error::Msg("lm: parameter list poisoned".into()))?);
+        let mut params = std::mem::take(&mut *seen.lock().map_err(|_| candle_core::Error::Msg("lm: parameter list poisoned".into()))?);
+        list_expert_views(cfg, &layers, &mut params);
         Ok(Self { cfg: cfg.clone(), embed_tokens, layers, norm, lm_head, rope, params, trainable: plan.trainable() })
     }
 
@@ -189,6 +190,28 @@ impl LmModel {
             input = Tensor::new(&[next], dev)?.unsqueeze(0)?;
         }
         Ok(tokens)
+    }
+}
+
+/// On a frozen kernel plan an MoE layer stacks its experts once and keeps them as views into
+/// the stacks: the parameter list takes those views in place of the tensors it was handed, so
+/// the unstacked copies are freed (elsewhere the two are the same tensors).
+fn list_expert_views(cfg: &LmConfig, layers: &[DecoderLayer], params: &mut NamedParams) {
+    let mut at: std::collections::HashMap<String, usize> = params.iter().enumerate().map(|(i, (n, _))| (n.clone(), i)).collect();
+    for (i, moe) in layers.iter().enumerate().filter_map(|(i, l)| l.moe().map(|m| (i, m))) {
+        let (c, n) = (moe.config(), &moe.config().names);
+        let projs = match c.expert_form.gelu() {
+            None => vec![&n.gate_proj, &n.up_proj, &n.down_proj],
+            Some(_) => vec![&n.up_proj, &n.down_proj],
+        };
+        for e in 0..moe.experts().len() {
+            for (proj, w) in projs.iter().zip(moe.experts().weights(e)) {
+                let name = format!("model.layers.{i}.{}.{}.{e}.{proj}.weight", cfg.moe_prefix, n.experts);
+                if let Some(j) = at.remove(&name) {
+                    params[j].1 = w.clone();
+                }
+            }
+        }
     }
 }
 
