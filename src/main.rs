@@ -30,6 +30,8 @@ enum Command {
     Data(cli::data::DataArgs),
     /// Score a Fashion-MNIST model's samples with a classifier (accuracy, Fréchet distance).
     Eval(cli::eval::EvalArgs),
+    /// The language model: forward, train, generate, eval (`ditmoe lm --help`).
+    Lm(cli::lm::LmArgs),
 }
 
 fn main() {
@@ -44,6 +46,7 @@ fn main() {
         Command::Encode(a) => cli::encode::run(a),
         Command::Data(a) => cli::data::run(a),
         Command::Eval(a) => cli::eval::run(a),
+        Command::Lm(a) => cli::lm::run(a),
     };
     if let Err(e) = result {
         cli::exit_with(e);

@@ -69,3 +69,22 @@ pub fn entropy_figure(traj: &RoutingTrajectory) -> Heatmap {
         .y_tick_labels((0..d.layers).map(|l| l.to_string()))
         .cell(cell_w, 14)
 }
+
+/// A language model's expert load: one row per MoE layer, one column per expert, the share of
+/// the layer's routed slots (`ditmoe lm eval --heatmap`), on a 0..2/E scale so a balanced layer
+/// sits mid-scale and layers compare. Layers may differ in expert count (a pyramid): the map
+/// is as wide as the widest, shorter rows padded with 0.
+pub fn expert_load_figure(layers: &[usize], load: &[Vec<f64>]) -> Result<Heatmap> {
+    let width = load.iter().map(Vec::len).max().unwrap_or(0);
+    if width == 0 || layers.len() != load.len() {
+        candle_core::bail!("expert load: {} layers with {} load rows", layers.len(), load.len())
+    }
+    let rows: Vec<Vec<f64>> = load.iter().map(|r| (0..width).map(|e| r.get(e).copied().unwrap_or(0.0)).collect()).collect();
+    let m = super::Matrix::from_rows(&rows)?;
+    Ok(Heatmap::values(&m, Scale::Range(0.0, 2.0 / width as f64))
+        .title("expert load (share of routed slots)")
+        .labels("expert", "layer")
+        .x_tick_labels((0..width).map(|e| e.to_string()))
+        .y_tick_labels(layers.iter().map(|l| l.to_string()))
+        .cell(28, 28))
+}

@@ -405,6 +405,46 @@ impl LmConfig {
         Some((model_type.0.to_string(), m))
     }
 
+    /// Parameters in total, and those one token uses (its top-k routed experts instead of all
+    /// of them): the "total / active" counts MoE models are quoted by.
+    pub fn parameter_counts(&self) -> (usize, usize) {
+        let (d, hd) = (self.hidden_size, self.head_dim);
+        let (q, kv) = (self.num_heads * hd, self.num_kv_heads * hd);
+        let bias = if self.attention_bias { q + 2 * kv } else { 0 };
+        let qk_norm = if self.qk_norm { q + kv } else { 0 };
+        let attention = d * q + 2 * d * kv + q * d + bias + qk_norm + 2 * d;
+        let mlp = |form: ExpertForm, width: usize| match form {
+            ExpertForm::Swiglu => 3 * d * width,
+            ExpertForm::GeluBias | ExpertForm::GeluErfBias => 2 * d * width + width + d,
+        };
+        let (mut total, mut active) = (0, 0);
+        for layer in &self.layers {
+            let (t, a) = match layer {
+                LayerMlp::Dense => (mlp(ExpertForm::Swiglu, self.intermediate_size), mlp(ExpertForm::Swiglu, self.intermediate_size)),
+                LayerMlp::Moe(m) => {
+                    let expert = mlp(m.expert_form, m.expert_intermediate_size);
+                    let mut always = m.num_experts * d;
+                    if m.shared_expert_intermediate_size > 0 {
+                        always += mlp(m.expert_form, m.shared_expert_intermediate_size) + if m.shared_expert_gate { d } else { 0 };
+                    }
+                    if m.residual_intermediate_size > 0 {
+                        always += mlp(m.expert_form, m.residual_intermediate_size) + 2 * d + 2;
+                    }
+                    (always + m.total_experts() * expert, always + m.top_k * expert)
+                }
+            };
+            total += attention + t;
+            active += attention + a;
+        }
+        let embeddings = self.vocab_size * d * if self.tie_word_embeddings { 1 } else { 2 } + d;
+        (total + embeddings, active + embeddings)
+    }
+
+    /// All parameters ([`Self::parameter_counts`]'s total).
+    pub fn num_parameters(&self) -> usize {
+        self.parameter_counts().0
+    }
+
     /// The MoE layers' indices.
     pub fn moe_layers(&self) -> Vec<usize> {
         self.layers.iter().enumerate().filter(|(_, l)| l.moe().is_some()).map(|(i, _)| i).collect()

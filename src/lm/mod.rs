@@ -3,16 +3,23 @@
 //! and a KV cache, SwiGLU MLPs) around [`crate::moe::MoeLayer`]s, a per-layer MLP plan
 //! ([`LayerMlp`]), HF checkpoint folders read and written by their own names
 //! ([`HfCheckpoint`], [`LmModel::save_hf`]), the causal-LM loss with the model-level
-//! load-balancing loss, and greedy decoding.
+//! load-balancing loss, greedy decoding and sampled generation ([`generation`]), validation
+//! ([`eval`]) and training on a token corpus ([`trainer`]).
 pub mod attention;
 pub mod checkpoint;
 pub mod config;
 pub mod decoder_layer;
+pub mod eval;
+pub mod generation;
+pub mod init;
 pub mod kv_cache;
 pub mod model;
 pub mod params;
 pub mod rms_norm;
 pub mod rope;
+pub mod sampling;
+pub mod train_config;
+pub mod trainer;
 
 pub use attention::{causal_mask, repeat_kv, LmAttention};
 pub use checkpoint::{load_hf, HfCheckpoint};

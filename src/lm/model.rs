@@ -68,6 +68,11 @@ impl LmModel {
         &self.cfg
     }
 
+    /// Where the weights live.
+    pub fn device(&self) -> &candle_core::Device {
+        self.embed_tokens.device()
+    }
+
     pub fn layers(&self) -> &[DecoderLayer] {
         &self.layers
     }

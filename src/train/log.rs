@@ -10,9 +10,11 @@ pub const LOG_FILE: &str = "log.jsonl";
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StepLog {
     pub step: u64,
-    /// Diffusion loss (mean over the global batch), without the balance loss.
+    /// The model's own loss (diffusion, or next-token cross-entropy; mean over the global
+    /// batch), without the balance loss.
     pub loss: f32,
-    /// Sum over layers of the expert-level balance loss (alpha included).
+    /// The balance losses (coefficients included): summed over DiT layers; a language
+    /// model's model-level load-balancing loss.
     pub aux: f32,
     /// Sum over MoE layers of ProMoE's routing contrastive loss (lambda included); 0 with the
     /// top-k router. Absent in logs written before the field existed.

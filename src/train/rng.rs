@@ -16,6 +16,8 @@ pub enum Stream {
     Time,
     /// The Gaussian noise added to the images.
     Noise,
+    /// The language model's training windows (offsets into the token stream).
+    TextWindows,
 }
 
 /// splitmix64 finaliser: spreads (seed, step, stream, micro) over all 64 bits.

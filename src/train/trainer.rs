@@ -86,7 +86,7 @@ pub struct Trainer {
 /// one-time kernel compilation), and
 /// reserving four of it stopped any budget under about 7.5 minutes (the bundled model's is 6)
 /// after one step.
-fn budget_runs_out(elapsed: f64, budget: f64, last_step: f64, steps_run: u64) -> bool {
+pub(crate) fn budget_runs_out(elapsed: f64, budget: f64, last_step: f64, steps_run: u64) -> bool {
     let reserve = if steps_run <= 1 { 1.0 } else { 4.0 };
     elapsed + reserve * last_step + 5.0 > budget
 }

@@ -1,0 +1,291 @@
+//! `ditmoe lm <command>`: the language-model path: one forward for parity checks, training on a
+//! token corpus, streaming generation, and validation with the expert load per layer.
+use super::usage;
+use anyhow::Context;
+use candle_core::{DType, Tensor};
+use clap::{Args, Subcommand};
+use ditmoe::checkpoint::write_safetensors_atomic;
+use ditmoe::lm::eval::{evaluate, EvalReport};
+use ditmoe::lm::generation::{generate, GenerationStop};
+use ditmoe::lm::sampling::{SamplingParams, TokenSampler};
+use ditmoe::lm::train_config::LmTrainConfig;
+use ditmoe::lm::trainer::{LmTrainer, TOKENIZER_FILE, VALIDATION_SHARD};
+use ditmoe::lm::{load_hf, LmModel};
+use ditmoe::text::{TokenShard, Tokenizer};
+use ditmoe::train::{RunStart, StopReason};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+#[derive(Args)]
+pub struct LmArgs {
+    #[command(subcommand)]
+    command: LmCommand,
+}
+
+#[derive(Subcommand)]
+enum LmCommand {
+    /// One forward of an HF-layout model folder on `input_ids`: writes `logits`,
+    /// `router_logits.<l>` per MoE layer, `aux_loss`, and with --generate the greedy continuation.
+    Forward(ForwardArgs),
+    /// Train a language model on a token corpus (`ditmoe data sotu`), with exact resume.
+    Train(TrainArgs),
+    /// Generate text after a prompt, streamed as it is sampled.
+    Generate(GenerateArgs),
+    /// Validation perplexity and the expert load of every MoE layer (table and heatmap).
+    Eval(EvalArgs),
+}
+
+#[derive(Args)]
+struct ForwardArgs {
+    /// Model folder: config.json + model.safetensors (or a sharded index), HF layout.
+    #[arg(long)]
+    model: PathBuf,
+    /// Safetensors with `input_ids` [B, T] (int64 or uint32).
+    #[arg(long)]
+    inputs: PathBuf,
+    /// Where to write the outputs (safetensors).
+    #[arg(long)]
+    output: PathBuf,
+    /// Also write `generated`: the first row followed by N greedy tokens (KV cache).
+    #[arg(long)]
+    generate: Option<usize>,
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    /// The training config (JSON; see docs/lm.md).
+    #[arg(long)]
+    config: PathBuf,
+    /// Stop after this many steps (the learning-rate schedule keeps the config's length).
+    #[arg(long)]
+    steps: Option<u64>,
+    /// Continue the run in the config's `out` from its newest valid checkpoint.
+    #[arg(long, conflicts_with = "overwrite")]
+    resume: bool,
+    /// Start a new run in an `out` that holds one, moving the old run aside.
+    #[arg(long)]
+    overwrite: bool,
+    /// cpu or cuda.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Hide the progress bar.
+    #[arg(long)]
+    quiet: bool,
+    /// Time each phase of every step and print a table at the end (synchronises the device).
+    #[arg(long)]
+    profile: bool,
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    /// Model folder with its tokenizer.json (what `ditmoe lm train` writes to `<out>/model`).
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long)]
+    prompt: String,
+    /// New tokens at most.
+    #[arg(long, default_value_t = 200)]
+    max_tokens: usize,
+    /// Softmax temperature; 0 = greedy.
+    #[arg(long, default_value_t = 0.8)]
+    temperature: f64,
+    /// Sample among the k most likely tokens (0 = all).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// Nucleus sampling: the smallest set of tokens holding this probability.
+    #[arg(long, default_value_t = 0.95)]
+    top_p: f64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    /// Model folder (HF layout).
+    #[arg(long)]
+    model: PathBuf,
+    /// Corpus folder (`validation.safetensors`).
+    #[arg(long)]
+    data: PathBuf,
+    /// Tokens of context per window.
+    #[arg(long, default_value_t = 256)]
+    seq_len: usize,
+    #[arg(long, default_value_t = 16)]
+    batch_size: usize,
+    /// Windows evaluated at most.
+    #[arg(long, default_value_t = 256)]
+    max_windows: usize,
+    /// Where to draw the expert load (layer x expert) as a heatmap PNG.
+    #[arg(long)]
+    heatmap: Option<PathBuf>,
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+}
+
+pub fn run(a: LmArgs) -> anyhow::Result<()> {
+    match a.command {
+        LmCommand::Forward(a) => forward(a),
+        LmCommand::Train(a) => train(a),
+        LmCommand::Generate(a) => generate_text(a),
+        LmCommand::Eval(a) => eval(a),
+    }
+}
+
+fn load_model(dir: &Path, device: &str, dtype: &str) -> anyhow::Result<LmModel> {
+    let plan = super::inference_plan(device, dtype)?;
+    Ok(load_hf(dir, &plan).map_err(|e| usage(format!("--model {}: {e}", dir.display())))?)
+}
+
+fn forward(a: ForwardArgs) -> anyhow::Result<()> {
+    let same_file = a.inputs == a.output || std::fs::canonicalize(&a.inputs).ok().is_some_and(|i| std::fs::canonicalize(&a.output).ok() == Some(i));
+    if same_file {
+        return Err(usage(format!("--output {}: is the --inputs file; writing there would overwrite the inputs", a.output.display())));
+    }
+    let model = load_model(&a.model, &a.device, &a.dtype)?;
+    let inputs = candle_core::safetensors::load(&a.inputs, model.device()).map_err(|e| usage(format!("--inputs {}: {e}", a.inputs.display())))?;
+    let ids = inputs.get("input_ids").ok_or_else(|| usage(format!("--inputs {}: no tensor `input_ids`", a.inputs.display())))?;
+    if ids.rank() != 2 || !matches!(ids.dtype(), DType::I64 | DType::U32) {
+        return Err(usage(format!("--inputs: `input_ids` must be [batch, tokens] int64 or uint32, got {:?} {:?}", ids.dims(), ids.dtype())));
+    }
+    let vocab = model.config().vocab_size as i64;
+    let values: Vec<i64> = ids.to_dtype(DType::I64)?.flatten_all()?.to_vec1()?;
+    if let Some(bad) = values.iter().find(|&&t| t < 0 || t >= vocab) {
+        return Err(usage(format!("--inputs: `input_ids` holds {bad}, outside the vocabulary 0..{vocab}")));
+    }
+    let ids = ids.to_dtype(DType::U32)?;
+    let out = model.forward(&ids, None, false).context("forward pass")?;
+    let mut tensors: Vec<(String, Tensor)> = vec![("logits".into(), out.logits.clone())];
+    for (l, r) in model.config().moe_layers().iter().zip(&out.router_logits) {
+        tensors.push((format!("router_logits.{l}"), r.clone()));
+    }
+    if let Some(aux) = &out.aux_loss {
+        tensors.push(("aux_loss".into(), aux.reshape(1)?));
+    }
+    if let Some(n) = a.generate {
+        let prompt: Vec<u32> = ids.get(0)?.to_vec1()?;
+        let generated = model.generate_greedy(&prompt, n)?;
+        let len = generated.len();
+        tensors.push(("generated".into(), Tensor::from_vec(generated.into_iter().map(i64::from).collect::<Vec<_>>(), (1, len), &candle_core::Device::Cpu)?));
+    }
+    if let Some(parent) = a.output.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(|e| usage(format!("--output {}: {e}", parent.display())))?;
+    }
+    write_safetensors_atomic(&a.output, &tensors).map_err(|e| usage(format!("--output: {e}")))?;
+    println!("wrote {} tensors to {}", tensors.len(), a.output.display());
+    Ok(())
+}
+
+fn train(a: TrainArgs) -> anyhow::Result<()> {
+    let mut cfg = LmTrainConfig::from_file(&a.config).map_err(|e| usage(format!("--config: {e}")))?;
+    if let Some(s) = a.steps {
+        // where to stop, not the schedule's length: a run cut short and resumed decays alike
+        cfg.lr_decay_steps.get_or_insert(cfg.steps);
+        cfg.steps = s;
+    }
+    cfg.validate().map_err(|e| usage(e.to_string()))?;
+    let device = super::device(&a.device)?;
+    let precision = if device.is_cuda() { ditmoe::Precision::Tf32 } else { ditmoe::Precision::F32 };
+    let plan = ditmoe::ExecutionPlan::training(&device, precision);
+    plan.apply_matmul_precision();
+    let start = match (a.resume, a.overwrite) {
+        (true, _) => RunStart::Resume,
+        (false, true) => RunStart::Overwrite,
+        (false, false) => RunStart::New,
+    };
+    let mut trainer = LmTrainer::new(cfg.clone(), &plan, start)?;
+    let params = trainer.model().config().num_parameters();
+    eprintln!("training {params} parameters on {}: {} steps of {} x {} tokens", a.device, cfg.steps, cfg.batch_size, cfg.seq_len);
+    if a.profile {
+        trainer.enable_profile();
+    }
+    let summary = trainer.run(!a.quiet)?;
+    if let Some(p) = trainer.profile() {
+        eprintln!("{}", p.table());
+    }
+    if let Some(from) = &summary.resumed_from {
+        eprintln!("resumed from {}", from.display());
+    }
+    let why = match summary.stop {
+        StopReason::Steps => "step limit",
+        StopReason::TimeBudget => "time budget",
+    };
+    let v = &summary.validation;
+    println!("stopped at step {} ({why}); validation loss {:.4}, perplexity {:.2} over {} tokens; model in {}", summary.final_step, v.loss, v.perplexity, v.tokens, summary.model_dir.display());
+    Ok(())
+}
+
+fn generate_text(a: GenerateArgs) -> anyhow::Result<()> {
+    let params = SamplingParams { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p, seed: a.seed };
+    let mut sampler = TokenSampler::new(params).map_err(|e| usage(e.to_string()))?;
+    let tokenizer_path = a.model.join(TOKENIZER_FILE);
+    let tokenizer = Tokenizer::load(&tokenizer_path).map_err(|e| usage(format!("--model: {e}")))?;
+    let model = load_model(&a.model, &a.device, &a.dtype)?;
+    if tokenizer.vocab_size() > model.config().vocab_size {
+        return Err(usage(format!("{}: {} tokens, more than the model's vocabulary of {}", tokenizer_path.display(), tokenizer.vocab_size(), model.config().vocab_size)));
+    }
+    let prompt = tokenizer.encode(&a.prompt)?;
+    let mut stream = tokenizer.stream();
+    let mut stdout = std::io::stdout().lock();
+    write!(stdout, "{}", a.prompt)?;
+    let started = std::time::Instant::now();
+    let (new, stop) = generate(&model, &prompt, a.max_tokens, &mut sampler, tokenizer.eos_id(), |id| {
+        if let Some(text) = stream.next_token(id)? {
+            write!(stdout, "{text}").and_then(|_| stdout.flush()).map_err(|e| candle_core::Error::Msg(format!("stdout: {e}")))?;
+        }
+        Ok(())
+    })?;
+    if let Some(rest) = stream.finish()? {
+        write!(stdout, "{rest}")?;
+    }
+    writeln!(stdout)?;
+    let why = match stop {
+        GenerationStop::MaxTokens => "max tokens",
+        GenerationStop::EndOfText => "end of text",
+        GenerationStop::ContextFull => "context full",
+    };
+    eprintln!("{} tokens in {:.2} s ({why})", new.len(), started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+fn eval(a: EvalArgs) -> anyhow::Result<()> {
+    let model = load_model(&a.model, &a.device, &a.dtype)?;
+    let shard_path = a.data.join(VALIDATION_SHARD);
+    let shard = TokenShard::load(&shard_path).map_err(|e| usage(format!("--data: {e}")))?;
+    shard.check_vocab(model.config().vocab_size).map_err(|e| usage(format!("{}: {e}", shard_path.display())))?;
+    if a.seq_len + 1 > model.config().max_position_embeddings {
+        return Err(usage(format!("--seq-len {}: windows of {} tokens exceed the model's context of {}", a.seq_len, a.seq_len + 1, model.config().max_position_embeddings)));
+    }
+    let report = evaluate(&model, &shard.tokens, a.seq_len, a.batch_size, a.max_windows)?;
+    println!("validation: {} tokens in {} windows, loss {:.4} nats/token, perplexity {:.2}", report.tokens, report.windows, report.loss, report.perplexity);
+    print_load(&report);
+    if let Some(path) = &a.heatmap {
+        let figure = ditmoe::analysis::figures::expert_load_figure(&report.moe_layers, &report.expert_load)?;
+        ditmoe::analysis::heatmap::save_png(&figure.render(), path)?;
+        println!("expert load heatmap: {}", path.display());
+    }
+    Ok(())
+}
+
+/// The expert load as a markdown table: a row per MoE layer, a column per expert (percent of the
+/// layer's routed slots), and the largest share over the uniform one.
+fn print_load(r: &EvalReport) {
+    let Some(e) = r.expert_load.first().map(Vec::len) else { return };
+    let header: String = (0..e).map(|i| format!(" e{i} |")).collect();
+    println!("| layer |{header} max / uniform |");
+    println!("|---|{}---|", "---|".repeat(e));
+    for (l, load) in r.moe_layers.iter().zip(&r.expert_load) {
+        let cells: String = load.iter().map(|x| format!(" {:.1} |", 100.0 * x)).collect();
+        let max = load.iter().cloned().fold(0.0, f64::max);
+        println!("| {l} |{cells} {:.2} |", max * load.len() as f64);
+    }
+}

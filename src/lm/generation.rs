@@ -1,0 +1,50 @@
+//! Autoregressive generation with the KV cache: the prompt in one forward (prefill), then one
+//! token per forward (decode), each drawn by a [`TokenSampler`] and handed to a callback as it
+//! comes (the CLI streams it). Stops at `max_new_tokens`, at the end-of-text token, or where
+//! the context is full.
+use super::sampling::TokenSampler;
+use super::{KvCache, LmModel};
+use candle_core::{bail, IndexOp, Result, Tensor};
+
+/// Why generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GenerationStop {
+    MaxTokens,
+    EndOfText,
+    ContextFull,
+}
+
+/// Generates after `prompt` (ids); `on_token(id)` sees each new token. Returns the new tokens
+/// and why it stopped. A prompt that does not fit the context, or holds ids outside the
+/// vocabulary, is refused before anything runs.
+pub fn generate(model: &LmModel, prompt: &[u32], max_new_tokens: usize, sampler: &mut TokenSampler, eos: Option<u32>, mut on_token: impl FnMut(u32) -> Result<()>) -> Result<(Vec<u32>, GenerationStop)> {
+    let cfg = model.config();
+    if prompt.is_empty() {
+        bail!("lm generate: the prompt is empty (it needs at least one token)")
+    }
+    if prompt.len() > cfg.max_position_embeddings {
+        bail!("lm generate: the prompt has {} tokens, longer than the model's context of {} (max_position_embeddings)", prompt.len(), cfg.max_position_embeddings)
+    }
+    if let Some(&bad) = prompt.iter().find(|&&t| t as usize >= cfg.vocab_size) {
+        bail!("lm generate: prompt token {bad} is outside the model's vocabulary of {}", cfg.vocab_size)
+    }
+    let dev = model.device();
+    let mut cache = KvCache::for_config(cfg);
+    let mut input = Tensor::new(prompt, dev)?.unsqueeze(0)?;
+    let mut new = Vec::with_capacity(max_new_tokens);
+    while new.len() < max_new_tokens {
+        if cache.len() + input.dim(1)? > cfg.max_position_embeddings {
+            return Ok((new, GenerationStop::ContextFull));
+        }
+        let out = model.forward(&input, Some(&mut cache), false)?;
+        let last = out.logits.dim(1)? - 1;
+        let next = sampler.sample(&out.logits.i((0, last))?)?;
+        new.push(next);
+        on_token(next)?;
+        if Some(next) == eos {
+            return Ok((new, GenerationStop::EndOfText));
+        }
+        input = Tensor::new(&[next], dev)?.unsqueeze(0)?;
+    }
+    Ok((new, GenerationStop::MaxTokens))
+}

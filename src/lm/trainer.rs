@@ -1,0 +1,341 @@
+//! `ditmoe lm train`: next-token training of an [`LmModel`] on a token corpus, with the DiT
+//! trainer's guarantees and pieces (`crate::train`): AdamW with its fused update, global-norm
+//! clipping, atomic checkpoints every `ckpt_every` steps, exact resume, a stop naming the step
+//! on a non-finite loss or gradient, the JSONL log with per-layer expert counts, `--profile`,
+//! and a progress bar.
+//!
+//! Batches: step s, micro-batch 0 draws `batch_size` windows of `seq_len + 1` tokens at
+//! uniform random offsets of the train shard from `step_rng(seed, s, 0, TextWindows)`; a window
+//! is both the input and (shifted inside the loss) the labels. Nothing random carries state
+//! between steps, so the checkpoint needs only the step to resume exactly.
+//!
+//! Weight decay follows GPT-2/nanoGPT practice: matrices (linear and embedding weights) decay,
+//! vectors (norm weights, biases) do not; the two groups are two AdamW instances over one
+//! shared state file.
+use super::eval::{evaluate, EvalReport};
+use super::init::initialize;
+use super::train_config::LmTrainConfig;
+use super::{HfCheckpoint, LmConfig, LmModel};
+use crate::checkpoint::write_atomic;
+use crate::data::LoaderState;
+use crate::plan::ExecutionPlan;
+use crate::text::{TokenShard, Tokenizer};
+use crate::train::adamw::{AdamW, AdamWParams};
+use crate::train::checkpoint::{self, SaveRequest};
+use crate::train::kernels::foreach::sum_of_squares;
+use crate::train::log::{JsonlLog, StepLog};
+use crate::train::profile::StepProfile;
+use crate::train::rng::{step_rng, Stream};
+use crate::train::run_dir::{self, RunStart};
+use crate::train::StopReason;
+use candle_core::{bail, DType, Device, Result, Tensor, Var};
+use candle_nn::{VarBuilder, VarMap};
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::Rng;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// The corpus folder's files.
+pub const TOKENIZER_FILE: &str = "tokenizer.json";
+pub const TRAIN_SHARD: &str = "train.safetensors";
+pub const VALIDATION_SHARD: &str = "validation.safetensors";
+
+/// What a run did.
+#[derive(Debug)]
+pub struct LmRunSummary {
+    pub steps: Vec<StepLog>,
+    pub final_step: u64,
+    pub stop: StopReason,
+    pub resumed_from: Option<PathBuf>,
+    /// The validation measured at the end.
+    pub validation: EvalReport,
+    /// The trained model as an HF-layout folder with its tokenizer (`<out>/model`).
+    pub model_dir: PathBuf,
+}
+
+pub struct LmTrainer {
+    cfg: LmTrainConfig,
+    device: Device,
+    model: LmModel,
+    /// Every variable by name, sorted.
+    vars: Vec<(String, Var)>,
+    /// AdamW over the matrices (weight decay) and over the vectors (none).
+    decayed: AdamW,
+    undecayed: AdamW,
+    train: TokenShard,
+    validation: TokenShard,
+    tokenizer: Tokenizer,
+    step: u64,
+    resumed_from: Option<PathBuf>,
+    profile: Option<StepProfile>,
+}
+
+/// The model config of `cfg.model`: an `LmConfig` JSON file, or an HF folder's `config.json`.
+fn model_config(path: &Path) -> Result<(LmConfig, Option<HfCheckpoint>)> {
+    if path.is_dir() {
+        let hf = HfCheckpoint::open(path)?;
+        return Ok((hf.config().clone(), Some(hf)));
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| candle_core::Error::Msg(format!("{}: {e}", path.display())))?;
+    let cfg: LmConfig = serde_json::from_str(&text).map_err(|e| candle_core::Error::Msg(format!("{}: {e}", path.display())))?;
+    cfg.validate().map_err(|e| candle_core::Error::Msg(format!("{}: {e}", path.display())))?;
+    Ok((cfg, None))
+}
+
+impl LmTrainer {
+    /// Builds the model (random init from `seed`, or an HF folder's weights), reads the corpus
+    /// and checks it against the model; with [`RunStart::Resume`] continues from the newest
+    /// valid checkpoint. `plan`: a training plan with f32 master weights.
+    pub fn new(cfg: LmTrainConfig, plan: &ExecutionPlan, start: RunStart) -> Result<Self> {
+        if !plan.trainable() || plan.weight_dtype() != DType::F32 {
+            bail!("the trainer needs a training plan with f32 master weights")
+        }
+        cfg.validate()?;
+        let device = plan.device.clone();
+        let (model_cfg, hf) = model_config(&cfg.model)?;
+        if cfg.seq_len + 1 > model_cfg.max_position_embeddings {
+            bail!("lm train: windows of seq_len + 1 = {} tokens exceed the model's max_position_embeddings {}", cfg.seq_len + 1, model_cfg.max_position_embeddings)
+        }
+        let tokenizer = Tokenizer::load(&cfg.data.join(TOKENIZER_FILE))?;
+        if tokenizer.vocab_size() > model_cfg.vocab_size {
+            bail!(
+                "{}: the tokenizer has {} tokens, the model's vocabulary {} (vocab_size in {})",
+                cfg.data.join(TOKENIZER_FILE).display(),
+                tokenizer.vocab_size(),
+                model_cfg.vocab_size,
+                cfg.model.display()
+            )
+        }
+        let train = TokenShard::load(&cfg.data.join(TRAIN_SHARD))?;
+        let validation = TokenShard::load(&cfg.data.join(VALIDATION_SHARD))?;
+        for (name, shard) in [(TRAIN_SHARD, &train), (VALIDATION_SHARD, &validation)] {
+            shard.check_vocab(model_cfg.vocab_size).map_err(|e| candle_core::Error::Msg(format!("{}: {e}", cfg.data.join(name).display())))?;
+            if shard.tokens.len() < cfg.seq_len + 2 {
+                bail!("{}: {} tokens, fewer than one window of seq_len + 1 = {}", cfg.data.join(name).display(), shard.tokens.len(), cfg.seq_len + 1)
+            }
+        }
+        // f32 weights, their gradients and AdamW's two moments: 16 bytes a parameter
+        plan.check_fits("training the language model (weights, gradients, optimizer state)", 16 * model_cfg.num_parameters() as u64)?;
+        if let Some(aside) = run_dir::prepare(&cfg.out, start)? {
+            eprintln!("moved the earlier run in {} aside to {}", cfg.out.display(), aside.display());
+        }
+        std::fs::create_dir_all(&cfg.out).map_err(|e| candle_core::Error::Msg(format!("{}: {e}", cfg.out.display())))?;
+
+        let varmap = VarMap::new();
+        let model = LmModel::new(&model_cfg, plan, VarBuilder::from_varmap(&varmap, DType::F32, &device))?;
+        let mut vars: Vec<(String, Var)> = varmap.data().lock().expect("varmap lock").iter().map(|(n, v)| (n.clone(), v.clone())).collect();
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        initialize(&vars, cfg.seed)?;
+        if let Some(hf) = &hf {
+            // continue from the folder's weights, read by name as f32
+            let weights = hf.var_builder(&ExecutionPlan::inference(&device, crate::plan::Precision::F32));
+            for (name, var) in &vars {
+                var.set(&weights.get(var.dims(), name)?)?;
+            }
+        }
+        let params = |weight_decay| AdamWParams { weight_decay, beta1: cfg.beta1, beta2: cfg.beta2, eps: cfg.adam_eps };
+        let (matrices, vectors): (Vec<_>, Vec<_>) = vars.iter().cloned().partition(|(_, v)| v.rank() >= 2);
+        let mut decayed = AdamW::new(matrices, params(cfg.weight_decay))?;
+        let mut undecayed = AdamW::new(vectors, params(0.0))?;
+
+        let (mut step, mut resumed_from) = (0, None);
+        if start == RunStart::Resume {
+            let root = checkpoint::checkpoints_dir(&cfg.out);
+            let (ckpt, warnings) = checkpoint::load_latest(&root, &device)?;
+            for w in &warnings {
+                eprintln!("warning: {w}");
+            }
+            match ckpt {
+                None => eprintln!("warning: {}: no valid checkpoint to resume from, starting at step 0", root.display()),
+                Some(ckpt) => {
+                    if ckpt.state.seed != cfg.seed {
+                        bail!("{}: checkpoint was trained with seed {}, the config says {}", ckpt.dir.display(), ckpt.state.seed, cfg.seed);
+                    }
+                    for (name, var) in &vars {
+                        let t = ckpt.model.get(name).ok_or_else(|| candle_core::Error::Msg(format!("{}: model lacks `{name}`", ckpt.dir.display())))?;
+                        if t.dims() != var.dims() {
+                            bail!("{}: `{name}` has shape {:?}, the model {:?}", ckpt.dir.display(), t.dims(), var.dims());
+                        }
+                        var.set(t)?;
+                    }
+                    decayed.load_state(&ckpt.optim, ckpt.state.step)?;
+                    undecayed.load_state(&ckpt.optim, ckpt.state.step)?;
+                    step = ckpt.state.step;
+                    resumed_from = Some(ckpt.dir);
+                }
+            }
+        }
+        Ok(Self { cfg, device, model, vars, decayed, undecayed, train, validation, tokenizer, step, resumed_from, profile: None })
+    }
+
+    pub fn step(&self) -> u64 {
+        self.step
+    }
+
+    pub fn model(&self) -> &LmModel {
+        &self.model
+    }
+
+    /// Times every phase of each step from now on (the device is synchronised between phases).
+    pub fn enable_profile(&mut self) {
+        self.profile = Some(StepProfile::new(&self.device));
+    }
+
+    pub fn profile(&self) -> Option<&StepProfile> {
+        self.profile.as_ref()
+    }
+
+    fn mark(&mut self, phase: &'static str) -> Result<()> {
+        match &mut self.profile {
+            Some(p) => p.mark(phase),
+            None => Ok(()),
+        }
+    }
+
+    /// Step `step`'s windows, `[batch_size, seq_len + 1]` u32.
+    fn batch(&self, step: u64) -> Result<Tensor> {
+        let window = self.cfg.seq_len + 1;
+        let last_start = self.train.tokens.len() - window;
+        let mut rng = step_rng(self.cfg.seed, step, 0, Stream::TextWindows);
+        let mut ids = Vec::with_capacity(self.cfg.batch_size * window);
+        for _ in 0..self.cfg.batch_size {
+            let at = rng.random_range(0..=last_start);
+            ids.extend_from_slice(&self.train.tokens[at..at + window]);
+        }
+        Tensor::from_vec(ids, (self.cfg.batch_size, window), &self.device)
+    }
+
+    /// One optimizer step: forward, loss (cross-entropy + the balance losses), backward, finite
+    /// checks, clipping, AdamW.
+    fn train_step(&mut self) -> Result<StepLog> {
+        let step = self.step + 1;
+        if let Some(p) = &mut self.profile {
+            p.start_step()?;
+        }
+        let ids = self.batch(step)?;
+        self.mark("data")?;
+        let out = self.model.forward(&ids, None, true)?;
+        let ce = super::cross_entropy(&out.logits, &ids)?;
+        let total = self.model.loss_from_output(&out, &ids)?;
+        let (loss, total_host) = (ce.to_scalar::<f32>()?, total.to_scalar::<f32>()?);
+        if !loss.is_finite() || !total_host.is_finite() {
+            bail!("non-finite loss at step {step} (cross-entropy {loss}, with balance losses {total_host})");
+        }
+        let counts = out.expert_counts.iter().map(|c| Ok(c.to_dtype(DType::U32)?.to_vec1::<u32>()?.into_iter().map(|x| x as usize).collect())).collect::<Result<Vec<Vec<usize>>>>()?;
+        self.mark("forward + losses")?;
+        let store = total.backward()?;
+        self.mark("backward")?;
+        // A parameter no token reached (an idle expert) has no gradient: zero. Contiguous: the
+        // fused optimizer kernels take flat tensors.
+        let grads_of = |opt: &AdamW| -> Result<Vec<Tensor>> {
+            opt.vars()
+                .iter()
+                .map(|(_, v)| match store.get(v.as_tensor()) {
+                    Some(g) => g.detach().contiguous(),
+                    None => v.zeros_like(),
+                })
+                .collect()
+        };
+        let (g_decayed, g_undecayed) = (grads_of(&self.decayed)?, grads_of(&self.undecayed)?);
+        drop(store);
+        self.mark("gradients collected")?;
+        let grad_norm = (sum_of_squares(&g_decayed)? + sum_of_squares(&g_undecayed)?).sqrt();
+        if !grad_norm.is_finite() {
+            bail!("non-finite gradient norm at step {step}");
+        }
+        let grad_scale = self.cfg.max_grad_norm.map(|max| max / (grad_norm as f64 + 1e-6)).filter(|&c| c < 1.0);
+        let lr = self.cfg.lr_at(step - 1);
+        self.decayed.step(&g_decayed, lr, grad_scale)?;
+        self.undecayed.step(&g_undecayed, lr, grad_scale)?;
+        self.mark("AdamW")?;
+        if let Some(p) = &mut self.profile {
+            p.end_step();
+        }
+        self.step = step;
+        Ok(StepLog { step, loss, aux: total_host - loss, contrastive: 0.0, grad_norm, lr, steps_per_sec: 0.0, expert_counts: counts })
+    }
+
+    fn save_checkpoint(&self) -> Result<PathBuf> {
+        let model: Vec<(String, Tensor)> = self.vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
+        let mut optim = self.decayed.state_tensors();
+        optim.extend(self.undecayed.state_tensors());
+        // the windows are a function of the step: the loader position is the step itself
+        let loader = LoaderState { epoch: 0, position: self.step };
+        let req = SaveRequest { step: self.step, loader, seed: self.cfg.seed, model: &model, ema: &[], optim: &optim };
+        checkpoint::save(&checkpoint::checkpoints_dir(&self.cfg.out), &req, self.cfg.keep_last)
+    }
+
+    /// The validation shard's loss, perplexity and expert load now.
+    pub fn validate(&self) -> Result<EvalReport> {
+        evaluate(&self.model, &self.validation.tokens, self.cfg.seq_len, self.cfg.batch_size, self.cfg.eval_batches * self.cfg.batch_size)
+    }
+
+    /// Writes the model as an HF-layout folder with the corpus' tokenizer (what `ditmoe lm
+    /// generate --model` reads).
+    pub fn export(&self, dir: &Path) -> Result<()> {
+        self.model.save_hf(dir)?;
+        self.tokenizer.save(&dir.join(TOKENIZER_FILE))
+    }
+
+    /// Trains until `steps` or the time budget; a checkpoint every `ckpt_every` steps and at the
+    /// end, the validation loss every `eval_every` steps (into `<out>/eval.jsonl`) and at the
+    /// end, then the model folder `<out>/model`. A non-finite loss or gradient stops with an
+    /// error naming the step; the checkpoints already written are untouched.
+    pub fn run(&mut self, progress: bool) -> Result<LmRunSummary> {
+        let start = Instant::now();
+        let budget = self.cfg.max_minutes.map(|m| m * 60.0);
+        let mut log = JsonlLog::open(&self.cfg.out, self.step)?;
+        let bar = if progress { crate::progress::bar(self.cfg.steps) } else { ProgressBar::hidden() };
+        bar.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}").expect("template"));
+        bar.set_position(self.step);
+        let (mut records, mut stop, mut saved_step) = (Vec::new(), StopReason::Steps, None);
+        let (mut last_log_time, mut last_log_step) = (Instant::now(), self.step);
+        let (mut last_step, mut steps_run) = (0f64, 0u64);
+        while self.step < self.cfg.steps {
+            if budget.is_some_and(|b| crate::train::trainer::budget_runs_out(start.elapsed().as_secs_f64(), b, last_step, steps_run)) {
+                stop = StopReason::TimeBudget;
+                break;
+            }
+            steps_run += 1;
+            let t0 = Instant::now();
+            let mut rec = self.train_step()?;
+            last_step = t0.elapsed().as_secs_f64();
+            if rec.step.is_multiple_of(self.cfg.log_every) {
+                rec.steps_per_sec = (rec.step - last_log_step) as f64 / last_log_time.elapsed().as_secs_f64();
+                (last_log_time, last_log_step) = (Instant::now(), rec.step);
+                log.write(&rec)?;
+                let tokens_per_sec = rec.steps_per_sec * (self.cfg.batch_size * self.cfg.seq_len) as f64;
+                bar.set_message(format!("loss {:.3} aux {:.4} |g| {:.2} {:.0} tok/s", rec.loss, rec.aux, rec.grad_norm, tokens_per_sec));
+            }
+            bar.set_position(self.step);
+            if self.cfg.eval_every > 0 && self.step.is_multiple_of(self.cfg.eval_every) {
+                let v = self.validate()?;
+                self.write_eval(&v)?;
+                bar.println(format!("step {}: validation loss {:.4}, perplexity {:.2}", self.step, v.loss, v.perplexity));
+            }
+            if self.step.is_multiple_of(self.cfg.ckpt_every) {
+                self.save_checkpoint()?;
+                saved_step = Some(self.step);
+            }
+            records.push(rec);
+        }
+        if saved_step != Some(self.step) {
+            self.save_checkpoint()?;
+        }
+        let validation = self.validate()?;
+        self.write_eval(&validation)?;
+        let model_dir = self.cfg.out.join("model");
+        self.export(&model_dir)?;
+        bar.finish();
+        Ok(LmRunSummary { steps: records, final_step: self.step, stop, resumed_from: self.resumed_from.clone(), validation, model_dir })
+    }
+
+    /// Appends one line to `<out>/eval.jsonl`, rewriting the file (it is small) atomically.
+    fn write_eval(&self, v: &EvalReport) -> Result<()> {
+        let path = self.cfg.out.join("eval.jsonl");
+        let mut text = std::fs::read_to_string(&path).unwrap_or_default();
+        let line = serde_json::json!({"step": self.step, "loss": v.loss, "perplexity": v.perplexity, "tokens": v.tokens});
+        text.push_str(&format!("{line}\n"));
+        write_atomic(&path, text.as_bytes())
+    }
+}

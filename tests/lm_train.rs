@@ -1,0 +1,150 @@
+//! The language-model trainer on a tiny corpus (CPU): the loss falls, a run resumed from its
+//! checkpoint ends with the same weights as an uninterrupted one, a non-finite loss stops with
+//! the step named, a model and tokenizer that disagree are refused, and the exported folder
+//! loads and generates.
+mod common;
+
+use candle_core::{DType, Device};
+use common::scratch_dir;
+use ditmoe::lm::generation::generate;
+use ditmoe::lm::sampling::{SamplingParams, TokenSampler};
+use ditmoe::lm::train_config::LmTrainConfig;
+use ditmoe::lm::trainer::{LmTrainer, TOKENIZER_FILE, TRAIN_SHARD, VALIDATION_SHARD};
+use ditmoe::lm::{load_hf, LayerMlp, LmConfig};
+use ditmoe::moe::{BalanceLossConfig, ExpertForm, MoeConfig, ParamNames, RouterConfig};
+use ditmoe::text::{TokenShard, Tokenizer};
+use ditmoe::train::RunStart;
+use ditmoe::{ExecutionPlan, Precision};
+use std::path::Path;
+
+const TEXT: &str = "The state of the union is strong. We the people of the united states, in order to form a more perfect union, establish justice and insure domestic tranquility. Congress shall make no law. The president shall from time to time give to the congress information of the state of the union.";
+
+/// A corpus folder as `ditmoe data sotu` writes it, from a few sentences.
+fn corpus(dir: &Path) -> usize {
+    let docs: Vec<String> = (0..12).map(|i| format!("{i}: {TEXT}")).collect();
+    let tok = Tokenizer::train(&docs, 300).unwrap();
+    tok.save(&dir.join(TOKENIZER_FILE)).unwrap();
+    let eos = tok.eos_id().unwrap();
+    let ids: Vec<Vec<u32>> = docs.iter().map(|d| tok.encode(d).unwrap()).collect();
+    TokenShard::from_documents(&ids[..10], eos).write(&dir.join(TRAIN_SHARD)).unwrap();
+    TokenShard::from_documents(&ids[10..], eos).write(&dir.join(VALIDATION_SHARD)).unwrap();
+    tok.vocab_size()
+}
+
+fn model_config(vocab: usize) -> LmConfig {
+    let moe = |_| MoeConfig {
+        hidden_size: 32,
+        num_experts: 4,
+        top_k: 2,
+        expert_intermediate_size: 32,
+        expert_form: ExpertForm::Swiglu,
+        shared_expert_intermediate_size: 0,
+        shared_expert_gate: false,
+        residual_intermediate_size: 0,
+        router: RouterConfig::TopK { norm_topk_prob: true },
+        balance_loss: BalanceLossConfig::default(),
+        capacity: Default::default(),
+        names: ParamNames { shared_expert: "shared_expert".into(), ..ParamNames::default() },
+    };
+    LmConfig {
+        vocab_size: vocab,
+        hidden_size: 32,
+        num_layers: 2,
+        num_heads: 4,
+        num_kv_heads: 2,
+        head_dim: 8,
+        rope_theta: 10000.0,
+        rms_norm_eps: 1e-6,
+        max_position_embeddings: 64,
+        tie_word_embeddings: false,
+        attention_bias: false,
+        qk_norm: false,
+        intermediate_size: 64,
+        layers: LayerMlp::moe_every_nth(2, 2, moe),
+        router_aux_loss_coef: 0.01,
+        moe_prefix: "mlp".into(),
+    }
+}
+
+fn setup(tag: &str) -> (common::Scratch, LmTrainConfig) {
+    let dir = scratch_dir(tag);
+    let data = dir.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let vocab = corpus(&data);
+    let model = dir.join("model.json");
+    std::fs::write(&model, serde_json::to_string(&model_config(vocab)).unwrap()).unwrap();
+    let cfg: LmTrainConfig = serde_json::from_value(serde_json::json!({
+        "model": model, "data": data, "out": dir.join("run"),
+        "seq_len": 24, "batch_size": 4, "steps": 8, "lr": 3e-3, "warmup_steps": 2,
+        "log_every": 2, "ckpt_every": 4, "keep_last": 3, "eval_batches": 2
+    }))
+    .unwrap();
+    (dir, cfg)
+}
+
+fn plan() -> ExecutionPlan {
+    ExecutionPlan::training(&Device::Cpu, Precision::F32)
+}
+
+fn weights(t: &LmTrainer) -> Vec<(String, Vec<f32>)> {
+    t.model().named_params().iter().map(|(n, w)| (n.clone(), w.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap())).collect()
+}
+
+#[test]
+fn training_lowers_the_loss_and_resumes_exactly() {
+    let (dir, cfg) = setup("lm-resume");
+    let mut straight = LmTrainer::new(cfg.clone(), &plan(), RunStart::New).unwrap();
+    let summary = straight.run(false).unwrap();
+    let (first, last) = (summary.steps.first().unwrap().loss, summary.steps.last().unwrap().loss);
+    assert!(last < first, "the loss falls: {first} -> {last}");
+    assert!(summary.steps.iter().all(|s| s.expert_counts.len() == 1 && s.expert_counts[0].iter().sum::<usize>() == 4 * 25 * 2), "one MoE layer, 2 slots a token");
+
+    // the same run cut at step 4 and resumed
+    let mut cut = cfg.clone();
+    cut.out = dir.join("run-cut");
+    let mut first_half = LmTrainer::new(LmTrainConfig { steps: 4, lr_decay_steps: Some(8), ..cut.clone() }, &plan(), RunStart::New).unwrap();
+    first_half.run(false).unwrap();
+    let mut resumed = LmTrainer::new(cut, &plan(), RunStart::Resume).unwrap();
+    assert_eq!(resumed.step(), 4);
+    resumed.run(false).unwrap();
+    for ((name, a), (_, b)) in weights(&resumed).iter().zip(&weights(&straight)) {
+        assert!(a == b, "{name}: a resumed run ends with the uninterrupted run's weights");
+    }
+
+    // the exported folder loads by itself and generates
+    let model = load_hf(&summary.model_dir, &ExecutionPlan::inference(&Device::Cpu, Precision::F32)).unwrap();
+    let tok = Tokenizer::load(&summary.model_dir.join(TOKENIZER_FILE)).unwrap();
+    let prompt = tok.encode("The state of").unwrap();
+    let mut sampler = TokenSampler::new(SamplingParams::GREEDY).unwrap();
+    let (new, _) = generate(&model, &prompt, 6, &mut sampler, None, |_| Ok(())).unwrap();
+    assert_eq!(new.len(), 6);
+    assert_eq!(&model.generate_greedy(&prompt, 6).unwrap()[prompt.len()..], &new[..], "sampling at temperature 0 is greedy decoding");
+}
+
+#[test]
+fn a_non_finite_loss_stops_with_the_step() {
+    let (_dir, mut cfg) = setup("lm-nan");
+    cfg.lr = 1e30;
+    cfg.max_grad_norm = None;
+    let mut t = LmTrainer::new(cfg, &plan(), RunStart::New).unwrap();
+    let err = t.run(false).unwrap_err().to_string();
+    assert!(err.contains("non-finite") && err.contains("at step"), "{err}");
+}
+
+#[test]
+fn a_tokenizer_larger_than_the_vocabulary_is_refused() {
+    let (dir, cfg) = setup("lm-vocab");
+    let mut small = model_config(16);
+    small.vocab_size = 16;
+    std::fs::write(dir.join("model.json"), serde_json::to_string(&small).unwrap()).unwrap();
+    let err = LmTrainer::new(cfg, &plan(), RunStart::New).err().unwrap().to_string();
+    assert!(err.contains("tokenizer.json") && err.contains("vocab"), "{err}");
+}
+
+#[test]
+fn a_context_longer_than_the_model_is_refused() {
+    let (_dir, mut cfg) = setup("lm-context");
+    cfg.seq_len = 64;
+    let err = LmTrainer::new(cfg, &plan(), RunStart::New).err().unwrap().to_string();
+    assert!(err.contains("max_position_embeddings"), "{err}");
+}
