@@ -35,12 +35,14 @@ def median_ms(fn, repeats):
 
 def build(path, experts):
     cfg = AutoConfig.from_pretrained(path)
-    try:
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, experts_implementation=experts)
-    except (TypeError, ValueError):
-        cfg._experts_implementation = experts
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
-    return model.cuda().eval(), cfg
+    # built on the GPU directly: initialising 1 B parameters on the CPU takes minutes
+    with torch.device("cuda"):
+        try:
+            model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, experts_implementation=experts)
+        except (TypeError, ValueError):
+            cfg._experts_implementation = experts
+            model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    return model.eval(), cfg
 
 
 @torch.inference_mode()
