@@ -11,8 +11,10 @@
 //! * [`colormap`], [`heatmap`]: heatmap PNG rendering.
 //! * [`text`]: labels on figures, drawn by plotters with the bundled DejaVu Sans.
 //! * [`figures`]: the labelled per-layer figures the CLI writes and the explorer shows.
+//! * [`curves`]: language-model training curves (validation loss against training tokens).
 pub mod aggregate;
 pub mod colormap;
+pub mod curves;
 pub mod defaults;
 pub mod figures;
 pub mod heatmap;

@@ -1,5 +1,7 @@
 //! `ditmoe lm <command>`: the language-model path: one forward for parity checks, training on a
-//! token corpus, streaming generation, and validation with the expert load per layer.
+//! token corpus (plain, or distilled from a teacher), streaming generation, validation with the
+//! expert load per layer, the training curves of several runs, a model's parameter counts, and
+//! a model folder rewritten in another dtype.
 use super::usage;
 use anyhow::Context;
 use candle_core::{DType, Tensor};
@@ -8,7 +10,8 @@ use ditmoe::checkpoint::write_safetensors_atomic;
 use ditmoe::lm::eval::{evaluate, EvalReport};
 use ditmoe::lm::generation::{generate, GenerationStop};
 use ditmoe::lm::sampling::{SamplingParams, TokenSampler};
-use ditmoe::lm::train_config::LmTrainConfig;
+use ditmoe::analysis::curves::{loss_chart, Curve};
+use ditmoe::lm::train_config::{DistillConfig, LmTrainConfig};
 use ditmoe::lm::trainer::{LmTrainer, TOKENIZER_FILE, VALIDATION_SHARD};
 use ditmoe::lm::{load_hf, LmModel};
 use ditmoe::text::{TokenShard, Tokenizer};
@@ -29,12 +32,83 @@ enum LmCommand {
     Forward(ForwardArgs),
     /// Train a language model on a token corpus (`ditmoe data sotu`), with exact resume.
     Train(TrainArgs),
+    /// Train with a frozen teacher (Mixture-of-Students): the loss adds beta · T² · KL(teacher
+    /// || student) up to --stop-step, then continues on the plain loss. Exact resume.
+    Distill(DistillArgs),
     /// Generate text after a prompt, streamed as it is sampled.
     Generate(GenerateArgs),
     /// Validation perplexity and the expert load of every MoE layer (table and heatmap).
     Eval(EvalArgs),
     /// Which experts each token of a prompt picks, per MoE layer (table and a tokens x layers map).
     Routes(RoutesArgs),
+    /// Validation loss against training tokens of several runs, one line each, as a PNG.
+    Curves(CurvesArgs),
+    /// A model's parameters: in total and active per token.
+    Info(InfoArgs),
+    /// Rewrite a model folder's weights in another dtype (HF layout, tokenizer copied).
+    Export(ExportArgs),
+}
+
+/// Where `lm generate` finds a model without --model: the bundled one, relative to the
+/// repository root.
+const BUNDLED_MODEL: &str = "assets/sotu-lm";
+
+#[derive(Args)]
+struct DistillArgs {
+    #[command(flatten)]
+    train: TrainArgs,
+    /// The teacher's model folder (HF layout, the student's vocabulary); replaces the config's
+    /// `distill.teacher`. Needed when the config has no `distill` section.
+    #[arg(long)]
+    teacher: Option<PathBuf>,
+    /// The weight of the distillation term (default: the config's, else 1).
+    #[arg(long)]
+    beta: Option<f64>,
+    /// The softmax temperature of both distributions (default: the config's, else 1).
+    #[arg(long)]
+    temperature: Option<f64>,
+    /// The last step that distils; later steps train on the plain loss (default: the config's,
+    /// else every step).
+    #[arg(long)]
+    stop_step: Option<u64>,
+}
+
+#[derive(Args)]
+struct CurvesArgs {
+    /// Run folders (each with its `eval.jsonl`), comma-separated.
+    #[arg(long, value_delimiter = ',', required = true)]
+    runs: Vec<PathBuf>,
+    /// A legend label per run, comma-separated, in the order of --runs (default: the folder names).
+    #[arg(long, value_delimiter = ',')]
+    labels: Vec<String>,
+    /// The chart (PNG).
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, default_value = "validation loss against training tokens")]
+    title: String,
+}
+
+#[derive(Args)]
+struct InfoArgs {
+    /// A model folder (HF layout) or an `LmConfig` JSON file.
+    #[arg(long)]
+    model: PathBuf,
+}
+
+#[derive(Args)]
+struct ExportArgs {
+    /// The model folder to read (HF layout, with its tokenizer.json).
+    #[arg(long)]
+    model: PathBuf,
+    /// The folder to write (a new one, unless --overwrite).
+    #[arg(long)]
+    out: PathBuf,
+    /// The stored dtype: f32, bf16 or f16.
+    #[arg(long, default_value = "bf16")]
+    dtype: String,
+    /// Replace the model in an existing --out folder.
+    #[arg(long)]
+    overwrite: bool,
 }
 
 #[derive(Args)]
@@ -79,6 +153,12 @@ struct TrainArgs {
     /// The training config (JSON; see docs/lm.md).
     #[arg(long)]
     config: PathBuf,
+    /// The corpus folder, in place of the config's `data`.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// The run folder, in place of the config's `out`.
+    #[arg(long)]
+    out: Option<PathBuf>,
     /// Stop after this many steps (the learning-rate schedule keeps the config's length).
     #[arg(long)]
     steps: Option<u64>,
@@ -101,9 +181,10 @@ struct TrainArgs {
 
 #[derive(Args)]
 struct GenerateArgs {
-    /// Model folder with its tokenizer.json (what `ditmoe lm train` writes to `<out>/model`).
+    /// Model folder with its tokenizer.json (what `ditmoe lm train` writes to `<out>/model`);
+    /// default: the bundled model in assets/sotu-lm.
     #[arg(long)]
-    model: PathBuf,
+    model: Option<PathBuf>,
     #[arg(long)]
     prompt: String,
     /// New tokens at most.
@@ -154,10 +235,14 @@ struct EvalArgs {
 pub fn run(a: LmArgs) -> anyhow::Result<()> {
     match a.command {
         LmCommand::Forward(a) => forward(a),
-        LmCommand::Train(a) => train(a),
+        LmCommand::Train(a) => train(a, None),
+        LmCommand::Distill(a) => distill(a),
         LmCommand::Generate(a) => generate_text(a),
         LmCommand::Eval(a) => eval(a),
         LmCommand::Routes(a) => routes(a),
+        LmCommand::Curves(a) => curves(a),
+        LmCommand::Info(a) => info(a),
+        LmCommand::Export(a) => export(a),
     }
 }
 
@@ -205,8 +290,18 @@ fn forward(a: ForwardArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn train(a: TrainArgs) -> anyhow::Result<()> {
+/// `lm train`, and `lm distill` with `distill` set: the config with the flags applied, trained.
+fn train(a: TrainArgs, distill: Option<DistillConfig>) -> anyhow::Result<()> {
     let mut cfg = LmTrainConfig::from_file(&a.config).map_err(|e| usage(format!("--config: {e}")))?;
+    if let Some(d) = distill {
+        cfg.distill = Some(d);
+    }
+    if let Some(data) = a.data {
+        cfg.data = data;
+    }
+    if let Some(out) = a.out {
+        cfg.out = out;
+    }
     if let Some(s) = a.steps {
         // where to stop, not the schedule's length: a run cut short and resumed decays alike
         cfg.lr_decay_steps.get_or_insert(cfg.steps);
@@ -225,6 +320,10 @@ fn train(a: TrainArgs) -> anyhow::Result<()> {
     let mut trainer = LmTrainer::new(cfg.clone(), &plan, start)?;
     let params = trainer.model().config().num_parameters();
     eprintln!("training {params} parameters on {}: {} steps of {} x {} tokens", a.device, cfg.steps, cfg.batch_size, cfg.seq_len);
+    if let (Some(d), Some(t)) = (&cfg.distill, trainer.teacher()) {
+        let until = d.stop_step.map_or("every step".to_string(), |s| format!("steps 1..={s}"));
+        eprintln!("distilling from {} ({} parameters), beta {}, temperature {}, {until}", t.dir().display(), t.model().config().num_parameters(), d.beta, d.temperature);
+    }
     if a.profile {
         trainer.enable_profile();
     }
@@ -244,12 +343,33 @@ fn train(a: TrainArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The settings of `lm distill`: the config's `distill` section with the flags applied.
+fn distill(a: DistillArgs) -> anyhow::Result<()> {
+    let cfg = LmTrainConfig::from_file(&a.train.config).map_err(|e| usage(format!("--config: {e}")))?;
+    let mut d = match (cfg.distill, a.teacher) {
+        (Some(d), None) => d,
+        (Some(d), Some(teacher)) => DistillConfig { teacher, ..d },
+        (None, Some(teacher)) => DistillConfig { teacher, beta: 1.0, temperature: 1.0, stop_step: None },
+        (None, None) => return Err(usage(format!("--teacher: {} has no `distill` section; name the teacher's model folder", a.train.config.display()))),
+    };
+    d.beta = a.beta.unwrap_or(d.beta);
+    d.temperature = a.temperature.unwrap_or(d.temperature);
+    d.stop_step = a.stop_step.or(d.stop_step);
+    d.validate().map_err(|e| usage(e.to_string()))?;
+    train(a.train, Some(d))
+}
+
 fn generate_text(a: GenerateArgs) -> anyhow::Result<()> {
     let params = SamplingParams { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p, seed: a.seed };
     let mut sampler = TokenSampler::new(params).map_err(|e| usage(e.to_string()))?;
-    let tokenizer_path = a.model.join(TOKENIZER_FILE);
+    let model_dir = match a.model {
+        Some(m) => m,
+        None if Path::new(BUNDLED_MODEL).join("config.json").exists() => PathBuf::from(BUNDLED_MODEL),
+        None => return Err(usage(format!("--model: the bundled model {BUNDLED_MODEL} is not here (run from the repository root); pass --model DIR"))),
+    };
+    let tokenizer_path = model_dir.join(TOKENIZER_FILE);
     let tokenizer = Tokenizer::load(&tokenizer_path).map_err(|e| usage(format!("--model: {e}")))?;
-    let model = load_model(&a.model, &a.device, &a.dtype)?;
+    let model = load_model(&model_dir, &a.device, &a.dtype)?;
     if tokenizer.vocab_size() > model.config().vocab_size {
         return Err(usage(format!("{}: {} tokens, more than the model's vocabulary of {}", tokenizer_path.display(), tokenizer.vocab_size(), model.config().vocab_size)));
     }
@@ -348,5 +468,62 @@ fn routes(a: RoutesArgs) -> anyhow::Result<()> {
         ditmoe::analysis::heatmap::save_png(&figure.render(), path)?;
         println!("routing map: {}", path.display());
     }
+    Ok(())
+}
+
+fn curves(a: CurvesArgs) -> anyhow::Result<()> {
+    let labels: Vec<String> = match a.labels.len() {
+        0 => a.runs.iter().map(|r| r.file_name().map_or_else(|| r.display().to_string(), |n| n.to_string_lossy().into_owned())).collect(),
+        n if n == a.runs.len() => a.labels,
+        n => return Err(usage(format!("--labels: {n} labels for {} runs; give one per run", a.runs.len()))),
+    };
+    let curves = a.runs.iter().zip(&labels).map(|(run, label)| Curve::from_run(run, label).map_err(|e| usage(format!("--runs: {e}")))).collect::<anyhow::Result<Vec<_>>>()?;
+    ditmoe::analysis::heatmap::save_png(&loss_chart(&a.title, &curves)?, &a.out).map_err(|e| usage(format!("--out: {e}")))?;
+    println!("| run | evaluations | training tokens | last validation loss |");
+    println!("|---|---:|---:|---:|");
+    for c in &curves {
+        let (tokens, loss) = c.points[c.points.len() - 1];
+        println!("| {} | {} | {tokens:.0} | {loss:.4} |", c.label, c.points.len());
+    }
+    println!("curves: {}", a.out.display());
+    Ok(())
+}
+
+/// `key value` lines (what scripts/lm-compare.sh reads).
+fn info(a: InfoArgs) -> anyhow::Result<()> {
+    let cfg = if a.model.is_dir() {
+        ditmoe::lm::HfCheckpoint::open(&a.model).map_err(|e| usage(format!("--model: {e}")))?.config().clone()
+    } else {
+        let text = std::fs::read_to_string(&a.model).map_err(|e| usage(format!("--model {}: {e}", a.model.display())))?;
+        let cfg: ditmoe::lm::LmConfig = serde_json::from_str(&text).map_err(|e| usage(format!("--model {}: {e}", a.model.display())))?;
+        cfg.validate().map_err(|e| usage(format!("--model {}: {e}", a.model.display())))?;
+        cfg
+    };
+    let (total, active) = cfg.parameter_counts();
+    let experts: Vec<String> = cfg.layers.iter().map(|l| l.moe().map_or("dense".to_string(), |m| format!("{}e-top{}", m.num_experts, m.top_k))).collect();
+    println!("total_parameters {total}");
+    println!("active_parameters {active}");
+    println!("layers {}", cfg.num_layers);
+    println!("layer_plan {}", experts.join(","));
+    Ok(())
+}
+
+/// Loads the folder with an inference plan of the wanted dtype on the CPU and saves it again:
+/// [`LmModel::save_hf`] stores each tensor in the dtype the model holds it in.
+fn export(a: ExportArgs) -> anyhow::Result<()> {
+    let holds_model = ["config.json", "model.safetensors"].iter().any(|f| a.out.join(f).exists());
+    if holds_model && !a.overwrite {
+        return Err(usage(format!("--out {}: already holds a model; pass --overwrite to replace it, or choose another folder", a.out.display())));
+    }
+    let same = std::fs::canonicalize(&a.model).ok().is_some_and(|m| std::fs::canonicalize(&a.out).ok() == Some(m));
+    if same {
+        return Err(usage(format!("--out {}: is the --model folder; export into another one", a.out.display())));
+    }
+    let tokenizer = Tokenizer::load(&a.model.join(TOKENIZER_FILE)).map_err(|e| usage(format!("--model: {e}")))?;
+    let model = load_model(&a.model, "cpu", &a.dtype)?;
+    model.save_hf(&a.out)?;
+    tokenizer.save(&a.out.join(TOKENIZER_FILE))?;
+    let bytes = std::fs::metadata(a.out.join("model.safetensors")).map(|m| m.len()).unwrap_or(0);
+    println!("wrote {} ({} parameters, {}, {:.1} MB of weights)", a.out.display(), model.config().num_parameters(), a.dtype, bytes as f64 / 1e6);
     Ok(())
 }

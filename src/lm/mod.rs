@@ -9,6 +9,7 @@ pub mod attention;
 pub mod checkpoint;
 pub mod config;
 pub mod decoder_layer;
+pub mod distill;
 pub mod eval;
 pub mod generation;
 pub mod init;

@@ -2,6 +2,9 @@
 //! settings can be overridden by flags. Defaults follow common small-GPT practice (nanoGPT,
 //! the DeepSpeed-MoE GPT recipes scaled down): AdamW (0.9, 0.95), weight decay 0.1, linear
 //! warm-up then cosine decay to a tenth of the peak rate, global-norm clipping at 1.
+//!
+//! An optional `distill` section ([`DistillConfig`]) makes the run a Mixture-of-Students
+//! distillation from a frozen teacher (`super::distill`).
 use candle_core::{bail, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -38,6 +41,52 @@ fn d_keep_last() -> usize {
 }
 fn d_eval_batches() -> usize {
     8
+}
+fn d_one() -> f64 {
+    1.0
+}
+
+/// Mixture-of-Students distillation (DeepSpeed-MoE, Rajbhandari et al. 2022, sec. 5): the loss
+/// adds `beta · T² · KL(softmax(teacher / T) || softmax(student / T))` ([`super::distill::mos_kl`])
+/// on steps `1..=stop_step`, and is the plain causal-LM loss after them. Defaults follow
+/// Megatron-DeepSpeed's MoS scripts (`--kd-beta-ce 1`, `--kd-temp 1`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DistillConfig {
+    /// The teacher: an HF-layout model folder with the student's vocabulary.
+    pub teacher: PathBuf,
+    #[serde(default = "d_one")]
+    pub beta: f64,
+    /// The softmax temperature `T` of both distributions.
+    #[serde(default = "d_one")]
+    pub temperature: f64,
+    /// The last step that distils; null = every step. DeepSpeed found that distilling to the
+    /// end hurts the student late in training (the teacher's larger capacity is a target the
+    /// smaller student cannot reach), so it stops distillation part-way.
+    #[serde(default)]
+    pub stop_step: Option<u64>,
+}
+
+impl DistillConfig {
+    /// Whether optimizer step `step` (counted from 1) adds the distillation term. A function of
+    /// the step alone, so a resumed run is in the stage the uninterrupted one was.
+    pub fn distils_at(&self, step: u64) -> bool {
+        self.stop_step.is_none_or(|s| step <= s)
+    }
+
+    /// Refuses settings that could not distil, naming the field.
+    pub fn validate(&self) -> Result<()> {
+        if !(self.beta.is_finite() && self.beta >= 0.0) {
+            bail!("lm train config: `distill.beta` must be finite and >= 0, got {}", self.beta)
+        }
+        if !(self.temperature.is_finite() && self.temperature > 0.0) {
+            bail!("lm train config: `distill.temperature` must be finite and > 0, got {}", self.temperature)
+        }
+        if self.stop_step == Some(0) {
+            bail!("lm train config: `distill.stop_step` must be at least 1 (or null for every step)")
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -94,6 +143,9 @@ pub struct LmTrainConfig {
     /// Stop (with a checkpoint) before this many minutes have passed.
     #[serde(default)]
     pub max_minutes: Option<f64>,
+    /// Distil from a teacher (absent = plain training).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub distill: Option<DistillConfig>,
 }
 
 impl LmTrainConfig {
@@ -127,6 +179,9 @@ impl LmTrainConfig {
         }
         if let Some(m) = self.max_minutes.filter(|m| !(m.is_finite() && *m > 0.0)) {
             bail!("lm train config: `max_minutes` must be finite and > 0, got {m}")
+        }
+        if let Some(d) = &self.distill {
+            d.validate()?;
         }
         Ok(())
     }
@@ -169,5 +224,18 @@ mod tests {
         let mut c = cfg();
         c.seq_len = 0;
         assert!(c.validate().unwrap_err().to_string().contains("`seq_len`"));
+        let mut c = cfg();
+        c.distill = Some(DistillConfig { teacher: "t".into(), beta: 1.0, temperature: 0.0, stop_step: None });
+        assert!(c.validate().unwrap_err().to_string().contains("`distill.temperature`"));
+    }
+
+    #[test]
+    fn distillation_stops_after_its_step() {
+        let c: LmTrainConfig = serde_json::from_str(r#"{"model": "m.json", "data": "d", "out": "o", "seq_len": 8, "batch_size": 2, "steps": 100, "distill": {"teacher": "t", "stop_step": 60}}"#).unwrap();
+        let d = c.distill.unwrap();
+        assert_eq!((d.beta, d.temperature), (1.0, 1.0));
+        assert!(d.distils_at(1) && d.distils_at(60) && !d.distils_at(61));
+        assert!(DistillConfig { stop_step: None, ..d }.distils_at(u64::MAX));
+        assert!(cfg().distill.is_none() && !serde_json::to_string(&cfg()).unwrap().contains("distill"), "a plain config stays as it was");
     }
 }

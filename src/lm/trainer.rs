@@ -12,9 +12,17 @@
 //! Weight decay follows GPT-2/nanoGPT practice: matrices (linear and embedding weights) decay,
 //! vectors (norm weights, biases) do not; the two groups are two AdamW instances over one
 //! shared state file.
+//!
+//! With a `distill` section the run is a Mixture-of-Students distillation ([`super::distill`]):
+//! a frozen teacher runs on each step's windows and `beta · T² · KL` joins the loss on steps
+//! `1..=stop_step`; after that the teacher is dropped and the loss is the plain one. The stage
+//! is a function of the step, so the checkpoint's step alone resumes it exactly; the settings
+//! that decide it are recorded in `<out>/distill.json`, and a resume under other settings is
+//! refused.
+use super::distill::{mos_kl, Teacher};
 use super::eval::{evaluate, EvalReport};
 use super::init::initialize;
-use super::train_config::LmTrainConfig;
+use super::train_config::{DistillConfig, LmTrainConfig};
 use super::{HfCheckpoint, LmConfig, LmModel};
 use crate::checkpoint::write_atomic;
 use crate::data::LoaderState;
@@ -23,7 +31,7 @@ use crate::text::{TokenShard, Tokenizer};
 use crate::train::adamw::{AdamW, AdamWParams};
 use crate::train::checkpoint::{self, SaveRequest};
 use crate::train::kernels::foreach::sum_of_squares;
-use crate::train::log::{JsonlLog, StepLog};
+use crate::train::log::{JsonlLog, StepLog, LOG_FILE};
 use crate::train::profile::StepProfile;
 use crate::train::rng::{step_rng, Stream};
 use crate::train::run_dir::{self, RunStart};
@@ -32,6 +40,8 @@ use candle_core::{bail, DType, Device, Result, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::Rng;
+use serde::{Deserialize, Serialize};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -39,11 +49,43 @@ use std::time::Instant;
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
 pub const TRAIN_SHARD: &str = "train.safetensors";
 pub const VALIDATION_SHARD: &str = "validation.safetensors";
+/// The run folder's validation record: one JSON line per evaluation ([`EvalLine`]).
+pub const EVAL_FILE: &str = "eval.jsonl";
+/// The run folder's record of a distillation's settings (its [`DistillConfig`]).
+pub const DISTILL_FILE: &str = "distill.json";
+
+/// One line of `<out>/eval.jsonl`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvalLine {
+    /// Optimizer steps done.
+    pub step: u64,
+    /// Mean validation cross-entropy, nats per token.
+    pub loss: f64,
+    pub perplexity: f64,
+    /// Validation tokens predicted.
+    pub tokens: usize,
+    /// Training tokens seen: `step · batch_size · seq_len` (the x axis that compares runs of
+    /// different batch shapes, `ditmoe lm curves`).
+    pub train_tokens: u64,
+}
+
+/// One line of `<out>/log.jsonl`: the trainer's [`StepLog`] and, on a distilling step, the
+/// distillation term `kl` ([`mos_kl`], before `beta`).
+#[derive(Serialize)]
+struct LogLine<'a> {
+    #[serde(flatten)]
+    step: &'a StepLog,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    kl: Option<f32>,
+}
 
 /// What a run did.
 #[derive(Debug)]
 pub struct LmRunSummary {
     pub steps: Vec<StepLog>,
+    /// Per entry of `steps`, the distillation term of that step ([`mos_kl`], before `beta`);
+    /// None on a step that did not distil.
+    pub kl: Vec<Option<f32>>,
     pub final_step: u64,
     pub stop: StopReason,
     pub resumed_from: Option<PathBuf>,
@@ -65,6 +107,8 @@ pub struct LmTrainer {
     train: TokenShard,
     validation: TokenShard,
     tokenizer: Tokenizer,
+    /// The frozen teacher while the run distils (dropped after `distill.stop_step`).
+    teacher: Option<Teacher>,
     step: u64,
     resumed_from: Option<PathBuf>,
     profile: Option<StepProfile>,
@@ -116,6 +160,11 @@ impl LmTrainer {
         }
         // f32 weights, their gradients and AdamW's two moments: 16 bytes a parameter
         plan.check_fits("training the language model (weights, gradients, optimizer state)", 16 * model_cfg.num_parameters() as u64)?;
+        // the teacher is checked against the student before anything is written
+        let mut teacher = match &cfg.distill {
+            Some(d) => Some(Teacher::load(&d.teacher, &plan.frozen(), &model_cfg, cfg.seq_len + 1)?),
+            None => None,
+        };
         if let Some(aside) = run_dir::prepare(&cfg.out, start)? {
             eprintln!("moved the earlier run in {} aside to {}", cfg.out.display(), aside.display());
         }
@@ -165,7 +214,14 @@ impl LmTrainer {
                 }
             }
         }
-        Ok(Self { cfg, device, model, vars, decayed, undecayed, train, validation, tokenizer, step, resumed_from, profile: None })
+        match step {
+            0 => record_distill(&cfg.out, cfg.distill.as_ref())?,
+            _ => check_distill(&cfg.out, cfg.distill.as_ref())?,
+        }
+        if cfg.distill.as_ref().is_some_and(|d| !d.distils_at(step + 1)) {
+            teacher = None;
+        }
+        Ok(Self { cfg, device, model, vars, decayed, undecayed, train, validation, tokenizer, teacher, step, resumed_from, profile: None })
     }
 
     pub fn step(&self) -> u64 {
@@ -174,6 +230,11 @@ impl LmTrainer {
 
     pub fn model(&self) -> &LmModel {
         &self.model
+    }
+
+    /// The teacher, while the run distils.
+    pub fn teacher(&self) -> Option<&Teacher> {
+        self.teacher.as_ref()
     }
 
     /// Times every phase of each step from now on (the device is synchronised between phases).
@@ -205,9 +266,10 @@ impl LmTrainer {
         Tensor::from_vec(ids, (self.cfg.batch_size, window), &self.device)
     }
 
-    /// One optimizer step: forward, loss (cross-entropy + the balance losses), backward, finite
-    /// checks, clipping, AdamW.
-    fn train_step(&mut self) -> Result<StepLog> {
+    /// One optimizer step: forward, loss (cross-entropy + the balance losses, + `beta` times
+    /// the distillation term while distilling), backward, finite checks, clipping, AdamW. The
+    /// record and the step's distillation term.
+    fn train_step(&mut self) -> Result<(StepLog, Option<f32>)> {
         let step = self.step + 1;
         if let Some(p) = &mut self.profile {
             p.start_step()?;
@@ -216,11 +278,23 @@ impl LmTrainer {
         self.mark("data")?;
         let out = self.model.forward(&ids, None, true)?;
         let ce = super::cross_entropy(&out.logits, &ids)?;
-        let total = self.model.loss_from_output(&out, &ids)?;
+        let mut total = self.model.loss_from_output(&out, &ids)?;
         let (loss, total_host) = (ce.to_scalar::<f32>()?, total.to_scalar::<f32>()?);
         if !loss.is_finite() || !total_host.is_finite() {
             bail!("non-finite loss at step {step} (cross-entropy {loss}, with balance losses {total_host})");
         }
+        let kl = match (&self.teacher, &self.cfg.distill) {
+            (Some(teacher), Some(d)) if d.distils_at(step) => {
+                let kl = mos_kl(&out.logits, &teacher.logits(&ids)?, d.temperature)?;
+                let host = kl.to_scalar::<f32>()?;
+                if !host.is_finite() {
+                    bail!("non-finite distillation term at step {step} ({host})");
+                }
+                total = (total + (kl * d.beta)?)?;
+                Some(host)
+            }
+            _ => None,
+        };
         let counts = out.expert_counts.iter().map(|c| Ok(c.to_dtype(DType::U32)?.to_vec1::<u32>()?.into_iter().map(|x| x as usize).collect())).collect::<Result<Vec<Vec<usize>>>>()?;
         self.mark("forward + losses")?;
         let store = total.backward()?;
@@ -252,7 +326,11 @@ impl LmTrainer {
             p.end_step();
         }
         self.step = step;
-        Ok(StepLog { step, loss, aux: total_host - loss, contrastive: 0.0, grad_norm, lr, steps_per_sec: 0.0, expert_counts: counts })
+        if self.cfg.distill.as_ref().is_some_and(|d| !d.distils_at(step + 1)) {
+            // the distillation stage is over: the teacher's memory goes back
+            self.teacher = None;
+        }
+        Ok((StepLog { step, loss, aux: total_host - loss, contrastive: 0.0, grad_norm, lr, steps_per_sec: 0.0, expert_counts: counts }, kl))
     }
 
     fn save_checkpoint(&self) -> Result<PathBuf> {
@@ -280,15 +358,22 @@ impl LmTrainer {
     /// Trains until `steps` or the time budget; a checkpoint every `ckpt_every` steps and at the
     /// end, the validation loss every `eval_every` steps (into `<out>/eval.jsonl`) and at the
     /// end, then the model folder `<out>/model`. A non-finite loss or gradient stops with an
-    /// error naming the step; the checkpoints already written are untouched.
+    /// error naming the step; the checkpoints already written are untouched. A resumed run
+    /// first drops the log and evaluation lines past its checkpoint (it writes those steps
+    /// again).
     pub fn run(&mut self, progress: bool) -> Result<LmRunSummary> {
         let start = Instant::now();
         let budget = self.cfg.max_minutes.map(|m| m * 60.0);
-        let mut log = JsonlLog::open(&self.cfg.out, self.step)?;
+        // JsonlLog keeps the lines through the checkpoint's step; the lines are appended here,
+        // with the distillation term beside the step record
+        drop(JsonlLog::open(&self.cfg.out, self.step)?);
+        let log_path = self.cfg.out.join(LOG_FILE);
+        let mut log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path).map_err(|e| candle_core::Error::Msg(format!("{}: {e}", log_path.display())))?;
+        self.keep_evals_through(self.step)?;
         let bar = if progress { crate::progress::bar(self.cfg.steps) } else { ProgressBar::hidden() };
         bar.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}").expect("template"));
         bar.set_position(self.step);
-        let (mut records, mut stop, mut saved_step) = (Vec::new(), StopReason::Steps, None);
+        let (mut records, mut kls, mut stop, mut saved_step, mut evaluated) = (Vec::new(), Vec::new(), StopReason::Steps, None, None);
         let (mut last_log_time, mut last_log_step) = (Instant::now(), self.step);
         let (mut last_step, mut steps_run) = (0f64, 0u64);
         while self.step < self.cfg.steps {
@@ -298,44 +383,100 @@ impl LmTrainer {
             }
             steps_run += 1;
             let t0 = Instant::now();
-            let mut rec = self.train_step()?;
+            let (mut rec, kl) = self.train_step()?;
             last_step = t0.elapsed().as_secs_f64();
             if rec.step.is_multiple_of(self.cfg.log_every) {
                 rec.steps_per_sec = (rec.step - last_log_step) as f64 / last_log_time.elapsed().as_secs_f64();
                 (last_log_time, last_log_step) = (Instant::now(), rec.step);
-                log.write(&rec)?;
+                let line = serde_json::to_string(&LogLine { step: &rec, kl }).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+                writeln!(log, "{line}").and_then(|_| log.flush()).map_err(|e| candle_core::Error::Msg(format!("{}: {e}", log_path.display())))?;
                 let tokens_per_sec = rec.steps_per_sec * (self.cfg.batch_size * self.cfg.seq_len) as f64;
-                bar.set_message(format!("loss {:.3} aux {:.4} |g| {:.2} {:.0} tok/s", rec.loss, rec.aux, rec.grad_norm, tokens_per_sec));
+                let kl = kl.map(|k| format!(" kl {k:.3}")).unwrap_or_default();
+                bar.set_message(format!("loss {:.3} aux {:.4}{kl} |g| {:.2} {:.0} tok/s", rec.loss, rec.aux, rec.grad_norm, tokens_per_sec));
             }
             bar.set_position(self.step);
             if self.cfg.eval_every > 0 && self.step.is_multiple_of(self.cfg.eval_every) {
                 let v = self.validate()?;
                 self.write_eval(&v)?;
                 bar.println(format!("step {}: validation loss {:.4}, perplexity {:.2}", self.step, v.loss, v.perplexity));
+                evaluated = Some((self.step, v));
             }
             if self.step.is_multiple_of(self.cfg.ckpt_every) {
                 self.save_checkpoint()?;
                 saved_step = Some(self.step);
             }
             records.push(rec);
+            kls.push(kl);
         }
         if saved_step != Some(self.step) {
             self.save_checkpoint()?;
         }
-        let validation = self.validate()?;
-        self.write_eval(&validation)?;
+        // the last step's evaluation, unless the schedule has just made it
+        let validation = match evaluated {
+            Some((s, v)) if s == self.step => v,
+            _ => {
+                let v = self.validate()?;
+                self.write_eval(&v)?;
+                v
+            }
+        };
         let model_dir = self.cfg.out.join("model");
         self.export(&model_dir)?;
         bar.finish();
-        Ok(LmRunSummary { steps: records, final_step: self.step, stop, resumed_from: self.resumed_from.clone(), validation, model_dir })
+        Ok(LmRunSummary { steps: records, kl: kls, final_step: self.step, stop, resumed_from: self.resumed_from.clone(), validation, model_dir })
     }
 
     /// Appends one line to `<out>/eval.jsonl`, rewriting the file (it is small) atomically.
     fn write_eval(&self, v: &EvalReport) -> Result<()> {
-        let path = self.cfg.out.join("eval.jsonl");
+        let path = self.cfg.out.join(EVAL_FILE);
         let mut text = std::fs::read_to_string(&path).unwrap_or_default();
-        let line = serde_json::json!({"step": self.step, "loss": v.loss, "perplexity": v.perplexity, "tokens": v.tokens});
-        text.push_str(&format!("{line}\n"));
+        let train_tokens = self.step * (self.cfg.batch_size * self.cfg.seq_len) as u64;
+        let line = EvalLine { step: self.step, loss: v.loss, perplexity: v.perplexity, tokens: v.tokens, train_tokens };
+        text.push_str(&serde_json::to_string(&line).map_err(|e| candle_core::Error::Msg(e.to_string()))?);
+        text.push('\n');
         write_atomic(&path, text.as_bytes())
+    }
+
+    /// Drops the lines of `<out>/eval.jsonl` past `step`.
+    fn keep_evals_through(&self, step: u64) -> Result<()> {
+        let path = self.cfg.out.join(EVAL_FILE);
+        let Ok(text) = std::fs::read_to_string(&path) else { return Ok(()) };
+        let kept: String = text.lines().filter(|l| serde_json::from_str::<serde_json::Value>(l).ok().and_then(|v| v["step"].as_u64()).is_some_and(|s| s <= step)).map(|l| format!("{l}\n")).collect();
+        write_atomic(&path, kept.as_bytes())
+    }
+}
+
+/// Writes (or, for a plain run, removes) `<out>/distill.json`: the settings a resumed run must
+/// share.
+fn record_distill(out: &Path, distill: Option<&DistillConfig>) -> Result<()> {
+    let path = out.join(DISTILL_FILE);
+    match distill {
+        Some(d) => write_atomic(&path, serde_json::to_string_pretty(d).map_err(|e| candle_core::Error::Msg(e.to_string()))?.as_bytes()),
+        None if path.exists() => std::fs::remove_file(&path).map_err(|e| candle_core::Error::Msg(format!("{}: {e}", path.display()))),
+        None => Ok(()),
+    }
+}
+
+/// Refuses to resume a run under distillation settings other than those it started with (the
+/// stage of each step, and the loss within it, would differ from the uninterrupted run's),
+/// naming the field. The teacher's folder may have moved; the settings may not change.
+fn check_distill(out: &Path, distill: Option<&DistillConfig>) -> Result<()> {
+    let path = out.join(DISTILL_FILE);
+    let recorded: Option<DistillConfig> = match std::fs::read_to_string(&path) {
+        Ok(text) => Some(serde_json::from_str(&text).map_err(|e| candle_core::Error::Msg(format!("{}: {e}", path.display())))?),
+        Err(_) => None,
+    };
+    match (&recorded, distill) {
+        (None, None) => Ok(()),
+        (None, Some(_)) => bail!("{}: the run there was not a distillation (no {DISTILL_FILE}); resume it without `distill`", out.display()),
+        (Some(_), None) => bail!("{}: the run in {} distils; resume it with the same `distill` section", path.display(), out.display()),
+        (Some(r), Some(d)) => {
+            let show = |s: Option<u64>| s.map_or("null".to_string(), |s| s.to_string());
+            let fields = [("beta", r.beta.to_string(), d.beta.to_string()), ("temperature", r.temperature.to_string(), d.temperature.to_string()), ("stop_step", show(r.stop_step), show(d.stop_step))];
+            match fields.iter().find(|(_, was, now)| was != now) {
+                Some((name, was, now)) => bail!("{}: the run started with `distill.{name}` = {was}, the config says {now}; resume with the run's settings", path.display()),
+                None => Ok(()),
+            }
+        }
     }
 }
