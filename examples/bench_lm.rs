@@ -9,12 +9,14 @@
 //! `--write-configs DIR` writes each shape's HF `config.json` to `DIR/<model>/` and exits:
 //! `scripts/bench_lm_transformers.py` builds the same models in transformers from them, and
 //! the two run in the same device command (docs/benchmarks.md). Decode: a 16-token prompt, then
-//! greedy steps with the KV cache; ms per step = (prompt + steps − prompt alone) / steps.
+//! greedy steps through `lm::Decoder` (static KV cache, each step a CUDA-graph replay), timed
+//! over the steps after the warm-up and capture; and, for comparison, the same steps eagerly on
+//! a growing cache (ms per step = (prompt + steps − prompt alone) / steps).
 //! Timing: `ditmoe::runtime::timing::median_ms` (CUDA events, calls back to back).
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::{VarBuilder, VarMap};
-use ditmoe::lm::{KvCache, LmConfig, LmModel};
+use ditmoe::lm::{Decoder, KvCache, LmConfig, LmModel};
 use ditmoe::runtime::timing::median_ms;
 use ditmoe::{ExecutionPlan, Precision};
 use std::collections::HashMap;
@@ -85,7 +87,8 @@ fn main() -> Result<()> {
     }
     let device = match arg("--device", "cuda").as_str() {
         "cpu" => Device::Cpu,
-        _ => Device::new_cuda(0)?,
+        // its own stream: graph capture is not allowed on the legacy default stream
+        _ => ditmoe::runtime::graph::cuda_device(0)?,
     };
     let precision = match arg("--dtype", "bf16").as_str() {
         "f32" => Precision::F32,
@@ -108,6 +111,26 @@ fn main() -> Result<()> {
             println!("| {name} | {:.2} B | prefill | {t} tokens | {ms:.2} | {:.0} |", params as f64 / 1e9, t as f64 / ms * 1e3);
         }
         for b in list("--decode-batches", "1,32") {
+            // the decoder as `lm generate` runs it: a static KV cache, each step after the first
+            // two a CUDA-graph replay
+            let prompt = Tensor::arange(0u32, (16 * b) as u32, &device)?.reshape((b, 16))?;
+            let mut decoder = Decoder::new(&model, b, 16 + steps + 1)?;
+            let mut next = decoder.prefill(&prompt)?.argmax(D::Minus1)?.unsqueeze(1)?;
+            // warm-up and capture
+            for _ in 0..2 {
+                next = decoder.step(&next)?.argmax(D::Minus1)?.unsqueeze(1)?;
+            }
+            device.synchronize()?;
+            let started = std::time::Instant::now();
+            for _ in 0..steps - 2 {
+                next = decoder.step(&next)?.argmax(D::Minus1)?.unsqueeze(1)?;
+            }
+            device.synchronize()?;
+            let ms = started.elapsed().as_secs_f64() * 1e3 / (steps - 2) as f64;
+            println!("| {name} | {:.2} B | decode | batch {b} | {ms:.2} per step ({} graph replays) | {:.0} |", params as f64 / 1e9, decoder.replays(), b as f64 / ms * 1e3);
+        }
+        // the same steps without the static cache and graphs: a growing cache, each step eager
+        for b in list("--decode-batches", "1,32") {
             let prompt = Tensor::arange(0u32, (16 * b) as u32, &device)?.reshape((b, 16))?;
             let run = |decode_steps: usize| -> candle_core::Result<()> {
                 let mut cache = KvCache::for_config(&cfg);
@@ -122,7 +145,7 @@ fn main() -> Result<()> {
             let total = median_ms(&device, budget, || run(steps))?;
             let prefill = median_ms(&device, budget, || run(0))?;
             let ms = (total - prefill) / steps as f64;
-            println!("| {name} | {:.2} B | decode | batch {b} | {ms:.2} per step | {:.0} |", params as f64 / 1e9, b as f64 / ms * 1e3);
+            println!("| {name} | {:.2} B | decode, eager | batch {b} | {ms:.2} per step | {:.0} |", params as f64 / 1e9, b as f64 / ms * 1e3);
         }
     }
     Ok(())

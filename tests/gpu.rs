@@ -1179,3 +1179,54 @@ fn fixture_parity(gpu: &Device) -> Result<()> {
     }
     Ok(())
 }
+
+/// The language models of the HF fixtures on the GPU: prefill logits within f32 tolerance of the
+/// CPU, and greedy decoding through the static KV cache, each step after the first a CUDA-graph
+/// replay, gives the CPU's tokens.
+#[test]
+fn lm_decoding_replays_graphs_and_matches_the_cpu() {
+    #[cfg(feature = "cuda")]
+    {
+        let Ok(gpu) = ditmoe::runtime::graph::cuda_device(0) else {
+            eprintln!("lm decoding: skipped: no CUDA device");
+            return;
+        };
+        lm_decoding(&gpu).unwrap();
+    }
+    #[cfg(not(feature = "cuda"))]
+    eprintln!("lm decoding: skipped: built without the `cuda` feature");
+}
+
+#[cfg(feature = "cuda")]
+fn lm_decoding(gpu: &Device) -> Result<()> {
+    use candle_core::D;
+    use ditmoe::lm::{load_hf, Decoder};
+    println!("| case | prefill logits rel. err vs CPU | tokens = CPU | graph replays |");
+    println!("|---|---:|---|---:|");
+    for case in ["hf-mixtral", "hf-qwen2-moe", "hf-olmoe"] {
+        let dir = std::path::PathBuf::from(format!("tests/fixtures/lm/{case}"));
+        let io = candle_core::safetensors::load(dir.join("io.safetensors"), &Device::Cpu)?;
+        let prompts = io["input_ids"].to_dtype(DType::U32)?;
+        let (b, t) = prompts.dims2()?;
+        let decode = |dev: &Device| -> Result<(Tensor, Vec<Vec<u32>>, usize)> {
+            let model = load_hf(&dir, &ExecutionPlan::inference(dev, Precision::F32))?;
+            let mut decoder = Decoder::new(&model, b, t + 8)?;
+            let first = decoder.prefill(&prompts.to_device(dev)?)?;
+            let (mut logits, mut rows) = (first.clone(), vec![Vec::new(); b]);
+            for _ in 0..8 {
+                let next: Vec<u32> = logits.argmax(D::Minus1)?.to_vec1()?;
+                rows.iter_mut().zip(&next).for_each(|(r, &n)| r.push(n));
+                logits = decoder.step(&Tensor::new(next.as_slice(), dev)?.unsqueeze(1)?)?;
+            }
+            Ok((first.to_device(&Device::Cpu)?, rows, decoder.replays()))
+        };
+        let (cpu_logits, cpu_rows, _) = decode(&Device::Cpu)?;
+        let (gpu_logits, gpu_rows, replays) = decode(gpu)?;
+        let err = ((&gpu_logits - &cpu_logits)?.abs()?.max_all()?.to_scalar::<f32>()? / cpu_logits.abs()?.max_all()?.to_scalar::<f32>()?) as f64;
+        println!("| {case} | {err:.2e} | {} | {replays} |", gpu_rows == cpu_rows);
+        assert!(err < 1e-4, "{case}: prefill logits {err:.2e}");
+        assert_eq!(gpu_rows, cpu_rows, "{case}: greedy tokens");
+        assert!(replays >= 6, "{case}: {replays} graph replays of 8 steps");
+    }
+    Ok(())
+}

@@ -2,7 +2,7 @@
 //! `Qwen2MoeAttention` (q/k/v biases) and `OlmoeAttention` (q/k RMSNorm over the whole
 //! projections, before the head split): q/k/v projections, RoPE, the KV cache, `repeat_kv`,
 //! `softmax(q kᵀ / √head_dim + causal mask)` in f32 (`eager_attention_forward`), `o_proj`.
-use super::{KvCache, LmConfig, RmsNorm, RotaryEmbedding};
+use super::{KvCache, LmConfig, RmsNorm, RotaryEmbedding, StaticKvCache};
 use crate::nn::Linear;
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
@@ -44,6 +44,34 @@ impl LmAttention {
     /// this call's keys and values are appended to layer `layer`'s and the queries attend to
     /// all of them; `offset` is then the cache's length before the call.
     pub fn forward(&self, x: &Tensor, rope: &RotaryEmbedding, offset: usize, cache: Option<(&mut KvCache, usize)>) -> Result<Tensor> {
+        let t = x.dim(1)?;
+        let (q, k, v) = self.heads(x)?;
+        let (q, k) = (rope.forward(&q, offset)?, rope.forward(&k, offset)?);
+        let (k, v) = match cache {
+            Some((cache, layer)) => cache.append(layer, &k, &v)?,
+            None => (k, v),
+        };
+        let mask = match t > 1 {
+            true => Some(causal_mask(t, k.dim(2)?, offset, x.device())?),
+            false => None,
+        };
+        self.attend(&q, &k, &v, mask.as_ref())
+    }
+
+    /// One decoding step on a [`StaticKvCache`]: x `[B, 1, d]` at the position held on the
+    /// device in `pos` (`[1]` u32), its key and value written into layer `layer`'s slot `pos`,
+    /// the query attending to every slot up to `pos`. No host value depends on the position,
+    /// so the step can be captured once as a CUDA graph and replayed for every position.
+    pub fn forward_static(&self, x: &Tensor, rope: &RotaryEmbedding, pos: &Tensor, cache: &StaticKvCache, layer: usize) -> Result<Tensor> {
+        let (q, k, v) = self.heads(x)?;
+        let (q, k) = (rope.forward_at(&q, pos)?, rope.forward_at(&k, pos)?);
+        let (k, v) = cache.write(layer, &k, &v, pos)?;
+        self.attend(&q, &k, &v, Some(&cache.visible_mask(pos)?))
+    }
+
+    /// The projections as heads: q `[B, H, T, hd]`, k and v `[B, kv, T, hd]` (v in f32), before
+    /// the rotary embedding.
+    fn heads(&self, x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
         let (b, t, _) = x.dims3()?;
         let (mut q, mut k) = (self.q_proj.forward(x)?, self.k_proj.forward(x)?);
         let v = self.v_proj.forward(x)?;
@@ -52,19 +80,19 @@ impl LmAttention {
             k = kn.forward(&k)?;
         }
         let heads = |x: Tensor, h: usize| x.reshape((b, t, h, self.head_dim))?.transpose(1, 2)?.contiguous();
-        let q = rope.forward(&heads(q, self.num_heads)?, offset)?;
-        let k = rope.forward(&heads(k, self.num_kv_heads)?, offset)?;
-        let v = heads(v, self.num_kv_heads)?.to_dtype(DType::F32)?;
-        let (k, v) = match cache {
-            Some((cache, layer)) => cache.append(layer, &k, &v)?,
-            None => (k, v),
-        };
+        Ok((heads(q, self.num_heads)?, heads(k, self.num_kv_heads)?, heads(v, self.num_kv_heads)?.to_dtype(DType::F32)?))
+    }
+
+    /// `o_proj(softmax(q kᵀ / √hd + mask) v)` with the kv heads repeated; `mask` additive,
+    /// broadcast over the batch and heads.
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        let (b, _, t, _) = q.dims4()?;
         let groups = self.num_heads / self.num_kv_heads;
-        let (k, v) = (repeat_kv(&k, groups)?, repeat_kv(&v, groups)?);
+        let (k, v) = (repeat_kv(k, groups)?, repeat_kv(v, groups)?);
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let mut scores = (q.matmul(&k.t()?)? * scale)?;
-        if t > 1 {
-            scores = scores.broadcast_add(&causal_mask(t, k.dim(2)?, offset, x.device())?)?;
+        if let Some(mask) = mask {
+            scores = scores.broadcast_add(mask)?;
         }
         let p = crate::nn::softmax_last_dim(&scores)?;
         let y = p.matmul(&v)?.transpose(1, 2)?.reshape((b, t, self.num_heads * self.head_dim))?;
@@ -83,8 +111,12 @@ pub fn repeat_kv(x: &Tensor, n: usize) -> Result<Tensor> {
 }
 
 /// `[T, L]` f32: 0 where query i (position `offset + i`) may see key j (j <= offset + i),
-/// -inf elsewhere.
+/// -inf elsewhere. Built on the device from two position ranges: a host-built mask is T·L
+/// floats uploaded per layer, which dominated a 2048-token prefill.
 pub fn causal_mask(t: usize, l: usize, offset: usize, device: &Device) -> Result<Tensor> {
-    let mask: Vec<f32> = (0..t).flat_map(|i| (0..l).map(move |j| if j > offset + i { f32::NEG_INFINITY } else { 0.0 })).collect();
-    Tensor::from_vec(mask, (t, l), device)
+    let queries = Tensor::arange(offset as u32, (offset + t) as u32, device)?.unsqueeze(1)?;
+    let keys = Tensor::arange(0u32, l as u32, device)?.unsqueeze(0)?;
+    let zero = Tensor::zeros((), DType::F32, device)?.broadcast_as((t, l))?;
+    let hidden = Tensor::new(f32::NEG_INFINITY, device)?.broadcast_as((t, l))?;
+    keys.broadcast_le(&queries)?.where_cond(&zero, &hidden)
 }

@@ -3,7 +3,7 @@
 //! `x = x + mlp(post_attention_layernorm(x))`, the MLP a dense SwiGLU (`Qwen2MoeMLP`) or the
 //! engine's [`MoeLayer`] (`MixtralSparseMoeBlock`, `Qwen2MoeSparseMoeBlock`,
 //! `OlmoeSparseMoeBlock`).
-use super::{KvCache, LayerMlp, LmAttention, LmConfig, RmsNorm, RotaryEmbedding};
+use super::{KvCache, LayerMlp, LmAttention, LmConfig, RmsNorm, RotaryEmbedding, StaticKvCache};
 use crate::moe::{MoeInput, MoeLayer, MoeOutput, ParamNames, SwigluExpert};
 use crate::plan::ExecutionPlan;
 use candle_core::{Module, Result, Tensor};
@@ -56,10 +56,21 @@ impl DecoderLayer {
     /// x `[B, T, d]` f32 at positions `offset ..` -> the layer's output and, for an MoE layer,
     /// the MoE layer's output record (router logits, counts, losses).
     pub fn forward(&self, x: &Tensor, rope: &RotaryEmbedding, offset: usize, cache: Option<(&mut KvCache, usize)>, train: bool) -> Result<(Tensor, Option<MoeOutput>)> {
-        let (b, t, d) = x.dims3()?;
         let h = self.self_attn.forward(&self.input_layernorm.forward(x)?, rope, offset, cache)?;
-        let x = (x + h)?;
-        let h = self.post_attention_layernorm.forward(&x)?;
+        self.mlp_residual(&(x + h)?, train)
+    }
+
+    /// One decoding step of layer `layer` on a [`StaticKvCache`], the position on the device
+    /// (see [`LmAttention::forward_static`]).
+    pub fn forward_static(&self, x: &Tensor, rope: &RotaryEmbedding, pos: &Tensor, cache: &StaticKvCache, layer: usize) -> Result<Tensor> {
+        let h = self.self_attn.forward_static(&self.input_layernorm.forward(x)?, rope, pos, cache, layer)?;
+        Ok(self.mlp_residual(&(x + h)?, false)?.0)
+    }
+
+    /// `x + mlp(post_attention_layernorm(x))`.
+    fn mlp_residual(&self, x: &Tensor, train: bool) -> Result<(Tensor, Option<MoeOutput>)> {
+        let (b, t, d) = x.dims3()?;
+        let h = self.post_attention_layernorm.forward(x)?;
         let (h, moe) = match &self.mlp {
             LmMlp::Dense(mlp) => (mlp.forward(&h)?, None),
             LmMlp::Moe(moe) => {

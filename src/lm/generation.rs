@@ -1,9 +1,9 @@
-//! Autoregressive generation with the KV cache: the prompt in one forward (prefill), then one
-//! token per forward (decode), each drawn by a [`TokenSampler`] and handed to a callback as it
-//! comes (the CLI streams it). Stops at `max_new_tokens`, at the end-of-text token, or where
-//! the context is full.
+//! Autoregressive generation: the prompt in one forward (prefill), then one token per step
+//! ([`Decoder`]: a static KV cache, each step a CUDA-graph replay on a GPU), each drawn by a
+//! [`TokenSampler`] and handed to a callback as it comes (the CLI streams it). Stops at
+//! `max_new_tokens`, at the end-of-text token, or where the context is full.
 use super::sampling::TokenSampler;
-use super::{KvCache, LmModel};
+use super::{Decoder, LmModel};
 use candle_core::{bail, IndexOp, Result, Tensor};
 
 /// Why generation ended.
@@ -29,22 +29,25 @@ pub fn generate(model: &LmModel, prompt: &[u32], max_new_tokens: usize, sampler:
         bail!("lm generate: prompt token {bad} is outside the model's vocabulary of {}", cfg.vocab_size)
     }
     let dev = model.device();
-    let mut cache = KvCache::for_config(cfg);
-    let mut input = Tensor::new(prompt, dev)?.unsqueeze(0)?;
+    // the context the cache must hold: the prompt and every new token but the last
+    let capacity = (prompt.len() + max_new_tokens).min(cfg.max_position_embeddings);
+    let mut decoder = Decoder::new(model, 1, capacity)?;
+    let mut logits = decoder.prefill(&Tensor::new(prompt, dev)?.unsqueeze(0)?)?;
     let mut new = Vec::with_capacity(max_new_tokens);
     while new.len() < max_new_tokens {
-        if cache.len() + input.dim(1)? > cfg.max_position_embeddings {
-            return Ok((new, GenerationStop::ContextFull));
-        }
-        let out = model.forward(&input, Some(&mut cache), false)?;
-        let last = out.logits.dim(1)? - 1;
-        let next = sampler.sample(&out.logits.i((0, last))?)?;
+        let next = sampler.sample(&logits.i(0)?)?;
         new.push(next);
         on_token(next)?;
         if Some(next) == eos {
             return Ok((new, GenerationStop::EndOfText));
         }
-        input = Tensor::new(&[next], dev)?.unsqueeze(0)?;
+        if new.len() == max_new_tokens {
+            break;
+        }
+        if decoder.len() >= decoder.capacity() {
+            return Ok((new, GenerationStop::ContextFull));
+        }
+        logits = decoder.step(&Tensor::new(&[[next]], dev)?)?;
     }
     Ok((new, GenerationStop::MaxTokens))
 }

@@ -34,6 +34,11 @@ impl KvCache {
         self.max_positions
     }
 
+    /// Layer `layer`'s keys and values, if it holds any.
+    pub fn layer(&self, layer: usize) -> Option<(&Tensor, &Tensor)> {
+        self.layers.get(layer)?.as_ref().map(|(k, v)| (k, v))
+    }
+
     /// Empties every layer.
     pub fn reset(&mut self) {
         self.layers.iter_mut().for_each(|l| *l = None);

@@ -8,6 +8,7 @@
 pub mod attention;
 pub mod checkpoint;
 pub mod config;
+pub mod decoder;
 pub mod decoder_layer;
 pub mod distill;
 pub mod eval;
@@ -19,15 +20,18 @@ pub mod params;
 pub mod rms_norm;
 pub mod rope;
 pub mod sampling;
+pub mod static_cache;
 pub mod train_config;
 pub mod trainer;
 
 pub use attention::{causal_mask, repeat_kv, LmAttention};
 pub use checkpoint::{load_hf, HfCheckpoint};
 pub use config::{HfConfigError, LayerMlp, LmConfig, LmConfigError, SUPPORTED_ARCHITECTURES, SUPPORTED_MODEL_TYPES};
+pub use decoder::Decoder;
 pub use decoder_layer::{DecoderLayer, LmMlp};
 pub use kv_cache::KvCache;
 pub use model::{cross_entropy, LmModel, LmOutput};
 pub use params::{NamedParams, ParamRecorder};
 pub use rms_norm::RmsNorm;
 pub use rope::RotaryEmbedding;
+pub use static_cache::StaticKvCache;

@@ -3,7 +3,7 @@
 //! (or the embedding, tied), with the router logits of every MoE layer, the model-level
 //! load-balancing loss (`load_balancing_loss_func`), the causal-LM loss (`ForCausalLMLoss`
 //! plus `router_aux_loss_coef · aux_loss`) and greedy decoding with the KV cache.
-use super::{DecoderLayer, KvCache, LmConfig, NamedParams, ParamRecorder, RmsNorm, RotaryEmbedding};
+use super::{DecoderLayer, KvCache, LmConfig, NamedParams, ParamRecorder, RmsNorm, RotaryEmbedding, StaticKvCache};
 use crate::moe::hf_load_balancing_loss;
 use crate::nn::Linear;
 use crate::plan::ExecutionPlan;
@@ -149,6 +149,19 @@ impl LmModel {
             });
         }
         Ok(loss)
+    }
+
+    /// One decoding step on a [`StaticKvCache`]: ids `[B, 1]` u32 at the position held on the
+    /// device in `pos` (`[1]` u32) -> the logits `[B, V]` f32. The keys and values go into the
+    /// cache; nothing on the host depends on the position (see [`super::Decoder`]).
+    pub fn decode_step(&self, input_ids: &Tensor, pos: &Tensor, cache: &StaticKvCache) -> Result<Tensor> {
+        let (b, _) = input_ids.dims2()?;
+        let ids = input_ids.to_dtype(DType::U32)?.flatten_all()?;
+        let mut x = self.embed_tokens.index_select(&ids, 0)?.to_dtype(DType::F32)?.reshape((b, 1, self.cfg.hidden_size))?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            x = layer.forward_static(&x, &self.rope, pos, cache, i)?;
+        }
+        self.lm_head.forward(&self.norm.forward(&x)?)?.to_dtype(DType::F32)?.reshape((b, self.cfg.vocab_size))
     }
 
     /// transformers' causal-LM loss: the mean next-token cross-entropy of the shifted logits

@@ -39,6 +39,15 @@ impl RotaryEmbedding {
         self.max_positions
     }
 
+    /// Rotates x `[B, H, 1, head_dim]` at the position held on the device in `pos` (`[1]`
+    /// u32): the tables' row is gathered on the device, so a captured decoding step serves
+    /// every position.
+    pub fn forward_at(&self, x: &Tensor, pos: &Tensor) -> Result<Tensor> {
+        let cos = self.cos.index_select(pos, 0)?;
+        let sin = self.sin.index_select(pos, 0)?;
+        candle_nn::rotary_emb::rope(&x.to_dtype(DType::F32)?.contiguous()?, &cos, &sin)
+    }
+
     /// Rotates x `[B, H, T, head_dim]` (f32) at positions `offset .. offset + T`
     /// (`q * cos + rotate_half(q) * sin`). Past the tables it is an error naming the limit.
     pub fn forward(&self, x: &Tensor, offset: usize) -> Result<Tensor> {
