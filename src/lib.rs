@@ -6,6 +6,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod diffusion;
+pub mod dist;
 pub mod eval;
 pub mod lm;
 pub mod model;

@@ -5,6 +5,7 @@
 //! device a tensor sits on) or from process-wide switches: the same weights can be run by two
 //! plans (a trainer's model and its frozen teacher or EMA copy), and a test can build the plan
 //! it means to check.
+use crate::dist::ExpertParallel;
 use crate::moe::kernels::GemmConfig;
 use candle_core::{DType, Device};
 
@@ -67,6 +68,10 @@ pub struct ExecutionPlan {
     /// The grouped-GEMM kernel selection on CUDA (tuning data; the default is the measured
     /// best, `docs/design.md`). Its f32 kernel follows `precision`.
     pub gemm: GemmConfig,
+    /// Expert parallelism: the MoE layers build only this rank's block of routed experts and
+    /// exchange tokens with the other ranks of the group (`crate::dist::expert_parallel`);
+    /// None (the default), or a group of one rank, runs every expert here.
+    pub expert_parallel: Option<ExpertParallel>,
 }
 
 impl ExecutionPlan {
@@ -81,7 +86,7 @@ impl ExecutionPlan {
     }
 
     fn new(device: &Device, weights: Weights, precision: Precision) -> Self {
-        Self { device: device.clone(), weights, precision, moe_kernels: device.is_cuda(), gemm: GemmConfig::for_precision(precision) }
+        Self { device: device.clone(), weights, precision, moe_kernels: device.is_cuda(), gemm: GemmConfig::for_precision(precision), expert_parallel: None }
     }
 
     /// The same plan with frozen weights (a training run's sample grids, a frozen teacher).
@@ -99,6 +104,13 @@ impl ExecutionPlan {
     /// The same plan with another grouped-GEMM selection (benchmarks and kernel tests).
     pub fn with_gemm(mut self, gemm: GemmConfig) -> Self {
         self.gemm = gemm;
+        self
+    }
+
+    /// The same plan with the MoE layers' experts spread over `comm`'s ranks (each rank builds
+    /// its plan with its own communicator).
+    pub fn with_expert_parallel(mut self, comm: std::sync::Arc<dyn crate::dist::Communicator>) -> Self {
+        self.expert_parallel = Some(ExpertParallel::new(comm));
         self
     }
 

@@ -12,15 +12,26 @@
 //!   the shared expert on a second stream and added inside the combine, with no host read (so a
 //!   forward can be captured as a CUDA graph); with trainable weights (or other routers and
 //!   expert forms) the routed experts run as one differentiable op
-//!   ([`crate::moe::kernels::routed_experts`]) whose backward runs on the kernels too.
+//!   ([`crate::moe::kernels::routed_experts`]) whose backward runs on the kernels too;
+//! - expert parallelism (the plan's `expert_parallel`, a group of more than one rank): the
+//!   layer builds only its rank's contiguous block of routed experts, under their global names
+//!   (`<experts>.<global id>.<proj>`, so a checkpoint loads the same way into every layout),
+//!   routes its own tokens with the replicated router and runs the routed experts through
+//!   [`crate::dist::ExpertParallel::routed_experts`] (all-to-all out, the grouped experts, the
+//!   all-to-all back, the combine here); the shared expert and every other weight are
+//!   replicated. The balance loss (and ProMoE's contrastive loss) covers the rank's own
+//!   tokens, as DeepSpeed-MoE's and Megatron-Core's per-rank auxiliary losses do: data
+//!   parallelism averages it over the ranks with the rest of the loss.
 use super::config::{CapacityPolicy, MoeConfig, RouterConfig};
-use super::experts::{stack_frozen, Experts, SharedExpert};
+use super::experts::{stack_frozen, Experts, GeluMlp, SharedExpert, SwigluExpert};
 use super::{balance_loss, ExpertDispatch, PrototypicalRouter, Routing, TopKRouter, WeightMode};
+use crate::dist::ExpertParallel;
 use crate::moe::kernels::{self, ExpertStacks, GemmConfig, SwigluWeights};
 use crate::nn::Linear;
 use crate::plan::ExecutionPlan;
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
+use std::ops::Range;
 
 /// The layer's router.
 #[derive(Debug, Clone)]
@@ -100,8 +111,13 @@ pub struct MoeLayer {
     cfg: MoeConfig,
     router: MoeRouter,
     /// The routed experts (then the unconditional one), as modules: the CPU reference runs
-    /// them; on the fused path they are views into `stacks`.
+    /// them; on the fused path they are views into `stacks`. Under expert parallelism, this
+    /// rank's block only (`local_experts`).
     experts: Experts,
+    /// The global ids of `experts`: all of them, or this rank's block.
+    local_experts: Range<usize>,
+    /// The expert-parallel group, when it has more than one rank.
+    parallel: Option<ExpertParallel>,
     /// Frozen experts on CUDA, stacked once for the grouped kernels.
     stacks: Option<ExpertStacks>,
     shared: Option<SharedExpert>,
@@ -119,7 +135,15 @@ impl MoeLayer {
         cfg.validate()?;
         let (d, names) = (cfg.hidden_size, &cfg.names);
         let experts_vb = vb.pp(&names.experts);
-        let build_experts = || Experts::new(cfg.expert_form, d, cfg.expert_intermediate_size, cfg.total_experts(), names, experts_vb.clone());
+        let parallel = plan.expert_parallel.clone().filter(|ep| ep.world_size() > 1);
+        let local_experts = match &parallel {
+            Some(ep) => ep.local_experts(cfg.total_experts())?,
+            None => 0..cfg.total_experts(),
+        };
+        let build_experts = || match &parallel {
+            Some(_) => expert_block(cfg, local_experts.clone(), experts_vb.clone()),
+            None => Experts::new(cfg.expert_form, d, cfg.expert_intermediate_size, cfg.total_experts(), names, experts_vb.clone()),
+        };
         // Parameters are created in each family's state-dict order (DiT-MoE: experts, gate,
         // shared experts; ProMoE: prototypes, experts, shared expert).
         let (router, mut experts) = match &cfg.router {
@@ -156,7 +180,7 @@ impl MoeLayer {
             }
             false => None,
         };
-        Ok(Self { cfg: cfg.clone(), router, experts, stacks, shared, shared_gate, residual, kernels: plan.moe_kernels, frozen, gemm: plan.gemm })
+        Ok(Self { cfg: cfg.clone(), router, experts, local_experts, parallel, stacks, shared, shared_gate, residual, kernels: plan.moe_kernels, frozen, gemm: plan.gemm })
     }
 
     pub fn config(&self) -> &MoeConfig {
@@ -165,9 +189,15 @@ impl MoeLayer {
     pub fn router(&self) -> &MoeRouter {
         &self.router
     }
-    /// The routed experts, then the unconditional one.
+    /// The routed experts, then the unconditional one; under expert parallelism this rank's
+    /// block, whose global ids are [`Self::local_experts`].
     pub fn experts(&self) -> &Experts {
         &self.experts
+    }
+    /// The global ids of [`Self::experts`]: every expert, or this rank's block under expert
+    /// parallelism.
+    pub fn local_experts(&self) -> Range<usize> {
+        self.local_experts.clone()
     }
     pub fn shared_expert(&self) -> Option<&SharedExpert> {
         self.shared.as_ref()
@@ -177,7 +207,7 @@ impl MoeLayer {
     /// the caller may capture it as a CUDA graph, and its input is best given in the weights'
     /// dtype (the grouped GEMMs run in it).
     pub fn is_fused(&self) -> bool {
-        !self.drops_tokens() && self.kernels && self.frozen && matches!(self.router, MoeRouter::TopK(_)) && matches!(self.stacks, Some(ExpertStacks::Swiglu(_)))
+        !self.drops_tokens() && self.parallel.is_none() && self.kernels && self.frozen && matches!(self.router, MoeRouter::TopK(_)) && matches!(self.stacks, Some(ExpertStacks::Swiglu(_)))
     }
 
     /// Whether the capacity may drop slots (the drop decision reads the routing on the host).
@@ -198,9 +228,10 @@ impl MoeLayer {
         if self.needs_unconditional_mask() && input.unconditional.is_none() {
             candle_core::bail!("moe: a router with an unconditional expert needs the unconditional-token mask")
         }
-        let (mut o, dispatch) = match self.kernels {
-            true => (self.forward_kernels(input)?, None),
-            false => {
+        let (mut o, dispatch) = match (&self.parallel, self.kernels) {
+            (Some(ep), _) => (self.forward_expert_parallel(ep, input)?, None),
+            (None, true) => (self.forward_kernels(input)?, None),
+            (None, false) => {
                 let (o, dispatch) = self.forward_reference(input)?;
                 (o, Some(dispatch))
             }
@@ -253,6 +284,24 @@ impl MoeLayer {
             MoeRouter::Prototypical(_) => kept,
         };
         Ok((Routing { weights, ..routing }, Some(dropped)))
+    }
+
+    /// Expert parallelism: the replicated router on this rank's tokens, the routed experts
+    /// across the group ([`ExpertParallel::routed_experts`], this rank's block on the
+    /// differentiable grouped op), the replicated shared expert here.
+    fn forward_expert_parallel(&self, ep: &ExpertParallel, input: &MoeInput) -> Result<MoeOutput> {
+        let x = input.tokens;
+        let per_call;
+        let stacks = match &self.stacks {
+            Some(s) => s,
+            None => {
+                per_call = self.experts.stack()?;
+                &per_call
+            }
+        };
+        let (routing, dropped) = self.route(input)?;
+        let (routed, expert_counts) = ep.routed_experts(&x.to_dtype(stacks.dtype())?, &routing.experts, &routing.weights, stacks, self.cfg.total_experts(), &self.gemm)?;
+        self.finish(x, routed.to_dtype(x.dtype())?, routing, expert_counts, dropped)
     }
 
     /// The kernel pipeline (the CUDA forward; on the CPU, the kernels' references). A frozen top-k
@@ -335,11 +384,15 @@ impl MoeLayer {
     /// The balance loss of one call (None when its coefficient is 0). Top-k router: over every
     /// token. Prototypical router: over the conditional tokens only, with scores
     /// `softmax(weight_mode(cos))` (`weight_mode(cos)` itself in softmax mode), as ProMoE's
-    /// `SparseMoeBlock.forward`.
+    /// `SparseMoeBlock.forward`. A call without tokens (an expert-parallel rank with none this
+    /// step) has nothing to balance: 0, not the mean of nothing.
     fn balance_loss(&self, routing: &Routing, input: &MoeInput) -> Result<Option<Tensor>> {
         let bl = self.cfg.balance_loss;
         if bl.coefficient == 0.0 {
             return Ok(None);
+        }
+        if routing.scores.dim(0)? == 0 {
+            return Ok(Some(Tensor::zeros((), routing.scores.dtype(), routing.scores.device())?));
         }
         let MoeRouter::Prototypical(router) = &self.router else {
             return Ok(Some(balance_loss(routing, input.seq_len, bl.coefficient, bl.form)?));
@@ -380,4 +433,15 @@ impl MoeLayer {
         };
         Ok(Some(contrastive.loss(router.cluster_centers(), input.tokens, &routing.experts, &dispatch)?))
     }
+}
+
+/// Experts `ids` of the layer's form, each under its global id (`<experts>.<e>.<proj>`): an
+/// expert-parallel rank's block loads from any checkpoint by the single-device names.
+fn expert_block(cfg: &MoeConfig, ids: Range<usize>, vb: VarBuilder) -> Result<Experts> {
+    let (d, width, names) = (cfg.hidden_size, cfg.expert_intermediate_size, &cfg.names);
+    let pp = |e: usize| vb.pp(e.to_string());
+    Ok(match cfg.expert_form.gelu() {
+        None => Experts::Swiglu(ids.map(|e| SwigluExpert::named(d, width, names, pp(e))).collect::<Result<_>>()?),
+        Some(act) => Experts::Gelu(ids.map(|e| GeluMlp::named(d, width, act, &names.up_proj, &names.down_proj, pp(e))).collect::<Result<_>>()?),
+    })
 }
