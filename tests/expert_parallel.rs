@@ -25,7 +25,14 @@ const TOL: f64 = 1e-5;
 /// Draws of weights and tokens per case and world size (each a different routing).
 const SEEDS: u64 = 16;
 
+/// A layer of `form` with `top_k` experts per token and a shared expert of width `shared`
+/// (0: none). Top-2 layers renormalise the gate weights when `norm` (the language models) or
+/// not (DiT-MoE); `shared_gate` adds Qwen2-MoE's sigmoid gate on the shared expert.
 fn config(form: ExpertForm, top_k: usize, shared: usize) -> MoeConfig {
+    lm_config(form, top_k, shared, top_k > 1, false)
+}
+
+fn lm_config(form: ExpertForm, top_k: usize, shared: usize, norm: bool, shared_gate: bool) -> MoeConfig {
     MoeConfig {
         hidden_size: D,
         num_experts: E,
@@ -33,9 +40,9 @@ fn config(form: ExpertForm, top_k: usize, shared: usize) -> MoeConfig {
         expert_intermediate_size: 24,
         expert_form: form,
         shared_expert_intermediate_size: shared,
-        shared_expert_gate: false,
+        shared_expert_gate: shared_gate,
         residual_intermediate_size: 0,
-        router: RouterConfig::TopK { norm_topk_prob: top_k > 1 },
+        router: RouterConfig::TopK { norm_topk_prob: norm },
         balance_loss: BalanceLossConfig { coefficient: 0.01, form: BalanceForm::Batch },
         capacity: Default::default(),
         names: Default::default(),
@@ -262,6 +269,8 @@ fn swiglu_top1_without_shared_expert() {
 #[test]
 fn swiglu_top2_with_shared_expert() {
     check_all("swiglu top-2 shared", &config(ExpertForm::Swiglu, 2, 20), false);
+    check_all("swiglu top-2 unnormalised shared (DiT)", &lm_config(ExpertForm::Swiglu, 2, 20, false, false), false);
+    check_all("swiglu top-2 gated shared (Qwen2)", &lm_config(ExpertForm::Swiglu, 2, 20, true, true), false);
 }
 
 #[test]
