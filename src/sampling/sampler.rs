@@ -1,5 +1,6 @@
 //! `Sampler`: the one type callers hold, whichever process generates the images, with the
 //! explicit-noise entry point (replays, parity tests) and the seeded one that wraps it.
+use super::dpm_solver::DpmSolverSampler;
 use super::flow::RectifiedFlowSampler;
 use super::gaussian::{DdimSampler, DdpmSampler};
 use super::guidance::{Evaluation, GuidedModel};
@@ -10,6 +11,7 @@ use candle_core::{bail, Result, Tensor};
 pub enum Sampler {
     Ddpm(DdpmSampler),
     Ddim(DdimSampler),
+    DpmSolver(DpmSolverSampler),
     RectifiedFlow(RectifiedFlowSampler),
 }
 
@@ -19,6 +21,7 @@ impl Sampler {
         match self {
             Self::Ddpm(s) => s.steps(),
             Self::Ddim(s) => s.steps(),
+            Self::DpmSolver(s) => s.steps(),
             Self::RectifiedFlow(s) => s.steps(),
         }
     }
@@ -33,7 +36,7 @@ impl Sampler {
 
     /// Samples the batch of `model` from the initial noise `z` (N, C, H, W): DDPM/DDIM start at
     /// x_T = z, rectified flow at t = 1 with z. `step_noise(k)` gives the fresh noise of step k
-    /// (N, C, H, W) for the samplers that draw some (DDPM, DDIM with eta > 0); `on_eval` is
+    /// (N, C, H, W) for the samplers that draw some (DDPM, DDIM with eta > 0; not DPM-Solver++); `on_eval` is
     /// called after every model evaluation. Returns the final sample (N, C, H, W), f32.
     pub fn sample(
         &self,
@@ -50,6 +53,7 @@ impl Sampler {
         match self {
             Self::Ddpm(s) => s.sample(model, z, step_noise, on_eval),
             Self::Ddim(s) => s.sample(model, z, step_noise, on_eval),
+            Self::DpmSolver(s) => s.sample(model, z, on_eval),
             Self::RectifiedFlow(s) => s.sample(model, z, on_eval),
         }
     }
