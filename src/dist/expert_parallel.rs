@@ -65,7 +65,7 @@ impl ExpertParallel {
     /// (contiguous, as Megatron-Core places them); an error unless `P` divides `E`.
     pub fn local_experts(&self, num_experts: usize) -> Result<Range<usize>> {
         let (p, r) = (self.world_size(), self.rank());
-        if p == 0 || num_experts % p != 0 {
+        if p == 0 || !num_experts.is_multiple_of(p) {
             bail!("expert parallelism: {num_experts} experts do not split evenly over {p} ranks (the expert count must be a multiple of the expert-parallel size)")
         }
         let per = num_experts / p;

@@ -60,7 +60,9 @@ enum Payload {
 }
 
 impl LocalGroup {
-    /// A group of `world` ranks: one communicator per rank, to be moved into its thread.
+    /// A group of `world` ranks: one communicator per rank, to be moved into its thread (the
+    /// group itself lives as long as one of them does, so it is never handed out).
+    #[allow(clippy::new_ret_no_self)]
     pub fn new(world: usize) -> Vec<LocalComm> {
         Self::with_timeout(world, DEFAULT_TIMEOUT)
     }

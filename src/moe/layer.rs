@@ -21,7 +21,8 @@
 //!   all-to-all back, the combine here); the shared expert and every other weight are
 //!   replicated. The balance loss (and ProMoE's contrastive loss) covers the rank's own
 //!   tokens, as DeepSpeed-MoE's and Megatron-Core's per-rank auxiliary losses do: data
-//!   parallelism averages it over the ranks with the rest of the loss.
+//!   parallelism averages it over the ranks with the rest of the loss. A capacity
+//!   ([`CapacityPolicy::Capacity`]) counts the rank's own tokens too, as DeepSpeed's gating does.
 use super::config::{CapacityPolicy, MoeConfig, RouterConfig};
 use super::experts::{stack_frozen, Experts, GeluMlp, SharedExpert, SwigluExpert};
 use super::{balance_loss, ExpertDispatch, PrototypicalRouter, Routing, TopKRouter, WeightMode};
