@@ -776,7 +776,7 @@ fn run_checks(dev: &Device, section: &str) -> Result<Table> {
                         let sv = stacks.iter().map(var).collect::<candle_core::Result<Vec<_>>>()?;
                         let st: Vec<Tensor> = sv.iter().map(|v| v.as_tensor().clone()).collect();
                         let experts = if gelu {
-                            kx::ExpertStacks::Gelu(kx::GeluExpertWeights { up: st[0].clone(), up_bias: st[1].clone(), down: st[2].clone(), down_bias: st[3].clone() })
+                            kx::ExpertStacks::Gelu(kx::GeluExpertWeights { up: st[0].clone(), up_bias: st[1].clone(), down: st[2].clone(), down_bias: st[3].clone(), activation: ditmoe::moe::GeluKind::Tanh })
                         } else {
                             kx::ExpertStacks::Swiglu(ExpertWeights { gate: st[0].clone(), up: st[1].clone(), down: st[2].clone() })
                         };
