@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Trains the compared language models of assets/lm/compare on one GPU, one after the other
-# (equal training tokens: 1200 steps of 32 x 256), evaluates each on the validation split,
+# (equal training tokens: 800 steps of 32 x 256), evaluates each on the validation split,
 # draws the validation curves, and writes the comparison table:
 #
 #   dense       6 dense layers
@@ -8,7 +8,7 @@
 #   pr-moe      PR-MoE: top-1 + residual MLP on every other layer, 4, 4, 8 experts
 #   dense-wide  6 dense layers with moe-top2's total parameters
 #   student-ce  the 5-layer student of pr-moe's shape (4, 8 experts), no teacher
-#   mos-staged  the student distilled from pr-moe's model until step 720, then alone
+#   mos-staged  the student distilled from pr-moe's model until step 480, then alone
 #   mos-full    the student distilled from pr-moe's model on every step
 #
 # Usage: scripts/lm-compare.sh CORPUS OUT [DITMOE]
