@@ -433,39 +433,10 @@ fn print_load(r: &EvalReport) {
 fn routes(a: RoutesArgs) -> anyhow::Result<()> {
     let tokenizer = Tokenizer::load(&a.model.join(TOKENIZER_FILE)).map_err(|e| usage(format!("--model: {e}")))?;
     let model = load_model(&a.model, &a.device, &a.dtype)?;
-    let ids = tokenizer.encode(&a.prompt)?;
-    if ids.is_empty() || ids.len() > model.config().max_position_embeddings {
-        return Err(usage(format!("--prompt: {} tokens; the model takes 1 to {}", ids.len(), model.config().max_position_embeddings)));
-    }
-    let input = Tensor::new(ids.as_slice(), model.device())?.unsqueeze(0)?;
-    let out = model.forward(&input, None, false)?;
-    let layers = model.config().moe_layers();
-    let top_k: Vec<usize> = layers.iter().map(|&l| model.config().layers[l].moe().map_or(1, |m| m.top_k)).collect();
-    // each layer's choices, best first: the top-k of its router logits (the routing's own order)
-    let choices: Vec<Vec<Vec<u32>>> = out
-        .router_logits
-        .iter()
-        .zip(&top_k)
-        .map(|(logits, &k)| Ok(logits.arg_sort_last_dim(false)?.narrow(1, 0, k)?.to_vec2::<u32>()?))
-        .collect::<anyhow::Result<_>>()?;
-    let pieces: Vec<String> = ids.iter().map(|&id| tokenizer.decode(&[id]).map(|s| s.replace('\n', "\\n"))).collect::<candle_core::Result<_>>()?;
-    let header: String = layers.iter().map(|l| format!(" layer {l} |")).collect();
-    println!("| token |{header}");
-    println!("|---|{}", "---|".repeat(layers.len()));
-    for (t, piece) in pieces.iter().enumerate() {
-        let cells: String = choices.iter().map(|c| format!(" {} |", c[t].iter().map(|e| e.to_string()).collect::<Vec<_>>().join(", "))).collect();
-        println!("| `{piece}` |{cells}");
-    }
+    let routes = ditmoe::lm::routes::TokenRoutes::of_prompt(&model, &tokenizer, &a.prompt).map_err(|e| usage(format!("--prompt: {e}")))?;
+    print!("{}", routes.table());
     if let Some(path) = &a.out {
-        let experts = layers.iter().filter_map(|&l| model.config().layers[l].moe()).map(|m| m.num_experts).max().unwrap_or(1);
-        let first: Vec<usize> = choices.iter().flat_map(|c| c.iter().map(|row| row[0] as usize)).collect();
-        let figure = ditmoe::analysis::Heatmap::experts(&first, layers.len(), ids.len(), experts)?
-            .title("first-choice expert per token")
-            .labels("token", "MoE layer")
-            .x_tick_labels(pieces)
-            .y_tick_labels(layers.iter().map(|l| l.to_string()))
-            .cell(30, 22);
-        ditmoe::analysis::heatmap::save_png(&figure.render(), path)?;
+        ditmoe::analysis::heatmap::save_png(&routes.figure()?.render(), path)?;
         println!("routing map: {}", path.display());
     }
     Ok(())

@@ -19,6 +19,7 @@ pub mod model;
 pub mod params;
 pub mod rms_norm;
 pub mod rope;
+pub mod routes;
 pub mod sampling;
 pub mod static_cache;
 pub mod train_config;

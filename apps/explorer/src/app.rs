@@ -10,6 +10,9 @@ use ditmoe::analysis::figures::{step_figure, timestep_label};
 use ditmoe::analysis::heatmap::save_png;
 use ditmoe::analysis::{is_trajectory_dir, Progress, RecordRequest, RoutingTrajectory, RunDefaults, SamplerKind};
 use ditmoe::checkpoint::ModelDir;
+use ditmoe::lm::routes::TokenRoutes;
+use ditmoe::lm::LmModel;
+use ditmoe::text::Tokenizer;
 use eframe::egui::{self, Color32, ComboBox, DragValue, Sense, Slider, Stroke, StrokeKind, TextureHandle, TextureOptions};
 use image::RgbImage;
 use std::collections::HashMap;
@@ -26,6 +29,31 @@ pub enum Source {
     Model(Box<ModelDir>),
     /// A saved trajectory: browsing only.
     Trajectory(PathBuf),
+    /// A language model folder with its `tokenizer.json`: prompts are routed.
+    Text(Box<TextModel>),
+}
+
+/// A language model loaded for routing prompts (on the CPU, f32).
+#[derive(Debug, Clone)]
+pub struct TextModel {
+    pub dir: PathBuf,
+    pub model: LmModel,
+    pub tokenizer: Tokenizer,
+}
+
+impl TextModel {
+    /// A folder is a language model when it holds a `tokenizer.json` beside an HF-layout model.
+    fn open(dir: &Path) -> Option<candle_core::Result<Self>> {
+        if !dir.join(ditmoe::lm::trainer::TOKENIZER_FILE).is_file() {
+            return None;
+        }
+        let plan = ditmoe::ExecutionPlan::inference(&Device::Cpu, ditmoe::Precision::F32);
+        Some((|| {
+            let model = ditmoe::lm::load_hf(dir, &plan)?;
+            let tokenizer = Tokenizer::load(&dir.join(ditmoe::lm::trainer::TOKENIZER_FILE))?;
+            Ok(Self { dir: dir.to_path_buf(), model, tokenizer })
+        })())
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -104,6 +132,9 @@ pub struct ExplorerApp {
     pub export_path: String,
     /// The patch under the pointer in the patch map, if any.
     pub hovered_patch: Option<usize>,
+    /// The text view's prompt and its last routing.
+    pub prompt: String,
+    pub text_routes: Option<TokenRoutes>,
     run: Option<Run>,
     loaded: Option<LoadedModel>,
     /// Bumped for every new trajectory, so cached pictures of the old one are re-made.
@@ -124,6 +155,8 @@ impl ExplorerApp {
             status: "open a model folder or a saved trajectory".into(),
             export_path: "explorer-view.png".into(),
             hovered_patch: None,
+            prompt: "The state of the Union is strong.".into(),
+            text_routes: None,
             run: None,
             loaded: None,
             generation: 0,
@@ -141,9 +174,23 @@ impl ExplorerApp {
         self.run.is_some()
     }
 
-    /// Opens a saved trajectory or a model folder (taking its sampling defaults).
+    /// Opens a saved trajectory, a language model folder or a DiT model folder (taking its
+    /// sampling defaults).
     pub fn open(&mut self, path: &Path) {
         self.path = path.display().to_string();
+        if let Some(text) = TextModel::open(path) {
+            match text {
+                Ok(t) => {
+                    let c = t.model.config();
+                    self.status = format!("opened language model {}: {} layers, MoE layers {:?}; route a prompt", path.display(), c.num_layers, c.moe_layers());
+                    self.source = Source::Text(Box::new(t));
+                    self.text_routes = None;
+                    self.route_prompt();
+                }
+                Err(e) => self.status = format!("error: {e}"),
+            }
+            return;
+        }
         if is_trajectory_dir(path) {
             match RoutingTrajectory::load(path) {
                 Ok(t) => {
@@ -181,6 +228,22 @@ impl ExplorerApp {
                 self.settings.guidance = if c.label_table_rows() > c.num_classes { defaults.cfg_scale } else { 1.0 };
                 self.settings.class = self.settings.class.min(c.num_classes - 1);
                 self.source = Source::Model(Box::new(dir));
+            }
+            Err(e) => self.status = format!("error: {e}"),
+        }
+    }
+
+    /// Routes the prompt through the open language model.
+    pub fn route_prompt(&mut self) {
+        let Source::Text(t) = &self.source else {
+            self.status = "error: routing a prompt needs a language model folder".into();
+            return;
+        };
+        match TokenRoutes::of_prompt(&t.model, &t.tokenizer, &self.prompt) {
+            Ok(r) => {
+                self.status = format!("routed {} tokens through {} MoE layers", r.pieces.len(), r.layers.len());
+                self.text_routes = Some(r);
+                self.generation += 1;
             }
             Err(e) => self.status = format!("error: {e}"),
         }
@@ -241,6 +304,10 @@ impl ExplorerApp {
 
     /// The current view as a PNG.
     pub fn export_view(&self, path: &Path) -> Result<(), String> {
+        if let (Source::Text(_), Some(r)) = (&self.source, &self.text_routes) {
+            let img = r.figure().map_err(|e| e.to_string())?.render();
+            return save_png(&img, path).map_err(|e| e.to_string());
+        }
         let t = self.trajectory.as_ref().ok_or("nothing to export yet")?;
         let v = self.view;
         let img = match v.tab {
@@ -271,7 +338,7 @@ impl ExplorerApp {
             ui.separator();
             let label = ui.label("Export to:");
             ui.add(egui::TextEdit::singleline(&mut self.export_path).desired_width(180.0)).labelled_by(label.id);
-            let has = self.trajectory.is_some();
+            let has = self.trajectory.is_some() || self.text_routes.is_some();
             if ui.add_enabled(has, egui::Button::new("Export view PNG")).clicked() {
                 let path = PathBuf::from(self.export_path.trim());
                 self.status = match self.export_view(&path) {
@@ -279,7 +346,7 @@ impl ExplorerApp {
                     Err(e) => format!("error: {e}"),
                 };
             }
-            if ui.add_enabled(has, egui::Button::new("Save trajectory")).clicked() {
+            if ui.add_enabled(self.trajectory.is_some(), egui::Button::new("Save trajectory")).clicked() {
                 let dir = PathBuf::from(self.export_path.trim()).with_extension("");
                 if let Some(t) = &self.trajectory {
                     self.status = match t.save(&dir) {
@@ -293,6 +360,15 @@ impl ExplorerApp {
     }
 
     fn settings_panel(&mut self, ui: &mut egui::Ui) {
+        if let Source::Text(_) = &self.source {
+            ui.heading("Prompt");
+            let label = ui.label("text");
+            ui.add(egui::TextEdit::multiline(&mut self.prompt).desired_rows(4)).labelled_by(label.id);
+            if ui.button("Route").clicked() {
+                self.route_prompt();
+            }
+            return;
+        }
         ui.heading("Sampling");
         let model = match &self.source {
             Source::Model(dir) => Some((**dir).clone()),
@@ -388,6 +464,10 @@ impl ExplorerApp {
     }
 
     fn main_view(&mut self, ui: &mut egui::Ui) {
+        if let Source::Text(_) = &self.source {
+            self.text_view(ui);
+            return;
+        }
         let Some(t) = &self.trajectory else {
             ui.label("No trajectory yet: open a model and press Run, or open a saved trajectory.");
             return;
@@ -455,6 +535,30 @@ impl ExplorerApp {
         ui.label(format!("expert load over the run, layer {} (current step outlined)", v.layer));
         let size = load.size_vec2();
         ui.add(egui::Image::from_texture(egui::load::SizedTexture::new(load.id(), size)));
+    }
+
+    /// The language model's routing of the prompt: each token's first-choice expert per MoE
+    /// layer (hover a column for every layer's choices), and each layer's expert load.
+    fn text_view(&mut self, ui: &mut egui::Ui) {
+        let Some(r) = &self.text_routes else {
+            ui.label("Type a prompt and press Route.");
+            return;
+        };
+        let g = self.generation;
+        let ctx = ui.ctx().clone();
+        let map = self.textures.get(&ctx, "text-routes", (g, 0, 0, 0), || r.figure().map(|f| f.render()).unwrap_or_default());
+        let load = self.textures.get(&ctx, "text-load", (g, 0, 0, 0), || r.load_figure().map(|f| f.render()).unwrap_or_default());
+        ui.label("first-choice expert of each token, per MoE layer");
+        let response = ui.add(egui::Image::from_texture(egui::load::SizedTexture::new(map.id(), map.size_vec2())).sense(Sense::hover()));
+        response.on_hover_ui(|ui| {
+            for (t, piece) in r.pieces.iter().enumerate() {
+                let picks: Vec<String> = r.layers.iter().zip(&r.choices).map(|(l, c)| format!("L{l}: {:?}", c[t])).collect();
+                ui.label(format!("`{piece}`  {}", picks.join("  ")));
+            }
+        });
+        ui.add_space(8.0);
+        ui.label("expert load over the prompt");
+        ui.add(egui::Image::from_texture(egui::load::SizedTexture::new(load.id(), load.size_vec2())));
     }
 
     fn classes_tab(&mut self, ui: &mut egui::Ui) {

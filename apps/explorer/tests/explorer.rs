@@ -132,3 +132,31 @@ fn bad_paths_are_reported() {
     assert!(matches!(h.state().source, Source::Model(_)), "{}", h.state().status);
     assert!(h.state().status.contains("opened model"));
 }
+
+/// A language model folder (an HF model with its tokenizer.json) opens in the text view: the
+/// prompt's tokens are routed at once, a new prompt is routed with the Route button, and the
+/// view exports as the tokens x layers map.
+#[test]
+fn a_language_model_routes_its_prompt() {
+    let dir = scratch("text");
+    let lm = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(lm.join("lm/hf-mixtral").join(f), dir.join(f)).unwrap();
+    }
+    std::fs::copy(lm.join("text/wordlevel-tokenizer.json"), dir.join("tokenizer.json")).unwrap();
+    let mut h = harness(ExplorerApp::new(Some(dir.clone())));
+    h.step();
+    assert!(matches!(h.state().source, Source::Text(_)), "{}", h.state().status);
+    assert_eq!(h.state().text_routes.as_ref().map(|r| r.layers.len()), Some(2), "both MoE layers routed");
+    h.state_mut().prompt = "the state of the union".into();
+    h.get_by_label("Route").click();
+    h.step();
+    let r = h.state().text_routes.clone().expect("routed");
+    assert_eq!(r.pieces.len(), 5, "{}", h.state().status);
+    h.get_by_label_contains("first-choice expert of each token");
+    let png = dir.join("routes.png");
+    h.state_mut().export_path = png.display().to_string();
+    h.get_by_label("Export view PNG").click();
+    h.step();
+    assert!(png.is_file(), "{}", h.state().status);
+}
