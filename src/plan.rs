@@ -5,9 +5,10 @@
 //! device a tensor sits on) or from process-wide switches: the same weights can be run by two
 //! plans (a trainer's model and its frozen teacher or EMA copy), and a test can build the plan
 //! it means to check.
-use crate::dist::ExpertParallel;
+use crate::dist::{Communicator, ExpertParallel};
 use crate::moe::kernels::GemmConfig;
 use candle_core::{DType, Device};
+use std::sync::Arc;
 
 /// Whether the weights are trained.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,6 +55,40 @@ impl Precision {
     }
 }
 
+/// A plan's data-parallel setting for training (the trainers read it; layers never do): the
+/// ranks that each run a slice of every global batch and sum their gradients, as PyTorch DDP's
+/// process group does.
+///
+/// With expert parallelism as well ([`ExecutionPlan::expert_parallel`]), the ranks form
+/// Megatron-Core's layout: `P` data-parallel ranks in blocks of `EP` consecutive ranks, each
+/// block an expert-parallel group (rank `r` is expert-parallel rank `r % EP`), and the ranks
+/// that hold the same experts (equal `r % EP`) an expert-data-parallel group of `P / EP`
+/// (Megatron's `expert_data_parallel_group`). Replicated weights' gradients are summed over
+/// every rank, expert gradients over the expert-data-parallel group; with `EP = P` each
+/// expert lives on one rank and needs no sum, so `expert_data_parallel` is None.
+#[derive(Debug, Clone)]
+pub struct DataParallel {
+    /// Every rank of the job; its rank picks the slice of each global batch.
+    pub comm: Arc<dyn Communicator>,
+    /// The ranks holding this rank's experts, when expert parallelism spans fewer ranks than
+    /// `comm` (`EP < P`); None otherwise.
+    pub expert_data_parallel: Option<Arc<dyn Communicator>>,
+}
+
+impl DataParallel {
+    /// Data parallelism over `comm` (pure data parallelism, or expert parallelism over the same
+    /// ranks).
+    pub fn new(comm: Arc<dyn Communicator>) -> Self {
+        Self { comm, expert_data_parallel: None }
+    }
+
+    /// The same setting with experts replicated over `group`, the expert-data-parallel group.
+    pub fn with_expert_data_parallel(mut self, group: Arc<dyn Communicator>) -> Self {
+        self.expert_data_parallel = Some(group);
+        self
+    }
+}
+
 /// See the module docs.
 #[derive(Debug, Clone)]
 pub struct ExecutionPlan {
@@ -72,6 +107,10 @@ pub struct ExecutionPlan {
     /// exchange tokens with the other ranks of the group (`crate::dist::expert_parallel`);
     /// None (the default), or a group of one rank, runs every expert here.
     pub expert_parallel: Option<ExpertParallel>,
+    /// Data parallelism in training ([`DataParallel`]): None (the default) trains on the whole
+    /// batch here, unless `expert_parallel` spans several ranks, whose group then is the
+    /// data-parallel group as well (each of its ranks runs its own tokens, `EP = P`).
+    pub data_parallel: Option<DataParallel>,
 }
 
 impl ExecutionPlan {
@@ -86,7 +125,7 @@ impl ExecutionPlan {
     }
 
     fn new(device: &Device, weights: Weights, precision: Precision) -> Self {
-        Self { device: device.clone(), weights, precision, moe_kernels: device.is_cuda(), gemm: GemmConfig::for_precision(precision), expert_parallel: None }
+        Self { device: device.clone(), weights, precision, moe_kernels: device.is_cuda(), gemm: GemmConfig::for_precision(precision), expert_parallel: None, data_parallel: None }
     }
 
     /// The same plan with frozen weights (a training run's sample grids, a frozen teacher).
@@ -109,8 +148,15 @@ impl ExecutionPlan {
 
     /// The same plan with the MoE layers' experts spread over `comm`'s ranks (each rank builds
     /// its plan with its own communicator).
-    pub fn with_expert_parallel(mut self, comm: std::sync::Arc<dyn crate::dist::Communicator>) -> Self {
+    pub fn with_expert_parallel(mut self, comm: Arc<dyn Communicator>) -> Self {
         self.expert_parallel = Some(ExpertParallel::new(comm));
+        self
+    }
+
+    /// The same plan training data-parallel as `dp` says (each rank builds its plan with its
+    /// own communicators).
+    pub fn with_data_parallel(mut self, dp: DataParallel) -> Self {
+        self.data_parallel = Some(dp);
         self
     }
 
