@@ -12,6 +12,7 @@
 //! * [`text`]: labels on figures, drawn by plotters with the bundled DejaVu Sans.
 //! * [`figures`]: the labelled per-layer figures the CLI writes and the explorer shows.
 //! * [`curves`]: language-model training curves (validation loss against training tokens).
+//! * [`tradeoff`]: `ditmoe eval --sweep`'s guidance/steps trade-off chart.
 pub mod aggregate;
 pub mod colormap;
 pub mod curves;
@@ -22,6 +23,7 @@ pub mod matrix;
 pub mod record;
 pub mod store;
 pub mod text;
+pub mod tradeoff;
 pub mod trajectory;
 
 pub use defaults::RunDefaults;

@@ -114,6 +114,35 @@ pub fn frechet_distance(mu1: &[f64], s1: &[f64], mu2: &[f64], s2: &[f64]) -> f64
     diff + tr(s1) + tr(s2) - 2.0 * tr_sqrt
 }
 
+/// The Fréchet distance between Gaussians fitted to the feature sets `a` (N, D) and `b` (M, D).
+pub fn frechet_between(a: &Tensor, b: &Tensor) -> Result<f64> {
+    let (mu_a, s_a) = gaussian_stats(a)?;
+    let (mu_b, s_b) = gaussian_stats(b)?;
+    Ok(frechet_distance(&mu_a, &s_a, &mu_b, &s_b))
+}
+
+/// The rows of `x` whose label is `class`.
+pub fn rows_of_class(x: &Tensor, labels: &[u32], class: u32) -> Result<Tensor> {
+    let idx: Vec<u32> = (0..labels.len() as u32).filter(|&i| labels[i as usize] == class).collect();
+    x.index_select(&Tensor::new(idx, x.device())?, 0)
+}
+
+/// Per-class Fréchet distance: `out[c]` compares the rows of `a` labelled c with the rows of
+/// `b` labelled c. A class-conditional model can reach a fair overall distance while one
+/// class is poor (its samples standing in for another class's); the overall Gaussian mixes
+/// the classes and hides it. Every class needs at least 2 rows on each side.
+pub fn per_class_frechet(a: &Tensor, a_labels: &[u32], b: &Tensor, b_labels: &[u32], num_classes: usize) -> Result<Vec<f64>> {
+    (0..num_classes as u32)
+        .map(|c| {
+            let (xa, xb) = (rows_of_class(a, a_labels, c)?, rows_of_class(b, b_labels, c)?);
+            if xa.dim(0)? < 2 || xb.dim(0)? < 2 {
+                bail!("per-class Fréchet distance: class {c} has {} and {} feature vectors, needs at least 2 on each side", xa.dim(0)?, xb.dim(0)?);
+            }
+            frechet_between(&xa, &xb)
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

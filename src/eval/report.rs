@@ -1,20 +1,30 @@
 //! `ditmoe eval`: how class-faithful and how realistic a class-conditional pixel model's
 //! samples are, judged by the scoring classifier: real-test accuracy (the ceiling), per-class
-//! accuracy of generated samples (a sample of class c counts when classified as c), and the
-//! Fréchet distance between classifier features of generated and real test images.
+//! accuracy of generated samples (a sample of class c counts when classified as c), the
+//! Fréchet distance between classifier features of generated and real images (overall, as a
+//! ratio of the real-vs-real distance at the same sample size, and per class), and the
+//! precision and recall of the generated features (Kynkäänniemi et al. 2019).
 use super::classifier::{Classifier, SIDE};
 use super::fit::per_class_accuracy;
-use super::frechet::{frechet_distance, gaussian_stats};
+use super::frechet::{frechet_between, frechet_distance, gaussian_stats, per_class_frechet};
 use super::images::center_crop;
+use super::precision_recall::{precision_recall, PrecisionRecall, DEFAULT_K};
+use super::reference::{RealReference, RealSubsets};
 use crate::model::DitMoe;
-use crate::sampling::{Guidance, GuidedModel, ImageNoise, Images, RectifiedFlowSampler, Sampler};
+use crate::sampling::{Guidance, GuidedModel, ImageNoise, Images, SamplerKind};
 use candle_core::{bail, Device, Result, Tensor};
-use serde::Serialize;
+use serde::{Serialize, Serializer};
+
+fn sampler_name<S: Serializer>(kind: &SamplerKind, s: S) -> std::result::Result<S::Ok, S::Error> {
+    s.serialize_str(kind.name())
+}
 
 /// How samples are drawn.
 #[derive(Debug, Clone, Serialize)]
 pub struct SampleOptions {
     pub per_class: usize,
+    #[serde(serialize_with = "sampler_name")]
+    pub sampler: SamplerKind,
     pub steps: usize,
     pub cfg_scale: f64,
     pub seed: u64,
@@ -31,20 +41,35 @@ pub struct EvalReport {
     pub generated_per_class: Vec<f64>,
     /// generated accuracy / real accuracy (target ≥ 0.95).
     pub relative_accuracy: f64,
-    /// Fréchet distance, generated vs real test features.
+    /// Fréchet distance, generated vs the whole real split.
     pub frechet_distance: f64,
-    /// The same distance between two halves of the real test set: the noise floor at this
-    /// sample size.
-    pub frechet_distance_real_halves: f64,
+    /// The two disjoint real subsets the equal-size measures below use.
+    pub real_subsets: RealSubsets,
+    /// Fréchet distance, generated vs real subset b.
+    pub frechet_distance_subset: f64,
+    /// Fréchet distance, real subset a vs real subset b: the floor at this sample size.
+    pub frechet_distance_real: f64,
+    /// `frechet_distance_subset / frechet_distance_real`: 1 is indistinguishable from real
+    /// images at this sample size.
+    pub frechet_ratio: f64,
+    /// Per class: generated class c vs subset b's class c.
+    pub frechet_per_class: Vec<f64>,
+    /// Per class: subset a's class c vs subset b's class c.
+    pub frechet_real_per_class: Vec<f64>,
+    /// Generated vs real subset b.
+    pub precision_recall: PrecisionRecall,
+    /// Real subset a vs real subset b: what a perfect generator scores at this size.
+    pub precision_recall_real: PrecisionRecall,
     pub samples: SampleOptions,
     pub sampling_seconds: f64,
 }
 
-/// Samples `per_class` images of every class (rf-euler with CFG), class-major, as
-/// (N, C, H, W) in [-1, 1].
+/// Samples `per_class` images of every class with `opts.sampler` and classifier-free
+/// guidance, class-major, as (N, C, H, W) in [-1, 1]. Gaussian samplers clamp x_0 to [-1, 1]
+/// (the models here are pixel-space).
 pub fn generate(model: &DitMoe, opts: &SampleOptions, device: &Device) -> Result<Tensor> {
     let classes: Vec<usize> = (0..model.config().num_classes).flat_map(|c| std::iter::repeat_n(c, opts.per_class)).collect();
-    let sampler = Sampler::RectifiedFlow(RectifiedFlowSampler::for_model(model.config(), opts.steps, false)?);
+    let sampler = opts.sampler.build(opts.steps, model.config(), true)?;
     let guidance = Guidance { scale: opts.cfg_scale, guide_all_channels: true };
     let mut out = Vec::new();
     for start in (0..classes.len()).step_by(opts.batch) {
@@ -56,21 +81,10 @@ pub fn generate(model: &DitMoe, opts: &SampleOptions, device: &Device) -> Result
     Tensor::cat(&out, 0)
 }
 
-/// Scores `generated` (class-major, `samples.per_class` each, model resolution) against the real test
-/// split (`real`, `real_labels`, already 28×28).
-pub fn score(
-    clf: &Classifier,
-    real: &Tensor,
-    real_labels: &[u32],
-    generated: &Tensor,
-    class_names: Vec<String>,
-    samples: SampleOptions,
-    sampling_seconds: f64,
-) -> Result<EvalReport> {
-    let (k, per_class) = (class_names.len(), samples.per_class);
-    let (real_pred, real_feat) = clf.predict(real, 500)?;
-    let real_per_class = per_class_accuracy(&real_pred, real_labels, k);
-    let real_accuracy = real_pred.iter().zip(real_labels).filter(|(p, l)| p == l).count() as f64 / real_labels.len() as f64;
+/// Scores `generated` (class-major, `samples.per_class` each, model resolution) against the
+/// real split in `reference` (built for the same `per_class`).
+pub fn score(clf: &Classifier, reference: &RealReference, generated: &Tensor, samples: SampleOptions, sampling_seconds: f64) -> Result<EvalReport> {
+    let (k, per_class) = (reference.class_names.len(), samples.per_class);
     let gen = center_crop(generated, SIDE)?;
     let gen_labels: Vec<u32> = (0..k as u32).flat_map(|c| std::iter::repeat_n(c, per_class)).collect();
     if gen.dim(0)? != gen_labels.len() {
@@ -79,24 +93,26 @@ pub fn score(
     let (gen_pred, gen_feat) = clf.predict(&gen, 500)?;
     let generated_per_class = per_class_accuracy(&gen_pred, &gen_labels, k);
     let generated_accuracy = gen_pred.iter().zip(&gen_labels).filter(|(p, l)| p == l).count() as f64 / gen_labels.len() as f64;
-    let (mu_r, s_r) = gaussian_stats(&real_feat)?;
     let (mu_g, s_g) = gaussian_stats(&gen_feat)?;
-    // Floor: a random-looking but fixed half split of the real set (even vs odd rows), with the
-    // smaller half the size of the generated set so the bias matches.
-    let n_real = real_feat.dim(0)?;
-    let half = (n_real / 2).min(gen_labels.len());
-    let idx = |offset: u32| Tensor::new((0..half as u32).map(|i| 2 * i + offset).collect::<Vec<_>>(), real_feat.device());
-    let (mu_a, s_a) = gaussian_stats(&real_feat.index_select(&idx(0)?, 0)?)?;
-    let (mu_b, s_b) = gaussian_stats(&real_feat.index_select(&idx(1)?, 0)?)?;
+    let (mu_r, s_r) = &reference.stats;
+    let b = &reference.b_features;
+    let frechet_distance_subset = frechet_between(&gen_feat, b)?;
     Ok(EvalReport {
-        class_names,
-        real_accuracy,
-        real_per_class,
+        class_names: reference.class_names.clone(),
+        real_accuracy: reference.accuracy,
+        real_per_class: reference.per_class_accuracy.clone(),
         generated_accuracy,
         generated_per_class,
-        relative_accuracy: generated_accuracy / real_accuracy,
-        frechet_distance: frechet_distance(&mu_g, &s_g, &mu_r, &s_r),
-        frechet_distance_real_halves: frechet_distance(&mu_a, &s_a, &mu_b, &s_b),
+        relative_accuracy: generated_accuracy / reference.accuracy,
+        frechet_distance: frechet_distance(&mu_g, &s_g, mu_r, s_r),
+        real_subsets: reference.subsets.clone(),
+        frechet_distance_subset,
+        frechet_distance_real: reference.frechet_real,
+        frechet_ratio: frechet_distance_subset / reference.frechet_real,
+        frechet_per_class: per_class_frechet(&gen_feat, &gen_labels, b, &reference.subsets.labels(), k)?,
+        frechet_real_per_class: reference.frechet_real_per_class.clone(),
+        precision_recall: precision_recall(b, &gen_feat, DEFAULT_K)?,
+        precision_recall_real: reference.precision_recall_real,
         samples,
         sampling_seconds,
     })
