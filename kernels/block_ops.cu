@@ -514,7 +514,8 @@ __device__ __forceinline__ void flash_fix_kv_tile(u16* sK, u16* sV, u32 k0, u32 
 template <int HDP, int WARPS, bool NORM>
 __device__ void flash_attn_body(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,
                                 const u16* __restrict__ q_bias, const u16* __restrict__ k_bias, const u16* __restrict__ v_bias,
-                                QkNormArgs nrm, FlashStrides st, u32 T, u32 H, u32 hd, float scale_log2, u16* __restrict__ out) {
+                                QkNormArgs nrm, FlashStrides st, u32 T, u32 H, u32 hd, float scale_log2, u32 causal,
+                                u16* __restrict__ out) {
     constexpr int KT = FLASH_KT;
     constexpr int KS = HDP + 8;   // row stride of the k/v tiles (u16), padded against bank conflicts
     extern __shared__ __align__(16) u16 flash_smem[];  // [2 buffers][k tile, v tile][KT * KS]
@@ -552,6 +553,9 @@ __device__ void flash_attn_body(const u16* __restrict__ q, const u16* __restrict
         cp_async_commit();
     };
     load_tile(0, 0);
+    // causal (a decoder's prefill): query row r sees keys 0..=r, so the block's keys end after
+    // its last row and tiles past a warp's first row mask the keys after each row
+    const u32 k_end = causal ? min(T, (blockIdx.x + 1u) * 16u * WARPS) : T;
 
     u32 qa[HDP / 16][4];
 #pragma unroll
@@ -613,10 +617,10 @@ __device__ void flash_attn_body(const u16* __restrict__ q, const u16* __restrict
     for (int n = 0; n < HDP / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
     float m0 = NEG_INF, m1 = NEG_INF, l0 = 0.f, l1 = 0.f;
 
-    for (u32 k0 = 0, t = 0; k0 < T; k0 += KT, ++t) {
+    for (u32 k0 = 0, t = 0; k0 < k_end; k0 += KT, ++t) {
         // prefetch the next tile into the other buffer (freed by the barrier at the end of the
         // previous iteration); an empty group at the end keeps the wait count uniform
-        if (k0 + KT < T) load_tile(k0 + KT, (t + 1u) & 1u);
+        if (k0 + KT < k_end) load_tile(k0 + KT, (t + 1u) & 1u);
         else cp_async_commit();
         cp_async_wait1();
         __syncthreads();
@@ -641,12 +645,14 @@ __device__ void flash_attn_body(const u16* __restrict__ q, const u16* __restrict
         // taken on the raw scores (scale > 0) and the scale goes into each exponent's FMA,
         // exp2(s * scale - m), with m kept scaled; the row sums l stay per lane (each lane sums
         // its own keys) and are reduced once, after the last tile.
-        if (k0 + KT > T) {
+        if (k0 + KT > T || (causal && k0 + KT > q0 + 1u)) {
 #pragma unroll
             for (int j = 0; j < KT / 8; ++j)
 #pragma unroll
-                for (int i = 0; i < 4; ++i)
-                    if (k0 + 8u * j + 2u * tg + (i & 1) >= T) s[j][i] = NEG_INF;
+                for (int i = 0; i < 4; ++i) {
+                    const u32 key = k0 + 8u * j + 2u * tg + (i & 1), row = q0 + g + (i >> 1) * 8u;
+                    if (key >= T || (causal && key > row)) s[j][i] = NEG_INF;
+                }
         }
         float mx0 = NEG_INF, mx1 = NEG_INF;
 #pragma unroll
@@ -659,7 +665,9 @@ __device__ void flash_attn_body(const u16* __restrict__ q, const u16* __restrict
             mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, x));
             mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, x));
         }
-        // every tile has a key below T, so mx is finite and so are n0, n1
+        // every tile has a key below T, so mx is finite and so are n0, n1; under the causal
+        // mask a row may see none of a tile's keys (mx = -inf), but it saw key 0 in the first
+        // tile, so m0, m1 and n0, n1 stay finite
         const float n0 = fmaxf(m0, mx0 * scale_log2), n1 = fmaxf(m1, mx1 * scale_log2);
         const float c0 = fast_exp2(m0 - n0), c1 = fast_exp2(m1 - n1);
         float sum0 = 0.f, sum1 = 0.f;
@@ -724,8 +732,8 @@ __device__ void flash_attn_body(const u16* __restrict__ q, const u16* __restrict
 #define FLASH_K(NAME, HDP, W, NORM, BOUNDS) \
     extern "C" __global__ void BOUNDS NAME(const u16* q, const u16* k, const u16* v, const u16* q_bias, const u16* k_bias, \
                                            const u16* v_bias, const float* qw, const float* qb, const float* kw, const float* kb, \
-                                           float eps, FlashStrides st, u32 T, u32 H, u32 hd, float sl2, u16* out) { \
-        flash_attn_body<HDP, W, NORM>(q, k, v, q_bias, k_bias, v_bias, QkNormArgs{qw, qb, kw, kb, eps}, st, T, H, hd, sl2, out); \
+                                           float eps, FlashStrides st, u32 T, u32 H, u32 hd, float sl2, u32 causal, u16* out) { \
+        flash_attn_body<HDP, W, NORM>(q, k, v, q_bias, k_bias, v_bias, QkNormArgs{qw, qb, kw, kb, eps}, st, T, H, hd, sl2, causal, out); \
     }
 // flash_attn_bf16_*: q, k, v as they are (k_bias and the norm weights unused);
 // flash_attn_qkn_bf16_*: the flash form's q/k LayerNorm in the kernel (NORM above)

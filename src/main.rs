@@ -32,6 +32,10 @@ enum Command {
     Eval(cli::eval::EvalArgs),
     /// The language model: forward, train, generate, eval (`ditmoe lm --help`).
     Lm(cli::lm::LmArgs),
+    /// Start one process per GPU on this host with torchrun's variables: `launch --nproc-per-node N -- <command>`.
+    Launch(cli::launch::LaunchArgs),
+    /// Check a distributed job's processes: `dist check` joins the rendezvous and runs every collective.
+    Dist(cli::launch::DistArgs),
 }
 
 fn main() {
@@ -47,6 +51,8 @@ fn main() {
         Command::Data(a) => cli::data::run(a),
         Command::Eval(a) => cli::eval::run(a),
         Command::Lm(a) => cli::lm::run(a),
+        Command::Launch(a) => cli::launch::run(a),
+        Command::Dist(a) => cli::launch::run_dist(a),
     };
     if let Err(e) = result {
         cli::exit_with(e);

@@ -158,3 +158,20 @@ fn median_ms_times_cpu_work() {
     assert!(ms.is_finite() && ms >= 0.0);
     assert!(n >= 3 + 5, "warm-up, estimate and at least 5 timed calls, got {n}");
 }
+
+/// The causal form: query i attends to keys 0..=i only, as attention over the first i + 1 keys.
+#[test]
+fn causal_attention_sees_only_earlier_keys() {
+    let dev = Device::Cpu;
+    let (b, h, t, hd) = (2, 3, 7, 4);
+    let q = Tensor::randn(0f32, 1.0, (b, h, t, hd), &dev).unwrap();
+    let k = Tensor::randn(0f32, 1.0, (b, h, t, hd), &dev).unwrap();
+    let v = Tensor::randn(0f32, 1.0, (b, h, t, hd), &dev).unwrap();
+    let out = bo::causal_attention(&q, &k, &v, 0.5).unwrap();
+    for ti in [0, 3, 6] {
+        let prefix = |x: &Tensor| x.narrow(2, 0, ti + 1).unwrap();
+        let full = bo::attention(&q.narrow(2, ti, 1).unwrap(), &prefix(&k), &prefix(&v), 0.5).unwrap();
+        let got = out.narrow(1, ti, 1).unwrap();
+        assert!(max_abs(&got, &full) < 1e-6, "query {ti} off by {}", max_abs(&got, &full));
+    }
+}

@@ -679,6 +679,9 @@ fn run_checks(dev: &Device, section: &str) -> Result<Table> {
             let r = bo::attention(&f32s(&q)?, &f32s(&k)?, &f32s(&v)?, scale)?;
             let g = bo::attention(&on(&q)?, &on(&k)?, &on(&v)?, scale)?;
             tb.add("attention (fused)", &format!("B={b} H={h} T={t} hd={hd} bf16"), "rel vs f32", rel(&g, &r), 1e-2);
+            let r = bo::causal_attention(&f32s(&q)?, &f32s(&k)?, &f32s(&v)?, scale)?;
+            let g = bo::causal_attention(&on(&q)?, &on(&k)?, &on(&v)?, scale)?;
+            tb.add("causal attention (fused)", &format!("B={b} H={h} T={t} hd={hd} bf16"), "rel vs f32", rel(&g, &r), 1e-2);
         }
         // attention straight from the packed projection (bf16, biases folded in, with and
         // without the q/k norm) against split + attention in f32 on the same bf16 inputs

@@ -5,6 +5,7 @@ pub mod encode;
 pub mod eval;
 pub mod forward;
 pub mod generate;
+pub mod launch;
 pub mod lm;
 pub mod presets;
 pub mod routes;

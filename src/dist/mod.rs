@@ -3,13 +3,25 @@
 //! expert parallelism for the MoE layers ([`ExpertParallel`]) and data parallelism's gradient
 //! all-reduce ([`all_reduce_gradients`]).
 //!
-//! An NCCL backend is the GPU step still to come: the trait's collectives are the NCCL calls
-//! (grouped `ncclSend`/`ncclRecv` for the variable splits, see [`comm`]), so it slots in behind
-//! the same dispatch.
+//! Across processes (one per GPU, launched by `ditmoe launch` or torchrun), the ranks find each
+//! other through a TCP rendezvous on torchrun's `MASTER_ADDR:MASTER_PORT` ([`Rendezvous`],
+//! [`WorldInfo`]), which also ends the job on every rank when one fails. Two process-level
+//! backends serve the same dispatch: [`TcpComm`] on CPUs (collectives through rank 0, as gloo
+//! serves PyTorch's CPU groups) and, with the `nccl` feature, `NcclComm` on GPUs (the trait's
+//! collectives as NCCL calls, grouped `ncclSend`/`ncclRecv` for the variable splits, see
+//! [`comm`]).
 pub mod comm;
 pub mod expert_parallel;
 pub mod local;
+#[cfg(feature = "nccl")]
+pub mod nccl;
+pub mod rendezvous;
+pub mod tcp;
 
 pub use comm::{all_reduce_gradients, Communicator};
 pub use expert_parallel::ExpertParallel;
 pub use local::{LocalComm, LocalGroup};
+#[cfg(feature = "nccl")]
+pub use nccl::NcclComm;
+pub use rendezvous::{Rendezvous, WorldInfo};
+pub use tcp::TcpComm;

@@ -51,6 +51,9 @@ impl LmAttention {
             Some((cache, layer)) => cache.append(layer, &k, &v)?,
             None => (k, v),
         };
+        if t > 1 && k.dim(2)? == t && !q.track_op() {
+            return self.attend_causal(&q, &k, &v);
+        }
         let mask = match t > 1 {
             true => Some(causal_mask(t, k.dim(2)?, offset, x.device())?),
             false => None,
@@ -81,6 +84,18 @@ impl LmAttention {
         }
         let heads = |x: Tensor, h: usize| x.reshape((b, t, h, self.head_dim))?.transpose(1, 2)?.contiguous();
         Ok((heads(q, self.num_heads)?, heads(k, self.num_kv_heads)?, heads(v, self.num_kv_heads)?.to_dtype(DType::F32)?))
+    }
+
+    /// A whole context in one call (a prefill), for inference: the causal attention in the
+    /// weights' dtype, on the GPU one fused kernel (FlashAttention-2's online softmax, no T × T
+    /// scores in memory, the key tiles past each block's last query skipped), as the DiT's
+    /// attention runs. Training keeps the composite below, which has a backward.
+    fn attend_causal(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        let groups = self.num_heads / self.num_kv_heads;
+        let dtype = self.o_proj.weight().dtype();
+        let (k, v) = (repeat_kv(k, groups)?.to_dtype(dtype)?, repeat_kv(v, groups)?.to_dtype(dtype)?);
+        let y = crate::model::kernels::block_ops::causal_attention(&q.to_dtype(dtype)?, &k, &v, 1.0 / (self.head_dim as f64).sqrt())?;
+        self.o_proj.forward(&y)
     }
 
     /// `o_proj(softmax(q kᵀ / √hd + mask) v)` with the kv heads repeated; `mask` additive,

@@ -143,12 +143,30 @@ pub fn softmax_scaled(s: &Tensor, scale: f64) -> Result<Tensor> {
 /// even head size up to 128, one fused kernel (FlashAttention-2's online softmax, no T×T
 /// scores in memory); elsewhere two matmuls around [`softmax_scaled`].
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    attention_masked(q, k, v, scale, false)
+}
+
+/// [`attention`] with a causal mask (query i sees keys 0..=i), a decoder's prefill: on the GPU
+/// the same fused kernel, which also skips the key tiles past a block's last query.
+pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    attention_masked(q, k, v, scale, true)
+}
+
+fn attention_masked(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, causal: bool) -> Result<Tensor> {
     let (b, h, t, hd) = q.dims4()?;
     #[cfg(feature = "cuda")]
     if fused(&[q, k, v]) && q.dtype() == DType::BF16 && hd % 2 == 0 && hd <= 128 {
-        return super::cuda::flash_attention(q, k, v, scale);
+        return super::cuda::flash_attention(q, k, v, scale, causal);
     }
-    let att = softmax_scaled(&q.matmul(&k.t()?)?, scale)?;
+    let mut scores = q.matmul(&k.t()?)?;
+    if causal {
+        let dev = q.device();
+        let rows = Tensor::arange(0u32, t as u32, dev)?.unsqueeze(1)?;
+        let keys = Tensor::arange(0u32, k.dim(2)? as u32, dev)?.unsqueeze(0)?;
+        let hidden = Tensor::new(f32::NEG_INFINITY, dev)?.to_dtype(scores.dtype())?.broadcast_as(scores.shape())?;
+        scores = keys.broadcast_le(&rows)?.broadcast_as(scores.shape())?.where_cond(&scores, &hidden)?;
+    }
+    let att = softmax_scaled(&scores, scale)?;
     contiguous(&att.matmul(v)?.transpose(1, 2)?)?.reshape((b, t, h * hd))
 }
 

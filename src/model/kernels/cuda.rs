@@ -299,6 +299,7 @@ fn launch_flash(
     st: FlashStrides,
     (b, h, t, hd): (usize, usize, usize, usize),
     scale: f64,
+    causal: bool,
 ) -> Result<Tensor> {
     let hdp = flash_hdp(hd)?;
     // Queries per block: 16 per warp. 8 warps share each key tile among twice the queries;
@@ -328,7 +329,8 @@ fn launch_flash(
             l.arg(&0f32);
         }
     }
-    l.arg(&st).arg(&t32).arg(&h32).arg(&hd32).arg(&scale_log2).arg(&mut out);
+    let causal = u32::from(causal);
+    l.arg(&st).arg(&t32).arg(&h32).arg(&hd32).arg(&scale_log2).arg(&causal).arg(&mut out);
     // two buffers of a k and a v tile of 64 keys (FLASH_KT), rows of hdp + 8 elements
     let smem = (2 * 2 * 64 * (hdp + 8) * 2) as u32;
     allow_dynamic_smem(&f.1, smem)?;
@@ -348,7 +350,7 @@ struct QkNormViews<'a> {
     eps: f32,
 }
 
-pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, causal: bool) -> Result<Tensor> {
     let (b, h, t, hd) = q.dims4()?;
     if k.dims() != q.dims() || v.dims() != q.dims() || [q.dtype(), k.dtype(), v.dtype()] != [DType::BF16; 3] {
         bail!("flash_attention: q {:?}, k {:?}, v {:?} must be bf16 of one shape", q.dims(), k.dims(), v.dims())
@@ -360,7 +362,7 @@ pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result
     view!(v, bf16, _gv, vv);
     let (sb, sh) = ((h * t * hd) as u64, (t * hd) as u64);
     let st = FlashStrides { image: [sb; 3], head: [sh; 3], token: [hd as u64; 3] };
-    launch_flash(&dev, (&qv, &kv, &vv), [None; 3], None, st, (b, h, t, hd), scale)
+    launch_flash(&dev, (&qv, &kv, &vv), [None; 3], None, st, (b, h, t, hd), scale, causal)
 }
 
 /// See [`super::block_ops::qkv_attention`]: one kernel reads q, k and v straight from the
@@ -399,5 +401,5 @@ pub fn qkv_attention(qkv: &Tensor, bias: Option<&Tensor>, norm: Option<QkNormWei
     let k_bias = if norm_views.is_some() { k_bias } else { None };
     // packed [B, T, 3, H, hd]: images T·3D apart, heads hd, tokens 3D
     let st = FlashStrides { image: [(t * 3 * d) as u64; 3], head: [hd as u64; 3], token: [(3 * d) as u64; 3] };
-    launch_flash(&dev, (&q, &k, &v), [q_bias.as_ref(), k_bias.as_ref(), v_bias.as_ref()], norm_views.as_ref(), st, (b, heads, t, hd), scale)
+    launch_flash(&dev, (&q, &k, &v), [q_bias.as_ref(), k_bias.as_ref(), v_bias.as_ref()], norm_views.as_ref(), st, (b, heads, t, hd), scale, false)
 }
