@@ -27,7 +27,8 @@ fn arg(name: &str, default: &str) -> String {
 }
 
 fn list(name: &str, default: &str) -> Vec<usize> {
-    arg(name, default).split(',').map(|v| v.trim().parse().expect("a number list")).collect()
+    // an empty list skips that measurement
+    arg(name, default).split(',').filter(|v| !v.trim().is_empty()).map(|v| v.trim().parse().expect("a number list")).collect()
 }
 
 /// The benchmark shapes as transformers configs (what `--write-configs` writes).

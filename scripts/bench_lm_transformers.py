@@ -66,12 +66,12 @@ def main():
                 continue
             params = sum(p.numel() for p in model.parameters())
             row = {"impl": "transformers", "model": name, "experts": experts, "params": params, "gpu": torch.cuda.get_device_name()}
-            for t in map(int, a.prefill.split(",")):
+            for t in [int(x) for x in a.prefill.split(",") if x]:
                 ids = torch.randint(0, cfg.vocab_size, (1, t), device="cuda")
                 model(ids, use_cache=False)
                 ms = median_ms(lambda: model(ids, use_cache=False), a.repeats)
                 print(json.dumps({**row, "bench": "prefill", "tokens": t, "ms": ms, "tokens_per_s": t / ms * 1e3}), flush=True)
-            for b in map(int, a.decode_batches.split(",")):
+            for b in [int(x) for x in a.decode_batches.split(",") if x]:
                 prompt = torch.randint(0, cfg.vocab_size, (b, 16), device="cuda")
 
                 def decode():
