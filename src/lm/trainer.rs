@@ -430,7 +430,7 @@ impl LmTrainer {
 
     /// The weights and optimizer state, every expert under its global name (gathered under
     /// expert parallelism): on the writing rank, and on every rank without expert parallelism.
-    fn full_state(&self) -> Result<Option<(Vec<(String, Tensor)>, Vec<(String, Tensor)>)>> {
+    fn full_state(&self) -> Result<Option<(Named, Named)>> {
         let model: Vec<(String, Tensor)> = self.vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
         let mut optim = self.decayed.state_tensors();
         optim.extend(self.undecayed.state_tensors());
@@ -621,6 +621,9 @@ fn check_distill(out: &Path, distill: Option<&DistillConfig>) -> Result<()> {
         }
     }
 }
+
+/// Tensors by name, as a checkpoint file holds them.
+type Named = Vec<(String, Tensor)>;
 
 /// How one rank trains with the others (the module docs give the scheme).
 struct Parallel {
