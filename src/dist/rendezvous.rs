@@ -166,6 +166,9 @@ struct Shared {
     links: Vec<Option<Mutex<TcpStream>>>,
     state: Mutex<State>,
     arrived: Condvar,
+    /// Held while a failure is being relayed, so that a goodbye sent on drop cannot overtake it
+    /// (a peer that read the goodbye first would report a departure instead of the error).
+    relaying: Mutex<()>,
 }
 
 struct State {
@@ -193,6 +196,7 @@ impl Shared {
     /// relays a leaf's error to the other leaves), wakes every waiting collective and returns
     /// the failure as an error.
     fn fail(&self, why: String, from: Option<usize>) -> Error {
+        let _relaying = self.relaying.lock().unwrap_or_else(PoisonError::into_inner);
         let why = {
             let mut st = self.lock();
             if let Some(first) = &st.abort {
@@ -271,7 +275,7 @@ impl Rendezvous {
         }
         let links = streams.iter().map(|s| s.as_ref().map(|s| s.try_clone().map(Mutex::new)).transpose()).collect::<std::io::Result<Vec<_>>>()?;
         let state = State { inbox: (0..world).map(|_| VecDeque::new()).collect(), gone: vec![None; world], abort: None };
-        let shared = Arc::new(Shared { rank, world, links, state: Mutex::new(state), arrived: Condvar::new() });
+        let shared = Arc::new(Shared { rank, world, links, state: Mutex::new(state), arrived: Condvar::new(), relaying: Mutex::new(()) });
         for (peer, stream) in streams.into_iter().enumerate() {
             if let Some(stream) = stream {
                 let shared = shared.clone();
@@ -392,6 +396,7 @@ impl Drop for Rendezvous {
             self.report_error(format!("rank {} panicked", self.rank()));
         }
         let sh = &*self.shared;
+        let _relaying = sh.relaying.lock().unwrap_or_else(PoisonError::into_inner);
         for peer in (0..sh.world).filter(|&p| sh.links[p].is_some()) {
             let _ = sh.send(peer, BYE, 0, 0, &[]);
             if let Some(link) = &sh.links[peer] {
