@@ -95,7 +95,8 @@ impl LmAttention {
         let dtype = self.o_proj.weight().dtype();
         let (k, v) = (repeat_kv(k, groups)?.to_dtype(dtype)?, repeat_kv(v, groups)?.to_dtype(dtype)?);
         let y = crate::model::kernels::block_ops::causal_attention(&q.to_dtype(dtype)?, &k, &v, 1.0 / (self.head_dim as f64).sqrt())?;
-        self.o_proj.forward(&y)
+        // back to the residual stream's dtype, as the composite path hands o_proj its f32 rows
+        self.o_proj.forward(&y.to_dtype(q.dtype())?)
     }
 
     /// `o_proj(softmax(q kᵀ / √hd + mask) v)` with the kv heads repeated; `mask` additive,
