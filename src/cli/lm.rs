@@ -248,7 +248,7 @@ pub fn run(a: LmArgs) -> anyhow::Result<()> {
 
 fn load_model(dir: &Path, device: &str, dtype: &str) -> anyhow::Result<LmModel> {
     let plan = super::inference_plan(device, dtype)?;
-    Ok(load_hf(dir, &plan).map_err(|e| usage(format!("--model {}: {e}", dir.display())))?)
+    load_hf(dir, &plan).map_err(|e| usage(format!("--model {}: {e}", dir.display())))
 }
 
 fn forward(a: ForwardArgs) -> anyhow::Result<()> {

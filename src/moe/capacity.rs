@@ -196,7 +196,7 @@ mod libstdcxx {
             v[first + hole] = v[first + second];
             hole = second;
         }
-        if len % 2 == 0 && second == (len - 2) / 2 {
+        if len.is_multiple_of(2) && second == (len - 2) / 2 {
             second = 2 * (second + 1);
             v[first + hole] = v[first + second - 1];
             hole = second - 1;
