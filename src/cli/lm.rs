@@ -419,12 +419,16 @@ fn eval(a: EvalArgs) -> anyhow::Result<()> {
 /// The expert load as a markdown table: a row per MoE layer, a column per expert (percent of the
 /// layer's routed slots), and the largest share over the uniform one.
 fn print_load(r: &EvalReport) {
-    let Some(e) = r.expert_load.first().map(Vec::len) else { return };
+    // layers may differ in expert count (a pyramid): as many columns as the widest
+    let e = r.expert_load.iter().map(Vec::len).max().unwrap_or(0);
+    if e == 0 {
+        return;
+    }
     let header: String = (0..e).map(|i| format!(" e{i} |")).collect();
     println!("| layer |{header} max / uniform |");
     println!("|---|{}---|", "---|".repeat(e));
     for (l, load) in r.moe_layers.iter().zip(&r.expert_load) {
-        let cells: String = load.iter().map(|x| format!(" {:.1} |", 100.0 * x)).collect();
+        let cells: String = (0..e).map(|i| load.get(i).map_or(" – |".to_string(), |x| format!(" {:.1} |", 100.0 * x))).collect();
         let max = load.iter().cloned().fold(0.0, f64::max);
         println!("| {l} |{cells} {:.2} |", max * load.len() as f64);
     }
