@@ -65,3 +65,20 @@ fn lm_commands_refuse_bad_input_by_name() {
     let err = stderr_of(&["lm", "generate", "--model", m, "--prompt", "hi", "--top-p", "1.5"]);
     assert!(err.contains("--top-p"), "{err}");
 }
+
+/// The bundled language model (`assets/sotu-lm`, bf16, within its 12 MB budget) is what
+/// `lm generate` samples by default, and a seed gives the same text twice.
+#[test]
+fn the_bundled_language_model_generates_by_default() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/sotu-lm");
+    let size: u64 = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().metadata().unwrap().len()).sum();
+    assert!(size <= 12 << 20, "assets/sotu-lm is {size} bytes");
+    let run = || {
+        let o = Command::new(env!("CARGO_BIN_EXE_ditmoe")).current_dir(env!("CARGO_MANIFEST_DIR")).args(["lm", "generate", "--prompt", "The state of the Union", "--max-tokens", "12", "--seed", "3"]).output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).to_string()
+    };
+    let text = run();
+    assert!(text.starts_with("The state of the Union") && text.len() > "The state of the Union".len() + 12, "{text}");
+    assert_eq!(text, run(), "the same seed samples the same text");
+}
