@@ -9,10 +9,9 @@ use candle_core::{DType, Device};
 use candle_nn::{VarBuilder, VarMap};
 use common::{scratch_dir, Scratch};
 use ditmoe::lm::train_config::{DistillConfig, LmTrainConfig};
-use ditmoe::lm::trainer::{LmTrainer, EVAL_FILE, TOKENIZER_FILE, TRAIN_SHARD, VALIDATION_SHARD};
+use ditmoe::lm::trainer::{LmTrainer, EVAL_FILE};
 use ditmoe::lm::{load_hf, LayerMlp, LmConfig, LmModel};
 use ditmoe::moe::{BalanceForm, BalanceLossConfig, CapacityPolicy, ExpertForm, MoeConfig, ParamNames, RouterConfig};
-use ditmoe::text::{TokenShard, Tokenizer};
 use ditmoe::train::RunStart;
 use ditmoe::{ExecutionPlan, Precision};
 use std::path::{Path, PathBuf};
@@ -20,17 +19,6 @@ use std::process::Command;
 
 const TEXT: &str = "The state of the union is strong. We the people of the united states, in order to form a more perfect union, establish justice and insure domestic tranquility. Congress shall make no law. The president shall from time to time give to the congress information of the state of the union.";
 
-/// A corpus folder as `ditmoe data sotu` writes it; the tokenizer's vocabulary size.
-fn corpus(dir: &Path) -> usize {
-    let docs: Vec<String> = (0..12).map(|i| format!("{i}: {TEXT}")).collect();
-    let tok = Tokenizer::train(&docs, 300).unwrap();
-    tok.save(&dir.join(TOKENIZER_FILE)).unwrap();
-    let eos = tok.eos_id().unwrap();
-    let ids: Vec<Vec<u32>> = docs.iter().map(|d| tok.encode(d).unwrap()).collect();
-    TokenShard::from_documents(&ids[..10], eos).write(&dir.join(TRAIN_SHARD)).unwrap();
-    TokenShard::from_documents(&ids[10..], eos).write(&dir.join(VALIDATION_SHARD)).unwrap();
-    tok.vocab_size()
-}
 
 /// A PR-MoE-shaped model of `layers` layers: MoE on every other layer, top-1 with DeepSpeed's
 /// capacity and l_aux and a residual MLP, `experts[i]` experts in the i-th MoE layer.
@@ -50,24 +38,7 @@ fn model_config(vocab: usize, layers: usize, experts: &[usize]) -> LmConfig {
         capacity: CapacityPolicy::Capacity { capacity_factor: 1.0, eval_capacity_factor: 1.0, min_capacity: 4, drop_tokens: true },
         names: ParamNames::default(),
     };
-    LmConfig {
-        vocab_size: vocab,
-        hidden_size: 32,
-        num_layers: layers,
-        num_heads: 4,
-        num_kv_heads: 2,
-        head_dim: 8,
-        rope_theta: 10000.0,
-        rms_norm_eps: 1e-6,
-        max_position_embeddings: 64,
-        tie_word_embeddings: true,
-        attention_bias: false,
-        qk_norm: false,
-        intermediate_size: 64,
-        layers: LayerMlp::moe_every_nth(layers, 2, moe),
-        router_aux_loss_coef: 0.0,
-        moe_prefix: "mlp".into(),
-    }
+    common::lm::tiny_lm(vocab, LayerMlp::moe_every_nth(layers, 2, moe), true, 0.0)
 }
 
 fn plan() -> ExecutionPlan {
@@ -90,7 +61,7 @@ fn setup(tag: &str) -> (Scratch, LmTrainConfig) {
     let dir = scratch_dir(tag);
     let data = dir.join("data");
     std::fs::create_dir_all(&data).unwrap();
-    let vocab = corpus(&data);
+    let vocab = common::lm::write_corpus(&data, TEXT);
     let teacher_json = dir.join("teacher.json");
     std::fs::write(&teacher_json, serde_json::to_string(&model_config(vocab, 4, &[2, 4])).unwrap()).unwrap();
     let mut teacher = train_config(&teacher_json, &data, dir.join("teacher"), 24);

@@ -9,27 +9,15 @@ use common::scratch_dir;
 use ditmoe::lm::generation::generate;
 use ditmoe::lm::sampling::{SamplingParams, TokenSampler};
 use ditmoe::lm::train_config::LmTrainConfig;
-use ditmoe::lm::trainer::{LmTrainer, TOKENIZER_FILE, TRAIN_SHARD, VALIDATION_SHARD};
+use ditmoe::lm::trainer::{LmTrainer, TOKENIZER_FILE};
 use ditmoe::lm::{load_hf, LayerMlp, LmConfig};
 use ditmoe::moe::{BalanceLossConfig, ExpertForm, MoeConfig, ParamNames, RouterConfig};
-use ditmoe::text::{TokenShard, Tokenizer};
+use ditmoe::text::Tokenizer;
 use ditmoe::train::RunStart;
 use ditmoe::{ExecutionPlan, Precision};
-use std::path::Path;
 
 const TEXT: &str = "The state of the union is strong. We the people of the united states, in order to form a more perfect union, establish justice and insure domestic tranquility. Congress shall make no law. The president shall from time to time give to the congress information of the state of the union.";
 
-/// A corpus folder as `ditmoe data sotu` writes it, from a few sentences.
-fn corpus(dir: &Path) -> usize {
-    let docs: Vec<String> = (0..12).map(|i| format!("{i}: {TEXT}")).collect();
-    let tok = Tokenizer::train(&docs, 300).unwrap();
-    tok.save(&dir.join(TOKENIZER_FILE)).unwrap();
-    let eos = tok.eos_id().unwrap();
-    let ids: Vec<Vec<u32>> = docs.iter().map(|d| tok.encode(d).unwrap()).collect();
-    TokenShard::from_documents(&ids[..10], eos).write(&dir.join(TRAIN_SHARD)).unwrap();
-    TokenShard::from_documents(&ids[10..], eos).write(&dir.join(VALIDATION_SHARD)).unwrap();
-    tok.vocab_size()
-}
 
 fn model_config(vocab: usize) -> LmConfig {
     let moe = |_| MoeConfig {
@@ -46,31 +34,14 @@ fn model_config(vocab: usize) -> LmConfig {
         capacity: Default::default(),
         names: ParamNames { shared_expert: "shared_expert".into(), ..ParamNames::default() },
     };
-    LmConfig {
-        vocab_size: vocab,
-        hidden_size: 32,
-        num_layers: 2,
-        num_heads: 4,
-        num_kv_heads: 2,
-        head_dim: 8,
-        rope_theta: 10000.0,
-        rms_norm_eps: 1e-6,
-        max_position_embeddings: 64,
-        tie_word_embeddings: false,
-        attention_bias: false,
-        qk_norm: false,
-        intermediate_size: 64,
-        layers: LayerMlp::moe_every_nth(2, 2, moe),
-        router_aux_loss_coef: 0.01,
-        moe_prefix: "mlp".into(),
-    }
+    common::lm::tiny_lm(vocab, LayerMlp::moe_every_nth(2, 2, moe), false, 0.01)
 }
 
 fn setup(tag: &str) -> (common::Scratch, LmTrainConfig) {
     let dir = scratch_dir(tag);
     let data = dir.join("data");
     std::fs::create_dir_all(&data).unwrap();
-    let vocab = corpus(&data);
+    let vocab = common::lm::write_corpus(&data, TEXT);
     let model = dir.join("model.json");
     std::fs::write(&model, serde_json::to_string(&model_config(vocab)).unwrap()).unwrap();
     let cfg: LmTrainConfig = serde_json::from_value(serde_json::json!({

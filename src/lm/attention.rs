@@ -4,7 +4,7 @@
 //! `softmax(q kᵀ / √head_dim + causal mask)` in f32 (`eager_attention_forward`), `o_proj`.
 use super::{KvCache, LmConfig, RmsNorm, RotaryEmbedding, StaticKvCache};
 use crate::nn::Linear;
-use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 #[derive(Debug, Clone)]
@@ -55,7 +55,7 @@ impl LmAttention {
             return self.attend_causal(&q, &k, &v);
         }
         let mask = match t > 1 {
-            true => Some(causal_mask(t, k.dim(2)?, offset, x.device())?),
+            true => Some(crate::nn::causal_mask(t, k.dim(2)?, offset, x.device())?),
             false => None,
         };
         self.attend(&q, &k, &v, mask.as_ref())
@@ -124,15 +124,4 @@ pub fn repeat_kv(x: &Tensor, n: usize) -> Result<Tensor> {
     }
     let (b, kv, l, hd) = x.dims4()?;
     Tensor::cat(&vec![x; n], 2)?.reshape((b, kv * n, l, hd))
-}
-
-/// `[T, L]` f32: 0 where query i (position `offset + i`) may see key j (j <= offset + i),
-/// -inf elsewhere. Built on the device from two position ranges: a host-built mask is T·L
-/// floats uploaded per layer, which dominated a 2048-token prefill.
-pub fn causal_mask(t: usize, l: usize, offset: usize, device: &Device) -> Result<Tensor> {
-    let queries = Tensor::arange(offset as u32, (offset + t) as u32, device)?.unsqueeze(1)?;
-    let keys = Tensor::arange(0u32, l as u32, device)?.unsqueeze(0)?;
-    let zero = Tensor::zeros((), DType::F32, device)?.broadcast_as((t, l))?;
-    let hidden = Tensor::new(f32::NEG_INFINITY, device)?.broadcast_as((t, l))?;
-    keys.broadcast_le(&queries)?.where_cond(&zero, &hidden)
 }

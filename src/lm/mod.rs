@@ -25,7 +25,8 @@ pub mod static_cache;
 pub mod train_config;
 pub mod trainer;
 
-pub use attention::{causal_mask, repeat_kv, LmAttention};
+pub use crate::nn::causal_mask;
+pub use attention::{repeat_kv, LmAttention};
 pub use checkpoint::{load_hf, HfCheckpoint};
 pub use config::{HfConfigError, LayerMlp, LmConfig, LmConfigError, SUPPORTED_ARCHITECTURES, SUPPORTED_MODEL_TYPES};
 pub use decoder::Decoder;

@@ -129,15 +129,7 @@ impl LmModel {
     /// are grouped by (E, k): each group's loss, weighted by its share of the MoE layers, summed;
     /// with one group this is exactly transformers' loss.
     fn load_balancing_loss(&self, router_logits: &[Tensor]) -> Result<Option<Tensor>> {
-        let moes: Vec<_> = self.cfg.layers.iter().filter_map(|l| l.moe()).collect();
-        let mut groups: Vec<((usize, usize), Vec<Tensor>)> = vec![];
-        for (m, logits) in moes.iter().zip(router_logits) {
-            let key = (m.num_experts, m.top_k);
-            match groups.iter_mut().find(|(k, _)| *k == key) {
-                Some((_, g)) => g.push(logits.clone()),
-                None => groups.push((key, vec![logits.clone()])),
-            }
-        }
+        let groups = router_groups(&self.cfg, router_logits);
         let total = router_logits.len() as f64;
         let mut loss: Option<Tensor> = None;
         for ((_, top_k), g) in &groups {
@@ -260,4 +252,18 @@ pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
         None => nll.mean_all(),
         Some(m) => (nll * &m)?.sum_all()?.broadcast_div(&m.sum_all()?),
     }
+}
+
+/// The MoE layers' router logits grouped by (expert count, top-k), in layer order: the groups the
+/// model-level load-balancing loss is taken over (one group for every HF family).
+pub(crate) fn router_groups(cfg: &LmConfig, router_logits: &[Tensor]) -> Vec<((usize, usize), Vec<Tensor>)> {
+    let mut groups: Vec<((usize, usize), Vec<Tensor>)> = vec![];
+    for (m, logits) in cfg.layers.iter().filter_map(|l| l.moe()).zip(router_logits) {
+        let key = (m.num_experts, m.top_k);
+        match groups.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, g)) => g.push(logits.clone()),
+            None => groups.push((key, vec![logits.clone()])),
+        }
+    }
+    groups
 }

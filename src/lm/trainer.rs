@@ -759,15 +759,7 @@ impl Parallel {
     /// sum of this rank's probabilities over the global row count. The shares of the ranks
     /// sum to the global loss.
     fn load_balancing_share(&self, model: &LmModel, router_logits: &[Tensor]) -> Result<Tensor> {
-        let moes: Vec<_> = model.config().layers.iter().filter_map(|l| l.moe()).collect();
-        let mut groups: Vec<((usize, usize), Vec<Tensor>)> = vec![];
-        for (m, logits) in moes.iter().zip(router_logits) {
-            let key = (m.num_experts, m.top_k);
-            match groups.iter_mut().find(|(k, _)| *k == key) {
-                Some((_, g)) => g.push(logits.clone()),
-                None => groups.push((key, vec![logits.clone()])),
-            }
-        }
+        let groups = super::model::router_groups(model.config(), router_logits);
         // per group: the probabilities, and the rows' top-k counts per expert then the row count
         let mut probs = Vec::with_capacity(groups.len());
         let mut counts = Vec::new();

@@ -292,17 +292,20 @@ impl MoeLayer {
     /// differentiable grouped op), the replicated shared expert here.
     fn forward_expert_parallel(&self, ep: &ExpertParallel, input: &MoeInput) -> Result<MoeOutput> {
         let x = input.tokens;
-        let per_call;
-        let stacks = match &self.stacks {
-            Some(s) => s,
-            None => {
-                per_call = self.experts.stack()?;
-                &per_call
-            }
-        };
+        let stacks = self.expert_stacks()?;
+        let stacks = stacks.as_ref();
         let (routing, dropped) = self.route(input)?;
         let (routed, expert_counts) = ep.routed_experts(&x.to_dtype(stacks.dtype())?, &routing.experts, &routing.weights, stacks, self.cfg.total_experts(), &self.gemm)?;
         self.finish(x, routed.to_dtype(x.dtype())?, routing, expert_counts, dropped)
+    }
+
+    /// The routed experts stacked for the grouped kernels: the stacks made once for frozen
+    /// weights, else a differentiable copy made for this call.
+    fn expert_stacks(&self) -> Result<std::borrow::Cow<'_, ExpertStacks>> {
+        Ok(match &self.stacks {
+            Some(s) => std::borrow::Cow::Borrowed(s),
+            None => std::borrow::Cow::Owned(self.experts.stack()?),
+        })
     }
 
     /// The kernel pipeline (the CUDA forward; on the CPU, the kernels' references). A frozen top-k
@@ -312,14 +315,8 @@ impl MoeLayer {
     /// per-expert offsets once.
     fn forward_kernels(&self, input: &MoeInput) -> Result<MoeOutput> {
         let x = input.tokens;
-        let per_call;
-        let stacks = match &self.stacks {
-            Some(s) => s,
-            None => {
-                per_call = self.experts.stack()?;
-                &per_call
-            }
-        };
+        let stacks = self.expert_stacks()?;
+        let stacks = stacks.as_ref();
         // The grouped GEMMs run in the weights' dtype (bf16 on tensor cores), like every other
         // matmul of the model (`crate::nn::Linear`).
         let tokens = x.to_dtype(stacks.dtype())?;

@@ -9,7 +9,7 @@ mod cuda;
 pub mod ops;
 pub mod row_grad;
 
-use candle_core::{Module, Result, Tensor};
+use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 #[derive(Debug, Clone)]
@@ -66,6 +66,17 @@ pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
 
 pub fn linear_no_bias(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
     Ok(Linear { inner: candle_nn::linear_no_bias(in_dim, out_dim, vb)? })
+}
+
+/// `[T, L]` f32: 0 where query i (position `offset + i`) may see key j (j <= offset + i),
+/// -inf elsewhere. Built on the device from two position ranges: a host-built mask is T·L
+/// floats uploaded per layer, which dominated a 2048-token prefill.
+pub fn causal_mask(t: usize, l: usize, offset: usize, device: &Device) -> Result<Tensor> {
+    let queries = Tensor::arange(offset as u32, (offset + t) as u32, device)?.unsqueeze(1)?;
+    let keys = Tensor::arange(0u32, l as u32, device)?.unsqueeze(0)?;
+    let zero = Tensor::zeros((), DType::F32, device)?.broadcast_as((t, l))?;
+    let hidden = Tensor::new(f32::NEG_INFINITY, device)?.broadcast_as((t, l))?;
+    keys.broadcast_le(&queries)?.where_cond(&zero, &hidden)
 }
 
 // candle-nn's fused `softmax_last_dim` and `layer_norm` kernels have no backward pass: under

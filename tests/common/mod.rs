@@ -1,6 +1,8 @@
 //! Shared helpers for the tests: fixture loading, error measures, scratch folders.
 #![allow(dead_code)] // each test binary uses a different subset of these helpers
 
+pub mod lm;
+
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
 use std::path::PathBuf;

@@ -160,11 +160,8 @@ fn attention_masked(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, causal: bool
     }
     let mut scores = q.matmul(&k.t()?)?;
     if causal {
-        let dev = q.device();
-        let rows = Tensor::arange(0u32, t as u32, dev)?.unsqueeze(1)?;
-        let keys = Tensor::arange(0u32, k.dim(2)? as u32, dev)?.unsqueeze(0)?;
-        let hidden = Tensor::new(f32::NEG_INFINITY, dev)?.to_dtype(scores.dtype())?.broadcast_as(scores.shape())?;
-        scores = keys.broadcast_le(&rows)?.broadcast_as(scores.shape())?.where_cond(&scores, &hidden)?;
+        let mask = crate::nn::causal_mask(t, k.dim(2)?, 0, q.device())?.to_dtype(scores.dtype())?;
+        scores = scores.broadcast_add(&mask)?;
     }
     let att = softmax_scaled(&scores, scale)?;
     contiguous(&att.matmul(v)?.transpose(1, 2)?)?.reshape((b, t, h * hd))

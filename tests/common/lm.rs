@@ -1,0 +1,41 @@
+//! Language-model test material: a corpus folder written as `ditmoe data sotu` writes it, and
+//! the small transformer every LM test builds its layer plans into.
+use ditmoe::lm::trainer::{TOKENIZER_FILE, TRAIN_SHARD, VALIDATION_SHARD};
+use ditmoe::lm::{LayerMlp, LmConfig};
+use ditmoe::text::{TokenShard, Tokenizer};
+use std::path::Path;
+
+/// Twelve numbered copies of `text` as documents: a 300-token BPE trained on them, the first
+/// ten as the train shard, the last two as validation. Returns the vocabulary size.
+pub fn write_corpus(dir: &Path, text: &str) -> usize {
+    let docs: Vec<String> = (0..12).map(|i| format!("{i}: {text}")).collect();
+    let tok = Tokenizer::train(&docs, 300).unwrap();
+    tok.save(&dir.join(TOKENIZER_FILE)).unwrap();
+    let eos = tok.eos_id().unwrap();
+    let ids: Vec<Vec<u32>> = docs.iter().map(|d| tok.encode(d).unwrap()).collect();
+    TokenShard::from_documents(&ids[..10], eos).write(&dir.join(TRAIN_SHARD)).unwrap();
+    TokenShard::from_documents(&ids[10..], eos).write(&dir.join(VALIDATION_SHARD)).unwrap();
+    tok.vocab_size()
+}
+
+/// Width 32, 4 query and 2 key/value heads of 8, context 64, dense MLPs of 64, around `layers`.
+pub fn tiny_lm(vocab: usize, layers: Vec<LayerMlp>, tie_word_embeddings: bool, router_aux_loss_coef: f64) -> LmConfig {
+    LmConfig {
+        vocab_size: vocab,
+        hidden_size: 32,
+        num_layers: layers.len(),
+        num_heads: 4,
+        num_kv_heads: 2,
+        head_dim: 8,
+        rope_theta: 10000.0,
+        rms_norm_eps: 1e-6,
+        max_position_embeddings: 64,
+        tie_word_embeddings,
+        attention_bias: false,
+        qk_norm: false,
+        intermediate_size: 64,
+        layers,
+        router_aux_loss_coef,
+        moe_prefix: "mlp".into(),
+    }
+}
