@@ -6,7 +6,7 @@
 //! Drawn with plotters' `ChartBuilder` (axes, ticks, legend) and the bundled font
 //! ([`super::text::register_bundled_font`]), so the chart needs no system fonts.
 use super::heatmap::{BACKGROUND, INK};
-use super::text::register_bundled_font;
+use super::text::{register_bundled_font, series_color, CHART_FONT as FONT, CHART_GRID as GRID};
 use crate::lm::trainer::{EvalLine, EVAL_FILE};
 use candle_core::{bail, Result};
 use image::RgbImage;
@@ -38,22 +38,6 @@ impl Curve {
         Ok(Self { label: label.into(), points: by_step.into_values().collect() })
     }
 }
-
-/// Line colours (matplotlib's tab10), in series order.
-const PALETTE: [RGBColor; 10] = [
-    RGBColor(31, 119, 180),
-    RGBColor(255, 127, 14),
-    RGBColor(44, 160, 44),
-    RGBColor(214, 39, 40),
-    RGBColor(148, 103, 189),
-    RGBColor(140, 86, 75),
-    RGBColor(227, 119, 194),
-    RGBColor(127, 127, 127),
-    RGBColor(188, 189, 34),
-    RGBColor(23, 190, 207),
-];
-const GRID: RGBColor = RGBColor(225, 225, 225);
-const FONT: &str = "sans-serif";
 
 fn plot_err(e: impl std::fmt::Display) -> candle_core::Error {
     candle_core::Error::Msg(format!("curves chart: {e}"))
@@ -100,7 +84,7 @@ pub fn loss_chart(title: &str, curves: &[Curve]) -> Result<RgbImage> {
             .draw()
             .map_err(plot_err)?;
         for (i, c) in curves.iter().enumerate() {
-            let color = PALETTE[i % PALETTE.len()];
+            let color = series_color(i);
             let points: Vec<(f64, f64)> = c.points.iter().map(|&(x, y)| (millions(x), y)).collect();
             chart
                 .draw_series(std::iter::once(PathElement::new(points.clone(), color.stroke_width(2))))
@@ -131,7 +115,7 @@ mod tests {
         let curve = |label: &str, base: f64| Curve { label: label.into(), points: (1..=5).map(|i| (i as f64 * 2e6, base - 0.3 * i as f64)).collect() };
         let img = loss_chart("validation loss", &[curve("dense", 6.0), curve("moe", 5.5)]).unwrap();
         let has = |c: RGBColor| img.pixels().any(|p| p.0 == [c.0, c.1, c.2]);
-        assert!(has(PALETTE[0]) && has(PALETTE[1]), "both lines drawn in their colours");
+        assert!(has(series_color(0)) && has(series_color(1)), "both lines drawn in their colours");
         assert!(loss_chart("t", &[Curve { label: "empty".into(), points: vec![] }]).is_err());
     }
 

@@ -17,6 +17,18 @@ static DEJAVU_SANS: &[u8] = include_bytes!("../../assets/fonts/DejaVuSans.ttf");
 /// -483 font units): ab_glyph scales a font so that ascent plus descent is the pixel size.
 const ASCENT: f64 = 1901.0 / (1901.0 + 483.0);
 
+/// The font family every chart draws its text in (the bundled DejaVu Sans once registered).
+pub const CHART_FONT: &str = "sans-serif";
+/// The charts' grid lines.
+pub const CHART_GRID: RGBColor = RGBColor(225, 225, 225);
+
+/// Line `i`'s colour in a chart of several series: matplotlib's tab10, the first ten of the
+/// expert colours ([`super::colormap::expert_color`]), cycled.
+pub fn series_color(i: usize) -> RGBColor {
+    let [r, g, b] = super::colormap::expert_color(i % 10);
+    RGBColor(r, g, b)
+}
+
 /// Registers the bundled font as plotters' `sans-serif`, the family plotters' charts use by
 /// default, so that a [`ChartBuilder`](plotters::chart::ChartBuilder)'s captions and axis
 /// labels find it as well as the functions here. Safe to call any number of times; every

@@ -7,7 +7,7 @@
 //!
 //! Drawn with plotters' `ChartBuilder` and the bundled font, as [`super::curves`].
 use super::heatmap::{BACKGROUND, INK};
-use super::text::register_bundled_font;
+use super::text::{register_bundled_font, series_color, CHART_FONT as FONT, CHART_GRID as GRID};
 use candle_core::{bail, Result};
 use image::RgbImage;
 use plotters::coord::Shift;
@@ -31,22 +31,6 @@ pub struct TradeoffSeries {
     pub label: String,
     pub points: Vec<TradeoffPoint>,
 }
-
-/// Line colours (matplotlib's tab10), in series order.
-const PALETTE: [RGBColor; 10] = [
-    RGBColor(31, 119, 180),
-    RGBColor(255, 127, 14),
-    RGBColor(44, 160, 44),
-    RGBColor(214, 39, 40),
-    RGBColor(148, 103, 189),
-    RGBColor(140, 86, 75),
-    RGBColor(227, 119, 194),
-    RGBColor(127, 127, 127),
-    RGBColor(188, 189, 34),
-    RGBColor(23, 190, 207),
-];
-const GRID: RGBColor = RGBColor(225, 225, 225);
-const FONT: &str = "sans-serif";
 
 fn plot_err(e: impl std::fmt::Display) -> candle_core::Error {
     candle_core::Error::Msg(format!("trade-off chart: {e}"))
@@ -87,7 +71,7 @@ fn panel(
         .draw()
         .map_err(plot_err)?;
     for (i, s) in series.iter().enumerate() {
-        let color = PALETTE[i % PALETTE.len()];
+        let color = series_color(i);
         let points: Vec<(f64, f64)> = s.points.iter().map(xy).collect();
         chart
             .draw_series(std::iter::once(PathElement::new(points.clone(), color.stroke_width(2))))
@@ -158,7 +142,7 @@ mod tests {
         let series = |label: &str| TradeoffSeries { label: label.into(), points: [1.0, 2.0, 4.0].map(point).to_vec() };
         let img = tradeoff_chart("sweep", &[series("10 steps"), series("30 steps")]).unwrap();
         let has = |c: RGBColor| img.pixels().any(|p| p.0 == [c.0, c.1, c.2]);
-        assert!(has(PALETTE[0]) && has(PALETTE[1]), "both lines drawn in their colours");
+        assert!(has(series_color(0)) && has(series_color(1)), "both lines drawn in their colours");
         assert!(tradeoff_chart("t", &[TradeoffSeries { label: "empty".into(), points: vec![] }]).is_err());
     }
 }
