@@ -80,9 +80,19 @@ pub struct TrainArgs {
     /// Start a new run in an --out that holds one, moving the old run aside to `<out>.old-<n>`.
     #[arg(long)]
     overwrite: bool,
-    /// cpu or cuda. On CUDA, f32 matmuls use TF32 (see docs/quality.md).
+    /// cpu or cuda.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Precision of the forward and backward: f32, tf32 (f32 with TF32 tensor-core matmuls) or
+    /// bf16 (bf16 weight copies and matmuls, f32 master weights, gradients and optimizer state;
+    /// docs/training.md). The master weights are f32 in every precision.
+    /// [default: tf32 on CUDA, f32 on the CPU]
+    #[arg(long)]
+    precision: Option<ditmoe::Precision>,
+    /// Recompute each block's activations in the backward instead of keeping them: memory for
+    /// one block's activations, for a second forward of the blocks.
+    #[arg(long)]
+    recompute: bool,
     /// Hide the progress bar.
     #[arg(long)]
     quiet: bool,
@@ -115,8 +125,10 @@ fn build_config(a: &TrainArgs) -> anyhow::Result<TrainConfig> {
             }
         } )*};
     }
-    if a.skip_bad_images {
-        set("skip_bad_images", serde_json::Value::Bool(true));
+    for (on, key) in [(a.skip_bad_images, "skip_bad_images"), (a.recompute, "recompute")] {
+        if on {
+            set(key, serde_json::Value::Bool(true));
+        }
     }
     flag!(model, data, out, objective, router, image_size, global_batch, micro_batch, steps, max_minutes, lr, warmup_steps, max_grad_norm, ema_decay, seed, log_every, ckpt_every, keep_last, num_workers, init_from);
     if let Some(msg) = bad_flag {
@@ -138,8 +150,12 @@ fn build_config(a: &TrainArgs) -> anyhow::Result<TrainConfig> {
 pub fn run(a: TrainArgs) -> anyhow::Result<()> {
     let cfg = build_config(&a)?;
     let device = super::device(&a.device)?;
-    // f32 master weights; on CUDA with TF32 tensor-core matmuls (see docs/quality.md).
-    let precision = if device.is_cuda() { ditmoe::Precision::Tf32 } else { ditmoe::Precision::F32 };
+    let precision = match a.precision {
+        Some(ditmoe::Precision::F16) => return Err(usage("--precision f16: training runs in f32, tf32 or bf16 (f16 needs loss scaling)")),
+        Some(p) => p,
+        None if device.is_cuda() => ditmoe::Precision::Tf32,
+        None => ditmoe::Precision::F32,
+    };
     let plan = ditmoe::ExecutionPlan::training(&device, precision);
     plan.apply_matmul_precision();
     let start = match (a.resume, a.overwrite) {
@@ -164,6 +180,7 @@ pub fn run(a: TrainArgs) -> anyhow::Result<()> {
     );
     if a.profile {
         trainer.enable_profile();
+        eprintln!("precision {}{}", precision, if cfg.recompute { ", activations recomputed per block" } else { "" });
     }
     let summary = trainer.run(!a.quiet)?;
     if let Some(p) = trainer.profile() {

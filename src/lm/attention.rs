@@ -22,7 +22,7 @@ pub struct LmAttention {
 
 impl LmAttention {
     /// `self_attn.{q,k,v,o}_proj` (and `self_attn.{q,k}_norm`) under `vb`.
-    pub fn new(cfg: &LmConfig, vb: VarBuilder) -> Result<Self> {
+    pub fn new(cfg: &LmConfig, plan: &crate::plan::ExecutionPlan, vb: VarBuilder) -> Result<Self> {
         let (d, hd) = (cfg.hidden_size, cfg.head_dim);
         let (q_out, kv_out) = (cfg.num_heads * hd, cfg.num_kv_heads * hd);
         let proj = |out: usize, name: &str| match cfg.attention_bias {
@@ -34,7 +34,7 @@ impl LmAttention {
         let v_proj = proj(kv_out, "v_proj")?;
         let o_proj = crate::nn::linear_no_bias(q_out, d, vb.pp("o_proj"))?;
         let qk_norm = match cfg.qk_norm {
-            true => Some((RmsNorm::new(q_out, cfg.rms_norm_eps, vb.pp("q_norm"))?, RmsNorm::new(kv_out, cfg.rms_norm_eps, vb.pp("k_norm"))?)),
+            true => Some((RmsNorm::new(q_out, cfg.rms_norm_eps, plan.trainable(), vb.pp("q_norm"))?, RmsNorm::new(kv_out, cfg.rms_norm_eps, plan.trainable(), vb.pp("k_norm"))?)),
             false => None,
         };
         Ok(Self { q_proj, k_proj, v_proj, o_proj, qk_norm, num_heads: cfg.num_heads, num_kv_heads: cfg.num_kv_heads, head_dim: hd })

@@ -30,9 +30,9 @@ impl DecoderLayer {
     /// Layer `index` under `vb` (`model.layers.<index>`).
     pub fn new(cfg: &LmConfig, plan: &ExecutionPlan, index: usize, vb: VarBuilder) -> Result<Self> {
         let d = cfg.hidden_size;
-        let input_layernorm = RmsNorm::new(d, cfg.rms_norm_eps, vb.pp("input_layernorm"))?;
-        let self_attn = LmAttention::new(cfg, vb.pp("self_attn"))?;
-        let post_attention_layernorm = RmsNorm::new(d, cfg.rms_norm_eps, vb.pp("post_attention_layernorm"))?;
+        let input_layernorm = RmsNorm::new(d, cfg.rms_norm_eps, plan.trainable(), vb.pp("input_layernorm"))?;
+        let self_attn = LmAttention::new(cfg, plan, vb.pp("self_attn"))?;
+        let post_attention_layernorm = RmsNorm::new(d, cfg.rms_norm_eps, plan.trainable(), vb.pp("post_attention_layernorm"))?;
         let mlp = match cfg.layers.get(index) {
             Some(LayerMlp::Moe(m)) => LmMlp::Moe(Box::new(MoeLayer::new(m, plan, vb.pp(&cfg.moe_prefix))?)),
             Some(LayerMlp::Dense) => LmMlp::Dense(SwigluExpert::named(d, cfg.intermediate_size, &ParamNames::default(), vb.pp("mlp"))?),

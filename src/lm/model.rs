@@ -53,7 +53,7 @@ impl LmModel {
         let m = vb.pp("model");
         let embed_tokens = m.pp("embed_tokens").get((cfg.vocab_size, cfg.hidden_size), "weight")?;
         let layers = (0..cfg.num_layers).map(|i| DecoderLayer::new(cfg, plan, i, m.pp("layers").pp(i.to_string()))).collect::<Result<Vec<_>>>()?;
-        let norm = RmsNorm::new(cfg.hidden_size, cfg.rms_norm_eps, m.pp("norm"))?;
+        let norm = RmsNorm::new(cfg.hidden_size, cfg.rms_norm_eps, plan.trainable(), m.pp("norm"))?;
         let lm_head = match cfg.tie_word_embeddings {
             true => Linear::from_weights(embed_tokens.clone(), None),
             false => crate::nn::linear_no_bias(cfg.hidden_size, cfg.vocab_size, vb.pp("lm_head"))?,

@@ -5,20 +5,20 @@ use candle_nn::VarBuilder;
 
 #[derive(Debug, Clone)]
 pub struct RmsNorm {
-    /// `[size]`, kept in f32 like the activations.
-    weight: Tensor,
+    /// `[size]`, read in f32 like the activations.
+    weight: crate::nn::F32Param,
     eps: f64,
 }
 
 impl RmsNorm {
-    /// `<vb>.weight` of `[size]`.
-    pub fn new(size: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
-        let weight = vb.get(size, "weight")?.to_dtype(DType::F32)?;
+    /// `<vb>.weight` of `[size]`; `trainable`: the plan's.
+    pub fn new(size: usize, eps: f64, trainable: bool, vb: VarBuilder) -> Result<Self> {
+        let weight = crate::nn::F32Param::new(vb.get(size, "weight")?, trainable)?;
         Ok(Self { weight, eps })
     }
 
-    pub fn weight(&self) -> &Tensor {
-        &self.weight
+    pub fn weight(&self) -> Result<Tensor> {
+        self.weight.get()
     }
 }
 
@@ -29,11 +29,12 @@ impl Module for RmsNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dtype = x.dtype();
         let xf = x.to_dtype(DType::F32)?;
-        let y = if xf.track_op() || self.weight.track_op() {
+        let weight = self.weight()?;
+        let y = if xf.track_op() || weight.track_op() {
             let var = xf.sqr()?.mean_keepdim(candle_core::D::Minus1)?;
-            xf.broadcast_mul(&(var + self.eps)?.sqrt()?.recip()?)?.broadcast_mul(&self.weight)?
+            xf.broadcast_mul(&(var + self.eps)?.sqrt()?.recip()?)?.broadcast_mul(&weight)?
         } else {
-            candle_nn::ops::rms_norm(&xf.contiguous()?, &self.weight, self.eps as f32)?
+            candle_nn::ops::rms_norm(&xf.contiguous()?, &weight, self.eps as f32)?
         };
         y.to_dtype(dtype)
     }

@@ -413,7 +413,7 @@ impl LmTrainer {
         self.undecayed.step(&g_undecayed, lr, grad_scale)?;
         self.mark("AdamW")?;
         if let Some(p) = &mut self.profile {
-            p.end_step();
+            p.end_step()?;
         }
         self.step = step;
         if self.cfg.distill.as_ref().is_some_and(|d| !d.distils_at(step + 1)) {

@@ -8,7 +8,8 @@ use crate::model::kernels::block_ops;
 use crate::nn::ops;
 use candle_core::{DType, Module, Result, Tensor};
 use crate::nn::Linear;
-use crate::nn::LayerNorm;
+use crate::nn::{F32Param, LayerNorm};
+use crate::plan::ExecutionPlan;
 use candle_nn::VarBuilder;
 
 #[derive(Debug, Clone)]
@@ -29,13 +30,13 @@ pub struct Attention {
 }
 
 impl Attention {
-    pub fn new(cfg: &DitConfig, vb: VarBuilder) -> Result<Self> {
+    pub fn new(cfg: &DitConfig, plan: &ExecutionPlan, vb: VarBuilder) -> Result<Self> {
         let d = cfg.hidden_size;
         let hd = cfg.head_dim();
         let ln = |name: &str| -> Result<LayerNorm> {
             // Norms run in f32 like the rest of the activations (autocast keeps layer_norm in f32).
-            let w = vb.pp(name).get(hd, "weight")?.to_dtype(DType::F32)?;
-            let b = vb.pp(name).get(hd, "bias")?.to_dtype(DType::F32)?;
+            let w = F32Param::new(vb.pp(name).get(hd, "weight")?, plan.trainable())?;
+            let b = F32Param::new(vb.pp(name).get(hd, "bias")?, plan.trainable())?;
             Ok(LayerNorm::new(w, b, 1e-6))
         };
         // Built in the official state-dict order so recorded names list like the checkpoints.
@@ -73,18 +74,13 @@ impl Attention {
     /// on the GPU one fused kernel reading the projection, with the softmax in f32 as
     /// SDPA/flash-attention accumulate it.
     pub fn attend(&self, qkv: &Tensor) -> Result<Tensor> {
-        let norm = match &self.qk_norm {
+        let norm_weights = match &self.qk_norm {
             QkNorm::None => None,
-            // `self.q_norm(q).half()`: the official code rounds q and k to float16 even in an
-            // f32 run (torch.stack promotes back), so we round them the same way.
-            QkNorm::LayerNormHalf { q, k } => Some(block_ops::QkNormWeights {
-                q_weight: q.weight(),
-                q_bias: q.bias(),
-                k_weight: k.weight(),
-                k_bias: k.bias(),
-                eps: q.eps(),
-            }),
+            QkNorm::LayerNormHalf { q, k } => Some((q.weight()?, q.bias()?, k.weight()?, k.bias()?, q.eps())),
         };
+        // `self.q_norm(q).half()`: the official code rounds q and k to float16 even in an f32
+        // run (torch.stack promotes back), so we round them the same way.
+        let norm = norm_weights.as_ref().map(|(q_weight, q_bias, k_weight, k_bias, eps)| block_ops::QkNormWeights { q_weight, q_bias, k_weight, k_bias, eps: *eps });
         block_ops::qkv_attention(qkv, self.qkv.bias(), norm, self.num_heads, 1.0 / (self.head_dim as f64).sqrt())
     }
 

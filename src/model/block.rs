@@ -61,7 +61,7 @@ impl DitBlock {
     /// Block `index` of the model (ProMoE alternates dense and MoE blocks).
     pub fn new(cfg: &DitConfig, plan: &ExecutionPlan, index: usize, vb: VarBuilder) -> Result<Self> {
         let d = cfg.hidden_size;
-        let attn = Attention::new(cfg, vb.pp("attn"))?;
+        let attn = Attention::new(cfg, plan, vb.pp("attn"))?;
         let ffn = match (&cfg.promoe, cfg.is_moe_block(index)) {
             (None, _) => Ffn::Moe(Box::new(MoeLayer::new(&cfg.moe_config(), plan, vb.pp("moe"))?)),
             (Some(_), true) => Ffn::Moe(Box::new(MoeLayer::new(&cfg.moe_config(), plan, vb.pp("mlp"))?)),

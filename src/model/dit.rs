@@ -14,7 +14,7 @@ pub struct DitMoe {
     cfg: DitConfig,
     dtype: DType, // the weights' (compute) dtype
     x_embedder: PatchEmbed,
-    pos_embed: Tensor, // (1, T, D): the fixed sin-cos table, stored in official checkpoints
+    pos_embed: crate::nn::F32Param, // (1, T, D): the fixed sin-cos table, stored in official checkpoints
     t_freq_table: Tensor, // (1, 128): the timestep embedding's frequencies, on the device
     t_embedder: TimestepEmbedder,
     y_embedder: LabelEmbedder,
@@ -49,6 +49,28 @@ impl DitOutput {
     }
 }
 
+/// The per-block losses and counts a forward collects into its [`DitOutput`].
+#[derive(Default)]
+pub(crate) struct Routed {
+    aux_losses: Vec<Tensor>,
+    contrastive_losses: Vec<Tensor>,
+    expert_counts: Vec<Tensor>,
+}
+
+impl Routed {
+    /// Keeps block output `b`'s losses and counts; returns its tokens.
+    pub(crate) fn take(&mut self, b: super::BlockOutput) -> Tensor {
+        self.aux_losses.extend(b.aux_loss);
+        self.contrastive_losses.extend(b.contrastive_loss);
+        self.expert_counts.extend(b.counts);
+        b.x
+    }
+
+    pub(crate) fn into_output(self, out: Tensor) -> DitOutput {
+        DitOutput { out, aux_losses: self.aux_losses, contrastive_losses: self.contrastive_losses, expert_counts: self.expert_counts }
+    }
+}
+
 impl DitMoe {
     /// The model of `cfg`, run as `plan` says (device, frozen or trainable weights, precision);
     /// `vb` holds the weights (in `plan`'s weight dtype).
@@ -57,7 +79,7 @@ impl DitMoe {
         // `pos_embed` first: the official state dict lists the module's own parameter first.
         // Activations (and so the position table) stay f32 whatever the weights' dtype.
         let dtype = vb.dtype();
-        let pos_embed = vb.get((1, cfg.num_patches(), cfg.hidden_size), "pos_embed")?.to_dtype(DType::F32)?;
+        let pos_embed = crate::nn::F32Param::new(vb.get((1, cfg.num_patches(), cfg.hidden_size), "pos_embed")?, plan.trainable())?;
         // Built in the official state-dict order, which the recorded parameter lists follow.
         let x_embedder = PatchEmbed::new(cfg, vb.pp("x_embedder"))?;
         let t_embedder = TimestepEmbedder::new(cfg, vb.pp("t_embedder"))?;
@@ -131,6 +153,32 @@ impl DitMoe {
     /// (`num_classes` = null class; after label dropout, which ProMoE's routers also read).
     /// Activations and the output are f32; matmuls run in the weights' dtype.
     pub fn forward_full(&self, x: &Tensor, t: &Tensor, y: &Tensor, mode: ForwardMode, trace: &mut Trace) -> Result<DitOutput> {
+        let (x, c) = self.embed(x, t, y, trace)?;
+        let unconditional = self.unconditional_tokens(y)?;
+        let mut routed = Routed::default();
+        // Every block's modulation in one matmul where the weights are stacked (GPU inference).
+        let mods_all = match &self.ada_all {
+            Some(ada) => Some(ada.forward(&candle_nn::ops::silu(&c)?)?),
+            None => None,
+        };
+        let (mut x, mut attn_in) = (x, None);
+        for (i, block) in self.blocks.iter().enumerate() {
+            let mut b = match &mods_all {
+                Some(mods) => {
+                    let next = (i + 1 < self.blocks.len()).then_some(6 * (i + 1));
+                    block.forward_modulated(&x, attn_in.take(), Modulation { mods, first: 6 * i, next }, unconditional.as_ref(), mode, i, trace)?
+                }
+                None => block.forward(&x, &c, unconditional.as_ref(), mode, i, trace)?,
+            };
+            attn_in = b.next_attn_in.take();
+            x = routed.take(b);
+        }
+        Ok(routed.into_output(self.head(&x, &c, trace)?))
+    }
+
+    /// The token embeddings `patch(x) + pos_embed` (N, T, D) and the conditioning `t_emb +
+    /// y_emb` (N, D), both f32, after checking the inputs' shapes.
+    pub(crate) fn embed(&self, x: &Tensor, t: &Tensor, y: &Tensor, trace: &mut Trace) -> Result<(Tensor, Tensor)> {
         let (n, c, h, w) = x.dims4()?;
         let cfg = &self.cfg;
         if c != cfg.in_channels || h != cfg.input_size || w != cfg.input_size {
@@ -145,7 +193,7 @@ impl DitMoe {
         }
         let x = x.to_dtype(DType::F32)?;
         let patch = self.x_embedder.forward(&x)?;
-        let mut x = (&patch + ops::broadcast_contiguous(&self.pos_embed, patch.dims())?)?;
+        let x = (&patch + ops::broadcast_contiguous(&self.pos_embed.get()?, patch.dims())?)?;
         let t_freq = TimestepEmbedder::frequencies_with(t, &self.t_freq_table)?;
         let t_emb = self.t_embedder.forward_freq(&t_freq)?;
         let y_emb = self.y_embedder.forward(y)?;
@@ -156,35 +204,14 @@ impl DitMoe {
         trace.keep(|| "embed.t".into(), &t_emb);
         trace.keep(|| "embed.y".into(), &y_emb);
         trace.keep(|| "embed.c".into(), &c);
+        Ok((x, c))
+    }
 
-        let mut aux_losses = Vec::new();
-        let mut contrastive_losses = Vec::new();
-        let mut expert_counts = Vec::with_capacity(self.blocks.len());
-        // Every block's modulation in one matmul where the weights are stacked (GPU inference).
-        let mods_all = match &self.ada_all {
-            Some(ada) => Some(ada.forward(&candle_nn::ops::silu(&c)?)?),
-            None => None,
-        };
-        let unconditional = self.unconditional_tokens(y)?;
-        let unconditional = unconditional.as_ref();
-        let mut attn_in = None;
-        for (i, block) in self.blocks.iter().enumerate() {
-            let b = match &mods_all {
-                Some(mods) => {
-                    let next = (i + 1 < self.blocks.len()).then_some(6 * (i + 1));
-                    block.forward_modulated(&x, attn_in.take(), Modulation { mods, first: 6 * i, next }, unconditional, mode, i, trace)?
-                }
-                None => block.forward(&x, &c, unconditional, mode, i, trace)?,
-            };
-            x = b.x;
-            attn_in = b.next_attn_in;
-            aux_losses.extend(b.aux_loss);
-            contrastive_losses.extend(b.contrastive_loss);
-            expert_counts.extend(b.counts);
-        }
-        let out = self.final_layer.forward(&x, &c)?;
+    /// The final layer and `unpatchify`: the last block's tokens (N, T, D) -> (N, C, H, W).
+    pub(crate) fn head(&self, x: &Tensor, c: &Tensor, trace: &mut Trace) -> Result<Tensor> {
+        let out = self.final_layer.forward(x, c)?;
         trace.keep(|| "final.out".into(), &out);
-        Ok(DitOutput { out: self.unpatchify(&out)?, aux_losses, contrastive_losses, expert_counts })
+        self.unpatchify(&out)
     }
 
     /// Eval-mode forward (official `DiT.forward` with `model.eval()`).

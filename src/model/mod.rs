@@ -7,6 +7,7 @@ pub mod embed;
 pub mod final_layer;
 pub mod kernels;
 pub mod record;
+pub mod recompute;
 
 pub use attention::Attention;
 pub use block::{BlockOutput, DitBlock, Ffn, Modulation};
@@ -14,3 +15,4 @@ pub use dit::{DitMoe, DitOutput};
 pub use embed::{get_2d_sincos_pos_embed, LabelEmbedder, PatchEmbed, TimestepEmbedder};
 pub use final_layer::FinalLayer;
 pub use record::{ForwardMode, LayerRouting, Trace};
+pub use recompute::BlockTape;

@@ -134,26 +134,55 @@ pub fn layer_norm(x: &Tensor, weight: Option<&Tensor>, bias: Option<&Tensor>, ep
     candle_nn::ops::layer_norm(&x.contiguous()?, w, b, eps as f32)
 }
 
-/// A LayerNorm with affine parameters (the flash-attention form's q/k norms).
+/// A parameter the forward reads in f32 whatever the weights' dtype (norm weights, the
+/// position table), as autocast keeps norms in f32. Frozen weights are converted once, when
+/// the model is built. Trained weights are converted at each use: the variable's value changes
+/// every step (in a bf16 plan it is the bf16 copy refreshed from the f32 masters), and a copy
+/// made at build time would keep the value the variable had then.
+#[derive(Debug, Clone)]
+pub struct F32Param {
+    tensor: Tensor,
+    convert_on_use: bool,
+}
+
+impl F32Param {
+    /// `trainable`: the plan's ([`crate::ExecutionPlan::trainable`]).
+    pub fn new(tensor: Tensor, trainable: bool) -> Result<Self> {
+        match trainable && tensor.dtype() != DType::F32 {
+            true => Ok(Self { tensor, convert_on_use: true }),
+            false => Ok(Self { tensor: tensor.to_dtype(DType::F32)?, convert_on_use: false }),
+        }
+    }
+
+    /// The parameter in f32 (differentiable in the variable when trained).
+    pub fn get(&self) -> Result<Tensor> {
+        match self.convert_on_use {
+            true => self.tensor.to_dtype(DType::F32),
+            false => Ok(self.tensor.clone()),
+        }
+    }
+}
+
+/// A LayerNorm with affine parameters (the flash-attention form's q/k norms), in f32.
 #[derive(Debug, Clone)]
 pub struct LayerNorm {
-    weight: Tensor,
-    bias: Tensor,
+    weight: F32Param,
+    bias: F32Param,
     eps: f64,
 }
 
 impl LayerNorm {
-    pub fn new(weight: Tensor, bias: Tensor, eps: f64) -> Self {
+    pub fn new(weight: F32Param, bias: F32Param, eps: f64) -> Self {
         Self { weight, bias, eps }
     }
 }
 
 impl LayerNorm {
-    pub fn weight(&self) -> &Tensor {
-        &self.weight
+    pub fn weight(&self) -> Result<Tensor> {
+        self.weight.get()
     }
-    pub fn bias(&self) -> &Tensor {
-        &self.bias
+    pub fn bias(&self) -> Result<Tensor> {
+        self.bias.get()
     }
     pub fn eps(&self) -> f64 {
         self.eps
@@ -162,6 +191,6 @@ impl LayerNorm {
 
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        layer_norm(x, Some(&self.weight), Some(&self.bias), self.eps)
+        layer_norm(x, Some(&self.weight()?), Some(&self.bias()?), self.eps)
     }
 }

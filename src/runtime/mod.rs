@@ -1,6 +1,6 @@
 //! What every kernel family shares and no model owns: the CUDA runtime (NVRTC compilation of
 //! `kernels/`, the compile target, tensor <-> kernel-argument helpers), CUDA-graph capture and
-//! replay of a forward, CUDA-event timing, and the custom-op plumbing that hands a value the
+//! replay of a forward, CUDA-event timing, the peak of the memory in use, and the custom-op plumbing that hands a value the
 //! kernels computed to candle's autograd.
 //!
 //! The kernel families live with their owners: the MoE ops with the engine
@@ -24,5 +24,6 @@ macro_rules! nvrtc_source {
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod graph;
+pub mod memory;
 pub(crate) mod precomputed;
 pub mod timing;

@@ -163,6 +163,16 @@ pub struct TrainConfig {
     /// shipped EMA weights. Ignored when resuming from a checkpoint.
     #[serde(default)]
     pub init_from: Option<PathBuf>,
+    /// Recompute each block's activations in the backward instead of keeping them
+    /// (`crate::model::recompute`): memory for one block's activations instead of every
+    /// block's, for a second forward of the blocks.
+    #[serde(default)]
+    pub recompute: bool,
+    /// Keep the EMA weights in host memory instead of on the GPU: an f32 copy of every
+    /// weight (4 bytes a parameter) that XL/2-8E2A's training state leaves no room for on an
+    /// 80 GB card. Each update then copies the weights to the host (docs/training.md).
+    #[serde(default)]
+    pub ema_on_host: bool,
 }
 
 impl TrainConfig {

@@ -1,7 +1,7 @@
 //! Exponential moving average of the weights (official `train.update_ema`):
 //! `ema = decay * ema + (1 - decay) * param`, started as an exact copy (`update_ema(decay=0)`).
 use crate::train::kernels::foreach::ema_update;
-use candle_core::{Result, Tensor, Var};
+use candle_core::{Device, Result, Tensor, Var};
 
 pub struct Ema {
     decay: f64,
@@ -10,13 +10,29 @@ pub struct Ema {
 }
 
 impl Ema {
-    /// A copy of the current weights.
-    pub fn new(vars: &[(String, Var)], decay: f64) -> Result<Self> {
-        let tensors = vars.iter().map(|(n, v)| Ok((n.clone(), v.as_tensor().detach().copy()?))).collect::<Result<_>>()?;
+    /// A copy of the current weights, kept on `device` (the weights' own, or the host when the
+    /// training state fills the GPU: `TrainConfig::ema_on_host`).
+    pub fn new(vars: &[(String, Var)], decay: f64, device: &Device) -> Result<Self> {
+        let tensors = vars.iter().map(|(n, v)| Ok((n.clone(), v.as_tensor().detach().to_device(device)?.copy()?))).collect::<Result<_>>()?;
         Ok(Self { decay, tensors })
     }
 
+    /// One update from the current weights (copied to the EMA's device first when they live
+    /// elsewhere, one parameter at a time).
     pub fn update(&mut self, vars: &[(String, Var)]) -> Result<()> {
+        let device = match self.tensors.first() {
+            Some((_, e)) => e.device().clone(),
+            None => return Ok(()),
+        };
+        if !vars.iter().all(|(_, v)| v.device().same_device(&device)) {
+            for ((_, e), (_, v)) in self.tensors.iter_mut().zip(vars) {
+                let mut one = [e.clone()];
+                ema_update(&mut one, &[v.as_tensor().to_device(&device)?], self.decay)?;
+                let [updated] = one;
+                *e = updated;
+            }
+            return Ok(());
+        }
         let params: Vec<Tensor> = vars.iter().map(|(_, v)| v.as_tensor().clone()).collect();
         let mut avgs: Vec<Tensor> = self.tensors.iter().map(|(_, e)| e.clone()).collect();
         ema_update(&mut avgs, &params, self.decay)?;

@@ -3,6 +3,8 @@
 //! phase queued is charged to it (what `torch.cuda.synchronize()` around timers does). The
 //! synchronisation costs a little overlap, so profiled steps run slightly slower than plain
 //! ones. The run's first step pays for kernel compilation and loader start-up and is left out.
+//! On a GPU it also reports the peak memory in use over the steps ([`crate::runtime::memory`]).
+use crate::runtime::memory;
 use candle_core::{Device, Result};
 use std::time::Instant;
 
@@ -15,16 +17,19 @@ pub struct StepProfile {
     last: Instant,
     steps_seen: u64,
     steps_counted: u64,
+    /// The most device memory in use during any step, in bytes (None on the CPU).
+    peak_bytes: Option<u64>,
 }
 
 impl StepProfile {
     pub fn new(device: &Device) -> Self {
-        Self { device: device.clone(), totals: Vec::new(), current: Vec::new(), last: Instant::now(), steps_seen: 0, steps_counted: 0 }
+        Self { device: device.clone(), totals: Vec::new(), current: Vec::new(), last: Instant::now(), steps_seen: 0, steps_counted: 0, peak_bytes: None }
     }
 
     /// Starts a step's clock once the device is idle.
     pub fn start_step(&mut self) -> Result<()> {
         self.device.synchronize()?;
+        memory::reset_peak(&self.device)?;
         self.current.clear();
         self.last = Instant::now();
         Ok(())
@@ -44,7 +49,20 @@ impl StepProfile {
     }
 
     /// Ends a step: every step after the run's first is counted.
-    pub fn end_step(&mut self) {
+    pub fn end_step(&mut self) -> Result<()> {
+        if let Some(peak) = memory::peak_bytes(&self.device)? {
+            self.peak_bytes = Some(self.peak_bytes.unwrap_or(0).max(peak));
+        }
+        self.end_step_timing();
+        Ok(())
+    }
+
+    /// The most device memory in use during any step so far, in bytes; None on the CPU.
+    pub fn peak_bytes(&self) -> Option<u64> {
+        self.peak_bytes
+    }
+
+    fn end_step_timing(&mut self) {
         self.steps_seen += 1;
         if self.steps_seen == 1 {
             return;
@@ -78,6 +96,9 @@ impl StepProfile {
             s += &format!("| {p} | {ms:.2} | {:.1}% |\n", 100.0 * ms / total.max(f64::MIN_POSITIVE));
         }
         s += &format!("| **step** | **{total:.2}** | 100% |\n");
+        if let Some(peak) = self.peak_bytes {
+            s += &format!("\npeak device memory in use: {:.2} GiB\n", peak as f64 / (1u64 << 30) as f64);
+        }
         s
     }
 }
@@ -97,7 +118,7 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(2));
             p.mark("b").unwrap();
             p.mark("a").unwrap();
-            p.end_step();
+            p.end_step().unwrap();
         }
         assert_eq!(p.steps_counted(), 2);
         let rows = p.per_step_ms();

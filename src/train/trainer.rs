@@ -8,6 +8,7 @@ use super::data::open_dataset;
 use super::ema::Ema;
 use super::init::{initialize, is_frozen};
 use super::log::{JsonlLog, StepLog};
+use super::mixed_precision::TrainingWeights;
 use super::profile::StepProfile;
 use super::rng::{drop_labels, randn, step_rng, Stream};
 use super::samples::write_grid;
@@ -19,7 +20,7 @@ use crate::config::DitConfig;
 use crate::data::{DataLoader, LoaderConfig, LoaderState};
 use crate::train::kernels::foreach::sum_of_squares;
 use crate::diffusion::{GaussianDiffusion, RectifiedFlow};
-use crate::model::{DitMoe, ForwardMode, Trace};
+use crate::model::{BlockTape, DitMoe, ForwardMode, Trace};
 use candle_core::{bail, DType, Device, Result, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -37,8 +38,9 @@ pub enum StopReason {
 }
 
 /// What [`Trainer::micro_step`] returns: (loss + balance loss + contrastive loss scaled by
-/// 1/accum, diffusion loss, balance loss, contrastive loss, expert counts).
-type MicroStep = (Tensor, f32, f32, f32, Vec<Vec<usize>>);
+/// 1/accum, diffusion loss, balance loss, contrastive loss, expert counts, the blocks' tape of a
+/// recomputed forward).
+type MicroStep = (Tensor, f32, f32, f32, Vec<Vec<usize>>, Option<BlockTape>);
 
 #[derive(Debug, Clone)]
 pub struct RunSummary {
@@ -65,8 +67,9 @@ pub struct Trainer {
     plan: ExecutionPlan,
     device: Device,
     model: DitMoe,
-    /// Every variable (sorted by name): what checkpoints and the EMA hold.
-    all_vars: Vec<(String, Var)>,
+    /// The f32 master weights (what checkpoints, the EMA and AdamW hold) and, in a bf16 plan,
+    /// the model's bf16 copies of them.
+    weights: TrainingWeights,
     opt: AdamW,
     ema: Ema,
     loader: DataLoader,
@@ -95,19 +98,23 @@ impl Trainer {
     /// Builds the model (official init from `seed`) and data stream; with `resume`, continues
     /// from the newest valid checkpoint in `<out>/checkpoints` (a fresh start if there is none,
     /// said in the warnings). A new run refuses a run folder that holds a run, unless `start`
-    /// moves it aside ([`run_dir::prepare`]). `plan`: a training plan (trainable weights; its
-    /// precision sets the matmuls', the master weights stay f32).
+    /// moves it aside ([`run_dir::prepare`]). `plan`: a training plan (trainable weights); its
+    /// precision is the forward's and backward's, the master weights are f32 in every plan
+    /// ([`TrainingWeights`]).
     pub fn new(cfg: TrainConfig, plan: &ExecutionPlan, start: RunStart) -> Result<Self> {
         let resume = start == RunStart::Resume;
-        if !plan.trainable() || plan.weight_dtype() != DType::F32 {
-            candle_core::bail!("the trainer needs a training plan with f32 master weights")
+        if !plan.trainable() {
+            candle_core::bail!("the trainer needs a training plan (trainable weights)")
         }
         let device = &plan.device;
         cfg.validate()?;
         let model_cfg = cfg.model_config()?;
-        // f32 weights, their gradients, AdamW's two moments and the EMA copy: 20 bytes a
-        // parameter before any activation
-        plan.check_fits("training the model (weights, gradients, optimizer state, EMA)", model_cfg.param_counts().0 as u64 * 20)?;
+        // f32 weights, their gradients, AdamW's two moments and the EMA copy (unless it is on
+        // the host): 20 bytes a parameter before any activation, plus the compute-dtype copies
+        // of a bf16 plan
+        let ema_bytes = if cfg.ema_on_host { 0 } else { 4 };
+        let per_param = 16 + ema_bytes + TrainingWeights::extra_bytes_per_param(plan.weight_dtype());
+        plan.check_fits("training the model (weights, gradients, optimizer state, EMA)", model_cfg.param_counts().0 as u64 * per_param)?;
         let dataset = open_dataset(&cfg, &model_cfg)?;
         let class_names = dataset.class_names().to_vec();
         if let Some(aside) = run_dir::prepare(&cfg.out, start)? {
@@ -115,11 +122,12 @@ impl Trainer {
         }
         std::fs::create_dir_all(&cfg.out).map_err(|e| candle_core::Error::Msg(format!("{}: {e}", cfg.out.display())))?;
 
-        // Master weights are f32 on every device (see docs/quality.md for why not bf16).
+        // The model's weights in the plan's dtype; the f32 masters are initialised and loaded,
+        // then copied to the model (see docs/quality.md for why the masters are not bf16).
         let varmap = VarMap::new();
-        let model = DitMoe::new(&model_cfg, plan, VarBuilder::from_varmap(&varmap, DType::F32, device))?;
-        let mut all_vars: Vec<(String, Var)> = varmap.data().lock().expect("varmap lock").iter().map(|(n, v)| (n.clone(), v.clone())).collect();
-        all_vars.sort_by(|a, b| a.0.cmp(&b.0));
+        let model = DitMoe::new(&model_cfg, plan, VarBuilder::from_varmap(&varmap, plan.weight_dtype(), device))?;
+        let weights = TrainingWeights::new(&varmap)?;
+        let all_vars = weights.masters().to_vec();
         initialize(&all_vars, &model_cfg, cfg.seed)?;
         if let Some(path) = &cfg.init_from {
             let sd = crate::checkpoint::load_state_dict(path)?;
@@ -131,7 +139,7 @@ impl Trainer {
         let trainable: Vec<(String, Var)> = all_vars.iter().filter(|(n, _)| !is_frozen(n)).cloned().collect();
         let params = AdamWParams { weight_decay: cfg.weight_decay, beta1: cfg.beta1, beta2: cfg.beta2, eps: cfg.adam_eps };
         let mut opt = AdamW::new(trainable, params)?;
-        let mut ema = Ema::new(&all_vars, cfg.ema_decay)?;
+        let mut ema = Ema::new(&all_vars, cfg.ema_decay, if cfg.ema_on_host { &Device::Cpu } else { device })?;
 
         let (mut step, mut loader_state, mut resumed_from, mut warnings) = (0, LoaderState::default(), None, Vec::new());
         if resume {
@@ -163,6 +171,7 @@ impl Trainer {
                 resumed_from = Some(ckpt.dir);
             }
         }
+        weights.sync()?;
 
         let mut lcfg = LoaderConfig::new(cfg.micro_batch(), cfg.seed);
         if let Some(w) = cfg.num_workers {
@@ -173,7 +182,7 @@ impl Trainer {
             Objective::Ddpm => Loss::Ddpm(Box::new(GaussianDiffusion::create("", model_cfg.learn_sigma)?)),
             Objective::Rf => Loss::Rf(RectifiedFlow::flow_matching(model_cfg.learn_sigma, 1.0, model_cfg.flow_time_scale())?),
         };
-        Ok(Self { cfg, model_cfg, plan: plan.clone(), device: device.clone(), model, all_vars, opt, ema, loader, loss, class_names, step, resumed_from, warnings, profile: None })
+        Ok(Self { cfg, model_cfg, plan: plan.clone(), device: device.clone(), model, weights, opt, ema, loader, loss, class_names, step, resumed_from, warnings, profile: None })
     }
 
     pub fn step(&self) -> u64 {
@@ -202,7 +211,8 @@ impl Trainer {
     }
 
     /// One micro-batch: returns (loss + balance loss + contrastive loss scaled by 1/accum,
-    /// diffusion loss, balance loss, contrastive loss, expert counts).
+    /// diffusion loss, balance loss, contrastive loss, expert counts, and with `recompute` the
+    /// blocks' tape that the backward continues through).
     fn micro_step(&mut self, step: u64, micro: usize) -> Result<MicroStep> {
         let batch = self.loader.next_batch()?;
         self.mark("data")?;
@@ -212,8 +222,16 @@ impl Trainer {
         let labels = drop_labels(&mut step_rng(seed, step, micro, Stream::LabelDrop), &labels, self.model_cfg.class_dropout_prob, self.model_cfg.null_class() as u32);
         let y = Tensor::from_vec(labels, n, &self.device)?;
         let mut routed = None;
+        let mut tape = None;
         let mut call = |xt: &Tensor, t: &Tensor| -> Result<Tensor> {
-            let o = self.model.forward_full(xt, t, &y, ForwardMode::Train, &mut Trace::default())?;
+            let o = match self.cfg.recompute {
+                true => {
+                    let (o, blocks) = self.model.forward_recomputed(xt, t, &y)?;
+                    tape = Some(blocks);
+                    o
+                }
+                false => self.model.forward_full(xt, t, &y, ForwardMode::Train, &mut Trace::default())?,
+            };
             routed = Some((o.aux_losses.clone(), o.contrastive_losses.clone(), o.expert_counts_host()?));
             Ok(o.out)
         };
@@ -246,14 +264,15 @@ impl Trainer {
         // ProMoE's routing contrastive loss (lambda already applied), beside the balance loss.
         let contrastive = sum(&contrastive_losses)?;
         let total = (((&loss + &aux)? + &contrastive)? / self.cfg.accumulation() as f64)?;
-        let step = (total, loss.to_scalar::<f32>()?, aux.to_scalar::<f32>()?, contrastive.to_scalar::<f32>()?, counts);
+        let step = (total, loss.to_scalar::<f32>()?, aux.to_scalar::<f32>()?, contrastive.to_scalar::<f32>()?, counts, tape);
         self.mark("forward + losses")?;
         Ok(step)
     }
 
     /// One optimizer step: accumulate gradients over the micro-batches, check the loss and
-    /// gradient norm are finite, clip, update, EMA.
-    fn train_step(&mut self) -> Result<StepLog> {
+    /// gradient norm are finite, clip, update, EMA. [`Self::run`] calls it between its logs and
+    /// checkpoints; benchmarks call it alone (`examples/bench_train`).
+    pub fn train_step(&mut self) -> Result<StepLog> {
         let step = self.step + 1;
         let accum = self.cfg.accumulation();
         let (mut loss_sum, mut aux_sum, mut con_sum) = (0f32, 0f32, 0f32);
@@ -263,7 +282,7 @@ impl Trainer {
             p.start_step()?;
         }
         for micro in 0..accum {
-            let (total, loss, aux, con, c) = self.micro_step(step, micro)?;
+            let (total, loss, aux, con, c, tape) = self.micro_step(step, micro)?;
             if !loss.is_finite() || !aux.is_finite() || !con.is_finite() {
                 bail!("non-finite loss at step {step} (loss {loss}, balance loss {aux}, contrastive loss {con})");
             }
@@ -277,14 +296,17 @@ impl Trainer {
                     acc.iter_mut().zip(layer).for_each(|(a, b)| *a += b);
                 }
             }
-            let store = total.backward()?;
+            let mut store = total.backward()?;
+            if let Some(tape) = tape {
+                tape.backward(&self.model, &mut store, 1.0 / accum as f64)?;
+            }
             self.mark("backward")?;
-            for (i, (_, var)) in self.opt.vars().iter().enumerate() {
+            for (i, (name, var)) in self.opt.vars().iter().enumerate() {
                 // A parameter no expert token reached this pass has no gradient: zero.
                 // Contiguous: the fused optimizer kernels take flat tensors (a matmul weight's
                 // gradient arrives transposed).
-                let g = match store.get(var.as_tensor()) {
-                    Some(g) => g.detach().contiguous()?,
+                let g = match self.weights.take_grad(&mut store, name)? {
+                    Some(g) => g,
                     None => var.zeros_like()?,
                 };
                 if micro == 0 {
@@ -310,11 +332,13 @@ impl Trainer {
         let grad_scale = self.cfg.max_grad_norm.map(|max| max / (grad_norm as f64 + 1e-6)).filter(|&c| c < 1.0);
         let lr = self.cfg.lr_at(step);
         self.opt.step(&grads, lr, grad_scale)?;
+        drop(grads);
+        self.weights.sync()?;
         self.mark("AdamW")?;
-        self.ema.update(&self.all_vars)?;
+        self.ema.update(self.weights.masters())?;
         self.mark("EMA")?;
         if let Some(p) = &mut self.profile {
-            p.end_step();
+            p.end_step()?;
         }
         self.step = step;
         Ok(StepLog {
@@ -331,7 +355,7 @@ impl Trainer {
 
     fn save_checkpoint(&self) -> Result<PathBuf> {
         let tensors = |vars: &[(String, Var)]| vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect::<Vec<_>>();
-        let model = tensors(&self.all_vars);
+        let model = tensors(self.weights.masters());
         let optim = self.opt.state_tensors();
         let req = SaveRequest { step: self.step, loader: self.loader.state(), seed: self.cfg.seed, model: &model, ema: self.ema.tensors(), optim: &optim };
         checkpoint::save(&checkpoint::checkpoints_dir(&self.cfg.out), &req, self.cfg.keep_last)

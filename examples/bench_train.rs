@@ -1,0 +1,132 @@
+//! Training throughput at ImageNet shape: the trainer's step (`Trainer::train_step`: label
+//! dropout, the DDPM loss with learned sigma + the balance loss, backward, AdamW, EMA) on
+//! random SD-VAE-shaped latents (32x32x4, 1000 classes), for the official DiT-MoE sizes, each
+//! batch, precision and with or without activation recomputation. Prints one markdown row per
+//! configuration: ms per step, images/s, the forward / backward / optimizer split and the peak
+//! device memory in use. A configuration that runs out of memory says so and the next runs.
+//!
+//! ```text
+//! ../shared/scripts/build-cuda.sh build --release --example bench_train
+//! bench_train --device cuda [--models S/2,B/2,XL/2] [--batches 32,64] [--precisions bf16,tf32,f32]
+//!     [--recompute off|on|both] [--steps 6] [--ema-on-host S/2,...]
+//! ```
+//! The official counterpart is `shared/tools/bench_official_ditmoe.py --train` (the official
+//! `train.py` step); docs/benchmarks.md has both, measured in the same job. The models take the
+//! official `train.py` attention (`use_flash_attn` off) and `pretraining_tp` has no effect on
+//! the maths. The first two steps (kernel compilation, memory-pool growth) are not timed.
+use anyhow::{Context, Result};
+use candle_core::{Device, Tensor};
+use ditmoe::train::{RunStart, TrainConfig, Trainer};
+use ditmoe::{ExecutionPlan, Precision};
+use std::path::Path;
+use std::time::Instant;
+
+fn arg(name: &str, default: &str) -> String {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned().unwrap_or_else(|| default.to_string())
+}
+
+fn list(name: &str, default: &str) -> Vec<String> {
+    arg(name, default).split(',').filter(|s| !s.is_empty()).map(str::to_string).collect()
+}
+
+/// One configuration's measurement, or why there is none.
+enum Outcome {
+    Ran { ms: f64, fwd: f64, bwd: f64, opt: f64, peak_gib: Option<f64>, loss: f32 },
+    OutOfMemory(String),
+}
+
+#[allow(clippy::too_many_arguments)]
+fn measure(work: &Path, model: &str, shards: &Path, batch: usize, precision: Precision, recompute: bool, ema_on_host: bool, steps: usize, device: &Device) -> Result<Outcome> {
+    let mut cfg = ditmoe::presets::get(model)?.config;
+    cfg.use_flash_attn = false; // the official train.py's DiT
+    let model_json = work.join("model.json");
+    std::fs::write(&model_json, cfg.to_json())?;
+    let train: TrainConfig = serde_json::from_value(serde_json::json!({
+        "model": model_json, "data": shards, "out": work.join("run"), "objective": "ddpm",
+        "global_batch": batch, "steps": 1_000_000, "lr": 1e-4, "seed": 0, "num_workers": 4,
+        "recompute": recompute, "ema_on_host": ema_on_host, "random_flip": false,
+    }))?;
+    let plan = ExecutionPlan::training(device, precision);
+    plan.apply_matmul_precision();
+    let run = || -> candle_core::Result<Outcome> {
+        let mut trainer = Trainer::new(train.clone(), &plan, RunStart::Overwrite)?;
+        trainer.enable_profile();
+        let mut loss = 0f32;
+        let mut times = Vec::new();
+        for step in 0..steps + 2 {
+            let t0 = Instant::now();
+            loss = trainer.train_step()?.loss;
+            if step >= 2 {
+                times.push(t0.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+        times.sort_by(f64::total_cmp);
+        let phases = trainer.profile().expect("profile on").per_step_ms();
+        let phase = |names: &[&str]| phases.iter().filter(|(p, _)| names.contains(p)).map(|(_, ms)| ms).sum::<f64>();
+        Ok(Outcome::Ran {
+            ms: times[times.len() / 2],
+            fwd: phase(&["data", "forward + losses"]),
+            bwd: phase(&["backward", "gradients collected", "autograd graph freed"]),
+            opt: phase(&["grad norm", "AdamW", "EMA"]),
+            peak_gib: trainer.profile().and_then(|p| p.peak_bytes()).map(|b| b as f64 / (1u64 << 30) as f64),
+            loss,
+        })
+    };
+    match run() {
+        Ok(o) => Ok(o),
+        Err(e) if format!("{e:?}").contains("OUT_OF_MEMORY") || e.to_string().contains("needs about") => Ok(Outcome::OutOfMemory(e.to_string().lines().next().unwrap_or("").to_string())),
+        Err(e) => Err(e).with_context(|| format!("{model} batch {batch} {precision}")),
+    }
+}
+
+fn main() -> Result<()> {
+    let device = match arg("--device", "cuda").as_str() {
+        "cpu" => Device::Cpu,
+        _ => ditmoe::runtime::graph::cuda_device(0)?,
+    };
+    let models = list("--models", "S/2,B/2,XL/2");
+    let batches: Vec<usize> = list("--batches", "32,64").iter().map(|b| b.parse()).collect::<Result<_, _>>()?;
+    let precisions: Vec<Precision> = list("--precisions", "bf16,tf32,f32").iter().map(|p| p.parse().map_err(anyhow::Error::msg)).collect::<Result<_>>()?;
+    let recompute: Vec<bool> = match arg("--recompute", "off").as_str() {
+        "on" => vec![true],
+        "both" => vec![false, true],
+        _ => vec![false],
+    };
+    let ema_on_host = list("--ema-on-host", "XL/2");
+    let steps: usize = arg("--steps", "6").parse()?;
+    let work = std::env::temp_dir().join(format!("ditmoe-bench-train-{}", std::process::id()));
+    std::fs::create_dir_all(&work)?;
+    // Random latents of the SD-VAE's shape and scale, enough for a few distinct batches.
+    let shards = work.join("latents.safetensors");
+    let n = 4 * batches.iter().max().copied().unwrap_or(64);
+    let latents = Tensor::randn(0f32, 1.0, (n, 4, 32, 32), &Device::Cpu)?;
+    let labels = Tensor::from_vec((0..n as i64).map(|i| i * 37 % 1000).collect::<Vec<_>>(), n, &Device::Cpu)?;
+    ditmoe::data::write_latent_shard(&shards, &latents, &labels)?;
+
+    println!("| model | precision | recompute | batch | ms / step | images/s | fwd / bwd / opt ms | peak GiB | loss |");
+    println!("|---|---|---|---:|---:|---:|---|---:|---:|");
+    for model in &models {
+        let name = format!("DiT-MoE-{model}-8E2A");
+        let on_host = ema_on_host.contains(model);
+        for &batch in &batches {
+            for &precision in &precisions {
+                for &rc in &recompute {
+                    let o = measure(&work, &name, &shards, batch, precision, rc, on_host, steps, &device)?;
+                    let rc_s = if rc { "on" } else { "off" };
+                    let ema = if on_host { " (EMA on host)" } else { "" };
+                    match o {
+                        Outcome::Ran { ms, fwd, bwd, opt, peak_gib, loss } => println!(
+                            "| {name}{ema} | {precision} | {rc_s} | {batch} | {ms:.1} | {:.1} | {fwd:.0} / {bwd:.0} / {opt:.0} | {} | {loss:.3} |",
+                            batch as f64 / ms * 1e3,
+                            peak_gib.map_or("–".into(), |g| format!("{g:.1}"))
+                        ),
+                        Outcome::OutOfMemory(why) => println!("| {name}{ema} | {precision} | {rc_s} | {batch} | out of memory | | | | {why} |"),
+                    }
+                }
+            }
+        }
+    }
+    std::fs::remove_dir_all(&work).ok();
+    Ok(())
+}
