@@ -8,12 +8,13 @@
 //! ```text
 //! ../shared/scripts/build-cuda.sh build --release --example bench_train
 //! bench_train --device cuda [--models S/2,B/2,XL/2] [--batches 32,64] [--precisions bf16,tf32,f32]
-//!     [--recompute off|on|both] [--steps 6] [--ema-on-host S/2,...]
+//!     [--recompute off|on|both] [--steps 6] [--warmup 2] [--ema-on-host XL/2,...]
 //! ```
 //! The official counterpart is `shared/tools/bench_official_ditmoe.py --train` (the official
 //! `train.py` step); docs/benchmarks.md has both, measured in the same job. The models take the
 //! official `train.py` attention (`use_flash_attn` off) and `pretraining_tp` has no effect on
-//! the maths. The first two steps (kernel compilation, memory-pool growth) are not timed.
+//! the maths. The warm-up steps (kernel compilation, memory-pool growth) are not timed; the
+//! row gives the median step.
 use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
 use ditmoe::train::{RunStart, TrainConfig, Trainer};
@@ -32,12 +33,12 @@ fn list(name: &str, default: &str) -> Vec<String> {
 
 /// One configuration's measurement, or why there is none.
 enum Outcome {
-    Ran { ms: f64, fwd: f64, bwd: f64, opt: f64, peak_gib: Option<f64>, loss: f32 },
+    Ran { ms: f64, fwd: f64, bwd: f64, opt: f64, ema: f64, peak_gib: Option<f64>, loss: f32 },
     OutOfMemory(String),
 }
 
 #[allow(clippy::too_many_arguments)]
-fn measure(work: &Path, model: &str, shards: &Path, batch: usize, precision: Precision, recompute: bool, ema_on_host: bool, steps: usize, device: &Device) -> Result<Outcome> {
+fn measure(work: &Path, model: &str, shards: &Path, batch: usize, precision: Precision, recompute: bool, ema_on_host: bool, (warmup, steps): (usize, usize), device: &Device) -> Result<Outcome> {
     let mut cfg = ditmoe::presets::get(model)?.config;
     cfg.use_flash_attn = false; // the official train.py's DiT
     let model_json = work.join("model.json");
@@ -54,10 +55,10 @@ fn measure(work: &Path, model: &str, shards: &Path, batch: usize, precision: Pre
         trainer.enable_profile();
         let mut loss = 0f32;
         let mut times = Vec::new();
-        for step in 0..steps + 2 {
+        for step in 0..steps + warmup {
             let t0 = Instant::now();
             loss = trainer.train_step()?.loss;
-            if step >= 2 {
+            if step >= warmup {
                 times.push(t0.elapsed().as_secs_f64() * 1e3);
             }
         }
@@ -68,7 +69,8 @@ fn measure(work: &Path, model: &str, shards: &Path, batch: usize, precision: Pre
             ms: times[times.len() / 2],
             fwd: phase(&["data", "forward + losses"]),
             bwd: phase(&["backward", "gradients collected", "autograd graph freed"]),
-            opt: phase(&["grad norm", "AdamW", "EMA"]),
+            opt: phase(&["grad norm", "AdamW"]),
+            ema: phase(&["EMA"]),
             peak_gib: trainer.profile().and_then(|p| p.peak_bytes()).map(|b| b as f64 / (1u64 << 30) as f64),
             loss,
         })
@@ -95,6 +97,7 @@ fn main() -> Result<()> {
     };
     let ema_on_host = list("--ema-on-host", "XL/2");
     let steps: usize = arg("--steps", "6").parse()?;
+    let warmup: usize = arg("--warmup", "2").parse()?;
     let work = std::env::temp_dir().join(format!("ditmoe-bench-train-{}", std::process::id()));
     std::fs::create_dir_all(&work)?;
     // Random latents of the SD-VAE's shape and scale, enough for a few distinct batches.
@@ -104,7 +107,7 @@ fn main() -> Result<()> {
     let labels = Tensor::from_vec((0..n as i64).map(|i| i * 37 % 1000).collect::<Vec<_>>(), n, &Device::Cpu)?;
     ditmoe::data::write_latent_shard(&shards, &latents, &labels)?;
 
-    println!("| model | precision | recompute | batch | ms / step | images/s | fwd / bwd / opt ms | peak GiB | loss |");
+    println!("| model | precision | recompute | batch | ms / step | images/s | fwd / bwd / opt / EMA ms | peak GiB | loss |");
     println!("|---|---|---|---:|---:|---:|---|---:|---:|");
     for model in &models {
         let name = format!("DiT-MoE-{model}-8E2A");
@@ -112,12 +115,12 @@ fn main() -> Result<()> {
         for &batch in &batches {
             for &precision in &precisions {
                 for &rc in &recompute {
-                    let o = measure(&work, &name, &shards, batch, precision, rc, on_host, steps, &device)?;
+                    let o = measure(&work, &name, &shards, batch, precision, rc, on_host, (warmup, steps), &device)?;
                     let rc_s = if rc { "on" } else { "off" };
                     let ema = if on_host { " (EMA on host)" } else { "" };
                     match o {
-                        Outcome::Ran { ms, fwd, bwd, opt, peak_gib, loss } => println!(
-                            "| {name}{ema} | {precision} | {rc_s} | {batch} | {ms:.1} | {:.1} | {fwd:.0} / {bwd:.0} / {opt:.0} | {} | {loss:.3} |",
+                        Outcome::Ran { ms, fwd, bwd, opt, ema: ema_ms, peak_gib, loss } => println!(
+                            "| {name}{ema} | {precision} | {rc_s} | {batch} | {ms:.1} | {:.1} | {fwd:.0} / {bwd:.0} / {opt:.0} / {ema_ms:.0} | {} | {loss:.3} |",
                             batch as f64 / ms * 1e3,
                             peak_gib.map_or("–".into(), |g| format!("{g:.1}"))
                         ),
