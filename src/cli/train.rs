@@ -93,6 +93,10 @@ pub struct TrainArgs {
     /// one block's activations, for a second forward of the blocks.
     #[arg(long)]
     recompute: bool,
+    /// Keep the EMA weights in host memory (XL/2-8E2A on an 80 GB card); each update copies the
+    /// weights to the host.
+    #[arg(long)]
+    ema_on_host: bool,
     /// Hide the progress bar.
     #[arg(long)]
     quiet: bool,
@@ -125,7 +129,7 @@ fn build_config(a: &TrainArgs) -> anyhow::Result<TrainConfig> {
             }
         } )*};
     }
-    for (on, key) in [(a.skip_bad_images, "skip_bad_images"), (a.recompute, "recompute")] {
+    for (on, key) in [(a.skip_bad_images, "skip_bad_images"), (a.recompute, "recompute"), (a.ema_on_host, "ema_on_host")] {
         if on {
             set(key, serde_json::Value::Bool(true));
         }
