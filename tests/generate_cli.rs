@@ -10,6 +10,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use candle_transformers::models::stable_diffusion::vae::{AutoEncoderKL, AutoEncoderKLConfig};
 use common::{fixture_path, scratch_dir};
+use ditmoe::sampling::{VaeConfig, VaeSpec};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -100,6 +101,22 @@ fn latent_model_decodes_through_the_vae() {
     ]));
     assert!(stdout.contains("ddpm, 3 steps, cfg 4"), "{stdout}");
     assert_eq!(png_size(&out), grid_size(2, 2, 16), "2 classes x 2 samples of 16x16 (8x8 latents, one VAE upsampling)");
+    // The timing, in milliseconds: total = sampling + VAE decode, then images/s
+    // (scripts/bench-sampling.sh reads the total after " in ").
+    let line = stdout.lines().find(|l| l.starts_with("wrote ")).unwrap_or_else(|| panic!("{stdout}"));
+    let seconds = |s: &str| -> f64 {
+        assert_eq!(s.split_once('.').map(|(_, ms)| ms.len()), Some(3), "{line}: {s} with 3 decimals");
+        s.parse().unwrap()
+    };
+    let (_, timing) = line.split_once("; sampled 4 images in ").unwrap_or_else(|| panic!("{line}"));
+    let (total, rest) = timing.split_once(" s (sampling ").unwrap_or_else(|| panic!("{line}"));
+    let (sampling, rest) = rest.split_once(" s, VAE decode ").unwrap_or_else(|| panic!("{line}"));
+    let (decode, rate) = rest.split_once(" s): ").unwrap_or_else(|| panic!("{line}"));
+    let (total, sampling, decode) = (seconds(total), seconds(sampling), seconds(decode));
+    assert!(sampling > 0.0 && decode >= 0.0 && (total - sampling - decode).abs() <= 0.0015, "{line}");
+    let rate: f64 = rate.strip_suffix(" images/s").unwrap_or_else(|| panic!("{line}")).parse().unwrap();
+    // the printed total is rounded to the millisecond, the rate is not
+    assert!(4.0 / (total + 0.0006) <= rate && (total <= 0.0006 || rate <= 4.0 / (total - 0.0006)), "{line}");
     // The weights file itself (config.json beside it) works too; DDIM, unguided, f16 weights.
     let out2 = dir.join("ddim.png");
     assert_ok(&ditmoe(&[
@@ -107,6 +124,35 @@ fn latent_model_decodes_through_the_vae() {
         "--cfg-scale", "1", "--dtype", "f16", "--batch-size", "2", "--out", &s(&out2),
     ]));
     assert_eq!(png_size(&out2), grid_size(1, 3, 16));
+}
+
+/// The VAE decodes a few images at a time (on the CPU one), and each image comes out bit for
+/// bit as the first image of one decode of the whole batch. The decoder works on each image
+/// alone; only the first image is compared because candle's CPU matmul gets the mid-block
+/// attention of the later images of a batch wrong (`SdVae::chunk`), which one image per call
+/// avoids.
+#[test]
+fn vae_decode_in_chunks_is_the_whole_batch_decode() {
+    let dir = scratch_dir("gen-vae-chunks");
+    write_tiny_vae(&dir.join("vae"), 4);
+    let vae = VaeSpec::open(&dir.join("vae")).unwrap().load(&Device::Cpu).unwrap();
+    let n = 5;
+    let latents = Tensor::randn(0f32, 1.0, (n, 4, 8, 8), &Device::Cpu).unwrap();
+    let bits = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
+    let decoded = vae.decode(&latents).unwrap();
+    assert_eq!(decoded.dims(), &[n, 3, 16, 16]);
+    assert_eq!(vae.chunk(&Device::Cpu, 8, 8), 1);
+    for i in 0..n {
+        // the images from i on, decoded as one batch: image i is its first
+        let whole = vae.decode_in_chunks(&latents.narrow(0, i, n - i).unwrap(), n).unwrap();
+        assert!(bits(&decoded.narrow(0, i, 1).unwrap()) == bits(&whole.narrow(0, 0, 1).unwrap()), "image {i}");
+    }
+    assert!(vae.decode_in_chunks(&latents, 0).is_err());
+    // On a GPU, the SD VAE decodes 8 images of 256x256 (32x32 latents) at a time, 2 of
+    // 512x512, 1 of anything larger.
+    let sd = VaeConfig::default();
+    assert_eq!(sd.decode_scratch_bytes(32, 32), 256 * 256 * 256 * 9 * 4, "the 256-channel conv at 256x256");
+    assert_eq!((sd.decode_chunk(32, 32), sd.decode_chunk(64, 64), sd.decode_chunk(512, 512)), (8, 2, 1));
 }
 
 #[test]

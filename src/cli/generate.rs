@@ -7,6 +7,7 @@
 //! error (exit code 2) naming it, and nothing is written. The output is written atomically
 //! once every image exists.
 use anyhow::Context;
+use candle_core::{DType, Tensor};
 use clap::Args;
 use ditmoe::checkpoint::{load_state_dict, ModelDir};
 use ditmoe::sampling::{
@@ -363,15 +364,22 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
     let guidance = Guidance { scale: cfg_scale, guide_all_channels: a.guide_all_channels };
 
     let bar = progress_bar(labels.len().div_ceil(batch_size) * sampler.evaluations());
-    let start = Instant::now();
+    // Seconds of sampling and of the decode, each between device synchronisations (the GPU
+    // runs asynchronously), summed over the batches; loading, the NaN check, the copy to the
+    // host and the PNG writing are outside both.
+    let (mut sampling_s, mut decode_s) = (0.0, 0.0);
     let mut images: Option<Images> = None;
     let mut broken = Vec::new();
     let mut graph_warned = false;
     for (b, batch) in labels.chunks(batch_size).enumerate() {
         let first = b * batch_size;
+        device.synchronize()?;
+        let start = Instant::now();
         let guided = GuidedModel::new(&model, batch, guidance, &device)?;
         let mut noise = ImageNoise::new(a.seed, first..first + batch.len());
         let samples = sampler.sample_seeded(&guided, &mut noise, &mut |_| bar.inc(1)).context("sampling")?;
+        device.synchronize()?;
+        sampling_s += start.elapsed().as_secs_f64();
         if let (_, Some(e)) = guided.graph_replays() {
             // Still correct, only slower: say so once.
             if !graph_warned {
@@ -379,10 +387,15 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
                 graph_warned = true;
             }
         }
+        // the sampler's buffers (the captured graph's among them) go before the decode needs room
+        drop((guided, noise));
+        let start = Instant::now();
         let decoded = decoder.decode(&samples).context("decoding")?;
+        device.synchronize()?;
+        decode_s += start.elapsed().as_secs_f64();
+        drop(samples);
         // a NaN or infinity would come out black: find which images have one
-        let values = decoded.flatten_from(1)?.to_dtype(candle_core::DType::F32)?.to_vec2::<f32>()?;
-        broken.extend(values.iter().enumerate().filter(|(_, v)| v.iter().any(|x| !x.is_finite())).map(|(j, _)| first + j));
+        broken.extend(non_finite_images(&decoded)?.into_iter().map(|j| first + j));
         let decoded = Images::from_tensor(&decoded)?;
         match &mut images {
             Some(all) => all.append(decoded)?,
@@ -390,7 +403,6 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
         }
     }
     bar.finish_and_clear();
-    let seconds = start.elapsed().as_secs_f64();
     let images = images.context("no images were sampled")?;
     if !broken.is_empty() {
         let which: Vec<String> = broken.iter().map(|&i| format!("image {} (class {}, sample {})", i, labels[i], i % num)).collect();
@@ -411,15 +423,28 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
             }
         }
     }
+    let total_s = sampling_s + decode_s;
     println!(
-        "wrote {}: {} classes x {num} images of {}x{} ({}, {} steps, cfg {cfg_scale}, seed {}) in {seconds:.1} s",
+        "wrote {}: {} classes x {num} images of {}x{} ({}, {} steps, cfg {cfg_scale}, seed {}); sampled {} images in {total_s:.3} s (sampling {sampling_s:.3} s, {} {decode_s:.3} s): {:.2} images/s",
         output.path().display(),
         classes.len(),
         images.width,
         images.height,
         sampler_name.name(),
         sampler.steps(),
-        a.seed
+        a.seed,
+        images.count,
+        if vae.is_some() { "VAE decode" } else { "decode" },
+        images.count as f64 / total_s.max(1e-9),
     );
     Ok(())
+}
+
+/// The images of `decoded` (N, ...) that hold a NaN or an infinity, by index: counted on its
+/// device (|x| <= f32::MAX is false exactly there), one number per image to the host.
+fn non_finite_images(decoded: &Tensor) -> candle_core::Result<Vec<usize>> {
+    let x = decoded.flatten_from(1)?.to_dtype(DType::F32)?;
+    let values = x.dim(1)? as f32;
+    let finite = x.abs()?.le(f32::MAX as f64)?.to_dtype(DType::F32)?.sum(1)?.to_vec1::<f32>()?;
+    Ok(finite.iter().enumerate().filter(|(_, &f)| f < values).map(|(j, _)| j).collect())
 }

@@ -5,7 +5,9 @@
 //! The VAE is candle-transformers' `AutoEncoderKL` (it reads diffusers safetensors names, old
 //! and new attention layouts), configured from the diffusers `config.json` beside the weights
 //! when there is one, else from the SD defaults. It always runs in f32: decoding is once per
-//! image, and SD VAEs are known to overflow in f16.
+//! image, and SD VAEs are known to overflow in f16. It decodes a few images at a time
+//! ([`SdVae::chunk`]): the decoder works on each image alone, so the chunks give the images of
+//! one whole-batch decode while bounding the convolutions' scratch memory.
 use candle_core::{bail, DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::stable_diffusion::vae::{AutoEncoderKL, AutoEncoderKLConfig};
@@ -15,6 +17,10 @@ use std::path::{Path, PathBuf};
 /// The latent scale of the SD VAE that DiT-MoE latents are trained with (official
 /// `train.py`: `vae.encode(x).latent_dist.sample().mul_(0.18215)`).
 pub const SD_LATENT_SCALE: f64 = 0.18215;
+
+/// The im2col scratch one chunk of a VAE decode may take ([`VaeConfig::decode_chunk`]):
+/// 5 GiB, 8 images of 256x256 with the SD VAE.
+pub const DECODE_SCRATCH_BYTES: u64 = 5 << 30;
 
 /// Weight file names looked for in a VAE folder, diffusers' first.
 const VAE_WEIGHT_FILES: [&str; 3] = ["diffusion_pytorch_model.safetensors", "model.safetensors", "vae.safetensors"];
@@ -66,6 +72,27 @@ impl VaeConfig {
             use_quant_conv: self.use_quant_conv,
             use_post_quant_conv: self.use_post_quant_conv,
         }
+    }
+
+    /// How many images [`SdVae::decode`] decodes at once on a GPU from (h, w) latents: as many
+    /// as keep the largest convolution's scratch within [`DECODE_SCRATCH_BYTES`], at least one.
+    /// candle runs a convolution as im2col + matmul (on CUDA without cuDNN too), and its
+    /// column buffer, (N, H*W, C_in*9) f32, dwarfs every activation: at the SD VAE's last
+    /// upsampling to 256x256 (256 channels in) it is 604 MB per image, 39 GB for 64 images,
+    /// next to the diffusion model on the same GPU. 8 images of 256x256 per chunk, 2 of
+    /// 512x512.
+    pub fn decode_chunk(&self, h: usize, w: usize) -> usize {
+        let per_image = self.decode_scratch_bytes(h, w).max(1);
+        (DECODE_SCRATCH_BYTES / per_image).max(1) as usize
+    }
+
+    /// The column buffer of the decoder's largest 3x3 convolution for one image of (h, w)
+    /// latents, in bytes (f32). Up block i runs at 2^i times the latent size; its first resnet
+    /// and the upsampler before it read the previous block's channels.
+    pub fn decode_scratch_bytes(&self, h: usize, w: usize) -> u64 {
+        let channels: Vec<u64> = self.block_out_channels.iter().rev().map(|&c| c as u64).collect();
+        let pixels = (h * w) as u64;
+        (0..channels.len()).map(|i| (pixels << (2 * i)) * channels[i.saturating_sub(1)] * 9 * 4).max().unwrap_or(0)
     }
 
     fn validate(&self, origin: &Path) -> Result<()> {
@@ -142,29 +169,71 @@ impl std::fmt::Debug for SdVae {
 
 impl SdVae {
     /// Scaled latents (N, latent_channels, h, w) -> images (N, out_channels, h*s, w*s) in about
-    /// [-1, 1]: `vae.decode(latents / scaling_factor)`.
+    /// [-1, 1]: `vae.decode(latents / scaling_factor)`, [`Self::chunk`] images at a time.
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
+        let (_, _, h, w) = latents.dims4()?;
+        self.decode_in_chunks(latents, self.chunk(latents.device(), h, w))
+    }
+
+    /// [`Self::decode`] `chunk` images at a time (the last chunk may be smaller), the chunks'
+    /// images concatenated on the latents' device. Every layer of the decoder works on each
+    /// image alone (convolutions, group norms, the mid-block attention over one image's
+    /// pixels), so the chunk size bounds the memory, not the images (but on the CPU, chunks
+    /// of more than one image meet the candle bug [`Self::chunk`] describes).
+    pub fn decode_in_chunks(&self, latents: &Tensor, chunk: usize) -> Result<Tensor> {
         let c = latents.dim(1)?;
         if c != self.config.latent_channels {
             bail!("latents have {c} channels, the VAE decodes {}", self.config.latent_channels)
         }
-        let z = (latents.to_dtype(DType::F32)? / self.config.scaling_factor)?;
-        self.vae.decode(&z)
+        in_chunks(latents, chunk, |part| self.vae.decode(&(part.to_dtype(DType::F32)? / self.config.scaling_factor)?))
     }
-}
 
-impl SdVae {
+    /// Images at a time through the decoder on `device`, for (h, w) latents.
+    ///
+    /// On the CPU one: candle 0.11's CPU matmul gets the VAE's mid-block attention wrong for
+    /// every image but the first of a batch. Its projections are `Linear`s on a transposed
+    /// (N, h*w, C) view, and the CPU backend folds a batched matmul whose rhs (the weight) is
+    /// shared into one (N*h*w, C) matmul without checking that the lhs rows are adjacent,
+    /// which in a transposed view they are not (huggingface/candle#3758). One image per call
+    /// has no such fold. On CUDA, cuBLAS takes the strides as they are, and the chunk is
+    /// [`VaeConfig::decode_chunk`].
+    pub fn chunk(&self, device: &Device, h: usize, w: usize) -> usize {
+        if device.is_cpu() {
+            1
+        } else {
+            self.config.decode_chunk(h, w)
+        }
+    }
+
     /// Images (N, 3, H, W) in [-1, 1] -> scaled latents (N, latent_channels, H/8, W/8):
     /// `vae.encode(x).latent_dist.sample() * scaling_factor`, as the official `train.py`
-    /// encodes every batch (the draw is candle's, so it is not seeded).
+    /// encodes every batch (the draw is candle's, so it is not seeded). On the CPU one image
+    /// at a time, as [`Self::chunk`] says why (the encoder has the same attention block).
     pub fn encode(&self, images: &Tensor) -> Result<Tensor> {
-        let dist = self.vae.encode(&images.to_dtype(DType::F32)?)?;
-        dist.sample()? * self.config.scaling_factor
+        let chunk = if images.device().is_cpu() { 1 } else { images.dim(0)?.max(1) };
+        in_chunks(images, chunk, |part| {
+            let dist = self.vae.encode(&part.to_dtype(DType::F32)?)?;
+            dist.sample()? * self.config.scaling_factor
+        })
     }
 
     pub fn config(&self) -> &VaeConfig {
         &self.config
     }
+}
+
+/// `f` over `chunk` images of `x` at a time (the last chunk may be smaller), the results
+/// concatenated along the batch.
+fn in_chunks(x: &Tensor, chunk: usize, f: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
+    let n = x.dim(0)?;
+    if chunk == 0 {
+        bail!("a VAE chunk must hold at least one image")
+    }
+    if n <= chunk {
+        return f(x);
+    }
+    let parts = (0..n).step_by(chunk).map(|start| f(&x.narrow(0, start, chunk.min(n - start))?)).collect::<Result<Vec<_>>>()?;
+    Tensor::cat(&parts, 0)
 }
 
 /// How a model's samples become images.
