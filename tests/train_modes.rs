@@ -77,7 +77,7 @@ fn recompute_matches_plain(cfg: &DitConfig, case: &str) {
                 }
             }
             (None, None) => {}
-            (a, b) => panic!("{case}: `{name}` has a gradient in {} only", if a.is_some() { "the plain backward" } else { "the recomputed backward" }),
+            (a, _) => panic!("{case}: `{name}` has a gradient in {} only", if a.is_some() { "the plain backward" } else { "the recomputed backward" }),
         }
     }
     println!("{case}: {} parameters, worst gradient rel. err {:.2e} ({})", vars.len(), worst.0, worst.1);
