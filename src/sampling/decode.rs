@@ -172,14 +172,13 @@ impl SdVae {
     /// [-1, 1]: `vae.decode(latents / scaling_factor)`, [`Self::chunk`] images at a time.
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
         let (_, _, h, w) = latents.dims4()?;
-        self.decode_in_chunks(latents, self.chunk(latents.device(), h, w))
+        self.decode_in_chunks(latents, self.chunk(h, w))
     }
 
     /// [`Self::decode`] `chunk` images at a time (the last chunk may be smaller), the chunks'
     /// images concatenated on the latents' device. Every layer of the decoder works on each
     /// image alone (convolutions, group norms, the mid-block attention over one image's
-    /// pixels), so the chunk size bounds the memory, not the images (but on the CPU, chunks
-    /// of more than one image meet the candle bug [`Self::chunk`] describes).
+    /// pixels), so the chunk size bounds the memory, not the images.
     pub fn decode_in_chunks(&self, latents: &Tensor, chunk: usize) -> Result<Tensor> {
         let c = latents.dim(1)?;
         if c != self.config.latent_channels {
@@ -188,33 +187,17 @@ impl SdVae {
         in_chunks(latents, chunk, |part| self.vae.decode(&(part.to_dtype(DType::F32)? / self.config.scaling_factor)?))
     }
 
-    /// Images at a time through the decoder on `device`, for (h, w) latents.
-    ///
-    /// On the CPU one: candle 0.11's CPU matmul gets the VAE's mid-block attention wrong for
-    /// every image but the first of a batch. Its projections are `Linear`s on a transposed
-    /// (N, h*w, C) view, and the CPU backend folds a batched matmul whose rhs (the weight) is
-    /// shared into one (N*h*w, C) matmul without checking that the lhs rows are adjacent,
-    /// which in a transposed view they are not (huggingface/candle#3758). One image per call
-    /// has no such fold. On CUDA, cuBLAS takes the strides as they are, and the chunk is
-    /// [`VaeConfig::decode_chunk`].
-    pub fn chunk(&self, device: &Device, h: usize, w: usize) -> usize {
-        if device.is_cpu() {
-            1
-        } else {
-            self.config.decode_chunk(h, w)
-        }
+    /// Images at a time through the decoder for (h, w) latents: [`VaeConfig::decode_chunk`].
+    pub fn chunk(&self, h: usize, w: usize) -> usize {
+        self.config.decode_chunk(h, w)
     }
 
     /// Images (N, 3, H, W) in [-1, 1] -> scaled latents (N, latent_channels, H/8, W/8):
     /// `vae.encode(x).latent_dist.sample() * scaling_factor`, as the official `train.py`
-    /// encodes every batch (the draw is candle's, so it is not seeded). On the CPU one image
-    /// at a time, as [`Self::chunk`] says why (the encoder has the same attention block).
+    /// encodes every batch (the draw is candle's, so it is not seeded).
     pub fn encode(&self, images: &Tensor) -> Result<Tensor> {
-        let chunk = if images.device().is_cpu() { 1 } else { images.dim(0)?.max(1) };
-        in_chunks(images, chunk, |part| {
-            let dist = self.vae.encode(&part.to_dtype(DType::F32)?)?;
-            dist.sample()? * self.config.scaling_factor
-        })
+        let dist = self.vae.encode(&images.to_dtype(DType::F32)?)?;
+        dist.sample()? * self.config.scaling_factor
     }
 
     pub fn config(&self) -> &VaeConfig {

@@ -1485,9 +1485,12 @@ impl Map2 for MatMul {
         } else {
             Parallelism::None
         };
-        let (b, m, n, k) = if b_skip == 0 && a_skip == m * k {
+        let (b, m, n, k) = if b_skip == 0 && a_skip == m * k && lhs_cs == 1 && lhs_rs == k {
             // A batch-invariant rhs lets the batches of lhs stack into the rows of a single
-            // (b * m, k) matrix, which the destination already matches row for row.
+            // (b * m, k) matrix, which the destination already matches row for row. Only when
+            // lhs's rows are adjacent: a transposed lhs (rows `lhs_rs` apart, columns
+            // `lhs_cs`) has `a_skip == m * k` too, but its batch i+1 does not start where
+            // batch i's rows would continue (ditmoe's patch; huggingface/candle#3758).
             // a_skip and c_skip should be updated but step is always 0 so
             // it wouldn't matter.
             (1, b * m, n, k)
