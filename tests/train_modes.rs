@@ -6,6 +6,7 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
+use common::train::{write_dataset, MODEL};
 use common::{fixture_path, rel_err, scratch_dir};
 use ditmoe::model::{ForwardMode, Trace};
 use ditmoe::train::{RunStart, TrainConfig, Trainer};
@@ -145,25 +146,10 @@ fn bf16_gradients_are_the_f32_gradients_within_bf16_error() {
     assert!(worst.0 < 3e-2, "bf16 gradient of `{}` off by {:.2e} (relative L2)", worst.1, worst.0);
 }
 
-const MODEL: &str = r#"{"input_size":8,"patch_size":2,"in_channels":1,"hidden_size":32,"depth":2,"num_heads":2,
-"mlp_ratio":2,"class_dropout_prob":0.1,"num_classes":3,"num_experts":4,"num_experts_per_tok":2,
-"learn_sigma":false,"n_shared_experts":1}"#;
-
-fn write_dataset(root: &Path) {
-    for class in 0..3u32 {
-        let dir = root.join(format!("class{class}"));
-        std::fs::create_dir_all(&dir).unwrap();
-        for i in 0..8u32 {
-            let img = image::GrayImage::from_fn(8, 8, |x, y| image::Luma([((class * 60 + i * 9 + x * 13 + y * 7) % 256) as u8]));
-            img.save(dir.join(format!("{i}.png"))).unwrap();
-        }
-    }
-}
-
 fn config(root: &Path, out: &str, steps: u64, recompute: bool) -> TrainConfig {
     serde_json::from_value(serde_json::json!({
         "model": root.join("model.json"), "data": root.join("data"), "out": root.join(out),
-        "objective": "rf", "global_batch": 8, "micro_batch": 4, "steps": steps, "lr": 1e-3,
+        "objective": "rf", "image_size": 6, "global_batch": 8, "micro_batch": 4, "steps": steps, "lr": 1e-3,
         "max_grad_norm": 1.0, "ema_decay": 0.9, "seed": 3, "log_every": 1, "ckpt_every": 4,
         "num_workers": 0, "recompute": recompute,
     }))

@@ -2,6 +2,7 @@
 #![allow(dead_code)] // each test binary uses a different subset of these helpers
 
 pub mod lm;
+pub mod train;
 
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
