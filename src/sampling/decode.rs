@@ -74,7 +74,7 @@ impl VaeConfig {
         }
     }
 
-    /// How many images [`SdVae::decode`] decodes at once on a GPU from (h, w) latents: as many
+    /// How many images [`SdVae::decode`] decodes at once from (h, w) latents: as many
     /// as keep the largest convolution's scratch within [`DECODE_SCRATCH_BYTES`], at least one.
     /// candle runs a convolution as im2col + matmul (on CUDA without cuDNN too), and its
     /// column buffer, (N, H*W, C_in*9) f32, dwarfs every activation: at the SD VAE's last
