@@ -5,8 +5,8 @@
 //!
 //! Drawn with plotters' `ChartBuilder` (axes, ticks, legend) and the bundled font
 //! ([`super::text::register_bundled_font`]), so the chart needs no system fonts.
-use super::heatmap::{BACKGROUND, INK};
-use super::text::{register_bundled_font, series_color, CHART_FONT as FONT, CHART_GRID as GRID};
+use super::chart;
+use super::text::series_color;
 use crate::lm::trainer::{EvalLine, EVAL_FILE};
 use candle_core::{bail, Result};
 use image::RgbImage;
@@ -39,9 +39,7 @@ impl Curve {
     }
 }
 
-fn plot_err(e: impl std::fmt::Display) -> candle_core::Error {
-    candle_core::Error::Msg(format!("curves chart: {e}"))
-}
+const WHAT: &str = "curves chart";
 
 /// The chart: validation loss (y) against training tokens in millions (x), a line with a
 /// marker at each evaluation per curve, and a legend of the labels. The y axis spans the
@@ -54,56 +52,21 @@ pub fn loss_chart(title: &str, curves: &[Curve]) -> Result<RgbImage> {
     if all.iter().any(|(x, y)| !(x.is_finite() && y.is_finite())) {
         bail!("curves chart: a non-finite loss or token count")
     }
-    register_bundled_font();
     let millions = |x: f64| x / 1e6;
     let x_max = all.iter().map(|p| millions(p.0)).fold(0.0, f64::max).max(1e-6);
     let (y_lo, y_hi) = all.iter().fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.1), b.max(p.1)));
     let pad = ((y_hi - y_lo) / 20.0).max(1e-3);
-    let (w, h) = (900u32, 560u32);
-    let (paper, ink) = (RGBColor(BACKGROUND[0], BACKGROUND[1], BACKGROUND[2]), RGBColor(INK[0], INK[1], INK[2]));
-    let mut buf = vec![0u8; (w * h * 3) as usize];
-    {
-        let root = BitMapBackend::with_buffer(&mut buf, (w, h)).into_drawing_area();
-        root.fill(&paper).map_err(plot_err)?;
-        let mut chart = ChartBuilder::on(&root)
-            .caption(title, (FONT, 20).into_font().color(&ink))
-            .margin(16)
-            .x_label_area_size(44)
-            .y_label_area_size(60)
-            .build_cartesian_2d(0.0..x_max * 1.02, (y_lo - pad)..(y_hi + pad))
-            .map_err(plot_err)?;
-        chart
-            .configure_mesh()
-            .bold_line_style(GRID)
-            .light_line_style(paper)
-            .axis_style(ink)
-            .x_desc("training tokens (millions)")
-            .y_desc("validation loss (nats per token)")
-            .label_style((FONT, 13).into_font().color(&ink))
-            .axis_desc_style((FONT, 14).into_font().color(&ink))
-            .draw()
-            .map_err(plot_err)?;
-        for (i, c) in curves.iter().enumerate() {
+    chart::render(WHAT, (900, 560), |root| {
+        let ranges = (0.0..x_max * 1.02, (y_lo - pad)..(y_hi + pad));
+        let mut c = chart::axes(WHAT, root, Some(title), ranges, ("training tokens (millions)", "validation loss (nats per token)"))?;
+        for (i, curve) in curves.iter().enumerate() {
             let color = series_color(i);
-            let points: Vec<(f64, f64)> = c.points.iter().map(|&(x, y)| (millions(x), y)).collect();
-            chart
-                .draw_series(std::iter::once(PathElement::new(points.clone(), color.stroke_width(2))))
-                .map_err(plot_err)?
-                .label(c.label.clone())
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
-            chart.draw_series(points.into_iter().map(|p| Circle::new(p, 3, color.filled()))).map_err(plot_err)?;
+            let points: Vec<(f64, f64)> = curve.points.iter().map(|&(x, y)| (millions(x), y)).collect();
+            chart::line(WHAT, &mut c, points.clone(), &curve.label, color)?;
+            c.draw_series(points.into_iter().map(|p| Circle::new(p, 3, color.filled()))).map_err(|e| chart::chart_err(WHAT, e))?;
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperRight)
-            .background_style(paper.mix(0.9))
-            .border_style(ink)
-            .label_font((FONT, 14).into_font().color(&ink))
-            .draw()
-            .map_err(plot_err)?;
-        root.present().map_err(plot_err)?;
-    }
-    RgbImage::from_raw(w, h, buf).ok_or_else(|| plot_err(format!("a {w}x{h} RGB buffer of the wrong size")))
+        chart::legend(WHAT, &mut c, SeriesLabelPosition::UpperRight)
+    })
 }
 
 #[cfg(test)]

@@ -14,6 +14,7 @@
 //! * [`curves`]: language-model training curves (validation loss against training tokens).
 //! * [`tradeoff`]: `ditmoe eval --sweep`'s guidance/steps trade-off chart.
 pub mod aggregate;
+pub mod chart;
 pub mod colormap;
 pub mod curves;
 pub mod defaults;

@@ -5,9 +5,9 @@
 //! recall (Kynkäänniemi et al. 2019). One line per step count runs through the guidance
 //! scales, each point labelled with its scale.
 //!
-//! Drawn with plotters' `ChartBuilder` and the bundled font, as [`super::curves`].
-use super::heatmap::{BACKGROUND, INK};
-use super::text::{register_bundled_font, series_color, CHART_FONT as FONT, CHART_GRID as GRID};
+//! Drawn on the shared chart frame ([`super::chart`]), as [`super::curves`].
+use super::chart;
+use super::text::{series_color, CHART_FONT};
 use candle_core::{bail, Result};
 use image::RgbImage;
 use plotters::coord::Shift;
@@ -32,9 +32,7 @@ pub struct TradeoffSeries {
     pub points: Vec<TradeoffPoint>,
 }
 
-fn plot_err(e: impl std::fmt::Display) -> candle_core::Error {
-    candle_core::Error::Msg(format!("trade-off chart: {e}"))
-}
+const WHAT: &str = "trade-off chart";
 
 /// `lo..hi` padded by a tenth of its span (at least `min_pad`) on each side, room for the
 /// point labels.
@@ -48,53 +46,24 @@ fn padded(values: impl Iterator<Item = f64>, min_pad: f64) -> std::ops::Range<f6
 fn panel(
     area: &DrawingArea<BitMapBackend, Shift>,
     series: &[TradeoffSeries],
-    (x_desc, y_desc): (&str, &str),
-    (x_range, y_range): (std::ops::Range<f64>, std::ops::Range<f64>),
+    descs: (&str, &str),
+    ranges: (std::ops::Range<f64>, std::ops::Range<f64>),
     xy: fn(&TradeoffPoint) -> (f64, f64),
 ) -> Result<()> {
-    let (paper, ink) = (RGBColor(BACKGROUND[0], BACKGROUND[1], BACKGROUND[2]), RGBColor(INK[0], INK[1], INK[2]));
-    let mut chart = ChartBuilder::on(area)
-        .margin(16)
-        .x_label_area_size(44)
-        .y_label_area_size(60)
-        .build_cartesian_2d(x_range, y_range)
-        .map_err(plot_err)?;
-    chart
-        .configure_mesh()
-        .bold_line_style(GRID)
-        .light_line_style(paper)
-        .axis_style(ink)
-        .x_desc(x_desc)
-        .y_desc(y_desc)
-        .label_style((FONT, 13).into_font().color(&ink))
-        .axis_desc_style((FONT, 14).into_font().color(&ink))
-        .draw()
-        .map_err(plot_err)?;
+    let mut c = chart::axes(WHAT, area, None, ranges, descs)?;
+    let label_style = (CHART_FONT, 12).into_font().color(&chart::INK_COLOR);
     for (i, s) in series.iter().enumerate() {
         let color = series_color(i);
         let points: Vec<(f64, f64)> = s.points.iter().map(xy).collect();
-        chart
-            .draw_series(std::iter::once(PathElement::new(points.clone(), color.stroke_width(2))))
-            .map_err(plot_err)?
-            .label(s.label.clone())
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
-        let label_style = (FONT, 12).into_font().color(&ink);
-        chart
-            .draw_series(s.points.iter().zip(points).map(|(p, at)| {
-                EmptyElement::at(at) + Circle::new((0, 0), 4, color.filled()) + Text::new(format!("cfg {}", p.cfg_scale), (6, -16), label_style.clone())
-            }))
-            .map_err(plot_err)?;
+        chart::line(WHAT, &mut c, points.clone(), &s.label, color)?;
+        c.draw_series(s.points.iter().zip(points).map(|(p, at)| {
+            EmptyElement::at(at) + Circle::new((0, 0), 4, color.filled()) + Text::new(format!("cfg {}", p.cfg_scale), (6, -16), label_style.clone())
+        }))
+        .map_err(|e| chart::chart_err(WHAT, e))?;
     }
-    chart
-        .configure_series_labels()
-        // Lower left: low accuracy at a low ratio, low precision at low recall, where a
-        // sweep's points rarely fall.
-        .position(SeriesLabelPosition::LowerLeft)
-        .background_style(paper.mix(0.9))
-        .border_style(ink)
-        .label_font((FONT, 14).into_font().color(&ink))
-        .draw()
-        .map_err(plot_err)
+    // Lower left: low accuracy at a low ratio, low precision at low recall, where a sweep's
+    // points rarely fall.
+    chart::legend(WHAT, &mut c, SeriesLabelPosition::LowerLeft)
 }
 
 /// The two-panel chart: Fréchet ratio (y) against generated accuracy in % (x), and precision
@@ -107,14 +76,8 @@ pub fn tradeoff_chart(title: &str, series: &[TradeoffSeries]) -> Result<RgbImage
     if all.iter().any(|p| ![p.cfg_scale, p.accuracy, p.frechet_ratio, p.precision, p.recall].iter().all(|v| v.is_finite())) {
         bail!("trade-off chart: a non-finite measure")
     }
-    register_bundled_font();
-    let (w, h) = (1400u32, 600u32);
-    let (paper, ink) = (RGBColor(BACKGROUND[0], BACKGROUND[1], BACKGROUND[2]), RGBColor(INK[0], INK[1], INK[2]));
-    let mut buf = vec![0u8; (w * h * 3) as usize];
-    {
-        let root = BitMapBackend::with_buffer(&mut buf, (w, h)).into_drawing_area();
-        root.fill(&paper).map_err(plot_err)?;
-        let root = root.titled(title, (FONT, 20).into_font().color(&ink)).map_err(plot_err)?;
+    chart::render(WHAT, (1400, 600), |root| {
+        let root = root.titled(title, (CHART_FONT, 20).into_font().color(&chart::INK_COLOR)).map_err(|e| chart::chart_err(WHAT, e))?;
         let panels = root.split_evenly((1, 2));
         let accuracy = padded(all.iter().map(|p| 100.0 * p.accuracy), 0.5);
         // From 0, so that the floor (a ratio of 1) is in view.
@@ -126,10 +89,8 @@ pub fn tradeoff_chart(title: &str, series: &[TradeoffSeries]) -> Result<RgbImage
             (accuracy, ratio),
             |p| (100.0 * p.accuracy, p.frechet_ratio),
         )?;
-        panel(&panels[1], series, ("recall", "precision"), (0.0..1.1, 0.0..1.1), |p| (p.recall, p.precision))?;
-        root.present().map_err(plot_err)?;
-    }
-    RgbImage::from_raw(w, h, buf).ok_or_else(|| plot_err(format!("a {w}x{h} RGB buffer of the wrong size")))
+        panel(&panels[1], series, ("recall", "precision"), (0.0..1.1, 0.0..1.1), |p| (p.recall, p.precision))
+    })
 }
 
 #[cfg(test)]
