@@ -7,12 +7,12 @@
 mod common;
 
 use candle_core::{Device, Tensor};
-use common::{rel_err, rel_l2, scratch_dir};
+use common::{rel_err, rel_l2};
 use ditmoe::dist::{Communicator, LocalGroup};
 use ditmoe::lm::train_config::LmTrainConfig;
 use ditmoe::lm::trainer::{LmTrainer, TOKENIZER_FILE};
 use ditmoe::lm::{load_hf, LayerMlp, LmConfig};
-use ditmoe::moe::{ExpertForm, MoeConfig, ParamNames, RouterConfig};
+use ditmoe::moe::MoeConfig;
 use ditmoe::plan::DataParallel;
 use ditmoe::text::Tokenizer;
 use ditmoe::train::RunStart;
@@ -28,31 +28,14 @@ const TOL: f64 = 1e-5;
 /// Two MoE layers of 4 top-2 experts and a gated shared expert (Qwen2-MoE's form), with
 /// transformers' load-balancing loss.
 fn model_config(vocab: usize) -> LmConfig {
-    let moe = |_| MoeConfig {
-        hidden_size: 32,
-        num_experts: 4,
-        top_k: 2,
-        expert_intermediate_size: 32,
-        expert_form: ExpertForm::Swiglu,
-        shared_expert_intermediate_size: 16,
-        shared_expert_gate: true,
-        residual_intermediate_size: 0,
-        router: RouterConfig::TopK { norm_topk_prob: true },
-        balance_loss: Default::default(),
-        capacity: Default::default(),
-        names: ParamNames { shared_expert: "shared_expert".into(), ..ParamNames::default() },
-    };
+    let moe = |_| MoeConfig { shared_expert_intermediate_size: 16, shared_expert_gate: true, ..common::lm::tiny_moe() };
     common::lm::tiny_lm(vocab, LayerMlp::moe_every_nth(2, 1, moe), false, 0.05)
 }
 
 /// A corpus, a model config and a run config of 3 steps with a batch of 4 windows.
 fn setup(tag: &str) -> (common::Scratch, LmTrainConfig) {
-    let dir = scratch_dir(tag);
-    let data = dir.join("data");
-    std::fs::create_dir_all(&data).unwrap();
-    let vocab = common::lm::write_corpus(&data, TEXT);
-    let model = dir.join("model.json");
-    std::fs::write(&model, serde_json::to_string(&model_config(vocab)).unwrap()).unwrap();
+    let (dir, data, vocab) = common::lm::scratch_corpus(tag, TEXT);
+    let model = common::lm::write_model(&dir, "model", &model_config(vocab));
     let cfg: LmTrainConfig = serde_json::from_value(serde_json::json!({
         "model": model, "data": data, "out": dir.join("run"),
         "seq_len": 16, "batch_size": 4, "steps": 3, "lr": 3e-3, "warmup_steps": 1,

@@ -7,11 +7,11 @@ mod common;
 
 use candle_core::{DType, Device};
 use candle_nn::{VarBuilder, VarMap};
-use common::{scratch_dir, Scratch};
+use common::Scratch;
 use ditmoe::lm::train_config::{DistillConfig, LmTrainConfig};
 use ditmoe::lm::trainer::{LmTrainer, EVAL_FILE};
 use ditmoe::lm::{load_hf, LayerMlp, LmConfig, LmModel};
-use ditmoe::moe::{BalanceForm, BalanceLossConfig, CapacityPolicy, ExpertForm, MoeConfig, ParamNames, RouterConfig};
+use ditmoe::moe::{BalanceForm, BalanceLossConfig, CapacityPolicy, MoeConfig, ParamNames, RouterConfig};
 use ditmoe::train::RunStart;
 use ditmoe::{ExecutionPlan, Precision};
 use std::path::{Path, PathBuf};
@@ -25,18 +25,14 @@ const TEXT: &str = "The state of the union is strong. We the people of the unite
 fn model_config(vocab: usize, layers: usize, experts: &[usize]) -> LmConfig {
     let mut next = experts.iter().copied();
     let moe = |_| MoeConfig {
-        hidden_size: 32,
         num_experts: next.next().expect("an expert count per MoE layer"),
         top_k: 1,
-        expert_intermediate_size: 32,
-        expert_form: ExpertForm::Swiglu,
-        shared_expert_intermediate_size: 0,
-        shared_expert_gate: false,
         residual_intermediate_size: 32,
         router: RouterConfig::TopK { norm_topk_prob: false },
         balance_loss: BalanceLossConfig { coefficient: 0.01, form: BalanceForm::FirstChoice },
         capacity: CapacityPolicy::Capacity { capacity_factor: 1.0, eval_capacity_factor: 1.0, min_capacity: 4, drop_tokens: true },
         names: ParamNames::default(),
+        ..common::lm::tiny_moe()
     };
     common::lm::tiny_lm(vocab, LayerMlp::moe_every_nth(layers, 2, moe), true, 0.0)
 }
@@ -58,17 +54,12 @@ fn train_config(model: &Path, data: &Path, out: PathBuf, steps: u64) -> LmTrainC
 /// and the config of a 3-layer student (2 and 4 experts: one dense layer fewer) distilled
 /// from it for 8 steps, stopping after step 4.
 fn setup(tag: &str) -> (Scratch, LmTrainConfig) {
-    let dir = scratch_dir(tag);
-    let data = dir.join("data");
-    std::fs::create_dir_all(&data).unwrap();
-    let vocab = common::lm::write_corpus(&data, TEXT);
-    let teacher_json = dir.join("teacher.json");
-    std::fs::write(&teacher_json, serde_json::to_string(&model_config(vocab, 4, &[2, 4])).unwrap()).unwrap();
+    let (dir, data, vocab) = common::lm::scratch_corpus(tag, TEXT);
+    let teacher_json = common::lm::write_model(&dir, "teacher", &model_config(vocab, 4, &[2, 4]));
     let mut teacher = train_config(&teacher_json, &data, dir.join("teacher"), 24);
     teacher.lr = 1e-2;
     LmTrainer::new(teacher, &plan(), RunStart::New).unwrap().run(false).unwrap();
-    let student_json = dir.join("student.json");
-    std::fs::write(&student_json, serde_json::to_string(&model_config(vocab, 3, &[2])).unwrap()).unwrap();
+    let student_json = common::lm::write_model(&dir, "student", &model_config(vocab, 3, &[2]));
     let mut cfg = train_config(&student_json, &data, dir.join("student"), 8);
     cfg.distill = Some(DistillConfig { teacher: dir.join("teacher/model"), beta: 1.0, temperature: 2.0, stop_step: Some(4) });
     (dir, cfg)

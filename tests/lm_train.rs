@@ -5,13 +5,11 @@
 mod common;
 
 use candle_core::{DType, Device};
-use common::scratch_dir;
 use ditmoe::lm::generation::generate;
 use ditmoe::lm::sampling::{SamplingParams, TokenSampler};
 use ditmoe::lm::train_config::LmTrainConfig;
 use ditmoe::lm::trainer::{LmTrainer, TOKENIZER_FILE};
 use ditmoe::lm::{load_hf, LayerMlp, LmConfig};
-use ditmoe::moe::{BalanceLossConfig, ExpertForm, MoeConfig, ParamNames, RouterConfig};
 use ditmoe::text::Tokenizer;
 use ditmoe::train::RunStart;
 use ditmoe::{ExecutionPlan, Precision};
@@ -20,30 +18,12 @@ const TEXT: &str = "The state of the union is strong. We the people of the unite
 
 
 fn model_config(vocab: usize) -> LmConfig {
-    let moe = |_| MoeConfig {
-        hidden_size: 32,
-        num_experts: 4,
-        top_k: 2,
-        expert_intermediate_size: 32,
-        expert_form: ExpertForm::Swiglu,
-        shared_expert_intermediate_size: 0,
-        shared_expert_gate: false,
-        residual_intermediate_size: 0,
-        router: RouterConfig::TopK { norm_topk_prob: true },
-        balance_loss: BalanceLossConfig::default(),
-        capacity: Default::default(),
-        names: ParamNames { shared_expert: "shared_expert".into(), ..ParamNames::default() },
-    };
-    common::lm::tiny_lm(vocab, LayerMlp::moe_every_nth(2, 2, moe), false, 0.01)
+    common::lm::tiny_lm(vocab, LayerMlp::moe_every_nth(2, 2, |_| common::lm::tiny_moe()), false, 0.01)
 }
 
 fn setup(tag: &str) -> (common::Scratch, LmTrainConfig) {
-    let dir = scratch_dir(tag);
-    let data = dir.join("data");
-    std::fs::create_dir_all(&data).unwrap();
-    let vocab = common::lm::write_corpus(&data, TEXT);
-    let model = dir.join("model.json");
-    std::fs::write(&model, serde_json::to_string(&model_config(vocab)).unwrap()).unwrap();
+    let (dir, data, vocab) = common::lm::scratch_corpus(tag, TEXT);
+    let model = common::lm::write_model(&dir, "model", &model_config(vocab));
     let cfg: LmTrainConfig = serde_json::from_value(serde_json::json!({
         "model": model, "data": data, "out": dir.join("run"),
         "seq_len": 24, "batch_size": 4, "steps": 8, "lr": 3e-3, "warmup_steps": 2,

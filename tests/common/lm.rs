@@ -1,9 +1,11 @@
 //! Language-model test material: a corpus folder written as `ditmoe data sotu` writes it, and
-//! the small transformer every LM test builds its layer plans into.
+//! the small transformer and MoE layer every LM test builds its layer plans from.
+use super::{scratch_dir, Scratch};
 use ditmoe::lm::trainer::{TOKENIZER_FILE, TRAIN_SHARD, VALIDATION_SHARD};
 use ditmoe::lm::{LayerMlp, LmConfig};
+use ditmoe::moe::{BalanceLossConfig, ExpertForm, MoeConfig, ParamNames, RouterConfig};
 use ditmoe::text::{TokenShard, Tokenizer};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Twelve numbered copies of `text` as documents: a 300-token BPE trained on them, the first
 /// ten as the train shard, the last two as validation. Returns the vocabulary size.
@@ -16,6 +18,42 @@ pub fn write_corpus(dir: &Path, text: &str) -> usize {
     TokenShard::from_documents(&ids[..10], eos).write(&dir.join(TRAIN_SHARD)).unwrap();
     TokenShard::from_documents(&ids[10..], eos).write(&dir.join(VALIDATION_SHARD)).unwrap();
     tok.vocab_size()
+}
+
+/// A scratch folder `tag` holding [`write_corpus`] of `text` in `<folder>/data`: (folder, data
+/// folder, vocabulary size).
+pub fn scratch_corpus(tag: &str, text: &str) -> (Scratch, PathBuf, usize) {
+    let dir = scratch_dir(tag);
+    let data = dir.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let vocab = write_corpus(&data, text);
+    (dir, data, vocab)
+}
+
+/// `cfg` written as `<dir>/<name>.json`, the path a run config's `model` names.
+pub fn write_model(dir: &Path, name: &str, cfg: &LmConfig) -> PathBuf {
+    let path = dir.join(format!("{name}.json"));
+    std::fs::write(&path, serde_json::to_string(cfg).unwrap()).unwrap();
+    path
+}
+
+/// An MoE layer of width 32: 4 SwiGLU experts of 32, top-2 renormalised, no shared or residual
+/// expert, transformers' parameter names; tests change the fields they are about.
+pub fn tiny_moe() -> MoeConfig {
+    MoeConfig {
+        hidden_size: 32,
+        num_experts: 4,
+        top_k: 2,
+        expert_intermediate_size: 32,
+        expert_form: ExpertForm::Swiglu,
+        shared_expert_intermediate_size: 0,
+        shared_expert_gate: false,
+        residual_intermediate_size: 0,
+        router: RouterConfig::TopK { norm_topk_prob: true },
+        balance_loss: BalanceLossConfig::default(),
+        capacity: Default::default(),
+        names: ParamNames { shared_expert: "shared_expert".into(), ..ParamNames::default() },
+    }
 }
 
 /// Width 32, 4 query and 2 key/value heads of 8, context 64, dense MLPs of 64, around `layers`.
