@@ -7,8 +7,8 @@ use ditmoe::{ExecutionPlan, Precision};
 use std::path::{Path, PathBuf};
 
 mod common;
-use common::train::{write_dataset, MODEL};
-use common::{scratch_dir, Scratch};
+use common::train::scratch_training_folder;
+use common::Scratch;
 
 struct Fixture {
     _tmp: Scratch,
@@ -16,10 +16,8 @@ struct Fixture {
 }
 
 fn fixture(name: &str) -> Fixture {
-    let tmp = scratch_dir(&format!("train-{name}"));
+    let tmp = scratch_training_folder(&format!("train-{name}"));
     let root = tmp.to_path_buf();
-    write_dataset(&root.join("data"));
-    std::fs::write(root.join("model.json"), MODEL).unwrap();
     Fixture { _tmp: tmp, root }
 }
 

@@ -6,8 +6,8 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
-use common::train::{write_dataset, MODEL};
-use common::{fixture_path, rel_err, scratch_dir};
+use common::train::scratch_training_folder;
+use common::{fixture_path, rel_err};
 use ditmoe::model::{ForwardMode, Trace};
 use ditmoe::train::{RunStart, TrainConfig, Trainer};
 use ditmoe::config::ProMoeConfig;
@@ -170,9 +170,7 @@ fn run_plan(cfg: TrainConfig, plan: &ExecutionPlan, start: RunStart) -> Vec<f32>
 /// the reference dispatch within bf16's error.
 #[test]
 fn bf16_kernel_pipeline_trains_like_the_reference_dispatch() {
-    let tmp = scratch_dir("train-bf16-kernels");
-    write_dataset(&tmp.join("data"));
-    std::fs::write(tmp.join("model.json"), MODEL).unwrap();
+    let tmp = scratch_training_folder("train-bf16-kernels");
     let bf16 = ExecutionPlan::training(&Device::Cpu, Precision::Bf16);
     let reference = run_plan(config(&tmp, "reference", 6, false), &bf16, RunStart::New);
     let kernels = run_plan(config(&tmp, "kernels", 6, true), &bf16.clone().with_moe_kernels(true), RunStart::New);
@@ -184,9 +182,7 @@ fn bf16_kernel_pipeline_trains_like_the_reference_dispatch() {
 
 #[test]
 fn recomputing_trainer_follows_the_plain_one() {
-    let tmp = scratch_dir("train-recompute");
-    write_dataset(&tmp.join("data"));
-    std::fs::write(tmp.join("model.json"), MODEL).unwrap();
+    let tmp = scratch_training_folder("train-recompute");
     let plain = run(config(&tmp, "plain", 8, false), Precision::F32, RunStart::New);
     let recomputed = run(config(&tmp, "recomputed", 8, true), Precision::F32, RunStart::New);
     for (i, (a, b)) in plain.iter().zip(&recomputed).enumerate() {
@@ -196,9 +192,7 @@ fn recomputing_trainer_follows_the_plain_one() {
 
 #[test]
 fn bf16_training_follows_f32_and_resumes_exactly() {
-    let tmp = scratch_dir("train-bf16");
-    write_dataset(&tmp.join("data"));
-    std::fs::write(tmp.join("model.json"), MODEL).unwrap();
+    let tmp = scratch_training_folder("train-bf16");
     let f32_losses = run(config(&tmp, "f32", 12, false), Precision::F32, RunStart::New);
     let bf16 = run(config(&tmp, "bf16", 12, false), Precision::Bf16, RunStart::New);
     // Step 1 is the same in both: the official init zeroes the final layer, so the model's

@@ -1,5 +1,6 @@
 //! The tiny training setup the trainer tests share: a 2-block model and three classes of
 //! small grayscale images.
+use super::{scratch_dir, Scratch};
 use std::path::Path;
 
 pub const MODEL: &str = r#"{"input_size":8,"patch_size":2,"in_channels":1,"hidden_size":32,"depth":2,"num_heads":2,
@@ -24,4 +25,12 @@ pub fn write_dataset(root: &Path) {
             img.save(dir.join(format!("{i}.png"))).unwrap();
         }
     }
+}
+
+/// A scratch folder `tag` holding the dataset in `data/` and [`MODEL`] as `model.json`.
+pub fn scratch_training_folder(tag: &str) -> Scratch {
+    let dir = scratch_dir(tag);
+    write_dataset(&dir.join("data"));
+    std::fs::write(dir.join("model.json"), MODEL).unwrap();
+    dir
 }
