@@ -79,11 +79,11 @@ impl BlockTape {
         let mut dx = grads
             .remove(self.head_input.as_tensor())
             .ok_or_else(|| candle_core::Error::Msg("recomputed backward: the loss does not depend on the model output".into()))?;
-        let c_const = self.c.detach();
+        // One leaf for c serves every block: each block's backward has a store of its own.
+        let c_in = Var::from_tensor(&self.c.detach())?;
         let mut dc: Option<Tensor> = None;
         for (i, block) in model.blocks().iter().enumerate().rev() {
             let x_in = Var::from_tensor(&self.block_inputs[i])?;
-            let c_in = Var::from_tensor(&c_const)?;
             let b = block.forward(x_in.as_tensor(), c_in.as_tensor(), self.unconditional.as_ref(), ForwardMode::Train, i, &mut Trace::default())?;
             let mut objective = (b.x * &dx)?.sum_all()?;
             for loss in b.aux_loss.iter().chain(&b.contrastive_loss) {

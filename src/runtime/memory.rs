@@ -8,25 +8,24 @@ use candle_core::{Device, Result};
 
 /// Starts a new peak window on `device` (nothing on the CPU).
 pub fn reset_peak(device: &Device) -> Result<()> {
-    #[cfg(feature = "cuda")]
-    if let Device::Cuda(d) = device {
-        let mut zero = 0u64;
-        pool_attribute(d, &mut zero, true)?;
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(d) => pool_attribute(d, &mut 0, true),
+        _ => Ok(()),
     }
-    let _ = device;
-    Ok(())
 }
 
 /// The most bytes in use at once since the last [`reset_peak`]; None on the CPU.
 pub fn peak_bytes(device: &Device) -> Result<Option<u64>> {
-    #[cfg(feature = "cuda")]
-    if let Device::Cuda(d) = device {
-        let mut high = 0u64;
-        pool_attribute(d, &mut high, false)?;
-        return Ok(Some(high));
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(d) => {
+            let mut high = 0u64;
+            pool_attribute(d, &mut high, false)?;
+            Ok(Some(high))
+        }
+        _ => Ok(None),
     }
-    let _ = device;
-    Ok(None)
 }
 
 /// Reads (`set` false) or writes the default pool's `USED_MEM_HIGH` through `value`.

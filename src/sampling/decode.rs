@@ -6,7 +6,7 @@
 //! and new attention layouts), configured from the diffusers `config.json` beside the weights
 //! when there is one, else from the SD defaults. It always runs in f32: decoding is once per
 //! image, and SD VAEs are known to overflow in f16. It decodes a few images at a time
-//! ([`SdVae::chunk`]): the decoder works on each image alone, so the chunks give the images of
+//! ([`VaeConfig::decode_chunk`]): the decoder works on each image alone, so the chunks give the images of
 //! one whole-batch decode while bounding the convolutions' scratch memory.
 use candle_core::{bail, DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
@@ -169,10 +169,10 @@ impl std::fmt::Debug for SdVae {
 
 impl SdVae {
     /// Scaled latents (N, latent_channels, h, w) -> images (N, out_channels, h*s, w*s) in about
-    /// [-1, 1]: `vae.decode(latents / scaling_factor)`, [`Self::chunk`] images at a time.
+    /// [-1, 1]: `vae.decode(latents / scaling_factor)`, [`VaeConfig::decode_chunk`] images at a time.
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
         let (_, _, h, w) = latents.dims4()?;
-        self.decode_in_chunks(latents, self.chunk(h, w))
+        self.decode_in_chunks(latents, self.config.decode_chunk(h, w))
     }
 
     /// [`Self::decode`] `chunk` images at a time (the last chunk may be smaller), the chunks'
@@ -185,11 +185,6 @@ impl SdVae {
             bail!("latents have {c} channels, the VAE decodes {}", self.config.latent_channels)
         }
         in_chunks(latents, chunk, |part| self.vae.decode(&(part.to_dtype(DType::F32)? / self.config.scaling_factor)?))
-    }
-
-    /// Images at a time through the decoder for (h, w) latents: [`VaeConfig::decode_chunk`].
-    pub fn chunk(&self, h: usize, w: usize) -> usize {
-        self.config.decode_chunk(h, w)
     }
 
     /// Images (N, 3, H, W) in [-1, 1] -> scaled latents (N, latent_channels, H/8, W/8):

@@ -127,19 +127,19 @@ impl Trainer {
         let varmap = VarMap::new();
         let model = DitMoe::new(&model_cfg, plan, VarBuilder::from_varmap(&varmap, plan.weight_dtype(), device))?;
         let weights = TrainingWeights::new(&varmap)?;
-        let all_vars = weights.masters().to_vec();
-        initialize(&all_vars, &model_cfg, cfg.seed)?;
+        let all_vars = weights.masters();
+        initialize(all_vars, &model_cfg, cfg.seed)?;
         if let Some(path) = &cfg.init_from {
             let sd = crate::checkpoint::load_state_dict(path)?;
             sd.validate(&model_cfg)?;
-            for (name, var) in &all_vars {
+            for (name, var) in all_vars {
                 var.set(&sd.tensors[name].to_dtype(DType::F32)?.to_device(device)?)?;
             }
         }
         let trainable: Vec<(String, Var)> = all_vars.iter().filter(|(n, _)| !is_frozen(n)).cloned().collect();
         let params = AdamWParams { weight_decay: cfg.weight_decay, beta1: cfg.beta1, beta2: cfg.beta2, eps: cfg.adam_eps };
         let mut opt = AdamW::new(trainable, params)?;
-        let mut ema = Ema::new(&all_vars, cfg.ema_decay, if cfg.ema_on_host { &Device::Cpu } else { device })?;
+        let mut ema = Ema::new(all_vars, cfg.ema_decay, if cfg.ema_on_host { &Device::Cpu } else { device })?;
 
         let (mut step, mut loader_state, mut resumed_from, mut warnings) = (0, LoaderState::default(), None, Vec::new());
         if resume {
@@ -157,7 +157,7 @@ impl Trainer {
                 if ckpt.state.seed != cfg.seed {
                     bail!("{}: checkpoint was trained with seed {}, the config says {}", ckpt.dir.display(), ckpt.state.seed, cfg.seed);
                 }
-                for (name, var) in &all_vars {
+                for (name, var) in all_vars {
                     let t = ckpt.model.get(name).ok_or_else(|| candle_core::Error::Msg(format!("{}: model lacks `{name}`", ckpt.dir.display())))?;
                     if t.dims() != var.dims() {
                         bail!("{}: `{name}` has shape {:?}, the model {:?}", ckpt.dir.display(), t.dims(), var.dims());
