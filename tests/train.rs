@@ -101,6 +101,24 @@ fn resume_is_bitwise_exact() {
     assert!(a == b, "EMA weights differ after resume");
 }
 
+/// The cosine learning-rate decay resumes on its schedule: a run trained to step 6 of a 12-step
+/// schedule and resumed to 12 ends with the straight run's losses, bit for bit, and the logged
+/// rate falls from `lr` to `lr · min_lr_ratio`.
+#[test]
+fn cosine_schedule_resumes_exactly() {
+    let f = fixture("cosine");
+    let cosine = |out: &str, steps: u64| TrainConfig { min_lr_ratio: Some(0.1), lr_decay_steps: Some(12), warmup_steps: 2, ..config(&f, out, steps) };
+    let straight = losses(cosine("straight", 12), false);
+    let first = losses(cosine("split", 6), false);
+    let second = losses(cosine("split", 12), true);
+    let split: Vec<u32> = first.iter().chain(&second).map(|v| v.to_bits()).collect();
+    assert_eq!(split, straight.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), "straight {straight:?} vs split {first:?} + {second:?}");
+    let lrs: Vec<f64> = JsonlLog::read(&f.root.join("split").join(LOG_FILE)).unwrap().iter().map(|r| r.lr).collect();
+    assert!((lrs[0] - 5e-4).abs() < 1e-12 && (lrs[1] - 1e-3).abs() < 1e-12, "warm-up: {lrs:?}");
+    assert!(lrs[1..].windows(2).all(|w| w[1] < w[0]), "the rate must fall after the warm-up: {lrs:?}");
+    assert!((lrs[11] - 1e-4).abs() < 1e-12, "the schedule ends at lr · min_lr_ratio: {lrs:?}");
+}
+
 #[test]
 fn truncated_checkpoint_falls_back() {
     let f = fixture("truncated");

@@ -192,9 +192,7 @@ impl LmTrainConfig {
             return self.lr * (step + 1) as f64 / self.warmup_steps as f64;
         }
         let span = self.lr_decay_steps.unwrap_or(self.steps).saturating_sub(self.warmup_steps).max(1) as f64;
-        let progress = ((step - self.warmup_steps) as f64 / span).min(1.0);
-        let min = self.lr * self.min_lr_ratio;
-        min + 0.5 * (self.lr - min) * (1.0 + (std::f64::consts::PI * progress).cos())
+        crate::train::lr_schedule::cosine_decay(self.lr, self.min_lr_ratio, (step - self.warmup_steps) as f64 / span)
     }
 }
 

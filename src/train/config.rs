@@ -128,6 +128,15 @@ pub struct TrainConfig {
     /// Linear learning-rate warmup (the official run has none: 0).
     #[serde(default)]
     pub warmup_steps: u64,
+    /// After the warm-up, decay the learning rate along a cosine to `lr · min_lr_ratio` at
+    /// step `lr_decay_steps` (`train::lr_schedule`). Absent: constant, as the official
+    /// `train.py`. A `max_minutes` stop keeps the schedule.
+    #[serde(default)]
+    pub min_lr_ratio: Option<f64>,
+    /// The cosine's length (nanoGPT's `lr_decay_iters`); default `steps`. A run trained in
+    /// parts with growing `steps` keeps one schedule through this.
+    #[serde(default)]
+    pub lr_decay_steps: Option<u64>,
     #[serde(default)]
     pub weight_decay: f64,
     #[serde(default = "d_beta1")]
@@ -233,6 +242,9 @@ impl TrainConfig {
                 return fail(f, format!("{b} must be in [0, 1)"));
             }
         }
+        if let Some(r) = self.min_lr_ratio.filter(|r| !(0.0..=1.0).contains(r)) {
+            return fail("min_lr_ratio", format!("{r} must be in [0, 1]"));
+        }
         if self.max_grad_norm.is_some_and(|g| g <= 0.0) {
             return fail("max_grad_norm", "must be positive".into());
         }
@@ -245,12 +257,18 @@ impl TrainConfig {
         Ok(())
     }
 
-    /// Learning rate at optimizer step `step` (1-based): linear warmup, then constant (official).
+    /// Learning rate at optimizer step `step` (1-based): linear warmup, then constant (official)
+    /// or, with `min_lr_ratio`, the cosine decay over the steps left until `steps`.
     pub fn lr_at(&self, step: u64) -> f64 {
-        if self.warmup_steps == 0 || step >= self.warmup_steps {
-            self.lr
-        } else {
-            self.lr * step as f64 / self.warmup_steps as f64
+        if self.warmup_steps > 0 && step < self.warmup_steps {
+            return self.lr * step as f64 / self.warmup_steps as f64;
+        }
+        match self.min_lr_ratio {
+            None => self.lr,
+            Some(ratio) => {
+                let span = self.lr_decay_steps.unwrap_or(self.steps).saturating_sub(self.warmup_steps).max(1) as f64;
+                crate::train::lr_schedule::cosine_decay(self.lr, ratio, step.saturating_sub(self.warmup_steps) as f64 / span)
+            }
         }
     }
 }
