@@ -20,42 +20,24 @@
 //! that decide it are recorded in `<out>/distill.json`, and a resume under other settings is
 //! refused.
 //!
-//! Data parallelism (the plan's [`crate::plan::DataParallel`], or expert parallelism over
-//! several ranks, whose group then is the data-parallel group): rank `r` of `P` trains on the
-//! `r`-th of `P` equal slices of the same `batch_size` windows (so `P` must divide
-//! `batch_size`, and `P = 1` is the single-process run). Its loss is scaled by `1 / P`, so the
-//! sum of the ranks' gradients is the gradient of the mean loss over the global batch (PyTorch
-//! DDP averages instead; the sum of pre-scaled gradients is the same number). The gradients of
-//! replicated weights are summed over every rank in one flat all-reduce
-//! ([`crate::dist::all_reduce_gradients`], DDP's bucket); a routed expert's over the ranks
-//! that hold it, Megatron-Core's expert-data-parallel group, which with expert parallelism
-//! over every rank (`EP = P`) is the owner alone: the expert-parallel all-to-all's backward has
-//! already summed every rank's tokens into it. The clipping norm is the global one (the
-//! replicated gradients counted once, every expert's once), the same on every rank, so every
-//! rank takes the same AdamW step. transformers' model-level load-balancing loss is a product
-//! of two batch means, not a mean of per-token terms: each rank adds its share of the global
-//! batch's loss, the expert fractions `f_e` all-gathered (they carry no gradient) and its own
-//! tokens' router probabilities over the global token count, so the ranks' shares sum to the
-//! `P = 1` loss and their gradients to its gradient (Megatron-Core's global-batch balance
-//! loss). The MoE layers' own balance losses (a `balance_loss` coefficient, off for the HF
-//! families) stay per rank and are averaged, as DeepSpeed-MoE's and Megatron-Core's per-rank
-//! auxiliary losses are; a run with them matches `P = 1` only at `P = 1`. The logged losses,
-//! gradient norm and expert counts are the global ones.
+//! Data parallelism (`crate::train::parallel` gives the scheme both trainers share: batch
+//! slices, gradient reduction, global-norm clipping, checkpoints under global expert names):
+//! rank `r` of `P` trains on the `r`-th of `P` equal slices of the same `batch_size` windows
+//! (so `P` must divide `batch_size`, and `P = 1` is the single-process run). transformers'
+//! model-level load-balancing loss is a product of two batch means, not a mean of per-token
+//! terms: each rank adds its share of the global batch's loss, the expert fractions `f_e`
+//! all-gathered (they carry no gradient) and its own tokens' router probabilities over the
+//! global token count, so the ranks' shares sum to the `P = 1` loss and their gradients to its
+//! gradient (Megatron-Core's global-batch balance loss). The MoE layers' own balance losses (a
+//! `balance_loss` coefficient, off for the HF families) stay per rank and are averaged, as
+//! DeepSpeed-MoE's and Megatron-Core's per-rank auxiliary losses are; a run with them matches
+//! `P = 1` only at `P = 1`. The logged losses, gradient norm and expert counts are the global
+//! ones.
 //!
 //! Rank 0 writes everything (the log, evaluations, checkpoints, the exported model); the
-//! other ranks write nothing. Checkpoints and the exported folder are the single-process
-//! format whatever the layout: with expert parallelism, expert-parallel rank 0 gathers the
-//! experts (and their AdamW moments, `m.<global name>`, `v.<global name>`) from its group
-//! under their global names before rank 0 writes, and every rank reads back, by global name,
-//! the slice it holds from the one file, so a checkpoint written at any `P` resumes at any
-//! other. The gather (rather than one file per rank) keeps the checkpoint code, its atomic
-//! `state.json` and its damage checks single-process; its cost is rank 0 holding every
-//! expert for the moment of a save, and every rank reading the whole file on resume. A random
-//! initialisation draws the whole model's stream on every rank (the experts held elsewhere
-//! into host memory, dropped at once), so every layout starts from the `P = 1` weights.
-//! Validation runs the whole validation set on every rank (under expert parallelism the
-//! forward is a collective). The time budget's stop is rank 0's decision, broadcast, so the
-//! ranks stop together.
+//! other ranks write nothing. Validation runs the whole validation set on every rank (under
+//! expert parallelism the forward is a collective). The time budget's stop is rank 0's
+//! decision, broadcast, so the ranks stop together.
 use super::distill::{mos_kl, Teacher};
 use super::eval::{evaluate, EvalReport};
 use super::init::initialize;
@@ -63,7 +45,6 @@ use super::train_config::{DistillConfig, LmTrainConfig};
 use super::{HfCheckpoint, LmConfig, LmModel};
 use crate::checkpoint::write_atomic;
 use crate::data::LoaderState;
-use crate::dist::{all_reduce_gradients, Communicator};
 use crate::moe::balance_loss::expert_slot_mask;
 use crate::moe::Routing;
 use crate::plan::ExecutionPlan;
@@ -71,6 +52,7 @@ use crate::text::{TokenShard, Tokenizer};
 use crate::train::adamw::{AdamW, AdamWParams};
 use crate::train::checkpoint::{self, SaveRequest};
 use crate::train::kernels::foreach::sum_of_squares;
+use crate::train::parallel::Parallel;
 use crate::train::log::{JsonlLog, StepLog, LOG_FILE};
 use crate::train::profile::StepProfile;
 use crate::train::rng::{step_rng, Stream};
@@ -83,9 +65,7 @@ use rand::Rng;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::io::Write;
-use std::ops::Range;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Instant;
 
 /// The corpus folder's files.
@@ -181,7 +161,10 @@ impl LmTrainer {
         }
         cfg.validate()?;
         let device = plan.device.clone();
-        let mut parallel = Parallel::of_plan(plan, cfg.batch_size)?;
+        let mut parallel = Parallel::of_plan(plan)?;
+        if let Some(p) = &parallel {
+            p.check_divides(cfg.batch_size, "lm train: `batch_size`")?;
+        }
         let writer = parallel.as_ref().is_none_or(Parallel::writes);
         let (model_cfg, hf) = model_config(&cfg.model)?;
         if cfg.seq_len + 1 > model_cfg.max_position_embeddings {
@@ -224,10 +207,10 @@ impl LmTrainer {
         let mut vars: Vec<(String, Var)> = varmap.data().lock().expect("varmap lock").iter().map(|(n, v)| (n.clone(), v.clone())).collect();
         vars.sort_by(|a, b| a.0.cmp(&b.0));
         if let Some(p) = &mut parallel {
-            p.find_split_experts(&model);
+            find_split_experts(p, &model);
         }
         match &parallel {
-            Some(p) if p.ep.is_some() => {
+            Some(p) if p.splits_experts() => {
                 // the P = 1 stream, the experts held elsewhere drawn into placeholders
                 let mut all = vars.clone();
                 all.extend(p.absent_experts(&vars)?);
@@ -346,7 +329,7 @@ impl LmTrainer {
         let out = self.model.forward(&ids, None, true)?;
         let ce = super::cross_entropy(&out.logits, &ids)?;
         let (share, mut total) = match &self.parallel {
-            Some(p) => (p.share(), p.local_loss(&self.model, &out, &ce)?),
+            Some(p) => (p.share(), local_loss(p, &self.model, &out, &ce)?),
             None => (1.0, self.model.loss_from_output(&out, &ids)?),
         };
         let kl = match (&self.teacher, &self.cfg.distill) {
@@ -357,7 +340,7 @@ impl LmTrainer {
         let mut host = vec![(&ce * share)?, total.clone()];
         host.extend(kl.as_ref().map(|(kl, _)| kl * share).transpose()?);
         let host = match &self.parallel {
-            Some(p) => p.dp.all_reduce_sum(&Tensor::stack(&host, 0)?)?.to_vec1::<f32>()?,
+            Some(p) => p.sum_scalars(&host)?,
             None => host.iter().map(|t| t.to_scalar::<f32>()).collect::<Result<_>>()?,
         };
         let (loss, total_host, kl_host) = (host[0], host[1], host.get(2).copied());
@@ -393,11 +376,14 @@ impl LmTrainer {
         self.mark("gradients collected")?;
         let (g_decayed, g_undecayed, grad_norm) = match &self.parallel {
             Some(p) => {
-                let names = |opt: &AdamW| opt.vars().iter().map(|(n, _)| n.clone()).collect::<Vec<_>>();
-                let [g_decayed, g_undecayed] = p.reduce_gradients([(names(&self.decayed), g_decayed), (names(&self.undecayed), g_undecayed)])?;
-                let norm = p.global_norm_sq([&g_decayed, &g_undecayed], [&names(&self.decayed), &names(&self.undecayed)])?.sqrt();
+                // both groups in one reduction (one flat all-reduce), split again after
+                let names: Vec<String> = self.decayed.vars().iter().chain(self.undecayed.vars()).map(|(n, _)| n.clone()).collect();
+                let split = g_decayed.len();
+                let mut grads = p.reduce_gradients(&names, [g_decayed, g_undecayed].concat())?;
+                let norm = p.global_norm_sq(&names, &grads)?.sqrt();
+                let g_undecayed = grads.split_off(split);
                 self.mark("gradients reduced")?;
-                (g_decayed, g_undecayed, norm)
+                (grads, g_undecayed, norm)
             }
             None => {
                 let norm = (sum_of_squares(&g_decayed)? + sum_of_squares(&g_undecayed)?).sqrt();
@@ -463,7 +449,7 @@ impl LmTrainer {
     /// parallelism a collective (every rank calls it), the experts gathered under their global
     /// names into the single-process layout.
     pub fn export(&self, dir: &Path) -> Result<()> {
-        if self.parallel.as_ref().is_some_and(|p| p.ep.is_some()) {
+        if self.parallel.as_ref().is_some_and(Parallel::splits_experts) {
             let Some((model, _)) = self.full_state()? else { return Ok(()) };
             if !self.writes() {
                 return Ok(());
@@ -625,279 +611,65 @@ fn check_distill(out: &Path, distill: Option<&DistillConfig>) -> Result<()> {
 /// Tensors by name, as a checkpoint file holds them.
 type Named = Vec<(String, Tensor)>;
 
-/// How one rank trains with the others (the module docs give the scheme).
-struct Parallel {
-    /// Every rank (PyTorch DDP's process group): the batch slices and the replicated weights'
-    /// gradients.
-    dp: Arc<dyn Communicator>,
-    /// The expert-parallel group, when the MoE layers split their experts over several ranks.
-    ep: Option<Arc<dyn Communicator>>,
-    /// Megatron-Core's expert-data-parallel group (the ranks holding this rank's experts),
-    /// when the experts are split over fewer ranks than `dp`.
-    expert_dp: Option<Arc<dyn Communicator>>,
-    /// Under expert parallelism, per MoE layer: its experts' name prefix
-    /// (`model.layers.<i>.<moe_prefix>.<experts>.`) and this rank's global ids there.
-    split: Vec<(String, Range<usize>)>,
-}
-
-/// A routed expert's tensor name split around its global id, `<head><id>.<rest>` (the head
-/// may start with an optimizer moment's `m.` or `v.`).
-struct ExpertName<'a> {
-    head: &'a str,
-    id: usize,
-    rest: &'a str,
-    /// The ids this rank holds in the expert's layer.
-    local: Range<usize>,
-}
-
-impl ExpertName<'_> {
-    fn with_id(&self, id: usize) -> String {
-        format!("{}{id}.{}", self.head, self.rest)
+/// Records, under expert parallelism, which MoE layers hold a block of the experts (all).
+fn find_split_experts(parallel: &mut Parallel, model: &LmModel) {
+    let cfg = model.config();
+    for (i, layer) in model.layers().iter().enumerate() {
+        if let Some(moe) = layer.moe().filter(|m| m.local_experts() != (0..m.config().total_experts())) {
+            parallel.add_split_layer(format!("model.layers.{i}.{}.{}.", cfg.moe_prefix, moe.config().names.experts), moe.local_experts());
+        }
     }
 }
 
-impl Parallel {
-    /// The plan's layout, checked; None for one process.
-    fn of_plan(plan: &ExecutionPlan, batch_size: usize) -> Result<Option<Self>> {
-        let ep = plan.expert_parallel.as_ref().map(|e| e.comm.clone()).filter(|c| c.world_size() > 1);
-        let (dp, expert_dp) = match (&plan.data_parallel, &ep) {
-            (Some(d), _) => (d.comm.clone(), d.expert_data_parallel.clone()),
-            (None, Some(e)) => (e.clone(), None),
-            (None, None) => return Ok(None),
-        };
-        let (p, r) = (dp.world_size(), dp.rank());
-        match (&ep, &expert_dp) {
-            (None, Some(_)) => bail!("data parallelism: an expert-data-parallel group without expert parallelism (the experts are then replicated over every rank)"),
-            (Some(e), None) if e.world_size() != p || e.rank() != r => bail!(
-                "data parallelism over {p} ranks with expert parallelism over {} needs the expert-data-parallel group (`DataParallel::with_expert_data_parallel`), or the same group for both",
-                e.world_size()
-            ),
-            (Some(e), Some(g)) if e.world_size() * g.world_size() != p || e.rank() != r % e.world_size() || g.rank() != r / e.world_size() => bail!(
-                "data parallelism: rank {r} of {p} is expert-parallel rank {} of {} and expert-data-parallel rank {} of {}; the layout is Megatron-Core's, expert-parallel groups of consecutive ranks (rank r is expert-parallel rank r % EP and expert-data-parallel rank r / EP, P = EP · EDP)",
-                e.rank(),
-                e.world_size(),
-                g.rank(),
-                g.world_size()
-            ),
-            _ => {}
-        }
-        if p == 1 && ep.is_none() {
-            return Ok(None);
-        }
-        if !batch_size.is_multiple_of(p) {
-            bail!("lm train: `batch_size` {batch_size} does not split evenly over {p} data-parallel ranks")
-        }
-        Ok(Some(Self { dp, ep, expert_dp, split: Vec::new() }))
+/// This rank's part of the global batch's loss ([`LmModel::loss_from_output`] on the
+/// whole batch): its mean cross-entropy and layer balance losses times its share, and its
+/// share of transformers' load-balancing loss over the global batch.
+fn local_loss(p: &Parallel, model: &LmModel, out: &super::LmOutput, ce: &Tensor) -> Result<Tensor> {
+    let mut loss = (ce * p.share())?;
+    if out.aux_loss.is_some() {
+        loss = (loss + (load_balancing_share(p, model, &out.router_logits)? * model.config().router_aux_loss_coef)?)?;
     }
+    if let Some(l) = &out.layer_aux_loss {
+        loss = (loss + (l * p.share())?)?;
+    }
+    Ok(loss)
+}
 
-    /// Rank 0 writes the run's files.
-    fn writes(&self) -> bool {
-        self.dp.rank() == 0
+/// This rank's share of `LmModel`'s load-balancing loss over the global batch: per group
+/// of MoE layers with equal (E, k), as the model groups them, `E · sum_e f_e · P_e` with
+/// the fraction `f_e` of the global batch's rows whose top-k holds `e` (all-gathered;
+/// constants, as in transformers) and, in place of the global mean probability `P_e`, the
+/// sum of this rank's probabilities over the global row count. The shares of the ranks
+/// sum to the global loss.
+fn load_balancing_share(p: &Parallel, model: &LmModel, router_logits: &[Tensor]) -> Result<Tensor> {
+    let groups = super::model::router_groups(model.config(), router_logits);
+    // per group: the probabilities, and the rows' top-k counts per expert then the row count
+    let mut probs = Vec::with_capacity(groups.len());
+    let mut counts = Vec::new();
+    for ((_, top_k), g) in &groups {
+        let logits = Tensor::cat(g, 0)?;
+        let scores = crate::nn::softmax_last_dim(&logits)?;
+        let experts = scores.arg_sort_last_dim(false)?.narrow(1, 0, *top_k)?.contiguous()?;
+        let mask = expert_slot_mask(&Routing { experts, weights: scores.clone(), scores: scores.clone(), logits })?;
+        counts.extend(mask.sum(0)?.to_vec1::<f32>()?.into_iter().map(|c| c as usize));
+        counts.push(scores.dim(0)?);
+        probs.push(scores);
     }
-
-    /// Records which MoE layers hold a block of the experts (under expert parallelism, all).
-    fn find_split_experts(&mut self, model: &LmModel) {
-        let cfg = model.config();
-        for (i, layer) in model.layers().iter().enumerate() {
-            if let Some(moe) = layer.moe().filter(|m| m.local_experts() != (0..m.config().total_experts())) {
-                self.split.push((format!("model.layers.{i}.{}.{}.", cfg.moe_prefix, moe.config().names.experts), moe.local_experts()));
-            }
-        }
+    let all = p.comm().all_gather_counts(&counts)?;
+    let global: Vec<usize> = (0..counts.len()).map(|i| all.iter().map(|c| c[i]).sum()).collect();
+    let (total, dev) = (router_logits.len() as f64, model.device());
+    let mut loss: Option<Tensor> = None;
+    let mut at = 0;
+    for (((e, _), g), scores) in groups.iter().zip(&probs) {
+        let n = global[at + e] as f64;
+        let f = Tensor::from_vec(global[at..at + e].iter().map(|&c| (c as f64 / n) as f32).collect::<Vec<_>>(), *e, dev)?;
+        at += e + 1;
+        let l = (((scores.sum(0)? / n)? * f)?.sum_all()? * *e as f64)?;
+        let l = if groups.len() == 1 { l } else { (l * (g.len() as f64 / total))? };
+        loss = Some(match loss {
+            None => l,
+            Some(acc) => (acc + l)?,
+        });
     }
-
-    fn expert_name<'a>(&self, name: &'a str) -> Option<ExpertName<'a>> {
-        self.split.iter().find_map(|(prefix, local)| {
-            let at = name.find(prefix.as_str())? + prefix.len();
-            let (id, rest) = name[at..].split_once('.')?;
-            Some(ExpertName { head: &name[..at], id: id.parse().ok()?, rest, local: local.clone() })
-        })
-    }
-
-    /// Placeholders in host memory for the experts other ranks hold, so that the seeded
-    /// initialisation draws the `P = 1` stream.
-    fn absent_experts(&self, vars: &[(String, Var)]) -> Result<Vec<(String, Var)>> {
-        let mut out = Vec::new();
-        for (name, var) in vars {
-            let Some(e) = self.expert_name(name).filter(|e| e.id == e.local.start) else { continue };
-            let total = e.local.len() * self.ep.as_ref().map_or(1, |c| c.world_size());
-            for id in (0..total).filter(|id| !e.local.contains(id)) {
-                out.push((e.with_id(id), Var::zeros(var.shape(), var.dtype(), &Device::Cpu)?));
-            }
-        }
-        Ok(out)
-    }
-
-    /// This rank's share of the global batch's losses, `1 / P`.
-    fn share(&self) -> f64 {
-        1.0 / self.dp.world_size() as f64
-    }
-
-    /// This rank's rows of the global batch `[B, T]`.
-    fn slice(&self, ids: &Tensor) -> Result<Tensor> {
-        let per = ids.dim(0)? / self.dp.world_size();
-        ids.narrow(0, self.dp.rank() * per, per)
-    }
-
-    /// This rank's part of the global batch's loss ([`LmModel::loss_from_output`] on the
-    /// whole batch): its mean cross-entropy and layer balance losses times its share, and its
-    /// share of transformers' load-balancing loss over the global batch.
-    fn local_loss(&self, model: &LmModel, out: &super::LmOutput, ce: &Tensor) -> Result<Tensor> {
-        let mut loss = (ce * self.share())?;
-        if out.aux_loss.is_some() {
-            loss = (loss + (self.load_balancing_share(model, &out.router_logits)? * model.config().router_aux_loss_coef)?)?;
-        }
-        if let Some(l) = &out.layer_aux_loss {
-            loss = (loss + (l * self.share())?)?;
-        }
-        Ok(loss)
-    }
-
-    /// This rank's share of `LmModel`'s load-balancing loss over the global batch: per group
-    /// of MoE layers with equal (E, k), as the model groups them, `E · sum_e f_e · P_e` with
-    /// the fraction `f_e` of the global batch's rows whose top-k holds `e` (all-gathered;
-    /// constants, as in transformers) and, in place of the global mean probability `P_e`, the
-    /// sum of this rank's probabilities over the global row count. The shares of the ranks
-    /// sum to the global loss.
-    fn load_balancing_share(&self, model: &LmModel, router_logits: &[Tensor]) -> Result<Tensor> {
-        let groups = super::model::router_groups(model.config(), router_logits);
-        // per group: the probabilities, and the rows' top-k counts per expert then the row count
-        let mut probs = Vec::with_capacity(groups.len());
-        let mut counts = Vec::new();
-        for ((_, top_k), g) in &groups {
-            let logits = Tensor::cat(g, 0)?;
-            let scores = crate::nn::softmax_last_dim(&logits)?;
-            let experts = scores.arg_sort_last_dim(false)?.narrow(1, 0, *top_k)?.contiguous()?;
-            let mask = expert_slot_mask(&Routing { experts, weights: scores.clone(), scores: scores.clone(), logits })?;
-            counts.extend(mask.sum(0)?.to_vec1::<f32>()?.into_iter().map(|c| c as usize));
-            counts.push(scores.dim(0)?);
-            probs.push(scores);
-        }
-        let all = self.dp.all_gather_counts(&counts)?;
-        let global: Vec<usize> = (0..counts.len()).map(|i| all.iter().map(|c| c[i]).sum()).collect();
-        let (total, dev) = (router_logits.len() as f64, model.device());
-        let mut loss: Option<Tensor> = None;
-        let mut at = 0;
-        for (((e, _), g), scores) in groups.iter().zip(&probs) {
-            let n = global[at + e] as f64;
-            let f = Tensor::from_vec(global[at..at + e].iter().map(|&c| (c as f64 / n) as f32).collect::<Vec<_>>(), *e, dev)?;
-            at += e + 1;
-            let l = (((scores.sum(0)? / n)? * f)?.sum_all()? * *e as f64)?;
-            let l = if groups.len() == 1 { l } else { (l * (g.len() as f64 / total))? };
-            loss = Some(match loss {
-                None => l,
-                Some(acc) => (acc + l)?,
-            });
-        }
-        loss.map_or_else(|| Tensor::zeros((), DType::F32, dev), Ok)
-    }
-
-    /// Per MoE layer, the expert counts of the global batch.
-    fn sum_counts(&self, counts: &[Vec<usize>]) -> Result<Vec<Vec<usize>>> {
-        let flat: Vec<usize> = counts.concat();
-        let all = self.dp.all_gather_counts(&flat)?;
-        let mut at = 0;
-        Ok(counts
-            .iter()
-            .map(|c| {
-                let sum = (at..at + c.len()).map(|i| all.iter().map(|r| r[i]).sum()).collect();
-                at += c.len();
-                sum
-            })
-            .collect())
-    }
-
-    fn is_split_expert(&self, name: &str) -> bool {
-        self.ep.is_some() && self.expert_name(name).is_some()
-    }
-
-    /// The gradients of two optimizer groups (names, gradients), summed: the replicated
-    /// weights' over every rank (one flat all-reduce for both groups), the experts' over the
-    /// expert-data-parallel group (or not at all when each expert has one owner).
-    fn reduce_gradients(&self, groups: [(Vec<String>, Vec<Tensor>); 2]) -> Result<[Vec<Tensor>; 2]> {
-        let mut slots = [vec![], vec![]];
-        let (mut replicated, mut experts) = (vec![], vec![]);
-        for (gi, (names, grads)) in groups.into_iter().enumerate() {
-            for (name, g) in names.iter().zip(grads) {
-                let expert = self.is_split_expert(name);
-                slots[gi].push((expert, if expert { experts.len() } else { replicated.len() }));
-                if expert { experts.push(g) } else { replicated.push(g) }
-            }
-        }
-        let replicated = all_reduce_gradients(&*self.dp, &replicated)?;
-        let experts = match &self.expert_dp {
-            Some(g) => all_reduce_gradients(&**g, &experts)?,
-            None => experts,
-        };
-        Ok(slots.map(|s| s.into_iter().map(|(expert, i)| if expert { experts[i].clone() } else { replicated[i].clone() }).collect()))
-    }
-
-    /// The squared global gradient norm of reduced gradients: the replicated ones (equal on
-    /// every rank) counted once, the split experts' summed over the expert-parallel group
-    /// (each expert once).
-    fn global_norm_sq(&self, grads: [&Vec<Tensor>; 2], names: [&Vec<String>; 2]) -> Result<f32> {
-        let (mut replicated, mut experts) = (vec![], vec![]);
-        for (gs, ns) in grads.into_iter().zip(names) {
-            for (g, n) in gs.iter().zip(ns) {
-                if self.is_split_expert(n) { experts.push(g.clone()) } else { replicated.push(g.clone()) }
-            }
-        }
-        let mut sq = sum_of_squares(&replicated)?;
-        if let Some(ep) = &self.ep {
-            let local = Tensor::new(&[sum_of_squares(&experts)?], replicated.first().or(experts.first()).map_or(&Device::Cpu, |t| t.device()))?;
-            sq += ep.all_reduce_sum(&local)?.to_vec1::<f32>()?[0];
-        }
-        Ok(sq)
-    }
-
-    /// `tensors` (weights, or their AdamW moments) with every split expert under its global
-    /// name: expert-parallel rank 0 of the group that holds data-parallel rank 0 gathers its
-    /// group's experts (one variable-split all-to-all that sends every rank's experts, flat,
-    /// to it) and returns everything; the ranks of that group return None, as do the ranks
-    /// of the other groups, which gather nothing (they hold the same experts). Without
-    /// expert parallelism, `tensors` on every rank.
-    fn gather_experts(&self, tensors: Vec<(String, Tensor)>) -> Result<Option<Vec<(String, Tensor)>>> {
-        let Some(ep) = &self.ep else { return Ok(Some(tensors)) };
-        if self.expert_dp.as_ref().is_some_and(|g| g.rank() != 0) {
-            return Ok(None);
-        }
-        let (mut out, mut experts) = (vec![], vec![]);
-        for (name, t) in tensors {
-            match self.expert_name(&name).map(|e| ((e.head.to_string(), e.rest.to_string(), e.id - e.local.start), e.local.len())) {
-                Some((key, per)) => experts.push((key, per, t)),
-                None => out.push((name, t)),
-            }
-        }
-        // one order on every rank: by layer and tensor, then by the expert's place in the block
-        experts.sort_by(|a, b| a.0.cmp(&b.0));
-        let flat = experts.iter().map(|(_, _, t)| t.to_dtype(DType::F32)?.flatten_all()).collect::<Result<Vec<_>>>()?;
-        let dev = flat.first().map_or(Device::Cpu, |t| t.device().clone());
-        let flat = match flat.is_empty() {
-            true => Tensor::zeros((1, 0), DType::F32, &dev)?,
-            false => Tensor::cat(&flat, 0)?.unsqueeze(0)?,
-        };
-        let p = ep.world_size();
-        let mut send = vec![0; p];
-        send[0] = 1;
-        let recv = vec![usize::from(ep.rank() == 0); p];
-        let rows = ep.all_to_all_v(&flat, &send, &recv)?;
-        if ep.rank() != 0 {
-            return Ok(None);
-        }
-        for q in 0..p {
-            let row = rows.get(q)?;
-            let mut at = 0;
-            for ((head, rest, j), per, t) in &experts {
-                let n = t.elem_count();
-                out.push((format!("{head}{}.{rest}", q * per + j), row.narrow(0, at, n)?.reshape(t.shape())?.to_dtype(t.dtype())?));
-                at += n;
-            }
-        }
-        Ok(Some(out))
-    }
-
-    /// Rank 0's `flag`, on every rank.
-    fn rank0_decides(&self, flag: bool, dev: &Device) -> Result<bool> {
-        let mine = f32::from(u8::from(flag && self.dp.rank() == 0));
-        Ok(self.dp.all_reduce_sum(&Tensor::new(&[mine], dev)?)?.to_vec1::<f32>()?[0] > 0.0)
-    }
+    loss.map_or_else(|| Tensor::zeros((), DType::F32, dev), Ok)
 }

@@ -11,6 +11,7 @@ pub mod log;
 pub mod lr_schedule;
 pub mod mixed_precision;
 pub mod pad;
+pub mod parallel;
 pub mod profile;
 pub mod rng;
 pub mod run_dir;

@@ -9,16 +9,16 @@ use crate::sampling::{DdimSampler, Guidance, GuidedModel, ImageNoise, Images, Re
 use crate::plan::ExecutionPlan;
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
-use std::path::Path;
 
 const PER_CLASS: usize = 8;
 const MAX_CLASSES: usize = 10;
 const CFG_SCALE: f64 = 4.0;
 
-/// Samples a class grid with the `ema` weights and writes it to `path` as a PNG. Pixel models
-/// only: a latent model's samples would need the VAE to be viewable.
-/// `plan`: the training run's, frozen.
-pub fn write_grid(cfg: &DitConfig, objective: Objective, ema: &[(String, Tensor)], path: &Path, seed: u64, plan: &ExecutionPlan) -> Result<()> {
+/// Samples a class grid with the `ema` weights (one row per class). Pixel models only: a
+/// latent model's samples would need the VAE to be viewable. `plan`: the training run's,
+/// frozen; under expert parallelism `ema` holds this rank's experts and every rank of the
+/// group calls this together (the same noise on every rank, so the same grid).
+pub fn sample_grid(cfg: &DitConfig, objective: Objective, ema: &[(String, Tensor)], seed: u64, plan: &ExecutionPlan) -> Result<Images> {
     let device = &plan.device;
     let vb = VarBuilder::from_tensors(ema.iter().cloned().collect(), plan.weight_dtype(), device);
     let model = DitMoe::new(cfg, plan, vb)?;
@@ -32,8 +32,5 @@ pub fn write_grid(cfg: &DitConfig, objective: Objective, ema: &[(String, Tensor)
     let guided = GuidedModel::new(&model, &classes, Guidance { scale, guide_all_channels: true }, device)?;
     let mut noise = ImageNoise::new(seed, 0..classes.len());
     let x = sampler.sample_seeded(&guided, &mut noise, &mut |_| {})?;
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| candle_core::Error::Msg(format!("{}: {e}", dir.display())))?;
-    }
-    Images::from_tensor(&x)?.grid(PER_CLASS)?.write_png(path)
+    Images::from_tensor(&x)?.grid(PER_CLASS)
 }

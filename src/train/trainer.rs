@@ -1,6 +1,31 @@
 //! The training loop (official `train.py` / `train_rf.py` main loop): label dropout, the
 //! diffusion or rectified-flow loss plus the expert balance loss, gradient accumulation,
 //! global-norm clipping, AdamW, EMA, logging, checkpoints and exact resume.
+//!
+//! Data and expert parallelism follow the scheme both trainers share ([`super::parallel`]):
+//! every rank's loader yields the single-device stream of micro-batches (`micro_batch` images
+//! each), the label dropout, noise and timesteps are drawn for the whole micro-batch from the
+//! single-device generators, and rank `r` keeps the `r`-th of `P` equal slices of them, so `P`
+//! must divide `micro_batch` (and `global_batch`). The official `train.py` gives each of its
+//! DDP ranks `global_batch_size // world_size` images of its own sampler's; here the ranks'
+//! slices together are exactly the `P = 1` batch, which is what makes a run's layout
+//! irrelevant to its numbers. Every rank reads the whole micro-batch (the loader's position
+//! stays the single-device one, bad files skipped alike), a cost that pre-encoded latent
+//! shards keep small.
+//!
+//! The expert balance loss is the official one per rank: each rank's MoE layers compute
+//! `MoEGate`'s loss over that rank's tokens, and the ranks' losses are averaged, as under the
+//! official DDP training (each GPU's gate sees its own batch) and DeepSpeed-MoE's per-rank
+//! `l_aux`. Its per-image form (`seq_aux`) is a mean over images, so its average over the ranks
+//! is the `P = 1` loss; the batch form (the released configs) is a product of two batch means,
+//! and a run with it matches `P = 1` only at `P = 1` (the diffusion loss and everything else
+//! still split exactly). The logged losses are the means over the ranks, the expert counts the
+//! global batch's.
+//!
+//! Each rank keeps the EMA of the weights it holds. Rank 0 writes the log, the checkpoints,
+//! the exported EMA model and the sample grids; under expert parallelism saving, exporting
+//! and sampling are collectives (the experts are gathered, the sampler's forward exchanges
+//! tokens), and every rank reads its slice of a checkpoint back by global name.
 use crate::plan::ExecutionPlan;
 use super::adamw::{AdamW, AdamWParams};
 use super::checkpoint::{self, SaveRequest};
@@ -11,7 +36,8 @@ use super::log::{JsonlLog, StepLog};
 use super::mixed_precision::TrainingWeights;
 use super::profile::StepProfile;
 use super::rng::{drop_labels, randn, step_rng, Stream};
-use super::samples::write_grid;
+use super::parallel::Parallel;
+use super::samples::sample_grid;
 use super::run_dir::{self, RunStart};
 use super::{Objective, TrainConfig};
 use crate::sampling::SamplerKind;
@@ -80,6 +106,8 @@ pub struct Trainer {
     warnings: Vec<String>,
     /// Per-phase step timings (`ditmoe train --profile`).
     profile: Option<StepProfile>,
+    /// How this rank trains with the others (None: alone).
+    parallel: Option<Parallel>,
 }
 
 /// Whether the wall-clock budget (seconds) would run out before the next step and the final
@@ -108,6 +136,12 @@ impl Trainer {
         }
         let device = &plan.device;
         cfg.validate()?;
+        let mut parallel = Parallel::of_plan(plan)?;
+        if let Some(p) = &parallel {
+            p.check_divides(cfg.global_batch, "train config field `global_batch`:")?;
+            p.check_divides(cfg.micro_batch(), "train config field `micro_batch`:")?;
+        }
+        let writer = parallel.as_ref().is_none_or(Parallel::writes);
         let model_cfg = cfg.model_config()?;
         // f32 weights, their gradients, AdamW's two moments and the EMA copy (unless it is on
         // the host): 20 bytes a parameter before any activation, plus the compute-dtype copies
@@ -117,10 +151,12 @@ impl Trainer {
         plan.check_fits("training the model (weights, gradients, optimizer state, EMA)", model_cfg.param_counts().0 as u64 * per_param)?;
         let dataset = open_dataset(&cfg, &model_cfg)?;
         let class_names = dataset.class_names().to_vec();
-        if let Some(aside) = run_dir::prepare(&cfg.out, start)? {
-            eprintln!("moved the earlier run in {} aside to {}", cfg.out.display(), aside.display());
+        if writer {
+            if let Some(aside) = run_dir::prepare(&cfg.out, start)? {
+                eprintln!("moved the earlier run in {} aside to {}", cfg.out.display(), aside.display());
+            }
+            std::fs::create_dir_all(&cfg.out).map_err(|e| candle_core::Error::Msg(format!("{}: {e}", cfg.out.display())))?;
         }
-        std::fs::create_dir_all(&cfg.out).map_err(|e| candle_core::Error::Msg(format!("{}: {e}", cfg.out.display())))?;
 
         // The model's weights in the plan's dtype; the f32 masters are initialised and loaded,
         // then copied to the model (see docs/quality.md for why the masters are not bf16).
@@ -128,7 +164,23 @@ impl Trainer {
         let model = DitMoe::new(&model_cfg, plan, VarBuilder::from_varmap(&varmap, plan.weight_dtype(), device))?;
         let weights = TrainingWeights::new(&varmap)?;
         let all_vars = weights.masters();
-        initialize(all_vars, &model_cfg, cfg.seed)?;
+        match &mut parallel {
+            Some(p) if p.splits_experts() => {
+                // DitBlock names its MoE layer `moe` (DiT-MoE) or `mlp` (ProMoE)
+                let ffn = if model_cfg.promoe.is_some() { "mlp" } else { "moe" };
+                for (i, block) in model.blocks().iter().enumerate() {
+                    if let Some(moe) = block.moe() {
+                        p.add_split_layer(format!("blocks.{i}.{ffn}.{}.", moe.config().names.experts), moe.local_experts());
+                    }
+                }
+                // the P = 1 stream, the experts held elsewhere drawn into placeholders
+                let mut all = all_vars.to_vec();
+                all.extend(p.absent_experts(all_vars)?);
+                all.sort_by(|a, b| a.0.cmp(&b.0));
+                initialize(&all, &model_cfg, cfg.seed)?;
+            }
+            _ => initialize(all_vars, &model_cfg, cfg.seed)?,
+        }
         if let Some(path) = &cfg.init_from {
             let sd = crate::checkpoint::load_state_dict(path)?;
             sd.validate(&model_cfg)?;
@@ -182,7 +234,7 @@ impl Trainer {
             Objective::Ddpm => Loss::Ddpm(Box::new(GaussianDiffusion::create("", model_cfg.learn_sigma)?)),
             Objective::Rf => Loss::Rf(RectifiedFlow::flow_matching(model_cfg.learn_sigma, 1.0, model_cfg.flow_time_scale())?),
         };
-        Ok(Self { cfg, model_cfg, plan: plan.clone(), device: device.clone(), model, weights, opt, ema, loader, loss, class_names, step, resumed_from, warnings, profile: None })
+        Ok(Self { cfg, model_cfg, plan: plan.clone(), device: device.clone(), model, weights, opt, ema, loader, loss, class_names, step, resumed_from, warnings, profile: None, parallel })
     }
 
     pub fn step(&self) -> u64 {
@@ -217,10 +269,24 @@ impl Trainer {
         let batch = self.loader.next_batch()?;
         self.mark("data")?;
         let seed = self.cfg.seed;
+        // Every draw is the whole micro-batch's, as on one device; a rank keeps its rows.
+        let slice = |t: Tensor| match &self.parallel {
+            Some(p) => p.slice(&t),
+            None => Ok(t),
+        };
         let (x, n) = (batch.x, batch.y.dim(0)?);
         let labels = batch.y.to_vec1::<u32>()?;
         let labels = drop_labels(&mut step_rng(seed, step, micro, Stream::LabelDrop), &labels, self.model_cfg.class_dropout_prob, self.model_cfg.null_class() as u32);
-        let y = Tensor::from_vec(labels, n, &self.device)?;
+        let y = slice(Tensor::from_vec(labels, n, &self.device)?)?;
+        let noise = slice(randn(&mut step_rng(seed, step, micro, Stream::Noise), x.dims(), &self.device)?)?;
+        let x = slice(x)?;
+        let mut trng = step_rng(seed, step, micro, Stream::Time);
+        let times = match &self.loss {
+            Loss::Rf(_) => slice(randn(&mut trng, &[n], &self.device)?)?,
+            // Official: `t = torch.randint(0, diffusion.num_timesteps, (N,))`.
+            Loss::Ddpm(d) => slice(Tensor::from_vec((0..n).map(|_| trng.random_range(0..d.num_timesteps()) as u32).collect::<Vec<_>>(), n, &self.device)?)?,
+        };
+        let n = y.dim(0)?;
         let mut routed = None;
         let mut tape = None;
         let mut call = |xt: &Tensor, t: &Tensor| -> Result<Tensor> {
@@ -235,16 +301,10 @@ impl Trainer {
             routed = Some((o.aux_losses.clone(), o.contrastive_losses.clone(), o.expert_counts_host()?));
             Ok(o.out)
         };
-        let noise = randn(&mut step_rng(seed, step, micro, Stream::Noise), x.dims(), &self.device)?;
-        let mut trng = step_rng(seed, step, micro, Stream::Time);
         let loss = match &self.loss {
-            Loss::Rf(rf) => {
-                let nt = randn(&mut trng, &[n], &self.device)?;
-                rf.training_losses(&x, &nt, &noise, &mut call)?.loss
-            }
+            Loss::Rf(rf) => rf.training_losses(&x, &times, &noise, &mut call)?.loss,
             Loss::Ddpm(d) => {
-                // Official: `t = torch.randint(0, diffusion.num_timesteps, (N,))`.
-                let t: Vec<usize> = (0..n).map(|_| trng.random_range(0..d.num_timesteps())).collect();
+                let t: Vec<usize> = times.to_vec1::<u32>()?.into_iter().map(|t| t as usize).collect();
                 d.training_losses(&x, &t, &noise, |xt, mt| {
                     let tt = Tensor::from_vec(mt.iter().map(|&v| v as f32).collect::<Vec<_>>(), n, &self.device)?;
                     call(xt, &tt)
@@ -263,10 +323,15 @@ impl Trainer {
         let aux = sum(&aux_losses)?;
         // ProMoE's routing contrastive loss (lambda already applied), beside the balance loss.
         let contrastive = sum(&contrastive_losses)?;
-        let total = (((&loss + &aux)? + &contrastive)? / self.cfg.accumulation() as f64)?;
+        let total = (((&loss + &aux)? + &contrastive)? * self.loss_scale())?;
         let step = (total, loss.to_scalar::<f32>()?, aux.to_scalar::<f32>()?, contrastive.to_scalar::<f32>()?, counts, tape);
         self.mark("forward + losses")?;
         Ok(step)
+    }
+
+    /// The factor on a micro-batch's losses: `1 / accumulation`, and a rank's share `1 / P`.
+    fn loss_scale(&self) -> f64 {
+        self.parallel.as_ref().map_or(1.0, Parallel::share) / self.cfg.accumulation() as f64
     }
 
     /// One optimizer step: accumulate gradients over the micro-batches, check the loss and
@@ -298,7 +363,7 @@ impl Trainer {
             }
             let mut store = total.backward()?;
             if let Some(tape) = tape {
-                tape.backward(&self.model, &mut store, 1.0 / accum as f64)?;
+                tape.backward(&self.model, &mut store, self.loss_scale())?;
             }
             self.mark("backward")?;
             for (i, (name, var)) in self.opt.vars().iter().enumerate() {
@@ -322,7 +387,19 @@ impl Trainer {
             drop(total);
             self.mark("autograd graph freed")?;
         }
-        let grad_norm = sum_of_squares(&grads)?.sqrt();
+        let (grads, grad_norm) = match &self.parallel {
+            Some(p) => {
+                let names: Vec<String> = self.opt.vars().iter().map(|(n, _)| n.clone()).collect();
+                let grads = p.reduce_gradients(&names, grads)?;
+                let norm = p.global_norm_sq(&names, &grads)?.sqrt();
+                self.mark("gradients reduced")?;
+                (grads, norm)
+            }
+            None => {
+                let norm = sum_of_squares(&grads)?.sqrt();
+                (grads, norm)
+            }
+        };
         if !grad_norm.is_finite() {
             bail!("non-finite gradient norm at step {step}");
         }
@@ -341,11 +418,22 @@ impl Trainer {
             p.end_step()?;
         }
         self.step = step;
+        let [loss, aux, contrastive] = match &self.parallel {
+            Some(p) => {
+                // the means over the ranks, and the global batch's expert counts
+                let share = |v: f32| Tensor::new(v * p.share() as f32, &self.device);
+                counts = p.sum_counts(&counts)?;
+                let sums = p.sum_scalars(&[share(loss_sum)?, share(aux_sum)?, share(con_sum)?])?;
+                [sums[0], sums[1], sums[2]]
+            }
+            None => [loss_sum, aux_sum, con_sum],
+        }
+        .map(|v| v / accum as f32);
         Ok(StepLog {
             step,
-            loss: loss_sum / accum as f32,
-            aux: aux_sum / accum as f32,
-            contrastive: con_sum / accum as f32,
+            loss,
+            aux,
+            contrastive,
             grad_norm,
             lr,
             steps_per_sec: 0.0,
@@ -353,20 +441,41 @@ impl Trainer {
         })
     }
 
-    fn save_checkpoint(&self) -> Result<PathBuf> {
+    /// Whether this rank writes the run's files (rank 0, or the only rank).
+    fn writes(&self) -> bool {
+        self.parallel.as_ref().is_none_or(Parallel::writes)
+    }
+
+    /// `tensors` with every expert under its global name, on the rank that writes (gathered
+    /// under expert parallelism, a collective); None on the others.
+    fn gathered(&self, tensors: Vec<(String, Tensor)>) -> Result<Option<Vec<(String, Tensor)>>> {
+        match &self.parallel {
+            Some(p) => Ok(p.gather_experts(tensors)?.filter(|_| p.writes())),
+            None => Ok(Some(tensors)),
+        }
+    }
+
+    /// Writes a checkpoint in the single-device format (rank 0; under expert parallelism a
+    /// collective).
+    fn save_checkpoint(&self) -> Result<()> {
         let tensors = |vars: &[(String, Var)]| vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect::<Vec<_>>();
-        let model = tensors(self.weights.masters());
-        let optim = self.opt.state_tensors();
-        let req = SaveRequest { step: self.step, loader: self.loader.state(), seed: self.cfg.seed, model: &model, ema: self.ema.tensors(), optim: &optim };
-        checkpoint::save(&checkpoint::checkpoints_dir(&self.cfg.out), &req, self.cfg.keep_last)
+        let model = self.gathered(tensors(self.weights.masters()))?;
+        let ema = self.gathered(self.ema.tensors().to_vec())?;
+        let optim = self.gathered(self.opt.state_tensors())?;
+        let (Some(model), Some(ema), Some(optim)) = (model, ema, optim) else { return Ok(()) };
+        let req = SaveRequest { step: self.step, loader: self.loader.state(), seed: self.cfg.seed, model: &model, ema: &ema, optim: &optim };
+        checkpoint::save(&checkpoint::checkpoints_dir(&self.cfg.out), &req, self.cfg.keep_last)?;
+        Ok(())
     }
 
     /// Writes the EMA weights as a model folder (`ditmoe generate --model` reads it), with the
     /// `generate.json` that samples it by its objective: a rectified-flow model under a DDPM
-    /// sampler gives noise.
+    /// sampler gives noise. Rank 0 writes it; under expert parallelism a collective (the
+    /// experts gathered under their global names into the single-device layout).
     pub fn export_ema(&self, dir: &Path) -> Result<()> {
+        let Some(ema) = self.gathered(self.ema.tensors().to_vec())? else { return Ok(()) };
         std::fs::create_dir_all(dir).map_err(|e| candle_core::Error::Msg(format!("{}: {e}", dir.display())))?;
-        write_safetensors_atomic(&dir.join("model.safetensors"), self.ema.tensors())?;
+        write_safetensors_atomic(&dir.join("model.safetensors"), &ema)?;
         write_atomic(&dir.join("config.json"), self.model_cfg.to_json().as_bytes())?;
         let names = serde_json::to_string(&self.class_names).expect("names serialise");
         write_atomic(&dir.join("class_names.json"), names.as_bytes())?;
@@ -380,14 +489,31 @@ impl Trainer {
         write_atomic(&dir.join("generate.json"), defaults.to_string().as_bytes())
     }
 
+    /// A class grid from the EMA weights into `<out>/samples/step-<step>.png` (rank 0). Under
+    /// expert parallelism every rank samples the same grid (the forward is a collective) on its
+    /// own experts' EMA, and rank 0 writes it.
+    fn write_samples(&self) -> Result<()> {
+        let splits = self.parallel.as_ref().is_some_and(Parallel::splits_experts);
+        if !self.writes() && !splits {
+            return Ok(());
+        }
+        let grid = sample_grid(&self.model_cfg, self.cfg.objective, self.ema.tensors(), self.cfg.seed, &self.plan.frozen())?;
+        if !self.writes() {
+            return Ok(());
+        }
+        let dir = self.cfg.out.join("samples");
+        std::fs::create_dir_all(&dir).map_err(|e| candle_core::Error::Msg(format!("{}: {e}", dir.display())))?;
+        grid.write_png(&dir.join(format!("step-{:08}.png", self.step)))
+    }
+
     /// Trains until `steps` or the time budget; saves a checkpoint every `ckpt_every` steps and
     /// at the end, then exports the EMA model to `<out>/ema`. A non-finite loss or gradient
     /// stops with an error naming the step; the checkpoints already written are untouched.
     pub fn run(&mut self, progress: bool) -> Result<RunSummary> {
         let start = Instant::now();
         let budget = self.cfg.max_minutes.map(|m| m * 60.0);
-        let mut log = JsonlLog::open(&self.cfg.out, self.step)?;
-        let bar = if progress { crate::progress::bar(self.cfg.steps) } else { ProgressBar::hidden() };
+        let mut log = if self.writes() { Some(JsonlLog::open(&self.cfg.out, self.step)?) } else { None };
+        let bar = if progress && self.writes() { crate::progress::bar(self.cfg.steps) } else { ProgressBar::hidden() };
         bar.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}").expect("template"));
         bar.set_position(self.step);
         let mut records = Vec::new();
@@ -399,7 +525,12 @@ impl Trainer {
         let mut saved_step = None;
         let mut steps_run = 0u64;
         while self.step < self.cfg.steps {
-            if budget.is_some_and(|b| budget_runs_out(start.elapsed().as_secs_f64(), b, last_step, steps_run)) {
+            let out_of_time = budget.is_some_and(|b| budget_runs_out(start.elapsed().as_secs_f64(), b, last_step, steps_run));
+            let out_of_time = match (&self.parallel, budget) {
+                (Some(p), Some(_)) => p.rank0_decides(out_of_time, &self.device)?,
+                _ => out_of_time,
+            };
+            if out_of_time {
                 stop = StopReason::TimeBudget;
                 break;
             }
@@ -410,14 +541,15 @@ impl Trainer {
             if rec.step.is_multiple_of(self.cfg.log_every) {
                 rec.steps_per_sec = (rec.step - last_log_step) as f64 / last_log_time.elapsed().as_secs_f64();
                 (last_log_time, last_log_step) = (Instant::now(), rec.step);
-                log.write(&rec)?;
+                if let Some(log) = &mut log {
+                    log.write(&rec)?;
+                }
                 let con = if self.model_cfg.promoe.is_some() { format!(" con {:.4}", rec.contrastive) } else { String::new() };
                 bar.set_message(format!("loss {:.4} aux {:.4}{con} |g| {:.3} {:.2} it/s", rec.loss, rec.aux, rec.grad_norm, rec.steps_per_sec));
             }
             bar.set_position(self.step);
             if self.cfg.sample_every > 0 && self.step.is_multiple_of(self.cfg.sample_every) {
-                let path = self.cfg.out.join("samples").join(format!("step-{:08}.png", self.step));
-                write_grid(&self.model_cfg, self.cfg.objective, self.ema.tensors(), &path, self.cfg.seed, &self.plan.frozen())?;
+                self.write_samples()?;
             }
             if self.step.is_multiple_of(self.cfg.ckpt_every) {
                 self.save_checkpoint()?;
