@@ -10,7 +10,7 @@ mod common;
 use candle_core::{DType, Device, Result, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use common::rel_err;
-use ditmoe::dist::{all_reduce_gradients, Communicator, LocalComm, LocalGroup};
+use ditmoe::dist::{all_reduce_gradients, Communicator, ExpertParallel, LocalComm, LocalGroup};
 use ditmoe::moe::{BalanceForm, BalanceLossConfig, ExpertForm, MoeConfig, MoeInput, MoeLayer, RouterConfig};
 use ditmoe::{ExecutionPlan, Precision};
 use std::collections::{BTreeMap, BTreeSet};
@@ -147,11 +147,39 @@ struct RankOut {
     grads: BTreeMap<String, Tensor>,
 }
 
+/// The dispatch the ranks run.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Mode {
+    /// The dropless all-to-all.
+    AllToAll,
+    /// The static dispatch with this capacity per (rank, expert).
+    Static(usize),
+    /// The all-gather + reduce-scatter baseline.
+    AllGather,
+}
+
+impl Mode {
+    fn expert_parallel(self, comm: Arc<dyn Communicator>) -> ExpertParallel {
+        let ep = ExpertParallel::new(comm);
+        match self {
+            Self::AllToAll => ep,
+            Self::Static(c) => ep.with_static_capacity(c),
+            Self::AllGather => ep.with_all_gather(),
+        }
+    }
+
+    /// `plan` with this dispatch over `comm`.
+    fn plan(self, plan: &ExecutionPlan, comm: Arc<dyn Communicator>) -> ExecutionPlan {
+        ExecutionPlan { expert_parallel: Some(self.expert_parallel(comm)), ..plan.clone() }
+    }
+}
+
 /// One rank: the layer from its share of the weights, forward on its tokens in training mode,
-/// backward of `<out, probe>`, the data-parallel all-reduce of the replicated gradients.
-fn rank(comm: LocalComm, cfg: &MoeConfig, weights: &BTreeMap<String, Tensor>, x: Tensor, probe: Tensor) -> Result<RankOut> {
+/// backward of `<out, probe>`, the data-parallel all-reduce of the replicated gradients, and
+/// the static dispatch's capacity check.
+fn rank(comm: LocalComm, cfg: &MoeConfig, weights: &BTreeMap<String, Tensor>, x: Tensor, probe: Tensor, mode: Mode) -> Result<RankOut> {
     let comm: Arc<dyn Communicator> = Arc::new(comm);
-    let plan = training().with_expert_parallel(comm.clone());
+    let plan = mode.plan(&training(), comm.clone());
     let vm = VarMap::new();
     let layer = MoeLayer::new(cfg, &plan, VarBuilder::from_varmap(&vm, DType::F32, &cpu()))?;
     let vs = vars(&vm);
@@ -167,6 +195,7 @@ fn rank(comm: LocalComm, cfg: &MoeConfig, weights: &BTreeMap<String, Tensor>, x:
     let mut grads: BTreeMap<String, Tensor> = replicated.iter().map(|(n, _)| (*n).clone()).zip(reduced).collect();
     grads.extend(vs.iter().filter(|(n, _)| is_expert(n)).map(|(n, v)| (n.clone(), grad(v))));
     let dx = g.get(&xv).cloned().unwrap_or_else(|| x.zeros_like().unwrap());
+    plan.expert_parallel.as_ref().expect("expert parallel").check_capacity()?;
     Ok(RankOut { out: o.out.detach(), ids: o.routing.experts.to_vec2()?, dx, aux: o.aux_loss.expect("balance loss").to_scalar()?, names: vs.into_keys().collect(), grads })
 }
 
@@ -180,9 +209,10 @@ struct Errors {
     experts: f64,
 }
 
-/// Runs the layer over `splits.len()` ranks and checks it against the single-device layer, on
-/// the weights and tokens drawn from `seed`.
-fn check(tag: &str, cfg: &MoeConfig, starve: bool, splits: &[usize], seed: u64) -> Errors {
+/// Runs the layer over `splits.len()` ranks with `mode`'s dispatch and checks it against the
+/// single-device layer, on the weights and tokens drawn from `seed`; the errors and what each
+/// rank computed.
+fn check(tag: &str, cfg: &MoeConfig, starve: bool, splits: &[usize], seed: u64, mode: Mode) -> (Errors, Vec<RankOut>) {
     let rng = &mut Rng(seed);
     let (layer, weights) = reference(cfg, starve, rng);
     let s: usize = splits.iter().sum();
@@ -200,7 +230,7 @@ fn check(tag: &str, cfg: &MoeConfig, starve: bool, splits: &[usize], seed: u64) 
             .map(|(r, comm)| {
                 let (x, probe) = (x.narrow(0, starts[r], splits[r]).unwrap(), probe.narrow(0, starts[r], splits[r]).unwrap());
                 let (cfg, weights) = (cfg, &weights);
-                scope.spawn(move || rank(comm, cfg, weights, x, probe))
+                scope.spawn(move || rank(comm, cfg, weights, x, probe, mode))
             })
             .collect();
         handles.into_iter().enumerate().map(|(r, h)| h.join().unwrap().unwrap_or_else(|e| panic!("{tag} P={p}: rank {r}: {e}"))).collect()
@@ -242,16 +272,16 @@ fn check(tag: &str, cfg: &MoeConfig, starve: bool, splits: &[usize], seed: u64) 
         assert!(errs.out == 0.0 && errs.dx == 0.0 && errs.replicated == 0.0 && errs.experts == 0.0, "{tag} P=1: {errs:?}");
     }
     for (what, e) in [("output", errs.out), ("input gradient", errs.dx), ("replicated gradients", errs.replicated), ("expert gradients", errs.experts)] {
-        assert!(e <= TOL, "{tag} P={p}: {what}: relative error {e:.3e} > {TOL:.0e}");
+        assert!(e <= TOL, "{tag} P={p} {mode:?}: {what}: relative error {e:.3e} > {TOL:.0e}");
     }
-    errs
+    (errs, ranks)
 }
 
 /// [`check`] at P = 1, 2, 4, each on [`SEEDS`] draws of weights and tokens; prints the largest
 /// errors per P (`cargo test --test expert_parallel -- --nocapture` shows the table).
 fn check_all(tag: &str, cfg: &MoeConfig, starve: bool) {
     for splits in SPLITS {
-        let worst = (1..=SEEDS).map(|seed| check(tag, cfg, starve, splits, seed)).fold(Errors::default(), |a, e| Errors {
+        let worst = (1..=SEEDS).map(|seed| check(tag, cfg, starve, splits, seed, Mode::AllToAll).0).fold(Errors::default(), |a, e| Errors {
             out: a.out.max(e.out),
             dx: a.dx.max(e.dx),
             replicated: a.replicated.max(e.replicated),
@@ -420,15 +450,129 @@ fn frozen_ranks_load_their_block_from_the_single_device_checkpoint() {
     let want = single.forward(&MoeInput { tokens: &x, seq_len: 1, unconditional: None, train: false }).unwrap().out;
     let splits = SPLITS[2];
     let starts: Vec<usize> = splits.iter().scan(0, |at, &n| Some(std::mem::replace(at, *at + n))).collect();
-    let (results, _) = on_ranks(LocalGroup::new(splits.len()), |r, comm| {
-        let plan = frozen.clone().with_expert_parallel(Arc::new(comm));
-        let layer = MoeLayer::new(&cfg, &plan, VarBuilder::from_tensors(checkpoint.clone(), DType::F32, &cpu()))?;
-        assert_eq!(layer.local_experts(), r..r + 1, "rank {r}'s block");
-        assert!(!layer.is_fused(), "expert parallelism leaves the single-device fused path");
-        let o = layer.forward(&MoeInput { tokens: &x.narrow(0, starts[r], splits[r])?, seq_len: 1, unconditional: None, train: false })?;
-        Ok(o.out)
-    });
-    let outs: Vec<Tensor> = results.into_iter().map(|r| r.expect("no panic").expect("forward")).collect();
-    let e = rel_err(&Tensor::cat(&outs, 0).unwrap(), &want);
+    let run = |mode: Mode| {
+        let (results, _) = on_ranks(LocalGroup::new(splits.len()), |r, comm| {
+            let plan = mode.plan(&frozen, Arc::new(comm));
+            let layer = MoeLayer::new(&cfg, &plan, VarBuilder::from_tensors(checkpoint.clone(), DType::F32, &cpu()))?;
+            assert_eq!(layer.local_experts(), r..r + 1, "rank {r}'s block");
+            assert!(!layer.is_fused(), "expert parallelism leaves the single-device fused path");
+            let o = layer.forward(&MoeInput { tokens: &x.narrow(0, starts[r], splits[r])?, seq_len: 1, unconditional: None, train: false })?;
+            plan.expert_parallel.as_ref().expect("expert parallel").check_capacity()?;
+            Ok(o.out)
+        });
+        let outs: Vec<Tensor> = results.into_iter().map(|r| r.expect("no panic").expect("forward")).collect();
+        Tensor::cat(&outs, 0).unwrap()
+    };
+    let all_to_all = run(Mode::AllToAll);
+    let e = rel_err(&all_to_all, &want);
     assert!(e <= TOL, "frozen output: relative error {e:.3e}");
+    // at most 17 tokens per rank: no (rank, expert) chunk holds more
+    for mode in [Mode::Static(17), Mode::AllGather] {
+        let e = rel_err(&run(mode), &all_to_all);
+        assert!(e <= OUT_TOL, "frozen output, {mode:?}: relative error {e:.3e} against the all-to-all");
+    }
+}
+
+// The static (capacity-padded) dispatch and the all-gather + reduce-scatter baseline.
+
+/// Slots per (rank, expert) of a routing `ids` (every token's choices, rank-major) split over
+/// the ranks as `splits`.
+fn rank_expert_counts(ids: &[Vec<u32>], splits: &[usize]) -> Vec<Vec<usize>> {
+    let mut at = 0;
+    splits
+        .iter()
+        .map(|&n| {
+            let mut c = vec![0; E];
+            for e in ids[at..at + n].iter().flatten() {
+                c[*e as usize] += 1;
+            }
+            at += n;
+            c
+        })
+        .collect()
+}
+
+/// How close the other dispatches' outputs come to the all-to-all's. They run each expert on
+/// other row counts (padded chunks, all tokens' slots), and the CPU matmul picks its kernel by
+/// row count, so the last bits may differ.
+const OUT_TOL: f64 = 1e-6;
+
+/// The static dispatch with the smallest capacity that holds the routing (the fullest
+/// (rank, expert) chunk exactly full) and the all-gather baseline give the all-to-all
+/// dispatch's outputs and gradients to rounding; both match the single-device layer as the
+/// all-to-all does (inside [`check`]), and the capacity check passes on every rank. (One rank
+/// runs the single-device layer whatever the dispatch.)
+#[test]
+fn static_capacity_and_all_gather_match_the_all_to_all_dispatch() {
+    let cases = [
+        ("swiglu top-1", config(ExpertForm::Swiglu, 1, 0), false),
+        ("swiglu top-2 shared", config(ExpertForm::Swiglu, 2, 20), false),
+        ("swiglu top-2 unnormalised shared (DiT)", lm_config(ExpertForm::Swiglu, 2, 20, false, false), false),
+        ("gelu-tanh top-2", config(ExpertForm::GeluBias, 2, 0), false),
+        ("swiglu top-2 shared, starved", config(ExpertForm::Swiglu, 2, 20), true),
+    ];
+    for (tag, cfg, starve) in &cases {
+        for splits in SPLITS {
+            let mut worst = [[0f64; 2]; 2];
+            for seed in 1..=SEEDS {
+                let (_, base) = check(tag, cfg, *starve, splits, seed, Mode::AllToAll);
+                let ids: Vec<Vec<u32>> = base.iter().flat_map(|r| r.ids.clone()).collect();
+                let tight = rank_expert_counts(&ids, splits).into_iter().flatten().max().unwrap();
+                for (m, mode) in [Mode::Static(tight), Mode::AllGather].into_iter().enumerate() {
+                    let (_, run) = check(tag, cfg, *starve, splits, seed, mode);
+                    for (r, (got, want)) in run.iter().zip(&base).enumerate() {
+                        let out = rel_err(&got.out, &want.out);
+                        assert!(out <= OUT_TOL, "{tag} P={} {mode:?} seed {seed}: rank {r}'s output off by {out:.1e}", splits.len());
+                        let dx = rel_err(&got.dx, &want.dx);
+                        let grads = want.grads.iter().map(|(n, w)| rel_err(&got.grads[n], w)).fold(0.0, f64::max);
+                        assert!(dx.max(grads) <= TOL, "{tag} P={} {mode:?} seed {seed}: rank {r}'s gradients off by {:.1e}", splits.len(), dx.max(grads));
+                        worst[m] = [worst[m][0].max(out), worst[m][1].max(dx).max(grads)];
+                    }
+                }
+            }
+            println!("| {} | {tag} | {:.1e} / {:.1e} | {:.1e} / {:.1e} |", splits.len(), worst[0][0], worst[0][1], worst[1][0], worst[1][1]);
+        }
+    }
+}
+
+/// A capacity one below the fullest (rank, expert) chunk: the forward runs (the overflowing
+/// slots get weight 0), and the check after it fails on every rank, promptly and with the same
+/// message, naming the layer and, for every rank that overflowed, its fullest expert. (One
+/// rank exchanges nothing, so it has no capacity to overflow.)
+#[test]
+fn an_overflowing_static_capacity_fails_on_every_rank() {
+    let cfg = config(ExpertForm::Swiglu, 2, 20);
+    let rng = &mut Rng(3);
+    let (single, weights) = reference(&cfg, false, rng);
+    let checkpoint: std::collections::HashMap<String, Tensor> = weights.iter().map(|(n, w)| (format!("blocks.3.moe.{n}"), w.clone())).collect();
+    let x = tokens(31, rng);
+    let ids: Vec<Vec<u32>> = single.forward(&MoeInput { tokens: &x, seq_len: 1, unconditional: None, train: false }).unwrap().routing.experts.to_vec2().unwrap();
+    let frozen = ExecutionPlan::inference(&cpu(), Precision::F32).with_moe_kernels(true);
+    for splits in &SPLITS[1..] {
+        let counts = rank_expert_counts(&ids, splits);
+        let capacity = counts.iter().flatten().max().unwrap() - 1;
+        let over: Vec<String> = counts
+            .iter()
+            .enumerate()
+            .filter_map(|(r, c)| {
+                let n = *c.iter().max().unwrap();
+                let e = c.iter().position(|&m| m == n).unwrap();
+                (n > capacity).then(|| format!("layer blocks.3.moe: expert {e} got {n} slots from rank {r}"))
+            })
+            .collect();
+        let want = format!("expert parallelism: the static capacity of {capacity} slots per (rank, expert) overflowed ({}); raise it or use the dropless dispatch", over.join("; "));
+        let starts: Vec<usize> = splits.iter().scan(0, |at, &n| Some(std::mem::replace(at, *at + n))).collect();
+        let (results, took) = on_ranks(LocalGroup::new(splits.len()), |r, comm| {
+            let plan = Mode::Static(capacity).plan(&frozen, Arc::new(comm));
+            let layer = MoeLayer::new(&cfg, &plan, VarBuilder::from_tensors(checkpoint.clone(), DType::F32, &cpu()).pp("blocks.3.moe"))?;
+            layer.forward(&MoeInput { tokens: &x.narrow(0, starts[r], splits[r])?, seq_len: 1, unconditional: None, train: false })?;
+            plan.expert_parallel.as_ref().expect("expert parallel").check_capacity()
+        });
+        assert!(took < Duration::from_secs(5), "P={}: the ranks failed after {took:?}", splits.len());
+        for (r, res) in results.into_iter().enumerate() {
+            let err = res.expect("no panic").expect_err("the capacity overflows").to_string();
+            // the message's first line (a backtrace may follow)
+            assert_eq!(err.lines().next(), Some(want.as_str()), "P={}: rank {r}", splits.len());
+        }
+    }
 }

@@ -35,22 +35,55 @@
 //! The router, the shared expert and every other weight are replicated: their gradients cover
 //! the rank's own tokens, and data parallelism sums them over the ranks
 //! ([`super::all_reduce_gradients`]).
+//!
+//! Two other dispatches serve the same call ([`Dispatch`]): the capacity-padded static
+//! exchange for CUDA-graph replay ([`super::static_capacity`]) and, as the baseline the
+//! benchmarks measure against, vLLM's all-gather + reduce-scatter ([`super::all_gather`]).
+use super::static_capacity::StaticCapacity;
 use super::Communicator;
 use crate::moe::kernels::{self, ExpertStacks, GemmConfig};
 use candle_core::{bail, CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 use std::ops::Range;
 use std::sync::Arc;
 
+/// How the tokens reach the experts' ranks and come back.
+#[derive(Debug, Clone)]
+pub enum Dispatch {
+    /// Megatron-Core's dropless all-to-all with variable splits (the module docs): one host
+    /// read per layer for the splits.
+    AllToAll,
+    /// The all-to-all with every (source rank, expert) chunk padded to a fixed capacity: equal,
+    /// host-known splits and no host read, for CUDA-graph replay
+    /// ([`super::static_capacity`]).
+    StaticCapacity(StaticCapacity),
+    /// vLLM's naive expert parallelism: every rank all-gathers every token, runs its experts on
+    /// them and reduce-scatters the partial sums ([`super::all_gather`]). The baseline.
+    AllGather,
+}
+
 /// A plan's expert-parallel setting: the group the MoE layers spread their experts over
-/// (`crate::plan::ExecutionPlan::expert_parallel`).
+/// (`crate::plan::ExecutionPlan::expert_parallel`) and how tokens are exchanged.
 #[derive(Debug, Clone)]
 pub struct ExpertParallel {
     pub comm: Arc<dyn Communicator>,
+    pub dispatch: Dispatch,
 }
 
 impl ExpertParallel {
+    /// The dropless all-to-all dispatch over `comm`.
     pub fn new(comm: Arc<dyn Communicator>) -> Self {
-        Self { comm }
+        Self { comm, dispatch: Dispatch::AllToAll }
+    }
+
+    /// The same group with the static dispatch: at most `capacity` slots per (source rank,
+    /// expert) and every layer, checked by [`Self::check_capacity`].
+    pub fn with_static_capacity(self, capacity: usize) -> Self {
+        Self { dispatch: Dispatch::StaticCapacity(StaticCapacity::new(capacity)), ..self }
+    }
+
+    /// The same group with the all-gather + reduce-scatter dispatch (the baseline).
+    pub fn with_all_gather(self) -> Self {
+        Self { dispatch: Dispatch::AllGather, ..self }
     }
 
     pub fn rank(&self) -> usize {
@@ -72,18 +105,42 @@ impl ExpertParallel {
         Ok(r * per..(r + 1) * per)
     }
 
+    /// The static dispatch's overflow check over every layer that ran since the group was
+    /// made (each layer's latest call): an error naming the layer, expert, source rank, count
+    /// and capacity when any (source rank, expert) got more slots than the capacity; Ok for the
+    /// other dispatches, which never drop. The caller picks the point (after a forward, after
+    /// a CUDA-graph replay): it reads the counts back to the host. A collective: every rank
+    /// calls it, and every rank gets the same error.
+    pub fn check_capacity(&self) -> Result<()> {
+        match &self.dispatch {
+            Dispatch::StaticCapacity(c) => c.check(self.comm.as_ref()),
+            _ => Ok(()),
+        }
+    }
+
     /// The routed experts' weighted sum for this rank's tokens, the experts spread over the
-    /// group (the module docs give the steps). `x` `[S, d]` in the experts' dtype, `ids`
-    /// `[S, k]` global expert ids below `num_experts`, `weights` `[S, k]` the gate weights,
-    /// `local` this rank's experts ([`Self::local_experts`]) stacked. Returns the sum `[S, d]`
-    /// in f32 and the slots of this rank's tokens per expert, `[num_experts]` u32.
-    /// Differentiable in `x`, `weights` and `local`, as [`kernels::routed_experts`] is.
-    /// A collective: every rank of the group calls it for the same layer.
-    pub fn routed_experts(&self, x: &Tensor, ids: &Tensor, weights: &Tensor, local: &ExpertStacks, num_experts: usize, gemm: &GemmConfig) -> Result<(Tensor, Tensor)> {
+    /// group. `layer` names the calling layer (the static dispatch's overflow report), `x`
+    /// `[S, d]` in the experts' dtype, `ids` `[S, k]` global expert ids below `num_experts`,
+    /// `weights` `[S, k]` the gate weights, `local` this rank's experts
+    /// ([`Self::local_experts`]) stacked. Returns the sum `[S, d]` in f32 and the slots of this
+    /// rank's tokens per expert, `[num_experts]` u32. Differentiable in `x`, `weights` and
+    /// `local`, as [`kernels::routed_experts`] is. A collective: every rank of the group calls
+    /// it for the same layer.
+    #[allow(clippy::too_many_arguments)]
+    pub fn routed_experts(&self, layer: &str, x: &Tensor, ids: &Tensor, weights: &Tensor, local: &ExpertStacks, num_experts: usize, gemm: &GemmConfig) -> Result<(Tensor, Tensor)> {
         let mine = self.local_experts(num_experts)?;
+        match &self.dispatch {
+            Dispatch::AllToAll => self.all_to_all(x, ids, weights, local, mine, num_experts, gemm),
+            Dispatch::StaticCapacity(c) => c.routed_experts(&self.comm, layer, x, ids, weights, local, mine, num_experts, gemm),
+            Dispatch::AllGather => super::all_gather::routed_experts(&self.comm, x, ids, weights, local, mine, num_experts, gemm),
+        }
+    }
+
+    /// The dropless all-to-all dispatch (the module docs' steps).
+    #[allow(clippy::too_many_arguments)]
+    fn all_to_all(&self, x: &Tensor, ids: &Tensor, weights: &Tensor, local: &ExpertStacks, mine: Range<usize>, num_experts: usize, gemm: &GemmConfig) -> Result<(Tensor, Tensor)> {
         let (p, per) = (self.world_size(), mine.len());
-        let (s, k) = ids.dims2()?;
-        let d = x.dim(1)?;
+        let k = ids.dim(1)?;
         let dev = x.device();
         let perm = kernels::permute_by_expert(&ids.to_dtype(DType::U32)?, num_experts)?;
         // Expert parallelism needs the splits on the host (Megatron-Core synchronises here
@@ -104,16 +161,33 @@ impl ExpertParallel {
         let local_ids: Vec<u32> = all.iter().flat_map(|c| (0..per).flat_map(move |j| std::iter::repeat_n(j as u32, c[mine.start + j]))).collect();
         let n = local_ids.len();
         let local_perm = kernels::permute_by_expert(&Tensor::from_vec(local_ids, (n, 1), dev)?, per)?;
-        let unit = Tensor::ones((n, 1), DType::F32, dev)?;
-        let y = kernels::routed_experts(&recv, &unit, local, &local_perm, gemm)?;
+        let y = local_rows(&recv, local, &local_perm, gemm)?;
         let back = all_to_all_v(&self.comm, &y, &recv_counts, &send_counts)?;
 
-        // the weighted combine, in f32: each slot's row, scaled by its gate weight, summed
-        let slots = back.to_dtype(DType::F32)?.index_select(&perm.inv, 0)?.reshape((s, k, d))?;
-        let out = slots.broadcast_mul(&weights.to_dtype(DType::F32)?.unsqueeze(2)?)?.sum(1)?;
+        let out = weighted_combine(&back, &perm.inv, weights)?;
         let expert_counts = Tensor::from_vec(counts.iter().map(|&c| c as u32).collect::<Vec<_>>(), num_experts, dev)?;
         Ok((out, expert_counts))
     }
+}
+
+/// The local experts on rows that arrived from the ranks: [`kernels::routed_experts`] with the
+/// rows as tokens, one slot each, gate weight 1. Its stable sort by local expert (`perm`) is
+/// Megatron's `sort_chunks_by_idxs`, and its combine with unit weights puts the outputs back
+/// in the rows' order, exactly (`0 + 1 · y`). Every dispatch runs its experts through it.
+pub(super) fn local_rows(rows: &Tensor, local: &ExpertStacks, perm: &kernels::Permutation, gemm: &GemmConfig) -> Result<Tensor> {
+    let unit = Tensor::ones((rows.dim(0)?, 1), DType::F32, rows.device())?;
+    kernels::routed_experts(rows, &unit, local, perm, gemm)
+}
+
+/// The weighted combine on the tokens' rank, in f32: `out[t] = sum_j w[t, j] ·
+/// rows[slot_rows[t k + j]]`, the slots summed in order (Megatron's `unpermute` with `probs`;
+/// the router's gate weights live here, so their gradient never crosses ranks). `rows`
+/// `[n, d]`, `slot_rows` `[S k]` u32, `weights` `[S, k]` → `[S, d]`.
+pub(super) fn weighted_combine(rows: &Tensor, slot_rows: &Tensor, weights: &Tensor) -> Result<Tensor> {
+    let (s, k) = weights.dims2()?;
+    let d = rows.dim(1)?;
+    let slots = rows.to_dtype(DType::F32)?.index_select(slot_rows, 0)?.reshape((s, k, d))?;
+    slots.broadcast_mul(&weights.to_dtype(DType::F32)?.unsqueeze(2)?)?.sum(1)
 }
 
 /// [`Communicator::all_to_all_v`] as an autograd node: when `send` is in a graph, the result's

@@ -110,6 +110,9 @@ impl ResidualMlp {
 #[derive(Debug, Clone)]
 pub struct MoeLayer {
     cfg: MoeConfig,
+    /// The layer's parameter prefix, which names it in the static expert-parallel dispatch's
+    /// overflow report.
+    name: String,
     router: MoeRouter,
     /// The routed experts (then the unconditional one), as modules: the CPU reference runs
     /// them; on the fused path they are views into `stacks`. Under expert parallelism, this
@@ -181,7 +184,7 @@ impl MoeLayer {
             }
             false => None,
         };
-        Ok(Self { cfg: cfg.clone(), router, experts, local_experts, parallel, stacks, shared, shared_gate, residual, kernels: plan.moe_kernels, frozen, gemm: plan.gemm })
+        Ok(Self { cfg: cfg.clone(), name: vb.prefix(), router, experts, local_experts, parallel, stacks, shared, shared_gate, residual, kernels: plan.moe_kernels, frozen, gemm: plan.gemm })
     }
 
     pub fn config(&self) -> &MoeConfig {
@@ -295,7 +298,7 @@ impl MoeLayer {
         let stacks = self.expert_stacks()?;
         let stacks = stacks.as_ref();
         let (routing, dropped) = self.route(input)?;
-        let (routed, expert_counts) = ep.routed_experts(&x.to_dtype(stacks.dtype())?, &routing.experts, &routing.weights, stacks, self.cfg.total_experts(), &self.gemm)?;
+        let (routed, expert_counts) = ep.routed_experts(&self.name, &x.to_dtype(stacks.dtype())?, &routing.experts, &routing.weights, stacks, self.cfg.total_experts(), &self.gemm)?;
         self.finish(x, routed.to_dtype(x.dtype())?, routing, expert_counts, dropped)
     }
 
