@@ -35,8 +35,8 @@ fn launch(n: usize, extra: &[&str]) -> (Output, Duration) {
 }
 
 #[test]
-fn launch_runs_every_collective_on_two_and_three_ranks() {
-    for n in [2, 3] {
+fn launch_runs_every_collective_on_two_three_and_four_ranks() {
+    for n in [2, 3, 4] {
         let (out, _) = launch(n, &[]);
         let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
         assert!(out.status.success(), "launch of {n}: {stdout}\n{stderr}");
@@ -44,6 +44,9 @@ fn launch_runs_every_collective_on_two_and_three_ranks() {
         for r in 0..n {
             let line = stdout.lines().find(|l| l.starts_with(&format!("[rank{r}]: rank {r}/{n}:"))).unwrap_or_else(|| panic!("no line of rank {r} in {stdout}"));
             assert!(line.contains(&format!("all_reduce_sum {sum} ok")) && line.contains("all_to_all_v"), "{line}");
+            // at 4 ranks the expert groups of 2 (their own rendezvous) run every collective too
+            let groups = ["expert-parallel all_reduce_sum 3 ok", "expert-data-parallel all_reduce_sum 3 ok"];
+            assert_eq!(groups.iter().all(|g| line.contains(g)), n == 4, "{line}");
         }
     }
 }

@@ -1,10 +1,11 @@
-//! `ditmoe launch`: one process per GPU on this host, the way torchrun starts them; and
-//! `ditmoe dist check`, which proves the chain (variables, rendezvous, collectives) on CPUs.
+//! `ditmoe launch`: one process per GPU on this host, the way torchrun starts them; the
+//! commands' side of a launch ([`join`], [`reported`]); and `ditmoe dist check`, which proves
+//! the chain (variables, rendezvous, the backend's collectives) on CPUs or, under NCCL, GPUs.
 use super::usage;
 use anyhow::{anyhow, Context, Result};
 use candle_core::{Device, Tensor};
 use clap::{Args, Subcommand};
-use ditmoe::dist::{Communicator, Rendezvous, TcpComm, WorldInfo};
+use ditmoe::dist::{Communicator, World, WorldInfo};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
@@ -167,13 +168,17 @@ pub struct DistArgs {
 
 #[derive(Subcommand)]
 enum DistCommand {
-    /// Join the job (torchrun's variables), run every collective of the TCP backend on known
-    /// values and print one line per rank: `ditmoe launch --nproc-per-node 2 -- dist check`.
+    /// Join the job (torchrun's variables), run every collective of the backend on known values
+    /// (and of the expert groups over 2 ranks, at an even world size above 2) and print one line
+    /// per rank: `ditmoe launch --nproc-per-node 2 -- dist check [--device cuda]`.
     Check(CheckArgs),
 }
 
 #[derive(Args)]
 struct CheckArgs {
+    /// cpu (the TCP backend) or cuda (NCCL, with the `nccl` feature; LOCAL_RANK's GPU).
+    #[arg(long, default_value = "cpu")]
+    device: String,
     /// This rank fails once it has joined: shows that a failing rank ends the job on every rank.
     #[arg(long)]
     fail_rank: Option<usize>,
@@ -185,38 +190,74 @@ pub fn run_dist(a: DistArgs) -> Result<()> {
     }
 }
 
-fn check(a: CheckArgs) -> Result<()> {
-    let info = WorldInfo::from_env().map_err(|e| usage(e.to_string()))?;
-    let comm = TcpComm::new(Rendezvous::join(&info)?);
-    let rank = info.rank;
-    let result = if a.fail_rank == Some(rank) { Err(anyhow!("rank {rank} fails on request (--fail-rank {rank})")) } else { check_collectives(&comm) };
-    match result {
-        Ok(line) => {
-            println!("rank {rank}/{}: {line}", info.world_size);
-            Ok(())
-        }
-        Err(e) => {
-            // the others' collectives fail with this rank's message, not a lost connection
-            comm.rendezvous().report_error(e.to_string());
-            Err(e)
-        }
+/// The job this process was launched into (None for a plain run), with the backend for
+/// `device`.
+pub fn join(device: &Device) -> Result<Option<World>> {
+    World::from_env(device).map_err(|e| usage(e.to_string()))
+}
+
+/// `result`, reported to the other ranks when it is an error, so that the job ends with this
+/// rank's message on every rank (and `launch` with it) instead of a lost connection.
+pub fn reported<T>(world: Option<&World>, result: Result<T>) -> Result<T> {
+    if let (Some(w), Err(e)) = (world, &result) {
+        w.report_error(&format!("rank {}: {e:#}", w.rank()));
+    }
+    result
+}
+
+/// A flag that only a launched job can honour, refused in a plain run.
+pub fn needs_launch(flag: &str, value: usize) -> Result<()> {
+    match value {
+        1 => Ok(()),
+        _ => Err(usage(format!("{flag} {value}: a run of one process has no ranks to split over; start it under `ditmoe launch --nproc-per-node N --` (or torchrun)"))),
     }
 }
 
-/// Every collective on values each rank can predict; the line to print, or what differed.
-fn check_collectives(comm: &TcpComm) -> Result<String> {
-    let (rank, world) = (comm.rank(), comm.world_size());
-    let blob = comm.rendezvous().broadcast_blob((rank == 0).then_some(b"ditmoe rendezvous".as_slice()))?;
+fn check(a: CheckArgs) -> Result<()> {
+    let device = super::device(&a.device)?;
+    let Some(world) = join(&device)? else {
+        // no job: name the first missing variable
+        return Err(usage(WorldInfo::from_env().err().map_or_else(|| "dist check: not launched".to_string(), |e| e.to_string())));
+    };
+    let (rank, size) = (world.rank(), world.world_size());
+    let result = if a.fail_rank == Some(rank) { Err(anyhow!("rank {rank} fails on request (--fail-rank {rank})")) } else { check_collectives(&world, &device) };
+    let line = reported(Some(&world), result)?;
+    println!("rank {rank}/{size}: {} backend: {line}", world.backend());
+    Ok(())
+}
+
+/// Every collective on values each rank can predict, on `device`; the line to print, or what
+/// differed. The sub-groups of expert parallelism over 2 ranks are checked where the world
+/// size is even.
+fn check_collectives(world: &World, device: &Device) -> Result<String> {
+    let comm = world.comm();
+    let (rank, size) = (comm.rank(), comm.world_size());
+    let blob = world.rendezvous().broadcast_blob((rank == 0).then_some(b"ditmoe rendezvous".as_slice()))?;
     anyhow::ensure!(blob == b"ditmoe rendezvous", "broadcast_blob: got {blob:?}");
+    let mut line = vec!["broadcast_blob ok".to_string()];
+    line.extend(check_group("", &*comm, device)?);
+    if size % 2 == 0 && size > 2 {
+        let (ep, edp) = world.expert_groups(2)?;
+        let edp = edp.expect("expert parallelism over fewer ranks than the job has an expert-data-parallel group");
+        anyhow::ensure!((ep.rank(), ep.world_size(), edp.rank(), edp.world_size()) == (rank % 2, 2, rank / 2, size / 2), "expert groups of rank {rank}: expert-parallel {}/{}, expert-data-parallel {}/{}", ep.rank(), ep.world_size(), edp.rank(), edp.world_size());
+        line.extend(check_group("expert-parallel ", &*ep, device)?);
+        line.extend(check_group("expert-data-parallel ", &*edp, device)?);
+    }
+    Ok(line.join(", "))
+}
+
+/// The collectives of one group on known values: what each printed.
+fn check_group(name: &str, comm: &dyn Communicator, device: &Device) -> Result<Vec<String>> {
+    let (rank, world) = (comm.rank(), comm.world_size());
     comm.barrier()?;
 
     let counts = comm.all_gather_counts(&[rank, 10 * rank + 1])?;
     let want: Vec<Vec<usize>> = (0..world).map(|p| vec![p, 10 * p + 1]).collect();
-    anyhow::ensure!(counts == want, "all_gather_counts: got {counts:?}, want {want:?}");
+    anyhow::ensure!(counts == want, "{name}all_gather_counts: got {counts:?}, want {want:?}");
 
-    let sum = comm.all_reduce_sum(&Tensor::full((rank + 1) as f32, 4, &Device::Cpu)?)?.to_vec1::<f32>()?;
-    let want = (world * (world + 1) / 2) as f32;
-    anyhow::ensure!(sum == vec![want; 4], "all_reduce_sum: got {sum:?}, want {want} everywhere");
+    let sum = comm.all_reduce_sum(&Tensor::full((rank + 1) as f32, 4, device)?)?.to_vec1::<f32>()?;
+    let want_sum = world * (world + 1) / 2;
+    anyhow::ensure!(sum == vec![want_sum as f32; 4], "{name}all_reduce_sum: got {sum:?}, want {want_sum} everywhere");
 
     // uneven splits, some empty: rank r sends (r + p) % 3 rows of value 100 r + p to rank p
     let d = 2;
@@ -224,10 +265,10 @@ fn check_collectives(comm: &TcpComm) -> Result<String> {
     let send_counts: Vec<usize> = (0..world).map(|p| splits(rank, p)).collect();
     let recv_counts: Vec<usize> = (0..world).map(|p| splits(p, rank)).collect();
     let rows: Vec<f32> = (0..world).flat_map(|p| vec![(100 * rank + p) as f32; send_counts[p] * d]).collect();
-    let send = Tensor::from_vec(rows, (send_counts.iter().sum::<usize>(), d), &Device::Cpu)?;
+    let send = Tensor::from_vec(rows, (send_counts.iter().sum::<usize>(), d), device)?;
     let got = comm.all_to_all_v(&send, &send_counts, &recv_counts)?.flatten_all()?.to_vec1::<f32>()?;
     let want: Vec<f32> = (0..world).flat_map(|p| vec![(100 * p + rank) as f32; recv_counts[p] * d]).collect();
-    anyhow::ensure!(got == want, "all_to_all_v: got {got:?}, want {want:?}");
+    anyhow::ensure!(got == want, "{name}all_to_all_v: got {got:?}, want {want:?}");
     comm.barrier()?;
-    Ok(format!("broadcast_blob ok, barrier ok, all_gather_counts ok, all_reduce_sum {want_sum} ok, all_to_all_v {} rows ok", recv_counts.iter().sum::<usize>(), want_sum = (world * (world + 1) / 2)))
+    Ok(vec![format!("{name}barrier ok"), format!("{name}all_gather_counts ok"), format!("{name}all_reduce_sum {want_sum} ok"), format!("{name}all_to_all_v {} rows ok", recv_counts.iter().sum::<usize>())])
 }

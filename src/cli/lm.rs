@@ -2,13 +2,15 @@
 //! token corpus (plain, or distilled from a teacher), streaming generation, validation with the
 //! expert load per layer, the training curves of several runs, a model's parameter counts, and
 //! a model folder rewritten in another dtype.
+use super::launch::{join, needs_launch, reported};
 use super::usage;
 use anyhow::Context;
 use candle_core::{DType, Tensor};
 use clap::{Args, Subcommand};
 use ditmoe::checkpoint::write_safetensors_atomic;
 use ditmoe::lm::eval::{evaluate, EvalReport};
-use ditmoe::lm::generation::{generate, GenerationStop};
+use ditmoe::dist::World;
+use ditmoe::lm::generation::{generate_with, GenerationStop};
 use ditmoe::lm::sampling::{SamplingParams, TokenSampler};
 use ditmoe::analysis::curves::{loss_chart, Curve};
 use ditmoe::lm::train_config::{DistillConfig, LmTrainConfig};
@@ -16,6 +18,7 @@ use ditmoe::lm::trainer::{LmTrainer, TOKENIZER_FILE, VALIDATION_SHARD};
 use ditmoe::lm::{load_hf, LmModel};
 use ditmoe::text::{TokenShard, Tokenizer};
 use ditmoe::train::{RunStart, StopReason};
+use ditmoe::ExecutionPlan;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -177,6 +180,11 @@ struct TrainArgs {
     /// Time each phase of every step and print a table at the end (synchronises the device).
     #[arg(long)]
     profile: bool,
+    /// Under `ditmoe launch`: split every MoE layer's experts over groups of N consecutive ranks
+    /// (Megatron-Core's layout; N divides the world size). 1 replicates the experts (pure data
+    /// parallelism); the world size gives each rank 1/N of them.
+    #[arg(long, default_value_t = 1)]
+    expert_parallel: usize,
 }
 
 #[derive(Args)]
@@ -205,6 +213,11 @@ struct GenerateArgs {
     device: String,
     #[arg(long, default_value = "f32")]
     dtype: String,
+    /// Under `ditmoe launch`: split every MoE layer's experts over groups of N consecutive ranks,
+    /// each rank loading only its slice (default: the world size, for models that do not fit one
+    /// device; 1 replicates the model on every rank).
+    #[arg(long)]
+    expert_parallel: Option<usize>,
 }
 
 #[derive(Args)]
@@ -230,6 +243,11 @@ struct EvalArgs {
     device: String,
     #[arg(long, default_value = "f32")]
     dtype: String,
+    /// Under `ditmoe launch`: split every MoE layer's experts over groups of N consecutive ranks,
+    /// each rank loading only its slice (default: the world size, for models that do not fit one
+    /// device; 1 replicates the model on every rank).
+    #[arg(long)]
+    expert_parallel: Option<usize>,
 }
 
 pub fn run(a: LmArgs) -> anyhow::Result<()> {
@@ -247,8 +265,35 @@ pub fn run(a: LmArgs) -> anyhow::Result<()> {
 }
 
 fn load_model(dir: &Path, device: &str, dtype: &str) -> anyhow::Result<LmModel> {
+    load_planned(dir, &super::inference_plan(device, dtype)?)
+}
+
+fn load_planned(dir: &Path, plan: &ExecutionPlan) -> anyhow::Result<LmModel> {
+    load_hf(dir, plan).map_err(|e| usage(format!("--model {}: {e}", dir.display())))
+}
+
+/// The job an inference command was launched into, and its plan: the model sharded by experts
+/// over groups of `--expert-parallel` ranks (default: every rank), each rank holding only its
+/// experts' slice. A plain run takes the plain plan.
+fn sharded_plan(device: &str, dtype: &str, expert_parallel: Option<usize>) -> anyhow::Result<(Option<World>, ExecutionPlan)> {
     let plan = super::inference_plan(device, dtype)?;
-    load_hf(dir, &plan).map_err(|e| usage(format!("--model {}: {e}", dir.display())))
+    let world = join(&plan.device)?;
+    let plan = match &world {
+        Some(w) => {
+            let applied = w.apply(plan, expert_parallel.unwrap_or(w.world_size())).map_err(|e| usage(e.to_string()));
+            reported(Some(w), applied)?
+        }
+        None => {
+            needs_launch("--expert-parallel", expert_parallel.unwrap_or(1))?;
+            plan
+        }
+    };
+    Ok((world, plan))
+}
+
+/// Whether this process prints a command's results: rank 0 of a launched job, or a plain run.
+fn prints(world: &Option<World>) -> bool {
+    world.as_ref().is_none_or(|w| w.rank() == 0)
 }
 
 fn forward(a: ForwardArgs) -> anyhow::Result<()> {
@@ -296,11 +341,11 @@ fn train(a: TrainArgs, distill: Option<DistillConfig>) -> anyhow::Result<()> {
     if let Some(d) = distill {
         cfg.distill = Some(d);
     }
-    if let Some(data) = a.data {
-        cfg.data = data;
+    if let Some(data) = &a.data {
+        cfg.data = data.clone();
     }
-    if let Some(out) = a.out {
-        cfg.out = out;
+    if let Some(out) = &a.out {
+        cfg.out = out.clone();
     }
     if let Some(s) = a.steps {
         // where to stop, not the schedule's length: a run cut short and resumed decays alike
@@ -309,9 +354,26 @@ fn train(a: TrainArgs, distill: Option<DistillConfig>) -> anyhow::Result<()> {
     }
     cfg.validate().map_err(|e| usage(e.to_string()))?;
     let device = super::device(&a.device)?;
+    let world = join(&device)?;
+    let result = train_in(&a, cfg, &device, world.as_ref());
+    reported(world.as_ref(), result)
+}
+
+/// `lm train` on this process's share of the job: with `world`, data parallelism over every
+/// rank and the experts split as `--expert-parallel` says; only rank 0 prints the summary (the
+/// trainer draws progress and writes files on rank 0 only).
+fn train_in(a: &TrainArgs, cfg: LmTrainConfig, device: &candle_core::Device, world: Option<&World>) -> anyhow::Result<()> {
     let precision = if device.is_cuda() { ditmoe::Precision::Tf32 } else { ditmoe::Precision::F32 };
-    let plan = ditmoe::ExecutionPlan::training(&device, precision);
+    let plan = ExecutionPlan::training(device, precision);
     plan.apply_matmul_precision();
+    let plan = match world {
+        Some(w) => w.apply(plan, a.expert_parallel).map_err(|e| usage(e.to_string()))?,
+        None => {
+            needs_launch("--expert-parallel", a.expert_parallel)?;
+            plan
+        }
+    };
+    let prints = world.is_none_or(|w| w.rank() == 0);
     let start = match (a.resume, a.overwrite) {
         (true, _) => RunStart::Resume,
         (false, true) => RunStart::Overwrite,
@@ -319,8 +381,11 @@ fn train(a: TrainArgs, distill: Option<DistillConfig>) -> anyhow::Result<()> {
     };
     let mut trainer = LmTrainer::new(cfg.clone(), &plan, start)?;
     let params = trainer.model().config().num_parameters();
-    eprintln!("training {params} parameters on {}: {} steps of {} x {} tokens", a.device, cfg.steps, cfg.batch_size, cfg.seq_len);
-    if let (Some(d), Some(t)) = (&cfg.distill, trainer.teacher()) {
+    let ranks = world.map_or(String::new(), |w| format!(" x {} ranks (experts over {})", w.world_size(), a.expert_parallel));
+    if prints {
+        eprintln!("training {params} parameters on {}{ranks}: {} steps of {} x {} tokens", a.device, cfg.steps, cfg.batch_size, cfg.seq_len);
+    }
+    if let (true, Some(d), Some(t)) = (prints, &cfg.distill, trainer.teacher()) {
         let until = d.stop_step.map_or("every step".to_string(), |s| format!("steps 1..={s}"));
         eprintln!("distilling from {} ({} parameters), beta {}, temperature {}, {until}", t.dir().display(), t.model().config().num_parameters(), d.beta, d.temperature);
     }
@@ -328,6 +393,9 @@ fn train(a: TrainArgs, distill: Option<DistillConfig>) -> anyhow::Result<()> {
         trainer.enable_profile();
     }
     let summary = trainer.run(!a.quiet)?;
+    if !prints {
+        return Ok(());
+    }
     if let Some(p) = trainer.profile() {
         eprintln!("{}", p.table());
     }
@@ -361,29 +429,56 @@ fn distill(a: DistillArgs) -> anyhow::Result<()> {
 
 fn generate_text(a: GenerateArgs) -> anyhow::Result<()> {
     let params = SamplingParams { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p, seed: a.seed };
-    let mut sampler = TokenSampler::new(params).map_err(|e| usage(e.to_string()))?;
-    let model_dir = match a.model {
-        Some(m) => m,
+    let sampler = TokenSampler::new(params).map_err(|e| usage(e.to_string()))?;
+    let model_dir = match &a.model {
+        Some(m) => m.clone(),
         None if Path::new(BUNDLED_MODEL).join("config.json").exists() => PathBuf::from(BUNDLED_MODEL),
         None => return Err(usage(format!("--model: the bundled model {BUNDLED_MODEL} is not here (run from the repository root); pass --model DIR"))),
     };
     let tokenizer_path = model_dir.join(TOKENIZER_FILE);
     let tokenizer = Tokenizer::load(&tokenizer_path).map_err(|e| usage(format!("--model: {e}")))?;
-    let model = load_model(&model_dir, &a.device, &a.dtype)?;
+    let (world, plan) = sharded_plan(&a.device, &a.dtype, a.expert_parallel)?;
+    let result = generate_in(&a, &model_dir, &tokenizer, sampler, world.as_ref(), &plan);
+    reported(world.as_ref(), result)
+}
+
+/// `lm generate` on this process's share of the job: with `world`, every rank runs the same
+/// forward on its experts' slice, rank 0 samples each token and every rank takes it (one count
+/// all-gather), so the ranks keep feeding the same tokens; only rank 0 prints.
+fn generate_in(a: &GenerateArgs, model_dir: &Path, tokenizer: &Tokenizer, mut sampler: TokenSampler, world: Option<&World>, plan: &ExecutionPlan) -> anyhow::Result<()> {
+    let tokenizer_path = model_dir.join(TOKENIZER_FILE);
+    let model = load_planned(model_dir, plan)?;
     if tokenizer.vocab_size() > model.config().vocab_size {
         return Err(usage(format!("{}: {} tokens, more than the model's vocabulary of {}", tokenizer_path.display(), tokenizer.vocab_size(), model.config().vocab_size)));
     }
     let prompt = tokenizer.encode(&a.prompt)?;
+    let comm = world.map(World::comm);
+    let prints = world.is_none_or(|w| w.rank() == 0);
+    let next_token = |logits: &Tensor| match &comm {
+        None => sampler.sample(logits),
+        Some(c) => {
+            let mine = if c.rank() == 0 { sampler.sample(logits)? as usize } else { 0 };
+            Ok(c.all_gather_counts(&[mine])?[0][0] as u32)
+        }
+    };
     let mut stream = tokenizer.stream();
     let mut stdout = std::io::stdout().lock();
-    write!(stdout, "{}", a.prompt)?;
+    if prints {
+        write!(stdout, "{}", a.prompt)?;
+    }
     let started = std::time::Instant::now();
-    let (new, stop) = generate(&model, &prompt, a.max_tokens, &mut sampler, tokenizer.eos_id(), |id| {
+    let (new, stop) = generate_with(&model, &prompt, a.max_tokens, next_token, tokenizer.eos_id(), |id| {
+        if !prints {
+            return Ok(());
+        }
         if let Some(text) = stream.next_token(id)? {
             write!(stdout, "{text}").and_then(|_| stdout.flush()).map_err(|e| candle_core::Error::Msg(format!("stdout: {e}")))?;
         }
         Ok(())
     })?;
+    if !prints {
+        return Ok(());
+    }
     if let Some(rest) = stream.finish()? {
         write!(stdout, "{rest}")?;
     }
@@ -398,7 +493,15 @@ fn generate_text(a: GenerateArgs) -> anyhow::Result<()> {
 }
 
 fn eval(a: EvalArgs) -> anyhow::Result<()> {
-    let model = load_model(&a.model, &a.device, &a.dtype)?;
+    let (world, plan) = sharded_plan(&a.device, &a.dtype, a.expert_parallel)?;
+    let result = eval_in(&a, &plan, prints(&world));
+    reported(world.as_ref(), result)
+}
+
+/// `lm eval` on this process's share of the job: every rank runs the same windows through its
+/// experts' slice (the forward is a collective); `prints` on rank 0 only.
+fn eval_in(a: &EvalArgs, plan: &ExecutionPlan, prints: bool) -> anyhow::Result<()> {
+    let model = load_planned(&a.model, plan)?;
     let shard_path = a.data.join(VALIDATION_SHARD);
     let shard = TokenShard::load(&shard_path).map_err(|e| usage(format!("--data: {e}")))?;
     shard.check_vocab(model.config().vocab_size).map_err(|e| usage(format!("{}: {e}", shard_path.display())))?;
@@ -406,6 +509,9 @@ fn eval(a: EvalArgs) -> anyhow::Result<()> {
         return Err(usage(format!("--seq-len {}: windows of {} tokens exceed the model's context of {}", a.seq_len, a.seq_len + 1, model.config().max_position_embeddings)));
     }
     let report = evaluate(&model, &shard.tokens, a.seq_len, a.batch_size, a.max_windows)?;
+    if !prints {
+        return Ok(());
+    }
     println!("validation: {} tokens in {} windows, loss {:.4} nats/token, perplexity {:.2}", report.tokens, report.windows, report.loss, report.perplexity);
     print_load(&report);
     if let Some(path) = &a.heatmap {

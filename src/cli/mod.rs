@@ -48,7 +48,12 @@ pub fn exit_with(e: anyhow::Error) -> ! {
 pub fn device(name: &str) -> anyhow::Result<Device> {
     match name {
         "cpu" => Ok(Device::Cpu),
-        "cuda" => ditmoe::runtime::graph::cuda_device(0).map_err(|e| usage(format!("--device cuda: {e}"))),
+        "cuda" => {
+            // a launched process drives LOCAL_RANK's GPU (torchrun's convention: its workers call
+            // `torch.cuda.set_device(local_rank)`); a plain run the first one
+            let gpu = std::env::var("LOCAL_RANK").ok().and_then(|v| v.trim().parse().ok()).unwrap_or(0);
+            ditmoe::runtime::graph::cuda_device(gpu).map_err(|e| usage(format!("--device cuda (GPU {gpu}): {e}")))
+        }
         other => Err(usage(format!("--device: unknown device `{other}` (cpu or cuda)"))),
     }
 }

@@ -10,7 +10,7 @@
 //! backends serve the same dispatch: [`TcpComm`] on CPUs (collectives through rank 0, as gloo
 //! serves PyTorch's CPU groups) and, with the `nccl` feature, `NcclComm` on GPUs (the trait's
 //! collectives as NCCL calls, grouped `ncclSend`/`ncclRecv` for the variable splits, see
-//! [`comm`]).
+//! [`comm`]). [`World`] joins the job once and picks the backend for the device.
 pub mod all_gather;
 pub mod comm;
 pub mod expert_parallel;
@@ -20,6 +20,7 @@ pub mod nccl;
 pub mod rendezvous;
 pub mod static_capacity;
 pub mod tcp;
+pub mod world;
 
 pub use comm::{all_reduce_gradients, Communicator};
 pub use expert_parallel::{Dispatch, ExpertParallel};
@@ -29,3 +30,4 @@ pub use nccl::NcclComm;
 pub use rendezvous::{Rendezvous, WorldInfo};
 pub use static_capacity::StaticCapacity;
 pub use tcp::TcpComm;
+pub use world::World;

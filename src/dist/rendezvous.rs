@@ -313,6 +313,13 @@ impl Rendezvous {
         self.shared.fail(msg.into(), None)
     }
 
+    /// The address `peer`'s connection comes from, as this rank sees it (rank 0 sees every
+    /// rank's): where a rank that leads a sub-group is reached ([`super::TcpComm::split`]).
+    pub fn peer_host(&self, peer: usize) -> Option<IpAddr> {
+        let link = self.shared.links.get(peer)?.as_ref()?;
+        link.lock().unwrap_or_else(PoisonError::into_inner).peer_addr().ok().map(|a| a.ip())
+    }
+
     /// The group's failure, if a rank has reported one.
     pub fn failure(&self) -> Option<String> {
         self.shared.lock().abort.clone()

@@ -85,17 +85,21 @@ impl HfCheckpoint {
         VarBuilder::from_backend(Box::new(backend), plan.weight_dtype(), plan.device.clone())
     }
 
-    /// The model, run as `plan` says. Every tensor of the files must be used by the model
-    /// (transformers' `rotary_emb.inv_freq` buffers and a tied model's `lm_head.weight`
-    /// excepted).
+    /// The model, run as `plan` says; under expert parallelism this rank's slice, its experts
+    /// read by their global names. Every tensor of the files must be used by the model (or, for
+    /// a split expert, by another rank), transformers' `rotary_emb.inv_freq` buffers and a tied
+    /// model's `lm_head.weight` excepted.
     pub fn load(&self, plan: &ExecutionPlan) -> Result<LmModel> {
         let model = LmModel::new(&self.config, plan, self.var_builder(plan))?;
         let used: std::collections::HashSet<&str> = model.named_params().iter().map(|(n, _)| n.as_str()).collect();
+        // under expert parallelism the other ranks' experts are theirs to load
+        let split = model.split_experts();
+        let elsewhere = |n: &str| split.iter().any(|(prefix, _)| n.starts_with(prefix.as_str()));
         let mut unused: Vec<(&String, usize)> = self
             .weights
             .index
             .iter()
-            .filter(|(n, _)| !(used.contains(n.as_str()) || n.ends_with("rotary_emb.inv_freq") || self.config.tie_word_embeddings && n.as_str() == "lm_head.weight"))
+            .filter(|(n, _)| !(used.contains(n.as_str()) || elsewhere(n) || n.ends_with("rotary_emb.inv_freq") || self.config.tie_word_embeddings && n.as_str() == "lm_head.weight"))
             .map(|(n, &f)| (n, f))
             .collect();
         unused.sort();

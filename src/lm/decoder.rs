@@ -26,7 +26,14 @@ impl<'a> Decoder<'a> {
         let cache = Arc::new(StaticKvCache::new(model.config(), batch, capacity, model.device())?);
         let step_cache = cache.clone();
         let step: Step<'a> = Box::new(move |inputs: &[&Tensor]| model.decode_step(inputs[0], inputs[1], &step_cache));
-        Ok(Self { model, cache, step: GraphedForward::new(step), len: 0 })
+        // Expert parallelism's all-to-all takes its splits from counts gathered to the host
+        // (the dropless dispatch, Megatron-Core's), which a CUDA graph cannot capture: a model
+        // whose experts are split over ranks decodes eagerly.
+        let step = match model.split_experts().is_empty() {
+            true => GraphedForward::new(step),
+            false => GraphedForward::eager(step, "the experts are split over ranks: the all-to-all's splits are counted on the host"),
+        };
+        Ok(Self { model, cache, step, len: 0 })
     }
 
     /// Positions filled so far.

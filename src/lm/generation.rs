@@ -17,7 +17,14 @@ pub enum GenerationStop {
 /// Generates after `prompt` (ids); `on_token(id)` sees each new token. Returns the new tokens
 /// and why it stopped. A prompt that does not fit the context, or holds ids outside the
 /// vocabulary, is refused before anything runs.
-pub fn generate(model: &LmModel, prompt: &[u32], max_new_tokens: usize, sampler: &mut TokenSampler, eos: Option<u32>, mut on_token: impl FnMut(u32) -> Result<()>) -> Result<(Vec<u32>, GenerationStop)> {
+pub fn generate(model: &LmModel, prompt: &[u32], max_new_tokens: usize, sampler: &mut TokenSampler, eos: Option<u32>, on_token: impl FnMut(u32) -> Result<()>) -> Result<(Vec<u32>, GenerationStop)> {
+    generate_with(model, prompt, max_new_tokens, |logits| sampler.sample(logits), eos, on_token)
+}
+
+/// [`generate`] with each token chosen by `next_token` from its logits `[V]`: a model sharded
+/// by experts over ranks runs the same forward on every rank, and there rank 0 samples and every
+/// rank takes rank 0's token, so that the ranks keep feeding the same tokens.
+pub fn generate_with(model: &LmModel, prompt: &[u32], max_new_tokens: usize, mut next_token: impl FnMut(&Tensor) -> Result<u32>, eos: Option<u32>, mut on_token: impl FnMut(u32) -> Result<()>) -> Result<(Vec<u32>, GenerationStop)> {
     let cfg = model.config();
     if prompt.is_empty() {
         bail!("lm generate: the prompt is empty (it needs at least one token)")
@@ -35,7 +42,7 @@ pub fn generate(model: &LmModel, prompt: &[u32], max_new_tokens: usize, sampler:
     let mut logits = decoder.prefill(&Tensor::new(prompt, dev)?.unsqueeze(0)?)?;
     let mut new = Vec::with_capacity(max_new_tokens);
     while new.len() < max_new_tokens {
-        let next = sampler.sample(&logits.i(0)?)?;
+        let next = next_token(&logits.i(0)?)?;
         new.push(next);
         on_token(next)?;
         if Some(next) == eos {

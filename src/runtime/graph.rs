@@ -81,6 +81,12 @@ impl<F: FnMut(&[&Tensor]) -> Result<Tensor>> GraphedForward<F> {
         }
     }
 
+    /// A forward that is never captured: every call runs `f`; `why` is its
+    /// [`GraphedForward::capture_error`].
+    pub fn eager(f: F, why: &str) -> Self {
+        Self { capture_error: Some(why.to_string()), ..Self::new(f) }
+    }
+
     /// Why capturing failed, if it did (the calls then run eagerly).
     pub fn capture_error(&self) -> Option<&str> {
         self.capture_error.as_deref()
