@@ -259,3 +259,58 @@ fn experts_spread_over_ranks_sample_the_single_device_images() {
         assert!(err < WEIGHT_TOL, "rank {r}: images differ by {err:.2e}");
     }
 }
+
+/// `ditmoe …` with torchrun's variables cleared (a launch sets its own), checked to succeed;
+/// its output.
+fn ditmoe(args: &[String]) -> String {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_ditmoe"));
+    cmd.args(args);
+    for v in ["RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"] {
+        cmd.env_remove(v);
+    }
+    let out = cmd.output().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "ditmoe {}:\n{text}", args.join(" "));
+    text
+}
+
+/// `ditmoe launch --nproc-per-node n -- <args>` on a port that was free a moment ago.
+fn launched(n: usize, args: &[String]) -> String {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut all: Vec<String> = ["launch", "--nproc-per-node", &n.to_string(), "--master-port", &port.to_string(), "--"].map(String::from).to_vec();
+    all.extend_from_slice(args);
+    ditmoe(&all)
+}
+
+fn strings(args: &[&str]) -> Vec<String> {
+    args.iter().map(|a| a.to_string()).collect()
+}
+
+#[test]
+fn launched_train_and_generate_split_the_experts_over_processes() {
+    let (dir, cfg) = setup("dit-dp-launch", true);
+    std::fs::write(dir.join("train.json"), serde_json::to_string(&cfg).unwrap()).unwrap();
+    let path = |name: &str| dir.join(name).to_str().unwrap().to_string();
+    let config = path("train.json");
+    let train = |out: &str| strings(&["train", "--config", &config, "--out", &path(out), "--quiet"]);
+    ditmoe(&train("p1"));
+    let text = launched(2, &[train("ep2"), strings(&["--expert-parallel", "2"])].concat());
+    assert!(text.contains("over 2 ranks (experts over 2)"), "{text}");
+    let ckpt = |name: &str| checkpoint::load_latest(&checkpoint::checkpoints_dir(&dir.join(name)), &Device::Cpu).unwrap().0.unwrap();
+    let (got, want) = (ckpt("ep2"), ckpt("p1"));
+    let (err, name) = worst(&got.model, &want.model);
+    eprintln!("launched train, experts over 2 processes: weights within {err:.1e} ({name})");
+    assert!(err < WEIGHT_TOL, "launched train: {name} differs by {err:.2e}");
+
+    // the single-device model, sampled by two processes that each load half of its experts
+    let ema = path("p1/ema");
+    let generate = |out: &str| strings(&["generate", "--model", &ema, "--num", "2", "--sampler", "rf-euler", "--steps", "4", "--seed", "5", "--out", &path(out)]);
+    ditmoe(&generate("one.png"));
+    let text = launched(2, &generate("two.png"));
+    assert!(text.contains("[rank0]: wrote") && !text.contains("[rank1]: wrote"), "rank 0 alone writes:\n{text}");
+    let (a, b) = (image::open(path("two.png")).unwrap().to_luma8(), image::open(path("one.png")).unwrap().to_luma8());
+    assert_eq!(a.dimensions(), b.dimensions());
+    let off = a.pixels().zip(b.pixels()).map(|(x, y)| x.0[0].abs_diff(y.0[0])).max().unwrap();
+    eprintln!("launched generate, experts over 2 processes: pixels within {off} of 255");
+    assert!(off <= 1, "launched generate differs by {off} levels");
+}

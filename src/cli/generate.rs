@@ -6,10 +6,20 @@
 //! Every input is checked before the model is loaded: a bad flag or file is a one-line usage
 //! error (exit code 2) naming it, and nothing is written. The output is written atomically
 //! once every image exists.
+//!
+//! Launched (`ditmoe launch --nproc-per-node N -- generate …`), the model is sharded by
+//! experts: every rank loads only its block of each MoE layer's experts (by their global
+//! names, from the one checkpoint) and runs the same sampling loop with the same seed, so the
+//! same noise and the same batches on every rank, the MoE layers exchanging tokens with the
+//! expert owners (`ditmoe::dist::expert_parallel`); rank 0 decodes and writes the images. This
+//! is what a model too large for one device needs, not a speed-up: every rank computes the
+//! whole batch outside the experts.
+use super::launch::{join, needs_launch, reported};
 use anyhow::Context;
 use candle_core::{DType, Tensor};
 use clap::Args;
 use ditmoe::checkpoint::{load_state_dict, ModelDir};
+use ditmoe::dist::World;
 use ditmoe::sampling::{
     Decoder, Guidance, GuidedModel, ImageNoise, Images, Sampler, SamplerKind,
     VaeSpec, DIFFUSION_STEPS,
@@ -76,6 +86,10 @@ pub struct GenerateArgs {
     /// One PNG per image (`<class>-<name>-<k>.png`) into the --out folder.
     #[arg(long)]
     separate: bool,
+    /// Launched: spread each MoE layer's experts over groups of this many consecutive ranks,
+    /// each rank loading only its slice [default: the world size].
+    #[arg(long)]
+    expert_parallel: Option<usize>,
 }
 
 /// `generate.json`: defaults for flags the user did not give.
@@ -286,6 +300,15 @@ fn progress_bar(total: usize) -> ProgressBar {
 }
 
 pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
+    let plan = super::inference_plan(&a.device, &a.dtype)?;
+    let world = join(&plan.device)?;
+    let result = generate_in(a, plan, world.as_ref());
+    reported(world.as_ref(), result)
+}
+
+/// `generate` on this process's share of the job (see the module docs): with `world`, the
+/// experts sharded over the ranks, rank 0 decoding, writing and printing.
+fn generate_in(a: GenerateArgs, plan: ditmoe::ExecutionPlan, world: Option<&World>) -> anyhow::Result<()> {
     // Everything that can be wrong with the inputs is checked before the model is loaded.
     let source = ModelSource::resolve(&a.model, a.weights.as_deref())?;
     let cfg = source.config().clone();
@@ -353,17 +376,26 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
         Output::Separate(dir) => separate_file_names(dir, &labels, num, source.class_names())?,
         Output::Grid(_) => Vec::new(),
     };
-    let plan = super::inference_plan(&a.device, &a.dtype)?;
+    let plan = match world {
+        Some(w) => w.apply(plan, a.expert_parallel.unwrap_or(w.world_size())).map_err(|e| super::usage(e.to_string()))?,
+        None => {
+            needs_launch("--expert-parallel", a.expert_parallel.unwrap_or(1))?;
+            plan
+        }
+    };
+    let writes = world.is_none_or(|w| w.rank() == 0);
     let device = plan.device.clone();
 
     let model = source.load(&plan)?;
-    let decoder = match &vae {
+    // only the writing rank decodes
+    let decoder = match vae.as_ref().filter(|_| writes) {
         Some(spec) => Decoder::Vae(Box::new(spec.load(&device).map_err(|e| super::usage(format!("--vae: {e}")))?)),
         None => Decoder::PixelSpace,
     };
     let guidance = Guidance { scale: cfg_scale, guide_all_channels: a.guide_all_channels };
 
-    let bar = progress_bar(labels.len().div_ceil(batch_size) * sampler.evaluations());
+    let evaluations = labels.len().div_ceil(batch_size) * sampler.evaluations();
+    let bar = if writes { progress_bar(evaluations) } else { ProgressBar::hidden() };
     // Seconds of sampling and of the decode, each between device synchronisations (the GPU
     // runs asynchronously), summed over the batches; loading, the NaN check, the copy to the
     // host and the PNG writing are outside both.
@@ -389,6 +421,9 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
         }
         // the sampler's buffers (the captured graph's among them) go before the decode needs room
         drop((guided, noise));
+        if !writes {
+            continue;
+        }
         let start = Instant::now();
         let decoded = decoder.decode(&samples).context("decoding")?;
         device.synchronize()?;
@@ -403,6 +438,9 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
         }
     }
     bar.finish_and_clear();
+    if !writes {
+        return Ok(());
+    }
     let images = images.context("no images were sampled")?;
     if !broken.is_empty() {
         let which: Vec<String> = broken.iter().map(|&i| format!("image {} (class {}, sample {})", i, labels[i], i % num)).collect();

@@ -1,6 +1,10 @@
 //! `ditmoe train`: a `TrainConfig` from `--config FILE` and/or flags (flags win), then the
 //! training loop; `--resume` continues from the newest valid checkpoint in the run folder.
+//! Launched (`ditmoe launch --nproc-per-node N -- train …`), every rank trains its slice of
+//! each global batch with the experts split as `--expert-parallel` says (`ditmoe::train::parallel`).
+use super::launch::{join, needs_launch, reported};
 use super::usage;
+use ditmoe::dist::World;
 use clap::Args;
 use ditmoe::train::{Objective, Router, RunStart, StopReason, TrainConfig, Trainer};
 use std::path::PathBuf;
@@ -97,6 +101,11 @@ pub struct TrainArgs {
     /// weights to the host.
     #[arg(long)]
     ema_on_host: bool,
+    /// Launched: split each MoE layer's experts over groups of this many consecutive ranks
+    /// (Megatron-Core's layout; N divides the world size). 1 replicates the experts (pure data
+    /// parallelism); the world size gives each rank 1/N of them.
+    #[arg(long, default_value_t = 1)]
+    expert_parallel: usize,
     /// Hide the progress bar.
     #[arg(long)]
     quiet: bool,
@@ -154,14 +163,31 @@ fn build_config(a: &TrainArgs) -> anyhow::Result<TrainConfig> {
 pub fn run(a: TrainArgs) -> anyhow::Result<()> {
     let cfg = build_config(&a)?;
     let device = super::device(&a.device)?;
+    let world = join(&device)?;
+    let result = train_in(&a, cfg, &device, world.as_ref());
+    reported(world.as_ref(), result)
+}
+
+/// The training run on this process's share of the job: with `world`, data parallelism over
+/// every rank and the experts split as `--expert-parallel` says; only rank 0 draws progress and
+/// prints (the trainer writes files on rank 0 only).
+fn train_in(a: &TrainArgs, cfg: TrainConfig, device: &candle_core::Device, world: Option<&World>) -> anyhow::Result<()> {
     let precision = match a.precision {
         Some(ditmoe::Precision::F16) => return Err(usage("--precision f16: training runs in f32, tf32 or bf16 (f16 needs loss scaling)")),
         Some(p) => p,
         None if device.is_cuda() => ditmoe::Precision::Tf32,
         None => ditmoe::Precision::F32,
     };
-    let plan = ditmoe::ExecutionPlan::training(&device, precision);
+    let plan = ditmoe::ExecutionPlan::training(device, precision);
     plan.apply_matmul_precision();
+    let plan = match world {
+        Some(w) => w.apply(plan, a.expert_parallel).map_err(|e| usage(e.to_string()))?,
+        None => {
+            needs_launch("--expert-parallel", a.expert_parallel)?;
+            plan
+        }
+    };
+    let prints = world.is_none_or(|w| w.rank() == 0);
     let start = match (a.resume, a.overwrite) {
         (true, _) => RunStart::Resume,
         (_, true) => RunStart::Overwrite,
@@ -170,23 +196,31 @@ pub fn run(a: TrainArgs) -> anyhow::Result<()> {
     let mut trainer = Trainer::new(cfg.clone(), &plan, start)?;
     let mc = trainer.model_config();
     let (total, active) = mc.param_counts();
-    eprintln!(
-        "model: {} params ({} active), {} router, {} objective, step {} of {}, batch {} ({} x {})",
-        total,
-        active,
-        if mc.promoe.is_some() { "promoe" } else { "topk" },
-        serde_json::to_string(&cfg.objective)?.trim_matches('"'),
-        trainer.step(),
-        cfg.steps,
-        cfg.global_batch,
-        cfg.accumulation(),
-        cfg.micro_batch()
-    );
+    let ranks = world.map_or(String::new(), |w| format!(" over {} ranks (experts over {})", w.world_size(), a.expert_parallel));
+    if prints {
+        eprintln!(
+            "model: {} params ({} active), {} router, {} objective, step {} of {}, batch {} ({} x {}){ranks}",
+            total,
+            active,
+            if mc.promoe.is_some() { "promoe" } else { "topk" },
+            serde_json::to_string(&cfg.objective)?.trim_matches('"'),
+            trainer.step(),
+            cfg.steps,
+            cfg.global_batch,
+            cfg.accumulation(),
+            cfg.micro_batch()
+        );
+    }
     if a.profile {
         trainer.enable_profile();
-        eprintln!("precision {}{}", precision, if cfg.recompute { ", activations recomputed per block" } else { "" });
+        if prints {
+            eprintln!("precision {}{}", precision, if cfg.recompute { ", activations recomputed per block" } else { "" });
+        }
     }
     let summary = trainer.run(!a.quiet)?;
+    if !prints {
+        return Ok(());
+    }
     if let Some(p) = trainer.profile() {
         eprintln!("{}", p.table());
     }
