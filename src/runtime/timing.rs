@@ -14,7 +14,21 @@ pub fn median_ms<F: FnMut() -> Result<()>>(dev: &Device, budget_ms: f64, mut f: 
     dev.synchronize()?;
     let estimate = start.elapsed().as_secs_f64() * 1e3 / 2.0;
     let iters = ((budget_ms / estimate.max(1e-3)) as usize).clamp(5, 100);
-    let mut times = timed_calls(dev, iters, &mut f)?;
+    median(timed_calls(dev, iters, &mut f)?)
+}
+
+/// Median milliseconds of `iters` calls of `f` on `dev` after `warmup` untimed ones. The counts
+/// are fixed, not chosen from a time budget, so that every rank of a group makes the same calls
+/// when `f` runs collectives.
+pub fn median_of_ms<F: FnMut() -> Result<()>>(dev: &Device, warmup: usize, iters: usize, mut f: F) -> Result<f64> {
+    for _ in 0..warmup {
+        f()?;
+    }
+    dev.synchronize()?;
+    median(timed_calls(dev, iters.max(1), &mut f)?)
+}
+
+fn median(mut times: Vec<f64>) -> Result<f64> {
     times.sort_by(f64::total_cmp);
     Ok(times[times.len() / 2])
 }

@@ -1,0 +1,241 @@
+//! Expert-parallel MoE layers: per layer of DiT-MoE S/2 and XL/2 (8 experts, top-2, a shared
+//! expert; `batch · 256` tokens per rank, frozen weights on the kernel pipeline), the time of
+//! the layer under each dispatch against the single-device `MoeLayer` on the same tokens, and
+//! each dispatch's two exchanges timed alone with their bus bandwidth:
+//! - `all-to-all`: the dropless dispatch (Megatron-Core's `MoEAlltoAllTokenDispatcher`);
+//! - `static`: the capacity-padded static dispatch for CUDA graphs, capacity
+//!   `ceil(factor · tokens · k / E)` per (rank, expert) (Megatron's `moe_expert_capacity_factor`);
+//! - `all-gather`: vLLM's default all-gather + reduce-scatter, the baseline.
+//!
+//! Bandwidth follows nccl-tests (`doc/PERFORMANCE.md`): `algbw = bytes / time` with the bytes a
+//! rank sends (its whole send buffer), and `busbw = algbw · (n − 1) / n` for the all-to-all,
+//! the all-gather and the reduce-scatter alike (0 on one rank). Times are rank 0's medians of
+//! `--iters` calls after `--warmup` (`ditmoe::runtime::timing::median_of_ms`: CUDA events on a
+//! GPU, the wall clock on the CPU); every rank makes the same calls.
+//!
+//! ```text
+//! cargo run --release --example bench_ep -- [--device cpu|cuda] [--models S/2,XL/2] [--batches 1]
+//!     [--ranks 1,2,4] [--dtype f32|bf16] [--capacity-factor 2] [--warmup 2] [--iters 10] [--json FILE]
+//! ```
+//! Launched (torchrun's variables set, `ditmoe::dist::World`), it runs at the job's world size
+//! on its backend (NCCL on GPUs); otherwise each of `--ranks` runs as threads of this process
+//! on the in-process group (`LocalGroup`), on the CPU, or on one GPU for one rank.
+use anyhow::Result;
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use ditmoe::dist::{Communicator, ExpertParallel, LocalGroup, World};
+use ditmoe::moe::{MoeConfig, MoeInput, MoeLayer};
+use ditmoe::runtime::timing::median_of_ms;
+use ditmoe::{ExecutionPlan, Precision};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+fn arg(name: &str, default: &str) -> String {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned().unwrap_or_else(|| default.to_string())
+}
+
+fn list(name: &str, default: &str) -> Vec<String> {
+    arg(name, default).split(',').filter(|s| !s.is_empty()).map(str::to_string).collect()
+}
+
+/// What every rank runs with.
+#[derive(Clone, Copy)]
+struct Settings {
+    precision: Precision,
+    capacity_factor: f64,
+    warmup: usize,
+    iters: usize,
+}
+
+/// One exchange, timed alone: the bytes this rank sends and the median time.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+struct Exchange {
+    bytes: usize,
+    ms: f64,
+    algbw_gbs: f64,
+    busbw_gbs: f64,
+}
+
+impl Exchange {
+    fn new(bytes: usize, ms: f64, world: usize) -> Self {
+        let algbw = bytes as f64 / (ms * 1e-3) / 1e9;
+        Self { bytes, ms, algbw_gbs: algbw, busbw_gbs: algbw * (world - 1) as f64 / world as f64 }
+    }
+}
+
+#[derive(Debug, serde::Serialize)]
+struct Row {
+    model: String,
+    batch: usize,
+    world: usize,
+    dispatch: &'static str,
+    tokens_per_rank: usize,
+    /// The static dispatch's capacity per (rank, expert).
+    capacity: Option<usize>,
+    layer_ms: Option<f64>,
+    single_device_ms: f64,
+    dispatch_exchange: Exchange,
+    combine_exchange: Exchange,
+    /// Why the layer did not run (the static capacity overflowed).
+    error: Option<String>,
+}
+
+/// Deterministic weights for every parameter of the layer (the same on every rank and process):
+/// uniform with std `1 / sqrt(fan-in)` from a fixed seed.
+fn checkpoint(cfg: &MoeConfig, dtype: DType, dev: &Device) -> Result<HashMap<String, Tensor>> {
+    let varmap = candle_nn::VarMap::new();
+    MoeLayer::new(cfg, &ExecutionPlan::training(&Device::Cpu, Precision::F32), VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu))?;
+    let mut vars: Vec<_> = varmap.data().lock().expect("varmap").iter().map(|(n, v)| (n.clone(), v.dims().to_vec())).collect();
+    vars.sort();
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut out = HashMap::new();
+    for (name, dims) in vars {
+        let bound = 3f64.sqrt() / (*dims.last().unwrap_or(&1) as f64).sqrt();
+        let n: usize = dims.iter().product();
+        let v: Vec<f32> = (0..n)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                ((state >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) as f32 * bound as f32
+            })
+            .collect();
+        out.insert(name, Tensor::from_vec(v, dims, &Device::Cpu)?.to_dtype(dtype)?.to_device(dev)?);
+    }
+    Ok(out)
+}
+
+/// One rank's rows for one model and batch: the single-device layer, then each dispatch.
+fn rank_rows(comm: Arc<dyn Communicator>, model: &str, batch: usize, weights: &HashMap<String, Tensor>, dev: &Device, set: Settings) -> Result<Vec<Row>> {
+    let cfg = ditmoe::presets::get(model)?.config.moe_config();
+    let (p, rank, d, e, k) = (comm.world_size(), comm.rank(), cfg.hidden_size, cfg.num_experts, cfg.top_k);
+    let s = batch * 256;
+    let plan = ExecutionPlan::inference(dev, set.precision).with_moe_kernels(true);
+    let dtype = plan.weight_dtype();
+    let x = Tensor::randn(0f32, 1.0, (s, d), dev)?.to_dtype(dtype)?;
+    let time = |layer: &MoeLayer| median_of_ms(dev, set.warmup, set.iters, || layer.forward(&MoeInput { tokens: &x, seq_len: 256, unconditional: None, train: false }).map(|_| ()));
+    let vb = || VarBuilder::from_tensors(weights.clone(), dtype, dev);
+    let single = MoeLayer::new(&cfg, &plan, vb())?;
+    let single_device_ms = time(&single)?;
+    let counts: Vec<usize> = single.forward(&MoeInput { tokens: &x, seq_len: 256, unconditional: None, train: false })?.expert_counts.to_dtype(DType::U32)?.to_vec1::<u32>()?.into_iter().map(|c| c as usize).collect();
+    let all = comm.all_gather_counts(&counts)?;
+    let per = e / p;
+    let capacity = ((set.capacity_factor * (s * k) as f64 / e as f64).ceil() as usize).max(1);
+    let elem = dtype.size_in_bytes();
+    // one exchange alone, with the given splits, in the experts' dtype
+    let exchange = |send: Vec<usize>, recv: Vec<usize>| -> Result<Exchange> {
+        let rows = Tensor::zeros((send.iter().sum::<usize>(), d), dtype, dev)?;
+        let ms = median_of_ms(dev, set.warmup, set.iters, || comm.all_to_all_v(&rows, &send, &recv).map(|_| ()))?;
+        Ok(Exchange::new(send.iter().sum::<usize>() * d * elem, ms, p))
+    };
+    let block = |c: &[usize], q: usize| c[q * per..(q + 1) * per].iter().sum::<usize>();
+    let a2a_send: Vec<usize> = (0..p).map(|q| block(&counts, q)).collect();
+    let a2a_recv: Vec<usize> = all.iter().map(|c| block(c, rank)).collect();
+    let tokens: Vec<usize> = comm.all_gather_counts(&[s])?.into_iter().map(|c| c[0]).collect();
+    let dispatches: [(&'static str, ExpertParallel, Option<usize>, [(Vec<usize>, Vec<usize>); 2]); 3] = [
+        ("all-to-all", ExpertParallel::new(comm.clone()), None, [(a2a_send.clone(), a2a_recv.clone()), (a2a_recv, a2a_send)]),
+        ("static", ExpertParallel::new(comm.clone()).with_static_capacity(capacity), Some(capacity), [(vec![per * capacity; p], vec![per * capacity; p]), (vec![per * capacity; p], vec![per * capacity; p])]),
+        ("all-gather", ExpertParallel::new(comm.clone()).with_all_gather(), None, [(vec![s; p], tokens.clone()), (tokens, vec![s; p])]),
+    ];
+    let mut rows = Vec::new();
+    for (name, ep, capacity, [dispatch, combine]) in dispatches {
+        let plan = ExecutionPlan { expert_parallel: Some(ep.clone()), ..plan.clone() };
+        let layer = MoeLayer::new(&cfg, &plan, vb())?;
+        let layer_ms = time(&layer)?;
+        let error = ep.check_capacity().err().map(|e| e.to_string().lines().next().unwrap_or("").to_string());
+        let dispatch_exchange = exchange(dispatch.0, dispatch.1)?;
+        let combine_exchange = exchange(combine.0, combine.1)?;
+        rows.push(Row {
+            model: model.to_string(),
+            batch,
+            world: p,
+            dispatch: name,
+            tokens_per_rank: s,
+            capacity,
+            layer_ms: error.is_none().then_some(layer_ms),
+            single_device_ms,
+            dispatch_exchange,
+            combine_exchange,
+            error,
+        });
+    }
+    Ok(rows)
+}
+
+fn print_row(r: &Row) {
+    let x = |e: &Exchange| format!("{:.2} MB, {:.3} ms, {:.2} / {:.2}", e.bytes as f64 / 1e6, e.ms, e.algbw_gbs, e.busbw_gbs);
+    let layer = match (&r.layer_ms, &r.error) {
+        (Some(ms), _) => format!("{ms:.2} ({:.2}x)", ms / r.single_device_ms),
+        (None, Some(e)) => e.clone(),
+        (None, None) => "–".into(),
+    };
+    let dispatch = match r.capacity {
+        Some(c) => format!("{} (C = {c})", r.dispatch),
+        None => r.dispatch.to_string(),
+    };
+    println!("| {} | {} | {} | {dispatch} | {:.2} | {layer} | {} | {} |", r.model, r.batch, r.world, r.single_device_ms, x(&r.dispatch_exchange), x(&r.combine_exchange));
+}
+
+fn main() -> Result<()> {
+    let device = match arg("--device", "cpu").as_str() {
+        "cpu" => Device::Cpu,
+        _ => ditmoe::runtime::graph::cuda_device(0)?,
+    };
+    let world = World::from_env(&device)?;
+    let device = match (&world, &device) {
+        (Some(w), Device::Cuda(_)) => ditmoe::runtime::graph::cuda_device(w.local_rank())?,
+        _ => device,
+    };
+    let models: Vec<String> = list("--models", "S/2,XL/2").iter().map(|m| format!("DiT-MoE-{m}-8E2A")).collect();
+    let batches: Vec<usize> = list("--batches", "1").iter().map(|b| b.parse()).collect::<Result<_, _>>()?;
+    let set = Settings {
+        precision: arg("--dtype", if device.is_cuda() { "bf16" } else { "f32" }).parse().map_err(anyhow::Error::msg)?,
+        capacity_factor: arg("--capacity-factor", "2").parse()?,
+        warmup: arg("--warmup", "2").parse()?,
+        iters: arg("--iters", "10").parse()?,
+    };
+    let head = world.as_ref().is_none_or(|w| w.rank() == 0);
+    if head {
+        println!("| model | batch | P | dispatch | single-device ms | layer ms (vs single) | dispatch exchange: bytes/rank, ms, algbw / busbw GB/s | combine exchange |");
+        println!("|---|---:|---:|---|---:|---:|---|---|");
+    }
+    let mut rows = Vec::new();
+    for model in &models {
+        let cfg = ditmoe::presets::get(model)?.config.moe_config();
+        let precision: Precision = set.precision;
+        let weights = checkpoint(&cfg, precision.weight_dtype(), &device)?;
+        for &batch in &batches {
+            let run: Vec<Row> = match &world {
+                Some(w) => rank_rows(w.comm(), model, batch, &weights, &device, set)?,
+                None => {
+                    let mut got = Vec::new();
+                    for p in list("--ranks", "1,2,4").iter().map(|p| p.parse::<usize>()).collect::<Result<Vec<_>, _>>()? {
+                        let per_rank: Vec<candle_core::Result<Vec<Row>>> = std::thread::scope(|scope| {
+                            let handles: Vec<_> = LocalGroup::new(p)
+                                .into_iter()
+                                .map(|c| {
+                                    let (weights, device) = (&weights, &device);
+                                    scope.spawn(move || rank_rows(Arc::new(c), model, batch, weights, device, set).map_err(candle_core::Error::wrap))
+                                })
+                                .collect();
+                            handles.into_iter().map(|h| h.join().expect("a rank panicked")).collect()
+                        });
+                        // every rank's error surfaces; rank 0's rows are the table's
+                        let mut per_rank = per_rank.into_iter().collect::<candle_core::Result<Vec<_>>>()?.into_iter();
+                        got.extend(per_rank.next().expect("rank 0"));
+                    }
+                    got
+                }
+            };
+            if head {
+                run.iter().for_each(print_row);
+            }
+            rows.extend(run);
+        }
+    }
+    if let (true, Some(path)) = (head, std::env::args().skip_while(|a| a != "--json").nth(1)) {
+        std::fs::write(&path, serde_json::to_string_pretty(&rows)?)?;
+    }
+    Ok(())
+}
