@@ -133,7 +133,7 @@ fn rank_rows(comm: Arc<dyn Communicator>, model: &str, batch: usize, weights: &H
     let a2a_send: Vec<usize> = (0..p).map(|q| block(&counts, q)).collect();
     let a2a_recv: Vec<usize> = all.iter().map(|c| block(c, rank)).collect();
     let tokens: Vec<usize> = comm.all_gather_counts(&[s])?.into_iter().map(|c| c[0]).collect();
-    let dispatches: [(&'static str, ExpertParallel, Option<usize>, [(Vec<usize>, Vec<usize>); 2]); 3] = [
+    let dispatches = [
         ("all-to-all", ExpertParallel::new(comm.clone()), None, [(a2a_send.clone(), a2a_recv.clone()), (a2a_recv, a2a_send)]),
         ("static", ExpertParallel::new(comm.clone()).with_static_capacity(capacity), Some(capacity), [(vec![per * capacity; p], vec![per * capacity; p]), (vec![per * capacity; p], vec![per * capacity; p])]),
         ("all-gather", ExpertParallel::new(comm.clone()).with_all_gather(), None, [(vec![s; p], tokens.clone()), (tokens, vec![s; p])]),

@@ -51,8 +51,11 @@ pub struct StaticCapacity {
     /// Each layer's latest per-expert slot counts `[E]` u32, on the device, by layer name.
     records: Arc<Mutex<BTreeMap<String, Tensor>>>,
     /// The index constants, by (experts, top-k, world size, device).
-    layouts: Arc<Mutex<HashMap<(usize, usize, usize, DeviceLocation), Arc<PaddedLayout>>>>,
+    layouts: Arc<Mutex<HashMap<LayoutKey, Arc<PaddedLayout>>>>,
 }
+
+/// Experts, top-k, world size and device: what a [`PaddedLayout`]'s constants depend on.
+type LayoutKey = (usize, usize, usize, DeviceLocation);
 
 /// The constants of one padded layout, uploaded once (a host-to-device copy cannot be captured
 /// in a CUDA graph, so the first, eager call makes them).
