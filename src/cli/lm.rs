@@ -280,7 +280,8 @@ fn sharded_plan(device: &str, dtype: &str, expert_parallel: Option<usize>) -> an
     let world = join(&plan.device)?;
     let plan = match &world {
         Some(w) => {
-            let applied = w.apply(plan, expert_parallel.unwrap_or(w.world_size())).map_err(|e| usage(e.to_string()));
+            let ep = expert_parallel.unwrap_or(w.world_size());
+            let applied = w.apply(plan, ep).map_err(|e| usage(format!("--expert-parallel {ep}: {e}")));
             reported(Some(w), applied)?
         }
         None => {
@@ -367,7 +368,7 @@ fn train_in(a: &TrainArgs, cfg: LmTrainConfig, device: &candle_core::Device, wor
     let plan = ExecutionPlan::training(device, precision);
     plan.apply_matmul_precision();
     let plan = match world {
-        Some(w) => w.apply(plan, a.expert_parallel).map_err(|e| usage(e.to_string()))?,
+        Some(w) => w.apply(plan, a.expert_parallel).map_err(|e| usage(format!("--expert-parallel {}: {e}", a.expert_parallel)))?,
         None => {
             needs_launch("--expert-parallel", a.expert_parallel)?;
             plan

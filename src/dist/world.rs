@@ -55,13 +55,16 @@ impl std::fmt::Debug for World {
     }
 }
 
+/// Groups of ranks that split a job: each group's ranks in group-rank order.
+pub type Partition = Vec<Vec<usize>>;
+
 /// Megatron-Core's layout of `world` ranks with expert parallelism over `ep`: the
 /// expert-parallel groups are blocks of `ep` consecutive ranks (rank `r` is expert-parallel rank
 /// `r % ep`), the expert-data-parallel groups the ranks of equal `r % ep` (rank `r / ep` there).
 /// The sizes are checked.
-pub fn expert_layout(world: usize, ep: usize) -> Result<(Vec<Vec<usize>>, Vec<Vec<usize>>)> {
+pub fn expert_layout(world: usize, ep: usize) -> Result<(Partition, Partition)> {
     if ep == 0 || !world.is_multiple_of(ep) {
-        bail!("--expert-parallel {ep}: the expert-parallel size must divide the world size {world} (the job's ranks form {world} / EP expert-parallel groups)")
+        bail!("expert parallelism over {ep} ranks: the expert-parallel size must divide the world size {world} (the job's ranks form world size / EP expert-parallel groups)")
     }
     let ep_groups = (0..world / ep).map(|g| (g * ep..(g + 1) * ep).collect()).collect();
     let edp_groups = (0..ep).map(|j| (j..world).step_by(ep).collect()).collect();
@@ -163,7 +166,7 @@ impl World {
     }
 
     /// This rank's group of `groups`, a partition of the job's ranks.
-    fn split(&self, groups: Vec<Vec<usize>>) -> Result<Arc<dyn Communicator>> {
+    fn split(&self, groups: Partition) -> Result<Arc<dyn Communicator>> {
         Ok(match &self.backend {
             Backend::Tcp(c) => Arc::new(c.split(&groups, &self.info.master_addr)?),
             #[cfg(feature = "nccl")]
