@@ -1233,3 +1233,72 @@ fn lm_decoding(gpu: &Device) -> Result<()> {
     }
     Ok(())
 }
+
+/// The NCCL backend at world size 1, joined as a launched rank would (`World::from_env` with
+/// torchrun's variables for one process): every collective of the job's communicator and of a
+/// split group on known values, the differentiable all-to-all forward and backward, and an MoE
+/// layer planned by the world (`World::apply`) against the single-device layer. Needs the
+/// `nccl` feature: `cargo test --release --features "cuda nccl" --test gpu nccl_world_of_one`.
+#[test]
+fn nccl_world_of_one() {
+    #[cfg(feature = "nccl")]
+    {
+        if Device::new_cuda(0).is_err() {
+            eprintln!("nccl_world_of_one: skipped: no CUDA device");
+            return;
+        }
+        nccl_world_of_one_checks().unwrap_or_else(|e| panic!("nccl_world_of_one: {e}"));
+    }
+    #[cfg(not(feature = "nccl"))]
+    eprintln!("nccl_world_of_one: skipped: built without the `nccl` feature (`--features \"cuda nccl\"`)");
+}
+
+#[cfg(feature = "nccl")]
+fn nccl_world_of_one_checks() -> Result<()> {
+    use candle_nn::{VarBuilder, VarMap};
+    use ditmoe::dist::World;
+    use ditmoe::moe::MoeLayer;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port().to_string();
+    for (k, v) in [("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", port.as_str())] {
+        // SAFETY: set before any thread of this test reads the environment
+        unsafe { std::env::set_var(k, v) };
+    }
+    let dev = ditmoe::runtime::graph::cuda_device(0)?;
+    let world = World::from_env(&dev)?.expect("torchrun's variables are set");
+    anyhow::ensure!(world.backend() == "nccl" && world.world_size() == 1, "{world:?}");
+    let comm = world.comm();
+    let (ep, edp) = world.expert_groups(1)?;
+    anyhow::ensure!(edp.is_none() && ep.world_size() == 1, "at world size 1 the expert group is the job");
+    for c in [comm.clone(), ep] {
+        c.barrier()?;
+        anyhow::ensure!(c.all_gather_counts(&[3, 0, 7])? == vec![vec![3, 0, 7]], "all_gather_counts");
+        for dtype in [DType::F32, DType::BF16] {
+            let t = Tensor::arange(0f32, 12.0, &dev)?.reshape((3, 4))?.to_dtype(dtype)?;
+            let sum = c.all_reduce_sum(&t)?;
+            anyhow::ensure!(max_abs(&sum, &t) == 0.0 && sum.device().same_device(&dev), "all_reduce_sum {dtype:?}");
+            let rows = c.all_to_all_v(&t, &[3], &[3])?;
+            anyhow::ensure!(max_abs(&rows, &t) == 0.0, "all_to_all_v {dtype:?}");
+        }
+        let empty = c.all_to_all_v(&Tensor::zeros((0, 4), DType::F32, &dev)?, &[0], &[0])?;
+        anyhow::ensure!(empty.dims() == [0, 4], "an empty all_to_all_v: {:?}", empty.dims());
+    }
+    // the autograd node: its backward is the reverse exchange
+    let x = candle_core::Var::from_tensor(&Tensor::arange(0f32, 8.0, &dev)?.reshape((2, 4))?)?;
+    let y = ditmoe::dist::expert_parallel::all_to_all_v(&comm, x.as_tensor(), &[2], &[2])?;
+    let g = (&y * 3.0)?.sum_all()?.backward()?;
+    anyhow::ensure!(max_abs(g.get(&x).expect("a gradient"), &Tensor::full(3f32, (2, 4), &dev)?) == 0.0, "all_to_all_v backward");
+    // an MoE layer planned by the world against the same weights on one device
+    let cfg = common::lm::tiny_moe();
+    let single = ExecutionPlan::training(&dev, Precision::F32);
+    let planned = world.apply(single.clone(), 1)?;
+    let vm = VarMap::new();
+    let a = MoeLayer::new(&cfg, &single, VarBuilder::from_varmap(&vm, DType::F32, &dev))?;
+    let b = MoeLayer::new(&cfg, &planned, VarBuilder::from_varmap(&vm, DType::F32, &dev))?;
+    let tokens = Tensor::randn(0f32, 1.0, (24, 32), &dev)?;
+    let input = ditmoe::moe::MoeInput { tokens: &tokens, seq_len: 1, unconditional: None, train: false };
+    let (oa, ob) = (a.forward(&input)?, b.forward(&input)?);
+    anyhow::ensure!(max_abs(&oa.out, &ob.out) == 0.0, "the planned layer differs from the single-device one");
+    println!("nccl_world_of_one | collectives, split group, all_to_all_v backward, MoE layer | PASS");
+    drop(world);
+    Ok(())
+}

@@ -21,57 +21,141 @@
 //!   dispatch derives both splits from the same gathered counts;
 //! - [`Communicator::barrier`]: an all-gather of one count, waited for on the host.
 //!
+//! Sub-groups ([`NcclComm::split`]) come from `ncclCommSplit` on the job's communicator, as
+//! `ProcessGroupNCCL` makes `new_group`s when the parent communicator is up: a collective of the
+//! job's ranks, with no unique id to carry.
+//!
 //! Failures: the rendezvous' connections stay open as the control plane. Every collective
 //! first checks it, so a rank that reported an error or exited makes the others' next
 //! collective fail with that rank's message, and an NCCL error on this rank is reported to the
-//! others through it. A collective already running on the GPU when a peer dies is not
-//! interrupted (that needs `ncclCommAbort` from a watchdog thread, as `ProcessGroupNCCL` does);
-//! under `ditmoe launch` the launcher ends the other ranks when one fails.
+//! others through it. A collective already waiting on the GPU for a peer that died would wait
+//! for ever, so each communicator has a watchdog thread, PyTorch `ProcessGroupNCCL`'s
+//! (`ncclCommWatchdog` / `watchdogHandler`, polling every 100 ms as `kWatchdogThreadSleepMillis`
+//! says): when the rendezvous holds a failure (a peer's, relayed by rank 0, or this rank's own as
+//! it ends with an error) it calls `ncclCommAbort`, which makes the blocked NCCL kernels and
+//! calls return; and it polls `ncclCommGetAsyncError`, reporting an asynchronous NCCL error (a
+//! network failure, a peer's abort) to every rank before it aborts. A collective that returns on
+//! an aborted communicator fails with the failure's message, and no call uses the communicator
+//! after it (NCCL frees it in the abort). As in `ProcessGroupNCCL`, the watchdog aborts a
+//! communicator that a collective is inside: returning from it is the point, and
+//! `ncclCommAbort` is NCCL's way to unblock a hung operation from another thread.
 //!
 //! Linking: cudarc links NCCL dynamically, like candle's other CUDA libraries, so a binary built
 //! with this feature needs `libnccl.so.2` at run time; on the GPU machine it lives in PyTorch's
 //! install (`nvidia/nccl/lib`, shared/docs/gpu.md). The bindings are pinned to the API of NCCL
 //! 2.28 (Cargo.toml). NCCL refuses two ranks on one GPU, so one GPU runs world size 1 only.
 //!
-//! Compile-checked only so far: it has not yet run on GPUs.
+//! Compile-checked here; `tests/gpu.rs` runs it at world size 1 on a GPU.
 use super::comm::{check_splits, Communicator};
 use super::rendezvous::Rendezvous;
 use candle_core::backend::BackendStorage;
-use candle_core::cuda::cudarc::driver::DeviceRepr;
+use candle_core::cuda::cudarc::driver::{CudaContext, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr};
 use candle_core::cuda::CudaDType;
 use candle_core::{bail, CpuStorage, CudaDevice, CudaStorage, CustomOp1, DType, Device, Error, Layout, Result, Shape, Tensor};
-use cudarc::nccl::{group_end, group_start, Comm, Id, NcclType, ReduceOp};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use cudarc::nccl::{result, sys, Id, NcclType};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, TryLockError};
+use std::thread::JoinHandle;
+use std::time::Duration;
 
-/// One rank's NCCL communicator on its GPU, with the rendezvous as its control plane.
-pub struct NcclComm {
-    /// Calls on one NCCL communicator must not overlap: the lock serialises them.
-    comm: Mutex<Comm>,
-    device: CudaDevice,
-    rdv: Rendezvous,
+/// How often the watchdog looks: `ProcessGroupNCCL`'s `kWatchdogThreadSleepMillis`.
+const WATCHDOG_PERIOD: Duration = Duration::from_millis(100);
+
+/// The raw NCCL communicator, shared by the collectives and the watchdog. cudarc's safe `Comm`
+/// keeps its handle private and aborts it on drop, so an abort from the watchdog would free it
+/// twice: the handle is owned here instead, and the collectives use cudarc's `result` calls.
+struct Handle {
+    raw: sys::ncclComm_t,
+    /// Held by a collective while it uses `raw` (calls on one communicator must not overlap);
+    /// the watchdog aborts an idle communicator under it, a busy one without it.
+    calls: Mutex<()>,
+    /// Set when `raw` is aborted (and freed): no call uses it after.
+    aborted: AtomicBool,
 }
 
-// SAFETY: `Comm` holds the raw `ncclComm_t` handle, which NCCL lets any thread use as long as
-// calls on it do not run concurrently; every use goes through the mutex.
-unsafe impl Send for NcclComm {}
-// SAFETY: as above: shared references reach the handle only through the mutex.
-unsafe impl Sync for NcclComm {}
+// SAFETY: NCCL lets any thread use a communicator as long as calls on it do not overlap (the
+// `calls` lock), and `ncclCommAbort` / `ncclCommGetAsyncError` are meant for another thread.
+unsafe impl Send for Handle {}
+// SAFETY: as above.
+unsafe impl Sync for Handle {}
 
-impl std::fmt::Debug for NcclComm {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "NcclComm {{ rank: {}, world: {}, device: {:?} }}", self.rdv.rank(), self.rdv.world_size(), self.device)
+impl Handle {
+    /// Aborts the communicator once.
+    fn abort(&self) {
+        let _idle = match self.calls.try_lock() {
+            Ok(g) => Some(g),
+            Err(TryLockError::Poisoned(p)) => Some(p.into_inner()),
+            Err(TryLockError::WouldBlock) => None,
+        };
+        if !self.aborted.swap(true, Ordering::SeqCst) {
+            // SAFETY: `raw` is a live communicator (not aborted before: the flag).
+            let _ = unsafe { result::comm_abort(self.raw) };
+        }
     }
 }
 
-fn nccl_error(what: &str, e: cudarc::nccl::result::NcclError) -> Error {
-    Error::Msg(format!("{what}: NCCL error {e:?}"))
+impl Drop for Handle {
+    /// Aborts rather than destroys, as cudarc's `Comm` does: `ncclCommDestroy` waits for
+    /// pending work, which a failed peer never completes.
+    fn drop(&mut self) {
+        if !self.aborted.swap(true, Ordering::SeqCst) {
+            // SAFETY: the last owner; nothing else uses `raw`.
+            let _ = unsafe { result::comm_abort(self.raw) };
+        }
+    }
+}
+
+/// One rank's NCCL communicator on its GPU (the job's, or a group split from it), with the
+/// job's rendezvous as its control plane and a watchdog thread (module docs).
+pub struct NcclComm {
+    handle: Arc<Handle>,
+    rank: usize,
+    world: usize,
+    device: CudaDevice,
+    rdv: Arc<Rendezvous>,
+    watchdog: Option<JoinHandle<()>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for NcclComm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "NcclComm {{ rank: {}, world: {}, device: {:?} }}", self.rank, self.world, self.device)
+    }
+}
+
+fn nccl_error(what: &str, e: result::NcclError) -> Error {
+    Error::Msg(format!("{what}: NCCL error {:?}", e.0))
+}
+
+/// The watchdog's loop (module docs): aborts `handle` when the job has failed or NCCL reports
+/// an asynchronous error, until `stop`.
+fn watch(handle: Arc<Handle>, rdv: Arc<Rendezvous>, ctx: Arc<CudaContext>, stop: Arc<AtomicBool>, rank: usize) {
+    // NCCL's calls act on the communicator's device, which they find through the thread's context
+    let _ = ctx.bind_to_thread();
+    while !stop.load(Ordering::SeqCst) && !handle.aborted.load(Ordering::SeqCst) {
+        if rdv.failure().is_some() {
+            handle.abort();
+            return;
+        }
+        let mut state = sys::ncclResult_t::ncclSuccess;
+        // SAFETY: `raw` is live: only this thread aborts it while the communicator exists.
+        let polled = unsafe { sys::ncclCommGetAsyncError(handle.raw, &mut state) };
+        let failed = [polled, state].into_iter().find(|r| !matches!(r, sys::ncclResult_t::ncclSuccess | sys::ncclResult_t::ncclInProgress));
+        if let Some(e) = failed {
+            rdv.report_error(format!("rank {rank}: NCCL asynchronous error {e:?} (ncclCommGetAsyncError); the watchdog aborted the communicator"));
+            handle.abort();
+            return;
+        }
+        std::thread::sleep(WATCHDOG_PERIOD);
+    }
 }
 
 impl NcclComm {
     /// Creates the communicator of the joined rendezvous' ranks on `device`, this rank's GPU
-    /// (`LOCAL_RANK`'s, by torchrun's convention). Every rank calls it; it returns once NCCL has
-    /// connected them all. A failure on one rank is reported to the others.
-    pub fn new(rdv: Rendezvous, device: &Device) -> Result<Self> {
+    /// (`LOCAL_RANK`'s, by torchrun's convention): rank 0's `ncclGetUniqueId` carried by the
+    /// rendezvous, `ncclCommInitRank` on every rank. Every rank calls it; it returns once NCCL
+    /// has connected them all. A failure on one rank is reported to the others.
+    pub fn new(rdv: Arc<Rendezvous>, device: &Device) -> Result<Self> {
         let (rank, world) = (rdv.rank(), rdv.world_size());
         let device = match device {
             Device::Cuda(d) => d.clone(),
@@ -88,9 +172,40 @@ impl NcclComm {
             Ok(internal) => internal,
             Err(v) => return Err(rdv.report_error(format!("rank {rank}: an NCCL unique id of {} bytes, not 128", v.len()))),
         };
-        let comm = Comm::from_rank(device.cuda_stream(), rank, world, Id::uninit(internal))
+        device.cuda_stream().context().bind_to_thread().map_err(Error::wrap)?;
+        let mut raw = std::ptr::null_mut();
+        // SAFETY: `raw` receives the new communicator; the id is rank 0's.
+        unsafe { result::comm_init_rank(&mut raw, world as i32, sys::ncclUniqueId { internal }, rank as i32) }
             .map_err(|e| rdv.report_error(format!("rank {rank}: {}", nccl_error("ncclCommInitRank", e))))?;
-        Ok(Self { comm: Mutex::new(comm), device, rdv })
+        Ok(Self::watched(raw, rank, world, device, rdv))
+    }
+
+    /// This rank's group of `groups`, a partition of this communicator's ranks (each group's
+    /// ranks in group-rank order): `ncclCommSplit` with the group as color and the place in it
+    /// as key. Every rank calls it with the same partition.
+    pub fn split(&self, groups: &[Vec<usize>]) -> Result<Self> {
+        const OP: &str = "ncclCommSplit";
+        let me = self.rank;
+        let Some((color, key)) = groups.iter().enumerate().find_map(|(g, ranks)| Some((g, ranks.iter().position(|&r| r == me)?))) else {
+            return Err(self.fail(OP, Error::Msg(format!("rank {me} is in none of the groups {groups:?}"))));
+        };
+        let guard = self.lock(OP)?;
+        let mut raw = std::ptr::null_mut();
+        // SAFETY: a live parent (checked under the lock); a null config inherits the parent's.
+        let split = unsafe { sys::ncclCommSplit(self.handle.raw, color as i32, key as i32, &mut raw, std::ptr::null_mut()) }.result();
+        drop(guard);
+        split.map_err(|e| self.fail(OP, nccl_error(OP, e)))?;
+        self.check_aborted(OP)?;
+        Ok(Self::watched(raw, key, groups[color].len(), self.device.clone(), self.rdv.clone()))
+    }
+
+    /// The communicator `raw` with its watchdog started.
+    fn watched(raw: sys::ncclComm_t, rank: usize, world: usize, device: CudaDevice, rdv: Arc<Rendezvous>) -> Self {
+        let handle = Arc::new(Handle { raw, calls: Mutex::new(()), aborted: AtomicBool::new(false) });
+        let stop = Arc::new(AtomicBool::new(false));
+        let (h, r, c, s) = (handle.clone(), rdv.clone(), device.cuda_stream().context().clone(), stop.clone());
+        let watchdog = std::thread::Builder::new().name(format!("nccl-watchdog-rank{}", rdv.rank())).spawn(move || watch(h, r, c, s, rank)).ok();
+        Self { handle, rank, world, device, rdv, watchdog, stop }
     }
 
     /// The control plane: to report an error that ends the job on every rank.
@@ -98,12 +213,24 @@ impl NcclComm {
         &self.rdv
     }
 
-    /// The communicator, once the group is known to be healthy.
-    fn comm(&self, op: &str) -> Result<MutexGuard<'_, Comm>> {
+    /// The right to call NCCL on the communicator, once the job is known to be healthy.
+    fn lock(&self, op: &str) -> Result<std::sync::MutexGuard<'_, ()>> {
         if let Some(why) = self.rdv.failure() {
-            bail!("rank {}: {op} after the group failed: {why}", self.rdv.rank())
+            bail!("rank {}: {op} after the job failed: {why}", self.rdv.rank())
         }
-        Ok(self.comm.lock().unwrap_or_else(PoisonError::into_inner))
+        let guard = self.handle.calls.lock().unwrap_or_else(PoisonError::into_inner);
+        self.check_aborted(op)?;
+        Ok(guard)
+    }
+
+    /// An error once the watchdog has aborted the communicator: whatever a call returned then
+    /// is not a result.
+    fn check_aborted(&self, op: &str) -> Result<()> {
+        if !self.handle.aborted.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        let why = self.rdv.failure().unwrap_or_else(|| "the communicator was aborted".into());
+        bail!("rank {}: {op}: the watchdog aborted the NCCL communicator: {why}", self.rdv.rank())
     }
 
     /// Reports a failure of this rank's `op` to the others and returns it.
@@ -116,6 +243,16 @@ impl NcclComm {
         match t.device() {
             d if d.same_device(&Device::Cuda(self.device.clone())) => Ok(()),
             other => Err(self.fail(op, Error::Msg(format!("the tensor is on {other:?}, the communicator on {:?}", self.device)))),
+        }
+    }
+}
+
+impl Drop for NcclComm {
+    /// Stops the watchdog before the handle can be freed.
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(w) = self.watchdog.take() {
+            let _ = w.join();
         }
     }
 }
@@ -137,11 +274,11 @@ macro_rules! by_dtype {
 }
 
 /// `ncclAllReduce` (sum) into a fresh buffer.
-struct AllReduce<'a>(&'a Comm);
+struct AllReduce(sys::ncclComm_t);
 
 /// The grouped sends and receives of an all-to-all with variable splits, in rows of `d`.
 struct AllToAllV<'a> {
-    comm: &'a Comm,
+    comm: sys::ncclComm_t,
     send_counts: &'a [usize],
     recv_counts: &'a [usize],
     d: usize,
@@ -151,43 +288,60 @@ fn contiguous(layout: &Layout, op: &str) -> Result<(usize, usize)> {
     layout.contiguous_offsets().ok_or_else(|| Error::Msg(format!("{op}: the tensor is not contiguous")))
 }
 
-fn all_reduce<T: NcclType + CudaDType + DeviceRepr>(comm: &Comm, s: &CudaStorage, l: &Layout) -> Result<CudaStorage> {
+fn raw_stream(stream: &CudaStream) -> sys::cudaStream_t {
+    stream.cu_stream() as sys::cudaStream_t
+}
+
+fn all_reduce<T: NcclType + CudaDType + DeviceRepr>(comm: sys::ncclComm_t, s: &CudaStorage, l: &Layout) -> Result<CudaStorage> {
     let (start, end) = contiguous(l, "all_reduce_sum")?;
+    let stream = s.device.cuda_stream();
     let src = s.as_cuda_slice::<T>()?.slice(start..end);
     // SAFETY: NCCL writes every element before the stream lets anything read it.
     let mut dst = unsafe { s.device.alloc::<T>(end - start)? };
-    comm.all_reduce(&src, &mut dst, &ReduceOp::Sum).map_err(|e| nccl_error("ncclAllReduce", e))?;
+    {
+        let (src_ptr, _src_sync) = src.device_ptr(&stream);
+        let (dst_ptr, _dst_sync) = dst.device_ptr_mut(&stream);
+        // SAFETY: both buffers hold `end - start` elements of T on the communicator's stream.
+        unsafe { result::all_reduce(src_ptr as _, dst_ptr as _, end - start, T::as_nccl_type(), sys::ncclRedOp_t::ncclSum, comm, raw_stream(&stream)) }.map_err(|e| nccl_error("ncclAllReduce", e))?;
+    }
     Ok(CudaStorage::wrap_cuda_slice(dst, s.device.clone()))
 }
 
 fn all_to_all_v<T: NcclType + CudaDType + DeviceRepr>(op: &AllToAllV, s: &CudaStorage, l: &Layout) -> Result<CudaStorage> {
     let (start, _) = contiguous(l, "all_to_all_v")?;
+    let stream = s.device.cuda_stream();
     let src = s.as_cuda_slice::<T>()?;
     let d = op.d;
     // SAFETY: every row is received before the stream lets anything read it (the receive
     // counts sum to the buffer's rows). One element at least: CUDA allocates no empty buffer,
     // and the result's layout covers none of it when nothing arrives.
     let mut dst = unsafe { s.device.alloc::<T>((op.recv_counts.iter().sum::<usize>() * d).max(1))? };
-    group_start().map_err(|e| nccl_error("ncclGroupStart", e))?;
+    result::group_start().map_err(|e| nccl_error("ncclGroupStart", e))?;
     let (mut sent, mut received) = (0, 0);
     let mut posted = Ok(());
     for peer in 0..op.send_counts.len() {
         let (ns, nr) = (op.send_counts[peer] * d, op.recv_counts[peer] * d);
         if ns > 0 && posted.is_ok() {
-            posted = op.comm.send(&src.slice(start + sent..start + sent + ns), peer as i32).map_err(|e| nccl_error("ncclSend", e));
+            let chunk = src.slice(start + sent..start + sent + ns);
+            let (ptr, _sync) = chunk.device_ptr(&stream);
+            // SAFETY: `ns` elements of T at `ptr`, on the communicator's stream.
+            posted = unsafe { result::send(ptr as _, ns, T::as_nccl_type(), peer as i32, op.comm, raw_stream(&stream)) }.map(|_| ()).map_err(|e| nccl_error("ncclSend", e));
         }
         if nr > 0 && posted.is_ok() {
-            posted = op.comm.recv(&mut dst.slice_mut(received..received + nr), peer as i32).map(|_| ()).map_err(|e| nccl_error("ncclRecv", e));
+            let mut chunk = dst.slice_mut(received..received + nr);
+            let (ptr, _sync) = chunk.device_ptr_mut(&stream);
+            // SAFETY: room for `nr` elements of T at `ptr`, on the communicator's stream.
+            posted = unsafe { result::recv(ptr as _, nr, T::as_nccl_type(), peer as i32, op.comm, raw_stream(&stream)) }.map(|_| ()).map_err(|e| nccl_error("ncclRecv", e));
         }
         (sent, received) = (sent + ns, received + nr);
     }
     // the group is closed whatever happened inside it, or NCCL's group state stays open
-    let ended = group_end().map(|_| ()).map_err(|e| nccl_error("ncclGroupEnd", e));
+    let ended = result::group_end().map(|_| ()).map_err(|e| nccl_error("ncclGroupEnd", e));
     posted.and(ended)?;
     Ok(CudaStorage::wrap_cuda_slice(dst, s.device.clone()))
 }
 
-impl CustomOp1 for AllReduce<'_> {
+impl CustomOp1 for AllReduce {
     fn name(&self) -> &'static str {
         "nccl-all-reduce"
     }
@@ -218,11 +372,11 @@ impl CustomOp1 for AllToAllV<'_> {
 
 impl Communicator for NcclComm {
     fn rank(&self) -> usize {
-        self.rdv.rank()
+        self.rank
     }
 
     fn world_size(&self) -> usize {
-        self.rdv.world_size()
+        self.world
     }
 
     fn barrier(&self) -> Result<()> {
@@ -233,8 +387,11 @@ impl Communicator for NcclComm {
         const OP: &str = "all_reduce_sum";
         self.check_device(OP, t)?;
         let t = t.detach().contiguous()?;
-        let comm = self.comm(OP)?;
-        t.apply_op1_no_bwd(&AllReduce(&comm)).map_err(|e| self.fail(OP, e))
+        let guard = self.lock(OP)?;
+        let out = t.apply_op1_no_bwd(&AllReduce(self.handle.raw)).map_err(|e| self.fail(OP, e));
+        drop(guard);
+        self.check_aborted(OP)?;
+        out
     }
 
     fn all_gather_counts(&self, counts: &[usize]) -> Result<Vec<Vec<usize>>> {
@@ -243,15 +400,24 @@ impl Communicator for NcclComm {
             // every rank passes vectors of one length: all skip the call
             return Ok(vec![Vec::new(); self.world_size()]);
         }
-        let comm = self.comm(OP)?;
+        let guard = self.lock(OP)?;
         let gathered = (|| {
+            let stream = self.device.cuda_stream();
             let send = self.device.clone_htod(&counts.iter().map(|&c| c as u64).collect::<Vec<u64>>())?;
             let mut recv = self.device.alloc_zeros::<u64>(counts.len() * self.world_size())?;
-            comm.all_gather(&send, &mut recv).map_err(|e| nccl_error("ncclAllGather", e))?;
+            {
+                let (src, _src_sync) = send.device_ptr(&stream);
+                let (dst, _dst_sync) = recv.device_ptr_mut(&stream);
+                // SAFETY: `counts.len()` u64 to send, `world` times that to receive, on the stream.
+                unsafe { result::all_gather(src as _, dst as _, counts.len(), sys::ncclDataType_t::ncclUint64, self.handle.raw, raw_stream(&stream)) }.map_err(|e| nccl_error("ncclAllGather", e))?;
+            }
+            // the host wait a dead peer would block for ever without the watchdog
             self.device.clone_dtoh(&recv)
         })()
-        .map_err(|e| self.fail(OP, e))?;
-        Ok(gathered.chunks(counts.len()).map(|c| c.iter().map(|&v| v as usize).collect()).collect())
+        .map_err(|e| self.fail(OP, e));
+        drop(guard);
+        self.check_aborted(OP)?;
+        Ok(gathered?.chunks(counts.len()).map(|c| c.iter().map(|&v| v as usize).collect()).collect())
     }
 
     fn all_to_all_v(&self, send: &Tensor, send_counts: &[usize], recv_counts: &[usize]) -> Result<Tensor> {
@@ -260,7 +426,10 @@ impl Communicator for NcclComm {
         self.check_device(OP, send)?;
         let send = send.detach().contiguous()?;
         let d = send.dim(1)?;
-        let comm = self.comm(OP)?;
-        send.apply_op1_no_bwd(&AllToAllV { comm: &comm, send_counts, recv_counts, d }).map_err(|e| self.fail(OP, e))
+        let guard = self.lock(OP)?;
+        let out = send.apply_op1_no_bwd(&AllToAllV { comm: self.handle.raw, send_counts, recv_counts, d }).map_err(|e| self.fail(OP, e));
+        drop(guard);
+        self.check_aborted(OP)?;
+        out
     }
 }
