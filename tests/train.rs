@@ -119,6 +119,31 @@ fn cosine_schedule_resumes_exactly() {
     assert!((lrs[11] - 1e-4).abs() < 1e-12, "the schedule ends at lr · min_lr_ratio: {lrs:?}");
 }
 
+/// With `ema_warmup`, update s (0-based) uses decay min(d, (1 + s) / (10 + s)), as diffusers'
+/// `EMAModel`: checked from the checkpoints of three steps, each holding the weights and the EMA.
+#[test]
+fn ema_warmup_caps_the_decay_as_diffusers() {
+    let f = fixture("ema-warmup");
+    let cfg = TrainConfig { ema_warmup: true, ema_decay: 0.999, ckpt_every: 1, keep_last: 3, ..config(&f, "run", 3) };
+    assert_eq!((cfg.ema_decay_at(1), cfg.ema_decay_at(3), cfg.ema_decay_at(100_000)), (0.1, 0.25, 0.999));
+    losses(cfg, false);
+    let root = checkpoint::checkpoints_dir(&f.root.join("run"));
+    let ckpts: Vec<checkpoint::Checkpoint> = checkpoint::list(&root).unwrap().iter().map(|(_, d)| checkpoint::load(d, &Device::Cpu).unwrap()).collect();
+    assert_eq!(ckpts.len(), 3);
+    let mut worst = 0f32;
+    for (prev, (next, decay)) in ckpts.iter().zip(ckpts[1..].iter().zip([2.0 / 11.0, 0.25])) {
+        for (name, ema) in &next.ema {
+            let want = ((&prev.ema[name] * decay).unwrap() + (&next.model[name] * (1.0 - decay)).unwrap()).unwrap();
+            let err = (ema - &want).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+            worst = worst.max(err);
+        }
+    }
+    assert!(worst < 1e-6, "EMA off the capped decay by {worst}");
+    // the update moved the average: not the fixed 0.999, which would leave it near the old one
+    let (a, b) = (&ckpts[1].ema["x_embedder.proj.weight"], &ckpts[0].ema["x_embedder.proj.weight"]);
+    assert!((a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap() > 1e-5);
+}
+
 #[test]
 fn truncated_checkpoint_falls_back() {
     let f = fixture("truncated");

@@ -151,6 +151,13 @@ pub struct TrainConfig {
     pub max_grad_norm: Option<f64>,
     #[serde(default = "d_ema")]
     pub ema_decay: f64,
+    /// Cap the EMA decay at `(1 + s) / (10 + s)` on update `s` (0-based), as diffusers'
+    /// `EMAModel.get_decay` does: the average forgets the initial weights within the first
+    /// hundreds of steps. The official `train.py` has no cap; its 0.9999 over 400k steps leaves
+    /// nothing of them, but a short run with a fixed decay d keeps `d^steps` of its random
+    /// initialisation in the export (docs/quality.md measures it).
+    #[serde(default)]
+    pub ema_warmup: bool,
     #[serde(default)]
     pub seed: u64,
     #[serde(default = "d_log_every")]
@@ -255,6 +262,16 @@ impl TrainConfig {
             return fail("keep_last", "must be at least 1".into());
         }
         Ok(())
+    }
+
+    /// The EMA decay of the update after optimizer step `step` (1-based).
+    pub fn ema_decay_at(&self, step: u64) -> f64 {
+        if self.ema_warmup {
+            let s = step.saturating_sub(1) as f64;
+            self.ema_decay.min((1.0 + s) / (10.0 + s))
+        } else {
+            self.ema_decay
+        }
     }
 
     /// Learning rate at optimizer step `step` (1-based): linear warmup, then constant (official)

@@ -4,7 +4,6 @@ use crate::train::kernels::foreach::ema_update;
 use candle_core::{Device, Result, Tensor, Var};
 
 pub struct Ema {
-    decay: f64,
     /// (name, averaged tensor), in the order of the variables it follows.
     tensors: Vec<(String, Tensor)>,
 }
@@ -12,14 +11,14 @@ pub struct Ema {
 impl Ema {
     /// A copy of the current weights, kept on `device` (the weights' own, or the host when the
     /// training state fills the GPU: `TrainConfig::ema_on_host`).
-    pub fn new(vars: &[(String, Var)], decay: f64, device: &Device) -> Result<Self> {
+    pub fn new(vars: &[(String, Var)], device: &Device) -> Result<Self> {
         let tensors = vars.iter().map(|(n, v)| Ok((n.clone(), v.as_tensor().detach().to_device(device)?.copy()?))).collect::<Result<_>>()?;
-        Ok(Self { decay, tensors })
+        Ok(Self { tensors })
     }
 
-    /// One update from the current weights (copied to the EMA's device first when they live
-    /// elsewhere, one parameter at a time).
-    pub fn update(&mut self, vars: &[(String, Var)]) -> Result<()> {
+    /// One update with `decay` from the current weights (copied to the EMA's device first when
+    /// they live elsewhere, one parameter at a time).
+    pub fn update(&mut self, vars: &[(String, Var)], decay: f64) -> Result<()> {
         let device = match self.tensors.first() {
             Some((_, e)) => e.device().clone(),
             None => return Ok(()),
@@ -27,7 +26,7 @@ impl Ema {
         if !vars.iter().all(|(_, v)| v.device().same_device(&device)) {
             for ((_, e), (_, v)) in self.tensors.iter_mut().zip(vars) {
                 let mut one = [e.clone()];
-                ema_update(&mut one, &[v.as_tensor().to_device(&device)?], self.decay)?;
+                ema_update(&mut one, &[v.as_tensor().to_device(&device)?], decay)?;
                 let [updated] = one;
                 *e = updated;
             }
@@ -35,7 +34,7 @@ impl Ema {
         }
         let params: Vec<Tensor> = vars.iter().map(|(_, v)| v.as_tensor().clone()).collect();
         let mut avgs: Vec<Tensor> = self.tensors.iter().map(|(_, e)| e.clone()).collect();
-        ema_update(&mut avgs, &params, self.decay)?;
+        ema_update(&mut avgs, &params, decay)?;
         for ((_, e), a) in self.tensors.iter_mut().zip(avgs) {
             *e = a;
         }

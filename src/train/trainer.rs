@@ -191,7 +191,7 @@ impl Trainer {
         let trainable: Vec<(String, Var)> = all_vars.iter().filter(|(n, _)| !is_frozen(n)).cloned().collect();
         let params = AdamWParams { weight_decay: cfg.weight_decay, beta1: cfg.beta1, beta2: cfg.beta2, eps: cfg.adam_eps };
         let mut opt = AdamW::new(trainable, params)?;
-        let mut ema = Ema::new(all_vars, cfg.ema_decay, if cfg.ema_on_host { &Device::Cpu } else { device })?;
+        let mut ema = Ema::new(all_vars, if cfg.ema_on_host { &Device::Cpu } else { device })?;
 
         let (mut step, mut loader_state, mut resumed_from, mut warnings) = (0, LoaderState::default(), None, Vec::new());
         if resume {
@@ -412,7 +412,7 @@ impl Trainer {
         drop(grads);
         self.weights.sync()?;
         self.mark("AdamW")?;
-        self.ema.update(self.weights.masters())?;
+        self.ema.update(self.weights.masters(), self.cfg.ema_decay_at(step))?;
         self.mark("EMA")?;
         if let Some(p) = &mut self.profile {
             p.end_step()?;
