@@ -13,9 +13,20 @@
 //! `--iters` calls after `--warmup` (`ditmoe::runtime::timing::median_of_ms`: CUDA events on a
 //! GPU, the wall clock on the CPU); every rank makes the same calls.
 //!
+//! `--train` times training instead (issue 24's images/s per GPU): `Trainer::train_step` of
+//! DiT-MoE S/2-8E2A and XL/2-8E2A (or the model config `--model FILE`) on random latents of the
+//! model's input (ImageNet 256 px: 32x32x4), the DDPM objective with learned sigma, AdamW, with
+//! data parallelism over the `P` ranks and the experts split over groups of `--expert-parallel`
+//! consecutive ranks (default `P`; Megatron-Core's layout, as `ditmoe train --expert-parallel`).
+//! `--batches` is the batch per rank, so the global batch is `batch · P`. A row gives rank 0's
+//! median step after `--warmup` steps (`--iters` timed), images/s per GPU (`batch / step
+//! time`), and each rank's peak device memory during a timed step (GPUs only,
+//! `ditmoe::runtime::memory`); a configuration the trainer refuses as too large says so.
+//!
 //! ```text
 //! cargo run --release --example bench_ep -- [--device cpu|cuda] [--models S/2,XL/2] [--batches 1]
 //!     [--ranks 1,2,4] [--dtype f32|bf16] [--capacity-factor 2] [--warmup 2] [--iters 10] [--json FILE]
+//!     [--train [--model FILE] [--expert-parallel N]]
 //! ```
 //! Launched (torchrun's variables set, `ditmoe::dist::World`), it runs at the job's world size
 //! on its backend (NCCL on GPUs); otherwise each of `--ranks` runs as threads of this process
@@ -23,12 +34,20 @@
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
+use ditmoe::dist::world::expert_layout;
 use ditmoe::dist::{Communicator, ExpertParallel, LocalGroup, World};
 use ditmoe::moe::{MoeConfig, MoeInput, MoeLayer};
+use ditmoe::plan::DataParallel;
 use ditmoe::runtime::timing::median_of_ms;
-use ditmoe::{ExecutionPlan, Precision};
+use ditmoe::train::{RunStart, TrainConfig, Trainer};
+use ditmoe::{DitConfig, ExecutionPlan, Precision};
 use std::collections::HashMap;
+use std::path::Path;
 use std::sync::Arc;
+
+#[path = "support/train_bench.rs"]
+mod train_bench;
+use train_bench::{gib, out_of_memory, time_steps, train_config, training_preset, write_latents, Timing};
 
 fn arg(name: &str, default: &str) -> String {
     let args: Vec<String> = std::env::args().collect();
@@ -177,6 +196,157 @@ fn print_row(r: &Row) {
     println!("| {} | {} | {} | {dispatch} | {:.2} | {layer} | {} | {} |", r.model, r.batch, r.world, r.single_device_ms, x(&r.dispatch_exchange), x(&r.combine_exchange));
 }
 
+/// `--train`'s row: one model, batch per rank and world size.
+#[derive(Debug, serde::Serialize)]
+struct TrainRow {
+    model: String,
+    world: usize,
+    expert_parallel: usize,
+    batch_per_rank: usize,
+    global_batch: usize,
+    precision: String,
+    ms_per_step: Option<f64>,
+    images_per_s_per_gpu: Option<f64>,
+    /// Each rank's peak device memory during a timed step (None on the CPU).
+    peak_gib: Vec<Option<f64>>,
+    loss: Option<f32>,
+    /// Why the configuration did not run (the trainer refused it as too large).
+    error: Option<String>,
+}
+
+/// Every rank's plan and whole group for `p` ranks as threads with the experts split over
+/// groups of `ep`: what `World::apply` makes of a launched job, on `LocalGroup`s.
+fn local_plans(base: &ExecutionPlan, p: usize, ep: usize) -> Result<Vec<(ExecutionPlan, Arc<dyn Communicator>)>> {
+    let (ep_groups, edp_groups) = expert_layout(p, ep)?;
+    // each rank's communicator in every group of a partition
+    let member = |groups: Vec<Vec<usize>>| -> Vec<Arc<dyn Communicator>> {
+        let mut at: Vec<Option<Arc<dyn Communicator>>> = vec![None; p];
+        for g in groups {
+            for (&r, c) in g.iter().zip(LocalGroup::new(g.len())) {
+                at[r] = Some(Arc::new(c));
+            }
+        }
+        at.into_iter().map(|c| c.expect("a partition of the ranks")).collect()
+    };
+    let (eps, edps) = (member(ep_groups), member(edp_groups));
+    Ok(LocalGroup::new(p)
+        .into_iter()
+        .zip(eps.into_iter().zip(edps))
+        .map(|(c, (e, edp))| {
+            let dp: Arc<dyn Communicator> = Arc::new(c);
+            let plan = match ep {
+                1 => base.clone().with_data_parallel(DataParallel::new(dp.clone())),
+                _ if ep == p => base.clone().with_data_parallel(DataParallel::new(dp.clone())).with_expert_parallel(dp.clone()),
+                _ => base.clone().with_data_parallel(DataParallel::new(dp.clone()).with_expert_data_parallel(edp)).with_expert_parallel(e),
+            };
+            (plan, dp)
+        })
+        .collect())
+}
+
+/// A rank's run: its timing and every rank's peak memory, or why the trainer refused it.
+type RankOutcome = Result<(Timing, Vec<Option<u64>>), String>;
+
+/// One rank's timing and every rank's peak memory (a collective on a GPU), or the trainer's
+/// refusal of a model too large for the device. The refusal comes before any collective and
+/// alike on every rank (the same estimate against the same cards), so the ranks agree on it.
+fn train_rank(cfg: TrainConfig, plan: &ExecutionPlan, comm: &dyn Communicator, set: Settings) -> candle_core::Result<RankOutcome> {
+    let mut trainer = match Trainer::new(cfg, plan, RunStart::Overwrite) {
+        Ok(t) => t,
+        Err(e) => return out_of_memory(&e).map(Err).ok_or(e),
+    };
+    let t = time_steps(&mut trainer, set.warmup, set.iters, &plan.device)?;
+    let peaks = match t.peak_bytes {
+        Some(b) => comm.all_gather_counts(&[b as usize])?.into_iter().map(|c| Some(c[0] as u64)).collect(),
+        None => vec![None; comm.world_size()],
+    };
+    Ok(Ok((t, peaks)))
+}
+
+fn print_train_row(r: &TrainRow) {
+    let ms = r.ms_per_step.map_or("–".into(), |ms| format!("{ms:.1}"));
+    let ips = r.images_per_s_per_gpu.map_or("–".into(), |x| format!("{x:.1}"));
+    let peaks = match r.peak_gib.iter().all(Option::is_none) {
+        true => "–".into(),
+        false => r.peak_gib.iter().map(|g| g.map_or("–".into(), |g| format!("{g:.1}"))).collect::<Vec<_>>().join(" / "),
+    };
+    let last = match (&r.error, r.loss) {
+        (Some(e), _) => e.clone(),
+        (None, Some(l)) => format!("{l:.3}"),
+        (None, None) => "–".into(),
+    };
+    println!("| {} | {} | {} | {} ({}) | {} | {ms} | {ips} | {peaks} | {last} |", r.model, r.world, r.expert_parallel, r.batch_per_rank, r.global_batch, r.precision);
+}
+
+/// `--train`: the rows of every model, batch and world size (module docs).
+fn train_rows(world: Option<&World>, device: &Device, batches: &[usize], set: Settings, head: bool) -> Result<Vec<TrainRow>> {
+    let models: Vec<(String, DitConfig)> = match arg("--model", "").as_str() {
+        "" => list("--models", "S/2,XL/2").iter().map(|m| format!("DiT-MoE-{m}-8E2A")).map(|m| Ok((m.clone(), training_preset(&m)?))).collect::<Result<_>>()?,
+        file => vec![(file.to_string(), DitConfig::from_file(Path::new(file))?)],
+    };
+    let ranks: Vec<usize> = match world {
+        Some(w) => vec![w.world_size()],
+        None => list("--ranks", "1,2,4").iter().map(|p| p.parse()).collect::<Result<_, _>>()?,
+    };
+    let expert_parallel: Option<usize> = std::env::args().any(|a| a == "--expert-parallel").then(|| arg("--expert-parallel", "").parse()).transpose()?;
+    let work = std::env::temp_dir().join(format!("ditmoe-bench-ep-{}", std::process::id()));
+    std::fs::create_dir_all(&work)?;
+    if head {
+        println!("| model | P | EP | batch / rank (global) | precision | ms / step | images/s per GPU | peak GiB per rank | loss |");
+        println!("|---|---:|---:|---:|---|---:|---:|---|---:|");
+    }
+    let mut rows = Vec::new();
+    for (name, model) in &models {
+        let most = batches.iter().max().unwrap_or(&1) * ranks.iter().max().unwrap_or(&1);
+        let shards = write_latents(&work, model, 4 * most)?;
+        for &batch in batches {
+            for &p in &ranks {
+                let ep = expert_parallel.unwrap_or(p);
+                let cfg = train_config(&work, model, &shards, batch * p, false, false)?;
+                let plan = ExecutionPlan::training(device, set.precision);
+                plan.apply_matmul_precision();
+                let outcome = match world {
+                    // a failure past the trainer's refusal ends the job on every rank
+                    Some(w) => w.apply(plan, ep).and_then(|plan| train_rank(cfg, &plan, &*w.comm(), set)).inspect_err(|e| w.report_error(&e.to_string()))?,
+                    None => {
+                        let per_rank: Vec<_> = std::thread::scope(|scope| -> Result<Vec<_>> {
+                            let handles: Vec<_> = local_plans(&plan, p, ep)?
+                                .into_iter()
+                                .map(|(plan, comm)| {
+                                    let cfg = cfg.clone();
+                                    scope.spawn(move || train_rank(cfg, &plan, &*comm, set))
+                                })
+                                .collect();
+                            Ok(handles.into_iter().map(|h| h.join().expect("a rank panicked")).collect())
+                        })?;
+                        // every rank's error surfaces; rank 0's timing is the row's
+                        per_rank.into_iter().collect::<candle_core::Result<Vec<_>>>()?.into_iter().next().expect("rank 0")
+                    }
+                };
+                let row = TrainRow {
+                    model: name.clone(),
+                    world: p,
+                    expert_parallel: ep,
+                    batch_per_rank: batch,
+                    global_batch: batch * p,
+                    precision: set.precision.to_string(),
+                    ms_per_step: outcome.as_ref().ok().map(|(t, _)| t.ms),
+                    images_per_s_per_gpu: outcome.as_ref().ok().map(|(t, _)| batch as f64 / t.ms * 1e3),
+                    peak_gib: outcome.as_ref().map_or(vec![], |(_, peaks)| peaks.iter().map(|b| b.map(gib)).collect()),
+                    loss: outcome.as_ref().ok().map(|(t, _)| t.loss),
+                    error: outcome.err(),
+                };
+                if head {
+                    print_train_row(&row);
+                }
+                rows.push(row);
+            }
+        }
+    }
+    std::fs::remove_dir_all(&work).ok();
+    Ok(rows)
+}
+
 fn main() -> Result<()> {
     let device = match arg("--device", "cpu").as_str() {
         "cpu" => Device::Cpu,
@@ -196,6 +366,14 @@ fn main() -> Result<()> {
         iters: arg("--iters", "10").parse()?,
     };
     let head = world.as_ref().is_none_or(|w| w.rank() == 0);
+    let json = std::env::args().skip_while(|a| a != "--json").nth(1).filter(|_| head);
+    if std::env::args().any(|a| a == "--train") {
+        let rows = train_rows(world.as_ref(), &device, &batches, set, head)?;
+        if let Some(path) = json {
+            std::fs::write(&path, serde_json::to_string_pretty(&rows)?)?;
+        }
+        return Ok(());
+    }
     if head {
         println!("| model | batch | P | dispatch | single-device ms | layer ms (vs single) | dispatch exchange: bytes/rank, ms, algbw / busbw GB/s | combine exchange |");
         println!("|---|---:|---:|---|---:|---:|---|---|");
@@ -234,7 +412,7 @@ fn main() -> Result<()> {
             rows.extend(run);
         }
     }
-    if let (true, Some(path)) = (head, std::env::args().skip_while(|a| a != "--json").nth(1)) {
+    if let Some(path) = json {
         std::fs::write(&path, serde_json::to_string_pretty(&rows)?)?;
     }
     Ok(())

@@ -16,11 +16,14 @@
 //! the maths. The warm-up steps (kernel compilation, memory-pool growth) are not timed; the
 //! row gives the median step.
 use anyhow::{Context, Result};
-use candle_core::{Device, Tensor};
-use ditmoe::train::{RunStart, TrainConfig, Trainer};
+use candle_core::Device;
+use ditmoe::train::{RunStart, Trainer};
 use ditmoe::{ExecutionPlan, Precision};
 use std::path::Path;
-use std::time::Instant;
+
+#[path = "support/train_bench.rs"]
+mod train_bench;
+use train_bench::{gib, out_of_memory, time_steps, train_config, training_preset, write_latents};
 
 fn arg(name: &str, default: &str) -> String {
     let args: Vec<String> = std::env::args().collect();
@@ -39,46 +42,31 @@ enum Outcome {
 
 #[allow(clippy::too_many_arguments)]
 fn measure(work: &Path, model: &str, shards: &Path, batch: usize, precision: Precision, recompute: bool, ema_on_host: bool, (warmup, steps): (usize, usize), device: &Device) -> Result<Outcome> {
-    let mut cfg = ditmoe::presets::get(model)?.config;
-    cfg.use_flash_attn = false; // the official train.py's DiT
-    let model_json = work.join("model.json");
-    std::fs::write(&model_json, cfg.to_json())?;
-    let train: TrainConfig = serde_json::from_value(serde_json::json!({
-        "model": model_json, "data": shards, "out": work.join("run"), "objective": "ddpm",
-        "global_batch": batch, "steps": 1_000_000, "lr": 1e-4, "seed": 0, "num_workers": 4,
-        "recompute": recompute, "ema_on_host": ema_on_host, "random_flip": false,
-    }))?;
+    let train = train_config(work, &training_preset(model)?, shards, batch, recompute, ema_on_host)?;
     let plan = ExecutionPlan::training(device, precision);
     plan.apply_matmul_precision();
     let run = || -> candle_core::Result<Outcome> {
         let mut trainer = Trainer::new(train.clone(), &plan, RunStart::Overwrite)?;
         trainer.enable_profile();
-        let mut loss = 0f32;
-        let mut times = Vec::new();
-        for step in 0..steps + warmup {
-            let t0 = Instant::now();
-            loss = trainer.train_step()?.loss;
-            if step >= warmup {
-                times.push(t0.elapsed().as_secs_f64() * 1e3);
-            }
-        }
-        times.sort_by(f64::total_cmp);
+        let t = time_steps(&mut trainer, warmup, steps, device)?;
         let phases = trainer.profile().expect("profile on").per_step_ms();
         let phase = |names: &[&str]| phases.iter().filter(|(p, _)| names.contains(p)).map(|(_, ms)| ms).sum::<f64>();
         Ok(Outcome::Ran {
-            ms: times[times.len() / 2],
+            ms: t.ms,
             fwd: phase(&["data", "forward + losses"]),
             bwd: phase(&["backward", "gradients collected", "autograd graph freed"]),
             opt: phase(&["grad norm", "AdamW"]),
             ema: phase(&["EMA"]),
-            peak_gib: trainer.profile().and_then(|p| p.peak_bytes()).map(|b| b as f64 / (1u64 << 30) as f64),
-            loss,
+            peak_gib: t.peak_bytes.map(gib),
+            loss: t.loss,
         })
     };
     match run() {
         Ok(o) => Ok(o),
-        Err(e) if format!("{e:?}").contains("OUT_OF_MEMORY") || e.to_string().contains("needs about") => Ok(Outcome::OutOfMemory(e.to_string().lines().next().unwrap_or("").to_string())),
-        Err(e) => Err(e).with_context(|| format!("{model} batch {batch} {precision}")),
+        Err(e) => match out_of_memory(&e) {
+            Some(why) => Ok(Outcome::OutOfMemory(why)),
+            None => Err(e).with_context(|| format!("{model} batch {batch} {precision}")),
+        },
     }
 }
 
@@ -100,12 +88,8 @@ fn main() -> Result<()> {
     let warmup: usize = arg("--warmup", "2").parse()?;
     let work = std::env::temp_dir().join(format!("ditmoe-bench-train-{}", std::process::id()));
     std::fs::create_dir_all(&work)?;
-    // Random latents of the SD-VAE's shape and scale, enough for a few distinct batches.
-    let shards = work.join("latents.safetensors");
-    let n = 4 * batches.iter().max().copied().unwrap_or(64);
-    let latents = Tensor::randn(0f32, 1.0, (n, 4, 32, 32), &Device::Cpu)?;
-    let labels = Tensor::from_vec((0..n as i64).map(|i| i * 37 % 1000).collect::<Vec<_>>(), n, &Device::Cpu)?;
-    ditmoe::data::write_latent_shard(&shards, &latents, &labels)?;
+    // every preset takes the SD-VAE's latents of ImageNet 256 px
+    let shards = write_latents(&work, &training_preset("S/2-8E2A")?, 4 * batches.iter().max().copied().unwrap_or(64))?;
 
     println!("| model | precision | recompute | batch | ms / step | images/s | fwd / bwd / opt / EMA ms | peak GiB | loss |");
     println!("|---|---|---|---:|---:|---:|---|---:|---:|");
