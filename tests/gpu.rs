@@ -493,7 +493,7 @@ fn run_checks(dev: &Device, section: &str) -> Result<Table> {
                     step_size: 1e-3 / (1.0 - 0.9f64.powi(t)),
                     grad_scale: (step == 1).then_some(0.37),
                 };
-                adamw_update(&vars, &on(g, d)?, &mut m, &mut v, &u)?;
+                adamw_update(&vars, None, &on(g, d)?, &mut m, &mut v, &u)?;
                 let ps: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
                 ema_update(&mut ema, &ps, 0.995)?;
             }
@@ -511,7 +511,7 @@ fn run_checks(dev: &Device, section: &str) -> Result<Table> {
         let mut m = vec![var.zeros_like()?];
         let mut v = m.clone();
         let u = AdamWUpdate { beta1: 0.9, beta2: 0.999, eps: 1e-8, decay: None, inv_bias_correction2: 1.0, step_size: 1e-3, grad_scale: None };
-        let refused = adamw_update(&[var], &on(&grads[0][2..3], dev)?, &mut m, &mut v, &u).is_err();
+        let refused = adamw_update(&[var], None, &on(&grads[0][2..3], dev)?, &mut m, &mut v, &u).is_err();
         tb.add("foreach AdamW", "first and second moments sharing storage", "refused (0 = yes)", if refused { 0.0 } else { 1.0 }, 0.0);
         // speed, for the trainer's step profile: 200 tensors of 50k elements (~ the bundled model)
         let many: Vec<Tensor> = (0..200).map(|_| Tensor::randn(0f32, 1.0, 50_000, dev)).collect::<candle_core::Result<_>>()?;
@@ -522,6 +522,91 @@ fn run_checks(dev: &Device, section: &str) -> Result<Table> {
         }
         let ms = t0.elapsed().as_secs_f64() * 1e3 / 20.0;
         println!("foreach timing: sum_of_squares over 200 x 50k f32 tensors: {ms:.3} ms per call (host wall, with the read-back)");
+    }
+
+    if section == "foreach-bf16" {
+        // ---------------- 9b. the optimizer step of a bf16 plan (`kx::foreach` with bf16
+        // gradients): the norm of bf16 gradients and AdamW reading them and writing the bf16
+        // model copies, on the GPU against the CPU reference; `AdamW::step` in groups of
+        // parameters against one launch; and what the update adds to the memory in use
+        use candle_core::Var;
+        use ditmoe::runtime::memory::{peak_bytes, reset_peak};
+        use ditmoe::train::adamw::{AdamW, AdamWParams};
+        use ditmoe::train::kernels::foreach::{adamw_update, sum_of_squares, AdamWUpdate};
+        let sizes = [0usize, 1, 7, 4095, 4097, 160 * 320, 1 << 20, 3];
+        let rand = |n: usize, std: f32| Tensor::randn(0f32, std, n, &cpu_dev);
+        let params: Vec<Tensor> = sizes.iter().map(|&n| rand(n, 0.5)).collect::<candle_core::Result<_>>()?;
+        let grads: Vec<Vec<Tensor>> = (0..2).map(|_| sizes.iter().map(|&n| rand(n, 2.0)?.to_dtype(DType::BF16)).collect::<candle_core::Result<_>>()).collect::<candle_core::Result<_>>()?;
+        let on = |ts: &[Tensor], d: &Device| ts.iter().map(|t| t.to_device(d)).collect::<candle_core::Result<Vec<_>>>();
+        let tensors = |vs: &[Var]| vs.iter().map(|v| v.as_tensor().clone()).collect::<Vec<_>>();
+        let host_cat = |ts: &[Tensor]| -> candle_core::Result<Tensor> { Tensor::cat(ts, 0)?.to_dtype(DType::F32)?.to_device(&Device::Cpu) };
+        // elements that differ (bf16 widened to f32 exactly)
+        let differing = |a: &Tensor, b: &Tensor| -> Result<f64> {
+            let (a, b) = (a.to_vec1::<f32>()?, b.to_vec1::<f32>()?);
+            Ok(if a.len() != b.len() { a.len().max(b.len()) as f64 } else { a.iter().zip(&b).filter(|(x, y)| x.to_bits() != y.to_bits()).count() as f64 })
+        };
+        let ssq_gpu = sum_of_squares(&on(&grads[0], dev)?)? as f64;
+        let ssq_cpu = sum_of_squares(&grads[0])? as f64;
+        tb.add("foreach bf16", "sum of squares of bf16 gradients, 1.1 M elements", "rel", (ssq_gpu - ssq_cpu).abs() / ssq_cpu, 1e-5);
+        let update = |t: i32, grad_scale: Option<f64>| AdamWUpdate {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            decay: Some(1.0 - 1e-3 * 0.01),
+            inv_bias_correction2: 1.0 / (1.0 - 0.999f64.powi(t)).sqrt(),
+            step_size: 1e-3 / (1.0 - 0.9f64.powi(t)),
+            grad_scale,
+        };
+        let run = |d: &Device| -> Result<Vec<Tensor>> {
+            let vars: Vec<Var> = params.iter().map(|p| Var::from_tensor(&p.to_device(d)?)).collect::<candle_core::Result<_>>()?;
+            let copies: Vec<Var> = vars.iter().map(|v| Var::from_tensor(&v.as_tensor().to_dtype(DType::BF16)?)).collect::<candle_core::Result<_>>()?;
+            let zeros = || vars.iter().map(|v| v.zeros_like()).collect::<candle_core::Result<Vec<_>>>();
+            let (mut m, mut v) = (zeros()?, zeros()?);
+            for (step, g) in grads.iter().enumerate() {
+                adamw_update(&vars, Some(&copies), &on(g, d)?, &mut m, &mut v, &update(step as i32 + 1, (step == 1).then_some(0.37)))?;
+            }
+            Ok(vec![host_cat(&tensors(&vars))?, host_cat(&m)?, host_cat(&v)?, host_cat(&tensors(&copies))?])
+        };
+        let (gpu, cpu_ref) = (run(dev)?, run(&cpu_dev)?);
+        let case = "AdamW on bf16 gradients with bf16 copies, 2 steps";
+        for (j, name) in ["f32 masters", "first moments", "second moments"].iter().enumerate() {
+            tb.add(case, name, "max abs (same rounding as the candle ops)", max_abs(&gpu[j], &cpu_ref[j]), 1e-6);
+        }
+        let n = gpu[0].elem_count() as f64;
+        tb.add(case, "bf16 copies", "differing from the GPU masters cast to bf16 (count)", differing(&gpu[3], &gpu[0].to_dtype(DType::BF16)?.to_dtype(DType::F32)?)?, 0.0);
+        tb.add(case, "bf16 copies", "differing from the CPU reference's (fraction)", differing(&gpu[3], &cpu_ref[3])? / n, 1e-5);
+        // `AdamW::step` splits an update of more than 64 Mi elements into groups: the same bits
+        // as one launch over all of them, and nothing beyond the tables in memory at its peak
+        let big = [40usize << 20, 1, 30 << 20, 4097];
+        let bparams: Vec<Tensor> = big.iter().map(|&n| Tensor::randn(0f32, 0.5, n, dev)).collect::<candle_core::Result<_>>()?;
+        let bgrads: Vec<Tensor> = big.iter().map(|&n| Tensor::randn(0f32, 2.0, n, dev)?.to_dtype(DType::BF16)).collect::<candle_core::Result<_>>()?;
+        let p = AdamWParams { weight_decay: 0.01, beta1: 0.9, beta2: 0.999, eps: 1e-8 };
+        let fresh = || -> Result<(Vec<Var>, Vec<Var>)> {
+            let vars: Vec<Var> = bparams.iter().map(|t| Var::from_tensor(&t.copy()?)).collect::<candle_core::Result<_>>()?;
+            let copies: Vec<Var> = vars.iter().map(|v| Var::from_tensor(&v.as_tensor().to_dtype(DType::BF16)?)).collect::<candle_core::Result<_>>()?;
+            Ok((vars, copies))
+        };
+        let (vars, copies) = fresh()?;
+        let named: Vec<(String, Var)> = vars.iter().enumerate().map(|(i, v)| (format!("p{i}"), v.clone())).collect();
+        let mut opt = AdamW::new(named, p)?.with_model_copies(copies.clone())?;
+        let step_grads: Vec<Tensor> = bgrads.iter().map(|g| g.copy()).collect::<candle_core::Result<_>>()?;
+        dev.synchronize()?;
+        reset_peak(dev)?;
+        let base = peak_bytes(dev)?.unwrap_or(0);
+        let t0 = std::time::Instant::now();
+        opt.step(step_grads, 1e-3, Some(0.5))?;
+        dev.synchronize()?;
+        let ms = t0.elapsed().as_secs_f64() * 1e3;
+        let added = peak_bytes(dev)?.unwrap_or(0).saturating_sub(base);
+        tb.add("AdamW::step, 70 Mi bf16-gradient elements in 2 groups", "memory added at the peak", "MiB", added as f64 / (1u64 << 20) as f64, 1.0);
+        let (ovars, ocopies) = fresh()?;
+        let zeros = || ovars.iter().map(|v| v.zeros_like()).collect::<candle_core::Result<Vec<_>>>();
+        let (mut m, mut v) = (zeros()?, zeros()?);
+        adamw_update(&ovars, Some(&ocopies), &bgrads, &mut m, &mut v, &update(1, Some(0.5)))?;
+        for (name, a, b) in [("f32 masters", host_cat(&tensors(&vars))?, host_cat(&tensors(&ovars))?), ("bf16 copies", host_cat(&tensors(&copies))?, host_cat(&tensors(&ocopies))?)] {
+            tb.add("AdamW::step, 70 Mi bf16-gradient elements in 2 groups", name, "differing from one launch (count)", differing(&a, &b)?, 0.0);
+        }
+        println!("foreach bf16 timing: AdamW::step over 70 Mi elements (bf16 gradients, bf16 copies): {ms:.3} ms (host wall, synchronised)");
     }
 
     if section == "row-grad" {
@@ -1123,6 +1208,10 @@ fn block_ops() {
 #[test]
 fn foreach() {
     section("foreach");
+}
+#[test]
+fn foreach_bf16() {
+    section("foreach-bf16");
 }
 #[test]
 fn row_grad() {

@@ -395,8 +395,8 @@ impl LmTrainer {
         }
         let grad_scale = self.cfg.max_grad_norm.map(|max| max / (grad_norm as f64 + 1e-6)).filter(|&c| c < 1.0);
         let lr = self.cfg.lr_at(step - 1);
-        self.decayed.step(&g_decayed, lr, grad_scale)?;
-        self.undecayed.step(&g_undecayed, lr, grad_scale)?;
+        self.decayed.step(g_decayed, lr, grad_scale)?;
+        self.undecayed.step(g_undecayed, lr, grad_scale)?;
         self.mark("AdamW")?;
         if let Some(p) = &mut self.profile {
             p.end_step()?;

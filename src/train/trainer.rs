@@ -143,11 +143,14 @@ impl Trainer {
         }
         let writer = parallel.as_ref().is_none_or(Parallel::writes);
         let model_cfg = cfg.model_config()?;
-        // f32 weights, their gradients, AdamW's two moments and the EMA copy (unless it is on
-        // the host): 20 bytes a parameter before any activation, plus the compute-dtype copies
-        // of a bf16 plan
+        // AdamW's two f32 moments, the EMA copy (unless it is on the host), and the weights with
+        // their gradients: the f32 weights and gradients of an f32 plan, or in a bf16 plan the
+        // f32 masters, the bf16 copies and the bf16 gradients that AdamW reads as they are (f32
+        // gradients when summed over micro-batches or ranks). 16 bytes a parameter before any
+        // activation in either precision, 20 with the EMA on the GPU.
         let ema_bytes = if cfg.ema_on_host { 0 } else { 4 };
-        let per_param = 16 + ema_bytes + TrainingWeights::extra_bytes_per_param(plan.weight_dtype());
+        let f32_grads = cfg.accumulation() > 1 || parallel.is_some();
+        let per_param = 8 + ema_bytes + TrainingWeights::bytes_per_param(plan.weight_dtype(), f32_grads);
         plan.check_fits("training the model (weights, gradients, optimizer state, EMA)", model_cfg.param_counts().0 as u64 * per_param)?;
         let dataset = open_dataset(&cfg, &model_cfg)?;
         let class_names = dataset.class_names().to_vec();
@@ -190,7 +193,11 @@ impl Trainer {
         }
         let trainable: Vec<(String, Var)> = all_vars.iter().filter(|(n, _)| !is_frozen(n)).cloned().collect();
         let params = AdamWParams { weight_decay: cfg.weight_decay, beta1: cfg.beta1, beta2: cfg.beta2, eps: cfg.adam_eps };
+        let names: Vec<String> = trainable.iter().map(|(n, _)| n.clone()).collect();
         let mut opt = AdamW::new(trainable, params)?;
+        if let Some(copies) = weights.model_copies(&names)? {
+            opt = opt.with_model_copies(copies)?;
+        }
         let mut ema = Ema::new(all_vars, if cfg.ema_on_host { &Device::Cpu } else { device })?;
 
         let (mut step, mut loader_state, mut resumed_from, mut warnings) = (0, LoaderState::default(), None, Vec::new());
@@ -366,13 +373,17 @@ impl Trainer {
                 tape.backward(&self.model, &mut store, self.loss_scale())?;
             }
             self.mark("backward")?;
-            for (i, (name, var)) in self.opt.vars().iter().enumerate() {
+            // One micro-batch's gradients on one rank stay in the compute dtype: AdamW widens
+            // them as it reads them. A sum over micro-batches or ranks is taken in f32
+            // ([`TrainingWeights`]).
+            let f32_grads = accum > 1 || self.parallel.is_some();
+            for (i, (name, _)) in self.opt.vars().iter().enumerate() {
                 // A parameter no expert token reached this pass has no gradient: zero.
                 // Contiguous: the fused optimizer kernels take flat tensors (a matmul weight's
                 // gradient arrives transposed).
-                let g = match self.weights.take_grad(&mut store, name)? {
+                let g = match self.weights.take_grad(&mut store, name, f32_grads)? {
                     Some(g) => g,
-                    None => var.zeros_like()?,
+                    None => self.weights.zero_grad(name, f32_grads)?,
                 };
                 if micro == 0 {
                     grads.push(g);
@@ -408,9 +419,9 @@ impl Trainer {
         // happens inside the AdamW update).
         let grad_scale = self.cfg.max_grad_norm.map(|max| max / (grad_norm as f64 + 1e-6)).filter(|&c| c < 1.0);
         let lr = self.cfg.lr_at(step);
-        self.opt.step(&grads, lr, grad_scale)?;
-        drop(grads);
-        self.weights.sync()?;
+        // The update frees each group's gradients as it finishes it, and writes the model's
+        // bf16 copies of a bf16 plan itself.
+        self.opt.step(grads, lr, grad_scale)?;
         self.mark("AdamW")?;
         self.ema.update(self.weights.masters(), self.cfg.ema_decay_at(step))?;
         self.mark("EMA")?;

@@ -2,13 +2,22 @@
 //! PyTorch's `torch._foreach_*` and fused AdamW): the global gradient norm, the AdamW update
 //! and the weights' EMA.
 //!
-//! On CUDA, when every tensor is a contiguous f32 tensor on one device, each function is one
-//! or two launches of `kernels/foreach.cu` for the whole list, updating in place. Everywhere
-//! else it runs candle ops per tensor: the CPU reference, and the exact op sequence the
-//! trainer used before the kernels existed. The AdamW and EMA kernels round as those ops do,
-//! so both paths give the same bits on the GPU; the norm sums in another order (deterministic
-//! too, and within f32 rounding of the per-tensor sums).
-use candle_core::{bail, Result, Tensor, Var};
+//! On CUDA, when every tensor is contiguous and on one device, with f32 weights, moments and
+//! averages and f32 or bf16 gradients, each function is one or two launches of
+//! `kernels/foreach.cu` for the whole list, updating in place. Everywhere else it runs candle
+//! ops per tensor: the CPU reference, and the exact op sequence the trainer used before the
+//! kernels existed. The AdamW and EMA kernels round as those ops do, so both paths give the
+//! same bits on the GPU; the norm sums in another order (deterministic too, and within f32
+//! rounding of the per-tensor sums).
+//!
+//! Gradients of a bf16 plan are read in bf16 and widened to f32 per element, inside the kernel
+//! (per tensor on the candle path), as apex's `FusedAdam` and PyTorch's `_multi_tensor_adamw`
+//! read half-precision gradients against fp32 master weights: the widening is exact, so this
+//! is the update of the f32 gradients, without the f32 copy of every gradient (4 bytes a
+//! parameter at the update's peak). The update also writes the bf16 model copy of each master
+//! in the same pass, where Megatron's `Float16OptimizerWithFloat16Params` copies the main
+//! params back to the model in a second pass over all weights.
+use candle_core::{bail, DType, Result, Tensor, Var};
 
 /// AdamW's per-step constants (`torch.optim.AdamW`, `_single_tensor_adamw`).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -26,23 +35,32 @@ pub struct AdamWUpdate {
     pub grad_scale: Option<f64>,
 }
 
-/// Whether the fused kernels serve these lists: contiguous f32 tensors on one CUDA device.
+/// Whether the fused kernels serve these lists: contiguous tensors on one CUDA device, each
+/// list of the dtype paired with it.
 #[cfg(feature = "cuda")]
-fn fused(lists: &[&[Tensor]]) -> bool {
-    let Some(first) = lists.iter().flat_map(|l| l.iter()).next() else { return false };
-    lists.iter().flat_map(|l| l.iter()).all(|t| t.device().is_cuda() && t.device().same_device(first.device()) && t.dtype() == candle_core::DType::F32 && t.is_contiguous())
+fn fused(lists: &[(&[Tensor], DType)]) -> bool {
+    let Some(first) = lists.iter().flat_map(|(l, _)| l.iter()).next() else { return false };
+    lists.iter().all(|(l, dtype)| l.iter().all(|t| t.device().is_cuda() && t.device().same_device(first.device()) && t.dtype() == *dtype && t.is_contiguous()))
 }
 
-/// `Σ_t Σ_i t_i²` over every tensor of the list (the global gradient norm squared).
+/// The dtype the fused kernels read `grads` in: that of the first, when it is f32 or bf16.
+#[cfg(feature = "cuda")]
+fn grad_dtype(grads: &[Tensor]) -> Option<DType> {
+    grads.first().map(Tensor::dtype).filter(|d| matches!(d, DType::F32 | DType::BF16))
+}
+
+/// `Σ_t Σ_i t_i²` over every tensor of the list (the global gradient norm squared), in f32
+/// whatever the tensors' dtype: bf16 gradients are widened per element (per tensor on the
+/// candle path), never squared or summed in bf16.
 pub fn sum_of_squares(ts: &[Tensor]) -> Result<f32> {
     if ts.is_empty() {
         return Ok(0.0);
     }
     #[cfg(feature = "cuda")]
-    if fused(&[ts]) {
+    if grad_dtype(ts).is_some_and(|d| fused(&[(ts, d)])) {
         return super::cuda::sum_of_squares(ts);
     }
-    let sq: Vec<Tensor> = ts.iter().map(|g| g.sqr()?.sum_all()).collect::<Result<_>>()?;
+    let sq: Vec<Tensor> = ts.iter().map(|g| g.to_dtype(DType::F32)?.sqr()?.sum_all()).collect::<Result<_>>()?;
     Tensor::stack(&sq, 0)?.sum_all()?.to_scalar::<f32>()
 }
 
@@ -57,19 +75,26 @@ fn check_lengths(what: &str, n: usize, lens: &[(&str, usize)]) -> Result<()> {
 
 /// One AdamW update of `vars` with gradients `grads` and moments `m`, `v` (replaced by the new
 /// moments; on the fused path they are updated in place, so they must not share storage with
-/// anything else).
-pub fn adamw_update(vars: &[Var], grads: &[Tensor], m: &mut [Tensor], v: &mut [Tensor], u: &AdamWUpdate) -> Result<()> {
-    check_lengths("AdamW", vars.len(), &[("gradients", grads.len()), ("first moments", m.len()), ("second moments", v.len())])?;
+/// anything else). A gradient of another dtype than its parameter (a bf16 plan's) is widened to
+/// the parameter's dtype first. With `copies` (the model's weights in its compute dtype, one
+/// per parameter), each copy is set to its updated parameter cast to the copy's dtype.
+pub fn adamw_update(vars: &[Var], copies: Option<&[Var]>, grads: &[Tensor], m: &mut [Tensor], v: &mut [Tensor], u: &AdamWUpdate) -> Result<()> {
+    let n_copies = copies.map_or(vars.len(), <[Var]>::len);
+    check_lengths("AdamW", vars.len(), &[("gradients", grads.len()), ("first moments", m.len()), ("second moments", v.len()), ("model copies", n_copies)])?;
     for (i, (var, g)) in vars.iter().zip(grads).enumerate() {
-        if var.dims() != g.dims() || var.dims() != m[i].dims() || var.dims() != v[i].dims() {
-            bail!("AdamW: parameter {i} has shape {:?}, its gradient {:?}, its moments {:?} and {:?}", var.dims(), g.dims(), m[i].dims(), v[i].dims());
+        if var.dims() != g.dims() || var.dims() != m[i].dims() || var.dims() != v[i].dims() || copies.is_some_and(|c| c[i].dims() != var.dims()) {
+            let copy = copies.map(|c| c[i].dims());
+            bail!("AdamW: parameter {i} has shape {:?}, its gradient {:?}, its moments {:?} and {:?}, its model copy {copy:?}", var.dims(), g.dims(), m[i].dims(), v[i].dims());
         }
     }
     #[cfg(feature = "cuda")]
     {
         let params: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
-        if fused(&[&params, grads, m, v]) {
-            return super::cuda::adamw(&params, grads, m, v, u);
+        let copies: Vec<Tensor> = copies.unwrap_or(&[]).iter().map(|v| v.as_tensor().clone()).collect();
+        if let Some(gd) = grad_dtype(grads) {
+            if fused(&[(&params, DType::F32), (grads, gd), (m, DType::F32), (v, DType::F32), (&copies, DType::BF16)]) {
+                return super::cuda::adamw(&params, &copies, grads, m, v, u);
+            }
         }
     }
     for (i, (var, g)) in vars.iter().zip(grads).enumerate() {
@@ -80,7 +105,7 @@ pub fn adamw_update(vars: &[Var], grads: &[Tensor], m: &mut [Tensor], v: &mut [T
         }
         // Detached: otherwise each moment would keep the previous one (and its gradient's
         // graph) alive through candle's op tracking, and memory would grow every step.
-        let mut g = g.detach();
+        let mut g = g.detach().to_dtype(var.dtype())?;
         if let Some(s) = u.grad_scale {
             g = (g * s)?;
         }
@@ -93,6 +118,9 @@ pub fn adamw_update(vars: &[Var], grads: &[Tensor], m: &mut [Tensor], v: &mut [T
         let denom = ((vi.sqrt()? * u.inv_bias_correction2)? + u.eps)?;
         let p = (p - ((&mi / denom)? * u.step_size)?)?.detach();
         var.set(&p)?;
+        if let Some(c) = copies {
+            c[i].set(&p.to_dtype(c[i].dtype())?)?;
+        }
         m[i] = mi;
         v[i] = vi;
     }
@@ -109,7 +137,7 @@ pub fn ema_update(ema: &mut [Tensor], params: &[Tensor], decay: f64) -> Result<(
         }
     }
     #[cfg(feature = "cuda")]
-    if fused(&[ema, params]) {
+    if fused(&[(ema, DType::F32), (params, DType::F32)]) {
         return super::cuda::ema(ema, params, decay);
     }
     for (e, p) in ema.iter_mut().zip(params) {
