@@ -82,3 +82,19 @@ fn the_bundled_language_model_generates_by_default() {
     assert!(text.starts_with("The state of the Union") && text.len() > "The state of the Union".len() + 12, "{text}");
     assert_eq!(text, run(), "the same seed samples the same text");
 }
+
+/// `ditmoe routes` given a language model (a folder with tokenizer.json) shows its tokens'
+/// experts for `--prompt`, as `lm routes` does, and asks for the prompt when it is missing.
+#[test]
+fn routes_shows_a_language_models_experts_per_token() {
+    let out = scratch_dir("routes-lm");
+    let root = env!("CARGO_MANIFEST_DIR");
+    let o = Command::new(env!("CARGO_BIN_EXE_ditmoe")).current_dir(root).args(["routes", "--model", "assets/sotu-lm", "--prompt", "The state of the Union", "--out", out.to_str().unwrap()]).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let table = String::from_utf8_lossy(&o.stdout);
+    // one row per token, one column per MoE layer of the bundled model (layers 1 and 3)
+    assert!(table.contains("| token | layer 1 | layer 3 |") && table.contains("| ` Union` |"), "{table}");
+    assert!(std::fs::metadata(out.join("routes.png")).unwrap().len() > 1000);
+    let o = Command::new(env!("CARGO_BIN_EXE_ditmoe")).current_dir(root).args(["routes", "--model", "assets/sotu-lm", "--out", out.to_str().unwrap()]).output().unwrap();
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("--prompt"), "{}", String::from_utf8_lossy(&o.stderr));
+}

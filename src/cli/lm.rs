@@ -542,11 +542,17 @@ fn print_load(r: &EvalReport) {
 }
 
 fn routes(a: RoutesArgs) -> anyhow::Result<()> {
-    let tokenizer = Tokenizer::load(&a.model.join(TOKENIZER_FILE)).map_err(|e| usage(format!("--model: {e}")))?;
-    let model = load_model(&a.model, &a.device, &a.dtype)?;
-    let routes = ditmoe::lm::routes::TokenRoutes::of_prompt(&model, &tokenizer, &a.prompt).map_err(|e| usage(format!("--prompt: {e}")))?;
+    prompt_routes(&a.model, &a.prompt, a.out.as_deref(), &a.device, &a.dtype)
+}
+
+/// Prints which experts each token of `prompt` takes in every MoE layer and draws the map to
+/// `out` (`lm routes`, and `ditmoe routes` given a language model).
+pub fn prompt_routes(model_dir: &Path, prompt: &str, out: Option<&Path>, device: &str, dtype: &str) -> anyhow::Result<()> {
+    let tokenizer = Tokenizer::load(&model_dir.join(TOKENIZER_FILE)).map_err(|e| usage(format!("--model: {e}")))?;
+    let model = load_model(model_dir, device, dtype)?;
+    let routes = ditmoe::lm::routes::TokenRoutes::of_prompt(&model, &tokenizer, prompt).map_err(|e| usage(format!("--prompt: {e}")))?;
     print!("{}", routes.table());
-    if let Some(path) = &a.out {
+    if let Some(path) = out {
         ditmoe::analysis::heatmap::save_png(&routes.figure()?.render(), path)?;
         println!("routing map: {}", path.display());
     }

@@ -55,6 +55,10 @@ pub struct RoutesArgs {
     /// Output folder (created): PNG heatmaps, routes.json, CSVs, trajectory.{json,safetensors}.
     #[arg(long, default_value = "routes")]
     out: PathBuf,
+    /// For a language model (a folder with tokenizer.json): the text whose tokens' experts are
+    /// shown, as `ditmoe lm routes` does; the map goes to OUT/routes.png.
+    #[arg(long)]
+    prompt: Option<String>,
 }
 
 /// The message of a library error without the backtrace candle appends to it when
@@ -64,6 +68,14 @@ fn first_line(e: impl std::fmt::Display) -> String {
 }
 
 pub fn run(a: RoutesArgs) -> anyhow::Result<()> {
+    if a.model.join(ditmoe::lm::trainer::TOKENIZER_FILE).is_file() {
+        let prompt = a.prompt.as_deref().ok_or_else(|| super::usage(format!("--model {} is a language model (it has tokenizer.json): give --prompt TEXT", a.model.display())))?;
+        std::fs::create_dir_all(&a.out).with_context(|| format!("--out {}", a.out.display()))?;
+        return super::lm::prompt_routes(&a.model, prompt, Some(&a.out.join("routes.png")), &a.device, &a.dtype);
+    }
+    if a.prompt.is_some() {
+        return Err(super::usage(format!("--prompt is for language models; {} is an image model (no tokenizer.json)", a.model.display())));
+    }
     let dir = ModelDir::open(&a.model).map_err(|e| super::usage(format!("--model: {}", first_line(e))))?;
     let cfg = dir.config.clone();
     let sampler = a.sampler.as_deref().map(str::parse::<SamplerKind>).transpose().map_err(|e| super::usage(format!("--sampler: {e}")))?;
