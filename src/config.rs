@@ -322,6 +322,25 @@ impl DitConfig {
 
     /// Total and activated (per token: shared + k routed experts) parameter counts. For ProMoE,
     /// "activated" counts a conditional token (an unconditional one runs 1 expert, not k).
+    /// Parameters of one routed expert: ProMoE's GELU MLP with biases, else DiT-MoE's SwiGLU.
+    fn routed_expert_params(&self) -> usize {
+        let d = self.hidden_size;
+        match &self.promoe {
+            Some(pm) => 2 * d * pm.moe_intermediate_size + pm.moe_intermediate_size + d,
+            None => 3 * d * self.mlp_ratio * d,
+        }
+    }
+
+    /// Parameters of the routed experts of every MoE block: what expert parallelism splits over
+    /// its ranks (the router, shared experts and everything else are replicated).
+    pub fn routed_experts_params(&self) -> usize {
+        let moe_blocks = match &self.promoe {
+            Some(_) => (0..self.depth).filter(|&i| self.is_moe_block(i)).count(),
+            None => self.depth,
+        };
+        moe_blocks * self.num_experts * self.routed_expert_params()
+    }
+
     pub fn param_counts(&self) -> (usize, usize) {
         let d = self.hidden_size;
         let p = self.patch_size;
@@ -335,7 +354,7 @@ impl DitConfig {
         let final_layer = d * 2 * d + 2 * d + d * p * p * self.out_channels() + p * p * self.out_channels();
         if let Some(pm) = &self.promoe {
             let gelu = |i: usize| 2 * d * i + i + d; // up (with bias) + down (with bias)
-            let expert = gelu(pm.moe_intermediate_size);
+            let expert = self.routed_expert_params();
             let shared = if pm.use_shared_expert { gelu(pm.shared_expert_intermediate_size) } else { 0 };
             let moe_common = attn + adaln + self.num_experts * d + shared;
             let moe_total = moe_common + (self.num_experts + usize::from(pm.use_uncond_expert)) * expert;
@@ -346,7 +365,7 @@ impl DitConfig {
             let base = embed + n_dense * dense + final_layer;
             return (base + n_moe * moe_total, base + n_moe * moe_active);
         }
-        let expert = 3 * d * self.mlp_ratio * d;
+        let expert = self.routed_expert_params();
         let shared = 3 * d * self.n_shared_experts * d;
         let router = self.num_experts * d;
         let block_common = attn + shared + router + adaln;

@@ -49,6 +49,9 @@ fn every_preset_matches_official_parameter_names() {
             assert_eq!(g, w, "{stem}: parameter (in official state-dict order)");
         }
         assert_eq!(cfg.param_counts(), (total, active), "{stem}: total/activated parameter counts");
+        // what expert parallelism splits: the `.experts.` tensors of the official state dict
+        let routed: usize = want.iter().filter(|(n, _)| n.contains(".moe.experts.")).map(|(_, s)| s.iter().product::<usize>()).sum();
+        assert_eq!(cfg.routed_experts_params(), routed, "{stem}: routed expert parameters");
         checked += 1;
     }
     assert_eq!(checked, 10, "all parameter lists checked");
