@@ -21,14 +21,13 @@ use ditmoe::runtime::timing::median_ms;
 use ditmoe::{ExecutionPlan, Precision};
 use std::collections::HashMap;
 
-fn arg(name: &str, default: &str) -> String {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned().unwrap_or_else(|| default.to_string())
-}
+#[path = "support/args.rs"]
+mod args;
+use args::arg;
 
-fn list(name: &str, default: &str) -> Vec<usize> {
-    // an empty list skips that measurement
-    arg(name, default).split(',').filter(|v| !v.trim().is_empty()).map(|v| v.trim().parse().expect("a number list")).collect()
+/// Flag `name`'s comma-separated numbers.
+fn numbers(name: &str, default: &str) -> Vec<usize> {
+    args::list(name, default).iter().map(|v| v.parse().expect("a number list")).collect()
 }
 
 /// The benchmark shapes as transformers configs (what `--write-configs` writes).
@@ -106,12 +105,12 @@ fn main() -> Result<()> {
         let cfg = LmConfig::from_hf_config(&hf_config(name))?;
         let model = frozen_model(&cfg, &plan)?;
         let params = cfg.num_parameters();
-        for t in list("--prefill", "512,2048") {
+        for t in numbers("--prefill", "512,2048") {
             let ids = Tensor::arange(0u32, t as u32, &device)?.unsqueeze(0)?;
             let ms = median_ms(&device, budget, || model.forward(&ids, None, false).map(drop))?;
             println!("| {name} | {:.2} B | prefill | {t} tokens | {ms:.2} | {:.0} |", params as f64 / 1e9, t as f64 / ms * 1e3);
         }
-        for b in list("--decode-batches", "1,32") {
+        for b in numbers("--decode-batches", "1,32") {
             // the decoder as `lm generate` runs it: a static KV cache, each step after the first
             // two a CUDA-graph replay
             let prompt = Tensor::arange(0u32, (16 * b) as u32, &device)?.reshape((b, 16))?;
@@ -131,7 +130,7 @@ fn main() -> Result<()> {
             println!("| {name} | {:.2} B | decode | batch {b} | {ms:.2} per step ({} graph replays) | {:.0} |", params as f64 / 1e9, decoder.replays(), b as f64 / ms * 1e3);
         }
         // the same steps without the static cache and graphs: a growing cache, each step eager
-        for b in list("--decode-batches", "1,32") {
+        for b in numbers("--decode-batches", "1,32") {
             let prompt = Tensor::arange(0u32, (16 * b) as u32, &device)?.reshape((b, 16))?;
             let run = |decode_steps: usize| -> candle_core::Result<()> {
                 let mut cache = KvCache::for_config(&cfg);

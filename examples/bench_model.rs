@@ -32,6 +32,10 @@ mod gemm_variants;
 use gemm_variants::gemm_variants;
 use std::collections::HashMap;
 
+#[path = "support/args.rs"]
+mod args;
+use args::{arg, flag};
+
 /// Matmul FLOPs of one image's forward (2 x MACs), as in the official baseline's count.
 fn flops_per_image(c: &DitConfig) -> f64 {
     let (d, t) = (c.hidden_size as f64, c.num_patches() as f64);
@@ -43,15 +47,6 @@ fn flops_per_image(c: &DitConfig) -> f64 {
     let out = (c.patch_size * c.patch_size * c.out_channels()) as f64;
     let per_layer = 6.0 * d * d + t * (4.0 * d * d + 2.0 * t * d + d * e + k * 3.0 * d * r * d + 3.0 * d * s * d);
     2.0 * (t * p2c * d + 256.0 * d + d * d + c.depth as f64 * per_layer + 2.0 * d * d + t * d * out)
-}
-
-fn arg(name: &str, default: &str) -> String {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned().unwrap_or_else(|| default.to_string())
-}
-
-fn flag(name: &str) -> bool {
-    std::env::args().any(|a| a == name)
 }
 
 /// Frozen random weights (std 1/sqrt(fan_in)): what a loaded checkpoint gives, run by `plan`.

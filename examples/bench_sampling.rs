@@ -14,6 +14,10 @@ use ditmoe::sampling::{DdpmSampler, Guidance, GuidedModel, ImageNoise, Sampler};
 use ditmoe::{presets, DitConfig, DitMoe};
 use std::time::Instant;
 
+#[path = "support/args.rs"]
+mod args;
+use args::arg;
+
 /// Random weights, every parameter N(0, 1/fan_in) (1-D: N(0, 0.05²)) as the parity fixtures
 /// draw them: candle's default inits leave some tensors constant (e.g. the router), which
 /// would send every token to the same experts and time an unrepresentative MoE.
@@ -32,11 +36,6 @@ fn random_model(cfg: &DitConfig, device: &Device) -> Result<DitMoe> {
 fn tiny_config() -> Result<DitConfig> {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/models/tiny/config.json");
     Ok(DitConfig::from_file(std::path::Path::new(path))?)
-}
-
-fn arg(name: &str, default: &str) -> String {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned().unwrap_or_else(|| default.to_string())
 }
 
 /// Median seconds per step of a `steps`-step guided DDPM run at batch `b` (first step skipped).

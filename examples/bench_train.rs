@@ -21,18 +21,13 @@ use ditmoe::train::{RunStart, Trainer};
 use ditmoe::{ExecutionPlan, Precision};
 use std::path::Path;
 
+#[path = "support/args.rs"]
+mod args;
+use args::{arg, list};
 #[path = "support/train_bench.rs"]
 mod train_bench;
 use train_bench::{gib, out_of_memory, time_steps, train_config, training_preset, write_latents};
 
-fn arg(name: &str, default: &str) -> String {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned().unwrap_or_else(|| default.to_string())
-}
-
-fn list(name: &str, default: &str) -> Vec<String> {
-    arg(name, default).split(',').filter(|s| !s.is_empty()).map(str::to_string).collect()
-}
 
 /// One configuration's measurement, or why there is none.
 enum Outcome {

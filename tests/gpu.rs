@@ -50,6 +50,9 @@ impl Table {
     }
 }
 
+/// The optimizer settings the AdamW kernel checks use (weight decay 0.01, torch's betas and eps).
+const ADAMW: ditmoe::train::adamw::AdamWParams = ditmoe::train::adamw::AdamWParams { weight_decay: 0.01, beta1: 0.9, beta2: 0.999, eps: 1e-8 };
+
 /// Number of differing u32 entries (length mismatch counts as all).
 fn mismatches(a: &Tensor, b: &Tensor) -> Result<f64> {
     let a: Vec<u32> = a.to_device(&Device::Cpu)?.flatten_all()?.to_vec1()?;
@@ -483,16 +486,8 @@ fn run_checks(dev: &Device, section: &str) -> Result<Table> {
             let (mut m, mut v) = (zeros()?, zeros()?);
             let mut ema: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().copy()).collect::<candle_core::Result<_>>()?;
             for (step, g) in grads.iter().enumerate() {
-                let t = step as i32 + 1;
-                let u = AdamWUpdate {
-                    beta1: 0.9,
-                    beta2: 0.999,
-                    eps: 1e-8,
-                    decay: Some(1.0 - 1e-3 * 0.01),
-                    inv_bias_correction2: 1.0 / (1.0 - 0.999f64.powi(t)).sqrt(),
-                    step_size: 1e-3 / (1.0 - 0.9f64.powi(t)),
-                    grad_scale: (step == 1).then_some(0.37),
-                };
+                let t = step as u64 + 1;
+                let u = ADAMW.update(1e-3, t, (step == 1).then_some(0.37));
                 adamw_update(&vars, None, &on(g, d)?, &mut m, &mut v, &u)?;
                 let ps: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
                 ema_update(&mut ema, &ps, 0.995)?;
@@ -532,7 +527,7 @@ fn run_checks(dev: &Device, section: &str) -> Result<Table> {
         use candle_core::Var;
         use ditmoe::runtime::memory::{peak_bytes, reset_peak};
         use ditmoe::train::adamw::{AdamW, AdamWParams};
-        use ditmoe::train::kernels::foreach::{adamw_update, sum_of_squares, AdamWUpdate};
+        use ditmoe::train::kernels::foreach::{adamw_update, sum_of_squares};
         let sizes = [0usize, 1, 7, 4095, 4097, 160 * 320, 1 << 20, 3];
         let rand = |n: usize, std: f32| Tensor::randn(0f32, std, n, &cpu_dev);
         let params: Vec<Tensor> = sizes.iter().map(|&n| rand(n, 0.5)).collect::<candle_core::Result<_>>()?;
@@ -548,15 +543,7 @@ fn run_checks(dev: &Device, section: &str) -> Result<Table> {
         let ssq_gpu = sum_of_squares(&on(&grads[0], dev)?)? as f64;
         let ssq_cpu = sum_of_squares(&grads[0])? as f64;
         tb.add("foreach bf16", "sum of squares of bf16 gradients, 1.1 M elements", "rel", (ssq_gpu - ssq_cpu).abs() / ssq_cpu, 1e-5);
-        let update = |t: i32, grad_scale: Option<f64>| AdamWUpdate {
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            decay: Some(1.0 - 1e-3 * 0.01),
-            inv_bias_correction2: 1.0 / (1.0 - 0.999f64.powi(t)).sqrt(),
-            step_size: 1e-3 / (1.0 - 0.9f64.powi(t)),
-            grad_scale,
-        };
+        let update = |t: u64, grad_scale: Option<f64>| ADAMW.update(1e-3, t, grad_scale);
         let run = |d: &Device| -> Result<Vec<Tensor>> {
             let vars: Vec<Var> = params.iter().map(|p| Var::from_tensor(&p.to_device(d)?)).collect::<candle_core::Result<_>>()?;
             let copies: Vec<Var> = vars.iter().map(|v| Var::from_tensor(&v.as_tensor().to_dtype(DType::BF16)?)).collect::<candle_core::Result<_>>()?;

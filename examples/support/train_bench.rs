@@ -82,3 +82,4 @@ pub fn out_of_memory(e: &candle_core::Error) -> Option<String> {
 pub fn gib(bytes: u64) -> f64 {
     bytes as f64 / (1u64 << 30) as f64
 }
+

@@ -24,6 +24,23 @@ pub struct AdamWParams {
     pub eps: f64,
 }
 
+impl AdamWParams {
+    /// The fused update's constants for optimizer step `step` (1-based) at rate `lr`:
+    /// `torch.optim.AdamW`'s bias corrections and decoupled weight decay.
+    pub fn update(&self, lr: f64, step: u64, grad_scale: Option<f64>) -> AdamWUpdate {
+        AdamWUpdate {
+            beta1: self.beta1,
+            beta2: self.beta2,
+            eps: self.eps,
+            decay: (self.weight_decay != 0.0).then_some(1.0 - lr * self.weight_decay),
+            // candle's `t / x` is `t * (1 / x)`: the same constant as the division had.
+            inv_bias_correction2: 1.0 / (1.0 - self.beta2.powi(step as i32)).sqrt(),
+            step_size: lr / (1.0 - self.beta1.powi(step as i32)),
+            grad_scale,
+        }
+    }
+}
+
 /// The optimizer over a fixed, named list of variables.
 pub struct AdamW {
     params: AdamWParams,
@@ -77,17 +94,7 @@ impl AdamW {
             bail!("AdamW: {} gradients for {} parameters", grads.len(), self.vars.len());
         }
         self.step += 1;
-        let AdamWParams { weight_decay, beta1, beta2, eps } = self.params;
-        let update = AdamWUpdate {
-            beta1,
-            beta2,
-            eps,
-            decay: (weight_decay != 0.0).then_some(1.0 - lr * weight_decay),
-            // candle's `t / x` is `t * (1 / x)`: the same constant as the division had.
-            inv_bias_correction2: 1.0 / (1.0 - beta2.powi(self.step as i32)).sqrt(),
-            step_size: lr / (1.0 - beta1.powi(self.step as i32)),
-            grad_scale,
-        };
+        let update = self.params.update(lr, self.step, grad_scale);
         let vars: Vec<Var> = self.vars.iter().map(|(_, v)| v.clone()).collect();
         let mut grads = grads.into_iter();
         for range in groups(&vars, GROUP_ELEMENTS) {
