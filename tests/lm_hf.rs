@@ -327,6 +327,12 @@ fn layer_plans_and_validation() {
     let out = model.forward(&ids, None, true).unwrap();
     assert_eq!(out.router_logits.iter().map(|r| r.dims().to_vec()).collect::<Vec<_>>(), vec![vec![4, 8], vec![4, 16]]);
     assert_eq!(model.vars().unwrap().len(), varmap.all_vars().len());
+    // the parameter counts are the built model's: in all, and the routed experts' share
+    let data = varmap.data().lock().unwrap();
+    let count = |keep: &dyn Fn(&str) -> bool| data.iter().filter(|(n, _)| keep(n)).map(|(_, v)| v.elem_count()).sum::<usize>();
+    assert_eq!(cfg.num_parameters(), count(&|_| true));
+    assert_eq!(cfg.routed_experts_params(), count(&|n| n.contains(".experts.")));
+    drop(data);
 
     let all = LayerMlp::moe_every_layer(3, |_| moe.clone());
     assert!(all.iter().all(|l| l.moe().is_some()));

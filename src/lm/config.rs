@@ -413,10 +413,7 @@ impl LmConfig {
         let bias = if self.attention_bias { q + 2 * kv } else { 0 };
         let qk_norm = if self.qk_norm { q + kv } else { 0 };
         let attention = d * q + 2 * d * kv + q * d + bias + qk_norm + 2 * d;
-        let mlp = |form: ExpertForm, width: usize| match form {
-            ExpertForm::Swiglu => 3 * d * width,
-            ExpertForm::GeluBias | ExpertForm::GeluErfBias => 2 * d * width + width + d,
-        };
+        let mlp = |form: ExpertForm, width: usize| self.mlp_params(form, width);
         let (mut total, mut active) = (0, 0);
         for layer in &self.layers {
             let (t, a) = match layer {
@@ -438,6 +435,21 @@ impl LmConfig {
         }
         let embeddings = self.vocab_size * d * if self.tie_word_embeddings { 1 } else { 2 } + d;
         (total + embeddings, active + embeddings)
+    }
+
+    /// Parameters of one MLP `width` wide: SwiGLU's three projections, or GELU's two with biases.
+    fn mlp_params(&self, form: ExpertForm, width: usize) -> usize {
+        let d = self.hidden_size;
+        match form {
+            ExpertForm::Swiglu => 3 * d * width,
+            ExpertForm::GeluBias | ExpertForm::GeluErfBias => 2 * d * width + width + d,
+        }
+    }
+
+    /// Parameters of the routed experts of every MoE layer: what expert parallelism splits over
+    /// its ranks (routers, shared and residual MLPs are replicated).
+    pub fn routed_experts_params(&self) -> usize {
+        self.layers.iter().filter_map(LayerMlp::moe).map(|m| m.num_experts * self.mlp_params(m.expert_form, m.expert_intermediate_size)).sum()
     }
 
     /// All parameters ([`Self::parameter_counts`]'s total).
