@@ -265,11 +265,22 @@ impl Rendezvous {
     /// others connect to `MASTER_ADDR:MASTER_PORT` (retrying while rank 0 is not up yet); both
     /// give up after `join_timeout`. `timeout` is how long collectives wait for a silent peer.
     pub fn join_with_timeouts(info: &WorldInfo, join_timeout: Duration, timeout: Duration) -> Result<Self> {
+        Self::join_inner(info, None, join_timeout, timeout)
+    }
+
+    /// Joins as rank 0 on a listener it has bound already (its port is `info.master_port`): a
+    /// sub-group's leader binds a free port, tells the members, and accepts on that same
+    /// socket, so no other process can take the port in between.
+    pub fn join_on(info: &WorldInfo, listener: TcpListener) -> Result<Self> {
+        Self::join_inner(info, Some(listener), DEFAULT_JOIN_TIMEOUT, DEFAULT_TIMEOUT)
+    }
+
+    fn join_inner(info: &WorldInfo, listener: Option<TcpListener>, join_timeout: Duration, timeout: Duration) -> Result<Self> {
         let (rank, world) = (info.rank, info.world_size);
         let deadline = Instant::now() + join_timeout;
         let mut streams: Vec<Option<TcpStream>> = (0..world).map(|_| None).collect();
         if world > 1 && rank == 0 {
-            accept_all(info, deadline, &mut streams)?;
+            accept_all(info, listener, deadline, &mut streams)?;
         } else if world > 1 {
             streams[0] = Some(connect(info, deadline)?);
         }
@@ -421,14 +432,19 @@ fn resolve(info: &WorldInfo) -> Result<SocketAddr> {
         .ok_or_else(|| Error::Msg(format!("MASTER_ADDR={}: resolves to no address", info.master_addr)))
 }
 
-/// Rank 0: listens on every interface of `MASTER_ADDR`'s address family and takes one
-/// connection from each other rank.
-fn accept_all(info: &WorldInfo, deadline: Instant, streams: &mut [Option<TcpStream>]) -> Result<()> {
-    let any = match resolve(info)?.ip() {
-        IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-        IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+/// Rank 0: listens on every interface of `MASTER_ADDR`'s address family (or on the listener it
+/// was given) and takes one connection from each other rank.
+fn accept_all(info: &WorldInfo, listener: Option<TcpListener>, deadline: Instant, streams: &mut [Option<TcpStream>]) -> Result<()> {
+    let listener = match listener {
+        Some(l) => l,
+        None => {
+            let any = match resolve(info)?.ip() {
+                IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+                IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+            };
+            TcpListener::bind((any, info.master_port)).map_err(|e| Error::Msg(format!("rank 0 cannot listen on MASTER_PORT={}: {e}", info.master_port)))?
+        }
     };
-    let listener = TcpListener::bind((any, info.master_port)).map_err(|e| Error::Msg(format!("rank 0 cannot listen on MASTER_PORT={}: {e}", info.master_port)))?;
     listener.set_nonblocking(true)?;
     let mut missing = info.world_size - 1;
     while missing > 0 {

@@ -67,11 +67,9 @@ impl TcpComm {
         }
         let group = groups.iter().find(|g| g.contains(&me)).expect("a partition holds every rank");
         let (rank, leader) = (group.iter().position(|&r| r == me).expect("in its group"), group[0]);
-        // the leader's port: free a moment ago on every interface (the rendezvous binds it again)
-        let port = match rank {
-            0 if group.len() > 1 => TcpListener::bind((Ipv4Addr::UNSPECIFIED, 0)).and_then(|l| l.local_addr()).map(|a| a.port())?,
-            _ => 0,
-        };
+        // the leader binds a free port on every interface and accepts its members on it
+        let listener = if rank == 0 && group.len() > 1 { Some(TcpListener::bind((Ipv4Addr::UNSPECIFIED, 0))?) } else { None };
+        let port = listener.as_ref().map(|l| l.local_addr().map(|a| a.port())).transpose()?.unwrap_or(0);
         let mut mine = Vec::new();
         put(&mut mine, usize::from(port));
         // rank 0 answers each rank with its leader's host, as rank 0's connection sees it
@@ -96,7 +94,11 @@ impl TcpComm {
             Err(e) => bail!("tcp split: rank {leader}'s address: {e}"),
         };
         let info = WorldInfo { rank, world_size: group.len(), local_rank: 0, master_addr: host, master_port: port.max(1) };
-        let rdv = Rendezvous::join(&info).map_err(|e| job.report_error(format!("rank {me}: joining the group of ranks {group:?}: {e}")))?;
+        let joined = match listener {
+            Some(l) => Rendezvous::join_on(&info, l),
+            None => Rendezvous::join(&info),
+        };
+        let rdv = joined.map_err(|e| job.report_error(format!("rank {me}: joining the group of ranks {group:?}: {e}")))?;
         Ok(Self { rdv: Arc::new(rdv), job: Some(job) })
     }
 
