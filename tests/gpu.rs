@@ -550,7 +550,7 @@ fn run_checks(dev: &Device, section: &str) -> Result<Table> {
             let zeros = || vars.iter().map(|v| v.zeros_like()).collect::<candle_core::Result<Vec<_>>>();
             let (mut m, mut v) = (zeros()?, zeros()?);
             for (step, g) in grads.iter().enumerate() {
-                adamw_update(&vars, Some(&copies), &on(g, d)?, &mut m, &mut v, &update(step as i32 + 1, (step == 1).then_some(0.37)))?;
+                adamw_update(&vars, Some(&copies), &on(g, d)?, &mut m, &mut v, &update(step as u64 + 1, (step == 1).then_some(0.37)))?;
             }
             Ok(vec![host_cat(&tensors(&vars))?, host_cat(&m)?, host_cat(&v)?, host_cat(&tensors(&copies))?])
         };
