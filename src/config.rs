@@ -315,9 +315,16 @@ impl DitConfig {
         serde_json::to_string_pretty(self).expect("config serialises")
     }
 
-    /// The bytes of the model's weights stored in `dtype`.
-    pub fn weight_bytes(&self, dtype: candle_core::DType) -> u64 {
-        self.param_counts().0 as u64 * dtype.size_in_bytes() as u64
+    /// The parameters one rank holds when the routed experts are split over `expert_parallel`
+    /// ranks (1: the whole model).
+    pub fn params_per_rank(&self, expert_parallel: usize) -> usize {
+        self.param_counts().0 - self.routed_experts_params() * (expert_parallel - 1) / expert_parallel
+    }
+
+    /// The bytes of one rank's weights stored in `dtype`, the routed experts split over
+    /// `expert_parallel` ranks.
+    pub fn weight_bytes(&self, dtype: candle_core::DType, expert_parallel: usize) -> u64 {
+        self.params_per_rank(expert_parallel) as u64 * dtype.size_in_bytes() as u64
     }
 
     /// Total and activated (per token: shared + k routed experts) parameter counts. For ProMoE,

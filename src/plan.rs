@@ -187,6 +187,11 @@ impl ExecutionPlan {
         self
     }
 
+    /// Ranks the MoE layers split their routed experts over (1: every rank holds them all).
+    pub fn expert_parallel_size(&self) -> usize {
+        self.expert_parallel.as_ref().map_or(1, |ep| ep.world_size())
+    }
+
     pub fn weight_dtype(&self) -> DType {
         self.precision.weight_dtype()
     }

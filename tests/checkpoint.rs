@@ -72,8 +72,9 @@ fn tiny_config() -> DitConfig {
 
 /// The tiny model's output from a state dict file, compared with the official output.
 fn check_tiny_output(weights: &Path) {
-    let vb = load_state_dict(weights).unwrap().into_var_builder(&tiny_config(), DType::F32, &Device::Cpu).unwrap();
-    let model = ditmoe::DitMoe::new(&tiny_config(), &ditmoe::ExecutionPlan::inference(&Device::Cpu, ditmoe::Precision::F32), vb).unwrap();
+    let plan = ditmoe::ExecutionPlan::inference(&Device::Cpu, ditmoe::Precision::F32);
+    let vb = load_state_dict(weights).unwrap().into_var_builder(&tiny_config(), &plan).unwrap();
+    let model = ditmoe::DitMoe::new(&tiny_config(), &plan, vb).unwrap();
     let io = load_fixture("models/tiny/io.safetensors");
     let out = model.forward(&io["x"], &io["t"], &io["y"]).unwrap();
     assert_close("tiny out", &out, &io["out"], 1e-4);
@@ -273,7 +274,7 @@ fn oversized_configs_are_refused_before_allocating() {
     big.mlp_ratio = 8;
     big.validate().unwrap();
     let plan = ditmoe::ExecutionPlan::inference(&Device::Cpu, ditmoe::Precision::F32);
-    let bytes = big.weight_bytes(DType::F32);
+    let bytes = big.weight_bytes(DType::F32, 1);
     assert!(bytes > 1 << 45, "{bytes}");
     let err = plan.check_fits("the model's weights", bytes).unwrap_err().to_string();
     assert!(err.contains("the model's weights needs about") && err.contains("GiB available"), "{err}");
@@ -317,5 +318,24 @@ fn fuzz_regressions_fail_with_named_errors() {
     for name in ["pickle-short-rebuild-args.pt", "pickle-long1-too-wide.pt"] {
         let err = load_state_dict(&fixture_path(&format!("fuzz/{name}"))).unwrap_err().to_string();
         assert!(err.contains(name), "{err}");
+    }
+}
+
+/// Under expert parallelism a rank's VarBuilder holds its own routed experts only (the others
+/// never reach its device), every other tensor whole, and the memory check counts that share.
+#[test]
+fn each_rank_loads_its_own_experts() {
+    let cfg = tiny_config();
+    let e = cfg.num_experts;
+    let weights = fixture_path("models/tiny/model.safetensors");
+    for (rank, comm) in ditmoe::dist::LocalGroup::new(2).into_iter().enumerate() {
+        let plan = ditmoe::ExecutionPlan::inference(&Device::Cpu, ditmoe::Precision::F32).with_expert_parallel(std::sync::Arc::new(comm));
+        let vb = load_state_dict(&weights).unwrap().into_var_builder(&cfg, &plan).unwrap();
+        for id in 0..e {
+            let mine = (rank * e / 2..(rank + 1) * e / 2).contains(&id);
+            assert_eq!(vb.contains_tensor(&format!("blocks.0.moe.experts.{id}.gate_proj.weight")), mine, "rank {rank}, expert {id}");
+        }
+        assert!(vb.contains_tensor("blocks.0.moe.gate.weight") && vb.contains_tensor("pos_embed"));
+        assert_eq!(cfg.weight_bytes(DType::F32, 2), ((cfg.param_counts().0 - cfg.routed_experts_params() / 2) * 4) as u64);
     }
 }

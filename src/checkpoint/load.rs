@@ -6,6 +6,7 @@
 use super::error::{and_more, CheckpointError};
 use super::shapes::expected_parameters;
 use crate::config::DitConfig;
+use crate::plan::ExecutionPlan;
 use candle_core::{CpuStorage, DType, Device, Result, Storage, Tensor};
 use candle_nn::VarBuilder;
 use std::collections::HashMap;
@@ -133,15 +134,26 @@ impl StateDict {
         Ok(())
     }
 
-    /// Validates, converts to `dtype` and moves to `device`, as a VarBuilder for `DitMoe::new`.
-    /// On a GPU each tensor is converted there, after the copy: the CPU converts one element
-    /// at a time (seconds per billion parameters), the GPU in a kernel, to the same values
-    /// (both round to nearest even).
-    pub fn into_var_builder(self, cfg: &DitConfig, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
+    /// Validates, converts to the plan's weight dtype and moves to its device, as a VarBuilder
+    /// for `DitMoe::new` with that plan. On a GPU each tensor is converted there, after the copy:
+    /// the CPU converts one element at a time (seconds per billion parameters), the GPU in a
+    /// kernel, to the same values (both round to nearest even). Under expert parallelism the
+    /// other ranks' routed experts are dropped before anything moves: a model sharded because it
+    /// does not fit one GPU puts only its rank's share there.
+    pub fn into_var_builder(self, cfg: &DitConfig, plan: &ExecutionPlan) -> Result<VarBuilder<'static>> {
         self.validate(cfg)?;
+        let local = match plan.expert_parallel.as_ref().filter(|ep| ep.world_size() > 1) {
+            Some(ep) => Some(ep.local_experts(cfg.moe_config().total_experts())?),
+            None => None,
+        };
+        let (dtype, device) = (plan.weight_dtype(), &plan.device);
         let tensors = self
             .tensors
             .into_iter()
+            .filter(|(n, _)| match (&local, routed_expert_id(n)) {
+                (Some(local), Some(id)) => local.contains(&id),
+                _ => true,
+            })
             .map(|(n, t)| {
                 let t = if device.is_cpu() { t.to_dtype(dtype)? } else { t.to_device(device)?.to_dtype(dtype)? };
                 Ok((n, t))
@@ -149,6 +161,13 @@ impl StateDict {
             .collect::<Result<HashMap<_, _>>>()?;
         Ok(VarBuilder::from_tensors(tensors, dtype, device))
     }
+}
+
+/// The global id of a routed expert's tensor (`blocks.<i>.moe.experts.<id>.…`, ProMoE's
+/// `blocks.<i>.mlp.experts.<id>.…`); None for every other tensor, the shared experts' included.
+fn routed_expert_id(name: &str) -> Option<usize> {
+    let (_, rest) = name.split_once(".experts.")?;
+    rest.split('.').next()?.parse().ok()
 }
 
 /// How many elements of a float tensor are NaN or infinite, counted in place on the CPU (no

@@ -45,8 +45,8 @@ impl ModelDir {
 
     /// The model, its weights in the plan's dtype on its device.
     pub fn load(&self, plan: &ExecutionPlan) -> Result<DitMoe> {
-        plan.check_fits(&format!("{}: the model's weights", self.dir.display()), self.config.weight_bytes(plan.weight_dtype()))?;
-        let vb = load_state_dict(&self.weights)?.into_var_builder(&self.config, plan.weight_dtype(), &plan.device)?;
+        plan.check_fits(&format!("{}: the model's weights", self.dir.display()), self.config.weight_bytes(plan.weight_dtype(), plan.expert_parallel_size()))?;
+        let vb = load_state_dict(&self.weights)?.into_var_builder(&self.config, plan)?;
         DitMoe::new(&self.config, plan, vb)
     }
 

@@ -168,8 +168,8 @@ impl ModelSource {
         Ok(match self {
             Self::Folder(dir) => dir.load(plan)?,
             Self::Preset { config, weights } => {
-                plan.check_fits("the model's weights", config.weight_bytes(plan.weight_dtype()))?;
-                let vb = load_state_dict(weights)?.into_var_builder(config, plan.weight_dtype(), &plan.device)?;
+                plan.check_fits("the model's weights", config.weight_bytes(plan.weight_dtype(), plan.expert_parallel_size()))?;
+                let vb = load_state_dict(weights)?.into_var_builder(config, plan)?;
                 DitMoe::new(config, plan, vb)?
             }
         })

@@ -190,7 +190,7 @@ impl LmTrainer {
         }
         // f32 weights, their gradients and AdamW's two moments: 16 bytes a parameter, of which a
         // rank holds 1/EP of the routed experts under expert parallelism
-        let ep = parallel.as_ref().map_or(1, Parallel::expert_parallel_size);
+        let ep = plan.expert_parallel_size();
         let rank_params = model_cfg.num_parameters() - model_cfg.routed_experts_params() * (ep - 1) / ep;
         plan.check_fits("training the language model (weights, gradients, optimizer state)", 16 * rank_params as u64)?;
         // the teacher is checked against the student before anything is written

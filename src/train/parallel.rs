@@ -118,11 +118,6 @@ impl Parallel {
         self.ep.is_some()
     }
 
-    /// Ranks the routed experts are split over (1 when they are replicated).
-    pub fn expert_parallel_size(&self) -> usize {
-        self.ep.as_ref().map_or(1, |e| e.world_size())
-    }
-
     /// Rank 0 writes the run's files.
     pub fn writes(&self) -> bool {
         self.dp.rank() == 0

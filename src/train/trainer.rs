@@ -152,9 +152,8 @@ impl Trainer {
         let f32_grads = cfg.accumulation() > 1 || parallel.is_some();
         let per_param = 8 + ema_bytes + TrainingWeights::bytes_per_param(plan.weight_dtype(), f32_grads);
         // Under expert parallelism a rank holds 1/EP of the routed experts.
-        let ep = parallel.as_ref().map_or(1, Parallel::expert_parallel_size);
-        let rank_params = model_cfg.param_counts().0 - model_cfg.routed_experts_params() * (ep - 1) / ep;
-        plan.check_fits("training the model (weights, gradients, optimizer state, EMA)", rank_params as u64 * per_param)?;
+        let ep = plan.expert_parallel_size();
+        plan.check_fits("training the model (weights, gradients, optimizer state, EMA)", model_cfg.params_per_rank(ep) as u64 * per_param)?;
         let dataset = open_dataset(&cfg, &model_cfg)?;
         let class_names = dataset.class_names().to_vec();
         if writer {
