@@ -11,8 +11,7 @@ use common::{rel_err, rel_l2};
 use ditmoe::dist::{Communicator, LocalGroup};
 use ditmoe::lm::train_config::LmTrainConfig;
 use ditmoe::lm::trainer::{LmTrainer, TOKENIZER_FILE};
-use ditmoe::lm::{load_hf, LayerMlp, LmConfig};
-use ditmoe::moe::MoeConfig;
+use ditmoe::lm::load_hf;
 use ditmoe::plan::DataParallel;
 use ditmoe::text::Tokenizer;
 use ditmoe::train::RunStart;
@@ -21,28 +20,12 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
-const TEXT: &str = "The state of the union is strong. We the people of the united states, in order to form a more perfect union, establish justice and insure domestic tranquility. Congress shall make no law.";
 const TOL: f64 = 1e-5;
 
-
-/// Two MoE layers of 4 top-2 experts and a gated shared expert (Qwen2-MoE's form), with
-/// transformers' load-balancing loss.
-fn model_config(vocab: usize) -> LmConfig {
-    let moe = |_| MoeConfig { shared_expert_intermediate_size: 16, shared_expert_gate: true, ..common::lm::tiny_moe() };
-    common::lm::tiny_lm(vocab, LayerMlp::moe_every_nth(2, 1, moe), false, 0.05)
-}
-
-/// A corpus, a model config and a run config of 3 steps with a batch of 4 windows.
+/// The shared parallel-training run (`common::lm::parallel_run`) as a config.
 fn setup(tag: &str) -> (common::Scratch, LmTrainConfig) {
-    let (dir, data, vocab) = common::lm::scratch_corpus(tag, TEXT);
-    let model = common::lm::write_model(&dir, "model", &model_config(vocab));
-    let cfg: LmTrainConfig = serde_json::from_value(serde_json::json!({
-        "model": model, "data": data, "out": dir.join("run"),
-        "seq_len": 16, "batch_size": 4, "steps": 3, "lr": 3e-3, "warmup_steps": 1,
-        "log_every": 1, "ckpt_every": 100, "eval_batches": 1, "max_grad_norm": 0.5, "adam_eps": 1e-6
-    }))
-    .unwrap();
-    (dir, cfg)
+    let (dir, cfg) = common::lm::parallel_run(tag);
+    (dir, serde_json::from_value(cfg).unwrap())
 }
 
 fn training() -> ExecutionPlan {

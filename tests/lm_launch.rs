@@ -8,13 +8,9 @@ mod common;
 use candle_core::Device;
 use common::{rel_err, scratch_dir};
 use ditmoe::lm::trainer::TOKENIZER_FILE;
-use ditmoe::lm::{LayerMlp, LmConfig};
-use ditmoe::moe::MoeConfig;
 use ditmoe::train::log::{StepLog, LOG_FILE};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-
-const TEXT: &str = "The state of the union is strong. We the people of the united states, in order to form a more perfect union, establish justice and insure domestic tranquility. Congress shall make no law.";
 
 /// The variables of a launch; the test process may run under one itself.
 const VARS: [&str; 6] = ["RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"];
@@ -41,21 +37,10 @@ fn ok(what: &str, o: &Output) {
     assert!(o.status.success(), "{what}:\n{}\n{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
 }
 
-/// Two MoE layers of 4 top-2 experts and a gated shared expert, transformers' balance loss.
-fn model_config(vocab: usize) -> LmConfig {
-    let moe = |_| MoeConfig { shared_expert_intermediate_size: 16, shared_expert_gate: true, ..common::lm::tiny_moe() };
-    common::lm::tiny_lm(vocab, LayerMlp::moe_every_nth(2, 1, moe), false, 0.05)
-}
-
-/// A corpus and a run config of 3 steps of 4 windows: (scratch folder, config path).
+/// The shared parallel-training run (`common::lm::parallel_run`), its config written to a file:
+/// (scratch folder, config path).
 fn setup(tag: &str) -> (common::Scratch, PathBuf) {
-    let (dir, data, vocab) = common::lm::scratch_corpus(tag, TEXT);
-    let model = common::lm::write_model(&dir, "model", &model_config(vocab));
-    let cfg = serde_json::json!({
-        "model": model, "data": data, "out": dir.join("run"),
-        "seq_len": 16, "batch_size": 4, "steps": 3, "lr": 3e-3, "warmup_steps": 1,
-        "log_every": 1, "ckpt_every": 100, "eval_batches": 1, "max_grad_norm": 0.5, "adam_eps": 1e-6
-    });
+    let (dir, cfg) = common::lm::parallel_run(tag);
     let path = dir.join("train.json");
     std::fs::write(&path, cfg.to_string()).unwrap();
     (dir, path)

@@ -77,3 +77,22 @@ pub fn tiny_lm(vocab: usize, layers: Vec<LayerMlp>, tie_word_embeddings: bool, r
         moe_prefix: "mlp".into(),
     }
 }
+
+/// The corpus text of the parallel-training tests.
+const PARALLEL_TEXT: &str = "The state of the union is strong. We the people of the united states, in order to form a more perfect union, establish justice and insure domestic tranquility. Congress shall make no law.";
+
+/// The run the parallel-training tests compare across layouts: a corpus, a model of two MoE
+/// layers of 4 top-2 experts and a gated shared expert (Qwen2-MoE's form) with transformers'
+/// load-balancing loss, and a training config of 3 steps of 4 windows (as JSON, for the tests
+/// that deserialise it and those that hand it to the CLI).
+pub fn parallel_run(tag: &str) -> (Scratch, serde_json::Value) {
+    let (dir, data, vocab) = scratch_corpus(tag, PARALLEL_TEXT);
+    let moe = |_| MoeConfig { shared_expert_intermediate_size: 16, shared_expert_gate: true, ..tiny_moe() };
+    let model = write_model(&dir, "model", &tiny_lm(vocab, LayerMlp::moe_every_nth(2, 1, moe), false, 0.05));
+    let cfg = serde_json::json!({
+        "model": model, "data": data, "out": dir.join("run"),
+        "seq_len": 16, "batch_size": 4, "steps": 3, "lr": 3e-3, "warmup_steps": 1,
+        "log_every": 1, "ckpt_every": 100, "eval_batches": 1, "max_grad_norm": 0.5, "adam_eps": 1e-6
+    });
+    (dir, cfg)
+}
