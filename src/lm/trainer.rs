@@ -233,6 +233,10 @@ impl LmTrainer {
         let (matrices, vectors): (Vec<_>, Vec<_>) = vars.iter().cloned().partition(|(_, v)| v.rank() >= 2);
         let mut decayed = AdamW::new(matrices, params(cfg.weight_decay))?;
         let mut undecayed = AdamW::new(vectors, params(0.0))?;
+        if let Some(p) = &mut parallel {
+            // both groups' gradients go through one reduction, decayed first
+            p.set_gradient_order(decayed.vars().iter().chain(undecayed.vars()).map(|(n, _)| n.as_str()));
+        }
 
         let (mut step, mut resumed_from) = (0, None);
         if start == RunStart::Resume {
@@ -380,10 +384,9 @@ impl LmTrainer {
         let (g_decayed, g_undecayed, grad_norm) = match &self.parallel {
             Some(p) => {
                 // both groups in one reduction (one flat all-reduce), split again after
-                let names: Vec<String> = self.decayed.vars().iter().chain(self.undecayed.vars()).map(|(n, _)| n.clone()).collect();
                 let split = g_decayed.len();
-                let mut grads = p.reduce_gradients(&names, [g_decayed, g_undecayed].concat())?;
-                let norm = p.global_norm_sq(&names, &grads)?.sqrt();
+                let mut grads = p.reduce_gradients([g_decayed, g_undecayed].concat())?;
+                let norm = p.global_norm_sq(&grads)?.sqrt();
                 let g_undecayed = grads.split_off(split);
                 self.mark("gradients reduced")?;
                 (grads, g_undecayed, norm)

@@ -48,6 +48,9 @@ pub struct Parallel {
     /// Under expert parallelism, per MoE layer: its experts' name prefix (`…<experts>.`) and
     /// this rank's global ids there.
     split: Vec<(String, Range<usize>)>,
+    /// Per gradient, in the order the trainer hands them over, whether it is a split expert's
+    /// ([`Self::set_gradient_order`]): decided once per run, read every step.
+    expert_grads: Vec<bool>,
 }
 
 /// A routed expert's tensor name split around its global id, `<head><id>.<rest>` (the head
@@ -94,7 +97,7 @@ impl Parallel {
         if p == 1 && ep.is_none() {
             return Ok(None);
         }
-        Ok(Some(Self { dp, ep, expert_dp, split: Vec::new() }))
+        Ok(Some(Self { dp, ep, expert_dp, split: Vec::new(), expert_grads: Vec::new() }))
     }
 
     /// Refuses a batch of `rows` that does not split into equal slices; `field` names it (a
@@ -187,14 +190,27 @@ impl Parallel {
             .collect())
     }
 
-    /// The gradients of the parameters `names`, summed: the replicated weights' over every
-    /// rank (one flat all-reduce), the experts' over the expert-data-parallel group (or not at
-    /// all when each expert has one owner).
-    pub fn reduce_gradients(&self, names: &[String], grads: Vec<Tensor>) -> Result<Vec<Tensor>> {
+    /// The parameters whose gradients [`Self::reduce_gradients`] and [`Self::global_norm_sq`]
+    /// will take, in that order (after every [`Self::add_split_layer`]).
+    pub fn set_gradient_order<'a>(&mut self, names: impl IntoIterator<Item = &'a str>) {
+        self.expert_grads = names.into_iter().map(|n| self.is_split_expert(n)).collect();
+    }
+
+    fn check_gradient_count(&self, n: usize) -> Result<()> {
+        if n != self.expert_grads.len() {
+            bail!("data parallelism: {n} gradients for the {} parameters of `set_gradient_order`", self.expert_grads.len())
+        }
+        Ok(())
+    }
+
+    /// The gradients, in [`Self::set_gradient_order`]'s order, summed: the replicated weights'
+    /// over every rank (one flat all-reduce), the experts' over the expert-data-parallel group
+    /// (or not at all when each expert has one owner).
+    pub fn reduce_gradients(&self, grads: Vec<Tensor>) -> Result<Vec<Tensor>> {
+        self.check_gradient_count(grads.len())?;
         let mut slots = Vec::with_capacity(grads.len());
         let (mut replicated, mut experts) = (vec![], vec![]);
-        for (name, g) in names.iter().zip(grads) {
-            let expert = self.is_split_expert(name);
+        for (&expert, g) in self.expert_grads.iter().zip(grads) {
             slots.push((expert, if expert { experts.len() } else { replicated.len() }));
             if expert { experts.push(g) } else { replicated.push(g) }
         }
@@ -206,13 +222,14 @@ impl Parallel {
         Ok(slots.into_iter().map(|(expert, i)| if expert { experts[i].clone() } else { replicated[i].clone() }).collect())
     }
 
-    /// The squared global norm of reduced gradients of the parameters `names`: the replicated
-    /// ones (equal on every rank) counted once, the split experts' summed over the
-    /// expert-parallel group (each expert once).
-    pub fn global_norm_sq(&self, names: &[String], grads: &[Tensor]) -> Result<f32> {
+    /// The squared global norm of reduced gradients (in [`Self::set_gradient_order`]'s order):
+    /// the replicated ones (equal on every rank) counted once, the split experts' summed over
+    /// the expert-parallel group (each expert once).
+    pub fn global_norm_sq(&self, grads: &[Tensor]) -> Result<f32> {
+        self.check_gradient_count(grads.len())?;
         let (mut replicated, mut experts) = (vec![], vec![]);
-        for (g, n) in grads.iter().zip(names) {
-            if self.is_split_expert(n) { experts.push(g.clone()) } else { replicated.push(g.clone()) }
+        for (g, &expert) in grads.iter().zip(&self.expert_grads) {
+            if expert { experts.push(g.clone()) } else { replicated.push(g.clone()) }
         }
         let mut sq = sum_of_squares(&replicated)?;
         if let Some(ep) = &self.ep {

@@ -110,6 +110,12 @@ pub struct Trainer {
     parallel: Option<Parallel>,
 }
 
+/// Whether a step's gradients are sums (over micro-batches or ranks), which are taken in f32
+/// ([`TrainingWeights`]); one micro-batch on one rank keeps the compute dtype.
+fn sums_gradients(cfg: &TrainConfig, parallel: &Option<Parallel>) -> bool {
+    cfg.accumulation() > 1 || parallel.is_some()
+}
+
 /// Whether the wall-clock budget (seconds) would run out before the next step and the final
 /// save: the elapsed time plus room for a few steps like the latest one and 5 s. After the
 /// run's first step only one step is reserved: that step also paid for kernel compilation and
@@ -149,8 +155,7 @@ impl Trainer {
         // gradients when summed over micro-batches or ranks). 16 bytes a parameter before any
         // activation in either precision, 20 with the EMA on the GPU.
         let ema_bytes = if cfg.ema_on_host { 0 } else { 4 };
-        let f32_grads = cfg.accumulation() > 1 || parallel.is_some();
-        let per_param = 8 + ema_bytes + TrainingWeights::bytes_per_param(plan.weight_dtype(), f32_grads);
+        let per_param = 8 + ema_bytes + TrainingWeights::bytes_per_param(plan.weight_dtype(), sums_gradients(&cfg, &parallel));
         // Under expert parallelism a rank holds 1/EP of the routed experts.
         let ep = plan.expert_parallel_size();
         plan.check_fits("training the model (weights, gradients, optimizer state, EMA)", model_cfg.params_per_rank(ep) as u64 * per_param)?;
@@ -197,6 +202,9 @@ impl Trainer {
         let params = AdamWParams { weight_decay: cfg.weight_decay, beta1: cfg.beta1, beta2: cfg.beta2, eps: cfg.adam_eps };
         let names: Vec<String> = trainable.iter().map(|(n, _)| n.clone()).collect();
         let mut opt = AdamW::new(trainable, params)?;
+        if let Some(p) = &mut parallel {
+            p.set_gradient_order(opt.vars().iter().map(|(n, _)| n.as_str()));
+        }
         if let Some(copies) = weights.model_copies(&names)? {
             opt = opt.with_model_copies(copies)?;
         }
@@ -378,7 +386,7 @@ impl Trainer {
             // One micro-batch's gradients on one rank stay in the compute dtype: AdamW widens
             // them as it reads them. A sum over micro-batches or ranks is taken in f32
             // ([`TrainingWeights`]).
-            let f32_grads = accum > 1 || self.parallel.is_some();
+            let f32_grads = sums_gradients(&self.cfg, &self.parallel);
             for (i, (name, _)) in self.opt.vars().iter().enumerate() {
                 // A parameter no expert token reached this pass has no gradient: zero.
                 // Contiguous: the fused optimizer kernels take flat tensors (a matmul weight's
@@ -402,9 +410,8 @@ impl Trainer {
         }
         let (grads, grad_norm) = match &self.parallel {
             Some(p) => {
-                let names: Vec<String> = self.opt.vars().iter().map(|(n, _)| n.clone()).collect();
-                let grads = p.reduce_gradients(&names, grads)?;
-                let norm = p.global_norm_sq(&names, &grads)?.sqrt();
+                let grads = p.reduce_gradients(grads)?;
+                let norm = p.global_norm_sq(&grads)?.sqrt();
                 self.mark("gradients reduced")?;
                 (grads, norm)
             }
