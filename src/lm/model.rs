@@ -81,13 +81,7 @@ impl LmModel {
     /// experts' checkpoint-name prefix (`model.layers.<i>.<moe_prefix>.<experts>.`) and the
     /// global ids this rank holds there. Empty when every expert is here.
     pub fn split_experts(&self) -> Vec<(String, std::ops::Range<usize>)> {
-        let layers = self.layers.iter().enumerate();
-        layers
-            .filter_map(|(i, layer)| {
-                let moe = layer.moe().filter(|m| m.local_experts() != (0..m.config().total_experts()))?;
-                Some((format!("model.layers.{i}.{}.{}.", self.cfg.moe_prefix, moe.config().names.experts), moe.local_experts()))
-            })
-            .collect()
+        self.layers.iter().filter_map(|layer| layer.moe()?.split_experts()).collect()
     }
 
     /// Every parameter by its checkpoint name (the tied `lm_head` is not listed).

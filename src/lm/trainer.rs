@@ -210,7 +210,9 @@ impl LmTrainer {
         let mut vars: Vec<(String, Var)> = varmap.data().lock().expect("varmap lock").iter().map(|(n, v)| (n.clone(), v.clone())).collect();
         vars.sort_by(|a, b| a.0.cmp(&b.0));
         if let Some(p) = &mut parallel {
-            find_split_experts(p, &model);
+            for (prefix, local) in model.split_experts() {
+                p.add_split_layer(prefix, local);
+            }
         }
         match &parallel {
             Some(p) if p.splits_experts() => {
@@ -618,15 +620,6 @@ fn check_distill(out: &Path, distill: Option<&DistillConfig>) -> Result<()> {
 type Named = Vec<(String, Tensor)>;
 
 /// Records, under expert parallelism, which MoE layers hold a block of the experts (all).
-fn find_split_experts(parallel: &mut Parallel, model: &LmModel) {
-    let cfg = model.config();
-    for (i, layer) in model.layers().iter().enumerate() {
-        if let Some(moe) = layer.moe().filter(|m| m.local_experts() != (0..m.config().total_experts())) {
-            parallel.add_split_layer(format!("model.layers.{i}.{}.{}.", cfg.moe_prefix, moe.config().names.experts), moe.local_experts());
-        }
-    }
-}
-
 /// This rank's part of the global batch's loss ([`LmModel::loss_from_output`] on the
 /// whole batch): its mean cross-entropy and layer balance losses times its share, and its
 /// share of transformers' load-balancing loss over the global batch.

@@ -203,6 +203,13 @@ impl MoeLayer {
     pub fn local_experts(&self) -> Range<usize> {
         self.local_experts.clone()
     }
+
+    /// Under expert parallelism, the name prefix of this layer's routed experts
+    /// (`<layer prefix>.<experts>.`, followed by the global id) and this rank's ids; None when
+    /// the rank holds every expert. What checkpoints and gradient reductions key split experts by.
+    pub fn split_experts(&self) -> Option<(String, Range<usize>)> {
+        (self.local_experts != (0..self.cfg.total_experts())).then(|| (format!("{}.{}.", self.name, self.cfg.names.experts), self.local_experts()))
+    }
     pub fn shared_expert(&self) -> Option<&SharedExpert> {
         self.shared.as_ref()
     }

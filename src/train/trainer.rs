@@ -176,12 +176,8 @@ impl Trainer {
         let all_vars = weights.masters();
         match &mut parallel {
             Some(p) if p.splits_experts() => {
-                // DitBlock names its MoE layer `moe` (DiT-MoE) or `mlp` (ProMoE)
-                let ffn = if model_cfg.promoe.is_some() { "mlp" } else { "moe" };
-                for (i, block) in model.blocks().iter().enumerate() {
-                    if let Some(moe) = block.moe() {
-                        p.add_split_layer(format!("blocks.{i}.{ffn}.{}.", moe.config().names.experts), moe.local_experts());
-                    }
+                for (prefix, local) in model.blocks().iter().filter_map(|b| b.moe()?.split_experts()) {
+                    p.add_split_layer(prefix, local);
                 }
                 // the P = 1 stream, the experts held elsewhere drawn into placeholders
                 let mut all = all_vars.to_vec();
