@@ -45,7 +45,7 @@ pub struct TrainArgs {
     /// Stop (checkpoint + EMA export) before this many minutes have passed.
     #[arg(long)]
     max_minutes: Option<f64>,
-    /// AdamW learning rate, constant after warm-up [default: 1e-4]
+    /// AdamW learning rate after the warm-up: constant, or the config's cosine decay (`min_lr_ratio`) [default: 1e-4]
     #[arg(long)]
     lr: Option<f64>,
     /// Steps of linear learning-rate warm-up [default: 0]
