@@ -345,13 +345,10 @@ fn train_rows(world: Option<&World>, device: &Device, batches: &[usize], set: Se
 fn main() -> Result<()> {
     let device = match arg("--device", "cpu").as_str() {
         "cpu" => Device::Cpu,
-        _ => ditmoe::runtime::graph::cuda_device(0)?,
+        // the communicator is made for this device: LOCAL_RANK's GPU when launched
+        _ => ditmoe::runtime::graph::cuda_device(ditmoe::dist::local_gpu())?,
     };
     let world = World::from_env(&device)?;
-    let device = match (&world, &device) {
-        (Some(w), Device::Cuda(_)) => ditmoe::runtime::graph::cuda_device(w.local_rank())?,
-        _ => device,
-    };
     let models: Vec<String> = list("--models", "S/2,XL/2").iter().map(|m| format!("DiT-MoE-{m}-8E2A")).collect();
     let batches: Vec<usize> = list("--batches", "1").iter().map(|b| b.parse()).collect::<Result<_, _>>()?;
     let set = Settings {

@@ -49,9 +49,7 @@ pub fn device(name: &str) -> anyhow::Result<Device> {
     match name {
         "cpu" => Ok(Device::Cpu),
         "cuda" => {
-            // a launched process drives LOCAL_RANK's GPU (torchrun's convention: its workers call
-            // `torch.cuda.set_device(local_rank)`); a plain run the first one
-            let gpu = std::env::var("LOCAL_RANK").ok().and_then(|v| v.trim().parse().ok()).unwrap_or(0);
+            let gpu = ditmoe::dist::local_gpu();
             ditmoe::runtime::graph::cuda_device(gpu).map_err(|e| usage(format!("--device cuda (GPU {gpu}): {e}")))
         }
         other => Err(usage(format!("--device: unknown device `{other}` (cpu or cuda)"))),

@@ -30,4 +30,4 @@ pub use nccl::NcclComm;
 pub use rendezvous::{Rendezvous, WorldInfo};
 pub use static_capacity::StaticCapacity;
 pub use tcp::TcpComm;
-pub use world::World;
+pub use world::{local_gpu, World};

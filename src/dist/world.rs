@@ -71,6 +71,13 @@ pub fn expert_layout(world: usize, ep: usize) -> Result<(Partition, Partition)> 
     Ok((ep_groups, edp_groups))
 }
 
+/// The GPU this process drives: `LOCAL_RANK`'s in a launched job (torchrun's convention: its
+/// workers call `torch.cuda.set_device(local_rank)`), else the first. A CUDA device for
+/// [`World::from_env`] must be made on it.
+pub fn local_gpu() -> usize {
+    std::env::var("LOCAL_RANK").ok().and_then(|v| v.trim().parse().ok()).unwrap_or(0)
+}
+
 impl World {
     /// Joins the job that torchrun's variables describe (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`,
     /// `MASTER_ADDR`, `MASTER_PORT`), and makes the whole job's communicator for `device`'s
