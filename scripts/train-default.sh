@@ -71,7 +71,7 @@ eval)
     [ -f assets/fashion-mnist-classifier/model.safetensors ] ||
         cargo run -- eval --data "$FMNIST/test" --fit-classifier "$FMNIST/train" --epochs 4 --classifier-only
     cargo run -- eval --model assets/fashion-mnist --data "$FMNIST/test" --per-class 100 \
-        --grid docs/fashion-mnist-grid.png --json docs/fashion-mnist-eval.json
+        --grid docs/fashion-mnist-eval-grid.png --json docs/fashion-mnist-eval.json
     ;;
 *)
     sed -n 2,8p "$0"
