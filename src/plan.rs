@@ -210,12 +210,17 @@ impl ExecutionPlan {
         self.on_cuda() && !self.trainable()
     }
 
-    /// Memory the plan's device has available now, in bytes: the GPU's free memory on CUDA,
-    /// the system's `MemAvailable` on the CPU (Linux); None where it cannot be told.
+    /// Memory the plan's device has available now, in bytes: on CUDA the GPU's free memory plus
+    /// the freed blocks candle's memory pool keeps (an earlier model's, say), which the driver
+    /// counts as used; the system's `MemAvailable` on the CPU (Linux); None where it cannot be
+    /// told.
     pub fn available_memory(&self) -> Option<u64> {
         match &self.device {
             #[cfg(feature = "cuda")]
-            Device::Cuda(d) => d.cuda_stream().context().mem_get_info().ok().map(|(free, _)| free as u64),
+            Device::Cuda(d) => {
+                let free = d.cuda_stream().context().mem_get_info().ok()?.0 as u64;
+                Some(free + crate::runtime::memory::pooled_free_bytes(&self.device).ok().flatten().unwrap_or(0))
+            }
             Device::Cpu => {
                 let info = std::fs::read_to_string("/proc/meminfo").ok()?;
                 let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;

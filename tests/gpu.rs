@@ -1382,3 +1382,36 @@ fn nccl_world_of_one_checks() -> Result<()> {
     drop(world);
     Ok(())
 }
+
+/// Running out of device memory names what ran out and what the earlier stages hold
+/// (`train::memory_stages`): a 1 GiB stage is counted as 1.0 GiB, and a stage that asks for more
+/// than the GPU has fails with a message naming it and the 1 GiB stage before it; the pool's
+/// freed blocks count as available to the next run (`ExecutionPlan::available_memory`).
+#[test]
+fn out_of_memory_names_the_stage() {
+    #[cfg(feature = "cuda")]
+    {
+        use ditmoe::train::memory_stages::MemoryStages;
+        let Ok(dev) = Device::new_cuda(0) else {
+            eprintln!("out_of_memory_names_the_stage: skipped: no CUDA device");
+            return;
+        };
+        let plan = ExecutionPlan::training(&dev, Precision::F32);
+        let available = plan.available_memory().expect("a GPU tells its free memory");
+        let mut stages = MemoryStages::new(&dev).unwrap();
+        let gib = Tensor::zeros(1 << 28, DType::F32, &dev);
+        let held = stages.stage("a 1 GiB tensor", || gib).unwrap();
+        assert!(stages.summary().contains("a 1 GiB tensor 1.0 GiB"), "{}", stages.summary());
+        let too_much = (available as usize / 4) * 2;
+        let err = stages.stage("twice the free memory", || Tensor::zeros(too_much, DType::F32, &dev)).err().expect("more than the GPU has");
+        let msg = err.to_string();
+        assert!(msg.contains("out of device memory allocating twice the free memory") && msg.contains("a 1 GiB tensor 1.0 GiB"), "{msg}");
+        drop(held);
+        dev.synchronize().unwrap();
+        let after = plan.available_memory().unwrap();
+        assert!(after + (64 << 20) >= available, "the pool's freed blocks count as available: {after} after, {available} before");
+        println!("out-of-memory report: {msg}");
+    }
+    #[cfg(not(feature = "cuda"))]
+    eprintln!("out_of_memory_names_the_stage: skipped: built without the `cuda` feature");
+}

@@ -76,7 +76,7 @@ pub fn time_steps(trainer: &mut Trainer, warmup: usize, steps: usize, device: &D
 /// The first line of an error that says the configuration does not fit the device (the CUDA
 /// allocator's `OUT_OF_MEMORY`, or the trainer's estimate refusing it: "needs about … GiB").
 pub fn out_of_memory(e: &candle_core::Error) -> Option<String> {
-    (format!("{e:?}").contains("OUT_OF_MEMORY") || e.to_string().contains("needs about")).then(|| e.to_string().lines().next().unwrap_or("").to_string())
+    (memory::is_out_of_memory(e) || e.to_string().contains("needs about")).then(|| e.to_string().lines().next().unwrap_or("").to_string())
 }
 
 pub fn gib(bytes: u64) -> f64 {

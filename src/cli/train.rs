@@ -222,6 +222,9 @@ fn train_in(a: &TrainArgs, cfg: TrainConfig, device: &candle_core::Device, world
         return Ok(());
     }
     if let Some(p) = trainer.profile() {
+        if trainer.memory_stages().counted() {
+            eprintln!("device memory before the first step: {}", trainer.memory_stages().summary());
+        }
         eprintln!("{}", p.table());
     }
     if let Some(from) = &summary.resumed_from {

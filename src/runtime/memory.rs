@@ -1,16 +1,17 @@
-//! The peak of the device memory in use (`ditmoe train --profile`, `examples/bench_train`):
-//! what `torch.cuda.max_memory_allocated` reports for PyTorch. candle allocates every tensor
-//! with `cuMemAllocAsync` from the device's default memory pool, whose `USED_MEM_HIGH`
-//! attribute is the high-water mark of the bytes handed out to tensors (freed blocks the pool
+//! The device memory in use and its peak (`ditmoe train --profile`, `examples/bench_train`,
+//! the trainer's out-of-memory report): what `torch.cuda.memory_allocated` and
+//! `torch.cuda.max_memory_allocated` report for PyTorch. candle allocates every tensor with
+//! `cuMemAllocAsync` from the device's default memory pool, whose `USED_MEM_CURRENT` and
+//! `USED_MEM_HIGH` attributes count the bytes handed out to tensors (freed blocks the pool
 //! keeps for reuse are not counted; cuBLAS's workspace, allocated outside the pool, is not
-//! either). Setting the attribute to 0 starts a new window.
+//! either). Setting `USED_MEM_HIGH` to 0 starts a new peak window.
 use candle_core::{Device, Result};
 
 /// Starts a new peak window on `device` (nothing on the CPU).
 pub fn reset_peak(device: &Device) -> Result<()> {
     match device {
         #[cfg(feature = "cuda")]
-        Device::Cuda(d) => pool_attribute(d, &mut 0, true),
+        Device::Cuda(d) => pool_attribute(d, PoolAttribute::UsedHigh, &mut 0, true),
         _ => Ok(()),
     }
 }
@@ -21,21 +22,66 @@ pub fn peak_bytes(device: &Device) -> Result<Option<u64>> {
         #[cfg(feature = "cuda")]
         Device::Cuda(d) => {
             let mut high = 0u64;
-            pool_attribute(d, &mut high, false)?;
+            pool_attribute(d, PoolAttribute::UsedHigh, &mut high, false)?;
             Ok(Some(high))
         }
         _ => Ok(None),
     }
 }
 
-/// Reads (`set` false) or writes the default pool's `USED_MEM_HIGH` through `value`.
+/// The bytes handed out to live tensors now (`torch.cuda.memory_allocated`); None on the CPU.
+pub fn in_use_bytes(device: &Device) -> Result<Option<u64>> {
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(d) => {
+            let mut used = 0u64;
+            pool_attribute(d, PoolAttribute::UsedCurrent, &mut used, false)?;
+            Ok(Some(used))
+        }
+        _ => Ok(None),
+    }
+}
+
+/// The bytes the pool holds in freed blocks (reserved but not in use): free for this process's
+/// next tensors, though the driver counts them as used (`cuMemGetInfo`). None on the CPU.
+pub fn pooled_free_bytes(device: &Device) -> Result<Option<u64>> {
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(d) => {
+            let (mut reserved, mut used) = (0u64, 0u64);
+            pool_attribute(d, PoolAttribute::ReservedCurrent, &mut reserved, false)?;
+            pool_attribute(d, PoolAttribute::UsedCurrent, &mut used, false)?;
+            Ok(Some(reserved.saturating_sub(used)))
+        }
+        _ => Ok(None),
+    }
+}
+
+/// Whether `e` is the CUDA allocator running out of device memory.
+pub fn is_out_of_memory(e: &candle_core::Error) -> bool {
+    format!("{e:?}").contains("OUT_OF_MEMORY")
+}
+
 #[cfg(feature = "cuda")]
-fn pool_attribute(dev: &candle_core::CudaDevice, value: &mut u64, set: bool) -> Result<()> {
+#[derive(Clone, Copy)]
+enum PoolAttribute {
+    UsedHigh,
+    UsedCurrent,
+    ReservedCurrent,
+}
+
+/// Reads (`set` false) or writes the default pool's `attribute` through `value`.
+#[cfg(feature = "cuda")]
+fn pool_attribute(dev: &candle_core::CudaDevice, attribute: PoolAttribute, value: &mut u64, set: bool) -> Result<()> {
     use candle_core::cuda_backend::cudarc::driver::sys;
     let ctx = dev.cuda_stream().context().clone();
     ctx.bind_to_thread().map_err(candle_core::Error::wrap)?;
     let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
-    let attr = sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH;
+    let attr = match attribute {
+        PoolAttribute::UsedHigh => sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+        PoolAttribute::UsedCurrent => sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_CURRENT,
+        PoolAttribute::ReservedCurrent => sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT,
+    };
     // Safety: `pool` receives the device's default pool; the attribute is a u64.
     let status = unsafe {
         match sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) {
@@ -46,6 +92,6 @@ fn pool_attribute(dev: &candle_core::CudaDevice, value: &mut u64, set: bool) -> 
     };
     match status {
         sys::CUresult::CUDA_SUCCESS => Ok(()),
-        e => candle_core::bail!("cuda: the memory pool's peak: {e:?}"),
+        e => candle_core::bail!("cuda: the memory pool's bytes in use: {e:?}"),
     }
 }

@@ -8,6 +8,7 @@ pub mod ema;
 pub mod init;
 pub mod kernels;
 pub mod log;
+pub mod memory_stages;
 pub mod lr_schedule;
 pub mod mixed_precision;
 pub mod pad;

@@ -34,6 +34,7 @@ use super::ema::Ema;
 use super::init::{initialize, is_frozen};
 use super::log::{JsonlLog, StepLog};
 use super::mixed_precision::TrainingWeights;
+use super::memory_stages::MemoryStages;
 use super::profile::StepProfile;
 use super::rng::{drop_labels, randn, step_rng, Stream};
 use super::parallel::Parallel;
@@ -106,6 +107,10 @@ pub struct Trainer {
     warnings: Vec<String>,
     /// Per-phase step timings (`ditmoe train --profile`).
     profile: Option<StepProfile>,
+    /// The device memory of each stage of [`Trainer::new`], for out-of-memory errors.
+    memory: MemoryStages,
+    /// The step phase last finished, which an out-of-memory error names.
+    last_phase: &'static str,
     /// How this rank trains with the others (None: alone).
     parallel: Option<Parallel>,
 }
@@ -170,11 +175,12 @@ impl Trainer {
 
         // The model's weights in the plan's dtype; the f32 masters are initialised and loaded,
         // then copied to the model (see docs/quality.md for why the masters are not bf16).
+        let mut memory = MemoryStages::new(device)?;
         let varmap = VarMap::new();
-        let model = DitMoe::new(&model_cfg, plan, VarBuilder::from_varmap(&varmap, plan.weight_dtype(), device))?;
-        let weights = TrainingWeights::new(&varmap)?;
+        let model = memory.stage("the model's weights", || DitMoe::new(&model_cfg, plan, VarBuilder::from_varmap(&varmap, plan.weight_dtype(), device)))?;
+        let weights = memory.stage("the f32 master weights", || TrainingWeights::new(&varmap))?;
         let all_vars = weights.masters();
-        match &mut parallel {
+        memory.stage("the initialisation", || match &mut parallel {
             Some(p) if p.splits_experts() => {
                 for (prefix, local) in model.blocks().iter().filter_map(|b| b.moe()?.split_experts()) {
                     p.add_split_layer(prefix, local);
@@ -183,10 +189,10 @@ impl Trainer {
                 let mut all = all_vars.to_vec();
                 all.extend(p.absent_experts(all_vars)?);
                 all.sort_by(|a, b| a.0.cmp(&b.0));
-                initialize(&all, &model_cfg, cfg.seed)?;
+                initialize(&all, &model_cfg, cfg.seed)
             }
-            _ => initialize(all_vars, &model_cfg, cfg.seed)?,
-        }
+            _ => initialize(all_vars, &model_cfg, cfg.seed),
+        })?;
         if let Some(path) = &cfg.init_from {
             let sd = crate::checkpoint::load_state_dict(path)?;
             sd.validate(&model_cfg)?;
@@ -197,14 +203,14 @@ impl Trainer {
         let trainable: Vec<(String, Var)> = all_vars.iter().filter(|(n, _)| !is_frozen(n)).cloned().collect();
         let params = AdamWParams { weight_decay: cfg.weight_decay, beta1: cfg.beta1, beta2: cfg.beta2, eps: cfg.adam_eps };
         let names: Vec<String> = trainable.iter().map(|(n, _)| n.clone()).collect();
-        let mut opt = AdamW::new(trainable, params)?;
+        let mut opt = memory.stage("the optimizer's moments", || AdamW::new(trainable, params))?;
         if let Some(p) = &mut parallel {
             p.set_gradient_order(opt.vars().iter().map(|(n, _)| n.as_str()));
         }
         if let Some(copies) = weights.model_copies(&names)? {
             opt = opt.with_model_copies(copies)?;
         }
-        let mut ema = Ema::new(all_vars, if cfg.ema_on_host { &Device::Cpu } else { device })?;
+        let mut ema = memory.stage("the EMA", || Ema::new(all_vars, if cfg.ema_on_host { &Device::Cpu } else { device }))?;
 
         let (mut step, mut loader_state, mut resumed_from, mut warnings) = (0, LoaderState::default(), None, Vec::new());
         if resume {
@@ -242,12 +248,12 @@ impl Trainer {
         if let Some(w) = cfg.num_workers {
             lcfg.num_workers = w;
         }
-        let loader = DataLoader::new(dataset, lcfg, loader_state, device)?;
+        let loader = memory.stage("the data loader", || DataLoader::new(dataset, lcfg, loader_state, device))?;
         let loss = match cfg.objective {
             Objective::Ddpm => Loss::Ddpm(Box::new(GaussianDiffusion::create("", model_cfg.learn_sigma)?)),
             Objective::Rf => Loss::Rf(RectifiedFlow::flow_matching(model_cfg.learn_sigma, 1.0, model_cfg.flow_time_scale())?),
         };
-        Ok(Self { cfg, model_cfg, plan: plan.clone(), device: device.clone(), model, weights, opt, ema, loader, loss, class_names, step, resumed_from, warnings, profile: None, parallel })
+        Ok(Self { cfg, model_cfg, plan: plan.clone(), device: device.clone(), model, weights, opt, ema, loader, loss, class_names, step, resumed_from, warnings, profile: None, parallel, memory, last_phase: "start" })
     }
 
     pub fn step(&self) -> u64 {
@@ -264,7 +270,13 @@ impl Trainer {
         self.profile.as_ref()
     }
 
+    /// Where device memory went before the first step (`--profile` prints it).
+    pub fn memory_stages(&self) -> &MemoryStages {
+        &self.memory
+    }
+
     fn mark(&mut self, phase: &'static str) -> Result<()> {
+        self.last_phase = phase;
         match &mut self.profile {
             Some(p) => p.mark(phase),
             None => Ok(()),
@@ -351,6 +363,14 @@ impl Trainer {
     /// gradient norm are finite, clip, update, EMA. [`Self::run`] calls it between its logs and
     /// checkpoints; benchmarks call it alone (`examples/bench_train`).
     pub fn train_step(&mut self) -> Result<StepLog> {
+        self.last_phase = "start";
+        self.step_phases().map_err(|e| {
+            let during = format!("in training step {} after its `{}` phase (micro-batch {})", self.step + 1, self.last_phase, self.cfg.micro_batch());
+            self.memory.explain(&during, e)
+        })
+    }
+
+    fn step_phases(&mut self) -> Result<StepLog> {
         let step = self.step + 1;
         let accum = self.cfg.accumulation();
         let (mut loss_sum, mut aux_sum, mut con_sum) = (0f32, 0f32, 0f32);
