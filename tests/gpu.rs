@@ -1383,6 +1383,75 @@ fn nccl_world_of_one_checks() -> Result<()> {
     Ok(())
 }
 
+/// The static (capacity-padded) dispatch on NCCL at world size 1 replays as a CUDA graph, the
+/// use it exists for: a frozen MoE layer planned with it is captured by `GraphedForward`
+/// (no host read inside the forward, so the capture succeeds), every replay gives the eager
+/// call's output, and the overflow check after a replay reads the replay's counts: a capacity
+/// of every slot passes, a capacity of 1 fails naming it. Needs the `nccl` feature:
+/// `cargo test --release --features "cuda nccl" --test gpu static_dispatch`.
+#[test]
+fn static_dispatch_replays_as_a_cuda_graph() {
+    #[cfg(feature = "nccl")]
+    {
+        if Device::new_cuda(0).is_err() {
+            eprintln!("static_dispatch_replays_as_a_cuda_graph: skipped: no CUDA device");
+            return;
+        }
+        static_dispatch_graph_checks().unwrap_or_else(|e| panic!("static_dispatch_replays_as_a_cuda_graph: {e}"));
+    }
+    #[cfg(not(feature = "nccl"))]
+    eprintln!("static_dispatch_replays_as_a_cuda_graph: skipped: built without the `nccl` feature (`--features \"cuda nccl\"`)");
+}
+
+#[cfg(feature = "nccl")]
+fn static_dispatch_graph_checks() -> Result<()> {
+    use candle_nn::{VarBuilder, VarMap};
+    use ditmoe::dist::{ExpertParallel, World};
+    use ditmoe::moe::MoeLayer;
+    use ditmoe::runtime::graph::GraphedForward;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port().to_string();
+    for (k, v) in [("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", port.as_str())] {
+        // SAFETY: set before any thread of this test reads the environment
+        unsafe { std::env::set_var(k, v) };
+    }
+    let dev = ditmoe::runtime::graph::cuda_device(0)?;
+    let world = World::from_env(&dev)?.expect("torchrun's variables are set");
+    let cfg = common::lm::tiny_moe();
+    let tokens = 24;
+    let x = Tensor::randn(0f32, 1.0, (tokens, cfg.hidden_size), &dev)?;
+    let frozen = ExecutionPlan::inference(&dev, Precision::F32);
+    let vm = VarMap::new();
+    // the weights drawn once (trainable), then served frozen to both layers
+    MoeLayer::new(&cfg, &ExecutionPlan::training(&dev, Precision::F32), VarBuilder::from_varmap(&vm, DType::F32, &dev))?;
+    let weights: std::collections::HashMap<String, Tensor> = vm.data().lock().expect("varmap").iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
+    let single = MoeLayer::new(&cfg, &frozen, VarBuilder::from_tensors(weights.clone(), DType::F32, &dev))?;
+    fn input(t: &Tensor) -> MoeInput<'_> {
+        MoeInput { tokens: t, seq_len: 1, unconditional: None, train: false }
+    }
+    let want = single.forward(&input(&x))?.out;
+    for (capacity, overflows) in [(tokens * cfg.top_k, false), (1, true)] {
+        let ep = ExpertParallel::new(world.comm()).with_static_capacity(capacity);
+        let plan = ExecutionPlan { expert_parallel: Some(ep.clone()), ..frozen.clone() };
+        let layer = MoeLayer::new(&cfg, &plan, VarBuilder::from_tensors(weights.clone(), DType::F32, &dev))?;
+        let mut graphed = GraphedForward::new(|inputs: &[&Tensor]| Ok(layer.forward(&input(inputs[0]))?.out));
+        for call in 0..3 {
+            let out = graphed.call(&[&x])?;
+            let err = rel(&out, &want);
+            anyhow::ensure!(overflows || err < 1e-4, "capacity {capacity}, call {call}: {err:.2e} from the single-device layer");
+        }
+        anyhow::ensure!(graphed.capture_error().is_none(), "capture failed: {:?}", graphed.capture_error());
+        anyhow::ensure!(graphed.replays() >= 1, "{} replays of 3 calls", graphed.replays());
+        match (ep.check_capacity(), overflows) {
+            (Ok(()), false) => {}
+            (Err(e), true) if e.to_string().contains("overflowed") => {}
+            (got, _) => bail!("capacity {capacity}: the overflow check after a replay gave {got:?}"),
+        }
+    }
+    println!("static_dispatch | graph capture, replays equal the single-device layer, overflow check after replay | PASS");
+    drop(world);
+    Ok(())
+}
+
 /// Running out of device memory names what ran out and what the earlier stages hold
 /// (`train::memory_stages`): a 1 GiB stage is counted as 1.0 GiB, and a stage that asks for more
 /// than the GPU has fails with a message naming it and the 1 GiB stage before it; the pool's
