@@ -37,7 +37,6 @@ use candle_nn::VarBuilder;
 use ditmoe::dist::world::expert_layout;
 use ditmoe::dist::{Communicator, ExpertParallel, LocalGroup, World};
 use ditmoe::moe::{MoeConfig, MoeInput, MoeLayer};
-use ditmoe::plan::DataParallel;
 use ditmoe::runtime::timing::median_of_ms;
 use ditmoe::train::{RunStart, TrainConfig, Trainer};
 use ditmoe::{DitConfig, ExecutionPlan, Precision};
@@ -47,10 +46,11 @@ use std::sync::Arc;
 
 #[path = "support/args.rs"]
 mod args;
-use args::{arg, list};
+use args::{arg, flag, list};
 #[path = "support/train_bench.rs"]
 mod train_bench;
-use train_bench::{gib, out_of_memory, time_steps, train_config, training_preset, write_latents, Timing};
+use ditmoe::runtime::memory::gib;
+use train_bench::{out_of_memory, time_steps, train_config, training_preset, write_latents, Timing};
 
 
 /// What every rank runs with.
@@ -229,12 +229,10 @@ fn local_plans(base: &ExecutionPlan, p: usize, ep: usize) -> Result<Vec<(Executi
         .zip(eps.into_iter().zip(edps))
         .map(|(c, (e, edp))| {
             let dp: Arc<dyn Communicator> = Arc::new(c);
-            let plan = match ep {
-                1 => base.clone().with_data_parallel(DataParallel::new(dp.clone())),
-                _ if ep == p => base.clone().with_data_parallel(DataParallel::new(dp.clone())).with_expert_parallel(dp.clone()),
-                _ => base.clone().with_data_parallel(DataParallel::new(dp.clone()).with_expert_data_parallel(edp)).with_expert_parallel(e),
-            };
-            (plan, dp)
+            // as `World::expert_groups`: experts over the whole job take its group, with no
+            // expert-data-parallel one
+            let (e, edp) = if ep == p { (dp.clone(), None) } else { (e, Some(edp)) };
+            (base.clone().with_parallel_groups(dp.clone(), e, edp), dp)
         })
         .collect())
 }
@@ -283,7 +281,7 @@ fn train_rows(world: Option<&World>, device: &Device, batches: &[usize], set: Se
         Some(w) => vec![w.world_size()],
         None => list("--ranks", "1,2,4").iter().map(|p| p.parse()).collect::<Result<_, _>>()?,
     };
-    let expert_parallel: Option<usize> = std::env::args().any(|a| a == "--expert-parallel").then(|| arg("--expert-parallel", "").parse()).transpose()?;
+    let expert_parallel: Option<usize> = flag("--expert-parallel").then(|| arg("--expert-parallel", "").parse()).transpose()?;
     let work = std::env::temp_dir().join(format!("ditmoe-bench-ep-{}", std::process::id()));
     std::fs::create_dir_all(&work)?;
     if head {
@@ -359,7 +357,7 @@ fn main() -> Result<()> {
     };
     let head = world.as_ref().is_none_or(|w| w.rank() == 0);
     let json = std::env::args().skip_while(|a| a != "--json").nth(1).filter(|_| head);
-    if std::env::args().any(|a| a == "--train") {
+    if flag("--train") {
         let rows = train_rows(world.as_ref(), &device, &batches, set, head)?;
         if let Some(path) = json {
             std::fs::write(&path, serde_json::to_string_pretty(&rows)?)?;

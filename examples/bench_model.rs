@@ -211,7 +211,7 @@ fn graph_probe(stage: &str, cfg: &DitConfig, plan: &ExecutionPlan, b: usize) -> 
 fn gpu_used_gib(device: &Device) -> Option<f64> {
     let ctx = device.as_cuda_device().ok()?.cuda_stream().context().clone();
     let (free, total) = ctx.mem_get_info().ok()?;
-    Some((total - free) as f64 / (1u64 << 30) as f64)
+    Some(ditmoe::runtime::memory::gib((total - free) as u64))
 }
 #[cfg(not(feature = "cuda"))]
 fn gpu_used_gib(_: &Device) -> Option<f64> {

@@ -26,7 +26,8 @@ mod args;
 use args::{arg, list};
 #[path = "support/train_bench.rs"]
 mod train_bench;
-use train_bench::{gib, out_of_memory, time_steps, train_config, training_preset, write_latents};
+use ditmoe::runtime::memory::gib;
+use train_bench::{out_of_memory, time_steps, train_config, training_preset, write_latents};
 
 
 /// One configuration's measurement, or why there is none.

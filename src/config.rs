@@ -327,8 +327,6 @@ impl DitConfig {
         self.params_per_rank(expert_parallel) as u64 * dtype.size_in_bytes() as u64
     }
 
-    /// Total and activated (per token: shared + k routed experts) parameter counts. For ProMoE,
-    /// "activated" counts a conditional token (an unconditional one runs 1 expert, not k).
     /// Parameters of one routed expert: ProMoE's GELU MLP with biases, else DiT-MoE's SwiGLU.
     fn routed_expert_params(&self) -> usize {
         let d = self.hidden_size;
@@ -348,6 +346,8 @@ impl DitConfig {
         moe_blocks * self.num_experts * self.routed_expert_params()
     }
 
+    /// Total and activated (per token: shared + k routed experts) parameter counts. For ProMoE,
+    /// "activated" counts a conditional token (an unconditional one runs 1 expert, not k).
     pub fn param_counts(&self) -> (usize, usize) {
         let d = self.hidden_size;
         let p = self.patch_size;

@@ -187,6 +187,21 @@ impl ExecutionPlan {
         self
     }
 
+    /// The same plan data-parallel over `dp` with Megatron-Core's expert groups: the MoE layers'
+    /// experts split over `ep` when it spans more than one rank, `edp` the ranks holding the same
+    /// experts (None when `ep` is the whole job). An `ep` of one rank replicates the experts:
+    /// data parallelism alone.
+    pub fn with_parallel_groups(self, dp: Arc<dyn Communicator>, ep: Arc<dyn Communicator>, edp: Option<Arc<dyn Communicator>>) -> Self {
+        if ep.world_size() == 1 {
+            return self.with_data_parallel(DataParallel::new(dp));
+        }
+        let dp = match edp {
+            Some(g) => DataParallel::new(dp).with_expert_data_parallel(g),
+            None => DataParallel::new(dp),
+        };
+        self.with_data_parallel(dp).with_expert_parallel(ep)
+    }
+
     /// Ranks the MoE layers split their routed experts over (1: every rank holds them all).
     pub fn expert_parallel_size(&self) -> usize {
         self.expert_parallel.as_ref().map_or(1, |ep| ep.world_size())
@@ -235,13 +250,12 @@ impl ExecutionPlan {
     /// Refuses, before anything is allocated, work whose estimated memory exceeds what the
     /// device has available, naming the estimate (`what` says what needs it).
     pub fn check_fits(&self, what: &str, bytes: u64) -> candle_core::Result<()> {
-        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
         match self.available_memory() {
             Some(avail) if bytes > avail => candle_core::bail!(
                 "{what} needs about {:.1} GiB, but the {} has {:.1} GiB available",
-                gib(bytes),
+                crate::runtime::memory::gib(bytes),
                 if self.on_cuda() { "GPU" } else { "machine" },
-                gib(avail)
+                crate::runtime::memory::gib(avail)
             ),
             _ => Ok(()),
         }

@@ -1321,30 +1321,43 @@ fn lm_decoding(gpu: &Device) -> Result<()> {
 /// `nccl` feature: `cargo test --release --features "cuda nccl" --test gpu nccl_world_of_one`.
 #[test]
 fn nccl_world_of_one() {
-    #[cfg(feature = "nccl")]
-    {
-        if Device::new_cuda(0).is_err() {
-            eprintln!("nccl_world_of_one: skipped: no CUDA device");
-            return;
-        }
+    if nccl_available("nccl_world_of_one") {
+        #[cfg(feature = "nccl")]
         nccl_world_of_one_checks().unwrap_or_else(|e| panic!("nccl_world_of_one: {e}"));
     }
-    #[cfg(not(feature = "nccl"))]
-    eprintln!("nccl_world_of_one: skipped: built without the `nccl` feature (`--features \"cuda nccl\"`)");
 }
 
+/// Whether an NCCL test can run here; if not, it says why `test` is skipped (a build without the
+/// `nccl` feature, or no CUDA device).
+fn nccl_available(test: &str) -> bool {
+    let why = match () {
+        _ if !cfg!(feature = "nccl") => "built without the `nccl` feature (`--features \"cuda nccl\"`)",
+        _ if Device::new_cuda(0).is_err() => "no CUDA device",
+        _ => return true,
+    };
+    eprintln!("{test}: skipped: {why}");
+    false
+}
+
+/// GPU 0 and the NCCL job of one process on it, joined as a launched rank would
+/// (`World::from_env` with torchrun's variables, on a free port).
 #[cfg(feature = "nccl")]
-fn nccl_world_of_one_checks() -> Result<()> {
-    use candle_nn::{VarBuilder, VarMap};
-    use ditmoe::dist::World;
-    use ditmoe::moe::MoeLayer;
+fn world_of_one() -> Result<(Device, ditmoe::dist::World)> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port().to_string();
     for (k, v) in [("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", port.as_str())] {
         // SAFETY: set before any thread of this test reads the environment
         unsafe { std::env::set_var(k, v) };
     }
     let dev = ditmoe::runtime::graph::cuda_device(0)?;
-    let world = World::from_env(&dev)?.expect("torchrun's variables are set");
+    let world = ditmoe::dist::World::from_env(&dev)?.expect("torchrun's variables are set");
+    Ok((dev, world))
+}
+
+#[cfg(feature = "nccl")]
+fn nccl_world_of_one_checks() -> Result<()> {
+    use candle_nn::{VarBuilder, VarMap};
+    use ditmoe::moe::MoeLayer;
+    let (dev, world) = world_of_one()?;
     anyhow::ensure!(world.backend() == "nccl" && world.world_size() == 1, "{world:?}");
     let comm = world.comm();
     let (ep, edp) = world.expert_groups(1)?;
@@ -1391,31 +1404,19 @@ fn nccl_world_of_one_checks() -> Result<()> {
 /// `cargo test --release --features "cuda nccl" --test gpu static_dispatch`.
 #[test]
 fn static_dispatch_replays_as_a_cuda_graph() {
-    #[cfg(feature = "nccl")]
-    {
-        if Device::new_cuda(0).is_err() {
-            eprintln!("static_dispatch_replays_as_a_cuda_graph: skipped: no CUDA device");
-            return;
-        }
+    if nccl_available("static_dispatch_replays_as_a_cuda_graph") {
+        #[cfg(feature = "nccl")]
         static_dispatch_graph_checks().unwrap_or_else(|e| panic!("static_dispatch_replays_as_a_cuda_graph: {e}"));
     }
-    #[cfg(not(feature = "nccl"))]
-    eprintln!("static_dispatch_replays_as_a_cuda_graph: skipped: built without the `nccl` feature (`--features \"cuda nccl\"`)");
 }
 
 #[cfg(feature = "nccl")]
 fn static_dispatch_graph_checks() -> Result<()> {
     use candle_nn::{VarBuilder, VarMap};
-    use ditmoe::dist::{ExpertParallel, World};
+    use ditmoe::dist::ExpertParallel;
     use ditmoe::moe::MoeLayer;
     use ditmoe::runtime::graph::GraphedForward;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port().to_string();
-    for (k, v) in [("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", port.as_str())] {
-        // SAFETY: set before any thread of this test reads the environment
-        unsafe { std::env::set_var(k, v) };
-    }
-    let dev = ditmoe::runtime::graph::cuda_device(0)?;
-    let world = World::from_env(&dev)?.expect("torchrun's variables are set");
+    let (dev, world) = world_of_one()?;
     let cfg = common::lm::tiny_moe();
     let tokens = 24;
     let x = Tensor::randn(0f32, 1.0, (tokens, cfg.hidden_size), &dev)?;
@@ -1472,7 +1473,7 @@ fn out_of_memory_names_the_stage() {
         let held = stages.stage("a 1 GiB tensor", || gib).unwrap();
         assert!(stages.summary().contains("a 1 GiB tensor 1.0 GiB"), "{}", stages.summary());
         let too_much = (available as usize / 4) * 2;
-        let err = stages.stage("twice the free memory", || Tensor::zeros(too_much, DType::F32, &dev)).err().expect("more than the GPU has");
+        let err = stages.stage("twice the free memory", || Tensor::zeros(too_much, DType::F32, &dev)).expect_err("more than the GPU has");
         let msg = err.to_string();
         assert!(msg.contains("out of device memory allocating twice the free memory") && msg.contains("a 1 GiB tensor 1.0 GiB"), "{msg}");
         drop(held);

@@ -79,7 +79,3 @@ pub fn out_of_memory(e: &candle_core::Error) -> Option<String> {
     (memory::is_out_of_memory(e) || e.to_string().contains("needs about")).then(|| e.to_string().lines().next().unwrap_or("").to_string())
 }
 
-pub fn gib(bytes: u64) -> f64 {
-    bytes as f64 / (1u64 << 30) as f64
-}
-

@@ -14,7 +14,7 @@
 //! expert owners (`ditmoe::dist::expert_parallel`); rank 0 decodes and writes the images. This
 //! is what a model too large for one device needs, not a speed-up: every rank computes the
 //! whole batch outside the experts.
-use super::launch::{join, needs_launch, reported};
+use super::launch::{join, leads, parallel_plan, reported};
 use anyhow::Context;
 use candle_core::{DType, Tensor};
 use clap::Args;
@@ -376,14 +376,8 @@ fn generate_in(a: GenerateArgs, plan: ditmoe::ExecutionPlan, world: Option<&Worl
         Output::Separate(dir) => separate_file_names(dir, &labels, num, source.class_names())?,
         Output::Grid(_) => Vec::new(),
     };
-    let plan = match world {
-        Some(w) => w.apply(plan, a.expert_parallel.unwrap_or(w.world_size())).map_err(|e| super::usage(e.to_string()))?,
-        None => {
-            needs_launch("--expert-parallel", a.expert_parallel.unwrap_or(1))?;
-            plan
-        }
-    };
-    let writes = world.is_none_or(|w| w.rank() == 0);
+    let plan = parallel_plan(world, plan, a.expert_parallel)?;
+    let writes = leads(world);
     let device = plan.device.clone();
 
     let model = source.load(&plan)?;

@@ -205,8 +205,30 @@ pub fn reported<T>(world: Option<&World>, result: Result<T>) -> Result<T> {
     result
 }
 
+/// Whether this process prints and writes a command's results: rank 0 of a launched job, or a
+/// plain run.
+pub fn leads(world: Option<&World>) -> bool {
+    world.is_none_or(|w| w.rank() == 0)
+}
+
+/// `plan` with the job's data parallelism and the MoE layers' experts split over groups of
+/// `expert_parallel` consecutive ranks (None: the world size, each rank loading only its
+/// share); a plain run refuses a split, as it has no ranks.
+pub fn parallel_plan(world: Option<&World>, plan: ditmoe::ExecutionPlan, expert_parallel: Option<usize>) -> Result<ditmoe::ExecutionPlan> {
+    match world {
+        Some(w) => {
+            let ep = expert_parallel.unwrap_or(w.world_size());
+            w.apply(plan, ep).map_err(|e| usage(format!("--expert-parallel {ep}: {e}")))
+        }
+        None => {
+            needs_launch("--expert-parallel", expert_parallel.unwrap_or(1))?;
+            Ok(plan)
+        }
+    }
+}
+
 /// A flag that only a launched job can honour, refused in a plain run.
-pub fn needs_launch(flag: &str, value: usize) -> Result<()> {
+fn needs_launch(flag: &str, value: usize) -> Result<()> {
     match value {
         1 => Ok(()),
         _ => Err(usage(format!("{flag} {value}: a run of one process has no ranks to split over; start it under `ditmoe launch --nproc-per-node N --` (or torchrun)"))),

@@ -2,7 +2,7 @@
 //! token corpus (plain, or distilled from a teacher), streaming generation, validation with the
 //! expert load per layer, the training curves of several runs, a model's parameter counts, and
 //! a model folder rewritten in another dtype.
-use super::launch::{join, needs_launch, reported};
+use super::launch::{join, leads, parallel_plan, reported};
 use super::usage;
 use anyhow::Context;
 use candle_core::{DType, Tensor};
@@ -278,23 +278,8 @@ fn load_planned(dir: &Path, plan: &ExecutionPlan) -> anyhow::Result<LmModel> {
 fn sharded_plan(device: &str, dtype: &str, expert_parallel: Option<usize>) -> anyhow::Result<(Option<World>, ExecutionPlan)> {
     let plan = super::inference_plan(device, dtype)?;
     let world = join(&plan.device)?;
-    let plan = match &world {
-        Some(w) => {
-            let ep = expert_parallel.unwrap_or(w.world_size());
-            let applied = w.apply(plan, ep).map_err(|e| usage(format!("--expert-parallel {ep}: {e}")));
-            reported(Some(w), applied)?
-        }
-        None => {
-            needs_launch("--expert-parallel", expert_parallel.unwrap_or(1))?;
-            plan
-        }
-    };
+    let plan = reported(world.as_ref(), parallel_plan(world.as_ref(), plan, expert_parallel))?;
     Ok((world, plan))
-}
-
-/// Whether this process prints a command's results: rank 0 of a launched job, or a plain run.
-fn prints(world: &Option<World>) -> bool {
-    world.as_ref().is_none_or(|w| w.rank() == 0)
 }
 
 fn forward(a: ForwardArgs) -> anyhow::Result<()> {
@@ -367,14 +352,8 @@ fn train_in(a: &TrainArgs, cfg: LmTrainConfig, device: &candle_core::Device, wor
     let precision = if device.is_cuda() { ditmoe::Precision::Tf32 } else { ditmoe::Precision::F32 };
     let plan = ExecutionPlan::training(device, precision);
     plan.apply_matmul_precision();
-    let plan = match world {
-        Some(w) => w.apply(plan, a.expert_parallel).map_err(|e| usage(format!("--expert-parallel {}: {e}", a.expert_parallel)))?,
-        None => {
-            needs_launch("--expert-parallel", a.expert_parallel)?;
-            plan
-        }
-    };
-    let prints = world.is_none_or(|w| w.rank() == 0);
+    let plan = parallel_plan(world, plan, Some(a.expert_parallel))?;
+    let prints = leads(world);
     let start = match (a.resume, a.overwrite) {
         (true, _) => RunStart::Resume,
         (false, true) => RunStart::Overwrite,
@@ -454,7 +433,7 @@ fn generate_in(a: &GenerateArgs, model_dir: &Path, tokenizer: &Tokenizer, mut sa
     }
     let prompt = tokenizer.encode(&a.prompt)?;
     let comm = world.map(World::comm);
-    let prints = world.is_none_or(|w| w.rank() == 0);
+    let prints = leads(world);
     let next_token = |logits: &Tensor| match &comm {
         None => sampler.sample(logits),
         Some(c) => {
@@ -495,7 +474,7 @@ fn generate_in(a: &GenerateArgs, model_dir: &Path, tokenizer: &Tokenizer, mut sa
 
 fn eval(a: EvalArgs) -> anyhow::Result<()> {
     let (world, plan) = sharded_plan(&a.device, &a.dtype, a.expert_parallel)?;
-    let result = eval_in(&a, &plan, prints(&world));
+    let result = eval_in(&a, &plan, leads(world.as_ref()));
     reported(world.as_ref(), result)
 }
 

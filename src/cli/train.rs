@@ -2,7 +2,7 @@
 //! training loop; `--resume` continues from the newest valid checkpoint in the run folder.
 //! Launched (`ditmoe launch --nproc-per-node N -- train …`), every rank trains its slice of
 //! each global batch with the experts split as `--expert-parallel` says (`ditmoe::train::parallel`).
-use super::launch::{join, needs_launch, reported};
+use super::launch::{join, leads, parallel_plan, reported};
 use super::usage;
 use ditmoe::dist::World;
 use clap::Args;
@@ -180,14 +180,8 @@ fn train_in(a: &TrainArgs, cfg: TrainConfig, device: &candle_core::Device, world
     };
     let plan = ditmoe::ExecutionPlan::training(device, precision);
     plan.apply_matmul_precision();
-    let plan = match world {
-        Some(w) => w.apply(plan, a.expert_parallel).map_err(|e| usage(e.to_string()))?,
-        None => {
-            needs_launch("--expert-parallel", a.expert_parallel)?;
-            plan
-        }
-    };
-    let prints = world.is_none_or(|w| w.rank() == 0);
+    let plan = parallel_plan(world, plan, Some(a.expert_parallel))?;
+    let prints = leads(world);
     let start = match (a.resume, a.overwrite) {
         (true, _) => RunStart::Resume,
         (_, true) => RunStart::Overwrite,

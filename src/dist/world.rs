@@ -18,7 +18,7 @@
 //! on every rank with this rank's message, instead of the peers hanging or reporting a lost
 //! connection.
 use super::{Communicator, Rendezvous, TcpComm, WorldInfo};
-use crate::plan::{DataParallel, ExecutionPlan};
+use crate::plan::ExecutionPlan;
 use candle_core::{bail, Device, Result};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -46,12 +46,7 @@ enum Backend {
 
 impl std::fmt::Debug for World {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let backend = match &self.backend {
-            Backend::Tcp(_) => "tcp",
-            #[cfg(feature = "nccl")]
-            Backend::Nccl(_) => "nccl",
-        };
-        write!(f, "World {{ rank: {}, world_size: {}, backend: {backend} }}", self.info.rank, self.info.world_size)
+        write!(f, "World {{ rank: {}, world_size: {}, backend: {} }}", self.info.rank, self.info.world_size, self.backend())
     }
 }
 
@@ -119,11 +114,6 @@ impl World {
 
     pub fn world_size(&self) -> usize {
         self.info.world_size
-    }
-
-    /// `LOCAL_RANK`: this process on its host, the GPU it runs on.
-    pub fn local_rank(&self) -> usize {
-        self.info.local_rank
     }
 
     /// Which backend carries the collectives: `nccl` or `tcp`.
@@ -194,14 +184,6 @@ impl World {
     /// data-parallel part (the trainers read it), so a sharded `generate` takes the same plan.
     pub fn apply(&self, plan: ExecutionPlan, ep: usize) -> Result<ExecutionPlan> {
         let (ep_comm, edp) = self.expert_groups(ep)?;
-        let dp = DataParallel::new(self.comm());
-        if ep == 1 {
-            return Ok(plan.with_data_parallel(dp));
-        }
-        let dp = match edp {
-            Some(g) => dp.with_expert_data_parallel(g),
-            None => dp,
-        };
-        Ok(plan.with_data_parallel(dp).with_expert_parallel(ep_comm))
+        Ok(plan.with_parallel_groups(self.comm(), ep_comm, edp))
     }
 }

@@ -654,8 +654,7 @@ fn load_balancing_share(p: &Parallel, model: &LmModel, router_logits: &[Tensor])
         counts.push(scores.dim(0)?);
         probs.push(scores);
     }
-    let all = p.comm().all_gather_counts(&counts)?;
-    let global: Vec<usize> = (0..counts.len()).map(|i| all.iter().map(|c| c[i]).sum()).collect();
+    let global = p.sum_over_ranks(&counts)?;
     let (total, dev) = (router_logits.len() as f64, model.device());
     let mut loss: Option<Tensor> = None;
     let mut at = 0;

@@ -18,43 +18,24 @@ pub fn reset_peak(device: &Device) -> Result<()> {
 
 /// The most bytes in use at once since the last [`reset_peak`]; None on the CPU.
 pub fn peak_bytes(device: &Device) -> Result<Option<u64>> {
-    match device {
-        #[cfg(feature = "cuda")]
-        Device::Cuda(d) => {
-            let mut high = 0u64;
-            pool_attribute(d, PoolAttribute::UsedHigh, &mut high, false)?;
-            Ok(Some(high))
-        }
-        _ => Ok(None),
-    }
+    pool_value(device, PoolAttribute::UsedHigh)
 }
 
 /// The bytes handed out to live tensors now (`torch.cuda.memory_allocated`); None on the CPU.
 pub fn in_use_bytes(device: &Device) -> Result<Option<u64>> {
-    match device {
-        #[cfg(feature = "cuda")]
-        Device::Cuda(d) => {
-            let mut used = 0u64;
-            pool_attribute(d, PoolAttribute::UsedCurrent, &mut used, false)?;
-            Ok(Some(used))
-        }
-        _ => Ok(None),
-    }
+    pool_value(device, PoolAttribute::UsedCurrent)
 }
 
 /// The bytes the pool holds in freed blocks (reserved but not in use): free for this process's
 /// next tensors, though the driver counts them as used (`cuMemGetInfo`). None on the CPU.
 pub fn pooled_free_bytes(device: &Device) -> Result<Option<u64>> {
-    match device {
-        #[cfg(feature = "cuda")]
-        Device::Cuda(d) => {
-            let (mut reserved, mut used) = (0u64, 0u64);
-            pool_attribute(d, PoolAttribute::ReservedCurrent, &mut reserved, false)?;
-            pool_attribute(d, PoolAttribute::UsedCurrent, &mut used, false)?;
-            Ok(Some(reserved.saturating_sub(used)))
-        }
-        _ => Ok(None),
-    }
+    let reserved = pool_value(device, PoolAttribute::ReservedCurrent)?;
+    Ok(reserved.zip(in_use_bytes(device)?).map(|(reserved, used)| reserved.saturating_sub(used)))
+}
+
+/// `bytes` in GiB, as the memory reports print them.
+pub fn gib(bytes: u64) -> f64 {
+    bytes as f64 / (1u64 << 30) as f64
 }
 
 /// Whether `e` is the CUDA allocator running out of device memory.
@@ -62,7 +43,20 @@ pub fn is_out_of_memory(e: &candle_core::Error) -> bool {
     format!("{e:?}").contains("OUT_OF_MEMORY")
 }
 
-#[cfg(feature = "cuda")]
+/// The device's default pool's `attribute`; None on the CPU.
+#[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+fn pool_value(device: &Device, attribute: PoolAttribute) -> Result<Option<u64>> {
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(d) => {
+            let mut value = 0u64;
+            pool_attribute(d, attribute, &mut value, false)?;
+            Ok(Some(value))
+        }
+        _ => Ok(None),
+    }
+}
+
 #[derive(Clone, Copy)]
 enum PoolAttribute {
     UsedHigh,

@@ -3,7 +3,7 @@
 //! memory names the stage or step phase that failed and what the stages before it hold, instead
 //! of the allocator's bare `CUDA_ERROR_OUT_OF_MEMORY`. `--profile` prints the same table. On
 //! the CPU nothing is counted and errors pass through unchanged.
-use crate::runtime::memory::{in_use_bytes, is_out_of_memory};
+use crate::runtime::memory::{gib, in_use_bytes, is_out_of_memory};
 use candle_core::{Device, Error, Result};
 
 pub struct MemoryStages {
@@ -14,10 +14,6 @@ pub struct MemoryStages {
     stages: Vec<(&'static str, u64)>,
 }
 
-fn gib(bytes: u64) -> f64 {
-    bytes as f64 / (1u64 << 30) as f64
-}
-
 impl MemoryStages {
     pub fn new(device: &Device) -> Result<Self> {
         device.synchronize()?;
@@ -26,20 +22,14 @@ impl MemoryStages {
 
     /// Runs one stage; an out-of-memory error comes back naming `stage` and the stages before.
     pub fn stage<T>(&mut self, stage: &'static str, f: impl FnOnce() -> Result<T>) -> Result<T> {
-        if !self.counted() {
-            return f();
-        }
-        match f() {
-            Ok(v) => {
-                self.device.synchronize()?;
-                if let Some(used) = in_use_bytes(&self.device)? {
-                    self.stages.push((stage, used));
-                }
-                Ok(v)
+        let value = f().map_err(|e| self.explain(&format!("allocating {stage}"), e))?;
+        if self.counted() {
+            self.device.synchronize()?;
+            if let Some(used) = in_use_bytes(&self.device)? {
+                self.stages.push((stage, used));
             }
-            Err(e) if is_out_of_memory(&e) => Err(self.out_of_memory(&format!("allocating {stage}"), e)),
-            Err(e) => Err(e),
         }
+        Ok(value)
     }
 
     /// `e` as an out-of-memory error that says what ran out (`during`) and what the stages hold;

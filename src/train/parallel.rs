@@ -110,11 +110,6 @@ impl Parallel {
         Ok(())
     }
 
-    /// Every rank of the job.
-    pub fn comm(&self) -> &Arc<dyn Communicator> {
-        &self.dp
-    }
-
     /// Whether the MoE layers split their experts over several ranks (then saving, exporting
     /// and sampling are collectives).
     pub fn splits_experts(&self) -> bool {
@@ -177,17 +172,14 @@ impl Parallel {
 
     /// Per MoE layer, the expert counts of the global batch.
     pub fn sum_counts(&self, counts: &[Vec<usize>]) -> Result<Vec<Vec<usize>>> {
-        let flat: Vec<usize> = counts.concat();
-        let all = self.dp.all_gather_counts(&flat)?;
-        let mut at = 0;
-        Ok(counts
-            .iter()
-            .map(|c| {
-                let sum = (at..at + c.len()).map(|i| all.iter().map(|r| r[i]).sum()).collect();
-                at += c.len();
-                sum
-            })
-            .collect())
+        let mut sums = self.sum_over_ranks(&counts.concat())?.into_iter();
+        Ok(counts.iter().map(|c| sums.by_ref().take(c.len()).collect()).collect())
+    }
+
+    /// Every rank's `counts`, summed element by element (one count all-gather).
+    pub fn sum_over_ranks(&self, counts: &[usize]) -> Result<Vec<usize>> {
+        let all = self.dp.all_gather_counts(counts)?;
+        Ok((0..counts.len()).map(|i| all.iter().map(|rank| rank[i]).sum()).collect())
     }
 
     /// The parameters whose gradients [`Self::reduce_gradients`] and [`Self::global_norm_sq`]

@@ -97,7 +97,7 @@ impl StepProfile {
         }
         s += &format!("| **step** | **{total:.2}** | 100% |\n");
         if let Some(peak) = self.peak_bytes {
-            s += &format!("\npeak device memory in use: {:.2} GiB\n", peak as f64 / (1u64 << 30) as f64);
+            s += &format!("\npeak device memory in use: {:.2} GiB\n", memory::gib(peak));
         }
         s
     }
