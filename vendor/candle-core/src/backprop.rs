@@ -661,6 +661,16 @@ impl Tensor {
                 };
             }
         }
+        // A variable's gradient is never processed as a node above, so it is never detached
+        // there: built from the forward's tensors (`grad.mul(rhs)`), it still carries the op
+        // that made it and, through it, the forward graph. Kept in the store, or taken out for
+        // the optimizer, it would hold every activation alive after the loss is gone (and
+        // defeat activation recomputation, which drops each segment's graph as it goes).
+        if !CANDLE_GRAD_DO_NOT_DETACH.with(|b| *b) {
+            for grad in grads.0.values_mut() {
+                *grad = grad.detach();
+            }
+        }
         Ok(grads)
     }
 }
