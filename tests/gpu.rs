@@ -1397,11 +1397,12 @@ fn nccl_world_of_one_checks() -> Result<()> {
 }
 
 /// The static (capacity-padded) dispatch on NCCL at world size 1 replays as a CUDA graph, the
-/// use it exists for: a frozen MoE layer planned with it is captured by `GraphedForward`
-/// (no host read inside the forward, so the capture succeeds), every replay gives the eager
-/// call's output, and the overflow check after a replay reads the replay's counts: a capacity
-/// of every slot passes, a capacity of 1 fails naming it. Needs the `nccl` feature:
-/// `cargo test --release --features "cuda nccl" --test gpu static_dispatch`.
+/// use it exists for. A layer at world size 1 runs without expert parallelism, so the test calls
+/// the dispatch itself (`ExpertParallel::routed_experts`, the exchanges on a communicator of
+/// one): `GraphedForward` captures it (no host read inside), every replay equals the
+/// single-device routed experts on the same routing, and the overflow check after a replay
+/// reads the replay's counts: a capacity of every slot passes, a capacity of 1 fails naming it.
+/// Needs the `nccl` feature: `cargo test --release --features "cuda nccl" --test gpu static_dispatch`.
 #[test]
 fn static_dispatch_replays_as_a_cuda_graph() {
     if nccl_available("static_dispatch_replays_as_a_cuda_graph") {
@@ -1414,31 +1415,31 @@ fn static_dispatch_replays_as_a_cuda_graph() {
 fn static_dispatch_graph_checks() -> Result<()> {
     use candle_nn::{VarBuilder, VarMap};
     use ditmoe::dist::ExpertParallel;
+    use ditmoe::moe::kernels::{permute_by_expert, routed_experts};
     use ditmoe::moe::MoeLayer;
     use ditmoe::runtime::graph::GraphedForward;
     let (dev, world) = world_of_one()?;
     let cfg = common::lm::tiny_moe();
-    let tokens = 24;
-    let x = Tensor::randn(0f32, 1.0, (tokens, cfg.hidden_size), &dev)?;
-    let frozen = ExecutionPlan::inference(&dev, Precision::F32);
+    let (tokens, e, k) = (24, cfg.num_experts, cfg.top_k);
+    let plan = ExecutionPlan::inference(&dev, Precision::F32);
     let vm = VarMap::new();
-    // the weights drawn once (trainable), then served frozen to both layers
+    // the weights drawn by a trainable layer, then served frozen: stacks with no autograd graph
     MoeLayer::new(&cfg, &ExecutionPlan::training(&dev, Precision::F32), VarBuilder::from_varmap(&vm, DType::F32, &dev))?;
     let weights: std::collections::HashMap<String, Tensor> = vm.data().lock().expect("varmap").iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
-    let single = MoeLayer::new(&cfg, &frozen, VarBuilder::from_tensors(weights.clone(), DType::F32, &dev))?;
-    fn input(t: &Tensor) -> MoeInput<'_> {
-        MoeInput { tokens: t, seq_len: 1, unconditional: None, train: false }
-    }
-    let want = single.forward(&input(&x))?.out;
-    for (capacity, overflows) in [(tokens * cfg.top_k, false), (1, true)] {
+    let stacks = MoeLayer::new(&cfg, &plan, VarBuilder::from_tensors(weights, DType::F32, &dev))?.experts().stack()?;
+    let x = Tensor::randn(0f32, 1.0, (tokens, cfg.hidden_size), &dev)?;
+    // k distinct experts per token, spread unevenly over the experts
+    let ids: Vec<u32> = (0..tokens).flat_map(|t| (0..k).map(move |j| ((t * t + 3 * j) % e) as u32)).collect();
+    let ids = Tensor::from_vec(ids, (tokens, k), &dev)?;
+    let gate_weights = Tensor::rand(0f32, 1.0, (tokens, k), &dev)?;
+    let want = routed_experts(&x, &gate_weights, &stacks, &permute_by_expert(&ids, e)?, &plan.gemm)?;
+    for (capacity, overflows) in [(tokens * k, false), (1, true)] {
         let ep = ExpertParallel::new(world.comm()).with_static_capacity(capacity);
-        let plan = ExecutionPlan { expert_parallel: Some(ep.clone()), ..frozen.clone() };
-        let layer = MoeLayer::new(&cfg, &plan, VarBuilder::from_tensors(weights.clone(), DType::F32, &dev))?;
-        let mut graphed = GraphedForward::new(|inputs: &[&Tensor]| Ok(layer.forward(&input(inputs[0]))?.out));
+        let mut graphed = GraphedForward::new(|inputs: &[&Tensor]| Ok(ep.routed_experts("layer", inputs[0], &ids, &gate_weights, &stacks, e, &plan.gemm)?.0));
         for call in 0..3 {
             let out = graphed.call(&[&x])?;
             let err = rel(&out, &want);
-            anyhow::ensure!(overflows || err < 1e-4, "capacity {capacity}, call {call}: {err:.2e} from the single-device layer");
+            anyhow::ensure!(overflows || err < 1e-5, "capacity {capacity}, call {call}: {err:.2e} from the single-device routed experts");
         }
         anyhow::ensure!(graphed.capture_error().is_none(), "capture failed: {:?}", graphed.capture_error());
         anyhow::ensure!(graphed.replays() >= 1, "{} replays of 3 calls", graphed.replays());
@@ -1448,7 +1449,7 @@ fn static_dispatch_graph_checks() -> Result<()> {
             (got, _) => bail!("capacity {capacity}: the overflow check after a replay gave {got:?}"),
         }
     }
-    println!("static_dispatch | graph capture, replays equal the single-device layer, overflow check after replay | PASS");
+    println!("static_dispatch | graph capture, replays equal the single-device routed experts, overflow check after replay | PASS");
     drop(world);
     Ok(())
 }
