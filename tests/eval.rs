@@ -173,25 +173,36 @@ fn eval_sweep_writes_its_table_and_chart() {
             .unwrap()
     };
     let report = root.join("report.json");
-    let out = eval(&["--fit-classifier", &s(&root.join("train")), "--epochs", "4", "--sweep", "cfg=1,3", "steps=2", "--json", &s(&report)]);
+    let sweep = ["--sweep", "cfg=1,3", "steps=2", "interval=0-1,0.2-0.8"];
+    let out = eval(&[&["--fit-classifier", &s(&root.join("train")), "--epochs", "4", "--json", &s(&report)][..], &sweep].concat());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     let reports: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
     let cfgs: Vec<f64> = reports.as_array().unwrap().iter().map(|r| r["samples"]["cfg_scale"].as_f64().unwrap()).collect();
-    assert_eq!(cfgs, vec![1.0, 3.0]);
+    assert_eq!(cfgs, vec![1.0, 3.0, 1.0, 3.0]);
+    // Every level (0-1) is recorded as no interval.
+    let intervals: Vec<&serde_json::Value> = reports.as_array().unwrap().iter().map(|r| &r["samples"]["guidance_interval"]).collect();
+    let (everywhere, limited) = (serde_json::Value::Null, serde_json::json!([0.2, 0.8]));
+    assert_eq!(intervals, vec![&everywhere, &everywhere, &limited, &limited]);
     // Beside the report: the table and the chart.
     let table = std::fs::read_to_string(root.join("report-sweep.md")).unwrap();
     let rows: Vec<&str> = table.lines().filter(|l| l.starts_with("| rf-euler | 2 |")).collect();
-    assert_eq!(rows.len(), 2, "{table}");
+    assert_eq!(rows.len(), 4, "{table}");
+    assert!(rows[0].starts_with("| rf-euler | 2 | 1 | [0, 1] |") && rows[3].starts_with("| rf-euler | 2 | 3 | [0.2, 0.8] |"), "{table}");
     assert!(table.contains("Real vs real (9 + 9 disjoint real images"), "{table}");
     assert!(String::from_utf8_lossy(&out.stdout).contains(rows[0]));
     let png = image::open(root.join("report-sweep.png")).unwrap();
     assert_eq!((png.width(), png.height()), (1400, 600));
     // A malformed sweep fails before sampling, naming the flag.
-    for bad in [&["--sweep", "cfg=1,x"][..], &["--sweep", "steps=2", "--steps", "3"]] {
+    for bad in [
+        &["--sweep", "cfg=1,x"][..],
+        &["--sweep", "steps=2", "--steps", "3"],
+        &["--sweep", "interval=0.8-0.2"],
+        &["--sweep", "interval=0-1", "--guidance-interval", "0.2,0.8"],
+    ] {
         let out = eval(bad);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{stderr}");
-        assert!(stderr.contains("--sweep") || stderr.contains("--steps"), "{stderr}");
+        assert!(stderr.contains("--sweep") || stderr.contains("--steps") || stderr.contains("--guidance-interval"), "{stderr}");
     }
 }

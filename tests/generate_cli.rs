@@ -207,6 +207,26 @@ fn generate_json_defaults_class_names_and_overrides() {
     assert!(sep.join("9-ankle-boot-0.png").is_file());
 }
 
+/// The guidance interval comes from generate.json or the flag (which wins) and is named on the
+/// "wrote" line; `[0, 1]` is every level, the same as none, and not named.
+#[test]
+fn guidance_interval_from_generate_json_or_the_flag() {
+    let dir = scratch_dir("gen-interval");
+    let m = pixel_model_with_extras(&dir.join("model"), Some(r#"{"sampler": "rf-euler", "steps": 3, "guidance_interval": [0.2, 0.8]}"#));
+    let out = dir.join("out.png");
+    let run = |extra: &[&str]| {
+        let mut args = vec!["--model", m.as_str(), "--class", "0", "--num", "1", "--out", out.to_str().unwrap()];
+        args.extend(extra);
+        assert_ok(&ditmoe(&args))
+    };
+    let stdout = run(&[]);
+    assert!(stdout.contains("rf-euler, 3 steps, cfg 4 at levels [0.2, 0.8], seed 0"), "{stdout}");
+    let stdout = run(&["--guidance-interval", "0.1,0.5"]);
+    assert!(stdout.contains("cfg 4 at levels [0.1, 0.5], seed 0"), "{stdout}");
+    let stdout = run(&["--guidance-interval", "0,1"]);
+    assert!(stdout.contains("cfg 4, seed 0"), "{stdout}");
+}
+
 /// One bad input: exit code 2, one line on stderr naming `names`, and nothing at `out`.
 fn assert_usage_error(args: &[&str], out: &Path, names: &[&str]) {
     let result = ditmoe(args);
@@ -232,6 +252,8 @@ fn bad_inputs_are_one_line_usage_errors_and_write_nothing() {
     let vae3 = s(write_tiny_vae(&dir.join("vae3"), 3).parent().unwrap());
     let bad_json = pixel_model_with_extras(&dir.join("badjson"), Some(r#"{"sampler": "euler"}"#));
     let typo_json = pixel_model_with_extras(&dir.join("typojson"), Some(r#"{"stepz": 3}"#));
+    let reversed_interval_json = pixel_model_with_extras(&dir.join("interval-reversed"), Some(r#"{"guidance_interval": [0.8, 0.2]}"#));
+    let one_bound_json = pixel_model_with_extras(&dir.join("interval-one-bound"), Some(r#"{"guidance_interval": [0.2]}"#));
     let garbage_vae = dir.join("garbage.safetensors");
     std::fs::write(&garbage_vae, b"not a safetensors file").unwrap();
     let garbage_vae = s(&garbage_vae);
@@ -260,6 +282,13 @@ fn bad_inputs_are_one_line_usage_errors_and_write_nothing() {
         (vec!["--model", "DiT-MoE-S/2-8E2A"], &out, vec!["--weights"]),
         (vec!["--model", &bad_json], &out, vec!["generate.json", "sampler", "euler"]),
         (vec!["--model", &typo_json], &out, vec!["generate.json", "stepz"]),
+        (vec!["--model", &pixel, "--guidance-interval", "0.8,0.2"], &out, vec!["--guidance-interval", "0 <= lo <= hi <= 1"]),
+        (vec!["--model", &pixel, "--guidance-interval", "-0.1,0.5"], &out, vec!["--guidance-interval", "0 <= lo <= hi <= 1"]),
+        (vec!["--model", &pixel, "--guidance-interval", "0.2,1.5"], &out, vec!["--guidance-interval", "0 <= lo <= hi <= 1"]),
+        (vec!["--model", &pixel, "--guidance-interval", "NaN,0.5"], &out, vec!["--guidance-interval", "0 <= lo <= hi <= 1"]),
+        (vec!["--model", &pixel, "--guidance-interval", "0.2"], &out, vec!["--guidance-interval", "LO,HI"]),
+        (vec!["--model", &reversed_interval_json], &out, vec!["generate.json", "guidance_interval", "0 <= lo <= hi <= 1"]),
+        (vec!["--model", &one_bound_json], &out, vec!["generate.json", "guidance_interval", "two bounds"]),
         (vec!["--model", &pixel, "--out", &missing], &missing_path, vec!["--out", "does not exist"]),
         (vec!["--model", &pixel, "--out", &not_png], &not_png_path, vec!["--out", ".png"]),
     ];

@@ -10,8 +10,8 @@
 //! comparisons are on the fixtures' first N/2 rows, which are the result.
 //!
 //! Plus the seeded path (same seed, same images; independent of batch splitting), the
-//! unguided single batch at scale 1, the guided-channel switch, step validation and the PNG
-//! conversion.
+//! unguided single batch at scale 1, guidance limited to an interval of noise levels, the
+//! guided-channel switch, step validation and the PNG conversion.
 mod common;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
@@ -19,7 +19,8 @@ use common::{fixture_path, load_fixture, rel_err};
 use ditmoe::checkpoint::ModelDir;
 use ditmoe::diffusion::GaussianDiffusion;
 use ditmoe::sampling::{
-    DdimSampler, DdpmSampler, Evaluation, Guidance, GuidedModel, ImageNoise, Images, RectifiedFlowSampler, Sampler,
+    DdimSampler, DdpmSampler, DpmSolverSampler, Evaluation, Guidance, GuidanceInterval, GuidedModel, ImageNoise, Images,
+    RectifiedFlowSampler, Sampler,
 };
 use ditmoe::DitMoe;
 
@@ -161,10 +162,35 @@ fn rectified_flow_euler_matches_official_end_to_end() {
 
 fn seeded(sampler: &Sampler, model: &DitMoe, classes: &[usize], scale: f64, seed: u64, first_image: usize) -> (Tensor, Recorder) {
     let guided = GuidedModel::new(model, classes, official_guidance(scale), &Device::Cpu).unwrap();
-    let mut noise = ImageNoise::new(seed, first_image..first_image + classes.len());
+    sample_recorded(sampler, &guided, seed, first_image)
+}
+
+/// Seed 0 from image 0, guided at `scale` only at the levels in `interval`.
+fn seeded_in(sampler: &Sampler, model: &DitMoe, classes: &[usize], scale: f64, interval: Option<GuidanceInterval>) -> (Tensor, Recorder) {
+    let guided = GuidedModel::new(model, classes, official_guidance(scale), &Device::Cpu).unwrap().guided_in(interval);
+    sample_recorded(sampler, &guided, 0, 0)
+}
+
+fn sample_recorded(sampler: &Sampler, guided: &GuidedModel, seed: u64, first_image: usize) -> (Tensor, Recorder) {
+    let mut noise = ImageNoise::new(seed, first_image..first_image + guided.batch());
     let mut rec = Recorder::default();
-    let out = sampler.sample_seeded(&guided, &mut noise, &mut |e| rec.record(e)).unwrap();
+    let out = sampler.sample_seeded(guided, &mut noise, &mut |e| rec.record(e)).unwrap();
     (out, rec)
+}
+
+/// One of each sampling process, at few steps.
+fn every_sampler() -> Vec<Sampler> {
+    vec![
+        Sampler::Ddpm(DdpmSampler::with_steps(5, true, false).unwrap()),
+        Sampler::Ddim(DdimSampler::with_steps(10, true, 0.0, false).unwrap()),
+        Sampler::DpmSolver(DpmSolverSampler::with_steps(5, false).unwrap()),
+        Sampler::RectifiedFlow(RectifiedFlowSampler::new(4, false).unwrap()),
+        Sampler::RectifiedFlow(RectifiedFlowSampler::new(3, true).unwrap()),
+    ]
+}
+
+fn interval(lo: f64, hi: f64) -> Option<GuidanceInterval> {
+    Some(GuidanceInterval::new(lo, hi).unwrap())
 }
 
 #[test]
@@ -202,6 +228,90 @@ fn scale_one_runs_a_single_unguided_batch() {
     }
 }
 
+/// No interval and `[0, 1]` (which holds every level) are the same run, bit for bit: every
+/// evaluation guided, as before intervals existed (the official loops above run without one).
+#[test]
+fn guidance_interval_zero_to_one_is_guidance_everywhere() {
+    let model = tiny();
+    for sampler in every_sampler() {
+        let (everywhere, rec) = seeded_in(&sampler, &model, &[1, 2], 4.0, None);
+        let (zero_to_one, rec01) = seeded_in(&sampler, &model, &[1, 2], 4.0, interval(0.0, 1.0));
+        assert_eq!(rel_err(&zero_to_one, &everywhere), 0.0, "{sampler:?}: [0, 1] is no interval");
+        assert_eq!(rec.forward_batch, vec![4; sampler.evaluations()], "{sampler:?}");
+        assert_eq!(rec01.forward_batch, rec.forward_batch, "{sampler:?}");
+    }
+}
+
+/// An interval that holds none of the levels a sampler visits guides no evaluation: the run is
+/// scale 1's exactly, every forward of batch N (no null-class half at all).
+#[test]
+fn guidance_interval_holding_no_step_is_conditional_sampling() {
+    let model = tiny();
+    // No sampler here visits a level in [0.01, 0.02]: the flow grids stop at t = 1/4 and 1/3,
+    // the Gaussian timesteps are 0 or at least 100.
+    for sampler in every_sampler() {
+        let (outside, rec) = seeded_in(&sampler, &model, &[1, 2], 4.0, interval(0.01, 0.02));
+        let (plain, _) = seeded_in(&sampler, &model, &[1, 2], 1.0, None);
+        assert_eq!(rel_err(&outside, &plain), 0.0, "{sampler:?}: no step guided is scale 1");
+        assert_eq!(rec.forward_batch, vec![2; sampler.evaluations()], "{sampler:?}: conditional forwards only");
+    }
+}
+
+/// A partial interval guides exactly the evaluations whose level lies in it, both ends included
+/// (the levels 0.3 and 0.6 are on these grids): flow time t = i / 10, Gaussian timestep / 1000.
+#[test]
+fn guidance_interval_guides_exactly_the_levels_inside_it() {
+    let model = tiny();
+    let (n, guided_in) = (2, interval(0.3, 0.6));
+    let batches = |guided: &[usize], evaluations: usize| -> Vec<usize> {
+        (0..evaluations).map(|k| if guided.contains(&k) { 2 * n } else { n }).collect()
+    };
+    let cases = [
+        // t = 1.0, 0.9, ..., 0.1: 0.6, 0.5, 0.4 and 0.3 guided.
+        (Sampler::RectifiedFlow(RectifiedFlowSampler::new(10, false).unwrap()), batches(&[4, 5, 6, 7], 10)),
+        // Heun evaluates t_i, then t_{i+1} (t_9 = 0.1 alone): 1, .9, .9, .8, .8, .7, .7, .6, .6, ...
+        (Sampler::RectifiedFlow(RectifiedFlowSampler::new(10, true).unwrap()), batches(&[7, 8, 9, 10, 11, 12, 13, 14], 19)),
+        // "ddim10" strides by 100: timesteps 900, 800, ..., 0.
+        (Sampler::Ddim(DdimSampler::with_steps(10, true, 0.0, false).unwrap()), batches(&[3, 4, 5, 6], 10)),
+        // "10" spaces 0..999 by 111: timesteps 999, 888, 777, 666, 555, 444, 333, 222, 111, 0.
+        (Sampler::Ddpm(DdpmSampler::with_steps(10, true, false).unwrap()), batches(&[4, 5, 6], 10)),
+        // diffusers' linspace: timesteps 999, 899, 799, 699, 599, 500, 400, 300, 200, 100.
+        (Sampler::DpmSolver(DpmSolverSampler::with_steps(10, false).unwrap()), batches(&[4, 5, 6, 7], 10)),
+    ];
+    for (sampler, want) in cases {
+        let (partial, rec) = seeded_in(&sampler, &model, &[1, 2], 4.0, guided_in);
+        assert_eq!(rec.forward_batch, want, "{sampler:?}: forward batch per evaluation");
+        // Up to the first guided evaluation the trajectory is the unguided one; from the state
+        // after it, it is not (the first guided step changed it).
+        let first = want.iter().position(|&b| b == 2 * n).unwrap();
+        let (plain, unguided) = seeded_in(&sampler, &model, &[1, 2], 1.0, None);
+        for k in 0..=first {
+            assert_eq!(rel_err(&rec.x[k], &unguided.x[k]), 0.0, "{sampler:?}: evaluation {k} is on the unguided trajectory");
+        }
+        assert!(rel_err(&rec.x[first + 1], &unguided.x[first + 1]) > 0.0, "{sampler:?}: the guided evaluation {first} moved the state");
+        let (everywhere, _) = seeded_in(&sampler, &model, &[1, 2], 4.0, None);
+        assert!(rel_err(&partial, &plain) > 0.0 && rel_err(&partial, &everywhere) > 0.0, "{sampler:?}");
+    }
+}
+
+#[test]
+fn bad_guidance_intervals_are_rejected() {
+    for (lo, hi) in [(0.8, 0.2), (-0.1, 0.5), (0.2, 1.5), (f64::NAN, 0.5), (0.2, f64::INFINITY)] {
+        let err = GuidanceInterval::new(lo, hi).unwrap_err().to_string();
+        assert!(err.contains("guidance interval needs 0 <= lo <= hi <= 1"), "[{lo}, {hi}]: {err}");
+    }
+    assert!(GuidanceInterval::from_bounds(&[0.2]).unwrap_err().to_string().contains("two bounds"));
+    assert_eq!(GuidanceInterval::from_bounds(&[0.2, 0.8]).unwrap(), GuidanceInterval::new(0.2, 0.8).unwrap());
+    assert_eq!("0.2, 0.8".parse::<GuidanceInterval>().unwrap(), GuidanceInterval::new(0.2, 0.8).unwrap());
+    for bad in ["0.2", "0.2,0.8,0.9", "a,0.8", "0.8,0.2", "-0.1,0.5", "0,NaN"] {
+        assert!(bad.parse::<GuidanceInterval>().is_err(), "{bad}");
+    }
+    let i = GuidanceInterval::new(0.3, 0.6).unwrap();
+    assert!(i.contains(0.3) && i.contains(0.6) && !i.contains(0.299) && !i.contains(0.601) && !i.contains(f64::NAN));
+    assert_eq!(i.to_string(), "[0.3, 0.6]");
+    assert!(GuidanceInterval::new(0.0, 1.0).unwrap().is_everywhere() && !i.is_everywhere());
+}
+
 /// The Gaussian layout guides channels 0..3 and leaves channel 3 (and the sigma half) with the
 /// conditional values; `guide_all_channels` guides channel 3 as well; scale 1 is the plain
 /// conditional forward; rectified flow guides every channel.
@@ -216,7 +326,7 @@ fn guided_channels_follow_the_official_layouts() {
     let uncond = model.forward(&x, &t, &Tensor::new(&[10u32, 10], &dev).unwrap()).unwrap();
     let full = (&uncond + ((&cond - &uncond).unwrap() * s).unwrap()).unwrap();
     let out = |all: bool, scale: f64| {
-        GuidedModel::new(&model, &[1, 2], Guidance { scale, guide_all_channels: all }, &dev).unwrap().gaussian_output(&x, &t).unwrap()
+        GuidedModel::new(&model, &[1, 2], Guidance { scale, guide_all_channels: all }, &dev).unwrap().gaussian_output(&x, &t, 0.5).unwrap()
     };
     let official = out(false, s);
     let close = |a: &Tensor, b: &Tensor| rel_err(a, b) < 1e-5;
@@ -227,7 +337,7 @@ fn guided_channels_follow_the_official_layouts() {
     assert!(close(&all.narrow(1, 4, 4).unwrap(), &cond.narrow(1, 4, 4).unwrap()), "sigma half stays conditional");
     assert_eq!(rel_err(&out(false, 1.0), &cond), 0.0, "scale 1 is the conditional forward itself");
     let t_flow = Tensor::new(&[0.5f32, 0.5], &dev).unwrap();
-    let v = GuidedModel::new(&model, &[1, 2], Guidance { scale: s, guide_all_channels: false }, &dev).unwrap().velocity(&x, &t_flow).unwrap();
+    let v = GuidedModel::new(&model, &[1, 2], Guidance { scale: s, guide_all_channels: false }, &dev).unwrap().velocity(&x, &t_flow, 0.5).unwrap();
     let vc = model.forward(&x, &t_flow, &Tensor::new(&[1u32, 2], &dev).unwrap()).unwrap().narrow(1, 0, 4).unwrap();
     let vu = model.forward(&x, &t_flow, &Tensor::new(&[10u32, 10], &dev).unwrap()).unwrap().narrow(1, 0, 4).unwrap();
     let v_official = (&vu + ((&vc - &vu).unwrap() * s).unwrap()).unwrap();

@@ -2,6 +2,7 @@
 //! (`{"sampler": "rf-euler", "steps": 30, "cfg_scale": 3.0}`), so routing runs sample a model
 //! the way its trainer said it samples (a rectified-flow model is wrong under DDPM).
 use super::SamplerKind;
+use crate::sampling::GuidanceInterval;
 use candle_core::Result;
 use serde::Deserialize;
 use std::path::Path;
@@ -16,6 +17,7 @@ struct File {
     sampler: Option<String>,
     steps: Option<usize>,
     cfg_scale: Option<f64>,
+    guidance_interval: Option<Vec<f64>>,
 }
 
 /// The defaults of one model: the file's values, else the official ones.
@@ -24,6 +26,8 @@ pub struct RunDefaults {
     pub sampler: SamplerKind,
     pub steps: usize,
     pub cfg_scale: f64,
+    /// The noise levels guidance is limited to; None: every level.
+    pub guidance_interval: Option<GuidanceInterval>,
 }
 
 impl RunDefaults {
@@ -44,10 +48,17 @@ impl RunDefaults {
         };
         let chosen = sampler.or(from_file).unwrap_or(SamplerKind::Ddpm);
         let steps_apply = from_file.is_none_or(|f| f == chosen);
+        let guidance_interval = file
+            .guidance_interval
+            .as_deref()
+            .map(GuidanceInterval::from_bounds)
+            .transpose()
+            .map_err(|e| candle_core::Error::Msg(format!("{}: guidance_interval: {e}", path.display())))?;
         Ok(Self {
             sampler: chosen,
             steps: file.steps.filter(|_| steps_apply).unwrap_or(chosen.official_steps()),
             cfg_scale: file.cfg_scale.unwrap_or(CFG_SCALE),
+            guidance_interval,
         })
     }
 }

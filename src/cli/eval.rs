@@ -1,6 +1,6 @@
 //! `ditmoe eval`: scores a class-conditional pixel model with the Fashion-MNIST classifier
 //! (`--fit-classifier TRAIN_DIR` trains that classifier first), once or over a `--sweep` of
-//! guidance scales and step counts.
+//! guidance scales, step counts and guidance intervals.
 use super::usage;
 use clap::Args;
 use ditmoe::analysis::tradeoff::tradeoff_chart;
@@ -11,6 +11,7 @@ use ditmoe::eval::images::load_split;
 use ditmoe::eval::report::{class_grid, generate, score};
 use ditmoe::eval::sweep::{markdown_table, tradeoff_series};
 use ditmoe::eval::{classifier::SIDE, EvalReport, RealReference, SampleOptions};
+use ditmoe::sampling::GuidanceInterval;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -43,9 +44,14 @@ pub struct EvalArgs {
     /// Guidance scale [default: generate.json's, else 4].
     #[arg(long)]
     cfg_scale: Option<f64>,
-    /// Evaluate every combination of guidance scales and step counts, e.g.
-    /// `--sweep cfg=1,1.5,2,3,4 steps=10,20,30`; an axis left out takes --cfg-scale/--steps.
-    #[arg(long, num_args = 1..=2, value_name = "AXIS=LIST", conflicts_with = "grid")]
+    /// Guide only at noise levels in [LO, HI] (1 = pure noise), e.g. 0.2,0.8, as `ditmoe
+    /// generate` [default: generate.json's, else every level].
+    #[arg(long, value_name = "LO,HI", allow_hyphen_values = true)]
+    guidance_interval: Option<String>,
+    /// Evaluate every combination of guidance scales, step counts and guidance intervals, e.g.
+    /// `--sweep cfg=1,1.5,2,3,4 steps=10,20,30 interval=0-1,0.2-0.8` (interval `0-1`: every
+    /// level); an axis left out takes --cfg-scale/--steps/--guidance-interval.
+    #[arg(long, num_args = 1..=3, value_name = "AXIS=LIST", conflicts_with = "grid")]
     sweep: Vec<String>,
     /// The sweep's trade-off chart (PNG); its markdown table goes beside it (.md)
     /// [default: beside --json as NAME-sweep.png, else eval-sweep.png].
@@ -71,19 +77,34 @@ pub struct EvalArgs {
     device: String,
 }
 
-/// The axes a `--sweep` gives (every guidance scale runs with every step count); an axis left
-/// out is `None`.
+/// The axes a `--sweep` gives (every guidance scale runs with every step count and every
+/// guidance interval); an axis left out is `None`.
 #[derive(Debug, PartialEq)]
 struct Sweep {
     cfg: Option<Vec<f64>>,
     steps: Option<Vec<usize>>,
+    /// None within: every level (`0-1`).
+    interval: Option<Vec<Option<GuidanceInterval>>>,
 }
 
-/// Parses `--sweep`'s `cfg=LIST` and `steps=LIST` (comma-separated).
+/// One `interval=` value, `LO-HI`: the one split at a `-` that leaves a number on either side,
+/// so that a bound written `1e-3` parses; `0-1` (every level) is None, as no interval.
+fn parse_interval(value: &str) -> Result<Option<GuidanceInterval>, String> {
+    let mut splits = value.match_indices('-').filter_map(|(at, _)| Some((value[..at].parse::<f64>().ok()?, value[at + 1..].parse::<f64>().ok()?)));
+    let (Some((lo, hi)), None) = (splits.next(), splits.next()) else {
+        return Err(format!("`{value}` is not LO-HI (two noise levels, e.g. 0.2-0.8)"));
+    };
+    let interval = GuidanceInterval::new(lo, hi).map_err(|e| e.to_string())?;
+    Ok(Some(interval).filter(|i| !i.is_everywhere()))
+}
+
+/// Parses `--sweep`'s `cfg=LIST`, `steps=LIST` and `interval=LIST` (comma-separated).
 fn parse_sweep(specs: &[String]) -> anyhow::Result<Sweep> {
     let (mut cfgs, mut stepss): (Option<Vec<f64>>, Option<Vec<usize>>) = (None, None);
+    let mut intervals = None;
     for spec in specs {
-        let (axis, list) = spec.split_once('=').ok_or_else(|| usage(format!("--sweep: `{spec}` is not cfg=LIST or steps=LIST")))?;
+        let (axis, list) =
+            spec.split_once('=').ok_or_else(|| usage(format!("--sweep: `{spec}` is not cfg=LIST, steps=LIST or interval=LIST")))?;
         let values: Vec<&str> = list.split(',').map(str::trim).collect();
         if values.iter().any(|v| v.is_empty()) {
             return Err(usage(format!("--sweep: empty value in `{spec}`")));
@@ -105,11 +126,19 @@ fn parse_sweep(specs: &[String]) -> anyhow::Result<Sweep> {
                         .collect::<anyhow::Result<_>>()?,
                 )
             }
-            "cfg" | "steps" => return Err(usage(format!("--sweep: {} given twice", axis.trim()))),
-            other => return Err(usage(format!("--sweep: unknown axis `{other}` in `{spec}` (cfg or steps)"))),
+            "interval" if intervals.is_none() => {
+                intervals = Some(
+                    values
+                        .iter()
+                        .map(|v| parse_interval(v).map_err(|e| usage(format!("--sweep: interval in `{spec}`: {e}"))))
+                        .collect::<anyhow::Result<_>>()?,
+                )
+            }
+            "cfg" | "steps" | "interval" => return Err(usage(format!("--sweep: {} given twice", axis.trim()))),
+            other => return Err(usage(format!("--sweep: unknown axis `{other}` in `{spec}` (cfg, steps or interval)"))),
         }
     }
-    Ok(Sweep { cfg: cfgs, steps: stepss })
+    Ok(Sweep { cfg: cfgs, steps: stepss, interval: intervals })
 }
 
 /// The PNG of a sweep: `--sweep-out`, else beside the JSON report, else in the working folder.
@@ -143,7 +172,8 @@ fn print_report(r: &EvalReport, n_images: usize) {
         );
     }
     let o = &r.samples;
-    println!("sampling                {:.1} s for {n_images} images ({} {} steps, cfg {})", r.sampling_seconds, o.sampler, o.steps, o.cfg_scale);
+    let interval = o.guidance_interval.map(|i| format!(" at levels {i}")).unwrap_or_default();
+    println!("sampling                {:.1} s for {n_images} images ({} {} steps, cfg {}{interval})", r.sampling_seconds, o.sampler, o.steps, o.cfg_scale);
 }
 
 pub fn run(a: EvalArgs) -> anyhow::Result<()> {
@@ -176,6 +206,12 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
     let defaults = RunDefaults::read(&a.model, sampler)?;
     let steps = a.steps.unwrap_or(defaults.steps);
     let cfg_scale = a.cfg_scale.unwrap_or(defaults.cfg_scale);
+    // [0, 1] guides every step: the same run as no interval, and reported as such.
+    let guidance_interval = match &a.guidance_interval {
+        Some(s) => Some(s.parse::<GuidanceInterval>().map_err(|e| usage(format!("--guidance-interval: {e}")))?),
+        None => defaults.guidance_interval,
+    }
+    .filter(|i| !i.is_everywhere());
     let sweep = parse_sweep(&a.sweep)?;
     if sweep.cfg.is_some() && a.cfg_scale.is_some() {
         return Err(usage("--cfg-scale: --sweep's cfg list sets the guidance; give one or the other"));
@@ -183,36 +219,44 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
     if sweep.steps.is_some() && a.steps.is_some() {
         return Err(usage("--steps: --sweep's steps list sets the steps; give one or the other"));
     }
+    if sweep.interval.is_some() && a.guidance_interval.is_some() {
+        return Err(usage("--guidance-interval: --sweep's interval list sets the guidance interval; give one or the other"));
+    }
     let steps_flag = if sweep.steps.is_some() { "--sweep" } else { "--steps" };
     let (cfg_list, steps_list) = (sweep.cfg.unwrap_or_else(|| vec![cfg_scale]), sweep.steps.unwrap_or_else(|| vec![steps]));
+    let interval_list = sweep.interval.unwrap_or_else(|| vec![guidance_interval]);
     for &s in &steps_list {
         defaults.sampler.build(s, &dir.config, true).map_err(|e| usage(format!("{steps_flag}: {} with {s} steps: {e}", defaults.sampler)))?;
     }
     let model = dir.load(&ditmoe::ExecutionPlan::inference(&device, ditmoe::Precision::F32))?;
     let reference = RealReference::new(&clf, &test_x, &test_y, names, a.per_class)?;
     let mut reports = Vec::new();
+    // Each (steps, interval) pair's guidance scales run one after the other: one line of the chart.
     for &steps in &steps_list {
-        for &cfg_scale in &cfg_list {
-            let opts = SampleOptions { per_class: a.per_class, sampler: defaults.sampler, steps, cfg_scale, seed: a.seed, batch: a.batch };
-            let t = Instant::now();
-            let samples = generate(&model, &opts, &device)?;
-            let secs = t.elapsed().as_secs_f64();
-            if let Some(path) = &a.grid {
-                class_grid(&samples, a.per_class, reference.class_names.len(), 8)?.write_png(path)?;
+        for &guidance_interval in &interval_list {
+            for &cfg_scale in &cfg_list {
+                let opts = SampleOptions { per_class: a.per_class, sampler: defaults.sampler, steps, cfg_scale, guidance_interval, seed: a.seed, batch: a.batch };
+                let t = Instant::now();
+                let samples = generate(&model, &opts, &device)?;
+                let secs = t.elapsed().as_secs_f64();
+                if let Some(path) = &a.grid {
+                    class_grid(&samples, a.per_class, reference.class_names.len(), 8)?.write_png(path)?;
+                }
+                let report = score(&clf, &reference, &samples, opts, secs)?;
+                if a.sweep.is_empty() {
+                    print_report(&report, samples.dim(0)?);
+                } else {
+                    eprintln!(
+                        "{steps} steps, cfg {cfg_scale}{}: accuracy {:.1}%, Fréchet ratio {:.2}, precision {:.3}, recall {:.3} ({secs:.0} s)",
+                        guidance_interval.map(|i| format!(" at levels {i}")).unwrap_or_default(),
+                        100.0 * report.generated_accuracy,
+                        report.frechet_ratio,
+                        report.precision_recall.precision,
+                        report.precision_recall.recall
+                    );
+                }
+                reports.push(report);
             }
-            let report = score(&clf, &reference, &samples, opts, secs)?;
-            if a.sweep.is_empty() {
-                print_report(&report, samples.dim(0)?);
-            } else {
-                eprintln!(
-                    "{steps} steps, cfg {cfg_scale}: accuracy {:.1}%, Fréchet ratio {:.2}, precision {:.3}, recall {:.3} ({secs:.0} s)",
-                    100.0 * report.generated_accuracy,
-                    report.frechet_ratio,
-                    report.precision_recall.precision,
-                    report.precision_recall.recall
-                );
-            }
-            reports.push(report);
         }
     }
     if let Some(path) = &a.json {
@@ -247,9 +291,33 @@ mod tests {
     #[test]
     fn sweep_axes_parse_and_malformed_ones_name_the_flag() {
         let specs = |s: &[&str]| s.iter().map(|x| x.to_string()).collect::<Vec<_>>();
-        assert_eq!(parse_sweep(&specs(&["cfg=1,1.5", "steps=10,20"])).unwrap(), Sweep { cfg: Some(vec![1.0, 1.5]), steps: Some(vec![10, 20]) });
-        assert_eq!(parse_sweep(&specs(&["steps=10"])).unwrap(), Sweep { cfg: None, steps: Some(vec![10]) });
-        for bad in [&["cfg"][..], &["cfg=1,,2"], &["cfg=x"], &["steps=0"], &["seed=1"], &["cfg=1", "cfg=2"]] {
+        assert_eq!(
+            parse_sweep(&specs(&["cfg=1,1.5", "steps=10,20"])).unwrap(),
+            Sweep { cfg: Some(vec![1.0, 1.5]), steps: Some(vec![10, 20]), interval: None }
+        );
+        assert_eq!(parse_sweep(&specs(&["steps=10"])).unwrap(), Sweep { cfg: None, steps: Some(vec![10]), interval: None });
+        let interval = |lo, hi| Some(GuidanceInterval::new(lo, hi).unwrap());
+        // 0-1 is every level, as no interval; a bound may be written with an exponent.
+        assert_eq!(
+            parse_sweep(&specs(&["interval=0-1,0.1-0.7, 0.2-0.8,1e-3-0.5", "cfg=2"])).unwrap(),
+            Sweep { cfg: Some(vec![2.0]), steps: None, interval: Some(vec![None, interval(0.1, 0.7), interval(0.2, 0.8), interval(1e-3, 0.5)]) }
+        );
+        for bad in [
+            &["cfg"][..],
+            &["cfg=1,,2"],
+            &["cfg=x"],
+            &["steps=0"],
+            &["seed=1"],
+            &["cfg=1", "cfg=2"],
+            &["interval=0.2"],
+            &["interval=0.2,0.8"],
+            &["interval=0.8-0.2"],
+            &["interval=-0.1-0.5"],
+            &["interval=0.2-1.5"],
+            &["interval=NaN-0.5"],
+            &["interval=0-0.5-1"],
+            &["interval=0-1", "interval=0.2-0.8"],
+        ] {
             let err = parse_sweep(&specs(bad)).unwrap_err().to_string();
             assert!(err.starts_with("--sweep: "), "{bad:?}: {err}");
         }

@@ -21,7 +21,7 @@ use clap::Args;
 use ditmoe::checkpoint::{load_state_dict, ModelDir};
 use ditmoe::dist::World;
 use ditmoe::sampling::{
-    Decoder, Guidance, GuidedModel, ImageNoise, Images, Sampler, SamplerKind,
+    Decoder, Guidance, GuidanceInterval, GuidedModel, ImageNoise, Images, Sampler, SamplerKind,
     VaeSpec, DIFFUSION_STEPS,
 };
 use ditmoe::{presets, DitConfig, DitMoe};
@@ -31,7 +31,8 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 /// Optional per-model defaults, `<model dir>/generate.json`, e.g.
-/// `{"sampler": "rf-euler", "steps": 30, "cfg_scale": 3.0}`; flags override them.
+/// `{"sampler": "rf-euler", "steps": 30, "cfg_scale": 3.0, "guidance_interval": [0.2, 0.8]}`;
+/// flags override them.
 const DEFAULTS_FILE: &str = "generate.json";
 /// Official `sample.py`'s `--cfg-scale` default.
 const DEFAULT_CFG_SCALE: f64 = 4.0;
@@ -63,6 +64,12 @@ pub struct GenerateArgs {
     /// DDPM/DDIM: guide every latent channel, not the official first 3.
     #[arg(long)]
     guide_all_channels: bool,
+    /// Guide only the steps whose noise level (1 = pure noise: the flow time t, or the
+    /// DDPM/DDIM/DPM++ timestep / 1000) lies in [LO, HI], e.g. 0.2,0.8; the others run the
+    /// conditional forward alone (Kynkäänniemi et al. 2024) [default: generate.json's, else
+    /// every step].
+    #[arg(long, value_name = "LO,HI", allow_hyphen_values = true)]
+    guidance_interval: Option<String>,
     /// Seed of the noise; the same seed gives the same images on the same device.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -99,6 +106,8 @@ struct GenerateDefaults {
     sampler: Option<String>,
     steps: Option<i64>,
     cfg_scale: Option<f64>,
+    /// `[lo, hi]`, as `--guidance-interval`.
+    guidance_interval: Option<Vec<f64>>,
 }
 
 impl GenerateDefaults {
@@ -342,6 +351,15 @@ fn generate_in(a: GenerateArgs, plan: ditmoe::ExecutionPlan, world: Option<&Worl
             "{scale_from}: {cfg_scale} needs the null class, but this model has none (class_dropout_prob 0); use --cfg-scale 1"
         )));
     }
+    // [0, 1] guides every step: the same run as no interval, so the "wrote" line names none.
+    let guidance_interval = match (&a.guidance_interval, &defaults.guidance_interval) {
+        (Some(s), _) => Some(s.parse::<GuidanceInterval>().map_err(|e| super::usage(format!("--guidance-interval: {e}")))?),
+        (None, Some(bounds)) => {
+            Some(GuidanceInterval::from_bounds(bounds).map_err(|e| super::usage(format!("{}: {e}", from_file("guidance_interval"))))?)
+        }
+        (None, None) => None,
+    }
+    .filter(|i| !i.is_everywhere());
     let classes = super::parse_classes(&a.class, cfg.num_classes, source.class_names())?;
     let num = positive(a.num, "--num")?;
     let batch_size = positive(a.batch_size, "--batch-size")?;
@@ -401,7 +419,7 @@ fn generate_in(a: GenerateArgs, plan: ditmoe::ExecutionPlan, world: Option<&Worl
         let first = b * batch_size;
         device.synchronize()?;
         let start = Instant::now();
-        let guided = GuidedModel::new(&model, batch, guidance, &device)?;
+        let guided = GuidedModel::new(&model, batch, guidance, &device)?.guided_in(guidance_interval);
         let mut noise = ImageNoise::new(a.seed, first..first + batch.len());
         let samples = sampler.sample_seeded(&guided, &mut noise, &mut |_| bar.inc(1)).context("sampling")?;
         device.synchronize()?;
@@ -456,8 +474,9 @@ fn generate_in(a: GenerateArgs, plan: ditmoe::ExecutionPlan, world: Option<&Worl
         }
     }
     let total_s = sampling_s + decode_s;
+    let interval = guidance_interval.map(|i| format!(" at levels {i}")).unwrap_or_default();
     println!(
-        "wrote {}: {} classes x {num} images of {}x{} ({}, {} steps, cfg {cfg_scale}, seed {}); sampled {} images in {total_s:.3} s (sampling {sampling_s:.3} s, {} {decode_s:.3} s): {:.2} images/s",
+        "wrote {}: {} classes x {num} images of {}x{} ({}, {} steps, cfg {cfg_scale}{interval}, seed {}); sampled {} images in {total_s:.3} s (sampling {sampling_s:.3} s, {} {decode_s:.3} s): {:.2} images/s",
         output.path().display(),
         classes.len(),
         images.width,

@@ -11,12 +11,17 @@ use super::images::center_crop;
 use super::precision_recall::{precision_recall, PrecisionRecall, DEFAULT_K};
 use super::reference::{RealReference, RealSubsets};
 use crate::model::DitMoe;
-use crate::sampling::{Guidance, GuidedModel, ImageNoise, Images, SamplerKind};
+use crate::sampling::{Guidance, GuidanceInterval, GuidedModel, ImageNoise, Images, SamplerKind};
 use candle_core::{bail, Device, Result, Tensor};
 use serde::{Serialize, Serializer};
 
 fn sampler_name<S: Serializer>(kind: &SamplerKind, s: S) -> std::result::Result<S::Ok, S::Error> {
     s.serialize_str(kind.name())
+}
+
+/// `[lo, hi]`, as generate.json writes it, or null (every level).
+fn interval_bounds<S: Serializer>(interval: &Option<GuidanceInterval>, s: S) -> std::result::Result<S::Ok, S::Error> {
+    interval.map(|i| [i.lo(), i.hi()]).serialize(s)
 }
 
 /// How samples are drawn.
@@ -27,6 +32,9 @@ pub struct SampleOptions {
     pub sampler: SamplerKind,
     pub steps: usize,
     pub cfg_scale: f64,
+    /// The noise levels guidance was limited to (Kynkäänniemi et al. 2024); None: every level.
+    #[serde(serialize_with = "interval_bounds")]
+    pub guidance_interval: Option<GuidanceInterval>,
     pub seed: u64,
     /// Images per sampler call (before the guidance doubling).
     pub batch: usize,
@@ -65,8 +73,8 @@ pub struct EvalReport {
 }
 
 /// Samples `per_class` images of every class with `opts.sampler` and classifier-free
-/// guidance, class-major, as (N, C, H, W) in [-1, 1]. Gaussian samplers clamp x_0 to [-1, 1]
-/// (the models here are pixel-space).
+/// guidance (in `opts.guidance_interval`), class-major, as (N, C, H, W) in [-1, 1]. Gaussian
+/// samplers clamp x_0 to [-1, 1] (the models here are pixel-space).
 pub fn generate(model: &DitMoe, opts: &SampleOptions, device: &Device) -> Result<Tensor> {
     let classes: Vec<usize> = (0..model.config().num_classes).flat_map(|c| std::iter::repeat_n(c, opts.per_class)).collect();
     let sampler = opts.sampler.build(opts.steps, model.config(), true)?;
@@ -74,7 +82,7 @@ pub fn generate(model: &DitMoe, opts: &SampleOptions, device: &Device) -> Result
     let mut out = Vec::new();
     for start in (0..classes.len()).step_by(opts.batch) {
         let end = (start + opts.batch).min(classes.len());
-        let gm = GuidedModel::new(model, &classes[start..end], guidance, device)?;
+        let gm = GuidedModel::new(model, &classes[start..end], guidance, device)?.guided_in(opts.guidance_interval);
         let mut noise = ImageNoise::new(opts.seed, start..end);
         out.push(sampler.sample_seeded(&gm, &mut noise, &mut |_| {})?);
     }

@@ -85,9 +85,11 @@ impl DpmSolverSampler {
         let mut x = z.to_dtype(DType::F32)?;
         for (k, &ts) in self.timesteps.iter().enumerate() {
             let t = Tensor::new(vec![ts as i64; n], z.device())?;
+            // The noise level the guidance interval is on: the timestep over the schedule.
+            let level = ts as f64 / DIFFUSION_STEPS as f64;
             // The epsilon half (learned-sigma models carry the variance values after it).
-            let eps = model.gaussian_output(&x, &t)?.narrow(1, 0, c)?;
-            on_eval(&Evaluation { index: k, total, x: &x, t: &t, forward_batch: model.forward_batch() });
+            let eps = model.gaussian_output(&x, &t, level)?.narrow(1, 0, c)?;
+            on_eval(&Evaluation { index: k, total, x: &x, t: &t, forward_batch: model.forward_batch(level) });
             x = state.step(&eps, &x)?;
         }
         Ok(x)

@@ -47,16 +47,29 @@ impl RectifiedFlowSampler {
         }
     }
 
+    /// The noise level ([`super::GuidanceInterval`]'s axis) of the grid point whose model time
+    /// is `model_time`: its grid time t. The integrators hand the velocity closure the f32 model
+    /// time only, and that f32 rounding is no level to compare: t = 0.6 becomes 0.6000000238,
+    /// outside an interval that ends at 0.6.
+    fn level_at(&self, model_time: f32) -> Result<f64> {
+        match (0..=self.steps()).find(|&i| self.grid.model_time(i) == model_time) {
+            Some(i) => Ok(self.grid.times()[i]),
+            None => candle_core::bail!("flow sampler: model time {model_time} is not on the grid"),
+        }
+    }
+
     /// Integrates from `z` (the noise at t = 1); the model is fed t as f32 (official
-    /// `torch.tensor([t] * b)`), guided on every channel.
+    /// `torch.tensor([t] * b)`), guided on every channel at the levels the guidance interval
+    /// holds.
     pub fn sample(&self, model: &GuidedModel, z: &Tensor, on_eval: &mut dyn FnMut(&Evaluation)) -> Result<Tensor> {
         let n = model.batch();
         let total = self.evaluations();
         let mut index = 0;
-        let velocity = |x: &Tensor, t: f32| -> Result<Tensor> {
-            let t = Tensor::full(t, n, x.device())?;
-            let v = model.velocity(x, &t)?;
-            on_eval(&Evaluation { index, total, x, t: &t, forward_batch: model.forward_batch() });
+        let velocity = |x: &Tensor, model_time: f32| -> Result<Tensor> {
+            let level = self.level_at(model_time)?;
+            let t = Tensor::full(model_time, n, x.device())?;
+            let v = model.velocity(x, &t, level)?;
+            on_eval(&Evaluation { index, total, x, t: &t, forward_batch: model.forward_batch(level) });
             index += 1;
             Ok(v)
         };

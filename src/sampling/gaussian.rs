@@ -123,7 +123,9 @@ impl DdimSampler {
 }
 
 /// The loop both samplers share: respaced indices `num_timesteps - 1 .. 0`, the model fed the
-/// original timesteps (`_WrappedModel`), one `step(k, model_output, x_t, t)` per index.
+/// original timesteps (`_WrappedModel`), one `step(k, model_output, x_t, t)` per index. The
+/// noise level of a step (where guidance applies, [`super::GuidanceInterval`]) is its original
+/// timestep over the schedule's length.
 fn run_loop<F>(
     diffusion: &GaussianDiffusion,
     model: &GuidedModel,
@@ -139,9 +141,11 @@ where
     let mut x = z.clone();
     for (k, i) in (0..total).rev().enumerate() {
         let t_idx = vec![i; n];
-        let t = Tensor::new(diffusion.model_timesteps(&t_idx)?, z.device())?;
-        let out = model.gaussian_output(&x, &t)?;
-        on_eval(&Evaluation { index: k, total, x: &x, t: &t, forward_batch: model.forward_batch() });
+        let timesteps = diffusion.model_timesteps(&t_idx)?;
+        let level = timesteps[0] as f64 / diffusion.original_num_steps() as f64;
+        let t = Tensor::new(timesteps, z.device())?;
+        let out = model.gaussian_output(&x, &t, level)?;
+        on_eval(&Evaluation { index: k, total, x: &x, t: &t, forward_batch: model.forward_batch(level) });
         x = step(k, &out, &x, &t_idx)?;
     }
     Ok(x)

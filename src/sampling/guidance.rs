@@ -12,6 +12,9 @@
 //!
 //! A scale of exactly 1 is `cond` itself, so the unconditional half is never run: the forward
 //! batch is N, not 2N.
+//!
+//! Guidance may be limited to an interval of noise levels ([`GuidanceInterval`], Kynkäänniemi
+//! et al. 2024): outside it a step is a conditional-only forward of batch N, as at scale 1.
 use crate::config::DitConfig;
 use crate::model::dit::apply_cfg;
 use crate::model::{DitMoe, ForwardMode, LayerRouting, Trace};
@@ -43,6 +46,82 @@ impl Guidance {
     }
 }
 
+/// The closed interval `[lo, hi]` of noise levels where guidance applies; outside it a step
+/// uses the conditional prediction alone. Kynkäänniemi et al. 2024, "Applying Guidance in a
+/// Limited Interval Improves Sample and Distribution Quality in Diffusion Models" (NeurIPS
+/// 2024): guidance at high noise pulls the samples of a class towards a few modes (less
+/// variety), and at low noise it changes little; confined to the middle levels it lowered
+/// EDM2-XXL's ImageNet-512 FID from 1.81 to 1.40. The skipped null-class forwards are saved
+/// compute as well.
+///
+/// Levels lie on one axis shared by every sampler, in [0, 1] with 1 pure noise: a flow sampler's
+/// time t (the sigma of flow-matching grids), and a Gaussian sampler's original timestep over
+/// the 1000 steps of its schedule (DDPM, DDIM, DPM-Solver++). `[0, 1]` holds every level, so it
+/// guides every step, as no interval does.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GuidanceInterval {
+    lo: f64,
+    hi: f64,
+}
+
+impl GuidanceInterval {
+    /// Fails unless `0 <= lo <= hi <= 1` (finite). The error is one line, no backtrace: the
+    /// CLI shows it as a usage error.
+    pub fn new(lo: f64, hi: f64) -> Result<Self> {
+        Self::checked(lo, hi).map_err(candle_core::Error::Msg)
+    }
+
+    /// From the two bounds `[lo, hi]` as a list (`generate.json`'s `guidance_interval`).
+    pub fn from_bounds(bounds: &[f64]) -> Result<Self> {
+        match bounds {
+            &[lo, hi] => Self::new(lo, hi),
+            _ => Err(candle_core::Error::Msg(format!("{bounds:?}: a guidance interval needs two bounds [lo, hi]"))),
+        }
+    }
+
+    fn checked(lo: f64, hi: f64) -> std::result::Result<Self, String> {
+        if !(lo.is_finite() && hi.is_finite() && 0.0 <= lo && lo <= hi && hi <= 1.0) {
+            return Err(format!("[{lo}, {hi}]: a guidance interval needs 0 <= lo <= hi <= 1 (noise levels, 1 = pure noise)"));
+        }
+        Ok(Self { lo, hi })
+    }
+
+    pub fn lo(&self) -> f64 {
+        self.lo
+    }
+
+    pub fn hi(&self) -> f64 {
+        self.hi
+    }
+
+    /// Whether a step at `level` is guided: `lo <= level <= hi`.
+    pub fn contains(&self, level: f64) -> bool {
+        self.lo <= level && level <= self.hi
+    }
+
+    /// `[0, 1]`: every level, the same steps as no interval at all.
+    pub fn is_everywhere(&self) -> bool {
+        self.lo == 0.0 && self.hi == 1.0
+    }
+}
+
+/// `LO,HI`, the form `--guidance-interval` takes (e.g. `0.2,0.8`).
+impl std::str::FromStr for GuidanceInterval {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.split_once(',').map(|(lo, hi)| (lo.trim().parse::<f64>(), hi.trim().parse::<f64>())) {
+            Some((Ok(lo), Ok(hi))) => Self::checked(lo, hi),
+            _ => Err(format!("`{s}` is not LO,HI (two noise levels, e.g. 0.2,0.8)")),
+        }
+    }
+}
+
+impl std::fmt::Display for GuidanceInterval {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "[{}, {}]", self.lo, self.hi)
+    }
+}
+
 /// What a sampler reports after each model evaluation: progress, and the values the model was
 /// fed (so replays can be checked step by step).
 #[derive(Debug)]
@@ -55,7 +134,8 @@ pub struct Evaluation<'a> {
     pub x: &'a Tensor,
     /// The timesteps fed to the model, (N,): i64 original DDPM steps or f32 flow times.
     pub t: &'a Tensor,
-    /// Rows of the model forward: 2N with guidance, N without.
+    /// Rows of the model forward: 2N where this evaluation was guided, N where not (scale 1, or
+    /// a level outside the guidance interval).
     pub forward_batch: usize,
 }
 
@@ -63,18 +143,43 @@ pub struct Evaluation<'a> {
 #[derive(Debug)]
 pub struct GuidedModel<'a> {
     model: &'a DitMoe,
-    /// `classes` (N), or `cat[classes, null]` (2N) when guided.
-    labels: Tensor,
+    /// The conditional-only forward, labels `classes` (N): every step at scale 1, the steps
+    /// outside the guidance interval otherwise.
+    conditional: LabelledForward<'a>,
+    /// The guided forward, labels `cat[classes, null]` (2N); None at scale 1.
+    guided: Option<LabelledForward<'a>>,
     n: usize,
     guidance: Guidance,
+    /// Where guidance applies; None: at every level.
+    interval: Option<GuidanceInterval>,
     /// The routing record of the latest forward, when [`Self::record_routing`] asked for it: a
     /// Mutex because the sampler holds `&GuidedModel` while the per-evaluation callback takes
     /// the record out through another shared borrow.
     routing: Option<Mutex<Vec<LayerRouting>>>,
-    /// The forward, replayed as one CUDA graph per step on a GPU (every step of a sampling
-    /// run has the same shapes; plain calls on the CPU); None where the forward reads from the
-    /// device ([`DitMoe::forward_is_capturable`]).
+}
+
+/// One forward layout of the batch: its labels, and the forward replayed as one CUDA graph per
+/// step on a GPU (plain calls on the CPU); `graphed` is None where the forward reads from the
+/// device ([`DitMoe::forward_is_capturable`]). Each layout has its own graph because a
+/// [`GraphedForward`] holds one: a run guided in an interval switches between the 2N and the N
+/// batch, and one graph for both would be captured anew at every switch.
+#[derive(Debug)]
+struct LabelledForward<'a> {
+    labels: Tensor,
     graphed: Option<Mutex<GraphedForward<ForwardFn<'a>>>>,
+}
+
+impl<'a> LabelledForward<'a> {
+    fn new(model: &'a DitMoe, labels: Vec<u32>, device: &Device) -> Result<Self> {
+        let graphed = model.forward_is_capturable().then(|| {
+            let f: ForwardFn<'a> = Box::new(move |inputs: &[&Tensor]| match inputs {
+                [x, t, y] => model.forward(x, t, y),
+                _ => bail!("the model's forward takes x, t and labels"),
+            });
+            Mutex::new(GraphedForward::new(f))
+        });
+        Ok(Self { labels: Tensor::new(labels, device)?, graphed })
+    }
 }
 
 impl<'a> GuidedModel<'a> {
@@ -96,19 +201,21 @@ impl<'a> GuidedModel<'a> {
                 guidance.scale
             )
         }
-        let mut labels: Vec<u32> = classes.iter().map(|&c| c as u32).collect();
-        if guidance.is_guided() {
-            labels.extend(std::iter::repeat_n(cfg.null_class() as u32, classes.len()));
-        }
-        let labels = Tensor::new(labels, device)?;
-        let graphed = model.forward_is_capturable().then(|| {
-            let f: ForwardFn<'a> = Box::new(move |inputs: &[&Tensor]| match inputs {
-                [x, t, y] => model.forward(x, t, y),
-                _ => bail!("the model's forward takes x, t and labels"),
-            });
-            Mutex::new(GraphedForward::new(f))
-        });
-        Ok(Self { model, labels, n: classes.len(), guidance, routing: None, graphed })
+        let labels: Vec<u32> = classes.iter().map(|&c| c as u32).collect();
+        let guided = if guidance.is_guided() {
+            let null = std::iter::repeat_n(cfg.null_class() as u32, classes.len());
+            Some(LabelledForward::new(model, labels.iter().copied().chain(null).collect(), device)?)
+        } else {
+            None
+        };
+        let conditional = LabelledForward::new(model, labels, device)?;
+        Ok(Self { model, conditional, guided, n: classes.len(), guidance, interval: None, routing: None })
+    }
+
+    /// Guides only the evaluations whose noise level lies in `interval` (None: every one).
+    pub fn guided_in(mut self, interval: Option<GuidanceInterval>) -> Self {
+        self.interval = interval;
+        self
     }
 
     /// Keeps the routing record of every forward for [`Self::take_routing`] (analysis).
@@ -118,8 +225,9 @@ impl<'a> GuidedModel<'a> {
     }
 
     /// The routing of the latest forward, one entry per MoE layer with [`Self::forward_batch`]
-    /// x T rows (conditional images first, then the null-class half when guided); empty when
-    /// recording is off. Call it from the sampler's `on_eval`, which runs after each forward.
+    /// (at its level) x T rows: the conditional images first, then the null-class half when
+    /// guided; empty when recording is off. Call it from the sampler's `on_eval`, which runs
+    /// after each forward.
     pub fn take_routing(&self) -> Vec<LayerRouting> {
         match &self.routing {
             Some(r) => std::mem::take(&mut *r.lock().unwrap_or_else(|e| e.into_inner())),
@@ -131,20 +239,21 @@ impl<'a> GuidedModel<'a> {
         self.model.config()
     }
 
-    /// Forwards served by a CUDA graph replay so far, and why capturing failed if it did.
+    /// Forwards served by a CUDA graph replay so far (both batch layouts), and why capturing
+    /// failed if it did.
     pub fn graph_replays(&self) -> (usize, Option<String>) {
-        match &self.graphed {
-            Some(g) => {
-                let g = g.lock().unwrap_or_else(|e| e.into_inner());
-                (g.replays(), g.capture_error().map(str::to_string))
-            }
-            None => (0, None),
+        let (mut replays, mut error) = (0, None);
+        for g in [Some(&self.conditional), self.guided.as_ref()].into_iter().flatten().filter_map(|f| f.graphed.as_ref()) {
+            let g = g.lock().unwrap_or_else(|e| e.into_inner());
+            replays += g.replays();
+            error = error.or_else(|| g.capture_error().map(str::to_string));
         }
+        (replays, error)
     }
 
     /// The device the labels (and so the batch) live on.
     pub fn device(&self) -> Device {
-        self.labels.device().clone()
+        self.conditional.labels.device().clone()
     }
 
     /// Number of conditional images N.
@@ -152,59 +261,68 @@ impl<'a> GuidedModel<'a> {
         self.n
     }
 
-    /// Rows of each model forward (2N guided, N unguided).
-    pub fn forward_batch(&self) -> usize {
-        if self.guidance.is_guided() {
+    /// Whether an evaluation at noise `level` ([`GuidanceInterval`]'s axis) is guided: a scale
+    /// other than 1, and the level inside the interval if there is one.
+    pub fn guides_at(&self, level: f64) -> bool {
+        self.guided.is_some() && self.interval.is_none_or(|i| i.contains(level))
+    }
+
+    /// Rows of the model forward at noise `level`: 2N guided, N unguided.
+    pub fn forward_batch(&self, level: f64) -> usize {
+        if self.guides_at(level) {
             2 * self.n
         } else {
             self.n
         }
     }
 
-    /// The Gaussian samplers' model output `[eps | var values]` for the N images, guided as the
-    /// official `forward_with_cfg` (first 3 channels) or on all eps channels. Fewer than 3
-    /// image channels (a grayscale model) stop at `in_channels`: the official slice would
-    /// reach into the learned-sigma channels there.
-    pub fn gaussian_output(&self, x: &Tensor, t: &Tensor) -> Result<Tensor> {
+    /// The Gaussian samplers' model output `[eps | var values]` for the N images at noise
+    /// `level`, guided as the official `forward_with_cfg` (first 3 channels) or on all eps
+    /// channels. Fewer than 3 image channels (a grayscale model) stop at `in_channels`: the
+    /// official slice would reach into the learned-sigma channels there.
+    pub fn gaussian_output(&self, x: &Tensor, t: &Tensor, level: f64) -> Result<Tensor> {
         let c = self.config().in_channels;
         let guided = if self.guidance.guide_all_channels { c } else { OFFICIAL_GUIDED_CHANNELS.min(c) };
-        self.forward(x, t, guided)
+        self.forward(x, t, level, guided)
     }
 
-    /// Rectified flow's guided velocity (N, C, H, W): every channel guided (official
-    /// `vu + cfg * (vc - vu)`), the learned-sigma half dropped (`chunk(2, dim=1)[0]`).
-    pub fn velocity(&self, x: &Tensor, t: &Tensor) -> Result<Tensor> {
+    /// Rectified flow's guided velocity (N, C, H, W) at noise `level`: every channel guided
+    /// (official `vu + cfg * (vc - vu)`), the learned-sigma half dropped (`chunk(2, dim=1)[0]`).
+    pub fn velocity(&self, x: &Tensor, t: &Tensor, level: f64) -> Result<Tensor> {
         let cfg = self.config();
-        let out = self.forward(x, t, cfg.out_channels())?;
+        let out = self.forward(x, t, level, cfg.out_channels())?;
         out.narrow(1, 0, cfg.in_channels)
     }
 
-    /// x (N, C, H, W), t (N,) -> guided raw output (N, C_out, H, W), f32.
-    fn forward(&self, x: &Tensor, t: &Tensor, guided_channels: usize) -> Result<Tensor> {
+    /// x (N, C, H, W), t (N,) -> raw output (N, C_out, H, W), f32: guided where
+    /// [`Self::guides_at`] `level`, the conditional forward alone elsewhere. The sampler passes
+    /// the level it already holds as a number, the same for every image of t, so no step reads
+    /// t back from the device.
+    fn forward(&self, x: &Tensor, t: &Tensor, level: f64, guided_channels: usize) -> Result<Tensor> {
         let n = x.dim(0)?;
         if n != self.n || t.dims() != [n] {
             bail!("guided forward: x {:?} and t {:?} must hold the {} images of the batch", x.dims(), t.dims(), self.n)
         }
-        if !self.guidance.is_guided() {
-            return self.model_forward(x, t);
-        }
+        let Some(guided) = self.guided.as_ref().filter(|_| self.guides_at(level)) else {
+            return self.model_forward(&self.conditional, x, t);
+        };
         let x2 = Tensor::cat(&[x, x], 0)?;
         let t2 = Tensor::cat(&[t, t], 0)?;
-        let out = self.model_forward(&x2, &t2)?;
+        let out = self.model_forward(guided, &x2, &t2)?;
         // Both halves hold the guided values (official layout); the conditional one is ours.
         apply_cfg(&out, self.guidance.scale, guided_channels)?.narrow(0, 0, n)
     }
 
-    /// One eval forward on the labels, keeping the routing record when asked to.
-    fn model_forward(&self, x: &Tensor, t: &Tensor) -> Result<Tensor> {
+    /// One eval forward on `layout`'s labels, keeping the routing record when asked to.
+    fn model_forward(&self, layout: &LabelledForward<'a>, x: &Tensor, t: &Tensor) -> Result<Tensor> {
         let Some(slot) = &self.routing else {
-            return match &self.graphed {
-                Some(g) => g.lock().unwrap_or_else(|e| e.into_inner()).call(&[x, t, &self.labels]),
-                None => self.model.forward(x, t, &self.labels),
+            return match &layout.graphed {
+                Some(g) => g.lock().unwrap_or_else(|e| e.into_inner()).call(&[x, t, &layout.labels]),
+                None => self.model.forward(x, t, &layout.labels),
             };
         };
         let mut trace = Trace::routing();
-        let out = self.model.forward_full(x, t, &self.labels, ForwardMode::Eval, &mut trace)?.out;
+        let out = self.model.forward_full(x, t, &layout.labels, ForwardMode::Eval, &mut trace)?.out;
         *slot.lock().unwrap_or_else(|e| e.into_inner()) = trace.routing;
         Ok(out)
     }
