@@ -9,7 +9,7 @@ use ditmoe::analysis::aggregate::{entropy_bits, first_choice, load_by_class, loa
 use ditmoe::analysis::colormap::{expert_color, viridis};
 use ditmoe::analysis::{figures, heatmap, record_trajectory, Heatmap, ImageRecord, Matrix, RecordRequest, RoutingTrajectory, SamplerKind, Scale, TrajectoryMeta};
 use ditmoe::checkpoint::ModelDir;
-use ditmoe::sampling::{Guidance, GuidedModel, ImageNoise};
+use ditmoe::sampling::{Guidance, GuidanceInterval, GuidedModel, ImageNoise};
 use ditmoe::{DitConfig, ForwardMode, Trace};
 
 /// 4x4 input, patch 2: a 2x2 grid of 4 tokens; 2 layers, 4 experts, top-2; 3 classes.
@@ -33,6 +33,7 @@ fn meta(classes: Vec<usize>, steps: usize) -> TrajectoryMeta {
         sampler: "ddpm".into(),
         steps,
         guidance: 1.0,
+        guidance_interval: None,
         timesteps: (0..steps).map(|s| (steps - 1 - s) as f64 * 100.0).collect(),
     }
 }
@@ -302,7 +303,7 @@ fn pixel_model() -> (ModelDir, ditmoe::DitMoe) {
 fn recorded_routing_is_the_models() {
     let (dir, model) = pixel_model();
     let cfg = model.config().clone();
-    let req = RecordRequest { classes: vec![1, 4, 4], seed: 3, sampler: SamplerKind::Ddim, steps: 5, guidance: 2.0, batch_size: 3 };
+    let req = RecordRequest { classes: vec![1, 4, 4], seed: 3, sampler: SamplerKind::Ddim, steps: 5, guidance: 2.0, guidance_interval: None, batch_size: 3 };
     let mut seen = Vec::new();
     let traj = record_trajectory(&model, "pixel", dir.class_names.clone(), &req, &Device::Cpu, &mut |p| seen.push(p)).unwrap();
     let d = traj.dims();
@@ -352,7 +353,7 @@ fn recorded_routing_is_the_models() {
 #[test]
 fn recording_is_independent_of_batching() {
     let (_, model) = pixel_model();
-    let req = RecordRequest { classes: vec![0, 7, 7], seed: 11, sampler: SamplerKind::Euler, steps: 3, guidance: 1.0, batch_size: 3 };
+    let req = RecordRequest { classes: vec![0, 7, 7], seed: 11, sampler: SamplerKind::Euler, steps: 3, guidance: 1.0, guidance_interval: None, batch_size: 3 };
     let whole = record_trajectory(&model, "pixel", None, &req, &Device::Cpu, &mut |_| {}).unwrap();
     let mut total = 0;
     let split = record_trajectory(&model, "pixel", None, &RecordRequest { batch_size: 2, ..req.clone() }, &Device::Cpu, &mut |p| total = p.total).unwrap();
@@ -371,6 +372,52 @@ fn recording_is_independent_of_batching() {
     // Flow times run from 1 (noise) towards 0.
     assert_eq!(whole.meta.timesteps[0], 1.0);
     assert!(record_trajectory(&model, "pixel", None, &RecordRequest { classes: vec![], ..req }, &Device::Cpu, &mut |_| {}).is_err());
+}
+
+/// Guidance limited to the levels [0, 0.7], as generate.json may set it: the evaluations above
+/// 0.7 run the conditional forward alone, so up to there the record is an unguided run's; the
+/// interval is in the metadata and survives saving. At scale 1 an interval changes nothing.
+#[test]
+fn recording_guides_in_the_interval_only() {
+    let (_, model) = pixel_model();
+    let interval = GuidanceInterval::new(0.0, 0.7).unwrap();
+    let unguided = RecordRequest { classes: vec![2, 6], seed: 5, sampler: SamplerKind::Euler, steps: 4, guidance: 1.0, guidance_interval: None, batch_size: 2 };
+    let record = |req: &RecordRequest| record_trajectory(&model, "pixel", None, req, &Device::Cpu, &mut |_| {}).unwrap();
+    let plain = record(&unguided);
+    assert_eq!(record(&RecordRequest { guidance_interval: Some(interval), ..unguided.clone() }), plain, "scale 1 guides no step");
+
+    let guided = record(&RecordRequest { guidance: 2.0, guidance_interval: Some(interval), ..unguided });
+    assert_eq!(guided.meta.guidance_interval, Some(interval));
+    assert_eq!(guided.meta.guidance_label(), "cfg 2 at levels [0, 0.7]");
+    // Flow times 1, 0.75, 0.5, 0.25: two evaluations above the interval, two inside it.
+    let above = guided.meta.timesteps.iter().take_while(|&&t| t > 0.7).count();
+    assert_eq!((above, guided.dims().steps), (2, 4), "{:?}", guided.meta.timesteps);
+    for n in 0..2 {
+        let (g, p) = (guided.image(n), plain.image(n));
+        for s in 0..above {
+            assert_eq!(guided.state(n, s), plain.state(n, s), "image {n} evaluation {s}");
+            for l in 0..guided.dims().layers {
+                for t in 0..guided.dims().tokens {
+                    assert_eq!(guided.token_experts(n, s, l, t), plain.token_experts(n, s, l, t), "image {n} evaluation {s} layer {l} token {t}");
+                }
+            }
+        }
+        assert_ne!(g.sample, p.sample, "image {n}: the steps inside the interval are guided");
+    }
+
+    let dir = scratch_dir("trajectory-interval");
+    guided.save(&dir).unwrap();
+    assert_eq!(RoutingTrajectory::load(&dir).unwrap().meta.guidance_interval, Some(interval));
+    // A trajectory saved before intervals existed was guided everywhere; bad bounds are named.
+    let meta_path = dir.join("trajectory.json");
+    let mut m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&meta_path).unwrap()).unwrap();
+    m.as_object_mut().unwrap().remove("guidance_interval");
+    std::fs::write(&meta_path, m.to_string()).unwrap();
+    assert_eq!(RoutingTrajectory::load(&dir).unwrap().meta.guidance_interval, None);
+    m["guidance_interval"] = serde_json::json!([0.8, 0.2]);
+    std::fs::write(&meta_path, m.to_string()).unwrap();
+    let err = RoutingTrajectory::load(&dir).unwrap_err().to_string();
+    assert!(err.contains("trajectory.json") && err.contains("guidance interval"), "{err}");
 }
 
 #[test]

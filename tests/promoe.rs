@@ -478,7 +478,7 @@ fn promoe_trajectory_records_moe_blocks_and_the_unconditional_expert() {
     let cfg = tiny_promoe();
     let varmap = candle_nn::VarMap::new();
     let model = ditmoe::DitMoe::new(&cfg, &ditmoe::ExecutionPlan::training(&Device::Cpu, ditmoe::Precision::F32), candle_nn::VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu)).unwrap();
-    let req = RecordRequest { classes: vec![1, 2], seed: 0, sampler: SamplerKind::Euler, steps: 3, guidance: 2.0, batch_size: 2 };
+    let req = RecordRequest { classes: vec![1, 2], seed: 0, sampler: SamplerKind::Euler, steps: 3, guidance: 2.0, guidance_interval: None, batch_size: 2 };
     let traj = record_trajectory(&model, "tiny ProMoE", None, &req, &Device::Cpu, &mut |_| {}).unwrap();
     let d = traj.dims();
     assert_eq!((d.layers, d.experts, d.score_width), (2, 5, 4), "2 MoE blocks of 4, ids 0..=4");

@@ -17,11 +17,11 @@ fn routes_writes_heatmaps_tables_and_the_trajectory() {
     let model = fixture_path("models/pixel");
     let o = ditmoe(&[
         "routes", "--model", model.to_str().unwrap(), "--class", "2,5", "--num", "2", "--sampler", "ddim", "--steps", "10",
-        "--cfg-scale", "3", "--seed", "4", "--batch-size", "3", "--out", out.to_str().unwrap(),
+        "--cfg-scale", "3", "--guidance-interval", "0,0.7", "--seed", "4", "--batch-size", "3", "--out", out.to_str().unwrap(),
     ]);
     let stdout = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    assert!(stdout.contains("4 images (2 classes x 2)") && stdout.contains("ddim 10 steps"), "{stdout}");
+    assert!(stdout.contains("4 images (2 classes x 2)") && stdout.contains("ddim 10 steps") && stdout.contains("cfg 3 at levels [0, 0.7]"), "{stdout}");
 
     for png in ["by_step.png", "by_patch.png", "by_class.png", "entropy.png"] {
         let img = image::open(out.join(png)).unwrap_or_else(|e| panic!("{png}: {e}"));
@@ -35,6 +35,7 @@ fn routes_writes_heatmaps_tables_and_the_trajectory() {
     assert_eq!((d.images, d.steps, d.layers, d.experts, d.grid), (4, 10, 2, 4, 8));
     assert_eq!(traj.meta.classes, vec![2, 2, 5, 5]);
     assert_eq!((traj.meta.seed, traj.meta.guidance, traj.meta.sampler.as_str()), (4, 3.0, "ddim"));
+    assert_eq!(traj.meta.guidance_interval.map(|i| (i.lo(), i.hi())), Some((0.0, 0.7)));
 
     // routes.json holds the same numbers as the trajectory's aggregation.
     let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("routes.json")).unwrap()).unwrap();
@@ -50,6 +51,7 @@ fn routes_writes_heatmaps_tables_and_the_trajectory() {
     let top: Vec<Vec<usize>> = serde_json::from_value(layers[0]["top_expert_by_patch"].clone()).unwrap();
     assert_eq!((top.len(), top[0].len()), (8, 8));
     assert_eq!(json["timesteps"].as_array().unwrap().len(), 10);
+    assert_eq!(json["guidance_interval"], serde_json::json!([0.0, 0.7]));
 
     // The long CSVs: one line per (layer, step, expert) etc., summing to the same totals.
     let csv = std::fs::read_to_string(out.join("load_by_step.csv")).unwrap();
@@ -76,6 +78,7 @@ fn routes_bad_flags_are_usage_errors() {
         (vec!["--sampler", "euler"], "rf-euler"),
         (vec!["--sampler", "ddim", "--steps", "300"], "--steps"),
         (vec!["--num", "0"], "at least 1"),
+        (vec!["--guidance-interval", "0.8,0.2"], "--guidance-interval"),
     ] {
         let mut full = vec!["routes", "--model", m, "--out", o_dir];
         full.extend(&args);

@@ -3,7 +3,7 @@
 use super::trajectory::{ImageRecord, RoutingTrajectory, TrajectoryMeta};
 use crate::config::DitConfig;
 use crate::model::DitMoe;
-use crate::sampling::{Evaluation, Guidance, GuidedModel, ImageNoise, SamplerKind};
+use crate::sampling::{Evaluation, Guidance, GuidanceInterval, GuidedModel, ImageNoise, SamplerKind};
 use candle_core::{bail, DType, Device, Result, Tensor};
 
 /// One recording run: which images, how they are sampled.
@@ -17,6 +17,8 @@ pub struct RecordRequest {
     pub steps: usize,
     /// Classifier-free guidance scale; 1 = unguided.
     pub guidance: f64,
+    /// The noise levels guidance is limited to, as `ditmoe generate` samples; None: every level.
+    pub guidance_interval: Option<GuidanceInterval>,
     /// Images per forward (memory bound); the record is the same for any value.
     pub batch_size: usize,
 }
@@ -47,11 +49,15 @@ pub fn record_trajectory(
     let batches: Vec<_> = (0..req.classes.len()).step_by(req.batch_size).map(|s| s..(s + req.batch_size).min(req.classes.len())).collect();
     let total = sampler.evaluations() * batches.len();
     let mut done = 0;
+    // An interval that changes no step ([0, 1], or any at scale 1, which guides none) is the
+    // run without one: recorded as none, so the two trajectories compare equal.
+    let guidance_interval = req.guidance_interval.filter(|i| req.guidance != 1.0 && !i.is_everywhere());
     let mut trajectory: Option<RoutingTrajectory> = None;
     for range in batches {
         let classes = &req.classes[range.clone()];
-        let guided =
-            GuidedModel::new(model, classes, Guidance { scale: req.guidance, guide_all_channels: false }, device)?.record_routing();
+        let guided = GuidedModel::new(model, classes, Guidance { scale: req.guidance, guide_all_channels: false }, device)?
+            .guided_in(guidance_interval)
+            .record_routing();
         let mut images = vec![ImageRecord::default(); classes.len()];
         let mut timesteps = Vec::with_capacity(sampler.evaluations());
         let mut failure = None;
@@ -81,6 +87,7 @@ pub fn record_trajectory(
             sampler: req.sampler.name().to_string(),
             steps: req.steps,
             guidance: req.guidance,
+            guidance_interval,
             timesteps,
         };
         let part = RoutingTrajectory::new(meta, images)?;
@@ -93,7 +100,8 @@ pub fn record_trajectory(
 }
 
 /// Appends one evaluation to the per-image records: the state, then each layer's rows of
-/// the conditional images (the first N*T rows of every record).
+/// the conditional images (the first N*T rows of every record, whether the forward was the
+/// guided 2N rows or, outside the guidance interval, the conditional N alone).
 fn keep_evaluation(
     ev: &Evaluation,
     routing: &[crate::model::LayerRouting],

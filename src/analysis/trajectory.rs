@@ -9,6 +9,7 @@
 //! Layout is image-major, (N, S, L, T, k): runs split into batches concatenate image by image,
 //! and a subset of images (one class) is a set of contiguous slices.
 use crate::config::DitConfig;
+use crate::sampling::GuidanceInterval;
 use candle_core::{bail, Result};
 use serde::{Deserialize, Serialize};
 
@@ -28,6 +29,10 @@ pub struct TrajectoryMeta {
     pub sampler: String,
     pub steps: usize,
     pub guidance: f64,
+    /// The noise levels guidance was limited to, saved as `[lo, hi]`; None: every level (also
+    /// in trajectories saved before intervals existed).
+    #[serde(default, with = "interval_bounds")]
+    pub guidance_interval: Option<GuidanceInterval>,
     /// The timestep fed to the model at each evaluation (DDPM/DDIM: original step in 0..1000;
     /// flow: t in (0, 1], 1 = noise). Heun evaluates twice per step, so there can be more
     /// evaluations than steps.
@@ -37,6 +42,28 @@ pub struct TrajectoryMeta {
 impl TrajectoryMeta {
     pub fn class_name(&self, class: usize) -> String {
         self.class_names.as_ref().and_then(|n| n.get(class).cloned()).unwrap_or_else(|| class.to_string())
+    }
+
+    /// The guidance as `ditmoe generate` prints it: `cfg 2`, or `cfg 2 at levels [0, 0.7]`.
+    pub fn guidance_label(&self) -> String {
+        let interval = self.guidance_interval.map(|i| format!(" at levels {i}")).unwrap_or_default();
+        format!("cfg {}{interval}", self.guidance)
+    }
+}
+
+/// `guidance_interval` in `trajectory.json` as the bounds `[lo, hi]` (the form of
+/// `generate.json`), checked on load like them.
+mod interval_bounds {
+    use crate::sampling::GuidanceInterval;
+    use serde::{de::Error, Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer>(interval: &Option<GuidanceInterval>, s: S) -> Result<S::Ok, S::Error> {
+        interval.map(|i| [i.lo(), i.hi()]).serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<GuidanceInterval>, D::Error> {
+        let bounds = Option::<Vec<f64>>::deserialize(d)?;
+        bounds.map(|b| GuidanceInterval::from_bounds(&b)).transpose().map_err(D::Error::custom)
     }
 }
 
@@ -239,7 +266,7 @@ impl RoutingTrajectory {
     pub fn append(&mut self, other: Self) -> Result<()> {
         let same = TrajectoryMeta { classes: self.meta.classes.clone(), ..other.meta.clone() };
         if same != self.meta {
-            bail!("cannot append a trajectory of another model, sampler or schedule")
+            bail!("cannot append a trajectory of another model, sampler, schedule or guidance")
         }
         self.meta.classes.extend(other.meta.classes);
         self.dims = Dims::of(&self.meta);

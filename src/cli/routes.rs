@@ -12,7 +12,7 @@ use ditmoe::analysis::heatmap::{png_bytes, tile};
 use ditmoe::analysis::store::{DATA_FILE, META_FILE};
 use ditmoe::analysis::{record_trajectory, RecordRequest, RoutingTrajectory, RunDefaults, SamplerKind};
 use ditmoe::checkpoint::{write_atomic, ModelDir};
-use ditmoe::sampling::Images;
+use ditmoe::sampling::{GuidanceInterval, Images};
 use indicatif::ProgressStyle;
 use serde_json::json;
 use std::fmt::Write as _;
@@ -41,6 +41,11 @@ pub struct RoutesArgs {
     /// Classifier-free guidance scale; 1 = none [default: generate.json's, else 4.0].
     #[arg(long, allow_hyphen_values = true)]
     cfg_scale: Option<f64>,
+    /// Guide only the evaluations whose noise level (1 = pure noise: the flow time t, or the
+    /// DDPM/DDIM timestep / 1000) lies in [LO, HI], e.g. 0.2,0.8, as `generate` does
+    /// [default: generate.json's, else every evaluation].
+    #[arg(long, value_name = "LO,HI", allow_hyphen_values = true)]
+    guidance_interval: Option<String>,
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Images per model batch (the record does not depend on it).
@@ -81,6 +86,10 @@ pub fn run(a: RoutesArgs) -> anyhow::Result<()> {
     let sampler = a.sampler.as_deref().map(str::parse::<SamplerKind>).transpose().map_err(|e| super::usage(format!("--sampler: {e}")))?;
     let defaults = RunDefaults::read(&dir.dir, sampler).map_err(|e| super::usage(first_line(e)))?;
     let classes = super::parse_classes(&a.class, cfg.num_classes, dir.class_names.as_deref())?;
+    let guidance_interval = match &a.guidance_interval {
+        Some(s) => Some(s.parse::<GuidanceInterval>().map_err(|e| super::usage(format!("--guidance-interval: {e}")))?),
+        None => defaults.guidance_interval,
+    };
     if a.num == 0 || a.batch_size == 0 {
         return Err(super::usage("--num and --batch-size must be at least 1"));
     }
@@ -90,6 +99,7 @@ pub fn run(a: RoutesArgs) -> anyhow::Result<()> {
         sampler: defaults.sampler,
         steps: a.steps.unwrap_or(defaults.steps),
         guidance: a.cfg_scale.unwrap_or(defaults.cfg_scale),
+        guidance_interval,
         batch_size: a.batch_size,
     };
     // Sampler and guidance problems (DDIM stride, missing null class) before the model loads.
@@ -117,7 +127,7 @@ pub fn run(a: RoutesArgs) -> anyhow::Result<()> {
 
     let written = write_outputs(&traj, &a.out, a.num)?;
     println!(
-        "wrote {} files to {}: {} images ({} classes x {}), {} {} steps ({} evaluations), cfg {}, {} layers x {} experts",
+        "wrote {} files to {}: {} images ({} classes x {}), {} {} steps ({} evaluations), {}, {} layers x {} experts",
         written.len(),
         a.out.display(),
         traj.dims().images,
@@ -126,7 +136,7 @@ pub fn run(a: RoutesArgs) -> anyhow::Result<()> {
         req.sampler,
         req.steps,
         traj.dims().steps,
-        req.guidance,
+        traj.meta.guidance_label(),
         traj.dims().layers,
         traj.dims().experts
     );
@@ -193,6 +203,7 @@ fn write_outputs(traj: &RoutingTrajectory, out: &Path, per_class: usize) -> anyh
         "sampler": traj.meta.sampler,
         "steps": traj.meta.steps,
         "cfg_scale": traj.meta.guidance,
+        "guidance_interval": traj.meta.guidance_interval.map(|i| [i.lo(), i.hi()]),
         "seed": traj.meta.seed,
         "classes": traj.meta.classes,
         "class_names": class_names,

@@ -12,6 +12,7 @@ use ditmoe::analysis::{is_trajectory_dir, Progress, RecordRequest, RoutingTrajec
 use ditmoe::checkpoint::ModelDir;
 use ditmoe::lm::routes::TokenRoutes;
 use ditmoe::lm::LmModel;
+use ditmoe::sampling::GuidanceInterval;
 use ditmoe::text::Tokenizer;
 use eframe::egui::{self, Color32, ComboBox, DragValue, Sense, Slider, Stroke, StrokeKind, TextureHandle, TextureOptions};
 use image::RgbImage;
@@ -70,13 +71,25 @@ pub struct Settings {
     pub sampler: SamplerKind,
     pub steps: usize,
     pub guidance: f64,
+    /// The noise levels guidance is limited to (the model's generate.json, as `ditmoe generate`
+    /// samples); None: every level.
+    pub guidance_interval: Option<GuidanceInterval>,
     pub device: DeviceChoice,
     pub dtype: DType,
 }
 
 impl Default for Settings {
     fn default() -> Self {
-        Self { class: 0, seed: 0, sampler: SamplerKind::Ddpm, steps: 50, guidance: 1.0, device: DeviceChoice::Cpu, dtype: DType::F32 }
+        Self {
+            class: 0,
+            seed: 0,
+            sampler: SamplerKind::Ddpm,
+            steps: 50,
+            guidance: 1.0,
+            guidance_interval: None,
+            device: DeviceChoice::Cpu,
+            dtype: DType::F32,
+        }
     }
 }
 
@@ -201,8 +214,14 @@ impl ExplorerApp {
                     if let Ok(k) = m.sampler.parse() {
                         self.settings.sampler = k;
                     }
-                    self.settings =
-                        Settings { class: m.classes[0], seed: m.seed, steps: m.steps, guidance: m.guidance, ..self.settings.clone() };
+                    self.settings = Settings {
+                        class: m.classes[0],
+                        seed: m.seed,
+                        steps: m.steps,
+                        guidance: m.guidance,
+                        guidance_interval: m.guidance_interval,
+                        ..self.settings.clone()
+                    };
                     self.source = Source::Trajectory(path.to_path_buf());
                     self.set_trajectory(t);
                 }
@@ -226,6 +245,7 @@ impl ExplorerApp {
                 self.settings.steps = defaults.steps;
                 // Models without a null class cannot be guided.
                 self.settings.guidance = if c.label_table_rows() > c.num_classes { defaults.cfg_scale } else { 1.0 };
+                self.settings.guidance_interval = defaults.guidance_interval;
                 self.settings.class = self.settings.class.min(c.num_classes - 1);
                 self.source = Source::Model(Box::new(dir));
             }
@@ -277,7 +297,15 @@ impl ExplorerApp {
         };
         let s = &self.settings;
         let classes = if all_classes { (0..dir.config.num_classes).collect() } else { vec![s.class] };
-        let req = RecordRequest { classes, seed: s.seed, sampler: s.sampler, steps: s.steps, guidance: s.guidance, batch_size: 16 };
+        let req = RecordRequest {
+            classes,
+            seed: s.seed,
+            sampler: s.sampler,
+            steps: s.steps,
+            guidance: s.guidance,
+            guidance_interval: s.guidance_interval,
+            batch_size: 16,
+        };
         self.status = format!("sampling {} image(s), {} x {} steps…", req.classes.len(), s.sampler, s.steps);
         self.progress = None;
         self.run = Some(Run::start((**dir).clone(), self.loaded.clone(), device, s.dtype, req, wake));
@@ -410,7 +438,12 @@ impl ExplorerApp {
                 ui.add(DragValue::new(&mut s.steps).range(1..=1000)).labelled_by(label.id);
                 ui.end_row();
                 let label = ui.label("guidance");
-                ui.add(DragValue::new(&mut s.guidance).range(0.0..=20.0).speed(0.05)).labelled_by(label.id);
+                ui.horizontal(|ui| {
+                    ui.add(DragValue::new(&mut s.guidance).range(0.0..=20.0).speed(0.05)).labelled_by(label.id);
+                    if let Some(i) = s.guidance_interval {
+                        ui.label(format!("at levels {i}")).on_hover_text("guidance applies at these noise levels only (1 = pure noise)");
+                    }
+                });
                 ui.end_row();
                 let label = ui.label("device");
                 ComboBox::from_id_salt("device")
@@ -457,7 +490,7 @@ impl ExplorerApp {
             ui.separator();
             ui.heading("Trajectory");
             let m = &t.meta;
-            ui.label(format!("{} x {} steps, cfg {}, seed {}", m.sampler, m.steps, m.guidance, m.seed));
+            ui.label(format!("{} x {} steps, {}, seed {}", m.sampler, m.steps, m.guidance_label(), m.seed));
             let d = t.dims();
             ui.label(format!("{} image(s), {} layers, {} experts top-{}", d.images, d.layers, d.experts, d.top_k));
         }
