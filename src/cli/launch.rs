@@ -28,8 +28,9 @@ pub struct LaunchArgs {
 /// Starts `--nproc-per-node` copies of this executable with torchrun's variables (`RANK`,
 /// `WORLD_SIZE`, `LOCAL_RANK`, `LOCAL_WORLD_SIZE`, `MASTER_ADDR` 127.0.0.1, `MASTER_PORT`),
 /// prefixes each line they print with its rank (`[rank1]: …`, as torchrun's `--tee` does), and
-/// waits for them. The first rank that fails ends the job: the others are killed and the launch
-/// fails with that rank's error, so a failure never leaves the job hanging. Several hosts: run
+/// waits for them. The first rank that fails ends the job: the others get [`FAILURE_GRACE`] to end
+/// by themselves, are then killed, and the launch fails with that rank's error, so a failure
+/// never leaves the job hanging. Several hosts: run
 /// `torchrun --no-python ditmoe …` on each, which sets the same variables.
 pub fn run(a: LaunchArgs) -> Result<()> {
     let n = a.nproc_per_node;
@@ -57,7 +58,7 @@ pub fn run(a: LaunchArgs) -> Result<()> {
         match spawned {
             Ok(child) => ranks.push(Rank::new(rank, child)),
             Err(e) => {
-                end_all(&mut ranks);
+                end_all(&mut ranks, Duration::ZERO);
                 return Err(anyhow!("launch: cannot start rank {rank} ({}): {e}", exe.display()));
             }
         }
@@ -82,7 +83,7 @@ pub fn run(a: LaunchArgs) -> Result<()> {
         }
         std::thread::sleep(Duration::from_millis(20));
     };
-    end_all(&mut ranks);
+    end_all(&mut ranks, FAILURE_GRACE);
     let Some(rank) = failed else { return Ok(()) };
     let r = &ranks[rank];
     let status = describe(r.status.expect("a failed rank has exited"));
@@ -134,8 +135,30 @@ fn copy_lines<W: Write>(rank: usize, from: impl Read, to: fn() -> W, last_error:
     }
 }
 
-/// Kills the ranks still running, reaps them all and waits for their output to be copied.
-fn end_all(ranks: &mut [Rank]) {
+/// How long the other ranks have, once one failed, to end by themselves before they are killed
+/// (torchrun likewise signals its workers and waits before it kills them). A rank that fails the
+/// same check, e.g. a bad flag every rank validates, then prints its own error instead of being
+/// cut off mid-way.
+const FAILURE_GRACE: Duration = Duration::from_secs(3);
+
+/// Waits up to `grace` for the ranks still running to exit, kills those that have not, reaps
+/// them all and waits for their output to be copied.
+fn end_all(ranks: &mut [Rank], grace: Duration) {
+    let deadline = std::time::Instant::now() + grace;
+    loop {
+        let mut running = false;
+        for r in ranks.iter_mut().filter(|r| r.status.is_none()) {
+            match r.child.try_wait() {
+                Ok(Some(status)) => r.status = Some(status),
+                Ok(None) => running = true,
+                Err(_) => {}
+            }
+        }
+        if !running || std::time::Instant::now() >= deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
     for r in ranks.iter_mut() {
         if r.status.is_none() {
             let _ = r.child.kill();
