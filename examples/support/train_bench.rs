@@ -1,7 +1,8 @@
 //! What the training benchmarks (`examples/bench_train`, `examples/bench_ep --train`) share:
 //! random latents of a model's input shape, the run config of a benchmark step, the timing of
 //! `Trainer::train_step` after warm-up and the out-of-memory verdict that ends a configuration
-//! without ending the benchmark.
+//! without ending the benchmark. Each example that includes it uses what it needs of it.
+#![allow(dead_code)]
 use candle_core::{Device, Tensor};
 use ditmoe::runtime::memory;
 use ditmoe::train::{TrainConfig, Trainer};
