@@ -291,6 +291,7 @@ type FlashBiases<'a, 'b> = [Option<&'a cudarc::driver::CudaView<'b, bf16>>; 3];
 /// The fused attention kernel over views of q, k and v laid out as `st` says, with the optional
 /// projection biases and the flash form's q/k norm (see `flash_attn_body`), into a new
 /// `(B, T, H·hd)` bf16 tensor.
+#[allow(clippy::too_many_arguments)]
 fn launch_flash(
     dev: &CudaDevice,
     (q, k, v): (&cudarc::driver::CudaView<bf16>, &cudarc::driver::CudaView<bf16>, &cudarc::driver::CudaView<bf16>),
