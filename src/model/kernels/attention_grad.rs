@@ -1,6 +1,6 @@
 //! The attention of a DiT block from its packed `qkv` projection as one differentiable op, for
-//! training (f32, no q/k norm): `softmax(scale · q kᵀ) v` with q, k, v the heads of
-//! `qkv + bias`, merged back to `(N, T, D)`.
+//! training (f32, or bf16 under mixed precision; no q/k norm): `softmax(scale · q kᵀ) v` with
+//! q, k, v the heads of `qkv + bias`, merged back to `(N, T, D)`.
 //!
 //! As a composite, the head split alone (reshape, narrow, squeeze, transpose, contiguous for
 //! each of q, k and v) put a dozen nodes into the autograd graph, and candle's backward
@@ -10,15 +10,20 @@
 //! keeps q, k, v and the probabilities P; the backward is the textbook one:
 //! `dV = Pᵀ dO`, `dP = dO Vᵀ`, `dS = scale · P (dP - Σ dP P)`, `dQ = dS K`, `dK = dSᵀ Q`,
 //! the three merged back into `qkv`'s layout, and the bias gradient as its column sums.
+//!
+//! In bf16 the matmuls run in bf16 (f32 accumulation) as SDPA's do under autocast, and the
+//! softmax and its backward in f32 (P is kept as the bf16 the `P V` product read); the bias
+//! gradient is summed over the rows in f32. As a composite, a bf16 block kept the scores in bf16
+//! and f32 and the probabilities in f32 and bf16 for its backward, `(N, H, T, T)` each.
 use super::block_ops::{softmax_scaled, split_qkv};
 use crate::nn::ops::contiguous;
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 
-/// `(N, T, 3·H·hd)` projection and its `(3·H·hd)` bias → `(N, T, H·hd)`; f32, differentiable
-/// in both.
+/// `(N, T, 3·H·hd)` projection and its `(3·H·hd)` bias → `(N, T, H·hd)`; f32 or bf16 (both in
+/// one dtype), differentiable in both.
 pub fn qkv_attention(qkv: &Tensor, bias: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
     let (_, _, d3) = qkv.dims3()?;
-    if qkv.dtype() != DType::F32 || bias.dtype() != DType::F32 || bias.dims() != [d3] || heads == 0 || d3 % (3 * heads) != 0 {
+    if !matches!(qkv.dtype(), DType::F32 | DType::BF16) || bias.dtype() != qkv.dtype() || bias.dims() != [d3] || heads == 0 || d3 % (3 * heads) != 0 {
         bail!("qkv_attention: qkv {:?} {:?}, bias {:?} {:?} with {heads} heads do not fit", qkv.dims(), qkv.dtype(), bias.dims(), bias.dtype())
     }
     let (q, k, v) = split_qkv(&qkv.detach(), Some(&bias.detach()), None, heads)?;
@@ -55,16 +60,18 @@ impl CustomOp2 for AttentionGrad {
 
     fn bwd(&self, _qkv: &Tensor, _bias: &Tensor, _out: &Tensor, dout: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (b, h, t, hd) = self.q.dims4()?;
-        let d_o = contiguous(&dout.reshape((b, t, h, hd))?.transpose(1, 2)?)?; // (B, H, T, hd)
+        let d_o = contiguous(&dout.to_dtype(self.q.dtype())?.reshape((b, t, h, hd))?.transpose(1, 2)?)?; // (B, H, T, hd)
         let dv = self.p.t()?.matmul(&d_o)?;
         let dp = d_o.matmul(&self.v.t()?)?;
-        let ds = crate::nn::row_grad::softmax_rows_backward(&self.p, &dp, self.scale)?;
+        let dtype = self.p.dtype();
+        let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+        let ds = crate::nn::row_grad::softmax_rows_backward(&f32(&self.p)?, &f32(&dp)?, self.scale)?.to_dtype(dtype)?;
         let dq = ds.matmul(&self.k)?;
         let dk = ds.t()?.matmul(&self.q)?;
         // (B, H, T, hd) x3 -> (B, T, 3, H, hd) = qkv's layout
         let merged = Tensor::stack(&[dq, dk, dv], 2)?; // (B, H, 3, T, hd)
         let d_qkv = contiguous(&merged.permute((0, 3, 2, 1, 4))?)?.reshape((b, t, 3 * h * hd))?;
-        let d_bias = d_qkv.reshape((b * t, 3 * h * hd))?.sum(0)?;
+        let d_bias = d_qkv.reshape((b * t, 3 * h * hd))?.to_dtype(DType::F32)?.sum(0)?.to_dtype(dtype)?;
         Ok((Some(d_qkv), Some(d_bias)))
     }
 }
@@ -102,6 +109,44 @@ mod tests {
         assert!(rel(&a.0, &b.0) < 1e-6, "value {}", rel(&a.0, &b.0));
         assert!(rel(&a.1, &b.1) < 1e-5, "d qkv {}", rel(&a.1, &b.1));
         assert!(rel(&a.2, &b.2) < 1e-5, "d bias {}", rel(&a.2, &b.2));
+    }
+
+    /// Mixed precision: the bf16 op against the f32 composite on the same values, within the
+    /// project's bf16 tolerance (1e-2 relative).
+    #[test]
+    fn bf16_matches_the_f32_composite_within_bf16_rounding() {
+        let dev = Device::Cpu;
+        let (n, t, heads, hd) = (2, 32, 4, 16);
+        let qkv0 = Tensor::randn(0f32, 1.0, (n, t, 3 * heads * hd), &dev).unwrap();
+        let bias0 = Tensor::randn(0f32, 0.5, 3 * heads * hd, &dev).unwrap();
+        let probe = Tensor::randn(0f32, 1.0, (n, t, heads * hd), &dev).unwrap();
+        let scale = 1.0 / (hd as f64).sqrt();
+        let run = |dtype: DType| {
+            let (qkv, bias) = (Var::from_tensor(&qkv0.to_dtype(dtype).unwrap()).unwrap(), Var::from_tensor(&bias0.to_dtype(dtype).unwrap()).unwrap());
+            let out = if dtype == DType::BF16 {
+                qkv_attention(qkv.as_tensor(), bias.as_tensor(), heads, scale).unwrap()
+            } else {
+                let (q, k, v) = split_qkv(qkv.as_tensor(), Some(bias.as_tensor()), None, heads).unwrap();
+                let att = candle_nn::ops::softmax(&(q.matmul(&k.t().unwrap()).unwrap() * scale).unwrap(), candle_core::D::Minus1).unwrap();
+                att.matmul(&v).unwrap().transpose(1, 2).unwrap().contiguous().unwrap().reshape((n, t, heads * hd)).unwrap()
+            };
+            assert_eq!(out.dtype(), dtype);
+            let g = (out.to_dtype(DType::F32).unwrap() * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+            let grad = |x: &Var| {
+                let g = g.get(x.as_tensor()).unwrap();
+                assert_eq!(g.dtype(), dtype, "gradients in the parameters' dtype");
+                g.to_dtype(DType::F32).unwrap()
+            };
+            (out.to_dtype(DType::F32).unwrap(), grad(&qkv), grad(&bias))
+        };
+        let (a, b) = (run(DType::BF16), run(DType::F32));
+        let rel = |x: &Tensor, y: &Tensor| {
+            let d = (x - y).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt();
+            d / y.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt()
+        };
+        assert!(rel(&a.0, &b.0) < 1e-2, "value {}", rel(&a.0, &b.0));
+        assert!(rel(&a.1, &b.1) < 1e-2, "d qkv {}", rel(&a.1, &b.1));
+        assert!(rel(&a.2, &b.2) < 1e-2, "d bias {}", rel(&a.2, &b.2));
     }
 
     #[test]

@@ -182,8 +182,10 @@ pub fn qkv_attention(qkv: &Tensor, bias: Option<&Tensor>, norm: Option<QkNormWei
         }
     }
     if let (Some(b), None) = (bias, &norm) {
-        if trainable_f32(&[qkv, b]) && qkv.rank() == 3 {
-            // training: one autograd node for the split and the attention
+        let trained_dtype = matches!(qkv.dtype(), DType::F32 | DType::BF16) && b.dtype() == qkv.dtype();
+        if trained_dtype && (qkv.track_op() || b.track_op()) && qkv.rank() == 3 {
+            // training: one autograd node for the split and the attention (f32, or bf16 under
+            // mixed precision)
             return super::attention_grad::qkv_attention(qkv, b, heads, scale);
         }
     }
