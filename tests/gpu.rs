@@ -1135,13 +1135,22 @@ fn run_section(section: &str) -> Result<usize> {
     Ok(run_checks(&dev, section)?.failed)
 }
 
+/// GPU 0, or None after saying that `test` is skipped for want of a CUDA device.
+#[cfg(feature = "cuda")]
+fn cuda_or_skip(test: &str) -> Option<Device> {
+    let dev = Device::new_cuda(0).ok();
+    if dev.is_none() {
+        eprintln!("{test}: skipped: no CUDA device");
+    }
+    dev
+}
+
 /// One section as a test: its table printed, every check passed. Skips (and says why) without
 /// the `cuda` feature or a CUDA device.
 fn section(name: &str) {
     #[cfg(feature = "cuda")]
     {
-        if Device::new_cuda(0).is_err() {
-            eprintln!("{name}: skipped: no CUDA device");
+        if cuda_or_skip(name).is_none() {
             return;
         }
         println!("check | case | metric | value | tol | result");
@@ -1216,10 +1225,7 @@ fn row_grad() {
 fn fixture_models_match_the_cpu_path_and_the_official_outputs() {
     #[cfg(feature = "cuda")]
     {
-        let Ok(gpu) = Device::new_cuda(0) else {
-            eprintln!("fixture models: skipped: no CUDA device");
-            return;
-        };
+        let Some(gpu) = cuda_or_skip("fixture models") else { return };
         fixture_parity(&gpu).unwrap();
     }
     #[cfg(not(feature = "cuda"))]
@@ -1463,10 +1469,7 @@ fn out_of_memory_names_the_stage() {
     #[cfg(feature = "cuda")]
     {
         use ditmoe::train::memory_stages::MemoryStages;
-        let Ok(dev) = Device::new_cuda(0) else {
-            eprintln!("out_of_memory_names_the_stage: skipped: no CUDA device");
-            return;
-        };
+        let Some(dev) = cuda_or_skip("out_of_memory_names_the_stage") else { return };
         let plan = ExecutionPlan::training(&dev, Precision::F32);
         let available = plan.available_memory().expect("a GPU tells its free memory");
         let mut stages = MemoryStages::new(&dev).unwrap();

@@ -31,7 +31,7 @@ pub struct TrajectoryMeta {
     pub guidance: f64,
     /// The noise levels guidance was limited to, saved as `[lo, hi]`; None: every level (also
     /// in trajectories saved before intervals existed).
-    #[serde(default, with = "interval_bounds")]
+    #[serde(default)]
     pub guidance_interval: Option<GuidanceInterval>,
     /// The timestep fed to the model at each evaluation (DDPM/DDIM: original step in 0..1000;
     /// flow: t in (0, 1], 1 = noise). Heun evaluates twice per step, so there can be more
@@ -46,24 +46,7 @@ impl TrajectoryMeta {
 
     /// The guidance as `ditmoe generate` prints it: `cfg 2`, or `cfg 2 at levels [0, 0.7]`.
     pub fn guidance_label(&self) -> String {
-        let interval = self.guidance_interval.map(|i| format!(" at levels {i}")).unwrap_or_default();
-        format!("cfg {}{interval}", self.guidance)
-    }
-}
-
-/// `guidance_interval` in `trajectory.json` as the bounds `[lo, hi]` (the form of
-/// `generate.json`), checked on load like them.
-mod interval_bounds {
-    use crate::sampling::GuidanceInterval;
-    use serde::{de::Error, Deserialize, Deserializer, Serialize, Serializer};
-
-    pub fn serialize<S: Serializer>(interval: &Option<GuidanceInterval>, s: S) -> Result<S::Ok, S::Error> {
-        interval.map(|i| [i.lo(), i.hi()]).serialize(s)
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<GuidanceInterval>, D::Error> {
-        let bounds = Option::<Vec<f64>>::deserialize(d)?;
-        bounds.map(|b| GuidanceInterval::from_bounds(&b)).transpose().map_err(D::Error::custom)
+        format!("cfg {}{}", self.guidance, GuidanceInterval::describe(self.guidance_interval))
     }
 }
 

@@ -172,7 +172,7 @@ fn print_report(r: &EvalReport, n_images: usize) {
         );
     }
     let o = &r.samples;
-    let interval = o.guidance_interval.map(|i| format!(" at levels {i}")).unwrap_or_default();
+    let interval = GuidanceInterval::describe(o.guidance_interval);
     println!("sampling                {:.1} s for {n_images} images ({} {} steps, cfg {}{interval})", r.sampling_seconds, o.sampler, o.steps, o.cfg_scale);
 }
 
@@ -206,12 +206,7 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
     let defaults = RunDefaults::read(&a.model, sampler)?;
     let steps = a.steps.unwrap_or(defaults.steps);
     let cfg_scale = a.cfg_scale.unwrap_or(defaults.cfg_scale);
-    // [0, 1] guides every step: the same run as no interval, and reported as such.
-    let guidance_interval = match &a.guidance_interval {
-        Some(s) => Some(s.parse::<GuidanceInterval>().map_err(|e| usage(format!("--guidance-interval: {e}")))?),
-        None => defaults.guidance_interval,
-    }
-    .filter(|i| !i.is_everywhere());
+    let guidance_interval = super::guidance_interval(a.guidance_interval.as_deref(), || Ok(defaults.guidance_interval))?;
     let sweep = parse_sweep(&a.sweep)?;
     if sweep.cfg.is_some() && a.cfg_scale.is_some() {
         return Err(usage("--cfg-scale: --sweep's cfg list sets the guidance; give one or the other"));
@@ -248,7 +243,7 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
                 } else {
                     eprintln!(
                         "{steps} steps, cfg {cfg_scale}{}: accuracy {:.1}%, Fréchet ratio {:.2}, precision {:.3}, recall {:.3} ({secs:.0} s)",
-                        guidance_interval.map(|i| format!(" at levels {i}")).unwrap_or_default(),
+                        GuidanceInterval::describe(guidance_interval),
                         100.0 * report.generated_accuracy,
                         report.frechet_ratio,
                         report.precision_recall.precision,

@@ -351,15 +351,10 @@ fn generate_in(a: GenerateArgs, plan: ditmoe::ExecutionPlan, world: Option<&Worl
             "{scale_from}: {cfg_scale} needs the null class, but this model has none (class_dropout_prob 0); use --cfg-scale 1"
         )));
     }
-    // [0, 1] guides every step: the same run as no interval, so the "wrote" line names none.
-    let guidance_interval = match (&a.guidance_interval, &defaults.guidance_interval) {
-        (Some(s), _) => Some(s.parse::<GuidanceInterval>().map_err(|e| super::usage(format!("--guidance-interval: {e}")))?),
-        (None, Some(bounds)) => {
-            Some(GuidanceInterval::from_bounds(bounds).map_err(|e| super::usage(format!("{}: {e}", from_file("guidance_interval"))))?)
-        }
-        (None, None) => None,
-    }
-    .filter(|i| !i.is_everywhere());
+    let guidance_interval = super::guidance_interval(a.guidance_interval.as_deref(), || {
+        let bounds = defaults.guidance_interval.as_deref();
+        bounds.map(GuidanceInterval::from_bounds).transpose().map_err(|e| super::usage(format!("{}: {e}", from_file("guidance_interval"))))
+    })?;
     let classes = super::parse_classes(&a.class, cfg.num_classes, source.class_names())?;
     let num = positive(a.num, "--num")?;
     let batch_size = positive(a.batch_size, "--batch-size")?;
@@ -474,7 +469,7 @@ fn generate_in(a: GenerateArgs, plan: ditmoe::ExecutionPlan, world: Option<&Worl
         }
     }
     let total_s = sampling_s + decode_s;
-    let interval = guidance_interval.map(|i| format!(" at levels {i}")).unwrap_or_default();
+    let interval = GuidanceInterval::describe(guidance_interval);
     println!(
         "wrote {}: {} classes x {num} images of {}x{} ({}, {} steps, cfg {cfg_scale}{interval}, seed {}); sampled {} images in {total_s:.3} s (sampling {sampling_s:.3} s, {} {decode_s:.3} s): {:.2} images/s",
         output.path().display(),

@@ -65,23 +65,11 @@ pub fn run(a: LaunchArgs) -> Result<()> {
     }
     // the first rank to fail, in the order the failures are seen
     let failed = loop {
-        let mut running = false;
-        let mut failed = None;
-        for r in ranks.iter_mut().filter(|r| r.status.is_none()) {
-            match r.child.try_wait().context("launch: waiting for a rank")? {
-                Some(status) => {
-                    r.status = Some(status);
-                    if !status.success() && failed.is_none() {
-                        failed = Some(r.rank);
-                    }
-                }
-                None => running = true,
-            }
-        }
+        let (running, failed) = poll(&mut ranks).context("launch: waiting for a rank")?;
         if failed.is_some() || !running {
             break failed;
         }
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(POLL_INTERVAL);
     };
     end_all(&mut ranks, FAILURE_GRACE);
     let Some(rank) = failed else { return Ok(()) };
@@ -135,6 +123,27 @@ fn copy_lines<W: Write>(rank: usize, from: impl Read, to: fn() -> W, last_error:
     }
 }
 
+/// How often the launcher looks at its ranks.
+const POLL_INTERVAL: Duration = Duration::from_millis(20);
+
+/// Records the exit status of every rank that ended since the last poll. Returns whether any
+/// rank still runs, and the first (in rank order) of those that ended now with a failure.
+fn poll(ranks: &mut [Rank]) -> std::io::Result<(bool, Option<usize>)> {
+    let (mut running, mut failed) = (false, None);
+    for r in ranks.iter_mut().filter(|r| r.status.is_none()) {
+        match r.child.try_wait()? {
+            Some(status) => {
+                r.status = Some(status);
+                if !status.success() && failed.is_none() {
+                    failed = Some(r.rank);
+                }
+            }
+            None => running = true,
+        }
+    }
+    Ok((running, failed))
+}
+
 /// How long the other ranks have, once one failed, to end by themselves before they are killed
 /// (torchrun likewise signals its workers and waits before it kills them). A rank that fails the
 /// same check, e.g. a bad flag every rank validates, then prints its own error instead of being
@@ -145,19 +154,8 @@ const FAILURE_GRACE: Duration = Duration::from_secs(3);
 /// them all and waits for their output to be copied.
 fn end_all(ranks: &mut [Rank], grace: Duration) {
     let deadline = std::time::Instant::now() + grace;
-    loop {
-        let mut running = false;
-        for r in ranks.iter_mut().filter(|r| r.status.is_none()) {
-            match r.child.try_wait() {
-                Ok(Some(status)) => r.status = Some(status),
-                Ok(None) => running = true,
-                Err(_) => {}
-            }
-        }
-        if !running || std::time::Instant::now() >= deadline {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
+    while std::time::Instant::now() < deadline && matches!(poll(ranks), Ok((true, _))) {
+        std::thread::sleep(POLL_INTERVAL);
     }
     for r in ranks.iter_mut() {
         if r.status.is_none() {

@@ -34,6 +34,20 @@ pub fn usage(msg: impl Into<String>) -> anyhow::Error {
     UsageError(msg.into()).into()
 }
 
+/// The guidance interval a sampling command runs with: `--guidance-interval LO,HI` (`flag`), else
+/// the model's own (`default`, read only when the flag is absent). `[0, 1]` holds every level,
+/// the same run as no interval, and comes back as None, so outputs name no interval for it.
+pub fn guidance_interval(
+    flag: Option<&str>,
+    default: impl FnOnce() -> anyhow::Result<Option<ditmoe::sampling::GuidanceInterval>>,
+) -> anyhow::Result<Option<ditmoe::sampling::GuidanceInterval>> {
+    let interval = match flag {
+        Some(s) => Some(s.parse::<ditmoe::sampling::GuidanceInterval>().map_err(|e| usage(format!("--guidance-interval: {e}")))?),
+        None => default()?,
+    };
+    Ok(interval.filter(|i| !i.is_everywhere()))
+}
+
 /// Prints the error chain on one line; exit code 2 for usage errors and bad files, 1 otherwise.
 /// A backtrace that candle attaches to its errors under `RUST_BACKTRACE` is left out: the
 /// message names the fault, the frames are for debugging the program, not the input.

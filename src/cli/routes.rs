@@ -12,7 +12,7 @@ use ditmoe::analysis::heatmap::{png_bytes, tile};
 use ditmoe::analysis::store::{DATA_FILE, META_FILE};
 use ditmoe::analysis::{record_trajectory, RecordRequest, RoutingTrajectory, RunDefaults, SamplerKind};
 use ditmoe::checkpoint::{write_atomic, ModelDir};
-use ditmoe::sampling::{GuidanceInterval, Images};
+use ditmoe::sampling::Images;
 use indicatif::ProgressStyle;
 use serde_json::json;
 use std::fmt::Write as _;
@@ -86,10 +86,7 @@ pub fn run(a: RoutesArgs) -> anyhow::Result<()> {
     let sampler = a.sampler.as_deref().map(str::parse::<SamplerKind>).transpose().map_err(|e| super::usage(format!("--sampler: {e}")))?;
     let defaults = RunDefaults::read(&dir.dir, sampler).map_err(|e| super::usage(first_line(e)))?;
     let classes = super::parse_classes(&a.class, cfg.num_classes, dir.class_names.as_deref())?;
-    let guidance_interval = match &a.guidance_interval {
-        Some(s) => Some(s.parse::<GuidanceInterval>().map_err(|e| super::usage(format!("--guidance-interval: {e}")))?),
-        None => defaults.guidance_interval,
-    };
+    let guidance_interval = super::guidance_interval(a.guidance_interval.as_deref(), || Ok(defaults.guidance_interval))?;
     if a.num == 0 || a.batch_size == 0 {
         return Err(super::usage("--num and --batch-size must be at least 1"));
     }
@@ -203,7 +200,7 @@ fn write_outputs(traj: &RoutingTrajectory, out: &Path, per_class: usize) -> anyh
         "sampler": traj.meta.sampler,
         "steps": traj.meta.steps,
         "cfg_scale": traj.meta.guidance,
-        "guidance_interval": traj.meta.guidance_interval.map(|i| [i.lo(), i.hi()]),
+        "guidance_interval": traj.meta.guidance_interval,
         "seed": traj.meta.seed,
         "classes": traj.meta.classes,
         "class_names": class_names,

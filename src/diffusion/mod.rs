@@ -18,7 +18,7 @@ pub use gaussian::{
     GaussianDiffusion, PMeanVariance, Posterior, SampleOut, TrainingLosses, VarianceType,
 };
 pub use rectified_flow::{
-    euler_step, sample_euler, sample_heun, shift_time, x_prediction, FlowSample, FlowTimeGrid,
+    euler_step, sample_euler, sample_euler_indexed, sample_heun, sample_heun_indexed, shift_time, x_prediction, FlowSample, FlowTimeGrid,
     RectifiedFlow, RfTrainOut,
 };
 pub use respace::{respace_betas, space_timesteps};

@@ -254,11 +254,11 @@ pub fn x_prediction(z: &Tensor, v: &Tensor, t: f64) -> Result<Tensor> {
     z - (v * t)?
 }
 
-fn eval_velocity<F>(velocity: &mut F, z: &Tensor, grid: &FlowTimeGrid, i: usize) -> Result<Tensor>
+fn eval_velocity<F>(velocity: &mut F, z: &Tensor, i: usize) -> Result<Tensor>
 where
-    F: FnMut(&Tensor, f32) -> Result<Tensor>,
+    F: FnMut(&Tensor, usize) -> Result<Tensor>,
 {
-    let v = velocity(z, grid.model_time(i))?;
+    let v = velocity(z, i)?;
     if v.dims() != z.dims() {
         bail!(
             "flow sampler: velocity has shape {:?} but z has {:?} (strip learned-sigma channels in the closure)",
@@ -277,13 +277,23 @@ pub fn sample_euler<F>(z: &Tensor, grid: &FlowTimeGrid, mut velocity: F) -> Resu
 where
     F: FnMut(&Tensor, f32) -> Result<Tensor>,
 {
+    sample_euler_indexed(z, grid, |z, i| velocity(z, grid.model_time(i)))
+}
+
+/// [`sample_euler`] with the velocity given the grid point's index `i` instead of its model
+/// time (for a caller that needs the exact grid time `grid.times()[i]`, which the f32 model time
+/// only rounds).
+pub fn sample_euler_indexed<F>(z: &Tensor, grid: &FlowTimeGrid, mut velocity: F) -> Result<FlowSample>
+where
+    F: FnMut(&Tensor, usize) -> Result<Tensor>,
+{
     let times = grid.times();
     let mut states = Vec::with_capacity(times.len());
     let mut x_preds = Vec::with_capacity(grid.steps());
     states.push(z.clone());
     for i in 0..grid.steps() {
         let z = &states[i];
-        let v = eval_velocity(&mut velocity, z, grid, i)?;
+        let v = eval_velocity(&mut velocity, z, i)?;
         x_preds.push(x_prediction(z, &v, times[i])?);
         let next = euler_step(z, &v, times[i], times[i + 1])?;
         states.push(next);
@@ -300,6 +310,14 @@ pub fn sample_heun<F>(z: &Tensor, grid: &FlowTimeGrid, mut velocity: F) -> Resul
 where
     F: FnMut(&Tensor, f32) -> Result<Tensor>,
 {
+    sample_heun_indexed(z, grid, |z, i| velocity(z, grid.model_time(i)))
+}
+
+/// [`sample_heun`] with the velocity given the grid point's index (see [`sample_euler_indexed`]).
+pub fn sample_heun_indexed<F>(z: &Tensor, grid: &FlowTimeGrid, mut velocity: F) -> Result<FlowSample>
+where
+    F: FnMut(&Tensor, usize) -> Result<Tensor>,
+{
     let times = grid.times();
     let n = grid.steps();
     let mut states = Vec::with_capacity(times.len());
@@ -307,13 +325,13 @@ where
     states.push(z.clone());
     for i in 0..n {
         let z = &states[i];
-        let v = eval_velocity(&mut velocity, z, grid, i)?;
+        let v = eval_velocity(&mut velocity, z, i)?;
         x_preds.push(x_prediction(z, &v, times[i])?);
         let euler = euler_step(z, &v, times[i], times[i + 1])?;
         let next = if i + 1 == n {
             euler
         } else {
-            let v2 = eval_velocity(&mut velocity, &euler, grid, i + 1)?;
+            let v2 = eval_velocity(&mut velocity, &euler, i + 1)?;
             let v_avg = ((v + v2)? * 0.5)?;
             euler_step(z, &v_avg, times[i], times[i + 1])?
         };

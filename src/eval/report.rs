@@ -19,11 +19,6 @@ fn sampler_name<S: Serializer>(kind: &SamplerKind, s: S) -> std::result::Result<
     s.serialize_str(kind.name())
 }
 
-/// `[lo, hi]`, as generate.json writes it, or null (every level).
-fn interval_bounds<S: Serializer>(interval: &Option<GuidanceInterval>, s: S) -> std::result::Result<S::Ok, S::Error> {
-    interval.map(|i| [i.lo(), i.hi()]).serialize(s)
-}
-
 /// How samples are drawn.
 #[derive(Debug, Clone, Serialize)]
 pub struct SampleOptions {
@@ -32,8 +27,8 @@ pub struct SampleOptions {
     pub sampler: SamplerKind,
     pub steps: usize,
     pub cfg_scale: f64,
-    /// The noise levels guidance was limited to (Kynkäänniemi et al. 2024); None: every level.
-    #[serde(serialize_with = "interval_bounds")]
+    /// The noise levels guidance was limited to (Kynkäänniemi et al. 2024), `[lo, hi]`; None
+    /// (null): every level.
     pub guidance_interval: Option<GuidanceInterval>,
     pub seed: u64,
     /// Images per sampler call (before the guidance doubling).

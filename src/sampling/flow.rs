@@ -4,7 +4,7 @@
 //! Official `sample.py` hard-codes 50 steps and guidance 7.0 in its rectified-flow branch and
 //! ignores `--num-sampling-steps`/`--cfg-scale`; here both are the caller's.
 use super::guidance::{Evaluation, GuidedModel};
-use crate::diffusion::{sample_euler, sample_heun, FlowTimeGrid};
+use crate::diffusion::{sample_euler_indexed, sample_heun_indexed, FlowTimeGrid};
 use candle_core::{Result, Tensor};
 
 #[derive(Debug, Clone)]
@@ -47,17 +47,6 @@ impl RectifiedFlowSampler {
         }
     }
 
-    /// The noise level ([`super::GuidanceInterval`]'s axis) of the grid point whose model time
-    /// is `model_time`: its grid time t. The integrators hand the velocity closure the f32 model
-    /// time only, and that f32 rounding is no level to compare: t = 0.6 becomes 0.6000000238,
-    /// outside an interval that ends at 0.6.
-    fn level_at(&self, model_time: f32) -> Result<f64> {
-        match (0..=self.steps()).find(|&i| self.grid.model_time(i) == model_time) {
-            Some(i) => Ok(self.grid.times()[i]),
-            None => candle_core::bail!("flow sampler: model time {model_time} is not on the grid"),
-        }
-    }
-
     /// Integrates from `z` (the noise at t = 1); the model is fed t as f32 (official
     /// `torch.tensor([t] * b)`), guided on every channel at the levels the guidance interval
     /// holds.
@@ -65,15 +54,17 @@ impl RectifiedFlowSampler {
         let n = model.batch();
         let total = self.evaluations();
         let mut index = 0;
-        let velocity = |x: &Tensor, model_time: f32| -> Result<Tensor> {
-            let level = self.level_at(model_time)?;
-            let t = Tensor::full(model_time, n, x.device())?;
+        // The guidance interval is on the grid time itself: its f32 model time only rounds it
+        // (t = 0.6 is fed as 0.6000000238, outside an interval that ends at 0.6).
+        let velocity = |x: &Tensor, i: usize| -> Result<Tensor> {
+            let level = self.grid.times()[i];
+            let t = Tensor::full(self.grid.model_time(i), n, x.device())?;
             let v = model.velocity(x, &t, level)?;
             on_eval(&Evaluation { index, total, x, t: &t, forward_batch: model.forward_batch(level) });
             index += 1;
             Ok(v)
         };
-        let run = if self.heun { sample_heun(z, &self.grid, velocity)? } else { sample_euler(z, &self.grid, velocity)? };
+        let run = if self.heun { sample_heun_indexed(z, &self.grid, velocity)? } else { sample_euler_indexed(z, &self.grid, velocity)? };
         match run.states.into_iter().last() {
             Some(x) => Ok(x),
             None => candle_core::bail!("flow sampler returned no state"),

@@ -103,6 +103,27 @@ impl GuidanceInterval {
     pub fn is_everywhere(&self) -> bool {
         self.lo == 0.0 && self.hi == 1.0
     }
+
+    /// How outputs name the guidance after its scale: ` at levels [lo, hi]`, nothing for no
+    /// interval (`cfg 2 at levels [0, 0.7]`, `cfg 2`).
+    pub fn describe(interval: Option<Self>) -> String {
+        interval.map(|i| format!(" at levels {i}")).unwrap_or_default()
+    }
+}
+
+/// Written as its bounds `[lo, hi]`, the form of `generate.json`'s `guidance_interval` (and of
+/// the reports and trajectories that record one); read back through [`GuidanceInterval::from_bounds`]'s checks.
+impl serde::Serialize for GuidanceInterval {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        [self.lo, self.hi].serialize(s)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for GuidanceInterval {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let bounds = Vec::<f64>::deserialize(d)?;
+        Self::from_bounds(&bounds).map_err(serde::de::Error::custom)
+    }
 }
 
 /// `LO,HI`, the form `--guidance-interval` takes (e.g. `0.2,0.8`).

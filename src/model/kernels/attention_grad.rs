@@ -81,6 +81,20 @@ mod tests {
     use super::*;
     use candle_core::{Device, Var};
 
+    /// The attention as the candle composite it replaces: the reference for the op.
+    fn composite(qkv: &Tensor, bias: &Tensor, heads: usize, scale: f64) -> Tensor {
+        let (n, t, d3) = qkv.dims3().unwrap();
+        let (q, k, v) = split_qkv(qkv, Some(bias), None, heads).unwrap();
+        let att = candle_nn::ops::softmax(&(q.matmul(&k.t().unwrap()).unwrap() * scale).unwrap(), candle_core::D::Minus1).unwrap();
+        att.matmul(&v).unwrap().transpose(1, 2).unwrap().contiguous().unwrap().reshape((n, t, d3 / 3)).unwrap()
+    }
+
+    /// Relative L2 distance of x from y.
+    fn rel(x: &Tensor, y: &Tensor) -> f32 {
+        let d = (x - y).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt();
+        d / y.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt()
+    }
+
     #[test]
     fn value_and_gradients_match_the_composite() {
         let dev = Device::Cpu;
@@ -94,18 +108,12 @@ mod tests {
             let out = if fused {
                 qkv_attention(qkv.as_tensor(), bias.as_tensor(), heads, scale).unwrap()
             } else {
-                let (q, k, v) = split_qkv(qkv.as_tensor(), Some(bias.as_tensor()), None, heads).unwrap();
-                let att = candle_nn::ops::softmax(&(q.matmul(&k.t().unwrap()).unwrap() * scale).unwrap(), candle_core::D::Minus1).unwrap();
-                att.matmul(&v).unwrap().transpose(1, 2).unwrap().contiguous().unwrap().reshape((n, t, heads * hd)).unwrap()
+                composite(qkv.as_tensor(), bias.as_tensor(), heads, scale)
             };
             let g = (&out * &probe).unwrap().sum_all().unwrap().backward().unwrap();
             (out, g.get(qkv.as_tensor()).unwrap().clone(), g.get(bias.as_tensor()).unwrap().clone())
         };
         let (a, b) = (run(true), run(false));
-        let rel = |x: &Tensor, y: &Tensor| {
-            let d = (x - y).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt();
-            d / y.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt()
-        };
         assert!(rel(&a.0, &b.0) < 1e-6, "value {}", rel(&a.0, &b.0));
         assert!(rel(&a.1, &b.1) < 1e-5, "d qkv {}", rel(&a.1, &b.1));
         assert!(rel(&a.2, &b.2) < 1e-5, "d bias {}", rel(&a.2, &b.2));
@@ -126,9 +134,7 @@ mod tests {
             let out = if dtype == DType::BF16 {
                 qkv_attention(qkv.as_tensor(), bias.as_tensor(), heads, scale).unwrap()
             } else {
-                let (q, k, v) = split_qkv(qkv.as_tensor(), Some(bias.as_tensor()), None, heads).unwrap();
-                let att = candle_nn::ops::softmax(&(q.matmul(&k.t().unwrap()).unwrap() * scale).unwrap(), candle_core::D::Minus1).unwrap();
-                att.matmul(&v).unwrap().transpose(1, 2).unwrap().contiguous().unwrap().reshape((n, t, heads * hd)).unwrap()
+                composite(qkv.as_tensor(), bias.as_tensor(), heads, scale)
             };
             assert_eq!(out.dtype(), dtype);
             let g = (out.to_dtype(DType::F32).unwrap() * &probe).unwrap().sum_all().unwrap().backward().unwrap();
@@ -140,10 +146,6 @@ mod tests {
             (out.to_dtype(DType::F32).unwrap(), grad(&qkv), grad(&bias))
         };
         let (a, b) = (run(DType::BF16), run(DType::F32));
-        let rel = |x: &Tensor, y: &Tensor| {
-            let d = (x - y).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt();
-            d / y.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt()
-        };
         assert!(rel(&a.0, &b.0) < 1e-2, "value {}", rel(&a.0, &b.0));
         assert!(rel(&a.1, &b.1) < 1e-2, "d qkv {}", rel(&a.1, &b.1));
         assert!(rel(&a.2, &b.2) < 1e-2, "d bias {}", rel(&a.2, &b.2));
