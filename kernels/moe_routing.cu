@@ -543,37 +543,51 @@ extern "C" __global__ void combine_bf16(const u16* __restrict__ y, const u32* __
 }
 
 // ---------------------------------------------------------------------------------------
-// 5. Combine's backward (training, f32), from the gradient g = dout [S, D] of its output:
-//    towards the expert outputs, dy[r, :] = w[order[r]] * g[order[r] / k, :] (the gathered,
-//    scaled rows: one product, rounded as the composite's broadcast multiply); towards the
-//    weights, dw[order[r]] = <g[order[r] / k, :], y[r, :]>, one warp per row (the dot product
-//    in lane order, then a butterfly: another summation order than the CPU's, same maths).
+// 5. Combine's backward (training), from the gradient g = dout [S, D] of its output, f32 or
+//    bf16 (T; f32 maths, each result rounded once): towards the expert outputs,
+//    dy[r, :] = w[order[r]] * g[order[r] / k, :] in g's dtype (the gathered, scaled rows: one
+//    product, rounded as the composite's broadcast multiply); towards the weights,
+//    dw[order[r]] = <g[order[r] / k, :], y[r, :]> in f32, one warp per row (the dot product in
+//    lane order, then a butterfly: another summation order than the CPU's, same maths).
 // ---------------------------------------------------------------------------------------
-extern "C" __global__ void gather_rows_scaled_f32(const float* __restrict__ g, const float* __restrict__ w,
-                                                  const u32* __restrict__ order, u32 k, u32 R, u32 D,
-                                                  float* __restrict__ dy) {
+template <typename T>
+__device__ __forceinline__ void gather_rows_scaled_body(const T* __restrict__ g, const float* __restrict__ w,
+                                                        const u32* __restrict__ order, u32 k, u32 R, u32 D,
+                                                        T* __restrict__ dy) {
     const size_t total = (size_t)R * D;
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
         const size_t r = i / D, c = i % D;
         const u32 slot = order[r];
-        dy[i] = __fmul_rn(g[(size_t)(slot / k) * D + c], w[slot]);
+        Io<T>::store(dy, i, __fmul_rn(Io<T>::load(g, (size_t)(slot / k) * D + c), w[slot]));
     }
 }
+extern "C" __global__ void gather_rows_scaled_f32(const float* g, const float* w, const u32* order, u32 k, u32 R, u32 D, float* dy) {
+    gather_rows_scaled_body<float>(g, w, order, k, R, D, dy);
+}
+extern "C" __global__ void gather_rows_scaled_bf16(const u16* g, const float* w, const u32* order, u32 k, u32 R, u32 D, u16* dy) {
+    gather_rows_scaled_body<u16>(g, w, order, k, R, D, dy);
+}
 
-extern "C" __global__ void combine_weight_grad_f32(const float* __restrict__ g, const float* __restrict__ y,
-                                                   const u32* __restrict__ order, u32 k, u32 R, u32 D,
-                                                   float* __restrict__ dw) {
+template <typename G, typename Y>
+__device__ __forceinline__ void combine_weight_grad_body(const G* __restrict__ g, const Y* __restrict__ y,
+                                                         const u32* __restrict__ order, u32 k, u32 R, u32 D,
+                                                         float* __restrict__ dw) {
     const u32 lane = threadIdx.x & 31u;
     const size_t warps = ((size_t)gridDim.x * blockDim.x) >> 5;
     for (size_t r = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5; r < R; r += warps) {
         const u32 slot = order[r];
-        const float* gt = g + (size_t)(slot / k) * D;
-        const float* yr = y + r * D;
+        const size_t gt = (size_t)(slot / k) * D, yr = r * D;
         float acc = 0.f;
-        for (u32 c = lane; c < D; c += 32u) acc = fmaf(gt[c], yr[c], acc);
+        for (u32 c = lane; c < D; c += 32u) acc = fmaf(Io<G>::load(g, gt + c), Io<Y>::load(y, yr + c), acc);
         acc = warp_sum(acc);
         if (lane == 0) dw[slot] = acc;
     }
+}
+extern "C" __global__ void combine_weight_grad_f32(const float* g, const float* y, const u32* order, u32 k, u32 R, u32 D, float* dw) {
+    combine_weight_grad_body<float, float>(g, y, order, k, R, D, dw);
+}
+extern "C" __global__ void combine_weight_grad_bf16(const u16* g, const u16* y, const u32* order, u32 k, u32 R, u32 D, float* dw) {
+    combine_weight_grad_body<u16, u16>(g, y, order, k, R, D, dw);
 }
 
 // [0, s]: the offsets of a single "expert" owning all rows (dense SwiGLU through the grouped GEMM)

@@ -274,9 +274,20 @@ fn combine_gradients_match_autograd() -> Result<()> {
     assert_eq!(dw.dims(), [s, k]);
     assert_eq!(max_abs(&dy, dy_ref), 0.0, "the same product as the composite");
     assert!(rel(&dw, dw_ref) < 1e-6, "dw rel {}", rel(&dw, dw_ref));
-    // f32 only, and shapes that do not fit the permutation are refused
-    let err = kx::gather_rows_scaled(&dout.to_dtype(DType::BF16)?, &p, &w0).unwrap_err().to_string();
-    assert!(err.contains("gather_rows_scaled") && err.contains("f32"), "{err}");
+    // bf16 rows: the same f32 maths on the rounded inputs, rounded once (dy) or kept in f32 (dw)
+    let (dout16, y16) = (dout.to_dtype(DType::BF16)?, y0.to_dtype(DType::BF16)?);
+    let dy16 = kx::gather_rows_scaled(&dout16, &p, &w0)?;
+    assert_eq!(dy16.dtype(), DType::BF16);
+    let dy16_ref = kx::gather_rows_scaled(&dout16.to_dtype(DType::F32)?, &p, &w0)?.to_dtype(DType::BF16)?;
+    assert_eq!(max_abs(&dy16, &dy16_ref), 0.0, "bf16 dy is the f32 product rounded once");
+    let dw16 = kx::combine_weight_grad(&dout16, &y16, &p)?;
+    let dw16_ref = kx::combine_weight_grad(&dout16.to_dtype(DType::F32)?, &y16.to_dtype(DType::F32)?, &p)?;
+    assert_eq!((dw16.dtype(), max_abs(&dw16, &dw16_ref)), (DType::F32, 0.0), "bf16 dw sums in f32");
+    // mixed or other dtypes, and shapes that do not fit the permutation, are refused
+    let err = kx::gather_rows_scaled(&dout.to_dtype(DType::F16)?, &p, &w0).unwrap_err().to_string();
+    assert!(err.contains("gather_rows_scaled") && err.contains("bf16"), "{err}");
+    let err = kx::combine_weight_grad(&dout16, &y0, &p).unwrap_err().to_string();
+    assert!(err.contains("combine_weight_grad") && err.contains("BF16, F32"), "{err}");
     let err = kx::combine_weight_grad(&dout, &y0.narrow(0, 0, s * k - 1)?, &p).unwrap_err().to_string();
     assert!(err.contains("combine_weight_grad") && err.contains("expert_out"), "{err}");
     let err = kx::gather_rows_scaled(&dout, &p, &w0.narrow(1, 0, 1)?).unwrap_err().to_string();

@@ -2,7 +2,7 @@
 //! combine; `kernels/grouped_gemm.cu`: the grouped expert GEMMs) and the grouped-GEMM kernel
 //! choice, on candle's stream. Nothing here reads device memory back to the host.
 use super::{Gating, GemmBackend, GemmConfig, Permutation};
-use crate::runtime::cuda::{allow_dynamic_smem, arg_or_null, cfg1, cuda_dev, drv, grid_for, optional_view, target, view, wrap, Func, NvrtcModule, NULL};
+use crate::runtime::cuda::{allow_dynamic_smem, arg_or_null, cfg1, cuda_dev, drv, dtype_suffix, grid_for, optional_view, target, view, wrap, Func, NvrtcModule, NULL};
 use candle_core::cuda_backend::{cudarc, CudaDType, CudaDevice};
 use candle_core::{bail, DType, Device, Result, Storage, Tensor};
 use cudarc::driver::{CudaSlice, PushKernelArg};
@@ -290,30 +290,45 @@ pub fn gather_rows(x: &Tensor, perm: &Permutation) -> Result<Tensor> {
     Ok(out)
 }
 
-/// See [`super::gather_rows_scaled`].
+/// See [`super::gather_rows_scaled`]: f32 or bf16 `dout`, the rows in its dtype.
 pub fn gather_rows_scaled(dout: &Tensor, perm: &Permutation, weights: &Tensor) -> Result<Tensor> {
     let (r, d) = (perm.rows()?, dout.dim(1)?);
-    combine_grad("gather_rows_scaled_f32", dout, weights, perm, grid_for(r * d), (r, d))
+    let name = format!("gather_rows_scaled_{}", dtype_suffix(dout.dtype(), "gather_rows_scaled")?);
+    match dout.dtype() {
+        DType::BF16 => combine_grad::<half::bf16, f32, half::bf16>(&name, dout, weights, perm, grid_for(r * d), (r, d)),
+        _ => combine_grad::<f32, f32, f32>(&name, dout, weights, perm, grid_for(r * d), (r, d)),
+    }
 }
 
-/// See [`super::combine_weight_grad`].
+/// See [`super::combine_weight_grad`]: `dout` and `expert_out` both f32 or both bf16.
 pub fn combine_weight_grad(dout: &Tensor, expert_out: &Tensor, perm: &Permutation) -> Result<Tensor> {
     let r = perm.rows()?;
     // one warp per row, eight per block
     let blocks = r.div_ceil(8).min(1 << 20) as u32;
-    combine_grad("combine_weight_grad_f32", dout, expert_out, perm, blocks, (perm.tokens()?, perm.k))
+    let shape = (perm.tokens()?, perm.k);
+    let name = format!("combine_weight_grad_{}", dtype_suffix(dout.dtype(), "combine_weight_grad")?);
+    match dout.dtype() {
+        DType::BF16 => combine_grad::<half::bf16, half::bf16, f32>(&name, dout, expert_out, perm, blocks, shape),
+        _ => combine_grad::<f32, f32, f32>(&name, dout, expert_out, perm, blocks, shape),
+    }
 }
 
 /// Launches one of the combine's gradient kernels `(a, b, order, k, R, D, out)` over the
-/// permutation's R rows, `out` f32 of `shape`, D the width of `a`.
-fn combine_grad(name: &str, a: &Tensor, b: &Tensor, perm: &Permutation, blocks: u32, shape: (usize, usize)) -> Result<Tensor> {
+/// permutation's R rows: `a` of element type `A`, `b` of `B`, `out` of `O` and `shape`, D the
+/// width of `a`.
+fn combine_grad<A, B, O>(name: &str, a: &Tensor, b: &Tensor, perm: &Permutation, blocks: u32, shape: (usize, usize)) -> Result<Tensor>
+where
+    A: CudaDType + cudarc::driver::DeviceRepr,
+    B: CudaDType + cudarc::driver::DeviceRepr,
+    O: CudaDType + cudarc::driver::DeviceRepr,
+{
     let dev = cuda_dev(a)?;
     let (a, b, order) = (a.contiguous()?, b.contiguous()?, perm.order.contiguous()?);
     let len = shape.0 * shape.1;
-    let mut out = unsafe { dev.alloc::<f32>(len)? };
+    let mut out = unsafe { dev.alloc::<O>(len)? };
     if len > 0 {
-        view!(a, f32, _ga, av);
-        view!(b, f32, _gb, bv);
+        view!(a, A, _ga, av);
+        view!(b, B, _gb, bv);
         view!(order, u32, _go, ov);
         let (k32, r32, d32) = (perm.k as u32, perm.rows()? as u32, a.dim(1)? as u32);
         let f = routing_fn(&dev, name)?;

@@ -1,16 +1,18 @@
 //! The expert activations' elementwise backwards, shared by the routed experts' op
 //! ([`super::routed_grad`]) and the shared expert ([`swiglu`]): one kernel each on CUDA for f32
-//! (`kernels/expert_act_grad.cu`), the same maths as candle ops elsewhere.
+//! and bf16 (`kernels/expert_act_grad.cu`), the same maths as candle ops elsewhere. Both compute
+//! in f32 and round each result once to the inputs' dtype, as autocast's backward of a bf16
+//! activation does inside its elementwise kernels.
 use crate::runtime::precomputed;
-use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 
-/// `silu(g) * u` (DiT-MoE's SwiGLU, the shared expert's activation). Under autograd in f32
-/// (training) it is one node: the value comes from candle's own ops (the same bits as the
+/// `silu(g) * u` (DiT-MoE's SwiGLU, the shared expert's activation). Under autograd in f32 or
+/// bf16 (training) it is one node: the value comes from candle's own ops (the same bits as the
 /// composite), the backward is [`swiglu_backward`]'s single pass instead of candle's autograd
 /// through `silu` and the product (ten elementwise kernels over the `[S, I]` activations).
 /// Otherwise it is the composite itself.
 pub fn swiglu(g: &Tensor, u: &Tensor) -> Result<Tensor> {
-    if !(g.track_op() || u.track_op()) || g.dtype() != candle_core::DType::F32 {
+    if !(g.track_op() || u.track_op()) || !matches!(g.dtype(), DType::F32 | DType::BF16) {
         return candle_nn::ops::silu(g)? * u;
     }
     let value = (candle_nn::ops::silu(&g.detach())? * u.detach())?;
@@ -47,41 +49,59 @@ impl CustomOp2 for SwigluGrad {
 /// From the gate and up projections `g`, `u` and the gradient `dh` of `h = silu(g) * u`:
 /// `(h, dg, du)` with `du = dh silu(g)` and `dg = dh u silu'(g)`,
 /// `silu'(g) = sig (1 + g (1 - sig))`, `h` only `with_h` (the routed experts recompute it for
-/// the down projection's gradient; the shared expert's op kept its value). One kernel on CUDA
-/// for f32 (`kernels/expert_act_grad.cu`, rounding in the same order), candle ops elsewhere.
+/// the down projection's gradient; the shared expert's op kept its value), all in the inputs'
+/// dtype. One kernel on CUDA for f32 and bf16 (`kernels/expert_act_grad.cu`, rounding in the
+/// same order), candle ops in f32 elsewhere.
 pub(crate) fn swiglu_backward(g: &Tensor, u: &Tensor, dh: &Tensor, with_h: bool) -> Result<(Option<Tensor>, Tensor, Tensor)> {
     #[cfg(feature = "cuda")]
-    if [g, u, dh].iter().all(|t| t.device().is_cuda() && t.dtype() == candle_core::DType::F32) && g.dims() == u.dims() && g.dims() == dh.dims() {
+    if cuda_act::serves(&[g, u, dh]) {
         return cuda_act::swiglu_backward(g, u, dh, with_h);
     }
-    let sig = candle_nn::ops::sigmoid(g)?;
-    let act = (g * &sig)?;
-    let h = with_h.then(|| &act * u).transpose()?;
-    let du = (dh * &act)?;
-    let dg = ((dh * u)? * (&sig * ((g * sig.affine(-1.0, 1.0)?)? + 1.0)?)?)?;
+    let dtype = g.dtype();
+    let [g, u, dh] = [g, u, dh].map(|t| t.to_dtype(DType::F32));
+    let (g, u, dh) = (g?, u?, dh?);
+    let sig = candle_nn::ops::sigmoid(&g)?;
+    let act = (&g * &sig)?;
+    let h = with_h.then(|| (&act * &u)?.to_dtype(dtype)).transpose()?;
+    let du = (&dh * &act)?.to_dtype(dtype)?;
+    let dg = ((&dh * &u)? * (&sig * ((&g * sig.affine(-1.0, 1.0)?)? + 1.0)?)?)?.to_dtype(dtype)?;
     Ok((h, dg, du))
 }
 
 #[cfg(feature = "cuda")]
 mod cuda_act {
-    use crate::runtime::cuda::{cfg1, cuda_dev, drv, grid_for, view, wrap, NvrtcModule, NULL};
-    use candle_core::cuda_backend::cudarc;
-    use candle_core::{bail, Result, Storage, Tensor};
-    use cudarc::driver::PushKernelArg;
+    use crate::runtime::cuda::{cfg1, cuda_dev, drv, dtype_suffix, grid_for, view, wrap, NvrtcModule, NULL};
+    use candle_core::cuda_backend::{cudarc, CudaDType};
+    use candle_core::{bail, DType, Result, Storage, Tensor};
+    use cudarc::driver::{DeviceRepr, PushKernelArg};
+    use half::bf16;
 
     static MODULE: NvrtcModule = NvrtcModule::new(nvrtc_source!("expert_act_grad.cu"), "ditmoe_expert_act_grad");
 
+    /// Whether the kernels take these tensors: on the GPU, all f32 or all bf16, one shape.
+    pub fn serves(ts: &[&Tensor]) -> bool {
+        let t0 = ts[0];
+        t0.device().is_cuda() && matches!(t0.dtype(), DType::F32 | DType::BF16) && ts.iter().all(|t| t.dtype() == t0.dtype() && t.dims() == t0.dims())
+    }
+
     pub fn swiglu_backward(g: &Tensor, u: &Tensor, dh: &Tensor, with_h: bool) -> Result<(Option<Tensor>, Tensor, Tensor)> {
+        match g.dtype() {
+            DType::BF16 => swiglu_backward_as::<bf16>(g, u, dh, with_h),
+            _ => swiglu_backward_as::<f32>(g, u, dh, with_h),
+        }
+    }
+
+    fn swiglu_backward_as<T: CudaDType + DeviceRepr>(g: &Tensor, u: &Tensor, dh: &Tensor, with_h: bool) -> Result<(Option<Tensor>, Tensor, Tensor)> {
         let dev = cuda_dev(g)?;
         let (g, u, dh) = (g.contiguous()?, u.contiguous()?, dh.contiguous()?);
         let n = g.elem_count();
-        view!(g, f32, _gg, gv);
-        view!(u, f32, _gu, uv);
-        view!(dh, f32, _gd, dv);
-        let mut h = if with_h { Some(unsafe { dev.alloc::<f32>(n)? }) } else { None };
-        let (mut dg, mut du) = unsafe { (dev.alloc::<f32>(n)?, dev.alloc::<f32>(n)?) };
+        view!(g, T, _gg, gv);
+        view!(u, T, _gu, uv);
+        view!(dh, T, _gd, dv);
+        let mut h = if with_h { Some(unsafe { dev.alloc::<T>(n)? }) } else { None };
+        let (mut dg, mut du) = unsafe { (dev.alloc::<T>(n)?, dev.alloc::<T>(n)?) };
         if n > 0 {
-            let (stream, f) = MODULE.func(&dev, "swiglu_bwd_f32")?;
+            let (stream, f) = MODULE.func(&dev, &format!("swiglu_bwd_{}", dtype_suffix(g.dtype(), "swiglu_backward")?))?;
             let n64 = n as u64;
             let mut b = stream.launch_builder(&f);
             b.arg(&gv).arg(&uv).arg(&dv);
@@ -98,14 +118,21 @@ mod cuda_act {
 
     /// `dh * gelu_tanh'(pre)`; `consts` = (a, 3a, c, c / 2) as candle's affine ops round them.
     pub fn gelu_tanh_backward(pre: &Tensor, dh: &Tensor, consts: [f32; 4]) -> Result<Tensor> {
+        match pre.dtype() {
+            DType::BF16 => gelu_tanh_backward_as::<bf16>(pre, dh, consts),
+            _ => gelu_tanh_backward_as::<f32>(pre, dh, consts),
+        }
+    }
+
+    fn gelu_tanh_backward_as<T: CudaDType + DeviceRepr>(pre: &Tensor, dh: &Tensor, consts: [f32; 4]) -> Result<Tensor> {
         let dev = cuda_dev(pre)?;
         let (pre, dh) = (pre.contiguous()?, dh.contiguous()?);
         let n = pre.elem_count();
-        view!(pre, f32, _gp, pv);
-        view!(dh, f32, _gd, dv);
-        let mut out = unsafe { dev.alloc::<f32>(n)? };
+        view!(pre, T, _gp, pv);
+        view!(dh, T, _gd, dv);
+        let mut out = unsafe { dev.alloc::<T>(n)? };
         if n > 0 {
-            let (stream, f) = MODULE.func(&dev, "gelu_tanh_bwd_f32")?;
+            let (stream, f) = MODULE.func(&dev, &format!("gelu_tanh_bwd_{}", dtype_suffix(pre.dtype(), "gelu_tanh_backward")?))?;
             let n64 = n as u64;
             let mut b = stream.launch_builder(&f);
             b.arg(&pv).arg(&dv).arg(&mut out).arg(&n64).arg(&consts[0]).arg(&consts[1]).arg(&consts[2]).arg(&consts[3]);
@@ -141,30 +168,34 @@ impl GeluKind {
     }
 }
 
-/// `dh * (Φ(x) + x φ(x))`, the exact GELU's derivative, in candle ops (in f32 and above
-/// `erf` is exact to the dtype's rounding).
+/// `dh * (Φ(x) + x φ(x))`, the exact GELU's derivative, in candle ops in f32 (where `erf` is
+/// exact to the rounding), rounded once to the inputs' dtype.
 fn gelu_erf_backward(x: &Tensor, dh: &Tensor) -> Result<Tensor> {
-    let cdf = (x / std::f64::consts::SQRT_2)?.erf()?.affine(0.5, 0.5)?;
+    let dtype = x.dtype();
+    let (x, dh) = (x.to_dtype(DType::F32)?, dh.to_dtype(DType::F32)?);
+    let cdf = (&x / std::f64::consts::SQRT_2)?.erf()?.affine(0.5, 0.5)?;
     let pdf = (x.sqr()? * -0.5)?.exp()? * (1.0 / (2.0 * std::f64::consts::PI).sqrt());
-    dh * (cdf + (x * pdf?)?)?
+    (dh * (cdf + (&x * pdf?)?)?)?.to_dtype(dtype)
 }
 
 /// `dh * d gelu_tanh(x) / dx` for candle's `gelu` (the tanh approximation):
-/// `0.5 (1 + t) + 0.5 x (1 - t²) c (1 + 3 a x²)` with `t = tanh(c (x + a x³))`, `c = sqrt(2/π)`.
-/// One kernel on CUDA for f32 (`kernels/expert_act_grad.cu`, rounding in the same order),
-/// candle ops elsewhere.
+/// `0.5 (1 + t) + 0.5 x (1 - t²) c (1 + 3 a x²)` with `t = tanh(c (x + a x³))`, `c = sqrt(2/π)`,
+/// in the inputs' dtype. One kernel on CUDA for f32 and bf16 (`kernels/expert_act_grad.cu`,
+/// rounding in the same order), candle ops in f32 elsewhere.
 fn gelu_tanh_backward(x: &Tensor, dh: &Tensor) -> Result<Tensor> {
     const A: f64 = 0.044715;
     let c = (2.0 / std::f64::consts::PI).sqrt();
     #[cfg(feature = "cuda")]
-    if [x, dh].iter().all(|t| t.device().is_cuda() && t.dtype() == candle_core::DType::F32) && x.dims() == dh.dims() {
+    if cuda_act::serves(&[x, dh]) {
         return cuda_act::gelu_tanh_backward(x, dh, [A as f32, (3.0 * A) as f32, c as f32, (0.5 * c) as f32]);
     }
+    let dtype = x.dtype();
+    let (x, dh) = (x.to_dtype(DType::F32)?, dh.to_dtype(DType::F32)?);
     let x2 = x.sqr()?;
-    let t = ((x * (x2.affine(A, 1.0)?))? * c)?.tanh()?;
+    let t = ((&x * (x2.affine(A, 1.0)?))? * c)?.tanh()?;
     let outer = t.affine(0.5, 0.5)?;
-    let inner = ((x * t.sqr()?.affine(-1.0, 1.0)?)? * x2.affine(3.0 * A, 1.0)?)?;
-    dh * (outer + (inner * (0.5 * c))?)?
+    let inner = ((&x * t.sqr()?.affine(-1.0, 1.0)?)? * x2.affine(3.0 * A, 1.0)?)?;
+    (dh * (outer + (inner * (0.5 * c))?)?)?.to_dtype(dtype)
 }
 
 #[cfg(test)]
@@ -192,5 +223,14 @@ mod tests {
         assert_eq!(rel(&h, &h_ref), 0.0, "the value is the composite's");
         assert!(rel(&dg, &dg_ref) < 1e-6, "d gate {}", rel(&dg, &dg_ref));
         assert!(rel(&du, &du_ref) < 1e-6, "d up {}", rel(&du, &du_ref));
+
+        // bf16 (mixed-precision training): its gradients in bf16 within the
+        // project's bf16 tolerance of the f32 composite's
+        let (g, u) = (Var::from_tensor(&g0.to_dtype(DType::BF16).unwrap()).unwrap(), Var::from_tensor(&u0.to_dtype(DType::BF16).unwrap()).unwrap());
+        let h = swiglu(g.as_tensor(), u.as_tensor()).unwrap();
+        let grads = (h.to_dtype(DType::F32).unwrap() * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        let f32_of = |v: &Var| grads.get(v.as_tensor()).unwrap().to_dtype(DType::F32).unwrap();
+        assert!(rel(&f32_of(&g), &dg_ref) < 1e-2, "bf16 d gate {}", rel(&f32_of(&g), &dg_ref));
+        assert!(rel(&f32_of(&u), &du_ref) < 1e-2, "bf16 d up {}", rel(&f32_of(&u), &du_ref));
     }
 }

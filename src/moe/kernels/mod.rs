@@ -270,11 +270,12 @@ pub fn gather_rows(x: &Tensor, perm: &Permutation) -> Result<Tensor> {
 
 /// The gradient of [`combine`] (without `add`) towards the expert outputs: the token rows of
 /// `dout` `[S, D]` in expert-contiguous order, each scaled by its slot's weight,
-/// `dy[r] = weights[order[r]] * dout[order[r] / k]` `[R, D]`; f32, `weights` `[S, k]`.
-/// The same product as gathering and multiplying; one pass on CUDA.
+/// `dy[r] = weights[order[r]] * dout[order[r] / k]` `[R, D]` in `dout`'s dtype (f32 or bf16;
+/// the product in f32, rounded once), `weights` `[S, k]` f32. The same product as gathering
+/// and multiplying; one pass on CUDA.
 pub fn gather_rows_scaled(dout: &Tensor, perm: &Permutation, weights: &Tensor) -> Result<Tensor> {
     check_gather_rows("gather_rows_scaled", dout, perm)?;
-    check_f32("gather_rows_scaled", &[dout, weights])?;
+    check_training_dtypes("gather_rows_scaled", &[dout], &[weights])?;
     if weights.dims() != [perm.tokens()?, perm.k] {
         candle_core::bail!("gather_rows_scaled: weights {:?} are not [{}, {}]", weights.dims(), perm.tokens()?, perm.k)
     }
@@ -282,20 +283,21 @@ pub fn gather_rows_scaled(dout: &Tensor, perm: &Permutation, weights: &Tensor) -
         #[cfg(feature = "cuda")]
         Device::Cuda(_) => cuda::gather_rows_scaled(dout, perm, weights),
         // the CPU reference reads any device's tensors; its result goes back to theirs
-        _ => cpu::gather_rows_scaled(dout, perm, weights)?.to_device(dout.device()),
+        _ => cpu::gather_rows_scaled(dout, perm, weights)?.to_dtype(dout.dtype())?.to_device(dout.device()),
     }
 }
 
 /// The gradient of [`combine`] towards its weights:
 /// `dw[t, j] = <dout[t], expert_out[inv[t*k + j]]>` `[S, k]`, f32, `dout` `[S, D]`,
-/// `expert_out` `[R, D]` in expert-contiguous order. One warp per row on CUDA, summing in
-/// another order than the CPU's sequential sum (the same maths to f32 rounding).
+/// `expert_out` `[R, D]` in expert-contiguous order, both f32 or both bf16 (the products and
+/// sums in f32). One warp per row on CUDA, summing in another order than the CPU's sequential
+/// sum (the same maths to f32 rounding).
 pub fn combine_weight_grad(dout: &Tensor, expert_out: &Tensor, perm: &Permutation) -> Result<Tensor> {
     check_gather_rows("combine_weight_grad", dout, perm)?;
     if expert_out.dims() != [perm.rows()?, dout.dim(1)?] {
         candle_core::bail!("combine_weight_grad: expert_out {:?} is not [{}, {}]", expert_out.dims(), perm.rows()?, dout.dim(1)?)
     }
-    check_f32("combine_weight_grad", &[dout, expert_out])?;
+    check_training_dtypes("combine_weight_grad", &[dout, expert_out], &[])?;
     match dout.device() {
         #[cfg(feature = "cuda")]
         Device::Cuda(_) => cuda::combine_weight_grad(dout, expert_out, perm),
@@ -303,10 +305,16 @@ pub fn combine_weight_grad(dout: &Tensor, expert_out: &Tensor, perm: &Permutatio
     }
 }
 
-/// f32 operands (the training path).
-fn check_f32(op: &str, ts: &[&Tensor]) -> Result<()> {
-    if ts.iter().any(|t| t.dtype() != DType::F32) {
-        candle_core::bail!("{op}: f32 only, got {:?}", ts.iter().map(|t| t.dtype()).collect::<Vec<_>>())
+/// The training kernels' operands: `data` all f32 or all bf16 (the activations and their
+/// gradients), `f32` f32 (gate weights).
+fn check_training_dtypes(op: &str, data: &[&Tensor], f32: &[&Tensor]) -> Result<()> {
+    let dtype = data[0].dtype();
+    if !matches!(dtype, DType::F32 | DType::BF16) || data.iter().any(|t| t.dtype() != dtype) || f32.iter().any(|t| t.dtype() != DType::F32) {
+        candle_core::bail!(
+            "{op}: the rows must be all f32 or all bf16 and the weights f32, got {:?} and {:?}",
+            data.iter().map(|t| t.dtype()).collect::<Vec<_>>(),
+            f32.iter().map(|t| t.dtype()).collect::<Vec<_>>()
+        )
     }
     Ok(())
 }

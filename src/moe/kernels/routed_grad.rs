@@ -239,15 +239,19 @@ impl CustomOp3 for RoutedExpertsGrad {
     }
 }
 
-/// The combine's two gradients: the fused kernels for f32 (training's dtype), the composite of
-/// gathers, products and sums for other dtypes.
+/// The combine's two gradients: the fused kernels for f32 and bf16 (training's dtypes), the
+/// composite of gathers, products and sums for other dtypes.
 mod combine_grad {
     use super::super::{combine_weight_grad, gather_rows, gather_rows_scaled, Permutation};
     use candle_core::{DType, Result, Tensor};
 
+    fn fused(dtype: DType) -> bool {
+        matches!(dtype, DType::F32 | DType::BF16)
+    }
+
     /// `w[slot(r)] * dout[token(r)]`, `[R, D]` in `dout`'s dtype.
     pub fn rows(dout: &Tensor, perm: &Permutation, weights: &Tensor) -> Result<Tensor> {
-        if dout.dtype() == DType::F32 {
+        if fused(dout.dtype()) {
             return gather_rows_scaled(dout, perm, &weights.to_dtype(DType::F32)?);
         }
         let w_rows = weights.flatten_all()?.index_select(&perm.order, 0)?.to_dtype(dout.dtype())?;
@@ -256,7 +260,7 @@ mod combine_grad {
 
     /// `<dout[token(r)], y[r]>` at each row's slot, `[S, k]` f32.
     pub fn weights(dout: &Tensor, y: &Tensor, perm: &Permutation) -> Result<Tensor> {
-        if dout.dtype() == DType::F32 && y.dtype() == DType::F32 {
+        if fused(dout.dtype()) && y.dtype() == dout.dtype() {
             return combine_weight_grad(dout, y, perm);
         }
         let dw_rows = (gather_rows(dout, perm)?.to_dtype(DType::F32)? * y.to_dtype(DType::F32)?)?.sum(1)?;
