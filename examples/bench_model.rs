@@ -23,7 +23,6 @@ use ditmoe::checkpoint::expected_parameters;
 use ditmoe::runtime::graph::GraphedForward;
 use ditmoe::runtime::timing::median_ms;
 use ditmoe::model::kernels::block_ops;
-use ditmoe::nn::ops;
 use ditmoe::moe::MoeInput;
 use ditmoe::{presets, DitConfig, DitMoe, ExecutionPlan, Precision};
 
@@ -64,7 +63,7 @@ fn frozen_model(cfg: &DitConfig, plan: &ExecutionPlan) -> Result<DitMoe> {
 }
 
 /// Each stage of block 0 timed alone on (B, T, D) activations, then the whole block.
-fn breakdown(name: &str, dtype_name: &str, model: &DitMoe, b: usize, device: &Device) -> Result<()> {
+fn breakdown(name: &str, dtype_name: &str, model: &DitMoe, plan: &ExecutionPlan, b: usize, device: &Device) -> Result<()> {
     let cfg = model.config();
     let (t, d) = (cfg.num_patches(), cfg.hidden_size);
     let block = &model.blocks()[0];
@@ -73,7 +72,7 @@ fn breakdown(name: &str, dtype_name: &str, model: &DitMoe, b: usize, device: &De
     let c = Tensor::randn(0f32, 1.0, (b, d), device)?;
     let ada = block.ada_ln().forward(&candle_nn::ops::silu(&c)?)?;
     // What the block feeds its matmuls (the weights' dtype on the GPU path, f32 on the CPU).
-    let h_dtype = ops::matmul_input_dtype(&[&x, &ada], model.dtype());
+    let h_dtype = plan.matmul_input_dtype();
     let h = block_ops::ln_modulate(&x, &ada, 0, 1, h_dtype)?;
     let qkv = attn.qkv_projection(&h)?;
     let merged = attn.attend(&qkv)?.to_dtype(h_dtype)?;
@@ -270,7 +269,8 @@ fn main() -> Result<()> {
                 let t = Tensor::arange(0i64, b as i64, &device)?;
                 Ok((x, t.clone(), t))
             };
-            let model = frozen_model(&cfg, &plan_for(dtype))?;
+            let plan = plan_for(dtype);
+            let model = frozen_model(&cfg, &plan)?;
             for &b in &batches {
                 let (x, t, y) = inputs(b)?;
                 let eager_ms = median_ms(&device, budget, || model.forward(&x, &t, &y).map(drop))?;
@@ -303,7 +303,7 @@ fn main() -> Result<()> {
                     println!("GPU memory in use after this row: {gib:.1} GiB");
                 }
                 if flag("--breakdown") {
-                    breakdown(name, dtype_name, &model, b, &device)?;
+                    breakdown(name, dtype_name, &model, &plan, b, &device)?;
                 }
                 if flag("--matmul-floor") {
                     let [(floor_ms, floor_flops), (proj_ms, proj_flops)] = matmul_floor(&cfg, dtype, b, &device, budget)?;

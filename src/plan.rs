@@ -20,8 +20,9 @@ pub enum Weights {
     Trainable,
 }
 
-/// The precision of the matmuls. Activations, LayerNorm statistics, softmaxes and losses stay
-/// f32 in every mode, as under `torch.autocast`.
+/// The precision of the matmuls. The residual stream, LayerNorm statistics, softmaxes and
+/// losses stay f32 in every mode, as under `torch.autocast`; the activations between matmuls
+/// follow [`ExecutionPlan::matmul_input_dtype`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Precision {
     /// f32 weights and f32-accurate products (on CUDA tensor cores: 3xTF32 in the grouped GEMMs).
@@ -223,6 +224,19 @@ impl ExecutionPlan {
     /// Whether layers run their fused inference forms: CUDA with frozen weights.
     pub fn fused_inference(&self) -> bool {
         self.on_cuda() && !self.trainable()
+    }
+
+    /// The dtype a layer stores a matmul's input in (a LayerNorm + modulate's output, the
+    /// activations between an MLP's matmuls): the weights' dtype where every `Linear` casts its
+    /// input to it anyway, that is fused inference on CUDA and training (a bf16 plan then keeps
+    /// linear outputs and the activations between them in bf16, as `torch.autocast` does, while
+    /// the residual stream, LayerNorm statistics, softmaxes and losses stay f32); f32 on the CPU
+    /// inference path, which keeps it the one checked against the official code.
+    pub fn matmul_input_dtype(&self) -> DType {
+        match self.fused_inference() || self.trainable() {
+            true => self.weight_dtype(),
+            false => DType::F32,
+        }
     }
 
     /// Memory the plan's device has available now, in bytes: on CUDA the GPU's free memory plus

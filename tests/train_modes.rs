@@ -94,8 +94,9 @@ fn recomputed_blocks_give_the_plain_gradients() {
     recompute_matches_plain(&promoe, "ProMoE");
 }
 
-/// The bf16 model's gradients (bf16 weights and products, f32 activations) against the f32
-/// model's at the same weights (the bf16 ones, widened): bf16's error, no more.
+/// The bf16 model's gradients (bf16 weights, products and activations between matmuls; f32
+/// residual stream, norms and softmaxes) against the f32 model's at the same weights (the bf16
+/// ones, widened): bf16's error, no more.
 #[test]
 fn bf16_gradients_are_the_f32_gradients_within_bf16_error() {
     let cfg = DitConfig::from_file(&fixture_path("models/tiny/config.json")).unwrap();

@@ -56,8 +56,8 @@ impl Attention {
         })
     }
 
-    /// (N, T, D) -> (N, T, D), in x's dtype (f32 activations, or the matmul dtype on the GPU
-    /// inference path).
+    /// (N, T, D) -> (N, T, D), in x's dtype (the plan's matmul input dtype,
+    /// [`ExecutionPlan::matmul_input_dtype`], or f32).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.add_out_bias(&self.forward_before_out_bias(x)?, x.dtype())
     }

@@ -4,7 +4,6 @@
 //! `x = x + gate_msa * attn(modulate(norm1(x)))`, `x = x + gate_mlp * ffn(modulate(norm2(x)))`.
 use super::{Attention, ForwardMode, LayerRouting, Trace};
 use crate::model::kernels::block_ops;
-use crate::nn::ops;
 use crate::config::DitConfig;
 use crate::moe::{GeluMlp, MoeInput, MoeLayer, MoeOutput};
 use crate::plan::ExecutionPlan;
@@ -28,6 +27,8 @@ pub struct DitBlock {
     attn: Attention,
     ffn: Ffn,
     ada_ln: Linear,
+    /// The dtype of the attention's input ([`ExecutionPlan::matmul_input_dtype`]).
+    attn_dtype: DType,
 }
 
 /// What a block hands back besides its output.
@@ -68,7 +69,7 @@ impl DitBlock {
             (Some(_), false) => Ffn::Dense(GeluMlp::timm(d, cfg.mlp_ratio * d, vb.pp("mlp"))?),
         };
         let ada_ln = crate::nn::linear(d, 6 * d, vb.pp("adaLN_modulation.1"))?;
-        Ok(Self { attn, ffn, ada_ln })
+        Ok(Self { attn, ffn, ada_ln, attn_dtype: plan.matmul_input_dtype() })
     }
 
     pub fn attention(&self) -> &Attention {
@@ -123,21 +124,16 @@ impl DitBlock {
         trace: &mut Trace,
     ) -> Result<BlockOutput> {
         let (n, t, d) = x.dims3()?;
-        let (ada, first) = (m.mods, m.first);
-        let compute = self.ada_ln.weight().dtype();
-        let attn_dtype = ops::matmul_input_dtype(&[x, ada], compute);
+        let (ada, first, attn_dtype) = (m.mods, m.first, self.attn_dtype);
         let attn_in = match attn_in {
             Some(a) => a,
             None => block_ops::ln_modulate(x, ada, first, first + 1, attn_dtype)?,
         };
         // the attention output before its projection's bias, which goes into the residual pass
         let attn_y = self.attn.forward_before_out_bias(&attn_in)?;
-        // Only the fused MoE layer takes its input in the matmul dtype (its grouped GEMMs run
-        // in it); the other paths keep f32 tokens (ProMoE's routers compare f32 token features
-        // with their prototypes).
         let ffn_dtype = match &self.ffn {
-            Ffn::Moe(m) if m.is_fused() => ops::matmul_input_dtype(&[x, ada], compute),
-            _ => DType::F32,
+            Ffn::Moe(m) => m.input_dtype(),
+            Ffn::Dense(_) => DType::F32,
         };
         // x_mid = x + gate_msa * attn_out, and the MLP's input from it, in one pass.
         let (x_mid, ffn_in) = block_ops::residual_ln_modulate(x, &attn_y, self.attn.out_bias(), ada, first + 2, first + 3, first + 4, ffn_dtype)?;

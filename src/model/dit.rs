@@ -85,7 +85,7 @@ impl DitMoe {
         let t_embedder = TimestepEmbedder::new(cfg, vb.pp("t_embedder"))?;
         let y_embedder = LabelEmbedder::new(cfg, vb.pp("y_embedder"))?;
         let mut blocks = (0..cfg.depth).map(|i| DitBlock::new(cfg, plan, i, vb.pp(format!("blocks.{i}")))).collect::<Result<Vec<_>>>()?;
-        let final_layer = FinalLayer::new(cfg, vb.pp("final_layer"))?;
+        let final_layer = FinalLayer::new(cfg, plan, vb.pp("final_layer"))?;
         let ada_all = match plan.fused_inference() {
             true => Some(Self::stack_ada_ln(&mut blocks)?),
             false => None,

@@ -132,6 +132,8 @@ pub struct MoeLayer {
     kernels: bool,
     frozen: bool,
     gemm: GemmConfig,
+    /// The dtype the layer takes its tokens in ([`Self::input_dtype`]).
+    input_dtype: DType,
 }
 
 impl MoeLayer {
@@ -184,7 +186,17 @@ impl MoeLayer {
             }
             false => None,
         };
-        Ok(Self { cfg: cfg.clone(), name: vb.prefix(), router, experts, local_experts, parallel, stacks, shared, shared_gate, residual, kernels: plan.moe_kernels, frozen, gemm: plan.gemm })
+        let mut layer = Self { cfg: cfg.clone(), name: vb.prefix(), router, experts, local_experts, parallel, stacks, shared, shared_gate, residual, kernels: plan.moe_kernels, frozen, gemm: plan.gemm, input_dtype: DType::F32 };
+        // The plan's matmul dtype where the layer's path casts its tokens to it anyway: the fused
+        // inference path (its grouped GEMMs run in it) and single-device training with the
+        // top-k router (autocast keeps the experts' activations in bf16). ProMoE's routers
+        // compare f32 token features with their prototypes, and the other inference paths
+        // stay the f32 ones checked against the references.
+        let takes_matmul_dtype = layer.is_fused() || (plan.trainable() && layer.parallel.is_none() && matches!(layer.router, MoeRouter::TopK(_)));
+        if takes_matmul_dtype {
+            layer.input_dtype = plan.matmul_input_dtype();
+        }
+        Ok(layer)
     }
 
     pub fn config(&self) -> &MoeConfig {
@@ -219,6 +231,13 @@ impl MoeLayer {
     /// dtype (the grouped GEMMs run in it).
     pub fn is_fused(&self) -> bool {
         !self.drops_tokens() && self.parallel.is_none() && self.kernels && self.frozen && matches!(self.router, MoeRouter::TopK(_)) && matches!(self.stacks, Some(ExpertStacks::Swiglu(_)))
+    }
+
+    /// The dtype in which the layer is best given its tokens: the plan's matmul dtype where
+    /// every path inside casts them to it (see [`ExecutionPlan::matmul_input_dtype`]), else
+    /// f32. Its output comes back in the tokens' dtype.
+    pub fn input_dtype(&self) -> DType {
+        self.input_dtype
     }
 
     /// Whether the capacity may drop slots (the drop decision reads the routing on the host).

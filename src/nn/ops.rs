@@ -1,5 +1,5 @@
-//! The tensor operations every layer uses around its matmuls: a Linear's bias and output cast,
-//! a strided view made contiguous, and the choice of the dtype a matmul's input is stored in.
+//! The tensor operations every layer uses around its matmuls: a Linear's bias and output cast
+//! and a strided view made contiguous.
 //! On CUDA, when no input records autograd history, each is one kernel (`kernels/tensor_ops.cu`)
 //! that takes its layout as scalar arguments, so a CUDA graph can replay it; elsewhere, candle
 //! ops (the CPU reference).
@@ -8,18 +8,6 @@ use candle_core::{DType, Result, Tensor};
 /// Whether the fused kernels serve these tensors: all on a CUDA device, none tracked by autograd.
 pub fn fused(ts: &[&Tensor]) -> bool {
     ts.iter().all(|t| t.device().is_cuda() && !t.track_op())
-}
-
-/// The dtype to store a matmul's input in: the weights' dtype on the fused path (every
-/// `Linear` casts its input to it anyway, so a fused producer writes it directly and the
-/// activations between matmuls stay in it, as under autocast), f32 elsewhere (which keeps the
-/// CPU path identical to the one checked against the official code).
-pub fn matmul_input_dtype(inputs: &[&Tensor], weights: DType) -> DType {
-    if fused(inputs) {
-        weights
-    } else {
-        DType::F32
-    }
 }
 
 /// `y + bias` over the last axis, converted to `out_dtype` (a Linear's bias and output cast).
