@@ -1,8 +1,9 @@
 //! The expert activations' elementwise backwards, shared by the routed experts' op
 //! ([`super::routed_grad`]) and the shared expert ([`swiglu`]): one kernel each on CUDA for f32
-//! and bf16 (`kernels/expert_act_grad.cu`), the same maths as candle ops elsewhere. Both compute
-//! in f32 and round each result once to the inputs' dtype, as autocast's backward of a bf16
-//! activation does inside its elementwise kernels.
+//! and bf16 (`kernels/expert_act_grad.cu`), the same per-element maths in a loop elsewhere
+//! (the exact GELU's derivative: candle ops in f32). All compute in f32 and round each result
+//! once to the inputs' dtype, as autocast's backward of a bf16 activation does inside its
+//! elementwise kernels.
 use crate::runtime::precomputed;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 
@@ -50,22 +51,71 @@ impl CustomOp2 for SwigluGrad {
 /// `(h, dg, du)` with `du = dh silu(g)` and `dg = dh u silu'(g)`,
 /// `silu'(g) = sig (1 + g (1 - sig))`, `h` only `with_h` (the routed experts recompute it for
 /// the down projection's gradient; the shared expert's op kept its value), all in the inputs'
-/// dtype. One kernel on CUDA for f32 and bf16 (`kernels/expert_act_grad.cu`, rounding in the
-/// same order), candle ops in f32 elsewhere.
+/// dtype. One kernel on CUDA for f32 and bf16 (`kernels/expert_act_grad.cu`), the same
+/// per-element maths on the CPU.
 pub(crate) fn swiglu_backward(g: &Tensor, u: &Tensor, dh: &Tensor, with_h: bool) -> Result<(Option<Tensor>, Tensor, Tensor)> {
     #[cfg(feature = "cuda")]
     if cuda_act::serves(&[g, u, dh]) {
         return cuda_act::swiglu_backward(g, u, dh, with_h);
     }
-    let dtype = g.dtype();
-    let [g, u, dh] = [g, u, dh].map(|t| t.to_dtype(DType::F32));
-    let (g, u, dh) = (g?, u?, dh?);
-    let sig = candle_nn::ops::sigmoid(&g)?;
-    let act = (&g * &sig)?;
-    let h = with_h.then(|| (&act * &u)?.to_dtype(dtype)).transpose()?;
-    let du = (&dh * &act)?.to_dtype(dtype)?;
-    let dg = ((&dh * &u)? * (&sig * ((&g * sig.affine(-1.0, 1.0)?)? + 1.0)?)?)?.to_dtype(dtype)?;
-    Ok((h, dg, du))
+    // the CUDA kernel's per-element maths and rounding order
+    let grads = |[g, u, dh]: [f32; 3]| {
+        let sig = 1.0 / (1.0 + (-g).exp());
+        let act = g * sig;
+        let inner = g * (1.0 - sig) + 1.0;
+        [act * u, (dh * u) * (sig * inner), dh * act]
+    };
+    if with_h {
+        let [h, dg, du] = elementwise([g, u, dh], grads)?;
+        Ok((Some(h), dg, du))
+    } else {
+        let [dg, du] = elementwise([g, u, dh], |v| {
+            let [_, dg, du] = grads(v);
+            [dg, du]
+        })?;
+        Ok((None, dg, du))
+    }
+}
+
+/// An elementwise map over tensors of one shape and dtype, off the GPU kernels' path: `f` takes
+/// each position's input values in f32 and gives its `O` results, each rounded once to the
+/// inputs' dtype, as the CUDA kernels do (and without f32 copies of bf16 activations, so the
+/// CPU's memory count stays the GPU's).
+fn elementwise<const I: usize, const O: usize>(inputs: [&Tensor; I], f: impl Fn([f32; I]) -> [f32; O]) -> Result<[Tensor; O]> {
+    let first = inputs[0];
+    if let Some(t) = inputs.iter().find(|t| t.dims() != first.dims() || t.dtype() != first.dtype()) {
+        candle_core::bail!("elementwise: {:?} {:?} beside {:?} {:?}", t.dims(), t.dtype(), first.dims(), first.dtype())
+    }
+    match first.dtype() {
+        DType::F32 => elementwise_as::<f32, I, O>(inputs, f),
+        DType::BF16 => elementwise_as::<half::bf16, I, O>(inputs, f),
+        DType::F16 => elementwise_as::<half::f16, I, O>(inputs, f),
+        DType::F64 => elementwise_as::<f64, I, O>(inputs, f),
+        dt => candle_core::bail!("elementwise: {dt:?} is not a float dtype"),
+    }
+}
+
+fn elementwise_as<T: candle_core::WithDType, const I: usize, const O: usize>(inputs: [&Tensor; I], f: impl Fn([f32; I]) -> [f32; O]) -> Result<[Tensor; O]> {
+    let data = inputs.map(|t| t.flatten_all().and_then(|t| t.to_vec1::<T>()));
+    let mut values = Vec::with_capacity(I);
+    for d in data {
+        values.push(d?);
+    }
+    let n = values[0].len();
+    let mut outs: [Vec<T>; O] = std::array::from_fn(|_| Vec::with_capacity(n));
+    for i in 0..n {
+        // f32 -> f64 -> T rounds once, as f32 -> T does
+        let r = f(std::array::from_fn(|j| values[j][i].to_f64() as f32));
+        for (out, v) in outs.iter_mut().zip(r) {
+            out.push(T::from_f64(v as f64));
+        }
+    }
+    let (shape, device) = (inputs[0].shape(), inputs[0].device());
+    let mut tensors = Vec::with_capacity(O);
+    for out in outs {
+        tensors.push(Tensor::from_vec(out, shape, device)?);
+    }
+    Ok(tensors.try_into().expect("one tensor per output"))
 }
 
 #[cfg(feature = "cuda")]
@@ -180,8 +230,8 @@ fn gelu_erf_backward(x: &Tensor, dh: &Tensor) -> Result<Tensor> {
 
 /// `dh * d gelu_tanh(x) / dx` for candle's `gelu` (the tanh approximation):
 /// `0.5 (1 + t) + 0.5 x (1 - t²) c (1 + 3 a x²)` with `t = tanh(c (x + a x³))`, `c = sqrt(2/π)`,
-/// in the inputs' dtype. One kernel on CUDA for f32 and bf16 (`kernels/expert_act_grad.cu`,
-/// rounding in the same order), candle ops in f32 elsewhere.
+/// in the inputs' dtype. One kernel on CUDA for f32 and bf16 (`kernels/expert_act_grad.cu`),
+/// the same per-element maths on the CPU.
 fn gelu_tanh_backward(x: &Tensor, dh: &Tensor) -> Result<Tensor> {
     const A: f64 = 0.044715;
     let c = (2.0 / std::f64::consts::PI).sqrt();
@@ -189,13 +239,16 @@ fn gelu_tanh_backward(x: &Tensor, dh: &Tensor) -> Result<Tensor> {
     if cuda_act::serves(&[x, dh]) {
         return cuda_act::gelu_tanh_backward(x, dh, [A as f32, (3.0 * A) as f32, c as f32, (0.5 * c) as f32]);
     }
-    let dtype = x.dtype();
-    let (x, dh) = (x.to_dtype(DType::F32)?, dh.to_dtype(DType::F32)?);
-    let x2 = x.sqr()?;
-    let t = ((&x * (x2.affine(A, 1.0)?))? * c)?.tanh()?;
-    let outer = t.affine(0.5, 0.5)?;
-    let inner = ((&x * t.sqr()?.affine(-1.0, 1.0)?)? * x2.affine(3.0 * A, 1.0)?)?;
-    (dh * (outer + (inner * (0.5 * c))?)?)?.to_dtype(dtype)
+    // the CUDA kernel's per-element maths and rounding order
+    let (a, a3, c, half_c) = (A as f32, (3.0 * A) as f32, c as f32, (0.5 * c) as f32);
+    let [dpre] = elementwise([x, dh], |[x, dh]| {
+        let x2 = x * x;
+        let t = ((x * x2.mul_add(a, 1.0)) * c).tanh();
+        let outer = t.mul_add(0.5, 0.5);
+        let inner = (x * (t * t).mul_add(-1.0, 1.0)) * x2.mul_add(a3, 1.0);
+        [dh * (outer + inner * half_c)]
+    })?;
+    Ok(dpre)
 }
 
 #[cfg(test)]
