@@ -685,6 +685,27 @@ fn run_checks(dev: &Device, section: &str) -> Result<Table> {
                 tb.add("adaln-grad GPU vs CPU", &case, &format!("{what} rel"), rel(&gpu[j + 1], &cpu_ref[j + 1]), 1e-5);
             }
         }
+        // the fused LayerNorm + modulate node (`adaln_grad::ln_modulate`): its value is the
+        // inference kernel's on the GPU, its backward the LayerNorm and modulate kernels
+        for (n, t, d) in [(64usize, 256usize, 384usize), (8, 256, 1152), (3, 5, 8)] {
+            let (x0, m0) = (Tensor::randn(0f32, 1.0, (n, t, d), &cpu_dev)?, Tensor::randn(0f32, 0.5, (n, 6 * d), &cpu_dev)?);
+            let probe = Tensor::randn(0f32, 1.0, (n, t, d), &cpu_dev)?;
+            for out in [DType::F32, DType::BF16] {
+                let run = |on: &Device| -> Result<Vec<Tensor>> {
+                    let (x, m) = (candle_core::Var::from_tensor(&x0.to_device(on)?)?, candle_core::Var::from_tensor(&m0.to_device(on)?)?);
+                    let y = ditmoe::model::kernels::adaln_grad::ln_modulate(x.as_tensor(), m.as_tensor(), 3, 4, 1e-6, out)?;
+                    let g = (y.to_dtype(DType::F32)? * probe.to_device(on)?)?.sum_all()?.backward()?;
+                    let grad = |v: &candle_core::Var| g.get(v.as_tensor()).cloned().ok_or_else(|| anyhow::anyhow!("no gradient"));
+                    Ok(vec![y, grad(&x)?, grad(&m)?])
+                };
+                let (gpu, cpu_ref) = (run(dev)?, run(&cpu_dev)?);
+                let case = format!("ln_modulate ({n}, {t}, {d}) -> {out:?}");
+                let tol = if out == DType::F32 { 1e-5 } else { 1e-2 };
+                for (j, what) in ["value", "d x", "d mods"].iter().enumerate() {
+                    tb.add("adaln-grad GPU vs CPU", &case, &format!("{what} rel"), rel(&gpu[j], &cpu_ref[j]), tol);
+                }
+            }
+        }
     }
 
     if section == "block-ops" {

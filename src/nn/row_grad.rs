@@ -32,6 +32,13 @@ pub fn layer_norm_rows(x: &Tensor, eps: f64) -> Result<Tensor> {
     x.contiguous()?.apply_op1(LayerNormRows { eps: eps as f32 })
 }
 
+/// [`layer_norm_rows`]' backward alone: `dy`'s gradient through `y = LayerNorm(x)` with respect
+/// to `x`, `rstd (dy - mean(dy) - x̂ mean(dy x̂))` row by row, the statistics recomputed from `x`
+/// (f32, no autograd history).
+pub fn layer_norm_rows_backward(x: &Tensor, dy: &Tensor, eps: f64) -> Result<Tensor> {
+    x.contiguous()?.apply_op2_no_bwd(&dy.contiguous()?, &LayerNormRowsBwd { eps: eps as f32 })
+}
+
 /// Rows and row length of a contiguous f32 operand.
 fn rows_of(what: &str, dtype: DType, l: &Layout) -> Result<(usize, usize, usize, usize)> {
     if dtype != DType::F32 {
@@ -149,7 +156,7 @@ impl CustomOp1 for LayerNormRows {
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(x.apply_op2_no_bwd(&dy.contiguous()?, &LayerNormRowsBwd { eps: self.eps })?))
+        Ok(Some(layer_norm_rows_backward(x, dy, self.eps as f64)?))
     }
 }
 

@@ -2,7 +2,8 @@
 //! training (f32): `modulate(h, shift, scale) = h * (1 + scale) + shift` and the gated
 //! residual `gated_add(x, y, gate) = x + y * gate`, with `h, x, y` `(N, T, D)` and the vectors
 //! `(N, D)` broadcast over the T tokens of each sample (official `modulate` and
-//! `x + gate.unsqueeze(1) * y`).
+//! `x + gate.unsqueeze(1) * y`); and [`ln_modulate`], a block's `modulate(norm(x), ...)` as one
+//! node whose output may be bf16 (a matmul's input under mixed precision).
 //!
 //! As candle composites each was two or three broadcasting ops forward, and backward a
 //! broadcasting product, a reduction over the tokens and candle's gradient accumulation
@@ -25,6 +26,64 @@ pub fn gated_add(x: &Tensor, y: &Tensor, gate: &Tensor) -> Result<Tensor> {
         bail!("gated_add: y is {:?} {:?}, x {:?} f32", y.dims(), y.dtype(), x.dims())
     }
     x.contiguous()?.apply_op3(&y.contiguous()?, &gate.contiguous()?, GatedAdd)
+}
+
+/// `modulate(LayerNorm(x), shift, scale)` in `out_dtype`, with LayerNorm without affine
+/// parameters (`eps`), `x` `(N, T, D)` f32 and shift and scale chunks `shift`, `scale` (of
+/// width D) of `mods` `(N, C·D)` f32: one autograd node, where the composite was three (the
+/// LayerNorm, the modulate, the cast), each keeping an `(N, T, D)` f32 tensor for the backward.
+/// Its value is the fused inference kernel's on CUDA (one pass from the f32 residual stream to
+/// the matmul input) and the composite's on the CPU. It keeps only `x`, alive anyway as the
+/// residual stream: the backward recomputes `LayerNorm(x)`, then runs the modulate's backward
+/// and the LayerNorm's (`dx = rstd (dn - mean(dn) - x̂ mean(dn x̂))`, `dn = dout (1 + scale)`).
+pub fn ln_modulate(x: &Tensor, mods: &Tensor, shift: usize, scale: usize, eps: f64, out_dtype: DType) -> Result<Tensor> {
+    let d = x.dim(candle_core::D::Minus1)?;
+    let (shift_v, scale_v) = (mods.narrow(1, shift * d, d)?, mods.narrow(1, scale * d, d)?);
+    check("ln_modulate", x, &[("shift", &shift_v), ("scale", &scale_v)])?;
+    let value = ln_modulate_value(&x.detach(), &mods.detach(), shift, scale, eps, out_dtype)?;
+    x.apply_op3(&shift_v, &scale_v, LnModulate { value, eps })
+}
+
+/// [`ln_modulate`]'s value: the fused inference kernel on CUDA (rows of up to 2048, a multiple
+/// of 4), the LayerNorm and modulate ops elsewhere.
+fn ln_modulate_value(x: &Tensor, mods: &Tensor, shift: usize, scale: usize, eps: f64, out_dtype: DType) -> Result<Tensor> {
+    let d = x.dim(candle_core::D::Minus1)?;
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() && d.is_multiple_of(4) && d <= 2048 {
+        return super::cuda::ln_modulate(x, mods, shift * d, scale * d, eps, out_dtype);
+    }
+    modulate(&crate::nn::row_grad::layer_norm_rows(x, eps)?, &mods.narrow(1, shift * d, d)?, &mods.narrow(1, scale * d, d)?)?.to_dtype(out_dtype)
+}
+
+struct LnModulate {
+    /// The forward value, computed before the op was applied ([`crate::runtime::precomputed`]).
+    value: Tensor,
+    eps: f64,
+}
+
+impl CustomOp3 for LnModulate {
+    fn name(&self) -> &'static str {
+        "ln-modulate"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        crate::runtime::precomputed::cpu_value("ln_modulate", &self.value)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, _: &candle_core::CudaStorage, _: &Layout, _: &candle_core::CudaStorage, _: &Layout, _: &candle_core::CudaStorage, _: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::runtime::precomputed::cuda_value("ln_modulate", &self.value)
+    }
+
+    fn bwd(&self, x: &Tensor, _shift: &Tensor, scale: &Tensor, _out: &Tensor, dout: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let x = x.detach();
+        let norm = crate::nn::row_grad::layer_norm_rows(&x, self.eps)?;
+        let dout = dout.detach().to_dtype(DType::F32)?;
+        let mut g = BroadcastMulBwd { plus_one: true, with_shift: true }.run(&dout, &norm, &scale.detach().contiguous()?)?.into_iter();
+        let (dnorm, dshift, dscale) = (g.next(), g.next(), g.next());
+        let dx = dnorm.map(|dn| crate::nn::row_grad::layer_norm_rows_backward(&x, &dn, self.eps)).transpose()?;
+        Ok((dx, dshift, dscale))
+    }
 }
 
 fn check(what: &str, a: &Tensor, vectors: &[(&str, &Tensor)]) -> Result<()> {
@@ -131,7 +190,7 @@ struct BroadcastMulBwd {
 impl BroadcastMulBwd {
     /// `[da (N, T, D), dshift (N, D) if with_shift, dv (N, D)]`.
     fn run(&self, dout: &Tensor, a: &Tensor, v: &Tensor) -> Result<Vec<Tensor>> {
-        let packed = dout.contiguous()?.apply_op3_no_bwd(a, v, self)?;
+        let packed = dout.contiguous()?.apply_op3_no_bwd(&a.contiguous()?, &v.contiguous()?, self)?;
         unpack(&packed, a.dims(), 1 + self.with_shift as usize)
     }
 }
@@ -263,6 +322,49 @@ mod tests {
     fn gated_add_matches_the_composite_with_gradients() {
         for (n, t, d) in [(3, 64, 160), (2, 5, 7), (1, 1, 1)] {
             check(|v| gated_add(&v[0], &v[1], &v[2]), |v| &v[0] + v[1].broadcast_mul(&v[2].unsqueeze(1)?)?, &[&[n, t, d], &[n, t, d], &[n, d]]);
+        }
+    }
+
+    /// The fused LayerNorm + modulate node against candle autograd through the composite
+    /// (`LN(x) * (1 + scale) + shift` with chunks 1 and 2 of `mods`), with an f32 and a bf16
+    /// output: value and the gradients of `x` and `mods`.
+    #[test]
+    fn ln_modulate_matches_the_composite_with_gradients() {
+        let dev = Device::Cpu;
+        for (n, t, d) in [(3, 64, 160), (2, 5, 7)] {
+            let x0 = (Tensor::randn(0f32, 2.0, (n, t, d), &dev).unwrap() + 0.5).unwrap();
+            let m0 = Tensor::randn(0f32, 0.5, (n, 3 * d), &dev).unwrap();
+            let probe = Tensor::randn(0f32, 1.0, (n, t, d), &dev).unwrap();
+            let run = |fused: Option<DType>| {
+                let (x, m) = (Var::from_tensor(&x0).unwrap(), Var::from_tensor(&m0).unwrap());
+                let (xt, mt) = (x.as_tensor(), m.as_tensor());
+                let y = match fused {
+                    Some(dt) => ln_modulate(xt, mt, 1, 2, 1e-6, dt).unwrap(),
+                    None => {
+                        let mean = xt.mean_keepdim(2).unwrap();
+                        let c = xt.broadcast_sub(&mean).unwrap();
+                        let var = c.sqr().unwrap().mean_keepdim(2).unwrap();
+                        let norm = c.broadcast_div(&(var + 1e-6).unwrap().sqrt().unwrap()).unwrap();
+                        let chunk = |i: usize| mt.narrow(1, i * d, d).unwrap().unsqueeze(1).unwrap();
+                        norm.broadcast_mul(&(chunk(2) + 1.0).unwrap()).unwrap().broadcast_add(&chunk(1)).unwrap()
+                    }
+                };
+                let g = (y.to_dtype(DType::F32).unwrap() * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+                (y, g.get(xt).unwrap().clone(), g.get(mt).unwrap().clone())
+            };
+            let (y_ref, dx_ref, dm_ref) = run(None);
+            let (y, dx, dm) = run(Some(DType::F32));
+            assert!(rel(&y, &y_ref) < 1e-6, "value rel {}", rel(&y, &y_ref));
+            assert!(rel(&dx, &dx_ref) < 1e-5, "d x rel {}", rel(&dx, &dx_ref));
+            assert!(rel(&dm, &dm_ref) < 1e-5, "d mods rel {}", rel(&dm, &dm_ref));
+            assert_eq!(dm.narrow(1, 0, d).unwrap().abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap(), 0.0, "chunk 0 is not read");
+            // a bf16 output (the matmul input under mixed precision): the f32 value rounded, and
+            // f32 gradients within bf16's error
+            let (y16, dx16, dm16) = run(Some(DType::BF16));
+            assert_eq!(y16.dtype(), DType::BF16);
+            assert_eq!(rel(&y16.to_dtype(DType::F32).unwrap(), &y.to_dtype(DType::BF16).unwrap().to_dtype(DType::F32).unwrap()), 0.0);
+            assert_eq!((dx16.dtype(), dm16.dtype()), (DType::F32, DType::F32));
+            assert!(rel(&dx16, &dx_ref) < 1e-2 && rel(&dm16, &dm_ref) < 1e-2, "bf16: d x rel {}, d mods rel {}", rel(&dx16, &dx_ref), rel(&dm16, &dm_ref));
         }
     }
 

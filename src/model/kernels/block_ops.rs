@@ -36,11 +36,11 @@ pub fn ln_modulate(x: &Tensor, mods: &Tensor, shift: usize, scale: usize, out_dt
     if fused(&[x, mods]) && rows_fit(d) {
         return super::cuda::ln_modulate(x, mods, shift * d, scale * d, 1e-6, out_dtype);
     }
-    let norm = crate::nn::layer_norm(x, None, None, 1e-6)?;
-    if trainable_f32(&[&norm, mods]) && norm.rank() == 3 {
-        // training: one op with its own backward (same values as the composite below)
-        return super::adaln_grad::modulate(&norm, &mods.narrow(1, shift * d, d)?, &mods.narrow(1, scale * d, d)?)?.to_dtype(out_dtype);
+    if trainable_f32(&[x, mods]) && x.rank() == 3 {
+        // training: one op with its own backward (the composite's values on the CPU)
+        return super::adaln_grad::ln_modulate(x, mods, shift, scale, 1e-6, out_dtype);
     }
+    let norm = crate::nn::layer_norm(x, None, None, 1e-6)?;
     let scale = (chunk(mods, scale, d)? + 1.0)?;
     norm.broadcast_mul(&scale)?.broadcast_add(&chunk(mods, shift, d)?)?.to_dtype(out_dtype)
 }
