@@ -103,13 +103,13 @@ fn elementwise_as<T: candle_core::WithDType, const I: usize, const O: usize>(inp
     }
     let n = values[0].len();
     let mut outs: [Vec<T>; O] = std::array::from_fn(|_| Vec::with_capacity(n));
-    for i in 0..n {
+    (0..n).for_each(|i| {
         // f32 -> f64 -> T rounds once, as f32 -> T does
         let r = f(std::array::from_fn(|j| values[j][i].to_f64() as f32));
         for (out, v) in outs.iter_mut().zip(r) {
             out.push(T::from_f64(v as f64));
         }
-    }
+    });
     let (shape, device) = (inputs[0].shape(), inputs[0].device());
     let mut tensors = Vec::with_capacity(O);
     for out in outs {
