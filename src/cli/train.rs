@@ -88,7 +88,8 @@ pub struct TrainArgs {
     #[arg(long, default_value = "cpu")]
     device: String,
     /// Precision of the forward and backward: f32, tf32 (f32 with TF32 tensor-core matmuls) or
-    /// bf16 (bf16 weight copies and matmuls, f32 master weights, gradients and optimizer state;
+    /// bf16 (bf16 weight copies, matmuls and the activations between them; f32 master weights,
+    /// optimizer state, gradient sums, residual stream, norms, softmaxes and loss, as autocast;
     /// docs/training.md). The master weights are f32 in every precision.
     /// [default: tf32 on CUDA, f32 on the CPU]
     #[arg(long)]
