@@ -659,10 +659,12 @@ fn run_checks(dev: &Device, section: &str) -> Result<Table> {
                 tb.add("swiglu-grad", &format!("{case} vs candle autograd (GPU)"), &format!("{what} rel"), rel(&gpu[j], &composite[j]), 1e-5);
             }
         }
-        // adaLN's modulate and gated residual (`kx::adaln_grad`): value and every gradient
-        for (name, (n, t, d)) in [("modulate", (2048usize, 64usize, 160usize)), ("modulate", (8, 256, 1152)), ("gated add", (2048, 64, 160)), ("gated add", (3, 5, 7))] {
+        // adaLN's modulate and gated residual (`kx::adaln_grad`): value and every gradient; the
+        // gated residual also with a bf16 branch (a matmul's output under mixed precision)
+        for (name, (n, t, d)) in [("modulate", (2048usize, 64usize, 160usize)), ("modulate", (8, 256, 1152)), ("gated add", (2048, 64, 160)), ("gated add", (3, 5, 7)), ("gated add bf16", (64, 256, 384))] {
             let second = if name == "modulate" { vec![n, d] } else { vec![n, t, d] };
-            let inputs = [Tensor::randn(0f32, 1.0, (n, t, d), &cpu_dev)?, Tensor::randn(0f32, 1.0, second, &cpu_dev)?, Tensor::randn(0f32, 1.0, (n, d), &cpu_dev)?];
+            let branch = if name == "gated add bf16" { DType::BF16 } else { DType::F32 };
+            let inputs = [Tensor::randn(0f32, 1.0, (n, t, d), &cpu_dev)?, Tensor::randn(0f32, 1.0, second, &cpu_dev)?.to_dtype(branch)?, Tensor::randn(0f32, 1.0, (n, d), &cpu_dev)?];
             let probe = Tensor::randn(0f32, 1.0, (n, t, d), &cpu_dev)?;
             let run = |on: &Device| -> Result<Vec<Tensor>> {
                 let vars = inputs.iter().map(|t| candle_core::Var::from_tensor(&t.to_device(on)?)).collect::<candle_core::Result<Vec<_>>>()?;

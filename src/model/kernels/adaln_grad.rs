@@ -19,11 +19,13 @@ pub fn modulate(h: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
     h.contiguous()?.apply_op3(&shift.contiguous()?, &scale.contiguous()?, Modulate)
 }
 
-/// `x + y * gate` with `x`, `y` `(N, T, D)` and `gate` `(N, D)`, f32.
+/// `x + y * gate` with `x` `(N, T, D)` f32, `y` of x's shape in f32 or bf16 (a matmul's output
+/// under mixed precision, read as it is: no f32 copy of it is made or kept), and `gate` `(N, D)`
+/// f32; the result is f32, and y's gradient comes in y's dtype.
 pub fn gated_add(x: &Tensor, y: &Tensor, gate: &Tensor) -> Result<Tensor> {
     check("gated_add", x, &[("gate", gate)])?;
-    if y.dims() != x.dims() || y.dtype() != DType::F32 {
-        bail!("gated_add: y is {:?} {:?}, x {:?} f32", y.dims(), y.dtype(), x.dims())
+    if y.dims() != x.dims() || !matches!(y.dtype(), DType::F32 | DType::BF16) {
+        bail!("gated_add: y is {:?} {:?}, x {:?} f32 (y f32 or bf16)", y.dims(), y.dtype(), x.dims())
     }
     x.contiguous()?.apply_op3(&y.contiguous()?, &gate.contiguous()?, GatedAdd)
 }
@@ -108,6 +110,16 @@ fn cpu<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
     }
 }
 
+/// The contiguous data of the gated branch `y` (f32 or bf16) as f32 values.
+fn cpu_branch<'a>(s: &'a CpuStorage, l: &Layout) -> Result<std::borrow::Cow<'a, [f32]>> {
+    let Some((a, b)) = l.contiguous_offsets() else { bail!("adaln_grad: operands must be contiguous") };
+    match s {
+        CpuStorage::F32(v) => Ok(std::borrow::Cow::Borrowed(&v[a..b])),
+        CpuStorage::BF16(v) => Ok(std::borrow::Cow::Owned(v[a..b].iter().map(|x| x.to_f32()).collect())),
+        s => bail!("adaln_grad: f32 or bf16 only, got {:?}", s.dtype()),
+    }
+}
+
 /// Applies `f(activation element, vector element index)` over `(N, T, D)`.
 fn per_element(shape: &[usize], mut f: impl FnMut(usize, usize)) {
     let (t, d) = (shape[1], shape[2]);
@@ -143,7 +155,7 @@ impl CustomOp3 for Modulate {
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(&self, s1: &candle_core::CudaStorage, l1: &Layout, s2: &candle_core::CudaStorage, l2: &Layout, s3: &candle_core::CudaStorage, l3: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
-        cuda::launch("modulate_f32", [(s1, l1), (s2, l2), (s3, l3)], l1.dims(), None)
+        cuda::launch("modulate", [(s1, l1), (s2, l2), (s3, l3)], l1.dims(), None)
     }
 
     fn bwd(&self, h: &Tensor, _shift: &Tensor, scale: &Tensor, _out: &Tensor, dout: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
@@ -161,7 +173,7 @@ impl CustomOp3 for GatedAdd {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (x, y, gate) = (cpu(s1, l1)?, cpu(s2, l2)?, cpu(s3, l3)?);
+        let (x, y, gate) = (cpu(s1, l1)?, cpu_branch(s2, l2)?, cpu(s3, l3)?);
         let mut out = vec![0f32; x.len()];
         per_element(l1.dims(), |i, v| out[i] = x[i] + y[i] * gate[v]);
         Ok((CpuStorage::F32(out), l1.shape().clone()))
@@ -169,19 +181,20 @@ impl CustomOp3 for GatedAdd {
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(&self, s1: &candle_core::CudaStorage, l1: &Layout, s2: &candle_core::CudaStorage, l2: &Layout, s3: &candle_core::CudaStorage, l3: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
-        cuda::launch("gated_add_f32", [(s1, l1), (s2, l2), (s3, l3)], l1.dims(), None)
+        cuda::launch("gated_add", [(s1, l1), (s2, l2), (s3, l3)], l1.dims(), None)
     }
 
     fn bwd(&self, _x: &Tensor, y: &Tensor, gate: &Tensor, _out: &Tensor, dout: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let dout = dout.contiguous()?;
         let mut g = BroadcastMulBwd { plus_one: false, with_shift: false }.run(&dout, y, gate)?.into_iter();
-        Ok((Some(dout), g.next(), g.next()))
+        let dy = g.next().map(|dy| dy.to_dtype(y.dtype())).transpose()?;
+        Ok((Some(dout), dy, g.next()))
     }
 }
 
 /// The backward of both ops: `out = a * f(v) (+ shift)` with `f(v) = v + 1` (modulate: `a = h`,
 /// `v = scale`, with the shift) or `v` (gated residual: `a = y`, `v = gate`). (dout, a, v) →
-/// packed `[da | dshift (if with_shift) | dv]`.
+/// packed `[da | dshift (if with_shift) | dv]`, f32; `a` f32 or bf16.
 struct BroadcastMulBwd {
     plus_one: bool,
     with_shift: bool,
@@ -201,7 +214,7 @@ impl CustomOp3 for BroadcastMulBwd {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (dout, a, v) = (cpu(s1, l1)?, cpu(s2, l2)?, cpu(s3, l3)?);
+        let (dout, a, v) = (cpu(s1, l1)?, cpu_branch(s2, l2)?, cpu(s3, l3)?);
         let nv = v.len();
         let mut out = vec![0f32; dout.len() + (1 + self.with_shift as usize) * nv];
         let (da, rest) = out.split_at_mut(dout.len());
@@ -219,43 +232,54 @@ impl CustomOp3 for BroadcastMulBwd {
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(&self, s1: &candle_core::CudaStorage, l1: &Layout, s2: &candle_core::CudaStorage, l2: &Layout, s3: &candle_core::CudaStorage, l3: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
-        cuda::launch("broadcast_mul_bwd_f32", [(s1, l1), (s2, l2), (s3, l3)], l1.dims(), Some((self.plus_one, self.with_shift)))
+        cuda::launch("broadcast_mul_bwd", [(s1, l1), (s2, l2), (s3, l3)], l1.dims(), Some((self.plus_one, self.with_shift)))
     }
 }
 
 #[cfg(feature = "cuda")]
 mod cuda {
-    use crate::runtime::cuda::{cfg1, drv, grid_for, NvrtcModule};
+    use crate::runtime::cuda::{cfg1, drv, dtype_suffix, grid_for, NvrtcModule};
+    use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::{cudarc, CudaStorage};
-    use candle_core::{bail, Layout, Result, Shape};
+    use candle_core::{bail, DType, Layout, Result, Shape};
     use cudarc::driver::PushKernelArg;
 
     static MODULE: NvrtcModule = NvrtcModule::new(nvrtc_source!("adaln_grad.cu"), "ditmoe_adaln_grad");
 
-    /// Runs kernel `name` on three contiguous f32 operands, the first `(N, T, D)`. A forward
+    /// Runs kernel `<name>_<dtype>` on three contiguous operands, the first `(N, T, D)`: the first
+    /// and third f32, the second f32 or bf16 (the gated branch; `dtype` is its). A forward
     /// (`backward` None) writes `(N, T, D)` elementwise; the backward (`backward` = `(plus_one,
     /// with_shift)`) writes the data gradient and one or two `(N, D)` gradients packed, one
-    /// block per sample.
+    /// block per sample, all f32.
     pub fn launch(name: &str, ins: [(&CudaStorage, &Layout); 3], dims: &[usize], backward: Option<(bool, bool)>) -> Result<(CudaStorage, Shape)> {
         let dev = ins[0].0.device.clone();
         let (n, t, d) = (dims[0], dims[1], dims[2]);
-        let views = ins
-            .iter()
-            .map(|(s, l)| match l.contiguous_offsets() {
-                Some((a, b)) => Ok(s.as_cuda_slice::<f32>()?.slice(a..b)),
-                None => bail!("{name}: operands must be contiguous"),
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let range = |l: &Layout| match l.contiguous_offsets() {
+            Some((a, b)) => Ok(a..b),
+            None => bail!("{name}: operands must be contiguous"),
+        };
+        let branch = ins[1].0.dtype();
+        let name = format!("{name}_{}", dtype_suffix(branch, name)?);
+        let first = ins[0].0.as_cuda_slice::<f32>()?.slice(range(ins[0].1)?);
+        let third = ins[2].0.as_cuda_slice::<f32>()?.slice(range(ins[2].1)?);
+        let (second_f32, second_bf16) = match branch {
+            DType::BF16 => (None, Some(ins[1].0.as_cuda_slice::<half::bf16>()?.slice(range(ins[1].1)?))),
+            _ => (Some(ins[1].0.as_cuda_slice::<f32>()?.slice(range(ins[1].1)?)), None),
+        };
         let total = n * t * d;
         let vectors = backward.map_or(0, |(_, with_shift)| 1 + with_shift as usize);
         let len = total + vectors * n * d;
         let mut out = unsafe { dev.alloc::<f32>(len)? };
         if total > 0 {
-            let (stream, f) = MODULE.func(&dev, name)?;
+            let (stream, f) = MODULE.func(&dev, &name)?;
             let mut b = stream.launch_builder(&f);
-            for v in &views {
-                b.arg(v);
-            }
+            b.arg(&first);
+            match (&second_f32, &second_bf16) {
+                (Some(v), _) => b.arg(v),
+                (_, Some(v)) => b.arg(v),
+                (None, None) => unreachable!("one view of the second operand"),
+            };
+            b.arg(&third);
             b.arg(&mut out);
             let (t32, d32, total64, n32) = (t as u32, d as u32, total as u64, n as u32);
             let flags = backward.map(|(plus_one, with_shift)| (plus_one as i32, with_shift as i32));
@@ -323,6 +347,32 @@ mod tests {
         for (n, t, d) in [(3, 64, 160), (2, 5, 7), (1, 1, 1)] {
             check(|v| gated_add(&v[0], &v[1], &v[2]), |v| &v[0] + v[1].broadcast_mul(&v[2].unsqueeze(1)?)?, &[&[n, t, d], &[n, t, d], &[n, d]]);
         }
+    }
+
+    /// A bf16 branch (a matmul's output under mixed precision) gives the values and gradients of
+    /// the same branch widened to f32 first, with y's gradient rounded once to bf16.
+    #[test]
+    fn gated_add_reads_a_bf16_branch_as_the_widened_one() {
+        let dev = Device::Cpu;
+        let (n, t, d) = (3, 17, 24);
+        let x0 = Tensor::randn(0f32, 1.0, (n, t, d), &dev).unwrap();
+        let y16 = Tensor::randn(0f32, 1.0, (n, t, d), &dev).unwrap().to_dtype(DType::BF16).unwrap();
+        let g0 = Tensor::randn(0f32, 1.0, (n, d), &dev).unwrap();
+        let probe = Tensor::randn(0f32, 1.0, (n, t, d), &dev).unwrap();
+        let run = |y0: &Tensor| {
+            let (x, y, g) = (Var::from_tensor(&x0).unwrap(), Var::from_tensor(y0).unwrap(), Var::from_tensor(&g0).unwrap());
+            let out = gated_add(x.as_tensor(), y.as_tensor(), g.as_tensor()).unwrap();
+            let grads = (&out * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+            let grad = |v: &Var| grads.get(v.as_tensor()).unwrap().clone();
+            (out, grad(&x), grad(&y), grad(&g))
+        };
+        let (out16, dx16, dy16, dg16) = run(&y16);
+        let (out, dx, dy, dg) = run(&y16.to_dtype(DType::F32).unwrap());
+        assert_eq!((out16.dtype(), dy16.dtype()), (DType::F32, DType::BF16));
+        assert_eq!(rel(&out16, &out), 0.0);
+        assert_eq!(rel(&dx16, &dx), 0.0);
+        assert_eq!(rel(&dy16.to_dtype(DType::F32).unwrap(), &dy.to_dtype(DType::BF16).unwrap().to_dtype(DType::F32).unwrap()), 0.0);
+        assert_eq!(rel(&dg16, &dg), 0.0);
     }
 
     /// The fused LayerNorm + modulate node against candle autograd through the composite

@@ -63,11 +63,13 @@ pub fn gated_residual(x: &Tensor, y: &Tensor, bias: Option<&Tensor>, mods: &Tens
         Some(b) => y.broadcast_add(b)?,
         None => y.clone(),
     };
-    let y = y.to_dtype(x.dtype())?;
-    if trainable_f32(&[x, &y, mods]) && x.rank() == 3 {
-        // training: one op with its own backward (same values as the composite below)
+    let training = [x, &y, mods].iter().any(|t| t.track_op()) && x.rank() == 3;
+    if training && x.dtype() == DType::F32 && mods.dtype() == DType::F32 && matches!(y.dtype(), DType::F32 | DType::BF16) {
+        // training: one op with its own backward that reads a bf16 y as it is (the values of the
+        // composite below, which widens y first)
         return super::adaln_grad::gated_add(x, &y, &mods.narrow(1, gate * d, d)?);
     }
+    let y = y.to_dtype(x.dtype())?;
     x + y.broadcast_mul(&chunk(mods, gate, d)?)?
 }
 
