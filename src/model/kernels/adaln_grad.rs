@@ -81,7 +81,7 @@ impl CustomOp3 for LnModulate {
         let x = x.detach();
         let norm = crate::nn::row_grad::layer_norm_rows(&x, self.eps)?;
         let dout = dout.detach().to_dtype(DType::F32)?;
-        let mut g = BroadcastMulBwd { plus_one: true, with_shift: true }.run(&dout, &norm, &scale.detach().contiguous()?)?.into_iter();
+        let mut g = BroadcastMulBwd { plus_one: true, with_shift: true }.run(&dout, &norm, &scale.detach())?.into_iter();
         let (dnorm, dshift, dscale) = (g.next(), g.next(), g.next());
         let dx = dnorm.map(|dn| crate::nn::row_grad::layer_norm_rows_backward(&x, &dn, self.eps)).transpose()?;
         Ok((dx, dshift, dscale))
@@ -101,17 +101,9 @@ fn check(what: &str, a: &Tensor, vectors: &[(&str, &Tensor)]) -> Result<()> {
     Ok(())
 }
 
-/// The contiguous f32 data of a CPU operand.
-fn cpu<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
-    let Some((a, b)) = l.contiguous_offsets() else { bail!("adaln_grad: operands must be contiguous") };
-    match s {
-        CpuStorage::F32(v) => Ok(&v[a..b]),
-        s => bail!("adaln_grad: f32 only, got {:?}", s.dtype()),
-    }
-}
-
-/// The contiguous data of the gated branch `y` (f32 or bf16) as f32 values.
-fn cpu_branch<'a>(s: &'a CpuStorage, l: &Layout) -> Result<std::borrow::Cow<'a, [f32]>> {
+/// The contiguous data of a CPU operand as f32 values: borrowed for f32, widened for bf16 (the
+/// gated branch; the entry points check which operands may be bf16).
+fn cpu<'a>(s: &'a CpuStorage, l: &Layout) -> Result<std::borrow::Cow<'a, [f32]>> {
     let Some((a, b)) = l.contiguous_offsets() else { bail!("adaln_grad: operands must be contiguous") };
     match s {
         CpuStorage::F32(v) => Ok(std::borrow::Cow::Borrowed(&v[a..b])),
@@ -173,7 +165,7 @@ impl CustomOp3 for GatedAdd {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (x, y, gate) = (cpu(s1, l1)?, cpu_branch(s2, l2)?, cpu(s3, l3)?);
+        let (x, y, gate) = (cpu(s1, l1)?, cpu(s2, l2)?, cpu(s3, l3)?);
         let mut out = vec![0f32; x.len()];
         per_element(l1.dims(), |i, v| out[i] = x[i] + y[i] * gate[v]);
         Ok((CpuStorage::F32(out), l1.shape().clone()))
@@ -214,7 +206,7 @@ impl CustomOp3 for BroadcastMulBwd {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (dout, a, v) = (cpu(s1, l1)?, cpu_branch(s2, l2)?, cpu(s3, l3)?);
+        let (dout, a, v) = (cpu(s1, l1)?, cpu(s2, l2)?, cpu(s3, l3)?);
         let nv = v.len();
         let mut out = vec![0f32; dout.len() + (1 + self.with_shift as usize) * nv];
         let (da, rest) = out.split_at_mut(dout.len());

@@ -36,7 +36,7 @@ pub fn ln_modulate(x: &Tensor, mods: &Tensor, shift: usize, scale: usize, out_dt
     if fused(&[x, mods]) && rows_fit(d) {
         return super::cuda::ln_modulate(x, mods, shift * d, scale * d, 1e-6, out_dtype);
     }
-    if trainable_f32(&[x, mods]) && x.rank() == 3 {
+    if in_training(&[x, mods], x) && x.dtype() == DType::F32 && mods.dtype() == DType::F32 {
         // training: one op with its own backward (the composite's values on the CPU)
         return super::adaln_grad::ln_modulate(x, mods, shift, scale, 1e-6, out_dtype);
     }
@@ -45,10 +45,11 @@ pub fn ln_modulate(x: &Tensor, mods: &Tensor, shift: usize, scale: usize, out_dt
     norm.broadcast_mul(&scale)?.broadcast_add(&chunk(mods, shift, d)?)?.to_dtype(out_dtype)
 }
 
-/// Whether the training ops of [`super::adaln_grad`] serve these tensors: f32, and some of them
-/// in an autograd graph (untracked tensors keep the composites, the CPU reference).
-fn trainable_f32(ts: &[&Tensor]) -> bool {
-    ts.iter().all(|t| t.dtype() == DType::F32) && ts.iter().any(|t| t.track_op())
+/// Whether the training ops ([`super::adaln_grad`], [`super::attention_grad`]) serve a call:
+/// some of its tensors `ts` are in an autograd graph (untracked tensors keep the composites, the
+/// CPU reference) and its activations `a` are `(N, T, ·)`. Each op names the dtypes it takes.
+fn in_training(ts: &[&Tensor], a: &Tensor) -> bool {
+    ts.iter().any(|t| t.track_op()) && a.rank() == 3
 }
 
 /// `x + gate * (y + bias)`: the gated residual of a DiT block, gate = chunk `gate` of `mods`.
@@ -63,8 +64,7 @@ pub fn gated_residual(x: &Tensor, y: &Tensor, bias: Option<&Tensor>, mods: &Tens
         Some(b) => y.broadcast_add(b)?,
         None => y.clone(),
     };
-    let training = [x, &y, mods].iter().any(|t| t.track_op()) && x.rank() == 3;
-    if training && x.dtype() == DType::F32 && mods.dtype() == DType::F32 && matches!(y.dtype(), DType::F32 | DType::BF16) {
+    if in_training(&[x, &y, mods], x) && x.dtype() == DType::F32 && mods.dtype() == DType::F32 && matches!(y.dtype(), DType::F32 | DType::BF16) {
         // training: one op with its own backward that reads a bf16 y as it is (the values of the
         // composite below, which widens y first)
         return super::adaln_grad::gated_add(x, &y, &mods.narrow(1, gate * d, d)?);
@@ -184,8 +184,7 @@ pub fn qkv_attention(qkv: &Tensor, bias: Option<&Tensor>, norm: Option<QkNormWei
         }
     }
     if let (Some(b), None) = (bias, &norm) {
-        let trained_dtype = matches!(qkv.dtype(), DType::F32 | DType::BF16) && b.dtype() == qkv.dtype();
-        if trained_dtype && (qkv.track_op() || b.track_op()) && qkv.rank() == 3 {
+        if in_training(&[qkv, b], qkv) && matches!(qkv.dtype(), DType::F32 | DType::BF16) && b.dtype() == qkv.dtype() {
             // training: one autograd node for the split and the attention (f32, or bf16 under
             // mixed precision)
             return super::attention_grad::qkv_attention(qkv, b, heads, scale);
