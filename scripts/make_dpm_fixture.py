@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Records diffusers' DPM-Solver++ (2M) step by step, for tests/dpm_solver.rs.
+"""Records diffusers' DPM-Solver++ (2M) step by step, for tests/suite/dpm_solver.rs.
 
 diffusers' own `DPMSolverMultistepScheduler` is configured as `ditmoe`'s `dpm++2m` sampler
 (DiT's linear beta schedule, 1e-4..0.02 over 1000 steps; DPM-Solver++, order 2, midpoint,

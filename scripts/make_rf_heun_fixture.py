@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Records diffusers' flow-matching Heun and Euler schedulers evaluation by evaluation, for
-tests/rf_heun.rs.
+tests/suite/rf_heun.rs.
 
 Conventions. diffusers' `FlowMatchHeunDiscreteScheduler` and `FlowMatchEulerDiscreteScheduler`
 use `x_sigma = (1 - sigma) x0 + sigma noise` and a model that predicts the velocity

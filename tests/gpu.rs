@@ -18,6 +18,7 @@ use ditmoe::moe::kernels::{self as kx, cpu, ExpertWeights, GemmBackend, GemmConf
 use ditmoe::moe::MoeInput;
 use ditmoe::{ExecutionPlan, Precision};
 
+#[allow(dead_code)] // the GPU checks use a few of the suite's helpers
 mod common;
 use common::{max_abs, rel_l2 as rel};
 

@@ -30,7 +30,7 @@
 //! experts and the combine sums the same outputs in the same order. Only the experts' GEMMs
 //! see more rows (the padding), which may round differently where a matmul picks its kernel
 //! by row count, as the CPU's does (within 4e-7 of the dropless dispatch in
-//! `tests/expert_parallel.rs`).
+//! `tests/suite/expert_parallel.rs`).
 //!
 //! Backward: every step is an autograd op (the gathers, the masks, [`super::all_to_all_v`] and
 //! the grouped experts), so training runs it too; the padding rows' gradients are zero.

@@ -20,7 +20,7 @@
 //!
 //! Every block's forward is deterministic (no dropout; routing is a function of the tokens), so
 //! the recomputed activations are the ones the first pass produced and the gradients equal the
-//! plain backward's up to the order of floating-point sums (`tests/train.rs`).
+//! plain backward's up to the order of floating-point sums (`tests/suite/train.rs`).
 use super::dit::Routed;
 use super::{DitMoe, DitOutput, ForwardMode, Trace};
 use candle_core::backprop::GradStore;

@@ -3,7 +3,7 @@
 //! `solver_order=2`, `solver_type="midpoint"`, `lower_order_final=True`,
 //! `final_sigmas_type="zero"`, `timestep_spacing="linspace"`, `prediction_type="epsilon"`,
 //! `use_karras_sigmas=False`, `thresholding=False`, on DiT's linear beta schedule (1e-4..0.02
-//! over 1000 steps). Checked step by step against diffusers 0.35.2 (tests/dpm_solver.rs,
+//! over 1000 steps). Checked step by step against diffusers 0.35.2 (tests/suite/dpm_solver.rs,
 //! fixture `tests/fixtures/dpm_solver`, made by `scripts/make_dpm_fixture.py`).
 //!
 //! The schedule is diffusers' float32 one, not the official `GaussianDiffusion`'s float64:

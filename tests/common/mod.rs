@@ -1,5 +1,4 @@
 //! Shared helpers for the tests: fixture loading, error measures, scratch folders.
-#![allow(dead_code)] // each test binary uses a different subset of these helpers
 
 pub mod lm;
 pub mod train;
@@ -59,10 +58,14 @@ pub fn assert_close(name: &str, a: &Tensor, b: &Tensor, tol: f64) -> f64 {
     e
 }
 
-/// A scratch folder unique to this test process and tag, emptied first and removed when the
-/// test ends (kept when it fails, for a look at what it wrote).
+/// A scratch folder of its own for each call, emptied first and removed when the test ends
+/// (kept when it fails, for a look at what it wrote). The tag names it for that look; the
+/// process id and a per-process count keep it apart from every other test's, since all the
+/// suite's modules share one process and may reuse a tag.
 pub fn scratch_dir(tag: &str) -> Scratch {
-    let dir = std::env::temp_dir().join(format!("ditmoe-test-{}-{tag}", std::process::id()));
+    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("ditmoe-test-{}-{call}-{tag}", std::process::id()));
     std::fs::remove_dir_all(&dir).ok();
     std::fs::create_dir_all(&dir).unwrap();
     Scratch(dir)
