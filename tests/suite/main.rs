@@ -1,6 +1,6 @@
-//! The CPU test suite: one module per subject, linked into one test binary. Each module is what
-//! was once a test binary of its own; one binary links the library once instead of thirty-odd
-//! times, which keeps a cold `cargo test` within CI's disk and time. Run one subject with
+//! The CPU test suite: one module per subject, linked into one test binary. A binary per subject
+//! would link the library and its dependencies thirty-odd times (about 45 MB each); one binary
+//! keeps a cold `cargo test` within CI's disk and time. Run one subject with
 //! `cargo test --test suite <module>::`.
 //!
 //! Two tests stay binaries of their own: `tests/gradient_memory.rs` counts bytes with its own
