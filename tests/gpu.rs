@@ -1513,3 +1513,40 @@ fn out_of_memory_names_the_stage() {
     #[cfg(not(feature = "cuda"))]
     eprintln!("out_of_memory_names_the_stage: skipped: built without the `cuda` feature");
 }
+
+/// Every source in `kernels/` compiles under NVRTC for every target the runtime chooses, each
+/// to PTX with kernels in it. Needs NVRTC only, not a GPU, so the build machine runs it before a
+/// GPU machine does (`build-cuda.sh test --release --test gpu every_kernel_source`): the
+/// kernels are compiled at run time, and cargo does not see them.
+#[test]
+fn every_kernel_source_compiles_for_every_target() {
+    #[cfg(feature = "cuda")]
+    {
+        use ditmoe::runtime::cuda::{compile_ptx, ARCHS};
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("kernels");
+        // the runtime's join (`nvrtc_source!`): the shared header, then the file
+        let common = std::fs::read_to_string(dir.join("common.cuh")).unwrap();
+        let mut files: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|e| e == "cu")).collect();
+        files.sort();
+        assert!(!files.is_empty(), "no kernel sources in {}", dir.display());
+        let mut failures = Vec::new();
+        for file in &files {
+            let src = common.clone() + &std::fs::read_to_string(file).unwrap();
+            for arch in ARCHS {
+                match compile_ptx(&src, arch) {
+                    Ok(ptx) => {
+                        let entries = ptx.lines().filter(|l| l.starts_with(".visible .entry")).count();
+                        println!("{} {arch}: {entries} kernels", file.display());
+                        if entries == 0 {
+                            failures.push(format!("{} {arch}: no kernels in the PTX", file.display()));
+                        }
+                    }
+                    Err(e) => failures.push(format!("{} {arch}: {e}", file.display())),
+                }
+            }
+        }
+        assert!(failures.is_empty(), "{}", failures.join("\n"));
+    }
+    #[cfg(not(feature = "cuda"))]
+    eprintln!("every_kernel_source_compiles_for_every_target: skipped: built without the `cuda` feature");
+}

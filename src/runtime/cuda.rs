@@ -10,35 +10,44 @@ use std::sync::OnceLock;
 /// The GPU generation the kernels are compiled for (the first device's).
 #[derive(Debug, Clone, Copy)]
 pub struct Target {
-    /// NVRTC target, e.g. `sm_90a`.
+    /// NVRTC target, one of [`ARCHS`].
     pub arch: &'static str,
     /// Whether the Hopper wgmma kernels exist (sm_90a).
     pub has_wgmma: bool,
-    /// Whether the bf16 tensor-core kernels exist (sm_80+).
-    pub has_mma: bool,
 }
 
-/// The compile target for `dev`'s compute capability (decided once per process).
+/// Every NVRTC target [`target`] chooses. The kernels need sm_80 (bf16 conversions, `cp.async`,
+/// the bf16 and TF32 tensor-core `mma`); newer GPUs than Hopper run the sm_90 PTX.
+pub const ARCHS: [&str; 6] = ["sm_90a", "sm_90", "sm_89", "sm_87", "sm_86", "sm_80"];
+
+/// The compile target for `dev`'s compute capability (decided once per process); an error
+/// before Ampere (compute capability 8.0).
 pub fn target(dev: &CudaDevice) -> Result<Target> {
     static TARGET: OnceLock<std::result::Result<Target, String>> = OnceLock::new();
     let t = TARGET.get_or_init(|| {
         let (maj, min) = dev.cuda_stream().context().compute_capability().map_err(|e| format!("{e:?}"))?;
         let arch: &'static str = match (maj, min) {
             (9, 0) => "sm_90a",
-            (8, 0) => "sm_80",
             (8, 6) => "sm_86",
             (8, 7) => "sm_87",
             (8, 9) => "sm_89",
             (m, _) if m >= 9 => "sm_90",
             (8, _) => "sm_80",
-            _ => "sm_70",
+            _ => {
+                return Err(format!(
+                    "this GPU has compute capability {maj}.{min}; ditmoe's CUDA kernels need 8.0 or newer (Ampere: bf16 and cp.async). Run with --device cpu"
+                ))
+            }
         };
-        Ok(Target { arch, has_wgmma: arch == "sm_90a", has_mma: maj >= 8 })
+        Ok(Target { arch, has_wgmma: arch == "sm_90a" })
     });
     t.clone().map_err(candle_core::Error::Msg)
 }
 
-fn nvrtc(src: &str, arch: &'static str) -> std::result::Result<String, String> {
+/// Compiles one kernel source (`kernels/common.cuh` then the file, as `nvrtc_source!` joins
+/// them) to PTX for `arch`. Needs NVRTC, not a GPU: `tests/gpu.rs` compiles every source for
+/// every target on the build machine.
+pub fn compile_ptx(src: &str, arch: &'static str) -> std::result::Result<String, String> {
     let opts = cudarc::nvrtc::CompileOptions {
         arch: Some(arch),
         options: vec!["--std=c++17".into()],
@@ -67,7 +76,7 @@ pub(crate) fn nvrtc_cached(src: &str, arch: &'static str) -> std::result::Result
             return Ok(p);
         }
     }
-    let ptx = nvrtc(src, arch)?;
+    let ptx = compile_ptx(src, arch)?;
     if std::fs::create_dir_all(&dir).is_ok() {
         let tmp = path.with_extension(format!("tmp{}", std::process::id()));
         if std::fs::write(&tmp, &ptx).is_ok() {

@@ -16,10 +16,6 @@ fn routing_fn(dev: &CudaDevice, name: &str) -> Result<Func> {
 }
 
 fn gemm_fn(dev: &CudaDevice, name: &str) -> Result<Func> {
-    let t = target(dev)?;
-    if !t.has_mma {
-        bail!("grouped GEMM kernels need sm_80 or newer (have {})", t.arch)
-    }
     GEMM.func(dev, name)
 }
 
@@ -468,7 +464,7 @@ pub fn gemm_choice(dev: &CudaDevice, cfg: &GemmConfig, dtype: DType, swiglu: boo
                     split_n: false,
                 }),
                 F32Kernel::Simt128 => Ok(simt128()),
-                F32Kernel::Tf32x3 | F32Kernel::Tf32 | F32Kernel::Auto | F32Kernel::AutoTf32 if m.has_mma && aligned => Ok(GemmChoice {
+                F32Kernel::Tf32x3 | F32Kernel::Tf32 | F32Kernel::Auto | F32Kernel::AutoTf32 if aligned => Ok(GemmChoice {
                     name: match cfg.f32_kernel {
                         F32Kernel::Tf32 | F32Kernel::AutoTf32 => format!("gg_tf32_{kind}"),
                         _ => format!("gg_tf32x3_{kind}"),
@@ -481,14 +477,11 @@ pub fn gemm_choice(dev: &CudaDevice, cfg: &GemmConfig, dtype: DType, swiglu: boo
                     multicast: false,
                     split_n: false,
                 }),
-                F32Kernel::Tf32x3 | F32Kernel::Tf32 => bail!("the TF32 kernels need sm_80+ and K % 4 == 0 with aligned rows"),
+                F32Kernel::Tf32x3 | F32Kernel::Tf32 => bail!("the TF32 kernels need K % 4 == 0 with aligned rows"),
                 F32Kernel::Auto | F32Kernel::AutoTf32 => Ok(simt128()),
             }
         }
         DType::BF16 => {
-            if !m.has_mma {
-                bail!("bf16 grouped GEMM needs sm_80 or newer (have {})", m.arch)
-            }
             let wg = match cfg.backend {
                 GemmBackend::Auto => m.has_wgmma,
                 GemmBackend::Wgmma => {
