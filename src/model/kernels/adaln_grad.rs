@@ -51,7 +51,7 @@ pub fn ln_modulate(x: &Tensor, mods: &Tensor, shift: usize, scale: usize, eps: f
 fn ln_modulate_value(x: &Tensor, mods: &Tensor, shift: usize, scale: usize, eps: f64, out_dtype: DType) -> Result<Tensor> {
     let d = x.dim(candle_core::D::Minus1)?;
     #[cfg(feature = "cuda")]
-    if x.device().is_cuda() && d.is_multiple_of(4) && d <= 2048 {
+    if x.device().is_cuda() && super::block_ops::rows_fit(d) {
         return super::cuda::ln_modulate(x, mods, shift * d, scale * d, eps, out_dtype);
     }
     modulate(&crate::nn::row_grad::layer_norm_rows(x, eps)?, &mods.narrow(1, shift * d, d)?, &mods.narrow(1, scale * d, d)?)?.to_dtype(out_dtype)
@@ -232,9 +232,9 @@ impl CustomOp3 for BroadcastMulBwd {
 mod cuda {
     use crate::runtime::cuda::{cfg1, drv, dtype_suffix, grid_for, NvrtcModule};
     use candle_core::backend::BackendStorage;
-    use candle_core::cuda_backend::{cudarc, CudaStorage};
+    use candle_core::cuda_backend::{cudarc, CudaDType, CudaStorage};
     use candle_core::{bail, DType, Layout, Result, Shape};
-    use cudarc::driver::PushKernelArg;
+    use cudarc::driver::{DeviceRepr, PushKernelArg};
 
     static MODULE: NvrtcModule = NvrtcModule::new(nvrtc_source!("adaln_grad.cu"), "ditmoe_adaln_grad");
 
@@ -244,20 +244,24 @@ mod cuda {
     /// with_shift)`) writes the data gradient and one or two `(N, D)` gradients packed, one
     /// block per sample, all f32.
     pub fn launch(name: &str, ins: [(&CudaStorage, &Layout); 3], dims: &[usize], backward: Option<(bool, bool)>) -> Result<(CudaStorage, Shape)> {
+        match ins[1].0.dtype() {
+            DType::BF16 => launch_with::<half::bf16>(name, ins, dims, backward),
+            _ => launch_with::<f32>(name, ins, dims, backward),
+        }
+    }
+
+    /// [`launch`] with the second operand's element type `Y`.
+    fn launch_with<Y: CudaDType + DeviceRepr>(name: &str, ins: [(&CudaStorage, &Layout); 3], dims: &[usize], backward: Option<(bool, bool)>) -> Result<(CudaStorage, Shape)> {
         let dev = ins[0].0.device.clone();
         let (n, t, d) = (dims[0], dims[1], dims[2]);
         let range = |l: &Layout| match l.contiguous_offsets() {
             Some((a, b)) => Ok(a..b),
             None => bail!("{name}: operands must be contiguous"),
         };
-        let branch = ins[1].0.dtype();
-        let name = format!("{name}_{}", dtype_suffix(branch, name)?);
+        let name = format!("{name}_{}", dtype_suffix(ins[1].0.dtype(), name)?);
         let first = ins[0].0.as_cuda_slice::<f32>()?.slice(range(ins[0].1)?);
+        let second = ins[1].0.as_cuda_slice::<Y>()?.slice(range(ins[1].1)?);
         let third = ins[2].0.as_cuda_slice::<f32>()?.slice(range(ins[2].1)?);
-        let (second_f32, second_bf16) = match branch {
-            DType::BF16 => (None, Some(ins[1].0.as_cuda_slice::<half::bf16>()?.slice(range(ins[1].1)?))),
-            _ => (Some(ins[1].0.as_cuda_slice::<f32>()?.slice(range(ins[1].1)?)), None),
-        };
         let total = n * t * d;
         let vectors = backward.map_or(0, |(_, with_shift)| 1 + with_shift as usize);
         let len = total + vectors * n * d;
@@ -265,14 +269,7 @@ mod cuda {
         if total > 0 {
             let (stream, f) = MODULE.func(&dev, &name)?;
             let mut b = stream.launch_builder(&f);
-            b.arg(&first);
-            match (&second_f32, &second_bf16) {
-                (Some(v), _) => b.arg(v),
-                (_, Some(v)) => b.arg(v),
-                (None, None) => unreachable!("one view of the second operand"),
-            };
-            b.arg(&third);
-            b.arg(&mut out);
+            b.arg(&first).arg(&second).arg(&third).arg(&mut out);
             let (t32, d32, total64, n32) = (t as u32, d as u32, total as u64, n as u32);
             let flags = backward.map(|(plus_one, with_shift)| (plus_one as i32, with_shift as i32));
             let cfg = match &flags {

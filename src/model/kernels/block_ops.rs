@@ -19,7 +19,7 @@ use candle_core::{DType, Result, Tensor, D};
 
 /// The row kernels hold a row in one warp's registers, four elements at a time.
 #[cfg(feature = "cuda")]
-fn rows_fit(d: usize) -> bool {
+pub(super) fn rows_fit(d: usize) -> bool {
     d.is_multiple_of(4) && d <= 2048
 }
 

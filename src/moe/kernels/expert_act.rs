@@ -96,11 +96,7 @@ fn elementwise<const I: usize, const O: usize>(inputs: [&Tensor; I], f: impl Fn(
 }
 
 fn elementwise_as<T: candle_core::WithDType, const I: usize, const O: usize>(inputs: [&Tensor; I], f: impl Fn([f32; I]) -> [f32; O]) -> Result<[Tensor; O]> {
-    let data = inputs.map(|t| t.flatten_all().and_then(|t| t.to_vec1::<T>()));
-    let mut values = Vec::with_capacity(I);
-    for d in data {
-        values.push(d?);
-    }
+    let values = inputs.iter().map(|t| t.flatten_all()?.to_vec1::<T>()).collect::<Result<Vec<_>>>()?;
     let n = values[0].len();
     let mut outs: [Vec<T>; O] = std::array::from_fn(|_| Vec::with_capacity(n));
     (0..n).for_each(|i| {
@@ -111,10 +107,7 @@ fn elementwise_as<T: candle_core::WithDType, const I: usize, const O: usize>(inp
         }
     });
     let (shape, device) = (inputs[0].shape(), inputs[0].device());
-    let mut tensors = Vec::with_capacity(O);
-    for out in outs {
-        tensors.push(Tensor::from_vec(out, shape, device)?);
-    }
+    let tensors = outs.into_iter().map(|out| Tensor::from_vec(out, shape, device)).collect::<Result<Vec<_>>>()?;
     Ok(tensors.try_into().expect("one tensor per output"))
 }
 
