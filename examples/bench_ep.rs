@@ -19,7 +19,7 @@
 //! data parallelism over the `P` ranks and the experts split over groups of `--expert-parallel`
 //! consecutive ranks (default `P`; Megatron-Core's layout, as `ditmoe train --expert-parallel`).
 //! `--batches` is the batch per rank, so the global batch is `batch · P`. A row gives rank 0's
-//! median step after `--warmup` steps (`--iters` timed), images/s per GPU (`batch / step
+//! mean step after `--warmup` steps (`--iters` timed), images/s per GPU (`batch / step
 //! time`), and each rank's peak device memory during a timed step (GPUs only,
 //! `ditmoe::runtime::memory`); a configuration the trainer refuses as too large says so.
 //!

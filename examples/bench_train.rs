@@ -8,13 +8,13 @@
 //! ```text
 //! ../shared/scripts/build-cuda.sh build --release --example bench_train
 //! bench_train --device cuda [--models S/2,B/2,XL/2] [--batches 32,64] [--precisions bf16,tf32,f32]
-//!     [--recompute off|on|both] [--steps 6] [--warmup 2] [--ema-on-host XL/2,...]
+//!     [--recompute off|on|both] [--steps 6] [--warmup 2] [--ema-on-host XL/2,...] [--ema-every 1]
 //! ```
 //! The official counterpart is `shared/tools/bench_official_ditmoe.py --train` (the official
 //! `train.py` step); docs/benchmarks.md has both, measured in the same job. The models take the
 //! official `train.py` attention (`use_flash_attn` off) and `pretraining_tp` has no effect on
 //! the maths. The warm-up steps (kernel compilation, memory-pool growth) are not timed; the
-//! row gives the median step.
+//! row gives the mean of the timed steps (with `--ema-every n`, time n steps to include one average).
 use anyhow::{Context, Result};
 use candle_core::Device;
 use ditmoe::train::{RunStart, Trainer};
@@ -37,8 +37,9 @@ enum Outcome {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn measure(work: &Path, model: &str, shards: &Path, batch: usize, precision: Precision, recompute: bool, ema_on_host: bool, (warmup, steps): (usize, usize), device: &Device) -> Result<Outcome> {
-    let train = train_config(work, &training_preset(model)?, shards, batch, recompute, ema_on_host)?;
+fn measure(work: &Path, model: &str, shards: &Path, batch: usize, precision: Precision, recompute: bool, (ema_on_host, ema_every): (bool, u64), (warmup, steps): (usize, usize), device: &Device) -> Result<Outcome> {
+    let mut train = train_config(work, &training_preset(model)?, shards, batch, recompute, ema_on_host)?;
+    train.ema_every = ema_every;
     let plan = ExecutionPlan::training(device, precision);
     plan.apply_matmul_precision();
     let run = || -> candle_core::Result<Outcome> {
@@ -80,6 +81,7 @@ fn main() -> Result<()> {
         _ => vec![false],
     };
     let ema_on_host = list("--ema-on-host", "XL/2");
+    let ema_every: u64 = arg("--ema-every", "1").parse()?;
     let steps: usize = arg("--steps", "6").parse()?;
     let warmup: usize = arg("--warmup", "2").parse()?;
     let work = std::env::temp_dir().join(format!("ditmoe-bench-train-{}", std::process::id()));
@@ -95,9 +97,14 @@ fn main() -> Result<()> {
         for &batch in &batches {
             for &precision in &precisions {
                 for &rc in &recompute {
-                    let o = measure(&work, &name, &shards, batch, precision, rc, on_host, (warmup, steps), &device)?;
+                    let o = measure(&work, &name, &shards, batch, precision, rc, (on_host, ema_every), (warmup, steps), &device)?;
                     let rc_s = if rc { "on" } else { "off" };
-                    let ema = if on_host { " (EMA on host)" } else { "" };
+                    let ema = match (on_host, ema_every) {
+                        (true, 1) => " (EMA on host)".to_string(),
+                        (true, n) => format!(" (EMA on host, every {n} steps)"),
+                        (false, 1) => String::new(),
+                        (false, n) => format!(" (EMA every {n} steps)"),
+                    };
                     match o {
                         Outcome::Ran { ms, fwd, bwd, opt, ema: ema_ms, peak_gib, loss } => println!(
                             "| {name}{ema} | {precision} | {rc_s} | {batch} | {ms:.1} | {:.1} | {fwd:.0} / {bwd:.0} / {opt:.0} / {ema_ms:.0} | {} | {loss:.3} |",

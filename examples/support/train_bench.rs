@@ -44,7 +44,7 @@ pub fn train_config(work: &Path, model: &DitConfig, shards: &Path, global_batch:
 
 /// `warmup + steps` optimizer steps of which the last `steps` are timed.
 pub struct Timing {
-    /// The median step.
+    /// The mean of the timed steps.
     pub ms: f64,
     /// The last step's loss.
     pub loss: f32,
@@ -70,8 +70,7 @@ pub fn time_steps(trainer: &mut Trainer, warmup: usize, steps: usize, device: &D
             peak_bytes = Some(peak_bytes.unwrap_or(0).max(b));
         }
     }
-    times.sort_by(f64::total_cmp);
-    Ok(Timing { ms: times[times.len() / 2], loss, peak_bytes })
+    Ok(Timing { ms: times.iter().sum::<f64>() / times.len() as f64, loss, peak_bytes })
 }
 
 /// The first line of an error that says the configuration does not fit the device (the CUDA

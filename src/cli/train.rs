@@ -102,6 +102,10 @@ pub struct TrainArgs {
     /// weights to the host.
     #[arg(long)]
     ema_on_host: bool,
+    /// Average the weights into the EMA every N optimizer steps, with the product of their
+    /// decays (default 1, as the official train.py).
+    #[arg(long, value_name = "N")]
+    ema_every: Option<u64>,
     /// Launched: split each MoE layer's experts over groups of this many consecutive ranks
     /// (Megatron-Core's layout; N divides the world size). 1 replicates the experts (pure data
     /// parallelism); the world size gives each rank 1/N of them.
@@ -144,7 +148,7 @@ fn build_config(a: &TrainArgs) -> anyhow::Result<TrainConfig> {
             set(key, serde_json::Value::Bool(true));
         }
     }
-    flag!(model, data, out, objective, router, image_size, global_batch, micro_batch, steps, max_minutes, lr, warmup_steps, max_grad_norm, ema_decay, seed, log_every, ckpt_every, keep_last, num_workers, init_from);
+    flag!(model, data, out, objective, router, image_size, global_batch, micro_batch, steps, max_minutes, lr, warmup_steps, max_grad_norm, ema_decay, ema_every, seed, log_every, ckpt_every, keep_last, num_workers, init_from);
     if let Some(msg) = bad_flag {
         return Err(usage(msg));
     }

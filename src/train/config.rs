@@ -63,6 +63,10 @@ fn d_beta2() -> f64 {
 fn d_eps() -> f64 {
     1e-8
 }
+fn d_ema_every() -> u64 {
+    1
+}
+
 fn d_ema() -> f64 {
     0.9999
 }
@@ -189,6 +193,12 @@ pub struct TrainConfig {
     /// 80 GB card. Each update then copies the weights to the host (docs/training.md).
     #[serde(default)]
     pub ema_on_host: bool,
+    /// Average every this many optimizer steps, with the product of their decays (the same
+    /// time constant; exact while the weights stand still). With `ema_on_host`, each average
+    /// copies every weight to the host, which at XL/2-8E2A's size takes longer than a step
+    /// (docs/training.md); the official `train.py` averages every step (1).
+    #[serde(default = "d_ema_every")]
+    pub ema_every: u64,
 }
 
 impl TrainConfig {
@@ -240,6 +250,9 @@ impl TrainConfig {
         }
         if !(self.lr > 0.0 && self.lr.is_finite()) {
             return fail("lr", format!("{} must be positive", self.lr));
+        }
+        if self.ema_every == 0 {
+            return fail("ema_every", "must be at least 1".into());
         }
         if !(0.0..=1.0).contains(&self.ema_decay) {
             return fail("ema_decay", format!("{} must be in [0, 1]", self.ema_decay));

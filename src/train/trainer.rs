@@ -210,7 +210,7 @@ impl Trainer {
         if let Some(copies) = weights.model_copies(&names)? {
             opt = opt.with_model_copies(copies)?;
         }
-        let mut ema = memory.stage("the EMA", || Ema::new(all_vars, if cfg.ema_on_host { &Device::Cpu } else { device }))?;
+        let mut ema = memory.stage("the EMA", || Ema::new(all_vars, cfg.ema_on_host, cfg.ema_every))?;
 
         let (mut step, mut loader_state, mut resumed_from, mut warnings) = (0, LoaderState::default(), None, Vec::new());
         if resume {
@@ -448,7 +448,7 @@ impl Trainer {
         // bf16 copies of a bf16 plan itself.
         self.opt.step(grads, lr, grad_scale)?;
         self.mark("AdamW")?;
-        self.ema.update(self.weights.masters(), self.cfg.ema_decay_at(step))?;
+        self.ema.step(self.weights.masters(), self.cfg.ema_decay_at(step), step)?;
         self.mark("EMA")?;
         if let Some(p) = &mut self.profile {
             p.end_step()?;
@@ -493,10 +493,11 @@ impl Trainer {
 
     /// Writes a checkpoint in the single-device format (rank 0; under expert parallelism a
     /// collective).
-    fn save_checkpoint(&self) -> Result<()> {
+    fn save_checkpoint(&mut self) -> Result<()> {
+        self.ema.flush(self.weights.masters())?;
         let tensors = |vars: &[(String, Var)]| vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect::<Vec<_>>();
         let model = self.gathered(tensors(self.weights.masters()))?;
-        let ema = self.gathered(self.ema.tensors().to_vec())?;
+        let ema = self.gathered(self.ema.tensors()?)?;
         let optim = self.gathered(self.opt.state_tensors())?;
         let (Some(model), Some(ema), Some(optim)) = (model, ema, optim) else { return Ok(()) };
         let req = SaveRequest { step: self.step, loader: self.loader.state(), seed: self.cfg.seed, model: &model, ema: &ema, optim: &optim };
@@ -508,8 +509,9 @@ impl Trainer {
     /// `generate.json` that samples it by its objective: a rectified-flow model under a DDPM
     /// sampler gives noise. Rank 0 writes it; under expert parallelism a collective (the
     /// experts gathered under their global names into the single-device layout).
-    pub fn export_ema(&self, dir: &Path) -> Result<()> {
-        let Some(ema) = self.gathered(self.ema.tensors().to_vec())? else { return Ok(()) };
+    pub fn export_ema(&mut self, dir: &Path) -> Result<()> {
+        self.ema.flush(self.weights.masters())?;
+        let Some(ema) = self.gathered(self.ema.tensors()?)? else { return Ok(()) };
         std::fs::create_dir_all(dir).map_err(|e| candle_core::Error::Msg(format!("{}: {e}", dir.display())))?;
         write_safetensors_atomic(&dir.join("model.safetensors"), &ema)?;
         write_atomic(&dir.join("config.json"), self.model_cfg.to_json().as_bytes())?;
@@ -528,12 +530,13 @@ impl Trainer {
     /// A class grid from the EMA weights into `<out>/samples/step-<step>.png` (rank 0). Under
     /// expert parallelism every rank samples the same grid (the forward is a collective) on its
     /// own experts' EMA, and rank 0 writes it.
-    fn write_samples(&self) -> Result<()> {
+    fn write_samples(&mut self) -> Result<()> {
+        self.ema.flush(self.weights.masters())?;
         let splits = self.parallel.as_ref().is_some_and(Parallel::splits_experts);
         if !self.writes() && !splits {
             return Ok(());
         }
-        let grid = sample_grid(&self.model_cfg, self.cfg.objective, self.ema.tensors(), self.cfg.seed, &self.plan.frozen())?;
+        let grid = sample_grid(&self.model_cfg, self.cfg.objective, &self.ema.tensors()?, self.cfg.seed, &self.plan.frozen())?;
         if !self.writes() {
             return Ok(());
         }

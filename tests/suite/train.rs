@@ -311,6 +311,29 @@ fn exported_model_says_how_to_sample_it() {
     }
 }
 
+/// An EMA on the host averaged every third step (`ema_on_host`, `ema_every`), checkpointed
+/// every fourth: a run stopped at step 4 (one step pending since the average at 3, applied
+/// before the checkpoint as in the straight run) and resumed to 8 exports the EMA of the run
+/// that went straight to 8; and averaging every third step gives other weights than every step.
+#[test]
+fn an_ema_averaged_every_few_steps_resumes_exactly() {
+    let f = fixture("ema-every");
+    let cfg = |out: &str, steps: u64, every: u64| {
+        let mut c = config(&f, out, steps);
+        (c.ema_on_host, c.ema_every, c.ckpt_every) = (true, every, 4);
+        c
+    };
+    let ema = |out: &str| std::fs::read(f.root.join(out).join("ema/model.safetensors")).unwrap();
+    losses(cfg("straight", 8, 3), false);
+    losses(cfg("stopped", 4, 3), false);
+    losses(cfg("stopped", 8, 3), true);
+    assert!(ema("stopped") == ema("straight"), "the resumed run's EMA differs from the straight run's");
+    losses(cfg("every-step", 8, 1), false);
+    assert!(ema("every-step") != ema("straight"), "ema_every 3 gave the EMA of every step");
+    let err = Trainer::new(cfg("never", 8, 0), &cpu_training(), RunStart::New).err().expect("ema_every 0 must fail").to_string();
+    assert!(err.contains("train config field `ema_every`: must be at least 1"), "{err}");
+}
+
 /// `ditmoe train` killed at pseudo-random moments (most of a step here is checkpoint writing:
 /// a checkpoint every step), then `--resume`d until done: every run ends with the weights and
 /// the log of a run that was never interrupted.
