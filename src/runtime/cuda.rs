@@ -150,6 +150,19 @@ macro_rules! view {
 
 pub(crate) use view;
 
+/// Copies an f32 CUDA tensor's values into `host`, resized to fit and otherwise reused: a
+/// buffer filled every step (the host EMA's copy of each weight) is not faulted in again each
+/// time, as a fresh `to_vec1` would be.
+pub(crate) fn copy_to_host(t: &Tensor, host: &mut Vec<f32>) -> Result<()> {
+    let dev = cuda_dev(t)?;
+    let t = t.contiguous()?;
+    view!(t, f32, guard, v);
+    host.resize(v.len(), 0.0);
+    let stream = dev.cuda_stream();
+    drv(stream.memcpy_dtoh(&v, host.as_mut_slice()))?;
+    drv(stream.synchronize())
+}
+
 /// The null pointer passed for an absent optional kernel argument.
 pub(crate) const NULL: u64 = 0;
 

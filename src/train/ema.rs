@@ -18,6 +18,8 @@ use candle_core::{DType, Device, Result, Shape, Tensor, Var};
 pub struct Ema {
     names: Vec<String>,
     averages: Averages,
+    /// The host update's copy of one weight, reused from weight to weight and step to step.
+    staging: Vec<f32>,
     every: u64,
     /// The product of the decays of the steps not yet averaged in (None: none pending).
     pending: Option<f64>,
@@ -42,7 +44,7 @@ impl Ema {
             false => Averages::WithWeights(vars.iter().map(|(_, v)| v.as_tensor().detach().copy()).collect::<Result<_>>()?),
             true => Averages::Host(vars.iter().map(|(n, v)| Ok((host_values(n, v.as_tensor())?, v.shape().clone()))).collect::<Result<_>>()?),
         };
-        Ok(Self { names, averages, every, pending: None })
+        Ok(Self { names, averages, staging: Vec::new(), every, pending: None })
     }
 
     /// Optimizer step `step` (1-based) is done: averages it in with `decay`, or, between two
@@ -71,7 +73,8 @@ impl Ema {
                     if v.shape() != shape {
                         candle_core::bail!("EMA: `{name}` is {:?}, its average {:?}", v.dims(), shape.dims())
                     }
-                    update_in_place(avg, &host_values(name, v.as_tensor())?, decay);
+                    copy_to_host(name, v.as_tensor(), &mut self.staging)?;
+                    update_in_place(avg, &self.staging, decay);
                 }
                 Ok(())
             }
@@ -111,6 +114,19 @@ impl Ema {
         self.pending = None;
         Ok(())
     }
+}
+
+/// An f32 tensor's values into `buf` (reused on the GPU, see `runtime::cuda::copy_to_host`).
+fn copy_to_host(name: &str, t: &Tensor, buf: &mut Vec<f32>) -> Result<()> {
+    if t.dtype() != DType::F32 {
+        candle_core::bail!("EMA on the host: `{name}` is {:?}, the averages are f32", t.dtype())
+    }
+    #[cfg(feature = "cuda")]
+    if t.device().is_cuda() {
+        return crate::runtime::cuda::copy_to_host(t, buf);
+    }
+    *buf = t.flatten_all()?.to_vec1::<f32>()?;
+    Ok(())
 }
 
 /// An f32 tensor's values on the host.
