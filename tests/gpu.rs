@@ -502,6 +502,23 @@ fn run_checks(dev: &Device, section: &str) -> Result<Table> {
             tb.add("foreach AdamW + EMA, 2 steps", name, "rel", rel(&gpu[j], &cpu_ref[j]), 1e-6);
             tb.add("foreach AdamW + EMA, 2 steps", name, "max abs (same rounding as the candle ops)", max_abs(&gpu[j], &cpu_ref[j]), 1e-6);
         }
+        // the EMA in host memory (`ema_on_host`: each weight copied into a reused host buffer,
+        // averaged in place on the host's cores) against the fused kernel beside the weights,
+        // over three steps of changing weights: the same roundings, so the same bits
+        {
+            use ditmoe::train::ema::Ema;
+            let named: Vec<(String, candle_core::Var)> = params.iter().enumerate().map(|(i, p)| Ok((format!("w{i}"), candle_core::Var::from_tensor(&p.to_device(dev)?)?))).collect::<Result<_>>()?;
+            let (mut beside, mut host) = (Ema::new(&named, false, 1)?, Ema::new(&named, true, 1)?);
+            for step in 1..=3u64 {
+                for ((_, v), g) in named.iter().zip(&grads[step as usize % 2]) {
+                    v.set(&(v.as_tensor() + g.to_device(dev)?.affine(1e-2 * step as f64, 0.0)?)?)?;
+                }
+                beside.step(&named, 0.99, step)?;
+                host.step(&named, 0.99, step)?;
+            }
+            let cat = |e: &Ema| -> Result<Tensor> { Ok(Tensor::cat(&e.tensors()?.into_iter().map(|(_, t)| t.to_device(&cpu_dev)).collect::<candle_core::Result<Vec<_>>>()?, 0)?) };
+            tb.add("EMA on the host vs beside the weights, 3 steps", "8 tensors, 1.1 M elements", "max abs (same rounding)", max_abs(&cat(&host)?, &cat(&beside)?), 0.0);
+        }
         // moments that share storage would be updated twice in place: refused
         let var = candle_core::Var::from_tensor(&params[2].to_device(dev)?)?;
         let mut m = vec![var.zeros_like()?];
