@@ -129,12 +129,11 @@ fn copy_to_host(name: &str, t: &Tensor, buf: &mut Vec<f32>) -> Result<()> {
     Ok(())
 }
 
-/// An f32 tensor's values on the host.
+/// An f32 tensor's values in a new host buffer.
 fn host_values(name: &str, t: &Tensor) -> Result<Vec<f32>> {
-    if t.dtype() != DType::F32 {
-        candle_core::bail!("EMA on the host: `{name}` is {:?}, the averages are f32", t.dtype())
-    }
-    t.flatten_all()?.to_vec1::<f32>()
+    let mut values = Vec::new();
+    copy_to_host(name, t, &mut values)?;
+    Ok(values)
 }
 
 /// `avg = avg * decay + param * (1 - decay)` in f32, rounded as candle's `affine` and `add`
